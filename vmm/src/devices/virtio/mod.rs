@@ -1,0 +1,1 @@
+//! virtio 1.x devices over the virtio-mmio transport.
