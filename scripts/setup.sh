@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Everything fnvm needs on a fresh Debian/Ubuntu x86-64 machine, installed once and cached.
+# Idempotent: a second run only checks. Usage: scripts/setup.sh [tests|demo|bench]...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+# Debian packages per purpose. The guest kernel's build tools are installed by
+# guest-kernel/build.sh itself, only when a kernel is actually built.
+packages=(e2fsprogs erofs-utils busybox-static cpio)
+for purpose in "$@"; do
+  case "$purpose" in
+    tests) packages+=(docker-registry apache2-utils) ;;
+    demo) ;;
+    bench) packages+=(docker-registry apache2-utils umoci mmdebstrap qemu-system-x86 wrk) ;;
+    *) log "unknown purpose '$purpose' (expected tests, demo or bench)"; exit 2 ;;
+  esac
+done
+
+missing=()
+for p in "${packages[@]}"; do
+  if [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" != "install ok installed" ]; then
+    missing+=("$p")
+  fi
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  log "installing Debian packages: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  log "cargo is missing: install a Rust toolchain (rustup) first"
+  exit 1
+fi
+
+# The guest agent is a static binary (glibc with crt-static: no musl target is needed). Building it
+# for an explicit --target keeps crt-static away from build scripts and proc-macros.
+profile="${FNVM_PROFILE:-release}"
+log "building the static guest agent ($profile)"
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --locked --profile "$profile" \
+  -p fnvm-agent --target x86_64-unknown-linux-gnu
