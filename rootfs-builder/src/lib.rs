@@ -6,3 +6,8 @@
 
 pub mod digest;
 pub mod source;
+pub mod credentials;
+pub mod manifest;
+pub mod reference;
+pub mod registry;
+pub mod store;
