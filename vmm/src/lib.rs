@@ -5,6 +5,12 @@
 //! models can be tested through guest memory without KVM, and tiny guests under KVM, from the
 //! same code the `fnvm-vmm` binary runs.
 
+pub mod arch;
 pub mod devices;
+pub mod event_loop;
+pub mod exit;
+pub mod host;
 pub mod memory;
 pub mod state;
+pub mod vcpu;
+pub mod vm;

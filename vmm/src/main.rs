@@ -1,5 +1,194 @@
-//! `fnvm-vmm`: the per-instance VMM process.
-fn main() {
-    eprintln!("fnvm-vmm: not built yet");
-    std::process::exit(2);
+//! `fnvm-vmm`: the per-instance VMM process. One process runs one micro-VM: console on stdout
+//! (input from stdin), one final status line on stderr, and an exit code per way the VM ended.
+//!
+//! Start-up is kept minimal (no async runtime, no logging set-up unless FNVM_LOG is set)
+//! because the time from process start to the guest's first serial byte is benchmarked.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Instant;
+
+use fnvm_vmm::arch::x86_64::boot::KernelConfig;
+use fnvm_vmm::exit::{code, VmExit};
+use fnvm_vmm::vm::{Vm, VmConfig};
+
+/// The command line used when `--cmdline` is not given: serial console, i8042 reset on reboot
+/// (the VM ends cleanly), reboot one second after a panic (the VMM reports the panic), no PCI.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodule \
+     i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
+const USAGE: &str = "\
+fnvm-vmm: runs one KVM micro-VM and exits when the guest ends
+
+usage: fnvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MiB]
+                [--vcpus N] [--disk PATH[:ro]]...
+
+  --kernel PATH      Linux bzImage or vmlinux, or any x86-64 ELF (PVH note: 32-bit PVH
+                     entry, EBX = hvm_start_info; otherwise its ELF entry in 64-bit mode)
+  --initrd PATH      initial ramdisk
+  --cmdline STR      the whole kernel command line (virtio_mmio.device= entries are
+                     appended); default:
+                     console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux
+                     i8042.nomux i8042.nopnp i8042.dumbkbd
+  --memory MiB       guest RAM (default 128; at most the host's MemTotal)
+  --vcpus N          vCPUs (default 1; at most the host's CPU count)
+  --disk PATH[:ro]   a virtio-blk disk, read-only with :ro (first is /dev/vda); repeatable
+
+The console is on stdout; stdin (when it is a pipe or terminal) feeds the guest's serial
+input. On exit one line goes to stderr: `fnvm-vmm: <status> after <N> ms`.
+
+exit codes:
+  0  the guest shut down or rebooted itself (clean)
+  1  VMM error at run time
+  2  bad input (arguments, kernel, memory, vCPUs, disk); no VM was run
+  3  guest kernel panic
+  4  triple fault
+  5  KVM internal error, unhandled exit or KVM_RUN failure
+  6  VM entry failed (KVM_EXIT_FAIL_ENTRY)
+  7  vCPU halted with nothing to wake it
+  8  stopped by SIGTERM/SIGINT
+";
+
+struct Args {
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    cmdline: String,
+    memory_mib: u64,
+    vcpus: u8,
+    disks: Vec<(PathBuf, bool)>,
+}
+
+fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
+    let mut kernel = None;
+    let mut initrd = None;
+    let mut cmdline = DEFAULT_CMDLINE.to_string();
+    let mut memory_mib = 128u64;
+    let mut vcpus = 1u8;
+    let mut disks = Vec::new();
+    while let Some(arg) = argv.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        if flag == "--help" || flag == "-h" {
+            return Ok(None);
+        }
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| argv.next())
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "--kernel" => kernel = Some(PathBuf::from(value()?)),
+            "--initrd" => initrd = Some(PathBuf::from(value()?)),
+            "--cmdline" => cmdline = value()?,
+            "--memory" => {
+                let v = value()?;
+                memory_mib = v
+                    .parse()
+                    .map_err(|_| format!("--memory {v:?} is not a number of MiB"))?;
+            }
+            "--vcpus" => {
+                let v = value()?;
+                vcpus = v
+                    .parse()
+                    .map_err(|_| format!("--vcpus {v:?} is not a vCPU count (0-255)"))?;
+            }
+            "--disk" => {
+                let v = value()?;
+                let (path, ro) = match v.strip_suffix(":ro") {
+                    Some(p) => (p.to_string(), true),
+                    None => (v.clone(), false),
+                };
+                if path.is_empty() {
+                    return Err("--disk needs a path".into());
+                }
+                disks.push((PathBuf::from(path), ro));
+            }
+            other => return Err(format!("unknown argument {other:?} (see --help)")),
+        }
+    }
+    let kernel = kernel.ok_or("--kernel PATH is required (see --help)")?;
+    Ok(Some(Args {
+        kernel,
+        initrd,
+        cmdline,
+        memory_mib,
+        vcpus,
+        disks,
+    }))
+}
+
+/// The stop eventfd, for the SIGTERM/SIGINT handler (write(2) is async-signal-safe).
+static STOP_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_terminate(_: libc::c_int) {
+    let fd = STOP_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live local to an eventfd; async-signal-safe.
+        unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+    }
+}
+
+fn install_terminate_handlers(fd: i32) {
+    STOP_FD.store(fd, Ordering::Relaxed);
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: installs a handler that only calls write(2); no Rust state is touched.
+        unsafe { libc::signal(sig, on_terminate as *const () as libc::sighandler_t) };
+    }
+}
+
+fn finish(start: Instant, status: &str, code: u8) -> ExitCode {
+    eprintln!(
+        "fnvm-vmm: {status} after {} ms",
+        start.elapsed().as_millis()
+    );
+    ExitCode::from(code)
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    if std::env::var_os("FNVM_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env("FNVM_LOG"))
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => return finish(start, &format!("bad input: {e}"), code::BAD_INPUT),
+    };
+    match run(&args) {
+        Ok(exit) => finish(start, &exit.to_string(), exit.exit_code()),
+        Err((status, c)) => finish(start, &status, c),
+    }
+}
+
+fn run(args: &Args) -> Result<VmExit, (String, u8)> {
+    let bad = |e: &dyn std::fmt::Display| (format!("bad input: {e}"), code::BAD_INPUT);
+    // Decide what the kernel is before creating anything: a wrong file costs no VM.
+    fnvm_vmm::arch::x86_64::boot::detect_kernel_format(&args.kernel).map_err(|e| bad(&e))?;
+    let mut config = VmConfig::new(args.memory_mib, args.vcpus);
+    config.console_input = Some(libc::STDIN_FILENO);
+    let mut vm = Vm::new(config).map_err(|e| bad(&e))?;
+    for (path, ro) in &args.disks {
+        vm.add_disk(path, *ro).map_err(|e| bad(&e))?;
+    }
+    vm.load_kernel(&KernelConfig {
+        kernel: args.kernel.clone(),
+        initrd: args.initrd.clone(),
+        cmdline: args.cmdline.clone(),
+    })
+    .map_err(|e| bad(&e))?;
+    install_terminate_handlers(vm.stop_handle_fd());
+    let result = vm.run();
+    STOP_FD.store(-1, Ordering::Relaxed);
+    result.map_err(|e| (format!("VMM error: {e}"), code::VMM_ERROR))
 }

@@ -4,6 +4,9 @@
 //! from a test) and raise interrupts through an [`InterruptTrigger`] (an irqfd in a VM, a
 //! counter in a test). That keeps every device testable through guest memory alone.
 
+pub mod bus;
+pub mod i8042;
+pub mod serial;
 pub mod virtio;
 
 use std::io;

@@ -1,0 +1,3 @@
+//! Architecture-specific boot setup. fnvm runs x86-64 guests only.
+
+pub mod x86_64;

@@ -1,0 +1,802 @@
+//! A micro-VM: KVM VM with in-kernel irqchip and PIT, guest memory, vCPUs, the legacy devices
+//! (COM1 console, i8042 reset, sinks for probed ports), virtio-mmio devices, and the event
+//! loop that runs them until the guest ends.
+//!
+//! Use: [`Vm::new`] → optional [`Vm::add_disk`] / [`Vm::add_virtio_device`] → one of
+//! [`Vm::load_kernel`] or [`Vm::load_program`] → [`Vm::run`].
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::arch::x86_64::boot::{self, BootError, KernelConfig};
+use crate::arch::x86_64::layout::*;
+use crate::arch::x86_64::mptable::MAX_VCPUS;
+use crate::arch::x86_64::regs::{BootEntry, EntryMode};
+use crate::devices::bus::{lock, Bus, BusError, SharedDevice};
+use crate::devices::i8042::{LegacySink, I8042, I8042_PORT, I8042_PORT_LEN};
+use crate::devices::serial::{
+    ConsoleWriter, PanicWatch, SerialArgs, SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_LEN,
+};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::VirtioDevice;
+use crate::devices::InterruptTrigger;
+use crate::event_loop::{EventLoop, Flow};
+use crate::exit::VmExit;
+use crate::memory::{self, GuestMemory, MemoryError};
+use crate::vcpu::{ExitSlot, Vcpu, VcpuError, VcpuShared};
+
+/// How long a panicking guest gets to reset itself (Linux `panic=1` waits one second) before
+/// the VMM ends it anyway.
+pub const PANIC_GRACE: Duration = Duration::from_secs(3);
+/// virtio-mmio QueueNotify register offset (virtio 1.x spec, 4.2.2).
+const VIRTIO_MMIO_QUEUE_NOTIFY: u64 = 0x50;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("a VM needs at least 1 vCPU, got 0")]
+    NoVcpus,
+    #[error("{requested} vCPUs requested but this host has only {host} CPUs")]
+    TooManyVcpus { requested: u8, host: usize },
+    #[error("{0} vCPUs requested; fnvm supports at most {MAX_VCPUS}")]
+    AboveVcpuLimit(u8),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("cannot open /dev/kvm: {0} (is KVM available and accessible to this user?)")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("{what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("device layout: {0}")]
+    Bus(#[from] BusError),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error("guest program of {len} bytes does not fit at {addr:#x}: {source}")]
+    Program {
+        addr: u64,
+        len: usize,
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("no room for another virtio-mmio device (IRQs {VIRTIO_IRQ_START}-{VIRTIO_IRQ_END} are taken)")]
+    TooManyVirtioDevices,
+    #[error("virtio device: {0}")]
+    Virtio(String),
+    #[error("nothing to run: load a kernel or a program first")]
+    NothingLoaded,
+    #[error("devices must be added before the kernel is loaded (the command line is final)")]
+    AlreadyLoaded,
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> VmError {
+    move |source| VmError::Io { what, source }
+}
+
+/// What the VM is made of.
+pub struct VmConfig {
+    /// Guest RAM in MiB (1..=host MemTotal).
+    pub memory_mib: u64,
+    /// vCPUs (1..=host CPUs, at most 32).
+    pub vcpus: u8,
+    /// Where the serial console's output goes.
+    pub console: Box<dyn Write + Send>,
+    /// A readable fd whose bytes are fed to the serial console (stdin). Borrowed: it must stay
+    /// open while the VM runs. Regular files and /dev/null are ignored (epoll refuses them).
+    pub console_input: Option<RawFd>,
+    /// In-kernel LAPIC/IOAPIC/PIC and PIT. Always on for real guests; off only lets tests see
+    /// a HLT exit (`VmExit::Halted`).
+    pub irqchip: bool,
+}
+
+impl VmConfig {
+    /// `memory_mib` and `vcpus` with the console on stdout, no input, in-kernel irqchip.
+    pub fn new(memory_mib: u64, vcpus: u8) -> Self {
+        Self {
+            memory_mib,
+            vcpus,
+            console: Box::new(io::stdout()),
+            console_input: None,
+            irqchip: true,
+        }
+    }
+}
+
+impl std::fmt::Debug for VmConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmConfig")
+            .field("memory_mib", &self.memory_mib)
+            .field("vcpus", &self.vcpus)
+            .field("console_input", &self.console_input)
+            .field("irqchip", &self.irqchip)
+            .finish()
+    }
+}
+
+/// Stops a running VM from another thread (its run returns [`VmExit::Stopped`]).
+#[derive(Clone)]
+pub struct StopHandle(Arc<EventFd>);
+
+impl StopHandle {
+    pub fn stop(&self) {
+        let _ = self.0.write(1);
+    }
+}
+
+/// Where a virtio-mmio device was placed.
+#[derive(Clone)]
+pub struct VirtioSlot {
+    pub base: u64,
+    pub irq: u32,
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// Checks a vCPU count against the host, before anything is created.
+pub fn validate_vcpus(vcpus: u8) -> Result<(), VmError> {
+    if vcpus == 0 {
+        return Err(VmError::NoVcpus);
+    }
+    if vcpus > MAX_VCPUS {
+        return Err(VmError::AboveVcpuLimit(vcpus));
+    }
+    let host = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    if vcpus as usize > host {
+        return Err(VmError::TooManyVcpus {
+            requested: vcpus,
+            host,
+        });
+    }
+    Ok(())
+}
+
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+    mem: GuestMemory,
+    vcpus: Vec<Vcpu>,
+    vcpu_count: u8,
+    irqchip: bool,
+    supported_cpuid: CpuId,
+    pio: Bus,
+    mmio: Bus,
+    event_loop: EventLoop,
+    exit: Arc<ExitSlot>,
+    stop_evt: Arc<EventFd>,
+    panic_watch: Arc<PanicWatch>,
+    serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
+    virtio: Vec<VirtioSlot>,
+    /// Interrupt lines kept alive for the VM's lifetime.
+    irq_lines: Vec<Arc<EventFd>>,
+    loaded: Option<(BootEntry, bool)>,
+}
+
+impl Vm {
+    /// Validates the configuration and creates the VM, its memory, vCPUs and legacy devices.
+    pub fn new(config: VmConfig) -> Result<Self, VmError> {
+        validate_vcpus(config.vcpus)?;
+        let mem = memory::create_guest_memory(config.memory_mib)?;
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        if config.irqchip {
+            fd.create_irq_chip()
+                .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+            let pit = kvm_pit_config {
+                flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        }
+        for (slot, region) in mem.iter().enumerate() {
+            let host_addr = mem
+                .get_host_address(region.start_addr())
+                .map_err(|e| VmError::Io {
+                    what: "guest memory host address",
+                    source: io::Error::other(e.to_string()),
+                })?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host_addr as u64,
+            };
+            // SAFETY: the region is a live mmap owned by `mem`, which the Vm keeps for as long
+            // as the VM fd (and so the memory slot) exists.
+            unsafe { fd.set_user_memory_region(r) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        for id in 0..config.vcpus {
+            let vcpu_fd = fd
+                .create_vcpu(id as u64)
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vcpus.push(Vcpu::new(id, vcpu_fd));
+        }
+
+        let exit = Arc::new(ExitSlot::new().map_err(io_err("exit eventfd"))?);
+        let stop_evt = Arc::new(new_eventfd("stop eventfd")?);
+        let panic_watch = Arc::new(PanicWatch::new().map_err(io_err("panic eventfd"))?);
+        let serial_ready = Arc::new(new_eventfd("serial input eventfd")?);
+        let reset_evt = Arc::new(new_eventfd("reset eventfd")?);
+
+        let mut vm_irq_lines = Vec::new();
+        let serial_irq = Arc::new(new_eventfd("serial irq eventfd")?);
+        if config.irqchip {
+            fd.register_irqfd(&serial_irq, COM1_IRQ)
+                .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        }
+        vm_irq_lines.push(serial_irq.clone());
+        let serial = Arc::new(Mutex::new(SerialDevice::new(SerialArgs {
+            interrupt: serial_irq as Arc<dyn InterruptTrigger>,
+            input_ready: serial_ready.clone(),
+            output: ConsoleWriter::new(config.console, panic_watch.clone()),
+        })));
+        let i8042 = Arc::new(Mutex::new(I8042::new(reset_evt.clone())));
+
+        let mut pio = Bus::new();
+        pio.insert(COM1_PORT, COM1_PORT_LEN, serial.clone())?;
+        pio.insert(I8042_PORT, I8042_PORT_LEN, i8042.clone())?;
+        // Ports Linux probes: CMOS/RTC reads 0 (no update in progress), the POST port, the
+        // other COM ports and PCI configuration read as absent.
+        let sinks: [(u64, u64, u8); 6] = [
+            (0x70, 2, 0x00),
+            (0x80, 1, 0x00),
+            (0x2e8, 8, 0xff),
+            (0x2f8, 8, 0xff),
+            (0x3e8, 8, 0xff),
+            (0xcf8, 8, 0xff),
+        ];
+        for (base, len, fill) in sinks {
+            let sink: SharedDevice = Arc::new(Mutex::new(LegacySink::new(fill)));
+            pio.insert(base, len, sink)?;
+        }
+
+        let mut event_loop = EventLoop::new().map_err(io_err("epoll"))?;
+        let add = |el: &mut EventLoop, fd: RawFd, h| el.add(fd, h).map_err(io_err("epoll_ctl"));
+        {
+            let exit = exit.clone();
+            add(
+                &mut event_loop,
+                exit.event().as_raw_fd(),
+                Box::new(move |_, _| {
+                    let _ = exit.event().read();
+                    match exit.peek() {
+                        Some(e) => Flow::Exit(e),
+                        None => Flow::Continue,
+                    }
+                }),
+            )?;
+        }
+        {
+            let stop = stop_evt.clone();
+            add(
+                &mut event_loop,
+                stop_evt.as_raw_fd(),
+                Box::new(move |_, _| {
+                    let _ = stop.read();
+                    Flow::Exit(VmExit::Stopped)
+                }),
+            )?;
+        }
+        {
+            let reset = reset_evt.clone();
+            add(
+                &mut event_loop,
+                reset_evt.as_raw_fd(),
+                Box::new(move |_, _| {
+                    let _ = reset.read();
+                    Flow::Exit(VmExit::GuestReset)
+                }),
+            )?;
+        }
+        {
+            // A panic banner arms a timer: the guest normally resets within `panic=` seconds;
+            // if it does not (panic=0), the VMM ends it when the timer fires.
+            let mut timer = TimerFd::new().map_err(timer_err)?;
+            let timer_fd = timer.as_raw_fd();
+            let watch = panic_watch.clone();
+            let watch_fd = panic_watch.event().as_raw_fd();
+            let mut armed = false;
+            add(
+                &mut event_loop,
+                watch_fd,
+                Box::new(move |_, _| {
+                    let _ = watch.event().read();
+                    if !armed {
+                        armed = true;
+                        if let Err(e) = timer.reset(PANIC_GRACE, None) {
+                            tracing::warn!("cannot arm the panic timer: {e}");
+                        }
+                    }
+                    Flow::Continue
+                }),
+            )?;
+            let watch = panic_watch.clone();
+            add(
+                &mut event_loop,
+                timer_fd,
+                Box::new(move |_, _| {
+                    Flow::Exit(VmExit::GuestPanic {
+                        message: watch.message().unwrap_or_default(),
+                    })
+                }),
+            )?;
+        }
+        if let Some(input) = config.console_input {
+            add_console_input(&mut event_loop, input, serial.clone(), serial_ready)?;
+        }
+
+        Ok(Self {
+            kvm,
+            fd,
+            mem,
+            vcpus,
+            vcpu_count: config.vcpus,
+            irqchip: config.irqchip,
+            supported_cpuid,
+            pio,
+            mmio: Bus::new(),
+            event_loop,
+            exit,
+            stop_evt,
+            panic_watch,
+            serial,
+            i8042,
+            virtio: Vec::new(),
+            irq_lines: vm_irq_lines,
+            loaded: None,
+        })
+    }
+
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    pub fn vcpus(&self) -> &[Vcpu] {
+        &self.vcpus
+    }
+
+    pub fn serial(&self) -> &Arc<Mutex<SerialDevice>> {
+        &self.serial
+    }
+
+    pub fn i8042(&self) -> &Arc<Mutex<I8042>> {
+        &self.i8042
+    }
+
+    pub fn virtio_devices(&self) -> &[VirtioSlot] {
+        &self.virtio
+    }
+
+    /// The raw stop eventfd, for a signal handler (writing 8 bytes of 1 stops the VM). Valid
+    /// until [`Vm::run`] returns.
+    pub fn stop_handle_fd(&self) -> RawFd {
+        self.stop_evt.as_raw_fd()
+    }
+
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.stop_evt.clone())
+    }
+
+    /// Maps a device on the port-I/O bus.
+    pub fn add_pio_device(
+        &mut self,
+        base: u64,
+        len: u64,
+        dev: SharedDevice,
+    ) -> Result<(), VmError> {
+        Ok(self.pio.insert(base, len, dev)?)
+    }
+
+    /// Maps a device on the MMIO bus.
+    pub fn add_mmio_device(
+        &mut self,
+        base: u64,
+        len: u64,
+        dev: SharedDevice,
+    ) -> Result<(), VmError> {
+        Ok(self.mmio.insert(base, len, dev)?)
+    }
+
+    /// An interrupt line to the guest: an eventfd registered as KVM irqfd for `gsi`.
+    pub fn irq_line(&mut self, gsi: u32) -> Result<Arc<EventFd>, VmError> {
+        let evt = Arc::new(new_eventfd("irq eventfd")?);
+        self.fd
+            .register_irqfd(&evt, gsi)
+            .map_err(kvm_err("KVM_IRQFD"))?;
+        self.irq_lines.push(evt.clone());
+        Ok(evt)
+    }
+
+    /// Calls `handler` in the event loop whenever the guest writes to `addr` (with a 4-byte
+    /// value equal to `datamatch`, if given). KVM completes such writes in the kernel: the
+    /// vCPU does not exit to the VMM.
+    pub fn add_ioevent(
+        &mut self,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+        mut handler: Box<dyn FnMut() + Send>,
+    ) -> Result<(), VmError> {
+        let evt = new_eventfd("ioeventfd")?;
+        match datamatch {
+            Some(value) => self.fd.register_ioevent(&evt, &addr, value),
+            None => self
+                .fd
+                .register_ioevent(&evt, &addr, kvm_ioctls::NoDatamatch),
+        }
+        .map_err(kvm_err("KVM_IOEVENTFD"))?;
+        let raw = evt.as_raw_fd();
+        self.event_loop
+            .add(
+                raw,
+                Box::new(move |_, _| {
+                    if evt.read().is_ok() {
+                        handler();
+                    }
+                    Flow::Continue
+                }),
+            )
+            .map_err(io_err("epoll_ctl"))?;
+        Ok(())
+    }
+
+    /// Puts a virtio device on the next virtio-mmio window with its own IRQ, wires its queue
+    /// notifications (ioeventfds) and host events into the event loop, and adds its
+    /// `virtio_mmio.device=` entry to the kernel command line.
+    pub fn add_virtio_device(
+        &mut self,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<VirtioSlot, VmError> {
+        if self.loaded.is_some() {
+            return Err(VmError::AlreadyLoaded);
+        }
+        let index = self.virtio.len() as u32;
+        let irq = VIRTIO_IRQ_START + index;
+        if irq > VIRTIO_IRQ_END {
+            return Err(VmError::TooManyVirtioDevices);
+        }
+        let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
+        let queues = device.queue_max_sizes().len();
+        let interrupt = Arc::new(new_eventfd("virtio irq eventfd")?);
+        if self.irqchip {
+            self.fd
+                .register_irqfd(&interrupt, irq)
+                .map_err(kvm_err("KVM_IRQFD (virtio)"))?;
+        }
+        self.irq_lines.push(interrupt.clone());
+        let transport = MmioTransport::new(
+            device,
+            self.mem.clone(),
+            interrupt as Arc<dyn InterruptTrigger>,
+        )
+        .map_err(|e| VmError::Virtio(e.to_string()))?;
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio
+            .insert(base, VIRTIO_MMIO_SIZE, transport.clone())?;
+        for queue in 0..queues as u16 {
+            let t = transport.clone();
+            self.add_ioevent(
+                IoEventAddress::Mmio(base + VIRTIO_MMIO_QUEUE_NOTIFY),
+                Some(queue as u32),
+                Box::new(move || lock(&t).notify_queue(queue)),
+            )?;
+        }
+        if let Some(host_fd) = lock(&transport).host_event_fd() {
+            let t = transport.clone();
+            self.event_loop
+                .add(
+                    host_fd,
+                    Box::new(move |_, _| {
+                        lock(&t).process_host_events();
+                        Flow::Continue
+                    }),
+                )
+                .map_err(io_err("epoll_ctl"))?;
+        }
+        let slot = VirtioSlot {
+            base,
+            irq,
+            transport,
+        };
+        self.virtio.push(slot.clone());
+        Ok(slot)
+    }
+
+    /// Attaches a disk image as a virtio-blk device (the first one is /dev/vda in the guest).
+    pub fn add_disk(&mut self, path: &Path, read_only: bool) -> Result<VirtioSlot, VmError> {
+        let block = Block::new(path, read_only)
+            .map_err(|e| VmError::Virtio(format!("disk {}: {e}", path.display())))?;
+        self.add_virtio_device(Box::new(block))
+    }
+
+    /// The `virtio_mmio.device=` command-line entries of the devices added so far.
+    pub fn virtio_cmdline(&self) -> String {
+        self.virtio
+            .iter()
+            .map(|s| format!("virtio_mmio.device=4K@{:#x}:{}", s.base, s.irq))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn configure_vcpus(&self, entry: &BootEntry, all_at_entry: bool) -> Result<(), VmError> {
+        for vcpu in &self.vcpus {
+            vcpu.configure_common(&self.supported_cpuid, self.vcpu_count, self.irqchip)?;
+            if vcpu.id() == 0 || all_at_entry {
+                vcpu.configure_entry(&self.mem, entry)?;
+            }
+            if vcpu.id() != 0 && all_at_entry {
+                vcpu.make_runnable()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads a kernel (bzImage, vmlinux or PVH ELF) with the virtio devices' command-line
+    /// entries appended, and sets the vCPUs up for its entry. Secondary vCPUs wait for the
+    /// guest's INIT/SIPI as on real hardware.
+    pub fn load_kernel(&mut self, config: &KernelConfig) -> Result<BootEntry, VmError> {
+        let mut config = config.clone();
+        let extra = self.virtio_cmdline();
+        if !extra.is_empty() {
+            config.cmdline = format!("{} {}", config.cmdline, extra);
+        }
+        let entry = boot::load_kernel(&self.mem, &config, self.vcpu_count)?;
+        self.configure_vcpus(&entry, false)?;
+        self.loaded = Some((entry, false));
+        Ok(entry)
+    }
+
+    /// Copies a raw guest program to `load_addr` and starts vCPU 0 (or, with `all_vcpus`,
+    /// every vCPU) at its first byte in `mode`. For tests and non-OS guests.
+    pub fn load_program(
+        &mut self,
+        code: &[u8],
+        load_addr: u64,
+        mode: EntryMode,
+        all_vcpus: bool,
+    ) -> Result<BootEntry, VmError> {
+        self.mem
+            .write_slice(code, GuestAddress(load_addr))
+            .map_err(|source| VmError::Program {
+                addr: load_addr,
+                len: code.len(),
+                source,
+            })?;
+        let entry = BootEntry {
+            mode,
+            entry: load_addr,
+            boot_info: 0,
+        };
+        self.configure_vcpus(&entry, all_vcpus)?;
+        self.loaded = Some((entry, all_vcpus));
+        Ok(entry)
+    }
+
+    /// Ends the VM with [`VmExit::Stopped`] after `after` unless it ended before.
+    pub fn stop_after(&mut self, after: Duration) -> Result<(), VmError> {
+        let mut timer = TimerFd::new().map_err(timer_err)?;
+        timer.reset(after, None).map_err(timer_err)?;
+        let raw = timer.as_raw_fd();
+        self.event_loop
+            .add(
+                raw,
+                Box::new(move |_, _| {
+                    let _ = timer.wait();
+                    Flow::Exit(VmExit::Stopped)
+                }),
+            )
+            .map_err(io_err("epoll_ctl"))?;
+        Ok(())
+    }
+
+    /// Runs the guest until it ends, then stops every vCPU thread and says how it ended.
+    pub fn run(mut self) -> Result<VmExit, VmError> {
+        if self.loaded.is_none() {
+            return Err(VmError::NothingLoaded);
+        }
+        install_kick_handler();
+        let shared_pio = Arc::new(std::mem::take(&mut self.pio));
+        let shared_mmio = Arc::new(std::mem::take(&mut self.mmio));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let mut spawn_error = None;
+        for vcpu in std::mem::take(&mut self.vcpus) {
+            let shared = VcpuShared {
+                pio: shared_pio.clone(),
+                mmio: shared_mmio.clone(),
+                exit: self.exit.clone(),
+                stop: stop.clone(),
+            };
+            match std::thread::Builder::new()
+                .name(format!("vcpu{}", vcpu.id()))
+                .spawn(move || vcpu.run(shared))
+            {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    spawn_error = Some(e);
+                    break;
+                }
+            }
+        }
+        let outcome = match spawn_error {
+            Some(e) => Err(VmError::Io {
+                what: "spawning a vCPU thread",
+                source: e,
+            }),
+            None => self.event_loop.run().map_err(io_err("event loop")),
+        };
+        stop_vcpus(&stop, threads);
+        let exit = outcome?;
+        // A guest that printed the panic banner and then reset (panic=N) or faulted ended
+        // because of the panic: say so.
+        Ok(match (self.panic_watch.message(), exit) {
+            (Some(message), VmExit::GuestReset | VmExit::GuestShutdown)
+            | (Some(message), VmExit::TripleFault { .. })
+            | (Some(message), VmExit::Stopped) => VmExit::GuestPanic { message },
+            (_, exit) => exit,
+        })
+    }
+}
+
+fn timer_err(e: vmm_sys_util::errno::Error) -> VmError {
+    VmError::Io {
+        what: "timerfd",
+        source: io::Error::from_raw_os_error(e.errno()),
+    }
+}
+
+fn new_eventfd(what: &'static str) -> Result<EventFd, VmError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(io_err(what))
+}
+
+/// Feeds `input` to the serial console: as much as the receive FIFO takes; while it is full,
+/// the fd is paused until the guest drains the FIFO (`ready` fires).
+fn add_console_input(
+    event_loop: &mut EventLoop,
+    input: RawFd,
+    serial: Arc<Mutex<SerialDevice>>,
+    ready: Arc<EventFd>,
+) -> Result<(), VmError> {
+    let serial2 = serial.clone();
+    let mut pending: Vec<u8> = Vec::new();
+    let handler = Box::new(move |ctl: &mut crate::event_loop::Control<'_>, token| {
+        let mut dev = lock(&serial2);
+        if pending.is_empty() {
+            let room = dev.input_capacity().max(1);
+            let mut buf = vec![0u8; room.min(4096)];
+            // SAFETY: the caller promised `input` stays open while the VM runs; ManuallyDrop
+            // keeps this borrowed File from closing it.
+            let mut file = std::mem::ManuallyDrop::new(unsafe {
+                <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(input)
+            });
+            match file.read(&mut buf) {
+                Ok(0) => {
+                    let _ = ctl.remove(token);
+                    return Flow::Continue;
+                }
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flow::Continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => return Flow::Continue,
+                Err(e) => {
+                    tracing::warn!("console input closed: {e}");
+                    let _ = ctl.remove(token);
+                    return Flow::Continue;
+                }
+            }
+        }
+        let taken = dev.queue_input(&pending);
+        pending.drain(..taken);
+        if !pending.is_empty() {
+            let _ = ctl.pause(token);
+        }
+        Flow::Continue
+    });
+    let token = match event_loop.add(input, handler) {
+        Ok(t) => t,
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            tracing::debug!("console input is not pollable (regular file or /dev/null): ignored");
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(VmError::Io {
+                what: "epoll_ctl (console input)",
+                source: e,
+            })
+        }
+    };
+    let ready_fd = ready.as_raw_fd();
+    event_loop
+        .add(
+            ready_fd,
+            Box::new(move |ctl, _| {
+                let _ = ready.read();
+                let _ = ctl.resume(token);
+                Flow::Continue
+            }),
+        )
+        .map_err(io_err("epoll_ctl"))?;
+    drop(serial);
+    Ok(())
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The signal that interrupts a vCPU's KVM_RUN so its thread sees the stop flag.
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = register_signal_handler(kick_signal(), kick_handler) {
+            tracing::error!("cannot install the vCPU kick signal handler: {e}");
+        }
+    });
+}
+
+/// Sets the stop flag and kicks every vCPU thread out of KVM_RUN until it has returned.
+/// Signals are resent every millisecond because one can land just before a thread enters
+/// KVM_RUN; threads still running after 2 s are left behind (reported, never waited on).
+fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+    stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut pending = threads;
+    while !pending.is_empty() {
+        let (done, running): (Vec<_>, Vec<_>) = pending.into_iter().partition(|t| t.is_finished());
+        for t in done {
+            let _ = t.join();
+        }
+        pending = running;
+        if pending.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            tracing::error!("{} vCPU thread(s) did not stop", pending.len());
+            break;
+        }
+        for t in &pending {
+            let _ = t.kill(kick_signal());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}

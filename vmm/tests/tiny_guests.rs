@@ -1,0 +1,586 @@
+//! Tiny guest programs run under /dev/kvm through the VMM's own API (and, for the PVH ELF, the
+//! `fnvm-vmm` binary). Each guest is assembled here with iced-x86, so what it does is readable
+//! next to what the test expects.
+//!
+//! Without /dev/kvm each test prints one loud line to stderr and returns.
+
+use std::io::{self, Write};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fnvm_vmm::arch::x86_64::boot::KernelConfig;
+use fnvm_vmm::arch::x86_64::regs::EntryMode;
+use fnvm_vmm::devices::BusDevice;
+use fnvm_vmm::exit::VmExit;
+use fnvm_vmm::vm::{Vm, VmConfig, VmError};
+use iced_x86::code_asm::*;
+use kvm_ioctls::IoEventAddress;
+
+const COM1: u16 = 0x3f8;
+const I8042_COMMAND: u16 = 0x64;
+const TEST_DEVICE: u64 = 0xe000_0000;
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+fn kvm_available(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    eprintln!("!!! SKIPPED {test}: /dev/kvm is missing, this tiny-guest test did NOT run !!!");
+    false
+}
+
+#[derive(Clone, Default)]
+struct Console(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Console {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+fn config(vcpus: u8, irqchip: bool) -> (VmConfig, Console) {
+    let console = Console::default();
+    let mut c = VmConfig::new(32, vcpus);
+    c.console = Box::new(console.clone());
+    c.irqchip = irqchip;
+    (c, console)
+}
+
+/// Writes each byte of `text` to COM1 (DX must hold COM1).
+fn print(a: &mut CodeAssembler, text: &str) -> Result<(), IcedError> {
+    for b in text.bytes() {
+        a.mov(al, b as u32)?;
+        a.out(dx, al)?;
+    }
+    Ok(())
+}
+
+/// Asks the i8042 for a CPU reset, then spins (the VMM ends the VM).
+fn reset(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.mov(dx, I8042_COMMAND as u32)?;
+    a.mov(al, 0xfe)?;
+    a.out(dx, al)?;
+    let mut spin = a.create_label();
+    a.set_label(&mut spin)?;
+    a.pause()?;
+    a.jmp(spin)?;
+    Ok(())
+}
+
+fn run(vm: Vm) -> VmExit {
+    let mut vm = vm;
+    vm.stop_after(TIMEOUT).unwrap();
+    vm.run().expect("VM ran")
+}
+
+#[test]
+fn real_mode_hello_then_i8042_reset_ends_cleanly() {
+    if !kvm_available("real_mode_hello") {
+        return;
+    }
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    print(&mut a, "hello").unwrap();
+    reset(&mut a).unwrap();
+    let code = a.assemble(0x1000).unwrap();
+
+    let (c, console) = config(1, true);
+    let mut vm = Vm::new(c).unwrap();
+    vm.load_program(&code, 0x1000, EntryMode::Real, false)
+        .unwrap();
+    let exit = run(vm);
+    assert_eq!(exit, VmExit::GuestReset);
+    assert!(exit.is_clean());
+    assert_eq!(console.text(), "hello");
+}
+
+/// Answers reads at offset 4 with a magic value and records writes.
+#[derive(Default)]
+struct TestDevice {
+    writes: Vec<(u64, Vec<u8>)>,
+    flag: Arc<AtomicBool>,
+}
+
+impl BusDevice for TestDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let value: u32 = match offset {
+            4 => 0xcafe_f00d,
+            0x100 => self.flag.load(Ordering::SeqCst) as u32,
+            _ => 0,
+        };
+        let bytes = value.to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&bytes[..n]);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.writes.push((offset, data.to_vec()));
+    }
+}
+
+#[test]
+fn long_mode_guest_does_port_io_and_mmio() {
+    if !kvm_available("long_mode_io") {
+        return;
+    }
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut fail = a.create_label();
+    a.mov(dx, COM1 as u32).unwrap();
+    print(&mut a, "L").unwrap();
+    a.mov(rax, TEST_DEVICE).unwrap();
+    a.mov(dword_ptr(rax + 8), 0x1234_5678).unwrap();
+    a.mov(ebx, dword_ptr(rax + 4)).unwrap();
+    a.cmp(ebx, 0xcafe_f00du32 as i32).unwrap();
+    a.jne(fail).unwrap();
+    // Unmapped MMIO reads as all ones.
+    a.mov(rax, TEST_DEVICE + 0x10_0000).unwrap();
+    a.mov(ecx, dword_ptr(rax)).unwrap();
+    a.cmp(ecx, -1).unwrap();
+    a.jne(fail).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    print(&mut a, "K").unwrap();
+    reset(&mut a).unwrap();
+    a.set_label(&mut fail).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    print(&mut a, "F").unwrap();
+    reset(&mut a).unwrap();
+    let code = a.assemble(0x10_0000).unwrap();
+
+    let (c, console) = config(1, true);
+    let mut vm = Vm::new(c).unwrap();
+    let dev = Arc::new(Mutex::new(TestDevice::default()));
+    vm.add_mmio_device(TEST_DEVICE, 0x1000, dev.clone())
+        .unwrap();
+    vm.load_program(&code, 0x10_0000, EntryMode::Long64, false)
+        .unwrap();
+    assert_eq!(run(vm), VmExit::GuestReset);
+    assert_eq!(console.text(), "LK");
+    assert_eq!(
+        dev.lock().unwrap().writes,
+        vec![(8, 0x1234_5678u32.to_le_bytes().to_vec())]
+    );
+}
+
+#[test]
+fn triple_fault_is_reported() {
+    if !kvm_available("triple_fault") {
+        return;
+    }
+    // The boot IDT is empty: #UD cannot be delivered, nor #GP, nor #DF.
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    print(&mut a, "T").unwrap();
+    a.ud2().unwrap();
+    let code = a.assemble(0x10_0000).unwrap();
+    let (c, console) = config(1, true);
+    let mut vm = Vm::new(c).unwrap();
+    vm.load_program(&code, 0x10_0000, EntryMode::Long64, false)
+        .unwrap();
+    let exit = run(vm);
+    assert_eq!(exit, VmExit::TripleFault { vcpu: 0 });
+    assert_eq!(exit.exit_code(), fnvm_vmm::exit::code::TRIPLE_FAULT);
+    assert_eq!(console.text(), "T");
+}
+
+#[test]
+fn hlt_without_irqchip_ends_the_vm_as_halted() {
+    if !kvm_available("hlt") {
+        return;
+    }
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    print(&mut a, "x").unwrap();
+    a.cli().unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(0x1000).unwrap();
+    let (c, console) = config(1, false);
+    let mut vm = Vm::new(c).unwrap();
+    vm.load_program(&code, 0x1000, EntryMode::Real, false)
+        .unwrap();
+    let exit = run(vm);
+    assert_eq!(exit, VmExit::Halted { vcpu: 0 });
+    assert_eq!(exit.exit_code(), fnvm_vmm::exit::code::HALTED);
+    assert_eq!(console.text(), "x");
+}
+
+#[test]
+fn irqfd_wakes_a_halted_guest_through_the_pic() {
+    if !kvm_available("irqfd") {
+        return;
+    }
+    const IRQ: u32 = 5;
+    const VECTOR: u32 = 0x20 + IRQ;
+    const HANDLER: u64 = 0x2000;
+    const FLAG: u64 = 0x3000;
+    let out = |a: &mut CodeAssembler, port: u32, value: u32| {
+        a.mov(dx, port).unwrap();
+        a.mov(al, value).unwrap();
+        a.out(dx, al).unwrap();
+    };
+
+    // Interrupt handler: print 'I', set the flag, EOI the PIC.
+    let mut h = CodeAssembler::new(16).unwrap();
+    h.push(ax).unwrap();
+    h.push(dx).unwrap();
+    h.mov(dx, COM1 as u32).unwrap();
+    print(&mut h, "I").unwrap();
+    h.mov(byte_ptr(FLAG), 1).unwrap();
+    out(&mut h, 0x20, 0x20);
+    h.pop(dx).unwrap();
+    h.pop(ax).unwrap();
+    h.iret().unwrap();
+    let handler = h.assemble(HANDLER).unwrap();
+
+    // Main: IVT entry, PIC init (vectors 0x20-0x27, only IRQ 5 unmasked), 'R', wait in HLT.
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.cli().unwrap();
+    a.mov(word_ptr(VECTOR * 4), HANDLER as u32).unwrap();
+    a.mov(word_ptr(VECTOR * 4 + 2), 0).unwrap();
+    out(&mut a, 0x20, 0x11);
+    out(&mut a, 0x21, 0x20);
+    out(&mut a, 0x21, 0x04);
+    out(&mut a, 0x21, 0x01);
+    out(&mut a, 0x21, !(1u32 << IRQ) & 0xff);
+    out(&mut a, 0xa1, 0xff);
+    a.mov(dx, COM1 as u32).unwrap();
+    print(&mut a, "R").unwrap();
+    a.sti().unwrap();
+    let mut wait = a.create_label();
+    a.set_label(&mut wait).unwrap();
+    a.hlt().unwrap();
+    a.cmp(byte_ptr(FLAG), 1).unwrap();
+    a.jne(wait).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    print(&mut a, "D").unwrap();
+    reset(&mut a).unwrap();
+    let code = a.assemble(0x1000).unwrap();
+
+    let (c, console) = config(1, true);
+    let mut vm = Vm::new(c).unwrap();
+    let line = vm.irq_line(IRQ).unwrap();
+    vm.load_program(&code, 0x1000, EntryMode::Real, false)
+        .unwrap();
+    {
+        use vm_memory::{Bytes, GuestAddress};
+        vm.memory()
+            .write_slice(&handler, GuestAddress(HANDLER))
+            .unwrap();
+    }
+    let console2 = console.clone();
+    let trigger = std::thread::spawn(move || {
+        let deadline = Instant::now() + TIMEOUT;
+        while !console2.text().contains('R') && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Give the guest time to reach HLT; the interrupt must wake it from there.
+        std::thread::sleep(Duration::from_millis(20));
+        line.write(1).unwrap();
+    });
+    let exit = run(vm);
+    trigger.join().unwrap();
+    assert_eq!(exit, VmExit::GuestReset);
+    assert_eq!(console.text(), "RID");
+}
+
+#[test]
+fn ioeventfd_write_is_signalled_without_a_vmm_exit() {
+    if !kvm_available("ioeventfd") {
+        return;
+    }
+    const NOTIFY: u64 = TEST_DEVICE + 0x50;
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rax, NOTIFY).unwrap();
+    a.mov(dword_ptr(rax), 3).unwrap();
+    // Wait until the host's handler ran (the test device reports it at offset 0x100).
+    a.mov(rax, TEST_DEVICE + 0x100).unwrap();
+    let mut wait = a.create_label();
+    a.set_label(&mut wait).unwrap();
+    a.mov(ebx, dword_ptr(rax)).unwrap();
+    a.test(ebx, ebx).unwrap();
+    a.jz(wait).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    print(&mut a, "N").unwrap();
+    reset(&mut a).unwrap();
+    let code = a.assemble(0x10_0000).unwrap();
+
+    let (c, console) = config(1, true);
+    let mut vm = Vm::new(c).unwrap();
+    let flag = Arc::new(AtomicBool::new(false));
+    let dev = Arc::new(Mutex::new(TestDevice {
+        writes: Vec::new(),
+        flag: flag.clone(),
+    }));
+    vm.add_mmio_device(TEST_DEVICE, 0x1000, dev.clone())
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let calls2 = calls.clone();
+    vm.add_ioevent(
+        IoEventAddress::Mmio(NOTIFY),
+        Some(3),
+        Box::new(move || {
+            calls2.fetch_add(1, Ordering::SeqCst);
+            flag.store(true, Ordering::SeqCst);
+        }),
+    )
+    .unwrap();
+    vm.load_program(&code, 0x10_0000, EntryMode::Long64, false)
+        .unwrap();
+    assert_eq!(run(vm), VmExit::GuestReset);
+    assert_eq!(console.text(), "N");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(
+        dev.lock().unwrap().writes.is_empty(),
+        "the notify write must not exit to the VMM's bus"
+    );
+}
+
+#[test]
+fn two_vcpus_both_run_with_their_own_apic_ids() {
+    if !kvm_available("two_vcpus") {
+        return;
+    }
+    if std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        < 2
+    {
+        eprintln!("!!! SKIPPED two_vcpus: this host has a single CPU !!!");
+        return;
+    }
+    const COUNTER: u64 = 0x3000;
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut boot_cpu = a.create_label();
+    // APIC ID from CPUID leaf 1, EBX[31:24]; print '0' + id.
+    a.mov(eax, 1).unwrap();
+    a.cpuid().unwrap();
+    a.shr(ebx, 24).unwrap();
+    a.mov(eax, ebx).unwrap();
+    a.add(eax, b'0' as i32).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    a.out(dx, al).unwrap();
+    a.mov(rcx, COUNTER).unwrap();
+    a.lock().inc(dword_ptr(rcx)).unwrap();
+    a.test(ebx, ebx).unwrap();
+    a.jz(boot_cpu).unwrap();
+    let mut park = a.create_label();
+    a.set_label(&mut park).unwrap();
+    a.pause().unwrap();
+    a.jmp(park).unwrap();
+    // vCPU 0 waits for both increments, then resets.
+    a.set_label(&mut boot_cpu).unwrap();
+    a.pause().unwrap();
+    a.cmp(dword_ptr(rcx), 2).unwrap();
+    a.jne(boot_cpu).unwrap();
+    reset(&mut a).unwrap();
+    let code = a.assemble(0x10_0000).unwrap();
+
+    let (c, console) = config(2, true);
+    let mut vm = Vm::new(c).unwrap();
+    vm.load_program(&code, 0x10_0000, EntryMode::Long64, true)
+        .unwrap();
+    assert_eq!(run(vm), VmExit::GuestReset);
+    let mut ids: Vec<char> = console.text().chars().collect();
+    ids.sort();
+    assert_eq!(ids, vec!['0', '1']);
+}
+
+#[test]
+fn bad_input_is_refused_with_a_clear_error() {
+    let (c, _) = config(0, true);
+    let err = Vm::new(c).err().expect("0 vCPUs refused");
+    assert!(matches!(err, VmError::NoVcpus), "{err}");
+    assert!(err.to_string().contains("at least 1 vCPU"));
+
+    let (c, _) = config(200, true);
+    let err = Vm::new(c).err().expect("200 vCPUs refused");
+    assert!(err.to_string().contains("vCPUs"), "{err}");
+
+    let (mut c, _) = config(1, true);
+    c.memory_mib = 0;
+    let err = Vm::new(c).err().expect("0 MiB refused");
+    assert!(err.to_string().contains("at least 1 MiB"), "{err}");
+
+    let (mut c, _) = config(1, true);
+    c.memory_mib = 1 << 40;
+    let err = Vm::new(c).err().expect("1 EiB refused");
+    assert!(err.to_string().contains("more than this host"), "{err}");
+
+    if !kvm_available("bad_input (kernel part)") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, "this is not a kernel\n").unwrap();
+    let (c, _) = config(1, true);
+    let mut vm = Vm::new(c).unwrap();
+    let err = vm
+        .load_kernel(&KernelConfig {
+            kernel: text.clone(),
+            initrd: None,
+            cmdline: String::new(),
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("not a kernel"), "{err}");
+    let (c, _) = config(1, true);
+    let vm = Vm::new(c).unwrap();
+    assert!(matches!(vm.run(), Err(VmError::NothingLoaded)));
+}
+
+/// An ELF64 image for a PVH guest: one PT_LOAD at 1 MiB holding everything, one PT_NOTE with
+/// XEN_ELFNOTE_PHYS32_ENTRY, 32-bit code that prints and resets.
+fn pvh_elf(message: &str) -> Vec<u8> {
+    const BASE: u64 = 0x10_0000;
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    let note_off = EHDR + 2 * PHDR;
+    let note_len = 12 + 4 + 4;
+    let code_off = (note_off + note_len + 15) & !15;
+    let entry = BASE + code_off as u64;
+
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut no_magic = a.create_label();
+    a.mov(dx, COM1 as u32).unwrap();
+    print(&mut a, message).unwrap();
+    // EBX points at hvm_start_info, whose first field is its magic.
+    a.cmp(dword_ptr(ebx), 0x336e_c578).unwrap();
+    a.jne(no_magic).unwrap();
+    print(&mut a, "M").unwrap();
+    a.set_label(&mut no_magic).unwrap();
+    reset(&mut a).unwrap();
+    let code = a.assemble(entry).unwrap();
+    let total = code_off + code.len();
+
+    let mut elf = vec![0u8; total];
+    elf[0..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 2; // 64-bit
+    elf[5] = 1; // little endian
+    elf[6] = 1; // version
+    elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+    elf[20..24].copy_from_slice(&1u32.to_le_bytes());
+    elf[24..32].copy_from_slice(&entry.to_le_bytes());
+    elf[32..40].copy_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
+    elf[52..54].copy_from_slice(&(EHDR as u16).to_le_bytes());
+    elf[54..56].copy_from_slice(&(PHDR as u16).to_le_bytes());
+    elf[56..58].copy_from_slice(&2u16.to_le_bytes());
+    let phdr = |elf: &mut Vec<u8>, at: usize, kind: u32, off: u64, addr: u64, size: u64| {
+        elf[at..at + 4].copy_from_slice(&kind.to_le_bytes());
+        elf[at + 4..at + 8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+        elf[at + 8..at + 16].copy_from_slice(&off.to_le_bytes());
+        elf[at + 16..at + 24].copy_from_slice(&addr.to_le_bytes());
+        elf[at + 24..at + 32].copy_from_slice(&addr.to_le_bytes());
+        elf[at + 32..at + 40].copy_from_slice(&size.to_le_bytes());
+        elf[at + 40..at + 48].copy_from_slice(&size.to_le_bytes());
+        elf[at + 48..at + 56].copy_from_slice(&4u64.to_le_bytes());
+    };
+    phdr(&mut elf, EHDR, 1, 0, BASE, total as u64);
+    phdr(
+        &mut elf,
+        EHDR + PHDR,
+        4,
+        note_off as u64,
+        BASE + note_off as u64,
+        note_len as u64,
+    );
+    let n = note_off;
+    elf[n..n + 4].copy_from_slice(&4u32.to_le_bytes()); // namesz
+    elf[n + 4..n + 8].copy_from_slice(&4u32.to_le_bytes()); // descsz
+    elf[n + 8..n + 12].copy_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+    elf[n + 12..n + 16].copy_from_slice(b"Xen\0");
+    elf[n + 16..n + 20].copy_from_slice(&(entry as u32).to_le_bytes());
+    elf[code_off..].copy_from_slice(&code);
+    elf
+}
+
+#[test]
+fn pvh_elf_boots_through_the_fnvm_vmm_process() {
+    if !kvm_available("pvh_elf_process") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("tiny.elf");
+    std::fs::write(&kernel, pvh_elf("PVH ok\n")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fnvm-vmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory", "16"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "PVH ok\nM");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("fnvm-vmm: guest reset (clean shutdown) after "),
+        "{last}"
+    );
+}
+
+#[test]
+fn fnvm_vmm_refuses_bad_input_with_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("readme.txt");
+    std::fs::write(&text, "not a kernel").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--kernel".into(), text.display().to_string()],
+            "not a kernel",
+        ),
+        (
+            vec!["--kernel".into(), "/nonexistent/vmlinux".into()],
+            "/nonexistent/vmlinux",
+        ),
+        (vec![], "--kernel PATH is required"),
+        (
+            vec![
+                "--kernel".into(),
+                text.display().to_string(),
+                "--vcpus".into(),
+                "x".into(),
+            ],
+            "--vcpus",
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_fnvm-vmm"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(stderr.contains("fnvm-vmm: bad input"), "{stderr}");
+    }
+    if !kvm_available("fnvm_vmm bad memory/vcpus") {
+        return;
+    }
+    let kernel = dir.path().join("tiny.elf");
+    std::fs::write(&kernel, pvh_elf("x")).unwrap();
+    for (flag, value, expected) in [
+        ("--memory", "0", "at least 1 MiB"),
+        ("--vcpus", "0", "at least 1 vCPU"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_fnvm-vmm"))
+            .arg("--kernel")
+            .arg(&kernel)
+            .args([flag, value])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+    }
+}
