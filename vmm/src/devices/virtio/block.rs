@@ -520,6 +520,10 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.acked_features = 0;
     }
+
+    fn device_state(&self) -> super::VirtioDeviceState {
+        super::VirtioDeviceState::Block(self.save())
+    }
 }
 
 impl Persist for Block {

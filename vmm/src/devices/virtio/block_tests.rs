@@ -648,3 +648,32 @@ fn save_and_restore_round_trip_through_json() {
     .unwrap();
     assert!(err.to_string().contains("device type"), "{err}");
 }
+
+#[test]
+fn boxed_device_state_round_trips_through_json() {
+    let mut r = rig(false);
+    assert_eq!(
+        r.simple(VIRTIO_BLK_T_OUT, 4, &[512], false).0,
+        VIRTIO_BLK_S_OK as u8
+    );
+    let boxed: Box<dyn VirtioDevice> = Box::new(Block::new(r.file.path(), false).unwrap());
+    let json = serde_json::to_string(&boxed.device_state()).unwrap();
+    let state: crate::devices::virtio::VirtioDeviceState = serde_json::from_str(&json).unwrap();
+    let device = crate::devices::virtio::restore_device(&state, None).unwrap();
+    assert_eq!(device.device_type(), 2);
+    assert_eq!(device.device_state(), state);
+    let transport_state = r.t.save();
+    let mut t = MmioTransport::restore(
+        MmioTransportArgs {
+            device,
+            mem: r.mem.clone(),
+            interrupt: Arc::new(CountingInterrupt::default()),
+        },
+        &transport_state,
+    )
+    .unwrap();
+    assert!(t.is_running());
+    let mut cap = [0u8; 8];
+    t.read(CONFIG, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), DISK_SECTORS);
+}

@@ -82,6 +82,44 @@ pub trait VirtioDevice: Send {
     /// Returns the device to its initial state (driver wrote 0 to Status). Queues are reset by
     /// the transport.
     fn reset(&mut self);
+
+    /// The device's saved state, tagged with its kind, so a snapshot can save a
+    /// `Box<dyn VirtioDevice>` without knowing its type (see [`restore_device`]).
+    fn device_state(&self) -> VirtioDeviceState;
+}
+
+/// Saved state of any virtio device model, for snapshots.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VirtioDeviceState {
+    Block(block::BlockState),
+    Vsock(vsock::VsockState),
+}
+
+/// Why a device could not be rebuilt from a [`VirtioDeviceState`].
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceRestoreError {
+    #[error("restoring virtio-blk: {0}")]
+    Block(#[from] block::BlockError),
+    #[error("restoring virtio-vsock: {0}")]
+    Vsock(#[from] vsock::VsockError),
+}
+
+/// Rebuilds a device model from its saved state. `path` replaces the saved host path if given:
+/// the backing file of a disk, the Unix listener of a vsock.
+pub fn restore_device(
+    state: &VirtioDeviceState,
+    path: Option<std::path::PathBuf>,
+) -> Result<Box<dyn VirtioDevice>, DeviceRestoreError> {
+    use crate::state::Persist;
+    Ok(match state {
+        VirtioDeviceState::Block(s) => {
+            Box::new(block::Block::restore(block::BlockRestoreArgs { path }, s)?)
+        }
+        VirtioDeviceState::Vsock(s) => Box::new(vsock::Vsock::restore(
+            vsock::VsockRestoreArgs { uds_path: path },
+            s,
+        )?),
+    })
 }
 
 impl<D: VirtioDevice + ?Sized> VirtioDevice for Box<D> {
@@ -119,6 +157,9 @@ impl<D: VirtioDevice + ?Sized> VirtioDevice for Box<D> {
     }
     fn reset(&mut self) {
         (**self).reset()
+    }
+    fn device_state(&self) -> VirtioDeviceState {
+        (**self).device_state()
     }
 }
 

@@ -989,6 +989,10 @@ impl VirtioDevice for Vsock {
         self.acked_features = 0;
         self.transport_reset_pending = false;
     }
+
+    fn device_state(&self) -> super::VirtioDeviceState {
+        super::VirtioDeviceState::Vsock(self.save())
+    }
 }
 
 impl Persist for Vsock {
