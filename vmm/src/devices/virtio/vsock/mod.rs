@@ -591,11 +591,13 @@ impl Vsock {
                 let read = conn.stream.read(&mut buf[..want]);
                 let n = match read {
                     Ok(0) => {
-                        // The host side closed: tell the guest, wait for its RST.
+                        // The host finished sending: tell the guest (it sees EOF).
                         conn.host_readable = false;
                         conn.host_closed = true;
                         queue.go_to_previous_position();
-                        self.queue_control(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND);
+                        // Only SEND: a half-closed host (request sent, waiting for the reply) still
+                        // receives; a fully closed one fails the next write and gets reset.
+                        self.queue_control(key, OP_SHUTDOWN, SHUTDOWN_SEND);
                         progress = true;
                         continue;
                     }

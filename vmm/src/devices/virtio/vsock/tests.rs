@@ -284,7 +284,7 @@ fn guest_stream_to_host_listener_exchanges_data_both_ways() {
     let got = g.pump();
     assert!(got
         .iter()
-        .any(|(h, _)| h.op == OP_SHUTDOWN && h.flags == SHUTDOWN_RCV | SHUTDOWN_SEND));
+        .any(|(h, _)| h.op == OP_SHUTDOWN && h.flags == SHUTDOWN_SEND));
     g.send(1025, 5000, OP_RST, &[]);
     assert_eq!(g.t.device().connection_count(), 0);
 
@@ -631,4 +631,27 @@ fn bad_cid_and_busy_path_are_clear_errors() {
     let _first = Vsock::new(3, dir.path().join("b")).unwrap();
     let err = Vsock::new(4, dir.path().join("b")).err().unwrap();
     assert!(err.to_string().contains("cannot listen"), "{err}");
+}
+
+#[test]
+fn host_half_close_still_receives_the_reply() {
+    let mut g = Guest::new();
+    let (mut host, host_port) = g.host_connects(9000);
+    host.write_all(b"request").unwrap();
+    host.shutdown(std::net::Shutdown::Write).unwrap();
+    let got = g.pump();
+    assert_eq!(got[0].1, b"request");
+    assert!(got
+        .iter()
+        .any(|(h, _)| h.op == OP_SHUTDOWN && h.flags == SHUTDOWN_SEND));
+    g.send(9000, host_port, OP_RW, b"reply");
+    assert_eq!(read_exactly(&mut host, 5), b"reply");
+    // The guest closes its side: the host sees EOF, the guest gets RST.
+    let mut sh = g.hdr(9000, host_port, OP_SHUTDOWN, 0);
+    sh.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+    g.send_raw(sh, &[]);
+    assert!(g.recv().iter().any(|(h, _)| h.op == OP_RST));
+    let mut rest = Vec::new();
+    assert_eq!(host.read_to_end(&mut rest).unwrap(), 0);
+    assert_eq!(g.t.device().connection_count(), 0);
 }
