@@ -87,8 +87,8 @@ fn no_amd64_message(platforms: &[String]) -> String {
 /// A manifest document of either kind.
 #[derive(Debug, Clone)]
 pub enum Parsed {
-    Index(ImageIndex),
-    Image(ImageManifest),
+    Index(Box<ImageIndex>),
+    Image(Box<ImageManifest>),
 }
 
 /// What a descriptor says about a blob, with the digest already validated.
@@ -130,12 +130,12 @@ pub fn parse(raw: &RawManifest) -> Result<Parsed, ManifestError> {
         reason: e.to_string(),
     };
     match media_type.as_str() {
-        OCI_INDEX | DOCKER_LIST => Ok(Parsed::Index(
+        OCI_INDEX | DOCKER_LIST => Ok(Parsed::Index(Box::new(
             serde_json::from_slice(&raw.bytes).map_err(malformed)?,
-        )),
-        _ => Ok(Parsed::Image(
+        ))),
+        _ => Ok(Parsed::Image(Box::new(
             serde_json::from_slice(&raw.bytes).map_err(malformed)?,
-        )),
+        ))),
     }
 }
 
@@ -255,7 +255,7 @@ pub fn image_blobs(owner: &Digest, m: &ImageManifest) -> Result<ImageBlobs, Mani
         .collect::<Result<Vec<_>, _>>()?;
     let mut total = config.size;
     for l in &layers {
-        total = total.checked_add(l.size).unwrap_or(u64::MAX);
+        total = total.saturating_add(l.size);
     }
     if total >= MAX_IMAGE_BYTES {
         return Err(ManifestError::TooLarge {
