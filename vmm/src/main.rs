@@ -11,12 +11,7 @@ use std::time::Instant;
 
 use fnvm_vmm::arch::x86_64::boot::KernelConfig;
 use fnvm_vmm::exit::{code, VmExit};
-use fnvm_vmm::vm::{Vm, VmConfig};
-
-/// The command line used when `--cmdline` is not given: serial console, i8042 reset on reboot
-/// (the VM ends cleanly), reboot one second after a panic (the VMM reports the panic), no PCI.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodule \
-     i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+use fnvm_vmm::vm::{Vm, VmConfig, DEFAULT_CMDLINE};
 
 const USAGE: &str = "\
 fnvm-vmm: runs one KVM micro-VM and exits when the guest ends

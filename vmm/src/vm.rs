@@ -38,6 +38,12 @@ use crate::exit::VmExit;
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::vcpu::{ExitSlot, Vcpu, VcpuError, VcpuShared};
 
+/// The kernel command line for fnvm guests: serial console, i8042 reset on reboot (the VM
+/// ends cleanly), reboot one second after a panic (the VMM reports the panic), no PCI probing,
+/// and an i8042 driver that does not wait for a keyboard or mouse.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodule \
+     i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
 /// How long a panicking guest gets to reset itself (Linux `panic=1` waits one second) before
 /// the VMM ends it anyway.
 pub const PANIC_GRACE: Duration = Duration::from_secs(3);
@@ -162,9 +168,10 @@ pub fn validate_vcpus(vcpus: u8) -> Result<(), VmError> {
     if vcpus > MAX_VCPUS {
         return Err(VmError::AboveVcpuLimit(vcpus));
     }
-    let host = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    // sysconf is one syscall; available_parallelism also walks cgroup files (slower start-up).
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let host = if online > 0 { online as usize } else { 1 };
     if vcpus as usize > host {
         return Err(VmError::TooManyVcpus {
             requested: vcpus,
