@@ -441,6 +441,15 @@ fn bad_input_is_refused_with_a_clear_error() {
 /// An ELF64 image for a PVH guest: one PT_LOAD at 1 MiB holding everything, one PT_NOTE with
 /// XEN_ELFNOTE_PHYS32_ENTRY, 32-bit code that prints and resets.
 fn pvh_elf(message: &str) -> Vec<u8> {
+    pvh_elf_with(message, true)
+}
+
+/// Like [`pvh_elf`], but the guest spins forever after printing.
+fn pvh_elf_spinning(message: &str) -> Vec<u8> {
+    pvh_elf_with(message, false)
+}
+
+fn pvh_elf_with(message: &str, then_reset: bool) -> Vec<u8> {
     const BASE: u64 = 0x10_0000;
     const EHDR: usize = 64;
     const PHDR: usize = 56;
@@ -458,7 +467,13 @@ fn pvh_elf(message: &str) -> Vec<u8> {
     a.jne(no_magic).unwrap();
     print(&mut a, "M").unwrap();
     a.set_label(&mut no_magic).unwrap();
-    reset(&mut a).unwrap();
+    if then_reset {
+        reset(&mut a).unwrap();
+    } else {
+        // `no_magic` labels this PAUSE: spin on it.
+        a.pause().unwrap();
+        a.jmp(no_magic).unwrap();
+    }
     let code = a.assemble(entry).unwrap();
     let total = code_off + code.len();
 
@@ -583,4 +598,202 @@ fn fnvm_vmm_refuses_bad_input_with_exit_code_2() {
         assert_eq!(out.status.code(), Some(2), "{stderr}");
         assert!(stderr.contains(expected), "{stderr}");
     }
+}
+
+#[test]
+fn stdin_bytes_reach_the_guest_through_the_serial_port() {
+    if !kvm_available("serial_input") {
+        return;
+    }
+    // Echo every received byte until a newline, then reset.
+    let mut a = CodeAssembler::new(16).unwrap();
+    let mut poll = a.create_label();
+    a.set_label(&mut poll).unwrap();
+    a.mov(dx, (COM1 + 5) as u32).unwrap(); // line status register
+    a.in_(al, dx).unwrap();
+    a.test(al, 1).unwrap(); // data ready
+    a.jz(poll).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    a.in_(al, dx).unwrap();
+    a.out(dx, al).unwrap();
+    a.cmp(al, b'\n' as i32).unwrap();
+    a.jne(poll).unwrap();
+    reset(&mut a).unwrap();
+    let code = a.assemble(0x1000).unwrap();
+
+    let mut fds = [0; 2];
+    // SAFETY: pipe() fills the two-element array with fresh fds.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // More input than the 64-byte receive FIFO holds, to exercise the pause/resume path.
+    let input: String = "x".repeat(200) + "done\n";
+    // SAFETY: writes from a live buffer to the pipe's write end, then closes it.
+    unsafe {
+        assert_eq!(
+            libc::write(fds[1], input.as_ptr().cast(), input.len()),
+            input.len() as isize
+        );
+        libc::close(fds[1]);
+    }
+    let (mut c, console) = config(1, true);
+    c.console_input = Some(fds[0]);
+    let mut vm = Vm::new(c).unwrap();
+    vm.load_program(&code, 0x1000, EntryMode::Real, false)
+        .unwrap();
+    assert_eq!(run(vm), VmExit::GuestReset);
+    // SAFETY: the VM has ended; nothing else uses the read end.
+    unsafe { libc::close(fds[0]) };
+    assert_eq!(console.text(), input);
+}
+
+#[test]
+fn panic_banner_then_reset_is_reported_as_a_guest_panic() {
+    if !kvm_available("panic_then_reset") {
+        return;
+    }
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    print(
+        &mut a,
+        "[    0.5] Kernel panic - not syncing: VFS: Unable to mount root fs\n",
+    )
+    .unwrap();
+    reset(&mut a).unwrap();
+    let code = a.assemble(0x1000).unwrap();
+    let (c, _) = config(1, true);
+    let mut vm = Vm::new(c).unwrap();
+    vm.load_program(&code, 0x1000, EntryMode::Real, false)
+        .unwrap();
+    let exit = run(vm);
+    assert_eq!(
+        exit,
+        VmExit::GuestPanic {
+            message: "Kernel panic - not syncing: VFS: Unable to mount root fs".into()
+        }
+    );
+    assert_eq!(exit.exit_code(), fnvm_vmm::exit::code::GUEST_PANIC);
+}
+
+#[test]
+fn panic_without_reset_still_ends_the_vm() {
+    if !kvm_available("panic_without_reset") {
+        return;
+    }
+    // panic=0 style: the guest prints the banner and spins forever.
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    print(
+        &mut a,
+        "Kernel panic - not syncing: Attempted to kill init!\n",
+    )
+    .unwrap();
+    let mut spin = a.create_label();
+    a.set_label(&mut spin).unwrap();
+    a.pause().unwrap();
+    a.jmp(spin).unwrap();
+    let code = a.assemble(0x1000).unwrap();
+    let (c, _) = config(1, true);
+    let mut vm = Vm::new(c).unwrap();
+    vm.load_program(&code, 0x1000, EntryMode::Real, false)
+        .unwrap();
+    let started = Instant::now();
+    let exit = run(vm);
+    assert!(matches!(exit, VmExit::GuestPanic { ref message } if message.contains("kill init")));
+    assert!(
+        started.elapsed() < TIMEOUT,
+        "ended by the panic timer, not the test timeout"
+    );
+}
+
+#[test]
+fn virtio_disk_is_visible_on_its_mmio_window() {
+    if !kvm_available("virtio_mmio_window") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut fail = a.create_label();
+    a.mov(rax, 0xd000_0000u64).unwrap();
+    a.mov(ebx, dword_ptr(rax)).unwrap(); // MagicValue
+    a.cmp(ebx, 0x7472_6976).unwrap(); // "virt"
+    a.jne(fail).unwrap();
+    a.mov(ebx, dword_ptr(rax + 8)).unwrap(); // DeviceID
+    a.cmp(ebx, 2).unwrap(); // block
+    a.jne(fail).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    print(&mut a, "V").unwrap();
+    reset(&mut a).unwrap();
+    a.set_label(&mut fail).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    print(&mut a, "F").unwrap();
+    reset(&mut a).unwrap();
+    let code = a.assemble(0x10_0000).unwrap();
+
+    let (c, console) = config(1, true);
+    let mut vm = Vm::new(c).unwrap();
+    let slot = vm.add_disk(&disk, true).unwrap();
+    assert_eq!((slot.base, slot.irq), (0xd000_0000, 5));
+    assert_eq!(vm.virtio_cmdline(), "virtio_mmio.device=4K@0xd0000000:5");
+    let missing = vm.add_disk(&dir.path().join("absent.img"), false);
+    assert!(missing.is_err());
+    vm.load_program(&code, 0x10_0000, EntryMode::Long64, false)
+        .unwrap();
+    assert_eq!(run(vm), VmExit::GuestReset);
+    assert_eq!(console.text(), "V");
+}
+
+#[test]
+fn vcpu_state_is_plain_serde_data() {
+    if !kvm_available("vcpu_state") {
+        return;
+    }
+    let (c, _) = config(1, true);
+    let mut vm = Vm::new(c).unwrap();
+    vm.load_program(&[0xf4], 0x10_0000, EntryMode::Long64, false)
+        .unwrap();
+    let state = vm.vcpus()[0].save_state().unwrap();
+    assert_eq!(state.regs.rip, 0x10_0000);
+    assert_ne!(state.sregs.efer & 0x500, 0, "long mode active");
+    let json = serde_json::to_string(&state).unwrap();
+    let back: fnvm_vmm::vcpu::VcpuState = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.regs.rip, state.regs.rip);
+    assert_eq!(back.msrs, state.msrs);
+}
+
+#[test]
+fn sigterm_stops_fnvm_vmm_with_its_own_exit_code() {
+    if !kvm_available("sigterm") {
+        return;
+    }
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("spin.elf");
+    std::fs::write(&kernel, pvh_elf_spinning("S")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fnvm-vmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory", "16"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 1];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"S");
+    // SAFETY: signals our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(fnvm_vmm::exit::code::STOPPED as i32),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("fnvm-vmm: stopped by the host after "),
+        "{stderr}"
+    );
 }
