@@ -18,9 +18,8 @@ use std::time::{Duration, Instant};
 const FNVM: &str = env!("CARGO_BIN_EXE_fnvm");
 /// A hang guard, not a speed target: a Linux boot to the agent takes well under a second.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
-/// The console and exit settings fnvm-vmm uses by default, plus the root disk.
-const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux \
-     i8042.nomux i8042.nopnp i8042.dumbkbd root=/dev/vda ro rootfstype=ext4";
+/// Appended to fnvm's default command line (`fnvm vm boot --rootfs` adds `root=/dev/vda ro`).
+const EXTRA_CMDLINE: &str = "rootfstype=ext4";
 
 fn host_has_vmx_or_svm() -> bool {
     std::fs::read_to_string("/proc/cpuinfo")
@@ -104,6 +103,28 @@ fn agent() -> &'static Path {
     })
 }
 
+/// `fnvm vm boot` runs the `fnvm-vmm` next to `fnvm`; `cargo test -p fnvm` alone builds only
+/// fnvm's own binaries, so build the VMM in the same profile when it is missing.
+fn ensure_vmm_beside_fnvm() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let fnvm = Path::new(FNVM);
+        if fnvm.with_file_name("fnvm-vmm").is_file() {
+            return;
+        }
+        let release = fnvm.parent().and_then(Path::file_name) == Some("release".as_ref());
+        let mut cargo = Command::new(option_env!("CARGO").unwrap_or("cargo"));
+        cargo
+            .args(["build", "-p", "fnvm-vmm"])
+            .current_dir(workspace());
+        if release {
+            cargo.arg("--release");
+        }
+        let status = cargo.status().expect("cannot run cargo to build fnvm-vmm");
+        assert!(status.success(), "building fnvm-vmm failed");
+    });
+}
+
 fn mkfs_ext4(image: &Path, size: &str, content: Option<&Path>) {
     let mut cmd = Command::new("mkfs.ext4");
     cmd.args(["-q", "-F"]);
@@ -140,14 +161,15 @@ struct Boot {
     stderr: String,
 }
 
-/// `fnvm vm boot` with the guest kernel, the rootfs as /dev/vda and `disks` after it, and the
-/// given test actions on the command line.
+/// `fnvm vm boot` with the guest kernel, the rootfs as read-only /dev/vda and `disks` after it
+/// (/dev/vdb, ...), and the given test actions on the command line.
 fn boot(home: &Path, rootfs: &Path, disks: &[String], vcpus: u8, actions: &[&str]) -> Boot {
-    let mut cmdline = BASE_CMDLINE.to_string();
+    let mut cmdline = EXTRA_CMDLINE.to_string();
     for action in actions {
         cmdline.push_str(" fnvm.test=");
         cmdline.push_str(action);
     }
+    ensure_vmm_beside_fnvm();
     let mut cmd = Command::new(FNVM);
     cmd.arg("--home")
         .arg(home)
@@ -155,8 +177,8 @@ fn boot(home: &Path, rootfs: &Path, disks: &[String], vcpus: u8, actions: &[&str
         .arg(kernel())
         .args(["--memory", "256", "--vcpus", &vcpus.to_string()])
         .args(["--cmdline", &cmdline])
-        .arg("--disk")
-        .arg(format!("{}:ro", rootfs.display()));
+        .arg("--rootfs")
+        .arg(rootfs);
     for disk in disks {
         cmd.args(["--disk", disk]);
     }

@@ -478,8 +478,8 @@ fn linux_boot(workspace: &Path) -> Result<()> {
             .arg(&home)
             .args(["vm", "boot", "--memory", "256", "--kernel"])
             .arg(&kernel)
-            .args(["--cmdline", linux_guest::CMDLINE, "--disk"])
-            .arg(format!("{}:ro", rootfs.display()))
+            .args(["--cmdline", "rootfstype=ext4", "--rootfs"])
+            .arg(&rootfs)
             .stdin(Stdio::null())
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
@@ -514,10 +514,6 @@ fn tempdir_in_target(workspace: &Path) -> Result<PathBuf> {
 /// The Linux guest for the boot timing: the static agent as /sbin/init on an ext4 image.
 mod linux_guest {
     use super::*;
-
-    /// fnvm-vmm's default command line plus the read-only root disk.
-    pub const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux \
-         i8042.nomux i8042.nopnp i8042.dumbkbd root=/dev/vda ro rootfstype=ext4";
 
     /// fnvm's guest kernel from guest-kernel/build.sh and its default cache (minutes the first
     /// time on a machine, then instant).
