@@ -797,3 +797,114 @@ fn sigterm_stops_fnvm_vmm_with_its_own_exit_code() {
         "{stderr}"
     );
 }
+
+#[test]
+fn guest_reads_a_virtio_blk_sector_through_ioeventfd_and_interrupt() {
+    if !kvm_available("virtio_blk_read") {
+        return;
+    }
+    use vm_memory::{Bytes, GuestAddress};
+    const MMIO: u64 = 0xd000_0000;
+    const DESC: u64 = 0x20_0000;
+    const AVAIL: u64 = 0x20_1000;
+    const USED: u64 = 0x20_2000;
+    const HEADER: u64 = 0x20_3000;
+    const DATA: u64 = 0x20_4000;
+    const STATUS: u64 = 0x20_5000;
+    const VRING_DESC_F_NEXT: u16 = 1;
+    const VRING_DESC_F_WRITE: u16 = 2;
+
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    let mut content = vec![0u8; 4096];
+    for (i, b) in content[512..1024].iter_mut().enumerate() {
+        *b = (i * 7 + 3) as u8;
+    }
+    std::fs::write(&disk, &content).unwrap();
+
+    // The driver side, as Linux's virtio-mmio driver does it: reset, ACKNOWLEDGE, DRIVER,
+    // VERSION_1 only, FEATURES_OK, queue 0 (8 entries) at DESC/AVAIL/USED, DRIVER_OK, then
+    // QueueNotify (an ioeventfd write) and poll the used ring.
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut fail = a.create_label();
+    a.mov(rsi, MMIO).unwrap();
+    let reg = |a: &mut CodeAssembler, off: u64, value: u32| {
+        a.mov(dword_ptr(rsi + off as i32), value).unwrap();
+    };
+    reg(&mut a, 0x70, 0);
+    reg(&mut a, 0x70, 1);
+    reg(&mut a, 0x70, 3);
+    reg(&mut a, 0x24, 1);
+    reg(&mut a, 0x20, 1); // feature bit 32: VERSION_1
+    reg(&mut a, 0x24, 0);
+    reg(&mut a, 0x20, 0);
+    reg(&mut a, 0x70, 0xb);
+    a.mov(eax, dword_ptr(rsi + 0x70)).unwrap();
+    a.test(eax, 8).unwrap(); // FEATURES_OK accepted
+    a.jz(fail).unwrap();
+    reg(&mut a, 0x30, 0);
+    reg(&mut a, 0x38, 8);
+    reg(&mut a, 0x80, DESC as u32);
+    reg(&mut a, 0x84, 0);
+    reg(&mut a, 0x90, AVAIL as u32);
+    reg(&mut a, 0x94, 0);
+    reg(&mut a, 0xa0, USED as u32);
+    reg(&mut a, 0xa4, 0);
+    reg(&mut a, 0x44, 1);
+    reg(&mut a, 0x70, 0xf);
+    reg(&mut a, 0x50, 0); // QueueNotify(0)
+    a.mov(rdi, USED + 2).unwrap();
+    let mut wait = a.create_label();
+    a.set_label(&mut wait).unwrap();
+    a.pause().unwrap();
+    a.movzx(eax, word_ptr(rdi)).unwrap();
+    a.cmp(eax, 1).unwrap();
+    a.jne(wait).unwrap();
+    a.mov(eax, dword_ptr(rsi + 0x60)).unwrap(); // InterruptStatus
+    a.test(eax, 1).unwrap(); // used buffer notification raised
+    a.jz(fail).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    print(&mut a, "B").unwrap();
+    reset(&mut a).unwrap();
+    a.set_label(&mut fail).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    print(&mut a, "F").unwrap();
+    reset(&mut a).unwrap();
+    let code = a.assemble(0x10_0000).unwrap();
+
+    let (c, console) = config(1, true);
+    let mut vm = Vm::new(c).unwrap();
+    vm.add_disk(&disk, true).unwrap();
+    let mem = vm.memory().clone();
+    // Request: read sector 1 into DATA.
+    let mut header = [0u8; 16];
+    header[8..16].copy_from_slice(&1u64.to_le_bytes());
+    mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
+    mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    let desc = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        mem.write_slice(&d, GuestAddress(DESC + 16 * i)).unwrap();
+    };
+    desc(0, HEADER, 16, VRING_DESC_F_NEXT, 1);
+    desc(1, DATA, 512, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 2);
+    desc(2, STATUS, 1, VRING_DESC_F_WRITE, 0);
+    mem.write_obj(0u16, GuestAddress(AVAIL)).unwrap();
+    mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap(); // ring[0] = head 0
+    mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap(); // idx = 1
+    vm.load_program(&code, 0x10_0000, EntryMode::Long64, false)
+        .unwrap();
+    assert_eq!(run(vm), VmExit::GuestReset);
+    assert_eq!(console.text(), "B");
+    let mut data = vec![0u8; 512];
+    mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+    assert_eq!(data, content[512..1024]);
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+        0,
+        "VIRTIO_BLK_S_OK"
+    );
+}
