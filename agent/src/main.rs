@@ -15,6 +15,15 @@ mod shutdown;
 mod test_actions;
 
 fn main() {
+    // Mounting over /proc and rebooting are only right for the init of a guest or of a fresh PID
+    // namespace; anywhere else (say, run by hand on a host as root) they would hit the host.
+    if std::process::id() != 1 {
+        eprintln!(
+            "{}error: not PID 1; the agent runs only as a guest's init",
+            console::PREFIX
+        );
+        std::process::exit(2);
+    }
     // A Rust panic here would kill PID 1; turn it into a printed error and a clean reboot.
     std::panic::set_hook(Box::new(|info| {
         console::line(&format!("error: internal panic: {info}"));
