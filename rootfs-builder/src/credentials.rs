@@ -56,13 +56,13 @@ impl fmt::Debug for Credentials {
 pub enum CredentialsError {
     #[error("{0} given without {1}: pass both or neither")]
     Incomplete(&'static str, &'static str),
-    #[error("cannot read registry auth file {path}: {source}")]
+    #[error("cannot read registry auth file {path}")]
     ReadAuthFile {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("registry auth file {path} is not valid JSON: {source}")]
+    #[error("registry auth file {path} is not valid JSON")]
     ParseAuthFile {
         path: PathBuf,
         #[source]

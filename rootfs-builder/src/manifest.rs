@@ -45,7 +45,7 @@ pub enum ManifestError {
     Schema1 { digest: Digest },
     #[error("manifest {digest} has unsupported media type {media_type:?}")]
     UnsupportedMediaType { digest: Digest, media_type: String },
-    #[error("manifest {digest}: descriptor digest {value:?}: {source}")]
+    #[error("manifest {digest}: bad descriptor digest {value:?}")]
     BadDescriptorDigest {
         digest: Digest,
         value: String,

@@ -110,18 +110,18 @@ type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub enum PullError {
     #[error(transparent)]
     Registry(#[from] RegistryError),
-    #[error("{source_name}: {step}: {source}")]
+    #[error("{source_name}: {step}")]
     Source {
         source_name: String,
         step: String,
         #[source]
         source: BoxError,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Manifest(#[from] ManifestError),
-    #[error("{0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("layer {index} of {count} ({digest}): {source}")]
+    #[error("unpacking layer {index} of {count} ({digest})")]
     Unpack {
         index: usize,
         count: usize,
@@ -129,9 +129,9 @@ pub enum PullError {
         #[source]
         source: UnpackError,
     },
-    #[error("building the rootfs image: {0}")]
+    #[error("building the rootfs image")]
     Rootfs(#[source] RootfsError),
-    #[error("rootfs cache {path}: {source}")]
+    #[error("rootfs cache {path}")]
     Cache {
         path: PathBuf,
         #[source]

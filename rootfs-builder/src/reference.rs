@@ -37,7 +37,7 @@ pub enum ReferenceError {
          digits, '_', '.', '-', not starting with '.' or '-')"
     )]
     BadTag { reference: String, tag: String },
-    #[error("image reference {reference:?}: {source}")]
+    #[error("image reference {reference:?} has a bad digest")]
     BadDigest {
         reference: String,
         #[source]
@@ -423,7 +423,10 @@ mod tests {
         ));
         let e = parse("example.com/app@sha256:abc").unwrap_err();
         assert!(matches!(e, ReferenceError::BadDigest { .. }));
-        assert!(e.to_string().contains("64 lowercase hex"));
+        assert!(std::error::Error::source(&e)
+            .unwrap()
+            .to_string()
+            .contains("64 lowercase hex"));
         assert!(matches!(
             parse(&format!("example.com/app@md5:{HEX}")),
             Err(ReferenceError::BadDigest { .. })

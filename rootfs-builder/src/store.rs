@@ -23,7 +23,7 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("blob store: {op} {path}: {source}")]
+    #[error("blob store: cannot {op} {path}")]
     Io {
         op: &'static str,
         path: PathBuf,

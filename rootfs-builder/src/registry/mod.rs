@@ -73,7 +73,7 @@ pub enum RegistryError {
         repository: String,
         what: String,
     },
-    #[error("{url}: {source}")]
+    #[error("request to {url} failed")]
     Transport {
         url: String,
         #[source]
@@ -84,6 +84,15 @@ pub enum RegistryError {
         url: String,
         status: u16,
         body: String,
+    },
+    #[error(
+        "TLS handshake with registry {registry} failed: it seems to speak plain HTTP; \
+         pass --insecure-registry {registry} if plain HTTP is intended"
+    )]
+    PlainHttpServer {
+        registry: String,
+        #[source]
+        source: ureq::Error,
     },
     #[error("{registry} does not look like an OCI registry: GET /v2/ answered HTTP {status}")]
     NotARegistry { registry: String, status: u16 },
@@ -126,7 +135,7 @@ pub enum RegistryError {
         size: u64,
         last: String,
     },
-    #[error("blob {digest}: writing to the store: {source}")]
+    #[error("blob {digest}: writing to the store failed")]
     Sink {
         digest: Digest,
         #[source]
@@ -264,7 +273,18 @@ impl RegistryClient {
     /// wrong credentials fail before anything else is attempted.
     pub fn ping(&self) -> Result<(), RegistryError> {
         let url = format!("{}/v2/", self.base);
-        let resp = self.send_authenticated("GET", &url, &[])?;
+        let resp = match self.send_authenticated("GET", &url, &[]) {
+            Err(RegistryError::Transport { source, .. })
+                if self.origin.scheme == "https"
+                    && source.to_string().contains("InvalidContentType") =>
+            {
+                return Err(RegistryError::PlainHttpServer {
+                    registry: self.registry.clone(),
+                    source,
+                })
+            }
+            other => other?,
+        };
         let status = resp.status().as_u16();
         if status == 200 {
             Ok(())
@@ -332,9 +352,10 @@ impl RegistryClient {
     }
 
     fn unauthorized(&self, detail: &str) -> RegistryError {
-        let who = match &self.credentials {
+        let detail = match &self.credentials {
             Some(c) => format!(
-                "{detail} (credentials for user {:?} were rejected; check --registry-user/--registry-password)",
+                "{detail} (user {:?}; check --registry-user/--registry-password, \
+                 FNVM_REGISTRY_USER/FNVM_REGISTRY_PASSWORD or the auth file)",
                 c.username()
             ),
             None => format!(
@@ -345,7 +366,7 @@ impl RegistryClient {
         RegistryError::Unauthorized {
             registry: self.registry.clone(),
             repository: self.repository.clone(),
-            detail: who,
+            detail,
         }
     }
 
