@@ -1,0 +1,238 @@
+//! The host ↔ agent control protocol, version [`PROTOCOL_VERSION`].
+//!
+//! One control stream per instance (vsock port [`CONTROL_PORT`] in a VM, a Unix socket in the
+//! process sandbox) carries newline-delimited JSON messages: small, debuggable with `socat`, and
+//! versioned by the first message each side sends ([`HostMessage::Hello`] /
+//! [`AgentMessage::Hello`]). Function traffic never goes through it: each request is its own
+//! stream to port [`FUNCTION_PORT`], bridged by the agent to 127.0.0.1:9000 in the guest.
+//! Unknown fields and message types are refused, so a mismatched peer fails loudly.
+
+use std::io::{self, BufRead, Write};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// Bumped on any incompatible change of the messages below.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The agent listens for the host's control connection on this port.
+pub const CONTROL_PORT: u32 = 1024;
+/// The function's HTTP port: host streams to it are bridged to 127.0.0.1:9000 in the guest.
+pub const FUNCTION_PORT: u32 = 9000;
+/// How long the user's server has to listen on [`FUNCTION_PORT`].
+pub const READY_TIMEOUT_MS: u64 = 30_000;
+/// The exact message of a start that never listened (the cloud function contract).
+pub const NOT_LISTENING_MESSAGE: &str = "The request timed out in 30000ms.Please confirm your http server have enabled listening on port 9000.";
+/// No single message may exceed this; a longer line is a protocol error, not an allocation.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+/// From the host to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum HostMessage {
+    /// First message on a control stream.
+    Hello { version: u32 },
+    /// Start the user's function.
+    Start(StartSpec),
+    /// Stop the function: SIGTERM, then SIGKILL after `grace_ms`.
+    Stop { grace_ms: u64 },
+    /// After a snapshot restore: reseed the guest RNG and step the clock.
+    Refresh {
+        /// Host entropy, hex encoded, to credit to the guest RNG.
+        entropy_hex: String,
+        /// Host wall-clock time.
+        unix_time_ns: u64,
+    },
+}
+
+/// What to run and how: the image config merged with the function's settings by the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartSpec {
+    /// argv\[0\] and its arguments (function command/args override Entrypoint/Cmd).
+    pub argv: Vec<String>,
+    /// `KEY=VALUE`, in order: image Env, built-in variables, function env (last wins).
+    pub env: Vec<String>,
+    /// Working directory inside the rootfs ("/" if the image names none).
+    pub working_dir: String,
+    /// The image's `User` (`name`, `uid`, `uid:gid`, `name:group`), resolved in the rootfs.
+    pub user: Option<String>,
+    /// How long the server has to listen on port 9000.
+    pub ready_timeout_ms: u64,
+}
+
+/// Which output stream a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+/// From the agent to the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AgentMessage {
+    /// First message on a control stream.
+    Hello {
+        version: u32,
+        /// The agent's own version string.
+        agent: String,
+        /// Guest uptime when the agent answered, in milliseconds.
+        uptime_ms: u64,
+    },
+    /// One line the function printed (without its newline), stamped in the guest.
+    Log {
+        stream: LogStream,
+        unix_time_ms: u64,
+        line: String,
+    },
+    /// Something accepts connections on port 9000: the instance can serve.
+    Ready { after_ms: u64 },
+    /// The function could not start or never listened; `message` is what the caller sees.
+    StartFailed {
+        message: String,
+        last_lines: Vec<String>,
+    },
+    /// The function's main process ended.
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+    /// Acknowledges [`HostMessage::Refresh`].
+    Refreshed,
+    /// A request the agent could not carry out (bad spec, wrong state); the stream stays usable.
+    Error { message: String },
+}
+
+/// Why a message could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("control stream I/O failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("control message longer than {MAX_MESSAGE_BYTES} bytes")]
+    TooLong,
+    #[error("malformed control message {line:?}: {source}")]
+    Malformed {
+        line: String,
+        source: serde_json::Error,
+    },
+    #[error("peer speaks protocol version {peer}, this side speaks {PROTOCOL_VERSION}")]
+    Version { peer: u32 },
+}
+
+/// Writes one message as a JSON line and flushes it.
+pub fn write_message<W: Write, M: Serialize>(
+    out: &mut W,
+    message: &M,
+) -> Result<(), ProtocolError> {
+    let mut line = serde_json::to_vec(message).map_err(io::Error::from)?;
+    line.push(b'\n');
+    out.write_all(&line)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Reads the next message; `Ok(None)` at a clean end of stream. Memory is bounded by
+/// [`MAX_MESSAGE_BYTES`] whatever the peer sends.
+pub fn read_message<R: BufRead, M: DeserializeOwned>(
+    input: &mut R,
+) -> Result<Option<M>, ProtocolError> {
+    let mut line = Vec::new();
+    loop {
+        let available = input.fill_buf()?;
+        if available.is_empty() {
+            return if line.is_empty() {
+                Ok(None)
+            } else {
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "control stream ended mid-message",
+                )
+                .into())
+            };
+        }
+        let (chunk, done) = match available.iter().position(|&b| b == b'\n') {
+            Some(end) => (&available[..end], Some(end + 1)),
+            None => (available, None),
+        };
+        if line.len() + chunk.len() > MAX_MESSAGE_BYTES {
+            return Err(ProtocolError::TooLong);
+        }
+        line.extend_from_slice(chunk);
+        let consumed = done.unwrap_or(chunk.len());
+        input.consume(consumed);
+        if done.is_some() {
+            break;
+        }
+    }
+    serde_json::from_slice(&line)
+        .map(Some)
+        .map_err(|source| ProtocolError::Malformed {
+            line: String::from_utf8_lossy(&line).chars().take(200).collect(),
+            source,
+        })
+}
+
+/// Checks the version a peer announced in its Hello.
+pub fn check_version(peer: u32) -> Result<(), ProtocolError> {
+    if peer == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(ProtocolError::Version { peer })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    #[test]
+    fn messages_round_trip_as_json_lines() {
+        let start = HostMessage::Start(StartSpec {
+            argv: vec!["/bin/httpd".into(), "-f".into()],
+            env: vec!["USER=qcloud".into()],
+            working_dir: "/".into(),
+            user: None,
+            ready_timeout_ms: READY_TIMEOUT_MS,
+        });
+        let mut wire = Vec::new();
+        write_message(
+            &mut wire,
+            &HostMessage::Hello {
+                version: PROTOCOL_VERSION,
+            },
+        )
+        .unwrap();
+        write_message(&mut wire, &start).unwrap();
+        let mut input = Cursor::new(wire);
+        let first: HostMessage = read_message(&mut input).unwrap().unwrap();
+        assert_eq!(first, HostMessage::Hello { version: 1 });
+        let second: HostMessage = read_message(&mut input).unwrap().unwrap();
+        assert_eq!(second, start);
+        assert!(read_message::<_, HostMessage>(&mut input)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn hostile_input_is_an_error_not_a_panic() {
+        let mut unknown = Cursor::new(b"{\"type\":\"format_disk\"}\n".to_vec());
+        assert!(matches!(
+            read_message::<_, HostMessage>(&mut unknown),
+            Err(ProtocolError::Malformed { .. })
+        ));
+        let mut extra = Cursor::new(b"{\"type\":\"hello\",\"version\":1,\"x\":2}\n".to_vec());
+        assert!(read_message::<_, HostMessage>(&mut extra).is_err());
+        let mut long = Cursor::new(vec![b'a'; MAX_MESSAGE_BYTES + 10]);
+        assert!(matches!(
+            read_message::<_, AgentMessage>(&mut long),
+            Err(ProtocolError::TooLong)
+        ));
+        let mut cut = Cursor::new(b"{\"type\":\"ready\"".to_vec());
+        assert!(read_message::<_, AgentMessage>(&mut cut).is_err());
+        assert!(matches!(
+            check_version(2),
+            Err(ProtocolError::Version { peer: 2 })
+        ));
+    }
+}
