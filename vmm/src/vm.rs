@@ -201,6 +201,8 @@ pub struct Vm {
     /// Interrupt lines kept alive for the VM's lifetime.
     irq_lines: Vec<Arc<EventFd>>,
     loaded: Option<(BootEntry, bool)>,
+    /// The memory-slot registration still in flight (see [`register_memory_in_background`]).
+    memslots: Option<JoinHandle<Result<(), VmError>>>,
 }
 
 impl Vm {
@@ -221,25 +223,10 @@ impl Vm {
             };
             fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
         }
-        for (slot, region) in mem.iter().enumerate() {
-            let host_addr = mem
-                .get_host_address(region.start_addr())
-                .map_err(|e| VmError::Io {
-                    what: "guest memory host address",
-                    source: io::Error::other(e.to_string()),
-                })?;
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host_addr as u64,
-            };
-            // SAFETY: the region is a live mmap owned by `mem`, which the Vm keeps for as long
-            // as the VM fd (and so the memory slot) exists.
-            unsafe { fd.set_user_memory_region(r) }
-                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        }
+        // Registering a memory slot waits for an SRCU grace period in the host kernel (several
+        // ms, whatever the size): do it on a helper thread while the rest of the VM is built,
+        // and wait for it before the first KVM_RUN.
+        let memslots = register_memory_in_background(&kvm, &fd, &mem)?;
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -383,6 +370,7 @@ impl Vm {
             virtio: Vec::new(),
             irq_lines: vm_irq_lines,
             loaded: None,
+            memslots: Some(memslots),
         })
     }
 
@@ -618,6 +606,20 @@ impl Vm {
         Ok(entry)
     }
 
+    /// Waits until guest memory is registered with KVM (done in the background by
+    /// [`Vm::new`]); needed before the vCPUs run or anything reads guest memory through KVM.
+    pub fn wait_for_memory(&mut self) -> Result<(), VmError> {
+        match self.memslots.take() {
+            Some(handle) => handle.join().unwrap_or_else(|_| {
+                Err(VmError::Io {
+                    what: "memory registration thread",
+                    source: io::Error::other("panicked"),
+                })
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Ends the VM with [`VmExit::Stopped`] after `after` unless it ended before.
     pub fn stop_after(&mut self, after: Duration) -> Result<(), VmError> {
         let mut timer = TimerFd::new().map_err(timer_err)?;
@@ -636,10 +638,14 @@ impl Vm {
     }
 
     /// Runs the guest until it ends, then stops every vCPU thread and says how it ended.
-    pub fn run(mut self) -> Result<VmExit, VmError> {
-        if self.loaded.is_none() {
+    /// A VM runs once: afterwards `run` returns [`VmError::NothingLoaded`]. Dropping the `Vm`
+    /// releases the KVM VM, which the host kernel tears down synchronously (milliseconds), so
+    /// callers that report timings should do so before the drop.
+    pub fn run(&mut self) -> Result<VmExit, VmError> {
+        if self.loaded.take().is_none() {
             return Err(VmError::NothingLoaded);
         }
+        self.wait_for_memory()?;
         install_kick_handler();
         let shared_pio = Arc::new(std::mem::take(&mut self.pio));
         let shared_mmio = Arc::new(std::mem::take(&mut self.mmio));
@@ -682,6 +688,57 @@ impl Vm {
             (_, exit) => exit,
         })
     }
+}
+
+/// Registers every guest memory region as a KVM memory slot on a new thread, through a
+/// duplicate of the VM fd (the original stays with the [`Vm`]).
+fn register_memory_in_background(
+    kvm: &Kvm,
+    fd: &VmFd,
+    mem: &GuestMemory,
+) -> Result<JoinHandle<Result<(), VmError>>, VmError> {
+    let mut regions = Vec::new();
+    for (slot, region) in mem.iter().enumerate() {
+        let host_addr = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmError::Io {
+                what: "guest memory host address",
+                source: io::Error::other(e.to_string()),
+            })?;
+        regions.push(kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host_addr as u64,
+        });
+    }
+    // SAFETY: dup() of an fd we own; the result is checked before use.
+    let dup = unsafe { libc::dup(fd.as_raw_fd()) };
+    if dup < 0 {
+        return Err(VmError::Io {
+            what: "dup of the VM fd",
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: `dup` is a fresh fd for this VM that nothing else owns; the VmFd closes it.
+    let vm = unsafe { kvm.create_vmfd_from_rawfd(dup) }.map_err(kvm_err("VM fd duplicate"))?;
+    // Keep the mappings alive on the thread too, so they outlive the registration whatever
+    // happens to the Vm meanwhile.
+    let mem = mem.clone();
+    std::thread::Builder::new()
+        .name("memslots".into())
+        .spawn(move || {
+            for r in regions {
+                // SAFETY: the region is a live mmap owned by `mem` (and by the Vm, which keeps
+                // it for as long as the VM, and so the memory slot, exists).
+                unsafe { vm.set_user_memory_region(r) }
+                    .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            }
+            drop(mem);
+            Ok(())
+        })
+        .map_err(io_err("spawning the memory registration thread"))
 }
 
 fn timer_err(e: vmm_sys_util::errno::Error) -> VmError {

@@ -434,7 +434,7 @@ fn bad_input_is_refused_with_a_clear_error() {
         .unwrap_err();
     assert!(err.to_string().contains("not a kernel"), "{err}");
     let (c, _) = config(1, true);
-    let vm = Vm::new(c).unwrap();
+    let mut vm = Vm::new(c).unwrap();
     assert!(matches!(vm.run(), Err(VmError::NothingLoaded)));
 }
 
