@@ -19,8 +19,10 @@ fnvm-vmm: runs one KVM micro-VM and exits when the guest ends
 usage: fnvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MiB]
                 [--vcpus N] [--disk PATH[:ro]]...
 
-  --kernel PATH      Linux bzImage or vmlinux, or any x86-64 ELF (PVH note: 32-bit PVH
-                     entry, EBX = hvm_start_info; otherwise its ELF entry in 64-bit mode)
+  --kernel PATH      Linux bzImage or vmlinux (64-bit Linux boot protocol); any other
+                     ELF64 or ELF32 with a Xen PVH note: 32-bit PVH entry, EBX =
+                     hvm_start_info (ELF32 without one: its entry, same mode; ELF64
+                     without one: its entry in 64-bit mode). Segments load at >= 1 MiB.
   --initrd PATH      initial ramdisk
   --cmdline STR      the whole kernel command line (virtio_mmio.device= entries are
                      appended); default:

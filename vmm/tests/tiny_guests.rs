@@ -519,6 +519,84 @@ fn pvh_elf_with(message: &str, then_reset: bool) -> Vec<u8> {
     elf
 }
 
+/// An i386 ELF32 PVH guest (how tiny PVH guests are often linked): same program as
+/// [`pvh_elf`], with 32-bit headers.
+fn pvh_elf32(message: &str) -> Vec<u8> {
+    const BASE: u32 = 0x10_0000;
+    const EHDR: usize = 52;
+    const PHDR: usize = 32;
+    let note_off = EHDR + 2 * PHDR;
+    let note_len = 20;
+    let code_off = (note_off + note_len + 15) & !15;
+    let entry = BASE + code_off as u32;
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    print(&mut a, message).unwrap();
+    reset(&mut a).unwrap();
+    let code = a.assemble(entry as u64).unwrap();
+    // A bss of 8 KiB after the code, to check it is zeroed and in range.
+    let total = code_off + code.len();
+    let mut elf = vec![0u8; total];
+    elf[0..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 1; // 32-bit
+    elf[5] = 1;
+    elf[6] = 1;
+    elf[16..18].copy_from_slice(&2u16.to_le_bytes());
+    elf[18..20].copy_from_slice(&3u16.to_le_bytes()); // EM_386
+    elf[20..24].copy_from_slice(&1u32.to_le_bytes());
+    elf[24..28].copy_from_slice(&entry.to_le_bytes());
+    elf[28..32].copy_from_slice(&(EHDR as u32).to_le_bytes());
+    elf[40..42].copy_from_slice(&(EHDR as u16).to_le_bytes());
+    elf[42..44].copy_from_slice(&(PHDR as u16).to_le_bytes());
+    elf[44..46].copy_from_slice(&2u16.to_le_bytes());
+    let phdr =
+        |elf: &mut Vec<u8>, at: usize, kind: u32, off: u32, addr: u32, file: u32, mem: u32| {
+            for (i, v) in [kind, off, addr, addr, file, mem, 5, 4].iter().enumerate() {
+                elf[at + 4 * i..at + 4 * i + 4].copy_from_slice(&v.to_le_bytes());
+            }
+        };
+    phdr(
+        &mut elf,
+        EHDR,
+        1,
+        0,
+        BASE,
+        total as u32,
+        total as u32 + 8192,
+    );
+    let n = note_off;
+    phdr(&mut elf, EHDR + PHDR, 4, n as u32, BASE + n as u32, 20, 20);
+    elf[n..n + 4].copy_from_slice(&4u32.to_le_bytes());
+    elf[n + 4..n + 8].copy_from_slice(&4u32.to_le_bytes());
+    elf[n + 8..n + 12].copy_from_slice(&18u32.to_le_bytes());
+    elf[n + 12..n + 16].copy_from_slice(b"Xen\0");
+    elf[n + 16..n + 20].copy_from_slice(&entry.to_le_bytes());
+    elf[code_off..].copy_from_slice(&code);
+    elf
+}
+
+#[test]
+fn elf32_pvh_guest_boots_through_the_api() {
+    if !kvm_available("elf32_pvh") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("tiny32.elf");
+    std::fs::write(&kernel, pvh_elf32("32 ok")).unwrap();
+    let (c, console) = config(1, true);
+    let mut vm = Vm::new(c).unwrap();
+    let entry = vm
+        .load_kernel(&KernelConfig {
+            kernel,
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+        })
+        .unwrap();
+    assert_eq!(entry.mode, EntryMode::Protected32);
+    assert_eq!(run(vm), VmExit::GuestReset);
+    assert_eq!(console.text(), "32 ok");
+}
+
 #[test]
 fn pvh_elf_boots_through_the_fnvm_vmm_process() {
     if !kvm_available("pvh_elf_process") {

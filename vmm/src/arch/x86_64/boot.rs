@@ -4,7 +4,9 @@
 //! - a Linux bzImage: loaded with linux-loader, entered at its 64-bit entry with boot_params;
 //! - an ELF64 that carries a "Linux" ELF note (vmlinux): the same 64-bit Linux boot protocol;
 //! - any other ELF64: the PVH boot protocol when it has a `XEN_ELFNOTE_PHYS32_ENTRY` note
-//!   (32-bit protected mode, EBX = `hvm_start_info`), else its ELF entry in 64-bit mode.
+//!   (32-bit protected mode, EBX = `hvm_start_info`), else its ELF entry in 64-bit mode;
+//! - an ELF32 (i386): loaded by [`load_elf32`], entered in 32-bit protected mode at its PVH
+//!   entry (or ELF entry) with EBX = `hvm_start_info`.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -20,7 +22,10 @@ use super::regs::{BootEntry, EntryMode};
 use crate::memory::{high_ram, low_ram_end, GuestMemory};
 
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
+const ELFCLASS32: u8 = 1;
 const ELFCLASS64: u8 = 2;
+const EM_386: u16 = 3;
+const PT_LOAD: u32 = 1;
 const ELFDATA2LSB: u8 = 1;
 const EM_X86_64: u16 = 62;
 const PT_NOTE: u32 = 4;
@@ -50,6 +55,9 @@ pub enum KernelFormat {
     /// An x86-64 ELF. `linux` when it carries a "Linux" ELF note (a vmlinux); `pvh_entry` when
     /// it has a PVH 32-bit entry note.
     Elf { linux: bool, pvh_entry: Option<u64> },
+    /// A 32-bit x86 ELF (tiny PVH guests are often linked this way): entered in 32-bit
+    /// protected mode at its PVH entry, or at its ELF entry without one.
+    Elf32 { entry: u64, pvh_entry: Option<u64> },
 }
 
 impl KernelFormat {
@@ -140,42 +148,158 @@ fn le64(b: &[u8], o: usize) -> u64 {
     u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default())
 }
 
-fn detect_elf(file: &mut File) -> Result<KernelFormat, String> {
+/// One program header, widened to 64 bits.
+#[derive(Debug, Clone, Copy)]
+struct Phdr {
+    kind: u32,
+    offset: u64,
+    paddr: u64,
+    filesz: u64,
+    memsz: u64,
+}
+
+/// The ELF header fields fnvm needs, for either class.
+struct ElfInfo {
+    class: u8,
+    entry: u64,
+    phdrs: Vec<Phdr>,
+}
+
+fn read_elf_info(file: &mut File) -> Result<ElfInfo, String> {
     let mut ehdr = [0u8; 64];
-    read_at(file, 0, &mut ehdr).map_err(|e| format!("truncated ELF header: {e}"))?;
-    if ehdr[4] != ELFCLASS64 {
-        return Err("only 64-bit ELF images are supported".into());
-    }
+    read_at(file, 0, &mut ehdr[..52]).map_err(|e| format!("truncated ELF header: {e}"))?;
+    let class = ehdr[4];
     if ehdr[5] != ELFDATA2LSB {
         return Err("big-endian ELF".into());
     }
-    if le16(&ehdr, 18) != EM_X86_64 {
-        return Err("ELF machine is not x86-64".into());
-    }
-    let phoff = le64(&ehdr, 32);
-    let phentsize = le16(&ehdr, 54) as u64;
-    let phnum = le16(&ehdr, 56);
-    if phentsize != 56 || phnum == 0 || phnum > MAX_PHDRS {
+    let machine = le16(&ehdr, 18);
+    let (entry, phoff, phentsize, phnum) = match class {
+        ELFCLASS64 => {
+            read_at(file, 0, &mut ehdr).map_err(|e| format!("truncated ELF header: {e}"))?;
+            if machine != EM_X86_64 {
+                return Err("64-bit ELF machine is not x86-64".into());
+            }
+            (
+                le64(&ehdr, 24),
+                le64(&ehdr, 32),
+                le16(&ehdr, 54),
+                le16(&ehdr, 56),
+            )
+        }
+        ELFCLASS32 => {
+            if machine != EM_386 && machine != EM_X86_64 {
+                return Err("32-bit ELF machine is not x86".into());
+            }
+            (
+                le32(&ehdr, 24) as u64,
+                le32(&ehdr, 28) as u64,
+                le16(&ehdr, 42),
+                le16(&ehdr, 44),
+            )
+        }
+        _ => return Err("unknown ELF class".into()),
+    };
+    let expected = if class == ELFCLASS64 { 56 } else { 32 };
+    if phentsize != expected || phnum == 0 || phnum > MAX_PHDRS {
         return Err("bad ELF program headers".into());
     }
+    let mut phdrs = Vec::with_capacity(phnum as usize);
+    for i in 0..phnum as u64 {
+        let mut raw = [0u8; 56];
+        let raw = &mut raw[..expected as usize];
+        read_at(file, phoff.saturating_add(i * expected as u64), raw)
+            .map_err(|e| format!("truncated program header: {e}"))?;
+        phdrs.push(if class == ELFCLASS64 {
+            Phdr {
+                kind: le32(raw, 0),
+                offset: le64(raw, 8),
+                paddr: le64(raw, 24),
+                filesz: le64(raw, 32),
+                memsz: le64(raw, 40),
+            }
+        } else {
+            Phdr {
+                kind: le32(raw, 0),
+                offset: le32(raw, 4) as u64,
+                paddr: le32(raw, 12) as u64,
+                filesz: le32(raw, 16) as u64,
+                memsz: le32(raw, 20) as u64,
+            }
+        });
+    }
+    Ok(ElfInfo {
+        class,
+        entry,
+        phdrs,
+    })
+}
+
+fn detect_elf(file: &mut File) -> Result<KernelFormat, String> {
+    let info = read_elf_info(file)?;
     let mut linux = false;
     let mut pvh_entry = None;
-    for i in 0..phnum as u64 {
-        let mut phdr = [0u8; 56];
-        read_at(file, phoff + i * phentsize, &mut phdr)
-            .map_err(|e| format!("truncated program header: {e}"))?;
-        if le32(&phdr, 0) != PT_NOTE {
-            continue;
-        }
-        let offset = le64(&phdr, 8);
-        let size = le64(&phdr, 32).min(MAX_NOTE_SEGMENT);
+    for phdr in info.phdrs.iter().filter(|p| p.kind == PT_NOTE) {
+        let size = phdr.filesz.min(MAX_NOTE_SEGMENT);
         let mut notes = vec![0u8; size as usize];
-        if read_at(file, offset, &mut notes).is_err() {
+        if read_at(file, phdr.offset, &mut notes).is_err() {
             return Err("truncated ELF note segment".into());
         }
         scan_notes(&notes, &mut linux, &mut pvh_entry);
     }
+    if info.class == ELFCLASS32 {
+        return Ok(KernelFormat::Elf32 {
+            entry: info.entry,
+            pvh_entry,
+        });
+    }
     Ok(KernelFormat::Elf { linux, pvh_entry })
+}
+
+/// Loads an ELF32's PT_LOAD segments at their physical addresses (the file part copied, the
+/// rest zeroed), each checked to lie inside guest RAM. Returns the end of the loaded image.
+fn load_elf32(mem: &GuestMemory, file: &mut File, path: &Path) -> Result<u64, BootError> {
+    let not_a_kernel = |why: String| BootError::NotAKernel {
+        path: path.to_path_buf(),
+        why,
+    };
+    let info = read_elf_info(file).map_err(not_a_kernel)?;
+    let mut end = 0u64;
+    for (i, p) in info.phdrs.iter().enumerate() {
+        if p.kind != PT_LOAD || p.memsz == 0 {
+            continue;
+        }
+        let bad = |why: &str| not_a_kernel(format!("segment {i} at {:#x}: {why}", p.paddr));
+        if p.filesz > p.memsz {
+            return Err(bad("file size exceeds memory size"));
+        }
+        let seg_end = p
+            .paddr
+            .checked_add(p.memsz)
+            .ok_or_else(|| bad("wraps around"))?;
+        if p.paddr < HIMEM_START || seg_end > low_ram_end(mem) {
+            return Err(bad(&format!(
+                "outside guest RAM [{HIMEM_START:#x}, {:#x})",
+                low_ram_end(mem)
+            )));
+        }
+        file.seek(SeekFrom::Start(p.offset))
+            .map_err(|_| bad("cannot seek to its data"))?;
+        mem.read_exact_volatile_from(GuestAddress(p.paddr), file, p.filesz as usize)
+            .map_err(|_| bad("cannot read its data from the file"))?;
+        // Zero the bss part in bounded chunks (it was range-checked above).
+        let zeroes = [0u8; 4096];
+        let mut at = p.paddr + p.filesz;
+        while at < seg_end {
+            let n = (seg_end - at).min(zeroes.len() as u64) as usize;
+            mem.write_slice(&zeroes[..n], GuestAddress(at))?;
+            at += n as u64;
+        }
+        end = end.max(seg_end);
+    }
+    if end == 0 {
+        return Err(not_a_kernel("no loadable segment".into()));
+    }
+    Ok(end)
 }
 
 /// Walks one note segment (hostile bytes: every length is checked).
@@ -341,6 +465,19 @@ pub fn load_kernel(
                 mode: EntryMode::Long64,
                 entry: loaded.kernel_load.0 + LINUX_64BIT_ENTRY_OFFSET,
                 boot_info: ZERO_PAGE_START,
+            })
+        }
+        KernelFormat::Elf32 { entry, pvh_entry } => {
+            let kernel_end = load_elf32(mem, &mut file, &config.kernel)?;
+            let initrd = match &config.initrd {
+                Some(p) => Some(load_initrd(mem, p, kernel_end, DEFAULT_INITRD_ADDR_MAX)?),
+                None => None,
+            };
+            write_pvh_start_info(mem, initrd.as_ref())?;
+            Ok(BootEntry {
+                mode: EntryMode::Protected32,
+                entry: pvh_entry.unwrap_or(entry),
+                boot_info: PVH_INFO_START,
             })
         }
         KernelFormat::Elf { linux, pvh_entry } => {
@@ -520,6 +657,57 @@ mod tests {
         let format = detect_kernel_format(f.path()).unwrap();
         assert_eq!(format, KernelFormat::BzImage);
         assert!(format.is_linux());
+    }
+
+    /// A one-segment ELF32 with the segment at `paddr` of `memsz` bytes.
+    fn elf32(paddr: u32, memsz: u32) -> tempfile::NamedTempFile {
+        let mut e = vec![0u8; 52 + 32 + 16];
+        e[0..4].copy_from_slice(ELF_MAGIC);
+        e[4] = ELFCLASS32;
+        e[5] = ELFDATA2LSB;
+        e[18..20].copy_from_slice(&EM_386.to_le_bytes());
+        e[24..28].copy_from_slice(&paddr.to_le_bytes());
+        e[28..32].copy_from_slice(&52u32.to_le_bytes());
+        e[42..44].copy_from_slice(&32u16.to_le_bytes());
+        e[44..46].copy_from_slice(&1u16.to_le_bytes());
+        for (i, v) in [PT_LOAD, 84, paddr, paddr, 16, memsz, 5, 4]
+            .iter()
+            .enumerate()
+        {
+            e[52 + 4 * i..56 + 4 * i].copy_from_slice(&v.to_le_bytes());
+        }
+        e[84..100].copy_from_slice(&[0x90; 16]);
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&e).unwrap();
+        f
+    }
+
+    #[test]
+    fn elf32_segments_must_lie_in_guest_ram() {
+        let mem = crate::memory::create_guest_memory(8).unwrap();
+        let load = |f: &tempfile::NamedTempFile| {
+            let cfg = KernelConfig {
+                kernel: f.path().to_path_buf(),
+                initrd: None,
+                cmdline: String::new(),
+            };
+            load_kernel(&mem, &cfg, 1)
+        };
+        let ok = elf32(0x10_0000, 0x2000);
+        let entry = load(&ok).unwrap();
+        assert_eq!(
+            (entry.mode, entry.entry),
+            (EntryMode::Protected32, 0x10_0000)
+        );
+        let low = load(&elf32(0x1000, 0x100)).unwrap_err();
+        assert!(low.to_string().contains("outside guest RAM"), "{low}");
+        let huge = load(&elf32(0x10_0000, u32::MAX)).unwrap_err();
+        assert!(huge.to_string().contains("outside guest RAM"), "{huge}");
+        let bss = elf32(0x10_0000, 8);
+        assert!(load(&bss)
+            .unwrap_err()
+            .to_string()
+            .contains("file size exceeds"));
     }
 
     #[test]
