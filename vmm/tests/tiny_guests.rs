@@ -986,3 +986,37 @@ fn guest_reads_a_virtio_blk_sector_through_ioeventfd_and_interrupt() {
         "VIRTIO_BLK_S_OK"
     );
 }
+
+#[test]
+fn instruction_kvm_cannot_emulate_is_an_internal_error() {
+    if !kvm_available("internal_error") {
+        return;
+    }
+    // CMPXCHG16B on MMIO must be emulated by KVM, whose emulator refuses 16-byte compares:
+    // KVM_EXIT_INTERNAL_ERROR (emulation failure), on hardware KVM and KVM-PVM alike.
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    print(&mut a, "E").unwrap();
+    a.mov(rsi, TEST_DEVICE).unwrap();
+    a.lock().cmpxchg16b(xmmword_ptr(rsi)).unwrap();
+    reset(&mut a).unwrap();
+    let code = a.assemble(0x10_0000).unwrap();
+    let (c, console) = config(1, true);
+    let mut vm = Vm::new(c).unwrap();
+    vm.load_program(&code, 0x10_0000, EntryMode::Long64, false)
+        .unwrap();
+    let exit = run(vm);
+    assert!(
+        matches!(
+            exit,
+            VmExit::InternalError {
+                vcpu: 0,
+                suberror: 1,
+                ..
+            }
+        ),
+        "{exit:?}"
+    );
+    assert_eq!(exit.exit_code(), fnvm_vmm::exit::code::INTERNAL_ERROR);
+    assert_eq!(console.text(), "E");
+}
