@@ -752,45 +752,46 @@ fn new_eventfd(what: &'static str) -> Result<EventFd, VmError> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(io_err(what))
 }
 
-/// Feeds `input` to the serial console: as much as the receive FIFO takes; while it is full,
-/// the fd is paused until the guest drains the FIFO (`ready` fires).
+/// Feeds `input` to the serial console. Reads never take more than the receive FIFO has room
+/// for (only the guest drains it, so the room cannot shrink between the check and the queueing);
+/// with the FIFO full the fd is paused until the guest empties it (`ready` fires), so nothing
+/// spins and nothing is held back.
 fn add_console_input(
     event_loop: &mut EventLoop,
     input: RawFd,
     serial: Arc<Mutex<SerialDevice>>,
     ready: Arc<EventFd>,
 ) -> Result<(), VmError> {
-    let serial2 = serial.clone();
-    let mut pending: Vec<u8> = Vec::new();
     let handler = Box::new(move |ctl: &mut crate::event_loop::Control<'_>, token| {
-        let mut dev = lock(&serial2);
-        if pending.is_empty() {
-            let room = dev.input_capacity().max(1);
-            let mut buf = vec![0u8; room.min(4096)];
-            // SAFETY: the caller promised `input` stays open while the VM runs; ManuallyDrop
-            // keeps this borrowed File from closing it.
-            let mut file = std::mem::ManuallyDrop::new(unsafe {
-                <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(input)
-            });
-            match file.read(&mut buf) {
-                Ok(0) => {
-                    let _ = ctl.remove(token);
-                    return Flow::Continue;
-                }
-                Ok(n) => pending.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flow::Continue,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => return Flow::Continue,
-                Err(e) => {
-                    tracing::warn!("console input closed: {e}");
-                    let _ = ctl.remove(token);
-                    return Flow::Continue;
+        let room = lock(&serial).input_capacity();
+        if room == 0 {
+            let _ = ctl.pause(token);
+            return Flow::Continue;
+        }
+        let mut buf = [0u8; 256];
+        let want = room.min(buf.len());
+        // SAFETY: the caller promised `input` stays open while the VM runs; ManuallyDrop
+        // keeps this borrowed File from closing it.
+        let mut file = std::mem::ManuallyDrop::new(unsafe {
+            <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(input)
+        });
+        match file.read(&mut buf[..want]) {
+            Ok(0) => {
+                let _ = ctl.remove(token);
+            }
+            Ok(n) => {
+                let taken = lock(&serial).queue_input(&buf[..n]);
+                if taken < n {
+                    tracing::warn!("serial input: {} bytes dropped", n - taken);
                 }
             }
-        }
-        let taken = dev.queue_input(&pending);
-        pending.drain(..taken);
-        if !pending.is_empty() {
-            let _ = ctl.pause(token);
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::warn!("console input closed: {e}");
+                let _ = ctl.remove(token);
+            }
         }
         Flow::Continue
     });
@@ -818,7 +819,6 @@ fn add_console_input(
             }),
         )
         .map_err(io_err("epoll_ctl"))?;
-    drop(serial);
     Ok(())
 }
 
