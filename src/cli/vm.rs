@@ -48,10 +48,24 @@ pub struct BootArgs {
     pub initrd: Option<PathBuf>,
 }
 
-pub fn run(_home: &Home, cmd: VmCommand) -> Result<ExitCode> {
+pub fn run(home: &Home, cmd: VmCommand) -> Result<ExitCode> {
     match cmd {
-        VmCommand::Boot(args) => boot(&args),
+        VmCommand::Boot(mut args) => {
+            if args.kernel.is_none() {
+                args.kernel = Some(default_kernel(home)?);
+            }
+            boot(&args)
+        }
     }
+}
+
+/// fnvm's own guest kernel, used when `--kernel` is not given.
+///
+/// `crate::kernel::default_kernel(home)` (which builds or finds it) is not part of the `fnvm`
+/// binary's module tree yet (`mod kernel;` is missing from src/main.rs); once it is, this
+/// becomes a call to it.
+fn default_kernel(_home: &Home) -> Result<PathBuf> {
+    bail!("--kernel PATH is required (fnvm's default guest kernel is not wired into `vm boot` yet)")
 }
 
 /// `PATH[:ro]` → (path, read_only).
