@@ -1020,3 +1020,70 @@ fn instruction_kvm_cannot_emulate_is_an_internal_error() {
     assert_eq!(exit.exit_code(), fnvm_vmm::exit::code::INTERNAL_ERROR);
     assert_eq!(console.text(), "E");
 }
+
+#[test]
+fn serial_transmit_interrupt_reaches_the_guest_through_its_irqfd() {
+    if !kvm_available("serial_irq") {
+        return;
+    }
+    const VECTOR: u32 = 0x20 + 4; // COM1 is IRQ 4
+    const HANDLER: u64 = 0x2000;
+    const FLAG: u64 = 0x3000;
+    let out = |a: &mut CodeAssembler, port: u32, value: u32| {
+        a.mov(dx, port).unwrap();
+        a.mov(al, value).unwrap();
+        a.out(dx, al).unwrap();
+    };
+    // Handler: read IIR (acknowledges the THR-empty interrupt), count, EOI.
+    let mut h = CodeAssembler::new(16).unwrap();
+    h.push(ax).unwrap();
+    h.push(dx).unwrap();
+    h.mov(dx, (COM1 + 2) as u32).unwrap();
+    h.in_(al, dx).unwrap();
+    h.mov(byte_ptr(FLAG + 1), al).unwrap();
+    h.mov(byte_ptr(FLAG), 1).unwrap();
+    out(&mut h, 0x20, 0x20);
+    h.pop(dx).unwrap();
+    h.pop(ax).unwrap();
+    h.iret().unwrap();
+    let handler = h.assemble(HANDLER).unwrap();
+
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.cli().unwrap();
+    a.mov(word_ptr(VECTOR * 4), HANDLER as u32).unwrap();
+    a.mov(word_ptr(VECTOR * 4 + 2), 0).unwrap();
+    out(&mut a, 0x20, 0x11);
+    out(&mut a, 0x21, 0x20);
+    out(&mut a, 0x21, 0x04);
+    out(&mut a, 0x21, 0x01);
+    out(&mut a, 0x21, !(1u32 << 4) & 0xff);
+    out(&mut a, 0xa1, 0xff);
+    a.sti().unwrap();
+    // Enable the THR-empty interrupt: the UART is idle, so it fires at once.
+    out(&mut a, (COM1 + 1) as u32, 0x02);
+    let mut wait = a.create_label();
+    a.set_label(&mut wait).unwrap();
+    a.hlt().unwrap();
+    a.cmp(byte_ptr(FLAG), 1).unwrap();
+    a.jne(wait).unwrap();
+    out(&mut a, (COM1 + 1) as u32, 0x00);
+    a.mov(dx, COM1 as u32).unwrap();
+    print(&mut a, "S").unwrap();
+    reset(&mut a).unwrap();
+    let code = a.assemble(0x1000).unwrap();
+
+    let (c, console) = config(1, true);
+    let mut vm = Vm::new(c).unwrap();
+    vm.load_program(&code, 0x1000, EntryMode::Real, false)
+        .unwrap();
+    let mem = vm.memory().clone();
+    {
+        use vm_memory::{Bytes, GuestAddress};
+        mem.write_slice(&handler, GuestAddress(HANDLER)).unwrap();
+    }
+    assert_eq!(run(vm), VmExit::GuestReset);
+    assert_eq!(console.text(), "S");
+    use vm_memory::{Bytes, GuestAddress};
+    let iir: u8 = mem.read_obj(GuestAddress(FLAG + 1)).unwrap();
+    assert_eq!(iir & 0x0f, 0x02, "IIR said THR empty");
+}
