@@ -1,0 +1,253 @@
+//! Sandboxes: where a function instance runs. One interface, two implementations:
+//! - [`SandboxKind::Vm`]: a KVM micro-VM per instance (`fnvm-vmm`), streams over virtio-vsock;
+//! - [`SandboxKind::Process`]: the same agent as PID 1 of fresh Linux namespaces with a memory
+//!   cgroup, streams over Unix sockets; weaker isolation (shared host kernel).
+//!
+//! Both use the same host-side artifacts (rootfs image, a per-instance writable-layer file, the
+//! agent and its protocol) and the same control flow ([`control`]), so everything above this
+//! module (run, serve, pool, logs) is identical for both.
+
+// Parts of the API serve callers that are wired step by step (run, serve, the pool).
+#![allow(dead_code)]
+
+pub mod cgroup;
+pub mod child;
+pub mod cleanup;
+pub mod control;
+pub mod initramfs;
+pub mod loopdev;
+pub mod process;
+pub mod transport;
+pub mod vm;
+pub mod writable_layer;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use cleanup::{cleanup_orphans, instances_root, new_instance_id};
+pub use fnvm_agent::protocol::{LogStream, StartSpec};
+
+use crate::home::Home;
+
+/// Which sandbox runs instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum SandboxKind {
+    /// A KVM micro-VM per instance (needs VMX/SVM).
+    Vm,
+    /// Fresh Linux namespaces and a memory cgroup per instance (shared host kernel).
+    Process,
+}
+
+impl std::fmt::Display for SandboxKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SandboxKind::Vm => "vm",
+            SandboxKind::Process => "process",
+        })
+    }
+}
+
+/// `Vm` where the host has hardware virtualization (VMX/SVM and /dev/kvm), else `Process`.
+pub fn default_kind() -> SandboxKind {
+    let host = fnvm_vmm::host::HostCapabilities::probe();
+    if host.kvm && host.hardware_virtualization {
+        SandboxKind::Vm
+    } else {
+        SandboxKind::Process
+    }
+}
+
+/// The smallest and largest memory a function may have, in MiB.
+pub const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u32> = 64..=3072;
+
+/// Everything one instance needs.
+#[derive(Clone)]
+pub struct InstanceSpec {
+    /// Unique instance id (used in names, logs, cgroups); `[A-Za-z0-9_.-]`, at most 64 bytes.
+    pub id: String,
+    /// The read-only rootfs image from the image pipeline.
+    pub rootfs_image: PathBuf,
+    /// What the agent starts.
+    pub start: StartSpec,
+    /// 64..=3072: the VM's memory / the process sandbox's cgroup limit.
+    pub memory_mib: u32,
+    /// Per-instance scratch directory: created by the sandbox, removed on stop. Put it under
+    /// [`instances_root`] so [`cleanup_orphans`] finds it after a crash.
+    pub instance_dir: PathBuf,
+    /// Every stdout/stderr line of the function, in order per stream.
+    pub on_log: Arc<dyn Fn(LogLine) + Send + Sync>,
+}
+
+impl std::fmt::Debug for InstanceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstanceSpec")
+            .field("id", &self.id)
+            .field("rootfs_image", &self.rootfs_image)
+            .field("start", &self.start)
+            .field("memory_mib", &self.memory_mib)
+            .field("instance_dir", &self.instance_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One line the function printed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub stream: LogStream,
+    /// When the guest read it.
+    pub unix_time_ms: u64,
+    pub line: String,
+}
+
+/// Starts instances of one kind.
+pub trait Sandbox: Send + Sync {
+    fn kind(&self) -> SandboxKind;
+    /// Starts an instance and returns once its server listens on port 9000 (Ready), or fails with
+    /// [`SandboxError::NotListening`] after the timeout (sandbox already torn down), or another
+    /// [`SandboxError`] (exit before ready, bad spec, ...). Nothing is left behind on failure.
+    fn start(&self, spec: InstanceSpec) -> Result<Box<dyn Instance>, SandboxError>;
+}
+
+/// A running instance.
+pub trait Instance: Send + Sync {
+    fn id(&self) -> &str;
+    /// A fresh byte stream to the function's port 9000 (the caller speaks HTTP/1.1 on it).
+    fn connect(&self) -> std::io::Result<std::os::unix::net::UnixStream>;
+    /// Blocks until the function's process exits or the sandbox dies (may be called from
+    /// another thread than the one that stops the instance).
+    fn wait_exit(&self) -> ExitReport;
+    /// Non-blocking: Some(report) once the function has exited or the sandbox has died.
+    fn exited(&self) -> Option<ExitReport>;
+    /// Stops everything and removes every trace: processes, mounts, loop devices, cgroup,
+    /// files. Idempotent; dropping the instance stops it too.
+    fn stop(&self) -> Result<(), SandboxError>;
+}
+
+/// How an instance ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitReport {
+    /// The function's exit code, if it exited normally.
+    pub code: Option<i32>,
+    /// The signal that killed it, if one did.
+    pub signal: Option<i32>,
+    /// Its last log lines (both streams, in arrival order).
+    pub last_lines: Vec<String>,
+    /// One human sentence: "exited with code 3", "killed by signal 9", "stopped", ...
+    pub reason: String,
+}
+
+impl std::fmt::Display for ExitReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)?;
+        if !self.last_lines.is_empty() {
+            write!(f, "; last lines:\n{}", self.last_lines.join("\n"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a sandbox operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The server never listened on port 9000; `message` is the contract's exact text.
+    #[error("{message}")]
+    NotListening {
+        message: String,
+        last_lines: Vec<String>,
+    },
+    /// The function (or the sandbox) ended before it was ready.
+    #[error("the function ended before it was ready: {0}")]
+    Exited(ExitReport),
+    /// The spec cannot be run (memory out of range, bad id, missing rootfs, ...).
+    #[error("invalid instance spec: {0}")]
+    BadSpec(String),
+    /// This host cannot run this kind of sandbox.
+    #[error(transparent)]
+    Host(#[from] fnvm_vmm::host::HostError),
+    /// Setting up or tearing down a host resource failed.
+    #[error("{what}")]
+    Setup {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+    /// The agent broke the protocol, reported an error, or did not answer in time.
+    #[error("agent: {0}")]
+    Agent(String),
+}
+
+impl SandboxError {
+    /// A [`SandboxError::Setup`] saying what was being done.
+    pub fn setup(
+        what: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        SandboxError::Setup {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+
+    /// The function's last log lines, when the error carries them.
+    pub fn last_lines(&self) -> &[String] {
+        match self {
+            SandboxError::NotListening { last_lines, .. } => last_lines,
+            SandboxError::Exited(report) => &report.last_lines,
+            _ => &[],
+        }
+    }
+}
+
+/// The sandbox of `kind` for this home. Checks the host first: a VM sandbox on a host without
+/// VMX/SVM fails here with the host's message. The process sandbox prints its one-line warning
+/// that isolation is weaker.
+pub fn create(kind: SandboxKind, home: &Home) -> Result<Box<dyn Sandbox>, SandboxError> {
+    match kind {
+        SandboxKind::Vm => Ok(Box::new(vm::VmSandbox::new(home)?)),
+        SandboxKind::Process => Ok(Box::new(process::ProcessSandbox::new(home)?)),
+    }
+}
+
+/// Checks what both sandboxes need from a spec before touching the host.
+pub(crate) fn validate_spec(spec: &InstanceSpec) -> Result<(), SandboxError> {
+    let id_ok = !spec.id.is_empty()
+        && spec.id.len() <= 64
+        && spec
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !spec.id.starts_with('.');
+    if !id_ok {
+        return Err(SandboxError::BadSpec(format!(
+            "instance id {:?} must be 1-64 characters of A-Z a-z 0-9 - _ . (not starting with .)",
+            spec.id
+        )));
+    }
+    if !MEMORY_MIB_RANGE.contains(&spec.memory_mib) {
+        return Err(SandboxError::BadSpec(format!(
+            "memory {} MiB is outside {}..={} MiB",
+            spec.memory_mib,
+            MEMORY_MIB_RANGE.start(),
+            MEMORY_MIB_RANGE.end()
+        )));
+    }
+    if spec.start.argv.is_empty() {
+        return Err(SandboxError::BadSpec(
+            "no command to run (the image has no Entrypoint/Cmd and the function names no command)"
+                .into(),
+        ));
+    }
+    if !spec.rootfs_image.is_file() {
+        return Err(SandboxError::BadSpec(format!(
+            "the rootfs image {} does not exist",
+            spec.rootfs_image.display()
+        )));
+    }
+    if spec.instance_dir.exists() {
+        return Err(SandboxError::BadSpec(format!(
+            "the instance directory {} already exists (instance ids must be unique)",
+            spec.instance_dir.display()
+        )));
+    }
+    Ok(())
+}
