@@ -80,6 +80,23 @@ fn reset(a: &mut CodeAssembler) -> Result<(), IcedError> {
     Ok(())
 }
 
+/// Sleeps in HLT until an interrupt handler sets the byte at `flag` to 1. The flag is checked
+/// with interrupts off and STI;HLT is atomic (STI's interrupt shadow), so an interrupt that
+/// arrives before the HLT is never lost.
+fn wait_for_flag(a: &mut CodeAssembler, flag: u64) {
+    let mut check = a.create_label();
+    let mut done = a.create_label();
+    a.set_label(&mut check).unwrap();
+    a.cli().unwrap();
+    a.cmp(byte_ptr(flag), 1).unwrap();
+    a.je(done).unwrap();
+    a.sti().unwrap();
+    a.hlt().unwrap();
+    a.jmp(check).unwrap();
+    a.set_label(&mut done).unwrap();
+    a.nop().unwrap();
+}
+
 fn run(vm: Vm) -> VmExit {
     let mut vm = vm;
     vm.stop_after(TIMEOUT).unwrap();
@@ -256,12 +273,7 @@ fn irqfd_wakes_a_halted_guest_through_the_pic() {
     out(&mut a, 0xa1, 0xff);
     a.mov(dx, COM1 as u32).unwrap();
     print(&mut a, "R").unwrap();
-    a.sti().unwrap();
-    let mut wait = a.create_label();
-    a.set_label(&mut wait).unwrap();
-    a.hlt().unwrap();
-    a.cmp(byte_ptr(FLAG), 1).unwrap();
-    a.jne(wait).unwrap();
+    wait_for_flag(&mut a, FLAG);
     a.mov(dx, COM1 as u32).unwrap();
     print(&mut a, "D").unwrap();
     reset(&mut a).unwrap();
@@ -1058,14 +1070,9 @@ fn serial_transmit_interrupt_reaches_the_guest_through_its_irqfd() {
     out(&mut a, 0x21, 0x01);
     out(&mut a, 0x21, !(1u32 << 4) & 0xff);
     out(&mut a, 0xa1, 0xff);
-    a.sti().unwrap();
     // Enable the THR-empty interrupt: the UART is idle, so it fires at once.
     out(&mut a, (COM1 + 1) as u32, 0x02);
-    let mut wait = a.create_label();
-    a.set_label(&mut wait).unwrap();
-    a.hlt().unwrap();
-    a.cmp(byte_ptr(FLAG), 1).unwrap();
-    a.jne(wait).unwrap();
+    wait_for_flag(&mut a, FLAG);
     out(&mut a, (COM1 + 1) as u32, 0x00);
     a.mov(dx, COM1 as u32).unwrap();
     print(&mut a, "S").unwrap();
