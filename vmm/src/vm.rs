@@ -659,10 +659,22 @@ impl Vm {
                 exit: self.exit.clone(),
                 stop: stop.clone(),
             };
+            let exit = self.exit.clone();
+            let id = vcpu.id();
             match std::thread::Builder::new()
-                .name(format!("vcpu{}", vcpu.id()))
-                .spawn(move || vcpu.run(shared))
-            {
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    // A bug in a device model must end the VM with a status, not leave the
+                    // event loop waiting for a vCPU that is gone.
+                    let ran =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run(shared)));
+                    if let Err(panic) = ran {
+                        exit.report(VmExit::VcpuError {
+                            vcpu: id,
+                            error: format!("vCPU thread panicked: {}", panic_message(&panic)),
+                        });
+                    }
+                }) {
                 Ok(t) => threads.push(t),
                 Err(e) => {
                     spawn_error = Some(e);
@@ -675,7 +687,20 @@ impl Vm {
                 what: "spawning a vCPU thread",
                 source: e,
             }),
-            None => self.event_loop.run().map_err(io_err("event loop")),
+            // A panicking handler (a device-model bug on the event-loop side) must still let
+            // the vCPU threads be stopped below.
+            None => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.event_loop.run()
+            })) {
+                Ok(result) => result.map_err(io_err("event loop")),
+                Err(panic) => Err(VmError::Io {
+                    what: "event loop",
+                    source: io::Error::other(format!(
+                        "a handler panicked: {}",
+                        panic_message(&panic)
+                    )),
+                }),
+            },
         };
         stop_vcpus(&stop, threads);
         let exit = outcome?;
@@ -739,6 +764,14 @@ fn register_memory_in_background(
             Ok(())
         })
         .map_err(io_err("spawning the memory registration thread"))
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 fn timer_err(e: vmm_sys_util::errno::Error) -> VmError {

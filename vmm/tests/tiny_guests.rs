@@ -1094,3 +1094,38 @@ fn serial_transmit_interrupt_reaches_the_guest_through_its_irqfd() {
     let iir: u8 = mem.read_obj(GuestAddress(FLAG + 1)).unwrap();
     assert_eq!(iir & 0x0f, 0x02, "IIR said THR empty");
 }
+
+/// Panics on any access: stands for a device-model bug.
+struct PanickingDevice;
+
+impl BusDevice for PanickingDevice {
+    fn read(&mut self, _offset: u64, _data: &mut [u8]) {
+        panic!("device model bug");
+    }
+    fn write(&mut self, _offset: u64, _data: &[u8]) {
+        panic!("device model bug");
+    }
+}
+
+#[test]
+fn a_panicking_device_ends_the_vm_with_an_error_instead_of_hanging() {
+    if !kvm_available("device_panic") {
+        return;
+    }
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.mov(dx, 0x510u32).unwrap();
+    a.in_(al, dx).unwrap();
+    reset(&mut a).unwrap();
+    let code = a.assemble(0x1000).unwrap();
+    let (c, _) = config(1, true);
+    let mut vm = Vm::new(c).unwrap();
+    vm.add_pio_device(0x510, 1, Arc::new(Mutex::new(PanickingDevice)))
+        .unwrap();
+    vm.load_program(&code, 0x1000, EntryMode::Real, false)
+        .unwrap();
+    let exit = run(vm);
+    assert!(
+        matches!(&exit, VmExit::VcpuError { vcpu: 0, error } if error.contains("device model bug")),
+        "{exit:?}"
+    );
+}
