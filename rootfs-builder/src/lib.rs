@@ -11,3 +11,5 @@ pub mod manifest;
 pub mod reference;
 pub mod registry;
 pub mod store;
+pub mod rootfs;
+pub mod unpack;
