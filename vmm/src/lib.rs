@@ -12,5 +12,6 @@ pub mod exit;
 pub mod host;
 pub mod memory;
 pub mod state;
+pub mod terminal;
 pub mod vcpu;
 pub mod vm;

@@ -33,7 +33,7 @@ usage: fnvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MiB]
   --disk PATH[:ro]   a virtio-blk disk, read-only with :ro (first is /dev/vda); repeatable
 
 The console is on stdout; stdin (when it is a pipe or terminal) feeds the guest's serial
-input. On exit one line goes to stderr: `fnvm-vmm: <status> after <N> ms`.
+input; a terminal is put in raw mode (Ctrl-C still stops the VM) and restored on exit. On exit one line goes to stderr: `fnvm-vmm: <status> after <N> ms`.
 
 exit codes:
   0  the guest shut down or rebooted itself (clean)
@@ -190,7 +190,9 @@ fn run(args: &Args, slot: &mut Option<Vm>) -> Result<VmExit, (String, u8)> {
     })
     .map_err(|e| bad(&e))?;
     install_terminate_handlers(vm.stop_handle_fd());
+    let raw_terminal = fnvm_vmm::terminal::RawTerminal::enable(libc::STDIN_FILENO);
     let result = vm.run();
+    drop(raw_terminal);
     STOP_FD.store(-1, Ordering::Relaxed);
     result.map_err(|e| (format!("VMM error: {e}"), code::VMM_ERROR))
 }
