@@ -710,6 +710,85 @@ mod tests {
             .contains("file size exceeds"));
     }
 
+    /// A minimal bzImage: one setup sector after the boot sector, then a 512-byte "kernel".
+    fn fake_bzimage() -> tempfile::NamedTempFile {
+        let mut image = vec![0u8; 3 * 512];
+        image[0x1f1] = 1; // setup_sects
+        image[0x1fe..0x200].copy_from_slice(&BOOT_FLAG.to_le_bytes());
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // protocol 2.15
+        image[0x211] = 1; // LOADED_HIGH
+        image[0x214..0x218].copy_from_slice(&(HIMEM_START as u32).to_le_bytes());
+        image[0x22c..0x230].copy_from_slice(&0x37ff_ffffu32.to_le_bytes());
+        image[0x400..0x600].fill(0xcc);
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&image).unwrap();
+        f
+    }
+
+    #[test]
+    fn bzimage_boot_fills_the_zero_page() {
+        let mem = crate::memory::create_guest_memory(64).unwrap();
+        let kernel = fake_bzimage();
+        let mut initrd = tempfile::NamedTempFile::new().unwrap();
+        initrd.write_all(&[0x5a; 3000]).unwrap();
+        let cfg = KernelConfig {
+            kernel: kernel.path().to_path_buf(),
+            initrd: Some(initrd.path().to_path_buf()),
+            cmdline: "console=ttyS0 panic=1".into(),
+        };
+        let entry = load_kernel(&mem, &cfg, 2).unwrap();
+        assert_eq!(
+            entry,
+            BootEntry {
+                mode: EntryMode::Long64,
+                entry: HIMEM_START + 0x200,
+                boot_info: ZERO_PAGE_START,
+            }
+        );
+        let kernel_byte: u8 = mem.read_obj(GuestAddress(HIMEM_START)).unwrap();
+        assert_eq!(kernel_byte, 0xcc, "protected-mode kernel loaded at 1 MiB");
+        let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        let hdr = params.hdr;
+        assert_eq!(hdr.type_of_loader, LOADER_TYPE_UNDEFINED);
+        assert_eq!(hdr.cmd_line_ptr as u64, CMDLINE_START);
+        assert_eq!(hdr.cmdline_size as usize, "console=ttyS0 panic=1".len());
+        let mut cmdline = vec![0u8; hdr.cmdline_size as usize + 1];
+        mem.read_slice(&mut cmdline, GuestAddress(CMDLINE_START))
+            .unwrap();
+        assert_eq!(&cmdline, b"console=ttyS0 panic=1\0");
+        assert_eq!({ hdr.ramdisk_size }, 3000);
+        let rd = hdr.ramdisk_image as u64;
+        assert_eq!(rd % 4096, 0);
+        assert!(rd + 3000 <= 64 << 20 && rd >= HIMEM_START);
+        let rd_byte: u8 = mem.read_obj(GuestAddress(rd + 2999)).unwrap();
+        assert_eq!(rd_byte, 0x5a);
+        assert_eq!(params.e820_entries, 3);
+        let last = params.e820_table[2];
+        assert_eq!(
+            (last.addr, last.size),
+            (HIMEM_START, (64 << 20) - HIMEM_START)
+        );
+        let mut mp = [0u8; 4];
+        mem.read_slice(&mut mp, GuestAddress(EBDA_START)).unwrap();
+        assert_eq!(&mp, b"_MP_");
+    }
+
+    #[test]
+    fn initrd_too_big_for_guest_memory_is_refused() {
+        let mem = crate::memory::create_guest_memory(4).unwrap();
+        let kernel = fake_bzimage();
+        let initrd = tempfile::NamedTempFile::new().unwrap();
+        initrd.as_file().set_len(8 << 20).unwrap();
+        let cfg = KernelConfig {
+            kernel: kernel.path().to_path_buf(),
+            initrd: Some(initrd.path().to_path_buf()),
+            cmdline: String::new(),
+        };
+        let err = load_kernel(&mem, &cfg, 1).unwrap_err();
+        assert!(matches!(err, BootError::InitrdTooBig { .. }), "{err}");
+    }
+
     #[test]
     fn e820_leaves_out_the_mmio_hole() {
         let mem = crate::memory::create_guest_memory(64).unwrap();
