@@ -1129,3 +1129,40 @@ fn a_panicking_device_ends_the_vm_with_an_error_instead_of_hanging() {
         "{exit:?}"
     );
 }
+
+/// A stock Linux guest: boots to the point of mounting its root, finds none, panics, and the
+/// VMM reports the panic by name. Needs VMX/SVM (under KVM-PVM Linux guests do not run) and a
+/// kernel in FNVM_TEST_KERNEL (e.g. the vmlinux fnvm builds).
+#[test]
+fn linux_guest_without_root_panics_and_the_vmm_names_it() {
+    let caps = fnvm_vmm::host::HostCapabilities::probe();
+    if !caps.kvm || !caps.hardware_virtualization {
+        eprintln!(
+            "!!! SKIPPED linux_guest: this host has no /dev/kvm with VMX/SVM; Linux guest boot NOT tested !!!"
+        );
+        return;
+    }
+    let Some(kernel) = std::env::var_os("FNVM_TEST_KERNEL") else {
+        eprintln!("!!! SKIPPED linux_guest: set FNVM_TEST_KERNEL to a vmlinux/bzImage; Linux guest boot NOT tested !!!");
+        return;
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_fnvm-vmm"))
+        .arg("--kernel")
+        .arg(kernel)
+        .args(["--memory", "256", "--vcpus", "2"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let console = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(console.contains("Linux version"), "{console}");
+    assert_eq!(
+        out.status.code(),
+        Some(fnvm_vmm::exit::code::GUEST_PANIC as i32),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("guest kernel panic: Kernel panic - not syncing"),
+        "{stderr}"
+    );
+}
