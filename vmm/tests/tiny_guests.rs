@@ -24,11 +24,19 @@ const I8042_COMMAND: u16 = 0x64;
 const TEST_DEVICE: u64 = 0xe000_0000;
 const TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Prints a skip notice straight to the process's stderr: libtest captures `eprintln!` of
+/// passing tests, and a skip must never be silent.
+fn loud_skip(message: &str) {
+    let _ = writeln!(io::stderr(), "!!! SKIPPED {message} !!!");
+}
+
 fn kvm_available(test: &str) -> bool {
     if Path::new("/dev/kvm").exists() {
         return true;
     }
-    eprintln!("!!! SKIPPED {test}: /dev/kvm is missing, this tiny-guest test did NOT run !!!");
+    loud_skip(&format!(
+        "{test}: /dev/kvm is missing, this tiny-guest test did NOT run"
+    ));
     false
 }
 
@@ -368,7 +376,7 @@ fn two_vcpus_both_run_with_their_own_apic_ids() {
         .unwrap_or(1)
         < 2
     {
-        eprintln!("!!! SKIPPED two_vcpus: this host has a single CPU !!!");
+        loud_skip("two_vcpus: this host has a single CPU");
         return;
     }
     const COUNTER: u64 = 0x3000;
@@ -1137,13 +1145,15 @@ fn a_panicking_device_ends_the_vm_with_an_error_instead_of_hanging() {
 fn linux_guest_without_root_panics_and_the_vmm_names_it() {
     let caps = fnvm_vmm::host::HostCapabilities::probe();
     if !caps.kvm || !caps.hardware_virtualization {
-        eprintln!(
-            "!!! SKIPPED linux_guest: this host has no /dev/kvm with VMX/SVM; Linux guest boot NOT tested !!!"
+        loud_skip(
+            "linux_guest: this host has no /dev/kvm with VMX/SVM; Linux guest boot NOT tested",
         );
         return;
     }
     let Some(kernel) = std::env::var_os("FNVM_TEST_KERNEL") else {
-        eprintln!("!!! SKIPPED linux_guest: set FNVM_TEST_KERNEL to a vmlinux/bzImage; Linux guest boot NOT tested !!!");
+        loud_skip(
+            "linux_guest: set FNVM_TEST_KERNEL to a vmlinux/bzImage; Linux guest boot NOT tested",
+        );
         return;
     };
     let out = Command::new(env!("CARGO_BIN_EXE_fnvm-vmm"))
