@@ -17,7 +17,7 @@ const USAGE: &str = "\
 fnvm-vmm: runs one KVM micro-VM and exits when the guest ends
 
 usage: fnvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MiB]
-                [--vcpus N] [--disk PATH[:ro]]...
+                [--vcpus N] [--disk PATH[:ro]]... [--vsock PATH [--vsock-cid N]]
 
   --kernel PATH      Linux bzImage or vmlinux (64-bit Linux boot protocol); any other
                      ELF64 or ELF32 with a Xen PVH note: 32-bit PVH entry, EBX =
@@ -31,6 +31,10 @@ usage: fnvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MiB]
   --memory MiB       guest RAM (default 128; at most the host's MemTotal)
   --vcpus N          vCPUs (default 1; at most the host's CPU count)
   --disk PATH[:ro]   a virtio-blk disk, read-only with :ro (first is /dev/vda); repeatable
+  --vsock PATH       a virtio-vsock device: host programs connect to the Unix socket PATH
+                     and send `CONNECT <port>\n`; guest connections to host port P go to
+                     PATH_P. PATH must not exist; it is removed on exit
+  --vsock-cid N      the guest's vsock CID (default 3)
 
 The console is on stdout; stdin (when it is a pipe or terminal) feeds the guest's serial
 input; a terminal is put in raw mode (Ctrl-C still stops the VM) and restored on exit. On exit one line goes to stderr: `fnvm-vmm: <status> after <N> ms`.
@@ -54,6 +58,8 @@ struct Args {
     memory_mib: u64,
     vcpus: u8,
     disks: Vec<(PathBuf, bool)>,
+    vsock: Option<PathBuf>,
+    vsock_cid: u64,
 }
 
 fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
@@ -63,6 +69,8 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
     let mut memory_mib = 128u64;
     let mut vcpus = 1u8;
     let mut disks = Vec::new();
+    let mut vsock = None;
+    let mut vsock_cid = 3u64;
     while let Some(arg) = argv.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
@@ -104,6 +112,13 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
                 }
                 disks.push((PathBuf::from(path), ro));
             }
+            "--vsock" => vsock = Some(PathBuf::from(value()?)),
+            "--vsock-cid" => {
+                let v = value()?;
+                vsock_cid = v
+                    .parse()
+                    .map_err(|_| format!("--vsock-cid {v:?} is not a CID"))?;
+            }
             other => return Err(format!("unknown argument {other:?} (see --help)")),
         }
     }
@@ -115,6 +130,8 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
         memory_mib,
         vcpus,
         disks,
+        vsock,
+        vsock_cid,
     }))
 }
 
@@ -182,6 +199,9 @@ fn run(args: &Args, slot: &mut Option<Vm>) -> Result<VmExit, (String, u8)> {
     let vm = slot.insert(Vm::new(config).map_err(|e| bad(&e))?);
     for (path, ro) in &args.disks {
         vm.add_disk(path, *ro).map_err(|e| bad(&e))?;
+    }
+    if let Some(path) = &args.vsock {
+        vm.add_vsock(args.vsock_cid, path).map_err(|e| bad(&e))?;
     }
     vm.load_kernel(&KernelConfig {
         kernel: args.kernel.clone(),

@@ -543,6 +543,16 @@ impl Vm {
         self.add_virtio_device(Box::new(block))
     }
 
+    /// Attaches a virtio-vsock device for guest CID `guest_cid` (3 or more). Host programs
+    /// reach guest port P by connecting to the Unix socket `uds_path` and sending
+    /// `CONNECT P\n`; guest connections to host port P go to `<uds_path>_P`. The socket is
+    /// created now and removed when the VM is dropped.
+    pub fn add_vsock(&mut self, guest_cid: u64, uds_path: &Path) -> Result<VirtioSlot, VmError> {
+        let vsock = crate::devices::virtio::vsock::Vsock::new(guest_cid, uds_path)
+            .map_err(|e| VmError::Virtio(format!("vsock {}: {e}", uds_path.display())))?;
+        self.add_virtio_device(Box::new(vsock))
+    }
+
     /// The `virtio_mmio.device=` command-line entries of the devices added so far.
     pub fn virtio_cmdline(&self) -> String {
         self.virtio

@@ -1176,3 +1176,49 @@ fn linux_guest_without_root_panics_and_the_vmm_names_it() {
         "{stderr}"
     );
 }
+
+#[test]
+fn disk_and_vsock_get_their_own_windows_irqs_and_cmdline_entries() {
+    if !kvm_available("virtio_windows") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+    let sock = dir.path().join("vsock.sock");
+
+    // Print the device IDs of the first two windows as letters ('A' + id).
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    for window in [0xd000_0000u64, 0xd000_1000] {
+        a.mov(rsi, window).unwrap();
+        a.mov(eax, dword_ptr(rsi + 8)).unwrap();
+        a.add(eax, b'A' as i32).unwrap();
+        a.out(dx, al).unwrap();
+    }
+    reset(&mut a).unwrap();
+    let code = a.assemble(0x10_0000).unwrap();
+
+    let (c, console) = config(1, true);
+    let mut vm = Vm::new(c).unwrap();
+    vm.add_disk(&disk, false).unwrap();
+    let slot = vm.add_vsock(3, &sock).unwrap();
+    assert_eq!((slot.base, slot.irq), (0xd000_1000, 6));
+    drop(slot); // the slot shares the device; the VM must be its last owner
+    assert!(sock.exists(), "vsock socket bound");
+    assert_eq!(
+        vm.virtio_cmdline(),
+        "virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+    );
+    assert!(
+        vm.add_vsock(3, &sock).is_err(),
+        "a second device on the same socket path is refused"
+    );
+    vm.load_program(&code, 0x10_0000, EntryMode::Long64, false)
+        .unwrap();
+    let exit = run(vm);
+    assert_eq!(exit, VmExit::GuestReset);
+    // Block is device 2 ('C'), vsock 19 ('T').
+    assert_eq!(console.text(), "CT");
+    assert!(!sock.exists(), "vsock socket removed with the VM");
+}
