@@ -24,6 +24,8 @@ pub mod writable_layer;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+// Re-exported for the host service and `fnvm run` (start-up cleanup, instance naming).
+#[allow(unused_imports)]
 pub use cleanup::{cleanup_orphans, instances_root, new_instance_id};
 pub use fnvm_agent::protocol::{LogStream, StartSpec};
 
@@ -155,6 +157,12 @@ pub enum SandboxError {
         message: String,
         last_lines: Vec<String>,
     },
+    /// The agent could not start the function (e.g. its command does not exist).
+    #[error("{message}")]
+    StartFailed {
+        message: String,
+        last_lines: Vec<String>,
+    },
     /// The function (or the sandbox) ended before it was ready.
     #[error("the function ended before it was ready: {0}")]
     Exited(ExitReport),
@@ -191,7 +199,8 @@ impl SandboxError {
     /// The function's last log lines, when the error carries them.
     pub fn last_lines(&self) -> &[String] {
         match self {
-            SandboxError::NotListening { last_lines, .. } => last_lines,
+            SandboxError::NotListening { last_lines, .. }
+            | SandboxError::StartFailed { last_lines, .. } => last_lines,
             SandboxError::Exited(report) => &report.last_lines,
             _ => &[],
         }

@@ -1,0 +1,188 @@
+//! The host process that embodies a sandbox (the agent as PID 1 of its namespaces, or the
+//! `fnvm-vmm` of a VM): signalled through a pidfd so a recycled pid is never hit, reaped by one
+//! waiter thread, its own output (agent or VM console) kept as a short tail for error messages.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, ExitStatus};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How many lines of the child's own output are kept.
+const TAIL_LINES: usize = 40;
+
+/// A running sandbox process.
+pub struct SandboxChild {
+    name: &'static str,
+    pid: i32,
+    pidfd: OwnedFd,
+    status: Arc<(Mutex<Option<ExitStatus>>, Condvar)>,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl SandboxChild {
+    /// Takes over a freshly spawned child (stdout/stderr piped): `on_exit` runs on the waiter
+    /// thread once it has been reaped.
+    pub fn adopt(
+        name: &'static str,
+        mut child: Child,
+        on_exit: impl FnOnce(ExitStatus) + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let pid = child.id() as i32;
+        // SAFETY: pidfd_open takes a pid and flags; the child is ours and not yet reaped (only
+        // the waiter thread below reaps it), so the pid names it.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            let err = std::io::Error::last_os_error();
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(err);
+        }
+        // SAFETY: the syscall returned a new fd that nothing else owns.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let mut threads = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            threads.push(spawn_tail_reader(name, out, tail.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            threads.push(spawn_tail_reader(name, err, tail.clone()));
+        }
+        let status = Arc::new((Mutex::new(None), Condvar::new()));
+        let waiter_status = status.clone();
+        threads.push(std::thread::spawn(move || {
+            let result = child.wait();
+            let exit = result.unwrap_or_else(|_| ExitStatus::from_raw(libc::SIGKILL));
+            let (lock, cond) = &*waiter_status;
+            *lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(exit);
+            cond.notify_all();
+            on_exit(exit);
+        }));
+        Ok(SandboxChild {
+            name,
+            pid,
+            pidfd,
+            status,
+            tail,
+            threads: Mutex::new(threads),
+        })
+    }
+
+    /// The host pid.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Sends `signal` unless the process has already ended.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: the pidfd is open; a null siginfo means "as kill(2)".
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+    }
+
+    /// The exit status once reaped.
+    pub fn status(&self) -> Option<ExitStatus> {
+        *self.status.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits up to `timeout` for the process to be reaped.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<ExitStatus> {
+        let (lock, cond) = &*self.status;
+        let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = cond
+            .wait_timeout_while(guard, timeout, |s| s.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        *guard
+    }
+
+    /// SIGKILLs it and waits until it is reaped (and its output threads are done).
+    pub fn kill_and_reap(&self) -> ExitStatus {
+        loop {
+            self.signal(libc::SIGKILL);
+            if let Some(status) = self.wait_timeout(Duration::from_secs(5)) {
+                let threads: Vec<_> = self
+                    .threads
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .drain(..)
+                    .collect();
+                for t in threads {
+                    let _ = t.join();
+                }
+                return status;
+            }
+            tracing::warn!(
+                "{} (pid {}) has not died 5 s after SIGKILL",
+                self.name,
+                self.pid
+            );
+        }
+    }
+
+    /// Its last output lines.
+    pub fn tail(&self) -> Vec<String> {
+        self.tail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+fn spawn_tail_reader(
+    name: &'static str,
+    from: impl Read + Send + 'static,
+    tail: Arc<Mutex<VecDeque<String>>>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(from);
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            // Bounded: a line longer than 64 KiB is cut, never buffered whole.
+            match (&mut reader).take(64 * 1024).read_until(b'\n', &mut raw) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let line = String::from_utf8_lossy(&raw).trim_end().to_string();
+            tracing::debug!(target: "fnvm::sandbox::console", "{name}: {line}");
+            let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
+            if tail.len() == TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+    })
+}
+
+/// "exited with code 3" / "killed by signal 9 (SIGKILL)".
+pub fn describe_status(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with code {code}"),
+        (None, Some(sig)) => describe_signal(sig),
+        _ => format!("ended ({status})"),
+    }
+}
+
+pub fn describe_signal(sig: i32) -> String {
+    match nix::sys::signal::Signal::try_from(sig) {
+        Ok(s) => format!("killed by signal {sig} ({})", s.as_str()),
+        Err(_) => format!("killed by signal {sig}"),
+    }
+}

@@ -1,0 +1,382 @@
+//! The host end of the agent's control stream, shared by both sandboxes: connect (retrying
+//! until the agent answers), Hello, Start, then one reader thread that forwards log lines,
+//! reports the start's outcome and records the function's exit.
+
+use std::collections::VecDeque;
+use std::io::BufReader;
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use fnvm_agent::protocol::{
+    self, AgentMessage, HostMessage, StartSpec, CONTROL_PORT, NOT_LISTENING_MESSAGE,
+    PROTOCOL_VERSION,
+};
+
+use super::transport::HostTransport;
+use super::{ExitReport, LogLine, SandboxError};
+
+/// How many of the function's last log lines errors and exit reports carry.
+pub const LAST_LINES: usize = 20;
+/// How long the agent may take to answer after its stream accepted: it answers at once.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Slack the host gives the agent beyond the ready timeout before it stops waiting itself.
+const READY_SLACK: Duration = Duration::from_secs(10);
+
+/// What the host knows about how an instance ended, and the function's last lines.
+pub struct ExitState {
+    inner: Mutex<ExitInner>,
+    ended: Condvar,
+    /// Extra words for an exit (e.g. "the function ran out of memory"), asked when it happens.
+    explain: Box<dyn Fn() -> Option<String> + Send + Sync>,
+}
+
+#[derive(Default)]
+struct ExitInner {
+    report: Option<ExitReport>,
+    last_lines: VecDeque<String>,
+}
+
+impl ExitState {
+    pub fn new(explain: impl Fn() -> Option<String> + Send + Sync + 'static) -> Arc<Self> {
+        Arc::new(ExitState {
+            inner: Mutex::new(ExitInner::default()),
+            ended: Condvar::new(),
+            explain: Box::new(explain),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ExitInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push_line(&self, line: &str) {
+        let mut inner = self.lock();
+        if inner.last_lines.len() == LAST_LINES {
+            inner.last_lines.pop_front();
+        }
+        inner.last_lines.push_back(line.to_string());
+    }
+
+    pub fn last_lines(&self) -> Vec<String> {
+        self.lock().last_lines.iter().cloned().collect()
+    }
+
+    /// Records how the instance ended, unless an earlier record exists; returns the record.
+    pub fn record(&self, code: Option<i32>, signal: Option<i32>, reason: String) -> ExitReport {
+        let extra = (self.explain)();
+        let mut inner = self.lock();
+        if let Some(report) = &inner.report {
+            return report.clone();
+        }
+        let reason = match extra {
+            Some(extra) => format!("{reason}; {extra}"),
+            None => reason,
+        };
+        let report = ExitReport {
+            code,
+            signal,
+            last_lines: inner.last_lines.iter().cloned().collect(),
+            reason,
+        };
+        inner.report = Some(report.clone());
+        self.ended.notify_all();
+        report
+    }
+
+    pub fn get(&self) -> Option<ExitReport> {
+        self.lock().report.clone()
+    }
+
+    pub fn wait(&self) -> ExitReport {
+        let mut inner = self.lock();
+        loop {
+            if let Some(report) = &inner.report {
+                return report.clone();
+            }
+            inner = self.ended.wait(inner).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<ExitReport> {
+        let inner = self.lock();
+        let (inner, _) = self
+            .ended
+            .wait_timeout_while(inner, timeout, |i| i.report.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        inner.report.clone()
+    }
+}
+
+/// How a start ended, as the reader thread saw it.
+enum Startup {
+    Ready,
+    Failed(SandboxError),
+    /// The control stream ended or broke before any outcome.
+    Lost(String),
+}
+
+/// A started instance's control stream.
+pub struct Control {
+    stream: UnixStream,
+    reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Whether the sandbox is still alive: `Some(why not)` once it has died.
+pub type Liveness<'a> = &'a dyn Fn() -> Option<(Option<i32>, Option<i32>, String)>;
+
+/// Connects to the agent, starts the function and waits until it is ready or has failed.
+/// `connect_timeout` bounds how long the agent may take to come up (a VM boots first).
+pub fn start(
+    transport: &HostTransport,
+    spec: &StartSpec,
+    on_log: Arc<dyn Fn(LogLine) + Send + Sync>,
+    exit: Arc<ExitState>,
+    dead: Liveness<'_>,
+    connect_timeout: Duration,
+) -> Result<Control, SandboxError> {
+    let stream = connect_control(transport, &exit, dead, connect_timeout)?;
+    let agent_error =
+        |what: &str, e: &dyn std::fmt::Display| SandboxError::Agent(format!("{what}: {e}"));
+
+    stream
+        .set_read_timeout(Some(HELLO_TIMEOUT))
+        .map_err(|e| agent_error("cannot set up the control stream", &e))?;
+    let mut writer = stream
+        .try_clone()
+        .map_err(|e| agent_error("cannot set up the control stream", &e))?;
+    let mut reader = BufReader::new(
+        stream
+            .try_clone()
+            .map_err(|e| agent_error("cannot set up the control stream", &e))?,
+    );
+    protocol::write_message(
+        &mut writer,
+        &HostMessage::Hello {
+            version: PROTOCOL_VERSION,
+        },
+    )
+    .map_err(|e| agent_error("cannot greet the agent", &e))?;
+    match protocol::read_message::<_, AgentMessage>(&mut reader) {
+        Ok(Some(AgentMessage::Hello { version, agent, .. })) => {
+            protocol::check_version(version).map_err(|e| agent_error("incompatible agent", &e))?;
+            tracing::debug!("agent {agent} speaks protocol {version}");
+        }
+        Ok(Some(other)) => {
+            return Err(SandboxError::Agent(format!(
+                "the agent answered Hello with {other:?}"
+            )))
+        }
+        Ok(None) => {
+            return Err(ended_before_ready(
+                &exit,
+                dead,
+                "the agent closed the control stream before its Hello",
+            ))
+        }
+        Err(e) => return Err(agent_error("no Hello from the agent", &e)),
+    }
+    stream
+        .set_read_timeout(None)
+        .map_err(|e| agent_error("cannot set up the control stream", &e))?;
+    protocol::write_message(&mut writer, &HostMessage::Start(spec.clone()))
+        .map_err(|e| agent_error("cannot send Start to the agent", &e))?;
+
+    let (tx, rx) = mpsc::sync_channel(1);
+    let reader_exit = exit.clone();
+    let reader = std::thread::Builder::new()
+        .name("fnvm-control".into())
+        .spawn(move || read_loop(reader, on_log, reader_exit, tx))
+        .map_err(|e| agent_error("cannot start the control reader", &e))?;
+    let control = Control {
+        stream,
+        reader: Mutex::new(Some(reader)),
+    };
+
+    let wait = Duration::from_millis(spec.ready_timeout_ms) + READY_SLACK;
+    match rx.recv_timeout(wait) {
+        Ok(Startup::Ready) => Ok(control),
+        Ok(Startup::Failed(err)) => Err(err),
+        Ok(Startup::Lost(why)) => Err(ended_before_ready(
+            &exit,
+            dead,
+            &format!("the sandbox ended before the function was ready ({why})"),
+        )),
+        Err(RecvTimeoutError::Disconnected) => Err(ended_before_ready(
+            &exit,
+            dead,
+            "the sandbox ended before the function was ready",
+        )),
+        Err(RecvTimeoutError::Timeout) => Err(SandboxError::Agent(format!(
+            "the agent reported neither ready nor failure within {} ms",
+            wait.as_millis()
+        ))),
+    }
+}
+
+/// Connects to the control port, retrying while the agent comes up; fails early if the sandbox
+/// dies first.
+fn connect_control(
+    transport: &HostTransport,
+    exit: &ExitState,
+    dead: Liveness<'_>,
+    timeout: Duration,
+) -> Result<UnixStream, SandboxError> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match transport.connect(CONTROL_PORT) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => {
+                if dead().is_some() {
+                    return Err(ended_before_ready(
+                        exit,
+                        dead,
+                        "the sandbox ended before the agent answered",
+                    ));
+                }
+                if Instant::now() >= deadline {
+                    return Err(SandboxError::Agent(format!(
+                        "the agent did not answer on its control port within {} ms: {e}",
+                        timeout.as_millis()
+                    )));
+                }
+            }
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+/// The error for a sandbox that ended before Ready, with the best reason we can get: the
+/// agent's Exited record, else the sandbox process's status (waiting briefly for it).
+fn ended_before_ready(exit: &ExitState, dead: Liveness<'_>, fallback: &str) -> SandboxError {
+    if let Some(report) = exit.get() {
+        return SandboxError::Exited(report);
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        if let Some((code, signal, reason)) = dead() {
+            return SandboxError::Exited(exit.record(code, signal, reason));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    SandboxError::Exited(exit.record(None, None, fallback.to_string()))
+}
+
+fn read_loop(
+    mut reader: BufReader<UnixStream>,
+    on_log: Arc<dyn Fn(LogLine) + Send + Sync>,
+    exit: Arc<ExitState>,
+    startup: SyncSender<Startup>,
+) {
+    let mut startup = Some(startup);
+    let mut outcome = |o: Startup| {
+        if let Some(tx) = startup.take() {
+            let _ = tx.send(o);
+        }
+    };
+    loop {
+        let message = match protocol::read_message::<_, AgentMessage>(&mut reader) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                outcome(Startup::Lost("the agent closed the control stream".into()));
+                break;
+            }
+            Err(e) => {
+                tracing::warn!("control stream: {e}");
+                outcome(Startup::Lost(e.to_string()));
+                break;
+            }
+        };
+        match message {
+            AgentMessage::Log {
+                stream,
+                unix_time_ms,
+                line,
+            } => {
+                exit.push_line(&line);
+                on_log(LogLine {
+                    stream,
+                    unix_time_ms,
+                    line,
+                });
+            }
+            AgentMessage::Ready { after_ms } => {
+                tracing::debug!("function ready after {after_ms} ms");
+                outcome(Startup::Ready);
+            }
+            AgentMessage::StartFailed {
+                message,
+                last_lines,
+            } => {
+                let err = if message == NOT_LISTENING_MESSAGE {
+                    SandboxError::NotListening {
+                        message,
+                        last_lines,
+                    }
+                } else {
+                    SandboxError::StartFailed {
+                        message,
+                        last_lines,
+                    }
+                };
+                outcome(Startup::Failed(err));
+            }
+            AgentMessage::Exited { code, signal } => {
+                let reason = match (code, signal) {
+                    (Some(c), _) => format!("the function exited with code {c}"),
+                    (None, Some(s)) => {
+                        format!("the function was {}", super::child::describe_signal(s))
+                    }
+                    (None, None) => "the function ended".to_string(),
+                };
+                let report = exit.record(code, signal, reason);
+                outcome(Startup::Failed(SandboxError::Exited(report)));
+            }
+            AgentMessage::Error { message } => {
+                tracing::warn!("agent error: {message}");
+                outcome(Startup::Failed(SandboxError::Agent(message)));
+            }
+            AgentMessage::Hello { .. } | AgentMessage::Refreshed => {
+                tracing::debug!("control message {message:?}");
+            }
+        }
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Control {
+    /// Asks the agent to stop the function (SIGTERM, SIGKILL after `grace`) and waits a little
+    /// longer than that for its exit; the caller kills the sandbox afterwards either way.
+    pub fn stop(&self, exit: &ExitState, grace: Duration) {
+        if exit.get().is_none() {
+            let mut writer = &self.stream;
+            let sent = protocol::write_message(
+                &mut writer,
+                &HostMessage::Stop {
+                    grace_ms: grace.as_millis() as u64,
+                },
+            );
+            if sent.is_ok() {
+                exit.wait_timeout(grace + Duration::from_millis(200));
+            }
+        }
+        self.close();
+    }
+
+    /// Closes the stream and joins the reader.
+    pub fn close(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        if let Some(reader) = self.reader.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = reader.join();
+        }
+    }
+}

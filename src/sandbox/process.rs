@@ -1,0 +1,466 @@
+//! The process sandbox: the agent as PID 1 of fresh pid, mount, uts, ipc and network
+//! namespaces (loopback only), in a memory cgroup, with the rootfs image and the writable layer
+//! as loop devices. For hosts without hardware virtualization; the host kernel is shared, so
+//! isolation is weaker than a VM's, and creating the sandbox says so.
+
+use std::ffi::{CString, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fnvm_agent::protocol::FUNCTION_PORT;
+
+use super::cgroup::{Cgroup, Hierarchy};
+use super::child::{describe_status, SandboxChild};
+use super::cleanup::{cgroup_prefix, InstanceRecord, ProcessId};
+use super::control::{self, Control, ExitState};
+use super::loopdev::LoopDevice;
+use super::transport::{unix_port_path, HostTransport};
+use super::writable_layer::WritableLayer;
+use super::{
+    validate_spec, ExitReport, Instance, InstanceSpec, Sandbox, SandboxError, SandboxKind,
+};
+use crate::home::Home;
+
+/// The one line said when a process sandbox is created.
+pub const ISOLATION_WARNING: &str = "fnvm: warning: the process sandbox shares the host kernel \
+     (namespaces and a cgroup, no VM): isolation is weaker than --sandbox vm";
+
+/// How long the agent may take to listen on its control socket.
+const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the function gets to exit after SIGTERM when the instance is stopped.
+const STOP_GRACE: Duration = Duration::from_millis(500);
+
+pub struct ProcessSandbox {
+    home: Home,
+    agent: PathBuf,
+    cgroups: Option<Hierarchy>,
+}
+
+impl ProcessSandbox {
+    pub fn new(home: &Home) -> Result<Self, SandboxError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(SandboxError::setup(
+                "the process sandbox needs root (namespaces, loop devices, cgroups)",
+                "not running as root",
+            ));
+        }
+        let agent = crate::agent_binary::agent_binary()
+            .map_err(|e| SandboxError::setup("cannot find the agent", e))?;
+        eprintln!("{ISOLATION_WARNING}");
+        let cgroups = match Hierarchy::probe() {
+            Ok(h) => Some(h),
+            Err(why) => {
+                eprintln!("fnvm: warning: no memory limit for functions: cgroups are not writable here ({why})");
+                None
+            }
+        };
+        Ok(ProcessSandbox {
+            home: home.clone(),
+            agent,
+            cgroups,
+        })
+    }
+}
+
+impl Sandbox for ProcessSandbox {
+    fn kind(&self) -> SandboxKind {
+        SandboxKind::Process
+    }
+
+    fn start(&self, spec: InstanceSpec) -> Result<Box<dyn Instance>, SandboxError> {
+        validate_spec(&spec)?;
+        let socket_dir = spec.instance_dir.join("sock");
+        let longest = unix_port_path(&socket_dir, FUNCTION_PORT);
+        if longest.as_os_str().len() >= 108 {
+            return Err(SandboxError::BadSpec(format!(
+                "the instance directory {} is too long for Unix socket paths (108 bytes)",
+                spec.instance_dir.display()
+            )));
+        }
+        let mut parts = Parts::new(spec.instance_dir.clone())?;
+        let result = self.start_in(&spec, &socket_dir, &mut parts);
+        let exit = match result {
+            Ok(exit) => exit,
+            Err(err) => {
+                if let Err(cleanup) = parts.teardown() {
+                    tracing::warn!("after a failed start of {}: {cleanup}", spec.id);
+                }
+                return Err(err);
+            }
+        };
+        let control = parts.control.take();
+        Ok(Box::new(ProcessInstance {
+            id: spec.id,
+            transport: HostTransport::Unix { dir: socket_dir },
+            exit,
+            control,
+            parts: Mutex::new(parts),
+        }))
+    }
+}
+
+impl ProcessSandbox {
+    fn start_in(
+        &self,
+        spec: &InstanceSpec,
+        socket_dir: &Path,
+        parts: &mut Parts,
+    ) -> Result<Arc<ExitState>, SandboxError> {
+        let dir = &spec.instance_dir;
+        let mut record = InstanceRecord {
+            owner: Some(ProcessId::current()),
+            ..Default::default()
+        };
+        record.save(dir)?;
+
+        let layer = parts.layer.insert(WritableLayer::create(
+            &self.home,
+            &dir.join("writable.ext4"),
+        )?);
+        let writable_path = layer.path().to_path_buf();
+        let rootfs = parts
+            .loops
+            .push_get(LoopDevice::attach(&spec.rootfs_image, true)?);
+        let rootfs_dev = rootfs.path().to_path_buf();
+        let writable_dev = parts
+            .loops
+            .push_get(LoopDevice::attach(&writable_path, false)?)
+            .path()
+            .to_path_buf();
+
+        if let Some(hierarchy) = &self.cgroups {
+            let name = format!("{}-{}", cgroup_prefix(&self.home), spec.id);
+            let cgroup = parts
+                .cgroup
+                .insert(Cgroup::create(hierarchy, &name, spec.memory_mib)?);
+            record.cgroup = Some(cgroup.path().to_path_buf());
+            record.cgroup_v2 = matches!(hierarchy, Hierarchy::V2 { .. });
+            record.save(dir)?;
+        }
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(socket_dir)
+            .map_err(|e| {
+                SandboxError::setup(format!("cannot create {}", socket_dir.display()), e)
+            })?;
+
+        let oom_cgroup = parts.cgroup.as_ref().map(|c| c.path().to_path_buf());
+        let memory_mib = spec.memory_mib;
+        let exit = ExitState::new(move || {
+            let kills = super::cgroup::oom_kills(oom_cgroup.as_ref()?);
+            (kills > 0).then(|| format!("the function ran out of memory (limit {memory_mib} MiB)"))
+        });
+
+        let args: Vec<OsString> = vec![
+            "--sandbox".into(),
+            "process".into(),
+            "--socket-dir".into(),
+            socket_dir.into(),
+            "--rootfs".into(),
+            rootfs_dev.into(),
+            "--writable".into(),
+            writable_dev.into(),
+        ];
+        let procs = parts.cgroup.as_ref().map(|c| c.procs_file());
+        let child = spawn_in_namespaces(&self.agent, &args, procs.as_deref()).map_err(|e| {
+            SandboxError::setup(
+                format!(
+                    "cannot start the agent {} in new namespaces",
+                    self.agent.display()
+                ),
+                e,
+            )
+        })?;
+        let exit_for_child = exit.clone();
+        let child = parts.child.insert(
+            SandboxChild::adopt("agent", child, move |status| {
+                exit_for_child.record(
+                    None,
+                    None,
+                    format!("the sandbox ended: its agent {}", describe_status(status)),
+                );
+            })
+            .map_err(|e| SandboxError::setup("cannot watch the agent process", e))?,
+        );
+        record.sandbox = ProcessId::of(child.pid());
+        record.save(dir)?;
+
+        let transport = HostTransport::Unix {
+            dir: socket_dir.to_path_buf(),
+        };
+        let child_ref: &SandboxChild = child;
+        let dead = || {
+            child_ref.status().map(|s| {
+                let mut reason = format!("the sandbox's agent {}", describe_status(s));
+                let tail = child_ref.tail();
+                if !tail.is_empty() {
+                    reason.push_str(&format!("; it said:\n{}", tail.join("\n")));
+                }
+                (None, None, reason)
+            })
+        };
+        let control = control::start(
+            &transport,
+            &spec.start,
+            spec.on_log.clone(),
+            exit.clone(),
+            &dead,
+            AGENT_CONNECT_TIMEOUT,
+        )?;
+        parts.control = Some(control);
+        parts.exit = Some(exit.clone());
+        Ok(exit)
+    }
+}
+
+/// Everything an instance holds, released in reverse order by [`Parts::teardown`].
+struct Parts {
+    dir: PathBuf,
+    layer: Option<WritableLayer>,
+    loops: Vec<LoopDevice>,
+    cgroup: Option<Cgroup>,
+    child: Option<SandboxChild>,
+    control: Option<Control>,
+    exit: Option<Arc<ExitState>>,
+    torn_down: bool,
+}
+
+trait PushGet<T> {
+    fn push_get(&mut self, item: T) -> &mut T;
+}
+
+impl<T> PushGet<T> for Vec<T> {
+    fn push_get(&mut self, item: T) -> &mut T {
+        self.push(item);
+        self.last_mut().expect("just pushed")
+    }
+}
+
+impl Parts {
+    fn new(dir: PathBuf) -> Result<Self, SandboxError> {
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                SandboxError::setup(format!("cannot create {}", parent.display()), e)
+            })?;
+        }
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| {
+                SandboxError::setup(
+                    format!("cannot create the instance directory {}", dir.display()),
+                    e,
+                )
+            })?;
+        Ok(Parts {
+            dir,
+            layer: None,
+            loops: Vec::new(),
+            cgroup: None,
+            child: None,
+            control: None,
+            exit: None,
+            torn_down: false,
+        })
+    }
+
+    /// Kills the sandbox and removes every trace; the first error is returned after trying all.
+    fn teardown(&mut self) -> Result<(), SandboxError> {
+        if self.torn_down {
+            return Ok(());
+        }
+        self.torn_down = true;
+        let mut first_err = None;
+        if let Some(control) = self.control.take() {
+            control.close();
+        }
+        if let Some(child) = self.child.take() {
+            // SIGKILL to the pid namespace's init kills every process in it; the kernel reaps
+            // them all before init's own exit is reported.
+            child.kill_and_reap();
+        }
+        if let Some(mut cgroup) = self.cgroup.take() {
+            if let Err(e) = cgroup.kill_and_remove() {
+                first_err.get_or_insert(e);
+            }
+        }
+        for mut device in self.loops.drain(..).rev() {
+            if let Err(e) = device.release() {
+                first_err.get_or_insert(e);
+            }
+        }
+        self.layer.take();
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                first_err.get_or_insert(SandboxError::setup(
+                    format!("cannot remove {}", self.dir.display()),
+                    e,
+                ));
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+pub struct ProcessInstance {
+    id: String,
+    transport: HostTransport,
+    exit: Arc<ExitState>,
+    control: Option<Control>,
+    parts: Mutex<Parts>,
+}
+
+impl Instance for ProcessInstance {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn connect(&self) -> std::io::Result<std::os::unix::net::UnixStream> {
+        self.transport.connect(FUNCTION_PORT)
+    }
+
+    fn wait_exit(&self) -> ExitReport {
+        self.exit.wait()
+    }
+
+    fn exited(&self) -> Option<ExitReport> {
+        self.exit.get()
+    }
+
+    fn stop(&self) -> Result<(), SandboxError> {
+        let mut parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
+        if parts.torn_down {
+            return Ok(());
+        }
+        if let Some(control) = &self.control {
+            control.stop(&self.exit, STOP_GRACE);
+        }
+        // Recorded before the kill, so waiters learn "stopped", not "killed by signal 9".
+        self.exit.record(None, None, "stopped".to_string());
+        parts.teardown()
+    }
+}
+
+impl Drop for ProcessInstance {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::warn!("stopping instance {}: {e}", self.id);
+        }
+    }
+}
+
+/// Starts `program` as PID 1 of new pid, mount, uts, ipc and network namespaces, in the cgroup
+/// whose `cgroup.procs` is given, in its own session, stdout/stderr piped.
+///
+/// A new pid namespace applies to the *children* of whoever unshares it, so a short-lived thread
+/// unshares CLONE_NEWPID and spawns; the other namespaces are unshared by the child itself
+/// before exec, where only async-signal-safe system calls run (no allocation).
+fn spawn_in_namespaces(
+    program: &Path,
+    args: &[OsString],
+    cgroup_procs: Option<&Path>,
+) -> std::io::Result<std::process::Child> {
+    let procs = cgroup_procs
+        .map(|p| CString::new(p.as_os_str().as_bytes()))
+        .transpose()
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in cgroup path"))?;
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .env_clear()
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: the closure runs in the forked child before exec and only makes system calls on
+    // memory prepared before the fork (`procs`, static strings); it allocates nothing.
+    unsafe {
+        command.pre_exec(move || enter_sandbox(procs.as_ref()));
+    }
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: unshare only changes this thread's namespace for its future children.
+                if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                command.spawn()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the spawning thread panicked")))
+    })
+}
+
+/// In the child, before exec: join the cgroup, new session, new namespaces, private mounts,
+/// hostname, loopback up.
+fn enter_sandbox(cgroup_procs: Option<&CString>) -> std::io::Result<()> {
+    let check = |r: libc::c_int| {
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    };
+    // SAFETY (whole function): plain system calls on NUL-terminated static or pre-built strings
+    // and stack buffers; nothing here allocates or takes locks.
+    unsafe {
+        if let Some(procs) = cgroup_procs {
+            let fd = check(libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC))?;
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if written != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        check(libc::setsid())?;
+        check(libc::unshare(
+            libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWNET,
+        ))?;
+        // Nothing mounted in here propagates to the host, and nothing from the host comes in.
+        check(libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+        let hostname = b"fnvm";
+        check(libc::sethostname(hostname.as_ptr().cast(), hostname.len()))?;
+        loopback_up()?;
+    }
+    Ok(())
+}
+
+/// Sets IFF_UP on "lo" in the (new) network namespace.
+///
+/// # Safety
+/// Async-signal-safe system calls only; callable between fork and exec.
+unsafe fn loopback_up() -> std::io::Result<()> {
+    let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+    if sock < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut req: libc::ifreq = std::mem::zeroed();
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    let mut result = libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req);
+    if result == 0 {
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        result = libc::ioctl(sock, libc::SIOCSIFFLAGS, &req);
+    }
+    let err = std::io::Error::last_os_error();
+    libc::close(sock);
+    if result < 0 {
+        return Err(err);
+    }
+    Ok(())
+}
