@@ -11,5 +11,7 @@ pub mod manifest;
 pub mod reference;
 pub mod registry;
 pub mod store;
+pub mod pipeline;
 pub mod rootfs;
 pub mod unpack;
+pub mod layout;

@@ -633,7 +633,10 @@ fn symlinks_planted_by_an_earlier_layer_never_lead_out() {
             .finish(Compression::None),
         "etc/passwd",
     );
-    assert!(!Path::new("/etc/passwd").read_link().is_ok());
+    assert_ne!(
+        fs::read_to_string("/etc/passwd").unwrap_or_default(),
+        "pwned"
+    );
     // Relative escape `up -> ../..`: clamped to the root, so the write lands inside.
     let s = Scratch::new();
     s.apply(
@@ -657,8 +660,6 @@ fn symlinks_planted_by_an_earlier_layer_never_lead_out() {
     );
     // Same layer: `root -> /` then `root/x`: confined too.
     let s = Scratch::new();
-    let abs = format!("{}/x", sentinel_abs(&s));
-    let _ = abs;
     s.apply(
         &Layer::new()
             .symlink("root", "/")

@@ -332,10 +332,18 @@ impl EntryMeta {
         let h = entry.header();
         let bad =
             |what: &'static str| move |e: io::Error| refused(shown, format!("bad {what}: {e}"));
-        let mut uid = h.uid().map_err(bad("uid"))?;
-        let mut gid = h.gid().map_err(bad("gid"))?;
-        let perm = h.mode().map_err(bad("mode"))? & 0o7777;
-        let mut mtime = h.mtime().map_err(bad("mtime"))? as i64;
+        // An empty numeric field (all NUL or spaces, as some writers leave it) means 0.
+        let blank = |raw: &[u8]| raw.iter().all(|b| *b == 0 || *b == b' ');
+        let old = h.as_old();
+        let num = |v: io::Result<u64>, raw: &[u8], what: &'static str| match v {
+            Ok(v) => Ok(v),
+            Err(_) if blank(raw) => Ok(0),
+            Err(e) => Err(bad(what)(e)),
+        };
+        let mut uid = num(h.uid(), &old.uid, "uid")?;
+        let mut gid = num(h.gid(), &old.gid, "gid")?;
+        let perm = num(h.mode().map(u64::from), &old.mode, "mode")? as u32 & 0o7777;
+        let mut mtime = num(h.mtime(), &old.mtime, "mtime")? as i64;
         let mut xattrs = Vec::new();
         if let Some(pax) = entry.pax_extensions().map_err(UnpackError::Read)? {
             for ext in pax {
