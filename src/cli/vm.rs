@@ -9,7 +9,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use fnvm_vmm::arch::x86_64::boot::detect_kernel_format;
+use fnvm_vmm::arch::x86_64::boot::{detect_kernel_format, KernelFormat};
 use fnvm_vmm::exit::code;
 use fnvm_vmm::host::HostCapabilities;
 use fnvm_vmm::vm::DEFAULT_CMDLINE;
@@ -24,8 +24,8 @@ pub enum VmCommand {
 
 #[derive(Debug, Args)]
 pub struct BootArgs {
-    /// Guest kernel: a Linux bzImage or vmlinux, or any x86-64 ELF (a PVH ELF boots in 32-bit
-    /// PVH mode). Required for now: the default kernel is not wired into this command yet.
+    /// Guest kernel: a Linux bzImage or vmlinux, or an x86 ELF (a PVH ELF boots in 32-bit PVH
+    /// mode). Default: fnvm's own guest kernel, built once and cached in the home.
     #[arg(long)]
     pub kernel: Option<PathBuf>,
     /// Root filesystem image: attached first, read-only, as /dev/vda with `root=/dev/vda ro`.
@@ -52,20 +52,14 @@ pub fn run(home: &Home, cmd: VmCommand) -> Result<ExitCode> {
     match cmd {
         VmCommand::Boot(mut args) => {
             if args.kernel.is_none() {
-                args.kernel = Some(default_kernel(home)?);
+                // fnvm's kernel is Linux: refuse a host that cannot run it before spending
+                // minutes building it.
+                HostCapabilities::probe().check_can_boot(KernelFormat::BzImage)?;
+                args.kernel = Some(crate::kernel::default_kernel(home)?);
             }
             boot(&args)
         }
     }
-}
-
-/// fnvm's own guest kernel, used when `--kernel` is not given.
-///
-/// `crate::kernel::default_kernel(home)` (which builds or finds it) is not part of the `fnvm`
-/// binary's module tree yet (`mod kernel;` is missing from src/main.rs); once it is, this
-/// becomes a call to it.
-fn default_kernel(_home: &Home) -> Result<PathBuf> {
-    bail!("--kernel PATH is required (fnvm's default guest kernel is not wired into `vm boot` yet)")
 }
 
 /// `PATH[:ro]` → (path, read_only).
@@ -96,9 +90,10 @@ struct VmmInvocation {
 }
 
 fn plan(args: &BootArgs, caps: HostCapabilities) -> Result<VmmInvocation> {
-    let kernel = args.kernel.as_deref().context(
-        "--kernel PATH is required (fnvm's default guest kernel is not wired into `vm boot` yet)",
-    )?;
+    let kernel = args
+        .kernel
+        .as_deref()
+        .context("no kernel: pass --kernel PATH")?;
     require_file(kernel, "kernel")?;
     let format = detect_kernel_format(kernel)?;
     fnvm_vmm::vm::validate_vcpus(args.vcpus)?;
