@@ -4,6 +4,23 @@
 //! memory, the x86-64 boot protocol, vCPUs, the device models and the event loop) so that device
 //! models can be tested through guest memory without KVM, and tiny guests under KVM, from the
 //! same code the `fnvm-vmm` binary runs.
+//!
+//! ```no_run
+//! use fnvm_vmm::arch::x86_64::boot::KernelConfig;
+//! use fnvm_vmm::vm::{Vm, VmConfig, DEFAULT_CMDLINE};
+//!
+//! let mut vm = Vm::new(VmConfig::new(256, 2))?; // MiB, vCPUs; console on stdout
+//! vm.add_disk("rootfs.img".as_ref(), true)?; // /dev/vda, read-only
+//! vm.add_vsock(3, "/run/fnvm/vm1.sock".as_ref())?;
+//! vm.load_kernel(&KernelConfig {
+//!     kernel: "vmlinux".into(),
+//!     initrd: None,
+//!     cmdline: format!("{DEFAULT_CMDLINE} root=/dev/vda ro"),
+//! })?;
+//! let exit = vm.run()?; // blocks until the guest resets, panics, faults, or is stopped
+//! std::process::exit(exit.exit_code() as i32);
+//! # Ok::<(), fnvm_vmm::vm::VmError>(())
+//! ```
 
 pub mod arch;
 pub mod devices;
