@@ -17,6 +17,8 @@ pub mod control;
 pub mod initramfs;
 pub mod loopdev;
 pub mod process;
+#[cfg(test)]
+mod process_tests;
 pub mod transport;
 pub mod vm;
 pub mod writable_layer;

@@ -51,6 +51,17 @@ impl ProcessSandbox {
         }
         let agent = crate::agent_binary::agent_binary()
             .map_err(|e| SandboxError::setup("cannot find the agent", e))?;
+        Self::with_agent(home, agent)
+    }
+
+    /// A process sandbox running the given agent binary (tests pass a freshly built one).
+    pub fn with_agent(home: &Home, agent: PathBuf) -> Result<Self, SandboxError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(SandboxError::setup(
+                "the process sandbox needs root (namespaces, loop devices, cgroups)",
+                "not running as root",
+            ));
+        }
         eprintln!("{ISOLATION_WARNING}");
         let cgroups = match Hierarchy::probe() {
             Ok(h) => Some(h),
