@@ -236,70 +236,110 @@ impl Vcpu {
             }
             let outcome = match self.fd.run() {
                 Ok(exit) => handle_exit(id, exit, &shared),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
-                Err(e) => Some(VmExit::VcpuError {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    Outcome::Continue
+                }
+                Err(e) => Outcome::Exit(VmExit::VcpuError {
                     vcpu: id,
                     error: format!("KVM_RUN failed: {e}"),
                 }),
             };
             match outcome {
-                None => continue,
-                Some(VmExit::InternalError { vcpu, suberror, .. }) => {
+                Outcome::Continue => {}
+                Outcome::PortIo => self.handle_port_io(&shared),
+                Outcome::InternalError => {
                     let run = self.fd.get_kvm_run();
                     // SAFETY: KVM filled the `internal` member of the exit union for
                     // KVM_EXIT_INTERNAL_ERROR, which is the exit being handled.
-                    let (sub, ndata, data) = unsafe {
+                    let (suberror, ndata, data) = unsafe {
                         let internal = run.__bindgen_anon_1.internal;
                         (internal.suberror, internal.ndata, internal.data)
                     };
                     let n = (ndata as usize).min(data.len());
                     shared.exit.report(VmExit::InternalError {
-                        vcpu,
-                        suberror: if suberror == 0 { sub } else { suberror },
+                        vcpu: id,
+                        suberror,
                         data: data[..n].to_vec(),
                     });
                     return;
                 }
-                Some(exit) => {
+                Outcome::Exit(exit) => {
                     shared.exit.report(exit);
                     return;
                 }
             }
         }
     }
+
+    /// Port I/O, element by element: a string instruction (`rep outsb`, `rep insw`) exits once
+    /// with `count` elements of `size` bytes, and devices expect one access per element.
+    fn handle_port_io(&mut self, shared: &VcpuShared) {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit being handled is KVM_EXIT_IO, so `io` is the valid union member.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let size = io.size as usize;
+        let len = size * io.count as usize;
+        let offset = io.data_offset as usize;
+        // KVM puts the data in the PIO page right after kvm_run; refuse anything else.
+        if !matches!(size, 1 | 2 | 4)
+            || offset < std::mem::size_of::<kvm_bindings::kvm_run>()
+            || offset + len > PIO_DATA_LIMIT
+        {
+            tracing::error!(size, len, offset, "malformed KVM_EXIT_IO ignored");
+            return;
+        }
+        let base = run as *mut kvm_bindings::kvm_run as *mut u8;
+        // SAFETY: kvm_run is the start of the vCPU's mmap (3 pages on x86); the range was
+        // checked to lie inside it, and nothing else references those bytes during the exit.
+        let data = unsafe { std::slice::from_raw_parts_mut(base.add(offset), len) };
+        let port = io.port as u64;
+        for element in data.chunks_mut(size) {
+            let mapped = if u32::from(io.direction) == kvm_bindings::KVM_EXIT_IO_IN {
+                shared.pio.read(port, element, UNMAPPED_READ)
+            } else {
+                shared.pio.write(port, element)
+            };
+            if !mapped {
+                tracing::trace!(port, "unmapped port access");
+            }
+        }
+    }
 }
 
-/// Handles one exit; `Some` when it ends the VM.
-fn handle_exit(id: u8, exit: VcpuExit<'_>, shared: &VcpuShared) -> Option<VmExit> {
+/// What the run loop does after an exit.
+enum Outcome {
+    Continue,
+    /// KVM_EXIT_IO: handled from `kvm_run` by [`Vcpu::handle_port_io`].
+    PortIo,
+    /// KVM_EXIT_INTERNAL_ERROR: reported with the details from `kvm_run`.
+    InternalError,
+    Exit(VmExit),
+}
+
+/// The vCPU mmap on x86: kvm_run, the PIO data page, the coalesced-MMIO ring.
+const PIO_DATA_LIMIT: usize = 2 * 4096;
+
+/// Handles one exit.
+fn handle_exit(id: u8, exit: VcpuExit<'_>, shared: &VcpuShared) -> Outcome {
+    let ends = |exit| Outcome::Exit(exit);
     match exit {
-        VcpuExit::IoIn(port, data) => {
-            if !shared.pio.read(port as u64, data, UNMAPPED_READ) {
-                tracing::trace!(port, "unmapped port read");
-            }
-            None
-        }
-        VcpuExit::IoOut(port, data) => {
-            if !shared.pio.write(port as u64, data) {
-                tracing::trace!(port, "unmapped port write");
-            }
-            None
-        }
+        VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => Outcome::PortIo,
         VcpuExit::MmioRead(addr, data) => {
             if !shared.mmio.read(addr, data, UNMAPPED_READ) {
                 tracing::debug!(addr, "unmapped MMIO read");
             }
-            None
+            Outcome::Continue
         }
         VcpuExit::MmioWrite(addr, data) => {
             if !shared.mmio.write(addr, data) {
                 tracing::debug!(addr, "unmapped MMIO write");
             }
-            None
+            Outcome::Continue
         }
-        VcpuExit::Intr | VcpuExit::IrqWindowOpen => None,
-        VcpuExit::Hlt => Some(VmExit::Halted { vcpu: id }),
-        VcpuExit::Shutdown => Some(VmExit::TripleFault { vcpu: id }),
-        VcpuExit::SystemEvent(kind, _) => Some(match kind {
+        VcpuExit::Intr | VcpuExit::IrqWindowOpen => Outcome::Continue,
+        VcpuExit::Hlt => ends(VmExit::Halted { vcpu: id }),
+        VcpuExit::Shutdown => ends(VmExit::TripleFault { vcpu: id }),
+        VcpuExit::SystemEvent(kind, _) => ends(match kind {
             KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::GuestShutdown,
             KVM_SYSTEM_EVENT_RESET => VmExit::GuestReset,
             KVM_SYSTEM_EVENT_CRASH => VmExit::GuestPanic {
@@ -310,17 +350,13 @@ fn handle_exit(id: u8, exit: VcpuExit<'_>, shared: &VcpuShared) -> Option<VmExit
                 error: format!("unknown KVM system event {other}"),
             },
         }),
-        VcpuExit::FailEntry(reason, cpu) => Some(VmExit::FailEntry {
+        VcpuExit::FailEntry(reason, cpu) => ends(VmExit::FailEntry {
             vcpu: id,
             reason,
             host_cpu: cpu,
         }),
-        VcpuExit::InternalError => Some(VmExit::InternalError {
-            vcpu: id,
-            suberror: 0,
-            data: Vec::new(),
-        }),
-        other => Some(VmExit::VcpuError {
+        VcpuExit::InternalError => Outcome::InternalError,
+        other => ends(VmExit::VcpuError {
             vcpu: id,
             error: format!("unhandled exit {other:?}"),
         }),

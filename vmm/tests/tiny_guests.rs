@@ -1222,3 +1222,54 @@ fn disk_and_vsock_get_their_own_windows_irqs_and_cmdline_entries() {
     assert_eq!(console.text(), "CT");
     assert!(!sock.exists(), "vsock socket removed with the VM");
 }
+
+/// Answers each byte read with the next value of a counter.
+#[derive(Default)]
+struct CountingPort(u8);
+
+impl BusDevice for CountingPort {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        for b in data {
+            self.0 += 1;
+            *b = self.0;
+        }
+    }
+    fn write(&mut self, _offset: u64, _data: &[u8]) {}
+}
+
+#[test]
+fn string_port_io_reaches_devices_one_element_at_a_time() {
+    if !kvm_available("string_io") {
+        return;
+    }
+    const MSG: u64 = 0x3000;
+    const BUF: u64 = 0x3100;
+    let text = b"rep outsb works";
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.cld().unwrap();
+    a.mov(si, MSG as u32).unwrap();
+    a.mov(cx, text.len() as u32).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    a.rep().outsb().unwrap();
+    a.mov(di, BUF as u32).unwrap();
+    a.mov(cx, 3u32).unwrap();
+    a.mov(dx, 0x510u32).unwrap();
+    a.rep().insb().unwrap();
+    reset(&mut a).unwrap();
+    let code = a.assemble(0x1000).unwrap();
+
+    let (c, console) = config(1, true);
+    let mut vm = Vm::new(c).unwrap();
+    vm.add_pio_device(0x510, 1, Arc::new(Mutex::new(CountingPort::default())))
+        .unwrap();
+    vm.load_program(&code, 0x1000, EntryMode::Real, false)
+        .unwrap();
+    use vm_memory::{Bytes, GuestAddress};
+    let mem = vm.memory().clone();
+    mem.write_slice(text, GuestAddress(MSG)).unwrap();
+    assert_eq!(run(vm), VmExit::GuestReset);
+    assert_eq!(console.text().as_bytes(), text);
+    let mut buf = [0u8; 3];
+    mem.read_slice(&mut buf, GuestAddress(BUF)).unwrap();
+    assert_eq!(buf, [1, 2, 3]);
+}
