@@ -10,6 +10,11 @@ const LEAF_CACHE_PARAMS: u32 = 0x4;
 const LEAF_EXTENDED_TOPOLOGY: u32 = 0xb;
 const LEAF_V2_EXTENDED_TOPOLOGY: u32 = 0x1f;
 
+const LEAF_AMD_ADDRESS_SIZES: u32 = 0x8000_0008;
+const LEAF_AMD_EXTENDED_APIC_ID: u32 = 0x8000_001e;
+/// "Auth" of "AuthenticAMD" in leaf 0 EBX.
+const AMD_VENDOR_EBX: u32 = 0x6874_7541;
+
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 
@@ -22,6 +27,22 @@ fn bits_for(n: u32) -> u32 {
         0
     } else {
         32 - (n - 1).leading_zeros()
+    }
+}
+
+/// AMD describes cores in extended leaves too; Intel keeps those registers reserved.
+fn adjust_amd_entry(entry: &mut kvm_cpuid_entry2, vcpu_id: u32, vcpu_count: u32) {
+    match entry.function {
+        LEAF_AMD_ADDRESS_SIZES => {
+            // ECX[15:12] APIC ID bits for cores, [7:0] cores per package - 1.
+            entry.ecx = (bits_for(vcpu_count) << 12) | ((vcpu_count - 1) & 0xff);
+        }
+        LEAF_AMD_EXTENDED_APIC_ID => {
+            entry.eax = vcpu_id;
+            entry.ebx = vcpu_id & 0xff; // compute unit ID; one thread per unit
+            entry.ecx = 0; // node 0, one node per package
+        }
+        _ => {}
     }
 }
 
@@ -76,8 +97,15 @@ fn adjust_entry(entry: &mut kvm_cpuid_entry2, vcpu_id: u32, vcpu_count: u32) {
 /// CPUID for vCPU `vcpu_id` of `vcpu_count`, derived from KVM's supported set.
 pub fn vcpu_cpuid(supported: &CpuId, vcpu_id: u8, vcpu_count: u8) -> CpuId {
     let mut cpuid = supported.clone();
+    let amd = supported
+        .as_slice()
+        .iter()
+        .any(|e| e.function == 0 && e.ebx == AMD_VENDOR_EBX);
     for entry in cpuid.as_mut_slice() {
         adjust_entry(entry, vcpu_id as u32, vcpu_count as u32);
+        if amd {
+            adjust_amd_entry(entry, vcpu_id as u32, vcpu_count as u32);
+        }
     }
     cpuid
 }
@@ -122,6 +150,21 @@ mod tests {
         assert_eq!((l[0].ebx, l[0].ecx, l[0].edx), (1, 0x100, 2));
         assert_eq!((l[1].eax, l[1].ebx, l[1].ecx), (2, 3, 0x201));
         assert_eq!((l[2].ebx, l[2].ecx), (0, 2));
+    }
+
+    #[test]
+    fn amd_core_leaves_only_on_amd() {
+        let mut vendor = entry(0, 0);
+        vendor.ebx = AMD_VENDOR_EBX;
+        let mut sizes = entry(LEAF_AMD_ADDRESS_SIZES, 0);
+        sizes.ecx = 0xdead;
+        let amd =
+            CpuId::from_entries(&[vendor, sizes, entry(LEAF_AMD_EXTENDED_APIC_ID, 0)]).unwrap();
+        let c = vcpu_cpuid(&amd, 1, 2);
+        assert_eq!(c.as_slice()[1].ecx, (1 << 12) | 1);
+        assert_eq!(c.as_slice()[2].eax, 1);
+        let intel = CpuId::from_entries(&[entry(0, 0), sizes]).unwrap();
+        assert_eq!(vcpu_cpuid(&intel, 1, 2).as_slice()[1].ecx, 0xdead);
     }
 
     #[test]
