@@ -6,7 +6,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cli;
+mod example_image;
+mod function;
 mod home;
+mod http_front;
 
 /// Runs OCI container images as serverless functions, each in its own KVM micro-VM.
 #[derive(Debug, Parser)]
@@ -29,6 +32,11 @@ enum Command {
     /// The image pipeline on its own: pull, verify, unpack and build the rootfs.
     #[command(subcommand)]
     Image(cli::image::ImageCommand),
+    /// Run one function in the foreground, like a local emulator: invocations on an address,
+    /// logs streamed, Ctrl-C stops and cleans up.
+    Run(cli::run::RunArgs),
+    /// Build the bundled example function, run it, invoke it and show its reply, logs and timings.
+    Demo(cli::demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +52,8 @@ fn main() -> ExitCode {
     let result = home::Home::resolve(cli.home).and_then(|home| match cli.command {
         Command::Vm(cmd) => cli::vm::run(&home, cmd),
         Command::Image(cmd) => cli::image::run(&home, cmd),
+        Command::Run(args) => cli::run::run(&home, args),
+        Command::Demo(args) => cli::demo::run(&home, args),
     });
     match result {
         Ok(code) => code,

@@ -1,4 +1,6 @@
 //! One module per command group.
 
+pub mod demo;
 pub mod image;
+pub mod run;
 pub mod vm;

@@ -1,0 +1,551 @@
+//! `fnvm run` end to end: the real binary, real images built here from Debian packages
+//! (busybox-static's httpd with CGI scripts; Debian minbase + python3 made by mmdebstrap and
+//! cached under ~/.cache/fnvm/test-images), real HTTP clients.
+//!
+//! Runs in the process sandbox on every host and also in the VM sandbox where /proc/cpuinfo
+//! shows VMX/SVM (one loud SKIPPED line per test elsewhere). Needs root (namespaces, loop
+//! devices, cgroups).
+
+mod run_support;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use run_support::*;
+
+const FNVM: &str = env!("CARGO_BIN_EXE_fnvm");
+const START_LIMIT: Duration = Duration::from_secs(120);
+/// The contract's message for a server that never listens (DEVELOPERS.md).
+const NOT_LISTENING: &str = "The request timed out in 30000ms.Please confirm your http server have enabled listening on port 9000.";
+
+fn fnvm() -> &'static Path {
+    Path::new(FNVM)
+}
+
+fn agent() -> &'static Path {
+    static AGENT: OnceLock<PathBuf> = OnceLock::new();
+    AGENT.get_or_init(|| static_binary(fnvm(), "fnvm-agent", "FNVM_AGENT_BIN"))
+}
+
+/// The home shared by the serialized tests (images are pulled and built once per build dir).
+fn home() -> &'static Path {
+    static HOME: OnceLock<PathBuf> = OnceLock::new();
+    HOME.get_or_init(|| {
+        let home = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("run-tests-home");
+        std::fs::create_dir_all(&home).unwrap();
+        home
+    })
+}
+
+fn layouts() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("run-tests-images")
+}
+
+fn busybox() -> &'static str {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE.get_or_init(|| busybox_image(&layouts()))
+}
+
+fn python() -> &'static str {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE.get_or_init(|| python_image(&layouts()))
+}
+
+fn start(sandbox: &str, image: &str, args: &[&str]) -> FnvmRun {
+    let mut all = vec!["--sandbox", sandbox];
+    all.extend_from_slice(args);
+    FnvmRun::start(fnvm(), home(), agent(), image, &all, START_LIMIT)
+}
+
+/// Stops fnvm like Ctrl-C does and checks it exits cleanly and leaves nothing behind.
+fn stop_and_check(mut run: FnvmRun) {
+    let id = run.instance_id.clone().expect("an instance id");
+    let rootfs = rootfs_image_of(&run);
+    let status = run.interrupt(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "fnvm run exited with {status} after Ctrl-C:\n{}",
+        run.stderr.snapshot().join("\n")
+    );
+    assert_nothing_left(home(), &id, rootfs.as_deref());
+}
+
+fn body_string(resp: &mut ureq::http::Response<ureq::Body>) -> String {
+    resp.body_mut().read_to_string().unwrap()
+}
+
+fn json(resp: &mut ureq::http::Response<ureq::Body>) -> serde_json::Value {
+    let text = body_string(resp);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+fn header_map(echo: &serde_json::Value) -> HashMap<String, String> {
+    echo["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|kv| {
+            (
+                kv[0].as_str().unwrap().to_ascii_lowercase(),
+                kv[1].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn b64_decode(s: &str) -> Vec<u8> {
+    // A small decoder keeps the tests free of another dependency.
+    let table = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => (c - b'A') as u32,
+            b'a'..=b'z' => (c - b'a' + 26) as u32,
+            b'0'..=b'9' => (c - b'0' + 52) as u32,
+            b'+' => 62,
+            b'/' => 63,
+            _ => panic!("bad base64"),
+        }
+    };
+    let clean: Vec<u8> = s.bytes().filter(|&c| c != b'=').collect();
+    let mut out = Vec::new();
+    for chunk in clean.chunks(4) {
+        let mut acc = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            acc |= table(c) << (18 - 6 * i);
+        }
+        let bytes = acc.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    out
+}
+
+#[test]
+fn busybox_httpd_answers_web_requests_unchanged_with_the_builtin_env_and_no_agent_in_sight() {
+    for sandbox in sandboxes("busybox web passthrough") {
+        let _serial = serial();
+        let run = start(
+            sandbox,
+            busybox(),
+            &[
+                "--type",
+                "web",
+                "--env",
+                "FN_VAR=from-function",
+                "--env",
+                "IMAGE_VAR=overridden",
+            ],
+        );
+        run.expect_serving();
+        let http = http();
+        let mut resp = http
+            .post(run.url("/cgi-bin/echo?x=1&y=%20z"))
+            .header("X-Custom", "a b")
+            .header("X-Other", "2")
+            .send("the body\nline two")
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let echo = body_string(&mut resp);
+        for expected in [
+            "method=POST",
+            "uri=/cgi-bin/echo?x=1&y=%20z",
+            "query=x=1&y=%20z",
+            "HTTP_X_CUSTOM=a b",
+            "HTTP_X_OTHER=2",
+            "body:\nthe body\nline two",
+        ] {
+            assert!(echo.contains(expected), "{expected:?} missing in:\n{echo}");
+        }
+        let mut resp = http.get(run.url("/index.html")).call().unwrap();
+        assert_eq!(body_string(&mut resp), "<h1>busybox says hello</h1>\n");
+
+        let mut resp = http.get(run.url("/cgi-bin/env")).call().unwrap();
+        let env = body_string(&mut resp);
+        for var in [
+            "TENCENTCLOUD_RUNENV=SCF",
+            "USER_CODE_ROOT=/var/user/",
+            "USER=qcloud",
+            "SCF_FUNCTIONNAME=fnvm-run",
+            "SCF_FUNCTIONVERSION=$LATEST",
+            "TENCENTCLOUD_REGION=",
+            "TENCENTCLOUD_APPID=",
+            "TENCENTCLOUD_UIN=",
+            "FN_VAR=from-function",
+            "IMAGE_VAR=overridden",
+            "PATH=/bin",
+        ] {
+            assert!(
+                env.lines().any(|l| l.starts_with(var)),
+                "{var} missing in the function's environment:\n{env}"
+            );
+        }
+
+        let mut resp = http.get(run.url("/cgi-bin/ps")).call().unwrap();
+        let ps = body_string(&mut resp);
+        let pid1 = ps
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some("1"))
+            .unwrap_or_else(|| panic!("no pid 1 in ps:\n{ps}"));
+        assert!(
+            pid1.contains("httpd"),
+            "pid 1 is not the user's server:\n{ps}"
+        );
+        assert!(
+            !ps.contains("agent"),
+            "the agent is visible to the function:\n{ps}"
+        );
+        stop_and_check(run);
+    }
+}
+
+#[test]
+fn python_event_invocations_carry_the_body_and_every_scf_header() {
+    for sandbox in sandboxes("python event invocation") {
+        let _serial = serial();
+        let run = start(sandbox, python(), &["--memory", "256", "--timeout", "9"]);
+        run.expect_serving();
+        let http = http();
+        let event = br#"{"key":"value","binary":"\u0000\u00ff","n":[1,2,3]}"#;
+        let mut ids = Vec::new();
+        for _ in 0..2 {
+            let mut resp = http
+                .post(run.url("/anything/the/client/says?ignored=1"))
+                .header("Content-Type", "application/json")
+                .header("X-Scf-Name", "spoofed")
+                .send(&event[..])
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            let returned_id = resp
+                .headers()
+                .get("x-scf-request-id")
+                .expect("the caller gets the request id")
+                .to_str()
+                .unwrap()
+                .to_string();
+            let echo = json(&mut resp);
+            assert_eq!(echo["method"], "POST");
+            assert_eq!(echo["path"], "/event-invoke");
+            assert_eq!(b64_decode(echo["body_b64"].as_str().unwrap()), event);
+            let h = header_map(&echo);
+            assert_eq!(h["x-scf-request-id"], returned_id);
+            assert_eq!(h["x-scf-memory"], "256");
+            assert_eq!(h["x-scf-timeout"], "9");
+            assert_eq!(h["x-scf-version"], "$LATEST");
+            assert_eq!(h["x-scf-name"], "fnvm-run");
+            assert_eq!(h["x-scf-namespace"], "default");
+            assert_eq!(h["x-scf-region"], "ap-guangzhou");
+            assert_eq!(h["x-scf-appid"], "1250000000");
+            assert_eq!(h["x-scf-uin"], "100000000001");
+            for name in ["x-scf-session-token", "x-scf-secret-id", "x-scf-secret-key"] {
+                assert!(h.contains_key(name), "{name} missing: {h:?}");
+            }
+            assert_eq!(h["content-type"], "application/json");
+            ids.push(returned_id);
+        }
+        assert_ne!(ids[0], ids[1], "request ids must be fresh per invocation");
+        // An event function is invoked with POST only.
+        let resp = http.get(run.url("/")).call().unwrap();
+        assert_eq!(resp.status(), 405);
+        stop_and_check(run);
+    }
+}
+
+#[test]
+fn python_web_passthrough_keeps_method_path_query_headers_and_body_and_serves_64_at_once() {
+    for sandbox in sandboxes("python web passthrough") {
+        let _serial = serial();
+        let run = start(sandbox, python(), &["--type", "web", "--memory", "512"]);
+        run.expect_serving();
+        let http = http();
+        for method in ["PUT", "PATCH", "DELETE", "POST"] {
+            let body = format!("{method} body \u{1F600}");
+            let req = ureq::http::Request::builder()
+                .method(method)
+                .uri(run.url("/some/path%20x?a=1&b=two&a=3"))
+                .header("X-Custom", "kept as is")
+                .header("Cookie", "k=v; k2=v2")
+                .body(body.clone())
+                .unwrap();
+            let mut resp = http.run(req).unwrap();
+            assert_eq!(resp.status(), 200, "{method}");
+            let echo = json(&mut resp);
+            assert_eq!(echo["method"], method);
+            assert_eq!(echo["path"], "/some/path%20x?a=1&b=two&a=3");
+            assert_eq!(
+                b64_decode(echo["body_b64"].as_str().unwrap()),
+                body.as_bytes()
+            );
+            let h = header_map(&echo);
+            assert_eq!(h["x-custom"], "kept as is");
+            assert_eq!(h["cookie"], "k=v; k2=v2");
+            assert!(
+                !h.keys().any(|k| k.starts_with("x-scf-")),
+                "web requests are unchanged: {h:?}"
+            );
+        }
+        // The environment of the python function too.
+        let env = json(&mut http.get(run.url("/env")).call().unwrap());
+        assert_eq!(env["TENCENTCLOUD_RUNENV"], "SCF");
+        assert_eq!(env["USER_CODE_ROOT"], "/var/user/");
+        assert_eq!(env["USER"], "qcloud");
+        assert_eq!(env["IMAGE_VAR"], "from-image");
+        // The user's process tree: the server is pid 1, no agent.
+        let ps = json(&mut http.get(run.url("/ps")).call().unwrap());
+        assert!(
+            ps["1"].as_str().unwrap().contains("/srv/server.py"),
+            "pid 1 is not the user's server: {ps}"
+        );
+        assert!(
+            !ps.to_string().contains("agent"),
+            "the agent is visible: {ps}"
+        );
+
+        // 64 concurrent requests, each with its own body, all answered correctly.
+        let url = run.url("/concurrent");
+        let threads: Vec<_> = (0..64)
+            .map(|i| {
+                let url = url.clone();
+                std::thread::spawn(move || {
+                    let body = format!("request {i}");
+                    let mut resp = run_support::http().post(&url).send(body.clone()).unwrap();
+                    assert_eq!(resp.status(), 200, "request {i}");
+                    let echo = json(&mut resp);
+                    assert_eq!(
+                        b64_decode(echo["body_b64"].as_str().unwrap()),
+                        body.as_bytes()
+                    );
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("a concurrent request failed");
+        }
+
+        // 100 MiB streamed through fnvm in bounded memory.
+        let rss_before = run.peak_rss_kib();
+        let resp = http.get(run.url("/big?mb=100")).call().unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut reader = resp.into_body().into_reader();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0u64;
+        loop {
+            let n = reader.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            assert!(buf[..n].iter().all(|&b| b == b'z'));
+            total += n as u64;
+        }
+        assert_eq!(total, 100 << 20);
+        let rss_after = run.peak_rss_kib();
+        assert!(
+            rss_after < 48 * 1024,
+            "fnvm's peak RSS grew from {rss_before} KiB to {rss_after} KiB streaming 100 MiB"
+        );
+        stop_and_check(run);
+    }
+}
+
+#[test]
+fn a_full_writable_layer_fails_with_enospc_near_512_mib_and_the_function_keeps_serving() {
+    for sandbox in sandboxes("writable layer limit") {
+        let _serial = serial();
+        let run = start(
+            sandbox,
+            python(),
+            &["--type", "web", "--memory", "256", "--timeout", "300"],
+        );
+        run.expect_serving();
+        let id = run.instance_id.clone().unwrap();
+        let http = http();
+        let fill = json(&mut http.get(run.url("/fill?mb=600")).call().unwrap());
+        assert_eq!(
+            fill["errno"], 28,
+            "writing 600 MiB must fail with ENOSPC: {fill}"
+        );
+        let written = fill["written_mib"].as_u64().unwrap();
+        assert!(
+            (400..512).contains(&written),
+            "ENOSPC after {written} MiB, expected near 512 MiB"
+        );
+        // The host file of the writable layer stays within 512 MiB, apparent and allocated.
+        let instance_dir = home().join("instances").join(&id);
+        let mut checked = 0;
+        let mut stack = vec![instance_dir.clone()];
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir).unwrap().flatten() {
+                let meta = std::fs::symlink_metadata(e.path()).unwrap();
+                if meta.is_dir() {
+                    stack.push(e.path());
+                } else if meta.is_file() {
+                    use std::os::unix::fs::MetadataExt;
+                    assert!(
+                        meta.len() <= 512 << 20,
+                        "{} is {} bytes",
+                        e.path().display(),
+                        meta.len()
+                    );
+                    assert!(
+                        meta.blocks() * 512 <= 512 << 20,
+                        "{} allocates {} bytes",
+                        e.path().display(),
+                        meta.blocks() * 512
+                    );
+                    if meta.len() >= 256 << 20 {
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(
+            checked >= 1,
+            "no writable-layer file found in {}",
+            instance_dir.display()
+        );
+        // Still serving, and the space is usable again after the file was removed.
+        let again = json(&mut http.get(run.url("/fill?mb=16")).call().unwrap());
+        assert_eq!(again["written_mib"], 16, "{again}");
+        assert!(again["errno"].is_null(), "{again}");
+        stop_and_check(run);
+    }
+}
+
+#[test]
+fn stdout_and_stderr_arrive_in_order_per_stream_at_10k_lines_per_second() {
+    for sandbox in sandboxes("log streaming") {
+        let _serial = serial();
+        let run = start(sandbox, python(), &["--type", "web", "--timeout", "60"]);
+        run.expect_serving();
+        const N: usize = 20_000;
+        let reply = json(
+            &mut http()
+                .get(run.url(&format!("/log?n={N}&rate=10000")))
+                .call()
+                .unwrap(),
+        );
+        assert_eq!(reply["lines"], N);
+        // Lines may still be on their way from the agent.
+        let last = format!("err-{}", N - 1);
+        let last_out = format!("out-{}", N - 1);
+        run.stdout
+            .wait_for(Duration::from_secs(20), |l| l.ends_with(&last));
+        run.stdout
+            .wait_for(Duration::from_secs(20), |l| l.ends_with(&last_out));
+        let lines = run.log_lines();
+        for (stream, prefix) in [("stdout", "out-"), ("stderr", "err-")] {
+            let seq: Vec<usize> = lines
+                .iter()
+                .filter(|(s, l)| s == stream && l.starts_with(prefix))
+                .map(|(_, l)| l[prefix.len()..].parse().unwrap())
+                .collect();
+            assert_eq!(seq.len(), N, "{stream}: {} of {N} lines arrived", seq.len());
+            assert!(
+                seq.iter().enumerate().all(|(i, &n)| i == n),
+                "{stream} lines are out of order"
+            );
+        }
+        stop_and_check(run);
+    }
+}
+
+#[test]
+fn a_function_that_exits_or_crashes_is_reported_with_its_code_and_last_lines() {
+    for sandbox in sandboxes("function exit and crash") {
+        for (path, expected_code, expected_line) in [
+            ("/exit?code=3", 3, "about to exit with code 3"),
+            ("/crash", 128 + libc::SIGSEGV, "about to crash"),
+        ] {
+            let _serial = serial();
+            let mut run = start(sandbox, python(), &["--type", "web"]);
+            run.expect_serving();
+            let id = run.instance_id.clone().unwrap();
+            let rootfs = rootfs_image_of(&run);
+            // The function dies instead of answering: the client sees an error status.
+            let resp = http().get(run.url(path)).call();
+            if let Ok(resp) = resp {
+                assert!(resp.status().as_u16() >= 500, "{path}: {}", resp.status());
+            }
+            let status = run.wait(Duration::from_secs(30));
+            let stderr = run.stderr.snapshot().join("\n");
+            assert_eq!(status.code(), Some(expected_code), "{path}:\n{stderr}");
+            assert!(
+                stderr.contains("fnvm: the function"),
+                "{path}: no exit report:\n{stderr}"
+            );
+            assert!(
+                stderr
+                    .lines()
+                    .any(|l| l.starts_with("fnvm: |") && l.contains(expected_line)),
+                "{path}: the last lines are not reported:\n{stderr}"
+            );
+            assert_nothing_left(home(), &id, rootfs.as_deref());
+        }
+    }
+}
+
+#[test]
+fn a_server_that_never_listens_fails_with_the_exact_message_after_30_s_and_leaves_nothing() {
+    // Not serialized: this one spends 30 s waiting and uses a home of its own.
+    for sandbox in sandboxes("never listening") {
+        let home = tempfile::Builder::new()
+            .prefix("fnvm-never-listens-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .unwrap();
+        let started = Instant::now();
+        let mut run = FnvmRun::start(
+            fnvm(),
+            home.path(),
+            agent(),
+            busybox(),
+            &[
+                "--sandbox",
+                sandbox,
+                "--command",
+                "/bin/sh",
+                "--arg",
+                "-c",
+                "--arg",
+                "echo never going to listen; sleep 600",
+            ],
+            Duration::from_secs(90),
+        );
+        assert!(run.addr.is_none(), "it must not serve");
+        let status = run.wait(Duration::from_secs(60));
+        let elapsed = started.elapsed();
+        let stderr = run.stderr.snapshot().join("\n");
+        assert!(!status.success(), "{stderr}");
+        assert!(
+            stderr.contains(NOT_LISTENING),
+            "the contract's message is missing:\n{stderr}"
+        );
+        assert!(
+            stderr.contains("never going to listen"),
+            "the last lines are missing:\n{stderr}"
+        );
+        assert!(
+            elapsed >= Duration::from_secs(30),
+            "failed after only {elapsed:?}"
+        );
+        // Everything of this home's instances is gone.
+        let instances = home.path().join("instances");
+        let left: Vec<_> = std::fs::read_dir(&instances)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "instances left behind: {left:?}");
+        let home_str = home.path().to_string_lossy().to_string();
+        for entry in std::fs::read_dir("/sys/block").unwrap().flatten() {
+            if let Ok(b) = std::fs::read_to_string(entry.path().join("loop/backing_file")) {
+                assert!(!b.contains(&home_str), "a loop device is left on {b}");
+            }
+        }
+        for p in std::fs::read_dir("/proc").unwrap().flatten() {
+            if let Ok(c) = std::fs::read(p.path().join("cmdline")) {
+                let c = String::from_utf8_lossy(&c).replace('\0', " ");
+                assert!(!c.contains(&home_str), "a process is left behind: {c}");
+            }
+        }
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mountinfo.contains(&home_str), "a mount is left behind");
+    }
+}
