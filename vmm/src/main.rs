@@ -32,17 +32,19 @@ usage: fnvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MiB]
   --vcpus N          vCPUs (default 1; at most the host's CPU count)
   --disk PATH[:ro]   a virtio-blk disk, read-only with :ro (first is /dev/vda); repeatable
   --vsock PATH       a virtio-vsock device: host programs connect to the Unix socket PATH
-                     and send `CONNECT <port>\n`; guest connections to host port P go to
+                     and send `CONNECT <port>\\n`; guest connections to host port P go to
                      PATH_P. PATH must not exist; it is removed on exit
   --vsock-cid N      the guest's vsock CID (default 3)
 
 The console is on stdout; stdin (when it is a pipe or terminal) feeds the guest's serial
-input; a terminal is put in raw mode (Ctrl-C still stops the VM) and restored on exit. On exit one line goes to stderr: `fnvm-vmm: <status> after <N> ms`.
+input; a terminal is put in raw mode (Ctrl-C still stops the VM) and restored on exit.
+On exit one line goes to stderr: `fnvm-vmm: <status> after <N> ms`, N counted from
+process start.
 
 exit codes:
   0  the guest shut down or rebooted itself (clean)
   1  VMM error at run time
-  2  bad input (arguments, kernel, memory, vCPUs, disk); no VM was run
+  2  bad input (arguments, kernel, memory, vCPUs, disk, vsock); no VM was run
   3  guest kernel panic
   4  triple fault
   5  KVM internal error, unhandled exit or KVM_RUN failure
