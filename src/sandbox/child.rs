@@ -25,12 +25,13 @@ pub struct SandboxChild {
 }
 
 impl SandboxChild {
-    /// Takes over a freshly spawned child (stdout/stderr piped): `on_exit` runs on the waiter
-    /// thread once it has been reaped.
+    /// Takes over a freshly spawned child (stdout/stderr piped). Once it has been reaped and
+    /// its output read to the end, `on_exit` runs on the waiter thread with its status and its
+    /// last output lines; only then do [`Self::status`] and the waits see the status.
     pub fn adopt(
         name: &'static str,
         mut child: Child,
-        on_exit: impl FnOnce(ExitStatus) + Send + 'static,
+        on_exit: impl FnOnce(ExitStatus, Vec<String>) + Send + 'static,
     ) -> std::io::Result<Self> {
         let pid = child.id() as i32;
         // SAFETY: pidfd_open takes a pid and flags; the child is ours and not yet reaped (only
@@ -45,30 +46,41 @@ impl SandboxChild {
         // SAFETY: the syscall returned a new fd that nothing else owns.
         let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
         let tail = Arc::new(Mutex::new(VecDeque::new()));
-        let mut threads = Vec::new();
+        let mut readers = Vec::new();
         if let Some(out) = child.stdout.take() {
-            threads.push(spawn_tail_reader(name, out, tail.clone()));
+            readers.push(spawn_tail_reader(name, out, tail.clone()));
         }
         if let Some(err) = child.stderr.take() {
-            threads.push(spawn_tail_reader(name, err, tail.clone()));
+            readers.push(spawn_tail_reader(name, err, tail.clone()));
         }
         let status = Arc::new((Mutex::new(None), Condvar::new()));
         let waiter_status = status.clone();
-        threads.push(std::thread::spawn(move || {
+        let waiter_tail = tail.clone();
+        let waiter = std::thread::spawn(move || {
             let result = child.wait();
             let exit = result.unwrap_or_else(|_| ExitStatus::from_raw(libc::SIGKILL));
+            // The pipes close when the last process holding them is gone (the whole sandbox).
+            for reader in readers {
+                let _ = reader.join();
+            }
+            let lines = waiter_tail
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .cloned()
+                .collect();
+            on_exit(exit, lines);
             let (lock, cond) = &*waiter_status;
             *lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(exit);
             cond.notify_all();
-            on_exit(exit);
-        }));
+        });
         Ok(SandboxChild {
             name,
             pid,
             pidfd,
             status,
             tail,
-            threads: Mutex::new(threads),
+            threads: Mutex::new(vec![waiter]),
         })
     }
 
@@ -169,6 +181,16 @@ fn spawn_tail_reader(
             tail.push_back(line);
         }
     })
+}
+
+/// "<what> exited with code 1; it said:\n<tail>".
+pub fn ended_reason(what: &str, status: ExitStatus, tail: &[String]) -> String {
+    let mut reason = format!("{what} {}", describe_status(status));
+    if !tail.is_empty() {
+        reason.push_str("; it said:\n");
+        reason.push_str(&tail.join("\n"));
+    }
+    reason
 }
 
 /// "exited with code 3" / "killed by signal 9 (SIGKILL)".

@@ -15,7 +15,7 @@ use std::time::Duration;
 use fnvm_agent::protocol::FUNCTION_PORT;
 
 use super::cgroup::{Cgroup, Hierarchy};
-use super::child::{describe_status, SandboxChild};
+use super::child::{ended_reason, SandboxChild};
 use super::cleanup::{cgroup_prefix, InstanceRecord, ProcessId};
 use super::control::{self, Control, ExitState};
 use super::loopdev::LoopDevice;
@@ -189,11 +189,11 @@ impl ProcessSandbox {
         })?;
         let exit_for_child = exit.clone();
         let child = parts.child.insert(
-            SandboxChild::adopt("agent", child, move |status| {
+            SandboxChild::adopt("agent", child, move |status, tail| {
                 exit_for_child.record(
                     None,
                     None,
-                    format!("the sandbox ended: its agent {}", describe_status(status)),
+                    ended_reason("the sandbox ended: its agent", status, &tail),
                 );
             })
             .map_err(|e| SandboxError::setup("cannot watch the agent process", e))?,
@@ -205,14 +205,15 @@ impl ProcessSandbox {
             dir: socket_dir.to_path_buf(),
         };
         let child_ref: &SandboxChild = child;
+        // The waiter records the ending (with the process's last words) before the status is
+        // visible, so the control flow finds that record first.
         let dead = || {
             child_ref.status().map(|s| {
-                let mut reason = format!("the sandbox's agent {}", describe_status(s));
-                let tail = child_ref.tail();
-                if !tail.is_empty() {
-                    reason.push_str(&format!("; it said:\n{}", tail.join("\n")));
-                }
-                (None, None, reason)
+                (
+                    None,
+                    None,
+                    ended_reason("the sandbox ended: its agent", s, &child_ref.tail()),
+                )
             })
         };
         let control = control::start(

@@ -15,7 +15,7 @@ use fnvm_vmm::arch::x86_64::boot::KernelFormat;
 use fnvm_vmm::host::HostCapabilities;
 use fnvm_vmm::vm::DEFAULT_CMDLINE;
 
-use super::child::{describe_status, SandboxChild};
+use super::child::{ended_reason, SandboxChild};
 use super::cleanup::{InstanceRecord, ProcessId};
 use super::control::{self, Control, ExitState};
 use super::transport::HostTransport;
@@ -204,11 +204,11 @@ impl VmSandbox {
             .map_err(|e| SandboxError::setup(format!("cannot start {}", self.vmm.display()), e))?;
         let exit_for_child = exit.clone();
         let child = parts.child.insert(
-            SandboxChild::adopt("vm", child, move |status| {
+            SandboxChild::adopt("vm", child, move |status, tail| {
                 exit_for_child.record(
                     None,
                     None,
-                    format!("the VM ended: fnvm-vmm {}", describe_status(status)),
+                    ended_reason("the VM ended: fnvm-vmm", status, &tail),
                 );
             })
             .map_err(|e| SandboxError::setup("cannot watch the VMM process", e))?,
@@ -217,20 +217,15 @@ impl VmSandbox {
         record.save(dir)?;
 
         let child_ref: &SandboxChild = child;
+        // The waiter records the ending (with the process's last words) before the status is
+        // visible, so the control flow finds that record first.
         let dead = || {
             child_ref.status().map(|s| {
-                let mut reason = format!(
-                    "the VM ended before the function was ready: fnvm-vmm {}",
-                    describe_status(s)
-                );
-                let tail = child_ref.tail();
-                if !tail.is_empty() {
-                    reason.push_str(&format!(
-                        "; its console and status said:\n{}",
-                        tail.join("\n")
-                    ));
-                }
-                (None, None, reason)
+                (
+                    None,
+                    None,
+                    ended_reason("the VM ended: fnvm-vmm", s, &child_ref.tail()),
+                )
             })
         };
         let transport = HostTransport::Vsock {
