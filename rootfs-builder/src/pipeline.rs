@@ -431,6 +431,10 @@ impl<'a, S: ImageSource> Pipeline<'a, S> {
         progress(Progress::BuildImage);
         let image = staging.path.join(ROOTFS_IMAGE);
         build_rootfs_image(&tree, &image).map_err(PullError::Rootfs)?;
+        // The unpacker's side table lives beside the tree; it is not part of the entry.
+        if let Ok(side_table) = crate::unpack::state::state_path(&tree) {
+            let _ = fs::remove_file(side_table);
+        }
         remove_tree(&tree).map_err(cache_err(&tree))?;
         let json = serde_json::to_vec_pretty(&record).map_err(|e| PullError::Cache {
             path: staging.path.join(IMAGE_JSON),

@@ -345,6 +345,8 @@ pub fn layer(files: &[FileSpec<'_>]) -> Vec<u8> {
                 h.set_mode(0o755);
                 h.set_size(0);
                 h.set_mtime(1_700_000_000);
+                h.set_uid(0);
+                h.set_gid(0);
                 tar.append_data(&mut h, &parent, std::io::empty()).unwrap();
             }
         }
@@ -353,6 +355,8 @@ pub fn layer(files: &[FileSpec<'_>]) -> Vec<u8> {
         h.set_mode(f.mode);
         h.set_size(f.contents.len() as u64);
         h.set_mtime(1_700_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
         tar.append_data(&mut h, f.path, f.contents).unwrap();
     }
     tar.into_inner().unwrap().finish().unwrap()
@@ -795,6 +799,8 @@ pub fn write_docker_archive(path: &Path, image: &TestImage, repo_tag: &str) {
         h.set_size(bytes.len() as u64);
         h.set_mode(0o644);
         h.set_mtime(1_700_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
         tar.append_data(&mut h, name, bytes).unwrap();
     };
     let config_name = format!("{}.json", Digest::of(&image.config).hex());
