@@ -1,5 +1,15 @@
 //! The kernel command line: what the host asks of this boot.
 
+/// The value of the last `KEY=VALUE` parameter named `key` (the kernel's own rule: last wins).
+pub fn value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline
+        .split_ascii_whitespace()
+        .rev()
+        .filter_map(|param| param.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
 /// The values of every `fnvm.test=VALUE` parameter, in order.
 pub fn test_actions(cmdline: &str) -> impl Iterator<Item = &str> {
     cmdline
@@ -16,6 +26,16 @@ mod tests {
         let cmdline = "console=ttyS0 reboot=k fnvm.test=cpus panic=1 fnvm.test=write:/dev/vdb\n";
         let actions: Vec<_> = test_actions(cmdline).collect();
         assert_eq!(actions, ["cpus", "write:/dev/vdb"]);
+    }
+
+    #[test]
+    fn values_are_found_by_exact_key_last_one_winning() {
+        let cmdline = "console=ttyS0 fnvm.rootfs=/dev/vda xfnvm.writable=/dev/x \
+                       fnvm.writable=/dev/vdb fnvm.rootfs=/dev/vdc\n";
+        assert_eq!(value(cmdline, "fnvm.rootfs"), Some("/dev/vdc"));
+        assert_eq!(value(cmdline, "fnvm.writable"), Some("/dev/vdb"));
+        assert_eq!(value(cmdline, "fnvm.test"), None);
+        assert_eq!(value("fnvm.rootfs", "fnvm.rootfs"), None);
     }
 
     #[test]

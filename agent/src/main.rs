@@ -1,22 +1,52 @@
-//! fnvm-agent: the guest's PID 1, a static binary.
+//! fnvm-agent: PID 1 of a function instance, a static binary.
 //!
-//! This first version brings the guest up (mounts /proc, /sys, /dev), reports on the console how
-//! long the guest took to reach it, runs the test actions named on the kernel command line
-//! (`fnvm.test=...`, used by fnvm's Linux-guest tests), and ends the VM cleanly. Running the
-//! user's function over vsock comes later and slots in between "up" and "shutdown".
+//! - In a VM (no arguments) it brings the guest up (/proc, /sys, /dev), prints
+//!   `fnvm-agent: up after <uptime> s`, and reads the kernel command line: with
+//!   `fnvm.rootfs=DEV fnvm.writable=DEV` it runs a function instance; without them it runs the
+//!   `fnvm.test=` actions of fnvm's Linux-guest tests. Either way the VM then ends (sync, reboot).
+//! - In the process sandbox (`--sandbox process --socket-dir DIR --rootfs DEV --writable DEV`)
+//!   it is PID 1 of fresh namespaces on the host and runs a function instance, then exits.
 //!
-//! PID 1 must never exit or panic (the kernel would panic in turn): every error is printed and
-//! the VM is rebooted, which the VMM sees as the guest ending itself.
+//! A function instance: the agent's private root with the overlay of the two disks, listeners
+//! on the control and function ports, the function started on the host's Start, and the
+//! instance ended when the function ends (or on Stop).
+//!
+//! PID 1 must never panic or, in a VM, exit (the kernel would panic in turn): every error is
+//! printed and the instance ended in order.
 
+mod bridge;
 mod cmdline;
+mod config;
 mod console;
+mod control;
+mod guest_root;
+mod launch;
+mod lines;
 mod mounts;
+mod net;
+mod outbox;
+mod refresh;
 mod shutdown;
+mod supervisor;
 mod test_actions;
+mod transport;
+mod user;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use fnvm_agent::protocol::{CONTROL_PORT, FUNCTION_PORT};
+
+use config::{Config, Sandbox};
+use transport::Transport;
+
+/// Whether this agent runs in a VM (a panic reboots) or the process sandbox (a panic exits).
+static IN_VM: AtomicBool = AtomicBool::new(true);
 
 fn main() {
-    // Mounting over /proc and rebooting are only right for the init of a guest or of a fresh PID
-    // namespace; anywhere else (say, run by hand on a host as root) they would hit the host.
+    // Mounting over /proc, pivoting and rebooting are only right for the init of a guest or of
+    // a fresh PID namespace; anywhere else (say, run by hand on a host as root) they would hit
+    // the host.
     if std::process::id() != 1 {
         eprintln!(
             "{}error: not PID 1; the agent runs only as a guest's init",
@@ -24,31 +54,159 @@ fn main() {
         );
         std::process::exit(2);
     }
-    // A Rust panic here would kill PID 1; turn it into a printed error and a clean reboot.
+    // A Rust panic here would kill PID 1; turn it into a printed error and a clean end.
     std::panic::set_hook(Box::new(|info| {
         console::line(&format!("error: internal panic: {info}"));
-        shutdown::reboot();
+        end_instance(1);
     }));
 
-    if let Err(err) = run() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.is_empty() {
+        vm_main();
+    }
+    IN_VM.store(false, Ordering::SeqCst);
+    match config::from_args(&args) {
+        Ok(config) => {
+            let code = match run_instance(&config) {
+                Ok(()) => 0,
+                Err(e) => {
+                    console::line(&format!("error: {e}"));
+                    1
+                }
+            };
+            end_instance(code)
+        }
+        Err(e) => {
+            eprintln!("{}error: {e}\n{}", console::PREFIX, config::USAGE);
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Ends this instance: in a VM, sync and reset; in the process sandbox, unmount and exit
+/// (the namespaces die with their init).
+fn end_instance(code: i32) -> ! {
+    if IN_VM.load(Ordering::SeqCst) {
+        shutdown::reboot();
+    }
+    for e in guest_root::unmount_all() {
+        console::line(&format!("error: {e}"));
+    }
+    std::process::exit(code)
+}
+
+/// PID 1 of a VM.
+fn vm_main() -> ! {
+    if let Err(err) = vm_boot() {
         console::line(&format!("error: {err}"));
     }
     shutdown::reboot();
 }
 
-/// Everything PID 1 does before the VM ends; any error ends it early.
-fn run() -> Result<(), String> {
+fn vm_boot() -> Result<(), String> {
     mounts::mount_kernel_filesystems()?;
     console::attach();
     console::line(&format!("up after {} s", read_uptime()?));
 
     let cmdline = std::fs::read_to_string("/proc/cmdline")
         .map_err(|e| format!("cannot read /proc/cmdline: {e}"))?;
-    for action in cmdline::test_actions(&cmdline) {
-        let action = test_actions::Action::parse(action)?;
-        test_actions::run(&action)?;
+    match config::from_cmdline(&cmdline) {
+        Some(config) => run_instance(&config?),
+        None => {
+            for action in cmdline::test_actions(&cmdline) {
+                let action = test_actions::Action::parse(action)?;
+                test_actions::run(&action)?;
+            }
+            Ok(())
+        }
     }
+}
+
+/// Runs one function instance to its end. Errors before the listeners exist end the instance
+/// at once (the host sees the agent end); later set-up errors are kept and reported to the
+/// host as the Start's failure.
+fn run_instance(config: &Config) -> Result<(), String> {
+    raise_fd_limit();
+    let (transport, private_root_at) = match &config.sandbox {
+        Sandbox::Vm => (Transport::Vsock, PathBuf::from("/fnvm")),
+        Sandbox::Process { socket_dir } => {
+            guest_root::make_mounts_private()?;
+            (
+                Transport::Unix {
+                    dir: socket_dir.clone(),
+                },
+                // Any existing directory works; the socket directory surely exists, and the
+                // tmpfs over it is seen only in this mount namespace (the host keeps seeing
+                // the sockets bound below).
+                socket_dir.clone(),
+            )
+        }
+    };
+    let control = transport
+        .listen(CONTROL_PORT)
+        .map_err(|e| format!("cannot listen on the control port {CONTROL_PORT}: {e}"))?;
+    let function = transport
+        .listen(FUNCTION_PORT)
+        .map_err(|e| format!("cannot listen on the function port {FUNCTION_PORT}: {e}"))?;
+
+    let setup = (|| {
+        if config.sandbox == Sandbox::Vm {
+            std::fs::create_dir_all(&private_root_at)
+                .map_err(|e| format!("cannot create {}: {e}", private_root_at.display()))?;
+        }
+        guest_root::enter(&private_root_at, &config.rootfs, &config.writable)?;
+        net::bring_up_loopback()
+    })();
+    if let Err(e) = &setup {
+        console::line(&format!("error: {e}"));
+    }
+
+    let outbox = outbox::Outbox::new();
+    let supervisor = supervisor::Supervisor::new(
+        outbox.clone(),
+        PathBuf::from(guest_root::FUNCTION_ROOT),
+        setup.err(),
+        config.sandbox == Sandbox::Vm,
+    );
+    spawn("outbox", {
+        let outbox = outbox.clone();
+        move || outbox.run_sender()
+    })?;
+    spawn("control-accept", {
+        let (s, o) = (supervisor.clone(), outbox.clone());
+        move || control::serve(control, s, o)
+    })?;
+    spawn("bridge-accept", move || bridge::serve(function))?;
+    console::line(&format!(
+        "listening for the host on ports {CONTROL_PORT} (control) and {FUNCTION_PORT} (function)"
+    ));
+    supervisor.run();
     Ok(())
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map(|_| ())
+        .map_err(|e| format!("cannot start the {name} thread: {e}"))
+}
+
+/// Each bridged stream holds two sockets and two pipes; the kernel's default soft limit of
+/// 1024 descriptors would cap concurrent requests near 170.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit on this frame.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 /// The guest's uptime as the kernel reports it (first field of /proc/uptime, e.g. "0.42").

@@ -1,0 +1,169 @@
+//! What this agent is asked to do, from how it was started:
+//!
+//! - VM: no arguments; the kernel command line names the disks (`fnvm.rootfs=DEV`,
+//!   `fnvm.writable=DEV`). Without `fnvm.rootfs=` the boot is a test boot (`fnvm.test=`
+//!   actions only), as fnvm's Linux-guest tests use it.
+//! - Process sandbox: `--sandbox process --socket-dir DIR --rootfs DEV --writable DEV`.
+
+use std::path::PathBuf;
+
+use crate::cmdline;
+
+/// Where the agent runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sandbox {
+    /// PID 1 of a micro-VM; streams over vsock.
+    Vm,
+    /// PID 1 of fresh namespaces on the host; streams over Unix sockets in `socket_dir`.
+    Process { socket_dir: PathBuf },
+}
+
+/// A function instance's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub sandbox: Sandbox,
+    /// The read-only rootfs image's block device (ext4 or erofs).
+    pub rootfs: String,
+    /// The writable layer's block device (ext4).
+    pub writable: String,
+}
+
+/// The usage line printed with argument errors.
+pub const USAGE: &str =
+    "usage: fnvm-agent --sandbox process --socket-dir DIR --rootfs DEV --writable DEV \
+     (no arguments: VM mode, disks from fnvm.rootfs= and fnvm.writable= on the kernel command line)";
+
+/// Parses the process sandbox's arguments (program name excluded).
+pub fn from_args(args: &[String]) -> Result<Config, String> {
+    let mut sandbox = None;
+    let mut socket_dir = None;
+    let mut rootfs = None;
+    let mut writable = None;
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let slot = match flag.as_str() {
+            "--sandbox" => &mut sandbox,
+            "--socket-dir" => &mut socket_dir,
+            "--rootfs" => &mut rootfs,
+            "--writable" => &mut writable,
+            other => return Err(format!("unknown argument {other:?}")),
+        };
+        let value = it
+            .next()
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| format!("{flag} needs a value"))?;
+        if slot.replace(value.clone()).is_some() {
+            return Err(format!("{flag} given twice"));
+        }
+    }
+    match sandbox.as_deref() {
+        Some("process") => {}
+        Some(other) => {
+            return Err(format!(
+                "--sandbox {other:?} is not supported on the command line (only \"process\"; \
+                 in a VM the agent takes no arguments)"
+            ))
+        }
+        None => return Err("--sandbox process is required".into()),
+    }
+    let socket_dir = PathBuf::from(socket_dir.ok_or("--socket-dir is required")?);
+    if !socket_dir.is_absolute() {
+        return Err(format!(
+            "--socket-dir {} must be an absolute path",
+            socket_dir.display()
+        ));
+    }
+    Ok(Config {
+        sandbox: Sandbox::Process { socket_dir },
+        rootfs: rootfs.ok_or("--rootfs is required")?,
+        writable: writable.ok_or("--writable is required")?,
+    })
+}
+
+/// The VM's configuration from the kernel command line: None for a test boot (no
+/// `fnvm.rootfs=`), an error when the disks are named only in part.
+pub fn from_cmdline(cmdline: &str) -> Option<Result<Config, String>> {
+    let rootfs = cmdline::value(cmdline, "fnvm.rootfs")?;
+    Some(match cmdline::value(cmdline, "fnvm.writable") {
+        Some(writable) if !rootfs.is_empty() && !writable.is_empty() => Ok(Config {
+            sandbox: Sandbox::Vm,
+            rootfs: rootfs.to_string(),
+            writable: writable.to_string(),
+        }),
+        _ => Err("the kernel command line needs both fnvm.rootfs=DEV and fnvm.writable=DEV".into()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn process_sandbox_arguments() {
+        let config = from_args(&args(&[
+            "--sandbox",
+            "process",
+            "--socket-dir",
+            "/run/i/sock",
+            "--rootfs",
+            "/dev/loop3",
+            "--writable",
+            "/dev/loop4",
+        ]))
+        .unwrap();
+        assert_eq!(
+            config,
+            Config {
+                sandbox: Sandbox::Process {
+                    socket_dir: "/run/i/sock".into()
+                },
+                rootfs: "/dev/loop3".into(),
+                writable: "/dev/loop4".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn bad_arguments_say_what_is_wrong() {
+        let err = |list: &[&str]| from_args(&args(list)).unwrap_err();
+        assert!(err(&["--sandbox", "vm"]).contains("\"vm\""));
+        assert!(err(&["--rootfs"]).contains("--rootfs needs a value"));
+        assert!(err(&["--bogus", "x"]).contains("\"--bogus\""));
+        assert!(err(&["--sandbox", "process", "--sandbox", "process"]).contains("twice"));
+        assert!(
+            err(&["--sandbox", "process", "--rootfs", "a", "--writable", "b"])
+                .contains("--socket-dir is required")
+        );
+        assert!(err(&[
+            "--sandbox",
+            "process",
+            "--socket-dir",
+            "rel",
+            "--rootfs",
+            "a",
+            "--writable",
+            "b"
+        ])
+        .contains("absolute"));
+    }
+
+    #[test]
+    fn vm_configuration_from_the_kernel_command_line() {
+        let cmdline =
+            "console=ttyS0 reboot=k panic=1 fnvm.rootfs=/dev/vda fnvm.writable=/dev/vdb\n";
+        assert_eq!(
+            from_cmdline(cmdline),
+            Some(Ok(Config {
+                sandbox: Sandbox::Vm,
+                rootfs: "/dev/vda".into(),
+                writable: "/dev/vdb".into(),
+            }))
+        );
+        assert_eq!(from_cmdline("console=ttyS0 fnvm.test=cpus"), None);
+        assert!(from_cmdline("fnvm.rootfs=/dev/vda").unwrap().is_err());
+    }
+}

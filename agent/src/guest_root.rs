@@ -1,0 +1,243 @@
+//! The agent's own root and the function's root.
+//!
+//! The agent moves into a small private tmpfs (its mount points, /proc, and a bind of the /dev
+//! it started with) so that nothing it needs lives on the function's writable layer — a full
+//! layer (ENOSPC) hits only the function — and, in the process sandbox, so that no host path is
+//! left in its mount namespace. In it, the rootfs image is mounted read-only, the writable layer
+//! read-write, and an overlay of both at [`FUNCTION_ROOT`] becomes the function's `/`.
+
+use std::io::Read;
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+/// Mount points inside the agent's root.
+pub const ROOTFS_MOUNT: &str = "/mnt/rootfs";
+pub const WRITABLE_MOUNT: &str = "/mnt/writable";
+pub const FUNCTION_ROOT: &str = "/mnt/root";
+/// The agent's tmpfs root is small: it only holds empty mount points.
+const AGENT_ROOT_OPTIONS: &str = "mode=755,size=1m";
+
+const EROFS_MAGIC: u32 = 0xE0F5_E1E2;
+const EXT4_MAGIC: u16 = 0xEF53;
+
+fn errno_text(what: &str, e: impl std::fmt::Display) -> String {
+    format!("{what}: {e}")
+}
+
+/// Which file system a block device holds, from its superblock magic.
+pub fn detect_filesystem(device: &str) -> Result<&'static str, String> {
+    let mut file =
+        std::fs::File::open(device).map_err(|e| errno_text(&format!("cannot open {device}"), e))?;
+    let mut head = [0u8; 2048];
+    file.read_exact(&mut head)
+        .map_err(|e| errno_text(&format!("cannot read the superblock of {device}"), e))?;
+    filesystem_from_superblock(&head)
+        .ok_or_else(|| format!("{device} holds neither an ext4 nor an erofs file system"))
+}
+
+/// Both file systems keep their superblock at byte 1024.
+fn filesystem_from_superblock(head: &[u8; 2048]) -> Option<&'static str> {
+    let erofs = u32::from_le_bytes([head[1024], head[1025], head[1026], head[1027]]);
+    if erofs == EROFS_MAGIC {
+        return Some("erofs");
+    }
+    let ext = u16::from_le_bytes([head[1024 + 0x38], head[1024 + 0x39]]);
+    (ext == EXT4_MAGIC).then_some("ext4")
+}
+
+fn mkdir(path: &str) -> Result<(), String> {
+    std::fs::create_dir_all(path).map_err(|e| errno_text(&format!("cannot create {path}"), e))
+}
+
+fn do_mount(
+    source: Option<&str>,
+    target: &str,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), String> {
+    mount(source, target, fstype, flags, data).map_err(|e| {
+        errno_text(
+            &format!(
+                "cannot mount {} ({}) on {target}",
+                source.unwrap_or("-"),
+                fstype.unwrap_or("bind")
+            ),
+            e,
+        )
+    })
+}
+
+/// Process sandbox only: cuts this mount namespace off from the host's, so nothing the agent
+/// mounts propagates back (clone(CLONE_NEWNS) keeps shared propagation).
+pub fn make_mounts_private() -> Result<(), String> {
+    do_mount(None, "/", None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)
+}
+
+/// Mounts the agent's tmpfs root at `at`, the disks and the overlay inside it, then makes it
+/// the agent's `/` and mounts a fresh /proc. `at` must be an existing directory (its content is
+/// hidden, in this mount namespace only).
+pub fn enter(at: &Path, rootfs: &str, writable: &str) -> Result<(), String> {
+    let at = at.display().to_string();
+    do_mount(
+        Some("tmpfs"),
+        &at,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(AGENT_ROOT_OPTIONS),
+    )?;
+    for dir in ["dev", "proc", ROOTFS_MOUNT, WRITABLE_MOUNT, FUNCTION_ROOT] {
+        mkdir(&format!("{at}/{}", dir.trim_start_matches('/')))?;
+    }
+    do_mount(
+        Some("/dev"),
+        &format!("{at}/dev"),
+        None,
+        MsFlags::MS_BIND,
+        None,
+    )?;
+    mount_function_root(&at, rootfs, writable)?;
+    switch_root(&at)?;
+    do_mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None,
+    )
+}
+
+/// rootfs (read-only, ext4 or erofs) + writable layer (ext4) → overlay at `<at>/mnt/root`.
+fn mount_function_root(at: &str, rootfs: &str, writable: &str) -> Result<(), String> {
+    for (name, dev) in [("rootfs", rootfs), ("writable layer", writable)] {
+        let meta = std::fs::metadata(dev)
+            .map_err(|e| errno_text(&format!("the {name} device {dev}"), e))?;
+        if !meta.file_type().is_block_device() {
+            return Err(format!("the {name} device {dev} is not a block device"));
+        }
+    }
+    let lower = format!("{at}{ROOTFS_MOUNT}");
+    let rw = format!("{at}{WRITABLE_MOUNT}");
+    let merged = format!("{at}{FUNCTION_ROOT}");
+    let fstype = detect_filesystem(rootfs)?;
+    do_mount(
+        Some(rootfs),
+        &lower,
+        Some(fstype),
+        MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
+        None,
+    )?;
+    match detect_filesystem(writable)? {
+        "ext4" => {}
+        other => {
+            return Err(format!(
+                "the writable layer {writable} holds {other}, not ext4"
+            ))
+        }
+    }
+    do_mount(Some(writable), &rw, Some("ext4"), MsFlags::MS_NODEV, None)?;
+    let upper = format!("{rw}/upper");
+    let work = format!("{rw}/work");
+    mkdir(&upper)?;
+    mkdir(&work)?;
+    let options = format!("lowerdir={lower},upperdir={upper},workdir={work}");
+    do_mount(
+        Some("overlay"),
+        &merged,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(&options),
+    )
+}
+
+/// Makes `at` the root. pivot_root detaches everything else (the process sandbox's host
+/// mounts); an initramfs root cannot be pivoted away from, so the VM moves `at` over `/` and
+/// chroots, as switch_root does — either way `at` then has a parent mount, which the
+/// function's own pivot_root needs.
+fn switch_root(at: &str) -> Result<(), String> {
+    std::env::set_current_dir(at).map_err(|e| errno_text(&format!("cannot enter {at}"), e))?;
+    match nix::unistd::pivot_root(".", ".") {
+        Ok(()) => {
+            umount2(".", MntFlags::MNT_DETACH)
+                .map_err(|e| errno_text("cannot detach the old root", e))?;
+        }
+        Err(nix::errno::Errno::EINVAL) => {
+            do_mount(Some("."), "/", None, MsFlags::MS_MOVE, None)?;
+            nix::unistd::chroot(".")
+                .map_err(|e| errno_text("cannot chroot into the agent root", e))?;
+        }
+        Err(e) => return Err(errno_text("cannot pivot_root into the agent root", e)),
+    }
+    std::env::set_current_dir("/").map_err(|e| errno_text("cannot enter /", e))
+}
+
+/// Unmounts the function's root and disks (process sandbox, at the end), flushing the
+/// writable layer; errors are reported, not fatal.
+pub fn unmount_all() -> Vec<String> {
+    nix::unistd::sync();
+    let mut errors = Vec::new();
+    for target in [FUNCTION_ROOT, WRITABLE_MOUNT, ROOTFS_MOUNT] {
+        if let Err(e) = umount2(target, MntFlags::empty()) {
+            // Busy only if something still uses it; detach so it goes once that ends.
+            let _ = umount2(target, MntFlags::MNT_DETACH);
+            errors.push(format!("cannot unmount {target}: {e}"));
+        }
+    }
+    errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn superblock_magic_tells_ext4_from_erofs() {
+        let mut head = [0u8; 2048];
+        assert_eq!(filesystem_from_superblock(&head), None);
+        head[1024 + 0x38..1024 + 0x3a].copy_from_slice(&EXT4_MAGIC.to_le_bytes());
+        assert_eq!(filesystem_from_superblock(&head), Some("ext4"));
+        head[1024..1028].copy_from_slice(&EROFS_MAGIC.to_le_bytes());
+        assert_eq!(filesystem_from_superblock(&head), Some("erofs"));
+    }
+
+    #[test]
+    fn real_images_are_recognised() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("hello"), "hi").unwrap();
+        let ext4 = dir.path().join("ext4.img");
+        let made = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-d"])
+            .arg(&src)
+            .arg(&ext4)
+            .arg("4M")
+            .status();
+        match made {
+            Ok(s) if s.success() => {
+                assert_eq!(detect_filesystem(ext4.to_str().unwrap()), Ok("ext4"))
+            }
+            _ => eprintln!("SKIPPED (no mkfs.ext4): real_images_are_recognised ext4"),
+        }
+        let erofs = dir.path().join("erofs.img");
+        let made = std::process::Command::new("mkfs.erofs")
+            .arg("--quiet")
+            .arg(&erofs)
+            .arg(&src)
+            .status();
+        match made {
+            Ok(s) if s.success() => {
+                assert_eq!(detect_filesystem(erofs.to_str().unwrap()), Ok("erofs"))
+            }
+            _ => eprintln!("SKIPPED (no mkfs.erofs): real_images_are_recognised erofs"),
+        }
+        let junk = dir.path().join("junk");
+        std::fs::write(&junk, vec![7u8; 4096]).unwrap();
+        let err = detect_filesystem(junk.to_str().unwrap()).unwrap_err();
+        assert!(err.contains("neither an ext4 nor an erofs"), "{err}");
+        let err = detect_filesystem("/nonexistent/disk").unwrap_err();
+        assert!(err.contains("/nonexistent/disk"), "{err}");
+    }
+}
