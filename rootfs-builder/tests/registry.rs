@@ -502,3 +502,35 @@ fn oci_layout_and_docker_archive_give_the_same_tree_as_the_registry() {
     assert_eq!(listing(&from_oci, "tree-oci"), reference);
     assert_eq!(listing(&from_archive, "tree-archive"), reference);
 }
+
+#[test]
+fn blob_longer_than_its_descriptor_is_cut_off() {
+    let reg = Registry::start_with_auth();
+    let img = hello_image();
+    reg.push_blob("liar", &img.config);
+    let real = layer(&[file("srv/data", &noise(64 * 1024, 9))]);
+    let d = reg.push_blob("liar", &real);
+    // The manifest understates the layer by 100 bytes; the registry does not check sizes.
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": descriptor(OCI_CONFIG, &img.config),
+        "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": d.to_string(), "size": real.len() - 100}],
+    }))
+    .unwrap();
+    reg.push_manifest("liar", "v1", OCI_MANIFEST, &manifest);
+    let home = tempfile::tempdir().unwrap();
+    let e = pull_quiet(
+        &format!("{}/liar:v1", reg.host()),
+        home.path(),
+        &good(&reg.host()),
+    )
+    .unwrap_err();
+    assert!(
+        chain(&e).contains("larger than its declared"),
+        "{}",
+        chain(&e)
+    );
+    assert!(!blobs_in_store(home.path()).contains(&d.hex().to_owned()));
+    assert!(temp_files(home.path()).is_empty());
+}
