@@ -534,3 +534,69 @@ fn blob_longer_than_its_descriptor_is_cut_off() {
     assert!(!blobs_in_store(home.path()).contains(&d.hex().to_owned()));
     assert!(temp_files(home.path()).is_empty());
 }
+
+/// Registries backed by object storage answer blob reads with a redirect. The real
+/// registry's filesystem driver never does, so a small HTTP server plays the registry
+/// here: Authorization must reach the registry but never the storage host.
+#[test]
+fn blob_redirects_are_followed_without_leaking_authorization() {
+    let img = hello_image();
+    let blobs: std::collections::HashMap<String, Vec<u8>> = std::iter::once(&img.config)
+        .chain(img.layers.iter())
+        .map(|b| (format!("/blob/{}", Digest::of(b).hex()), b.clone()))
+        .collect();
+    let storage = TinyHttp::start(move |req| match blobs.get(&req.path) {
+        Some(b) => (200, vec![], b.clone()),
+        None => (404, vec![], vec![]),
+    });
+    let storage_port = storage.port;
+    let manifest = img.manifest.clone();
+    let basic = Credentials::new(USER, PASSWORD).basic_header();
+    let registry = TinyHttp::start(move |req| {
+        if req.header("authorization") != Some(basic.as_str()) {
+            let challenge = ("WWW-Authenticate".into(), "Basic realm=\"fake\"".into());
+            return (401, vec![challenge], vec![]);
+        }
+        if req.path == "/v2/" {
+            return (200, vec![], b"{}".to_vec());
+        }
+        if req.path.starts_with("/v2/redir/manifests/") {
+            let ct = ("Content-Type".into(), OCI_MANIFEST.into());
+            return (200, vec![ct], manifest.clone());
+        }
+        if let Some(d) = req.path.strip_prefix("/v2/redir/blobs/sha256:") {
+            let to = format!("http://localhost:{storage_port}/blob/{d}");
+            return (307, vec![("Location".into(), to)], vec![]);
+        }
+        (404, vec![], vec![])
+    });
+    let home = tempfile::tempdir().unwrap();
+    let mut opts = good(&format!("127.0.0.1:{}", registry.port));
+    opts.registry.insecure_registries.push("localhost".into());
+    let got = pull_quiet(
+        &format!("127.0.0.1:{}/redir:v1", registry.port),
+        home.path(),
+        &opts,
+    )
+    .unwrap();
+    assert_eq!(got.image.manifest_digest, img.digest());
+    let seen = storage.seen.lock().unwrap();
+    assert_eq!(
+        seen.len(),
+        3,
+        "config and two layers came from the storage host"
+    );
+    assert!(seen.iter().all(|r| r.header("authorization").is_none()));
+    drop(seen);
+
+    // A redirect to a plain-HTTP host that was not allowed is refused.
+    let home = tempfile::tempdir().unwrap();
+    let opts = good(&format!("127.0.0.1:{}", registry.port));
+    let e = pull_quiet(
+        &format!("127.0.0.1:{}/redir:v1", registry.port),
+        home.path(),
+        &opts,
+    )
+    .unwrap_err();
+    assert!(chain(&e).contains("refusing plain HTTP"), "{}", chain(&e));
+}
