@@ -27,7 +27,7 @@ use crate::arch::x86_64::regs::{BootEntry, EntryMode};
 use crate::devices::bus::{lock, Bus, BusError, SharedDevice};
 use crate::devices::i8042::{LegacySink, I8042, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::serial::{
-    ConsoleWriter, PanicWatch, SerialArgs, SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_LEN,
+    ConsoleWatch, ConsoleWriter, SerialArgs, SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_LEN,
 };
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::MmioTransport;
@@ -194,7 +194,7 @@ pub struct Vm {
     event_loop: EventLoop,
     exit: Arc<ExitSlot>,
     stop_evt: Arc<EventFd>,
-    panic_watch: Arc<PanicWatch>,
+    console_watch: Arc<ConsoleWatch>,
     serial: Arc<Mutex<SerialDevice>>,
     i8042: Arc<Mutex<I8042>>,
     virtio: Vec<VirtioSlot>,
@@ -240,7 +240,7 @@ impl Vm {
 
         let exit = Arc::new(ExitSlot::new().map_err(io_err("exit eventfd"))?);
         let stop_evt = Arc::new(new_eventfd("stop eventfd")?);
-        let panic_watch = Arc::new(PanicWatch::new().map_err(io_err("panic eventfd"))?);
+        let console_watch = Arc::new(ConsoleWatch::new().map_err(io_err("console watch eventfd"))?);
         let serial_ready = Arc::new(new_eventfd("serial input eventfd")?);
         let reset_evt = Arc::new(new_eventfd("reset eventfd")?);
 
@@ -254,7 +254,7 @@ impl Vm {
         let serial = Arc::new(Mutex::new(SerialDevice::new(SerialArgs {
             interrupt: serial_irq as Arc<dyn InterruptTrigger>,
             input_ready: serial_ready.clone(),
-            output: ConsoleWriter::new(config.console, panic_watch.clone()),
+            output: ConsoleWriter::new(config.console, console_watch.clone()),
         })));
         let i8042 = Arc::new(Mutex::new(I8042::new(reset_evt.clone())));
 
@@ -319,14 +319,14 @@ impl Vm {
             // if it does not (panic=0), the VMM ends it when the timer fires.
             let mut timer = TimerFd::new().map_err(timer_err)?;
             let timer_fd = timer.as_raw_fd();
-            let watch = panic_watch.clone();
-            let watch_fd = panic_watch.event().as_raw_fd();
+            let watch = console_watch.clone();
+            let watch_fd = console_watch.panic_event().as_raw_fd();
             let mut armed = false;
             add(
                 &mut event_loop,
                 watch_fd,
                 Box::new(move |_, _| {
-                    let _ = watch.event().read();
+                    let _ = watch.panic_event().read();
                     if !armed {
                         armed = true;
                         if let Err(e) = timer.reset(PANIC_GRACE, None) {
@@ -336,7 +336,7 @@ impl Vm {
                     Flow::Continue
                 }),
             )?;
-            let watch = panic_watch.clone();
+            let watch = console_watch.clone();
             add(
                 &mut event_loop,
                 timer_fd,
@@ -344,6 +344,19 @@ impl Vm {
                     Flow::Exit(VmExit::GuestPanic {
                         message: watch.message().unwrap_or_default(),
                     })
+                }),
+            )?;
+        }
+        {
+            // "reboot: Power down" / "System halted": the guest is done and about to halt
+            // forever with interrupts off; end the VM as a clean shutdown.
+            let watch = console_watch.clone();
+            add(
+                &mut event_loop,
+                console_watch.halt_event().as_raw_fd(),
+                Box::new(move |_, _| {
+                    let _ = watch.halt_event().read();
+                    Flow::Exit(VmExit::GuestShutdown)
                 }),
             )?;
         }
@@ -364,7 +377,7 @@ impl Vm {
             event_loop,
             exit,
             stop_evt,
-            panic_watch,
+            console_watch,
             serial,
             i8042,
             virtio: Vec::new(),
@@ -716,7 +729,7 @@ impl Vm {
         let exit = outcome?;
         // A guest that printed the panic banner and then reset (panic=N) or faulted ended
         // because of the panic: say so.
-        Ok(match (self.panic_watch.message(), exit) {
+        Ok(match (self.console_watch.message(), exit) {
             (Some(message), VmExit::GuestReset | VmExit::GuestShutdown)
             | (Some(message), VmExit::TripleFault { .. })
             | (Some(message), VmExit::Stopped) => VmExit::GuestPanic { message },

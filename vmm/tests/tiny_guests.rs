@@ -1273,3 +1273,29 @@ fn string_port_io_reaches_devices_one_element_at_a_time() {
     mem.read_slice(&mut buf, GuestAddress(BUF)).unwrap();
     assert_eq!(buf, [1, 2, 3]);
 }
+
+#[test]
+fn guest_power_off_ends_the_vm_cleanly_even_though_the_cpu_halts_forever() {
+    if !kvm_available("power_off") {
+        return;
+    }
+    // What Linux does on poweroff without ACPI: announce it, then halt with interrupts off
+    // (with an in-kernel irqchip that HLT never returns).
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    print(&mut a, "[    3.2] reboot: Power down\r\n").unwrap();
+    a.cli().unwrap();
+    let mut halt = a.create_label();
+    a.set_label(&mut halt).unwrap();
+    a.hlt().unwrap();
+    a.jmp(halt).unwrap();
+    let code = a.assemble(0x1000).unwrap();
+    let (c, console) = config(1, true);
+    let mut vm = Vm::new(c).unwrap();
+    vm.load_program(&code, 0x1000, EntryMode::Real, false)
+        .unwrap();
+    let exit = run(vm);
+    assert_eq!(exit, VmExit::GuestShutdown);
+    assert_eq!(exit.exit_code(), 0);
+    assert!(console.text().contains("Power down"));
+}

@@ -24,28 +24,42 @@ pub const COM1_IRQ: u32 = 4;
 
 /// What Linux prints first when it panics (`panic()` in kernel/panic.c).
 pub const PANIC_MARKER: &str = "Kernel panic - not syncing";
+/// What Linux prints (at emergency level, so even with `quiet`) once it has shut everything
+/// down for a power-off or a halt (kernel/reboot.c). Without ACPI it then halts the CPU with
+/// interrupts off forever, so the VMM must end the VM itself.
+pub const HALT_MARKERS: [&str; 2] = ["reboot: Power down", "reboot: System halted"];
 const MAX_LINE: usize = 512;
 
-/// Watches console output line by line for [`PANIC_MARKER`]; on the first hit it records the
-/// line and signals `event` so the event loop can end the VM even if the guest never resets.
-pub struct PanicWatch {
+/// Watches console output line by line for the ends of a guest's life the CPU does not show:
+/// a kernel panic ([`PANIC_MARKER`]; the line is kept and `panic_event` signalled) and a
+/// power-off or halt ([`HALT_MARKERS`]; `halt_event` signalled). Matching whole lines of the
+/// kernel's own console is robust as long as nothing else writes those exact texts to the
+/// serial console (user programs' output goes over vsock, not the console).
+pub struct ConsoleWatch {
     line: Mutex<Vec<u8>>,
     message: Mutex<Option<String>>,
-    event: EventFd,
+    panic_event: EventFd,
+    halt_event: EventFd,
 }
 
-impl PanicWatch {
+impl ConsoleWatch {
     pub fn new() -> io::Result<Self> {
         Ok(Self {
             line: Mutex::new(Vec::new()),
             message: Mutex::new(None),
-            event: EventFd::new(libc::EFD_NONBLOCK)?,
+            panic_event: EventFd::new(libc::EFD_NONBLOCK)?,
+            halt_event: EventFd::new(libc::EFD_NONBLOCK)?,
         })
     }
 
     /// Signalled once when a panic line has been seen.
-    pub fn event(&self) -> &EventFd {
-        &self.event
+    pub fn panic_event(&self) -> &EventFd {
+        &self.panic_event
+    }
+
+    /// Signalled when the guest announced a power-off or halt.
+    pub fn halt_event(&self) -> &EventFd {
+        &self.halt_event
     }
 
     /// The panic line (from the marker on), if the guest panicked.
@@ -72,8 +86,10 @@ impl PanicWatch {
             let mut message = super::bus::lock(&self.message);
             if message.is_none() {
                 *message = Some(text[pos..].trim_end().to_string());
-                let _ = self.event.write(1);
+                let _ = self.panic_event.write(1);
             }
+        } else if HALT_MARKERS.iter().any(|m| text.contains(m)) {
+            let _ = self.halt_event.write(1);
         }
     }
 }
@@ -82,18 +98,18 @@ impl PanicWatch {
 /// the first guest byte reaches the host immediately) and lets the panic watch see it.
 pub struct ConsoleWriter {
     out: Box<dyn Write + Send>,
-    panic_watch: Arc<PanicWatch>,
+    console_watch: Arc<ConsoleWatch>,
 }
 
 impl ConsoleWriter {
-    pub fn new(out: Box<dyn Write + Send>, panic_watch: Arc<PanicWatch>) -> Self {
-        Self { out, panic_watch }
+    pub fn new(out: Box<dyn Write + Send>, console_watch: Arc<ConsoleWatch>) -> Self {
+        Self { out, console_watch }
     }
 }
 
 impl Write for ConsoleWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.panic_watch.observe(buf);
+        self.console_watch.observe(buf);
         // A closed console must not stop the guest: output is best effort.
         if let Err(err) = self.out.write_all(buf).and_then(|_| self.out.flush()) {
             tracing::debug!("serial console output dropped: {err}");
@@ -284,14 +300,14 @@ mod tests {
         out: SharedBuf,
         irq: Arc<CountingIrq>,
         ready: Arc<EventFd>,
-        watch: Arc<PanicWatch>,
+        watch: Arc<ConsoleWatch>,
     }
 
     fn fixture() -> Fixture {
         let out = SharedBuf::default();
         let irq = Arc::new(CountingIrq::default());
         let ready = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-        let watch = Arc::new(PanicWatch::new().unwrap());
+        let watch = Arc::new(ConsoleWatch::new().unwrap());
         let dev = SerialDevice::new(SerialArgs {
             interrupt: irq.clone(),
             input_ready: ready.clone(),
@@ -374,7 +390,18 @@ mod tests {
             f.watch.message().as_deref(),
             Some("Kernel panic - not syncing: VFS: no root")
         );
-        assert_eq!(f.watch.event().read().unwrap(), 1);
+        assert_eq!(f.watch.panic_event().read().unwrap(), 1);
+        assert!(f.watch.halt_event().read().is_err());
+    }
+
+    #[test]
+    fn power_off_line_signals_halt() {
+        let mut f = fixture();
+        for b in b"[   2.1] reboot: Power down\r\n" {
+            f.dev.write(0, &[*b]);
+        }
+        assert_eq!(f.watch.halt_event().read().unwrap(), 1);
+        assert!(f.watch.message().is_none());
     }
 
     #[test]
