@@ -600,3 +600,56 @@ fn blob_redirects_are_followed_without_leaking_authorization() {
     .unwrap_err();
     assert!(chain(&e).contains("refusing plain HTTP"), "{}", chain(&e));
 }
+
+/// Overloaded registries answer 503 now and then; the client backs off and retries.
+#[test]
+fn server_errors_are_retried_with_backoff() {
+    let img = hello_image();
+    let failures_left = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(2));
+    let left = failures_left.clone();
+    let blobs: std::collections::HashMap<String, Vec<u8>> = std::iter::once(&img.config)
+        .chain(img.layers.iter())
+        .map(|b| (format!("/v2/busy/blobs/{}", Digest::of(b)), b.clone()))
+        .collect();
+    let manifest = img.manifest.clone();
+    let server = TinyHttp::start(move |req| {
+        use std::sync::atomic::Ordering::SeqCst;
+        if req.path.contains("/blobs/")
+            && left
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return (503, vec![], b"busy".to_vec());
+        }
+        match req.path.as_str() {
+            "/v2/" => (200, vec![], b"{}".to_vec()),
+            p if p.starts_with("/v2/busy/manifests/") => (
+                200,
+                vec![("Content-Type".into(), OCI_MANIFEST.into())],
+                manifest.clone(),
+            ),
+            p => match blobs.get(p) {
+                Some(b) => (200, vec![], b.clone()),
+                None => (404, vec![], vec![]),
+            },
+        }
+    });
+    let home = tempfile::tempdir().unwrap();
+    let host = format!("127.0.0.1:{}", server.port);
+    let got = pull_quiet(
+        &format!("{host}/busy:v1"),
+        home.path(),
+        &options(&host, None),
+    )
+    .unwrap();
+    assert_eq!(got.image.manifest_digest, img.digest());
+    assert_eq!(failures_left.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let blob_requests = server
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.path.contains("/blobs/"))
+        .count();
+    assert_eq!(blob_requests, 3 + 2, "three blobs plus two retried 503s");
+}

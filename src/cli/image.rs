@@ -40,7 +40,7 @@ pub struct RegistryArgs {
     /// Registry user name.
     #[arg(long, value_name = "USER")]
     registry_user: Option<String>,
-    /// Registry password or token.
+    /// Registry password or token (FNVM_REGISTRY_PASSWORD keeps it out of the process list).
     #[arg(long, value_name = "PASSWORD")]
     registry_password: Option<String>,
     /// Allow plain HTTP to this registry host (host or host:port); repeatable.
