@@ -706,6 +706,14 @@ fn check(rc: libc::c_int) -> Result<(), i32> {
     }
 }
 
+fn check_syscall(rc: libc::c_long) -> Result<(), i32> {
+    if rc < 0 {
+        Err(errno())
+    } else {
+        Ok(())
+    }
+}
+
 fn opt_ptr(s: &Option<CString>) -> *const c_char {
     s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr())
 }
@@ -774,9 +782,15 @@ fn run_op(op: &Op) -> Result<(), i32> {
                 check(libc::sethostname(name.as_ptr(), name.as_bytes().len()))
             }
             Op::DropCapabilities => drop_capabilities(),
-            Op::SetGroups { groups } => check(libc::setgroups(groups.len(), groups.as_ptr())),
-            Op::SetGid(gid) => check(libc::setgid(*gid)),
-            Op::SetUid(uid) => check(libc::setuid(*uid)),
+            // Raw system calls: glibc's wrappers would try to change the credentials of every
+            // thread of the agent, which this clone(2)d child does not have, and wait forever.
+            Op::SetGroups { groups } => check_syscall(libc::syscall(
+                libc::SYS_setgroups,
+                groups.len(),
+                groups.as_ptr(),
+            )),
+            Op::SetGid(gid) => check_syscall(libc::syscall(libc::SYS_setgid, *gid)),
+            Op::SetUid(uid) => check_syscall(libc::syscall(libc::SYS_setuid, *uid)),
             Op::Stdio {
                 null,
                 stdout,
