@@ -339,6 +339,9 @@ fn python_web_passthrough_keeps_method_path_query_headers_and_body_and_serves_64
         }
         assert_eq!(total, 100 << 20);
         let rss_after = run.peak_rss_kib();
+        eprintln!(
+            "{sandbox}: fnvm peak RSS {rss_before} KiB before, {rss_after} KiB after 100 MiB"
+        );
         assert!(
             rss_after < 48 * 1024,
             "fnvm's peak RSS grew from {rss_before} KiB to {rss_after} KiB streaming 100 MiB"
@@ -365,6 +368,7 @@ fn a_full_writable_layer_fails_with_enospc_near_512_mib_and_the_function_keeps_s
             "writing 600 MiB must fail with ENOSPC: {fill}"
         );
         let written = fill["written_mib"].as_u64().unwrap();
+        eprintln!("{sandbox}: ENOSPC after {written} MiB written to /tmp");
         assert!(
             (400..512).contains(&written),
             "ENOSPC after {written} MiB, expected near 512 MiB"

@@ -289,10 +289,11 @@ class Handler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = handle_any
 
-server = ThreadingHTTPServer(("0.0.0.0", 9000), Handler)
+port = int(os.environ.get("PORT", "9000"))
+ThreadingHTTPServer.request_queue_size = 128
+server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
 server.daemon_threads = True
-server.request_queue_size = 128
-print("python server listening on 0.0.0.0:9000", flush=True)
+print(f"python server listening on 0.0.0.0:{port}", flush=True)
 server.serve_forever()
 "#;
 

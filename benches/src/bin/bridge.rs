@@ -1,0 +1,214 @@
+//! `bridge`: warm request latency and throughput through `fnvm run`'s path
+//! (client → fnvm's HTTP front → one stream per request → agent bridge → 127.0.0.1:9000 in the
+//! sandbox → the example function), side by side with the same server binary reached directly
+//! over host loopback TCP. Process sandbox here (VM where the host has VMX/SVM: pass
+//! `--sandbox vm`).
+//!
+//! Latency: one keep-alive client connection, sequential `GET /` requests, p50/p99 of each
+//! round trip. Throughput: wrk (Debian package `wrk`), 2 threads, 16 connections, 5 s.
+//! Targets: added p50 < 100 µs; fnvm throughput ≥ 70 % of loopback.
+//!
+//! Needs root and a release build: `cargo build --release -p fnvm && cargo run --release -p
+//! fnvm-benches --bin bridge`.
+
+#[path = "../../../tests/run_support/mod.rs"]
+mod run_support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use fnvm_benches::{quantile, Table};
+
+const WARMUP: usize = 500;
+const SAMPLES: usize = 5000;
+
+fn main() -> Result<()> {
+    let sandbox = std::env::args()
+        .skip_while(|a| a != "--sandbox")
+        .nth(1)
+        .unwrap_or_else(|| "process".into());
+    let fnvm = fnvm_binary()?;
+    let agent = run_support::static_binary(&fnvm, "fnvm-agent", "FNVM_AGENT_BIN");
+    let hello = run_support::static_binary(&fnvm, "fnvm-hello", "FNVM_HELLO_BIN");
+    std::env::set_var("FNVM_HELLO_BIN", &hello);
+    let work = run_support::target_dir(&fnvm).join("bench-bridge");
+    std::fs::create_dir_all(&work)?;
+    let image = run_support::oci::ensure_example_image(&work.join("images"))?;
+    let home = work.join("home");
+
+    // The same server binary on host loopback.
+    let port = free_port()?;
+    let loopback_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let mut direct = Command::new(&hello)
+        .arg(loopback_addr.to_string())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting fnvm-hello on loopback")?;
+    wait_ready(loopback_addr)?;
+
+    let run = run_support::FnvmRun::start(
+        &fnvm,
+        &home,
+        &agent,
+        &image,
+        &["--sandbox", &sandbox, "--type", "web"],
+        Duration::from_secs(60),
+    );
+    let fnvm_addr = run.expect_serving();
+
+    let loop_lat = latencies(loopback_addr)?;
+    let fnvm_lat = latencies(fnvm_addr)?;
+    let loop_rps = wrk(loopback_addr);
+    let fnvm_rps = wrk(fnvm_addr);
+    let _ = direct.kill();
+    let _ = direct.wait();
+    drop(run);
+
+    let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
+    let rps = |r: Option<f64>| r.map(|r| format!("{r:.0}/s")).unwrap_or_else(|| "-".into());
+    let mut table = Table::new(&["path", "p50", "p99", "throughput (wrk -t2 -c16)"]);
+    table.row(vec![
+        "loopback TCP → fnvm-hello".into(),
+        us(quantile(&loop_lat, 0.5)),
+        us(quantile(&loop_lat, 0.99)),
+        rps(loop_rps),
+    ]);
+    table.row(vec![
+        format!("fnvm run ({sandbox} sandbox) → fnvm-hello"),
+        us(quantile(&fnvm_lat, 0.5)),
+        us(quantile(&fnvm_lat, 0.99)),
+        rps(fnvm_rps),
+    ]);
+    println!("{}", table.render());
+    let added = quantile(&fnvm_lat, 0.5).saturating_sub(quantile(&loop_lat, 0.5));
+    println!(
+        "added p50: {} (target < 100 µs){}",
+        us(added),
+        if added < Duration::from_micros(100) {
+            ""
+        } else {
+            "  MISSED"
+        }
+    );
+    if let (Some(f), Some(l)) = (fnvm_rps, loop_rps) {
+        let ratio = f / l;
+        println!(
+            "throughput: {:.0} % of loopback (target ≥ 70 %){}",
+            ratio * 100.0,
+            if ratio >= 0.7 { "" } else { "  MISSED" }
+        );
+    }
+    Ok(())
+}
+
+/// `target/release/fnvm` (benchmarks measure release builds).
+fn fnvm_binary() -> Result<PathBuf> {
+    let path = run_support::workspace()
+        .parent()
+        .map(|w| w.join("target/release/fnvm"))
+        .context("workspace")?;
+    if !path.is_file() {
+        bail!(
+            "{} is missing: run `cargo build --release -p fnvm` first",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn wait_ready(addr: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bail!("nothing listens on {addr}")
+}
+
+/// Round trips of `GET /` on one keep-alive connection.
+fn latencies(addr: SocketAddr) -> Result<Vec<Duration>> {
+    let stream = TcpStream::connect(addr)?;
+    stream.set_nodelay(true)?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    let mut samples = Vec::with_capacity(SAMPLES);
+    for i in 0..WARMUP + SAMPLES {
+        let t = Instant::now();
+        writer.write_all(request.as_bytes())?;
+        read_response(&mut reader)?;
+        if i >= WARMUP {
+            samples.push(t.elapsed());
+        }
+    }
+    Ok(samples)
+}
+
+/// Reads one response with a Content-Length body.
+fn read_response(reader: &mut impl BufRead) -> Result<()> {
+    let mut len = None;
+    let mut status = String::new();
+    reader.read_line(&mut status)?;
+    if !status.starts_with("HTTP/1.1 200") {
+        bail!("unexpected response {status:?}");
+    }
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            bail!("connection closed mid-response");
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                len = Some(v.trim().parse::<usize>()?);
+            }
+        }
+    }
+    let mut body = vec![0; len.context("no Content-Length")?];
+    reader.read_exact(&mut body)?;
+    Ok(())
+}
+
+/// Requests per second measured by wrk, or None (with a note) when wrk is unavailable.
+fn wrk(addr: SocketAddr) -> Option<f64> {
+    let out = Command::new("wrk")
+        .args(["-t2", "-c16", "-d5s"])
+        .arg(format!("http://{addr}/"))
+        .output();
+    let out = match out {
+        Ok(o) if o.status.success() => o,
+        Ok(o) => {
+            eprintln!("wrk failed: {}", String::from_utf8_lossy(&o.stderr));
+            return None;
+        }
+        Err(e) => {
+            eprintln!("wrk is not available ({e}); throughput not measured");
+            return None;
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let errors = text
+        .lines()
+        .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
+    if let Some(e) = errors {
+        eprintln!("wrk against {addr}: {e}");
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+}

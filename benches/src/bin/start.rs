@@ -1,0 +1,209 @@
+//! `start`: from launching `fnvm run IMAGE` to the first successful HTTP reply, for a busybox
+//! httpd image and a Debian minbase + python3 image (the images of the run tests), median of
+//! 10, process sandbox (VM with `--sandbox vm` where the host has VMX/SVM) against the floor: a
+//! plain `unshare --pid --mount --uts --ipc --fork chroot` of the same rootfs (the same rootfs
+//! image, loop-mounted read-only), running the same server.
+//!
+//! Needs root and a release build: `cargo build --release -p fnvm && cargo run --release -p
+//! fnvm-benches --bin start`.
+
+#[path = "../../../tests/run_support/mod.rs"]
+mod run_support;
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use fnvm_benches::{median, ms, ratio, Table};
+
+const RUNS: usize = 10;
+
+struct Case {
+    name: &'static str,
+    image: String,
+    /// A path that answers 200.
+    probe: &'static str,
+    /// The server's argv inside the rootfs, listening on `{port}`.
+    floor_argv: fn(u16) -> Vec<String>,
+    floor_env: Vec<String>,
+}
+
+fn main() -> Result<()> {
+    let sandbox = std::env::args()
+        .skip_while(|a| a != "--sandbox")
+        .nth(1)
+        .unwrap_or_else(|| "process".into());
+    let fnvm = run_support::workspace()
+        .parent()
+        .context("workspace")?
+        .join("target/release/fnvm");
+    if !fnvm.is_file() {
+        bail!(
+            "{} is missing: run `cargo build --release -p fnvm` first",
+            fnvm.display()
+        );
+    }
+    let agent = run_support::static_binary(&fnvm, "fnvm-agent", "FNVM_AGENT_BIN");
+    let work = run_support::target_dir(&fnvm).join("bench-start");
+    let layouts = work.join("images");
+    let home = work.join("home");
+    std::fs::create_dir_all(&home)?;
+    let cases = [
+        Case {
+            name: "busybox httpd",
+            image: run_support::busybox_image(&layouts),
+            probe: "/index.html",
+            floor_argv: |port| {
+                [
+                    "/bin/httpd",
+                    "-f",
+                    "-p",
+                    &format!("127.0.0.1:{port}"),
+                    "-h",
+                    "/www",
+                ]
+                .map(String::from)
+                .to_vec()
+            },
+            floor_env: vec!["PATH=/bin".into()],
+        },
+        Case {
+            name: "python3 (Debian minbase)",
+            image: run_support::python_image(&layouts),
+            probe: "/env",
+            floor_argv: |_| {
+                ["python3", "-u", "/srv/server.py"]
+                    .map(String::from)
+                    .to_vec()
+            },
+            floor_env: vec!["PATH=/usr/local/bin:/usr/bin:/bin".into()],
+        },
+    ];
+
+    let mut table = Table::new(&[
+        "image",
+        &format!("fnvm run ({sandbox}) p50"),
+        "unshare+chroot p50",
+        "ratio",
+    ]);
+    for case in &cases {
+        // One untimed run pulls and builds the rootfs (cached afterwards).
+        let first = start_once(&fnvm, &home, &agent, &sandbox, case)?;
+        let rootfs = first.1.context("fnvm did not name the rootfs image")?;
+        let mut fnvm_times = Vec::new();
+        for _ in 0..RUNS {
+            fnvm_times.push(start_once(&fnvm, &home, &agent, &sandbox, case)?.0);
+        }
+        let floor_times = floor(&rootfs, case)?;
+        let f = median(&fnvm_times);
+        let b = median(&floor_times);
+        table.row(vec![case.name.into(), ms(f), ms(b), ratio(f, Some(b))]);
+        eprintln!(
+            "{}: fnvm {:?}  floor {:?}",
+            case.name, fnvm_times, floor_times
+        );
+    }
+    println!("start → first successful reply, median of {RUNS}");
+    println!("{}", table.render());
+    Ok(())
+}
+
+/// One `fnvm run` from spawn to the first 200 (then Ctrl-C); returns the time and the rootfs.
+fn start_once(
+    fnvm: &Path,
+    home: &Path,
+    agent: &Path,
+    sandbox: &str,
+    case: &Case,
+) -> Result<(Duration, Option<PathBuf>)> {
+    let t = Instant::now();
+    let mut run = run_support::FnvmRun::start(
+        fnvm,
+        home,
+        agent,
+        &case.image,
+        &["--sandbox", sandbox, "--type", "web"],
+        Duration::from_secs(300),
+    );
+    let addr = run.expect_serving();
+    first_ok(addr, case.probe, Duration::from_secs(60))?;
+    let elapsed = t.elapsed();
+    let rootfs = run_support::rootfs_image_of(&run);
+    let status = run.interrupt(Duration::from_secs(30));
+    if !status.success() {
+        bail!("fnvm run exited with {status} after Ctrl-C");
+    }
+    Ok((elapsed, rootfs))
+}
+
+/// Polls `GET path` until it answers 200.
+fn first_ok(addr: SocketAddr, path: &str, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(mut s) = TcpStream::connect(addr) {
+            use std::io::{Read, Write};
+            let _ = write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            );
+            let mut buf = [0u8; 12];
+            if s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.1 200") {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    bail!("no 200 from {addr}{path} within {limit:?}")
+}
+
+/// The floor: the same rootfs loop-mounted read-only, `unshare … chroot` of the same server.
+fn floor(rootfs_image: &Path, case: &Case) -> Result<Vec<Duration>> {
+    let mnt = tempfile::tempdir()?;
+    let status = Command::new("mount")
+        .args(["-o", "loop,ro"])
+        .arg(rootfs_image)
+        .arg(mnt.path())
+        .status()?;
+    if !status.success() {
+        bail!("mounting {} failed", rootfs_image.display());
+    }
+    let result = (|| {
+        let mut times = Vec::new();
+        for _ in 0..RUNS {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+            let t = Instant::now();
+            let mut child = Command::new("unshare")
+                .args([
+                    "--pid",
+                    "--mount",
+                    "--uts",
+                    "--ipc",
+                    "--fork",
+                    "--kill-child",
+                ])
+                .arg("chroot")
+                .arg(mnt.path())
+                .args((case.floor_argv)(port))
+                .env_clear()
+                .envs(case.floor_env.iter().filter_map(|kv| kv.split_once('=')))
+                .env("PORT", port.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("unshare")?;
+            let ok = first_ok(addr, case.probe, Duration::from_secs(60));
+            times.push(t.elapsed());
+            let _ = child.kill();
+            let _ = child.wait();
+            ok?;
+        }
+        Ok(times)
+    })();
+    let _ = Command::new("umount").arg(mnt.path()).status();
+    result
+}
