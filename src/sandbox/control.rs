@@ -22,6 +22,8 @@ use super::{ExitReport, LogLine, SandboxError};
 pub const LAST_LINES: usize = 20;
 /// How long the agent may take to answer after its stream accepted: it answers at once.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an Exited may take to follow a StartFailed.
+const EXIT_AFTER_FAILURE: Duration = Duration::from_secs(2);
 /// Slack the host gives the agent beyond the ready timeout before it stops waiting itself.
 const READY_SLACK: Duration = Duration::from_secs(10);
 
@@ -29,6 +31,8 @@ const READY_SLACK: Duration = Duration::from_secs(10);
 pub struct ExitState {
     inner: Mutex<ExitInner>,
     ended: Condvar,
+    /// The host is stopping the instance: whatever ends it now is reported as "stopped".
+    stopping: std::sync::atomic::AtomicBool,
     /// Extra words for an exit (e.g. "the function ran out of memory"), asked when it happens.
     explain: Box<dyn Fn() -> Option<String> + Send + Sync>,
 }
@@ -44,6 +48,7 @@ impl ExitState {
         Arc::new(ExitState {
             inner: Mutex::new(ExitInner::default()),
             ended: Condvar::new(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             explain: Box::new(explain),
         })
     }
@@ -64,6 +69,12 @@ impl ExitState {
         self.lock().last_lines.iter().cloned().collect()
     }
 
+    /// From now on the instance ends because the host stops it.
+    pub fn mark_stopping(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Records how the instance ended, unless an earlier record exists; returns the record.
     pub fn record(&self, code: Option<i32>, signal: Option<i32>, reason: String) -> ExitReport {
         let extra = (self.explain)();
@@ -75,6 +86,12 @@ impl ExitState {
             Some(extra) => format!("{reason}; {extra}"),
             None => reason,
         };
+        let reason =
+            if self.stopping.load(std::sync::atomic::Ordering::SeqCst) && reason != "stopped" {
+                format!("stopped ({reason})")
+            } else {
+                reason
+            };
         let report = ExitReport {
             code,
             signal,
@@ -198,6 +215,24 @@ pub fn start(
     let wait = Duration::from_millis(spec.ready_timeout_ms) + READY_SLACK;
     match rx.recv_timeout(wait) {
         Ok(Startup::Ready) => Ok(control),
+        // The agent sends StartFailed before Exited: when the function itself ended, report
+        // the exit (code, signal) with the agent's words.
+        Ok(Startup::Failed(SandboxError::StartFailed {
+            message,
+            last_lines,
+        })) => match exit.wait_timeout(EXIT_AFTER_FAILURE) {
+            Some(report) if report.code.is_some() || report.signal.is_some() => {
+                Err(SandboxError::Exited(ExitReport {
+                    reason: message,
+                    last_lines,
+                    ..report
+                }))
+            }
+            _ => Err(SandboxError::StartFailed {
+                message,
+                last_lines,
+            }),
+        },
         Ok(Startup::Failed(err)) => Err(err),
         Ok(Startup::Lost(why)) => Err(ended_before_ready(
             &exit,

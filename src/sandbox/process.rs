@@ -352,6 +352,7 @@ impl Instance for ProcessInstance {
         if parts.torn_down {
             return Ok(());
         }
+        self.exit.mark_stopping();
         if let Some(control) = &self.control {
             control.stop(&self.exit, STOP_GRACE);
         }

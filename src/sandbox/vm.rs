@@ -305,6 +305,7 @@ impl Instance for VmInstance {
         if parts.torn_down {
             return Ok(());
         }
+        self.exit.mark_stopping();
         if let Some(control) = &self.control {
             control.stop(&self.exit, STOP_GRACE);
         }
