@@ -1,2 +1,123 @@
 //! Shared helpers for fnvm's benchmarks: each benchmark is a binary in `src/bin/` that prints a
 //! table of medians and ratios against a peer measured in the same run.
+
+use std::time::Duration;
+
+/// The median of `samples` (the mean of the middle two for an even count).
+pub fn median(samples: &[Duration]) -> Duration {
+    let mut s = samples.to_vec();
+    s.sort();
+    match s.len() {
+        0 => Duration::ZERO,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2,
+    }
+}
+
+/// The nearest-rank `q` quantile (0.99 for p99) of `samples`.
+pub fn quantile(samples: &[Duration], q: f64) -> Duration {
+    let mut s = samples.to_vec();
+    s.sort();
+    if s.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len());
+    s[rank - 1]
+}
+
+/// Milliseconds with one decimal.
+pub fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// `value / base` as `1.23x`, or `-` without a base.
+pub fn ratio(value: Duration, base: Option<Duration>) -> String {
+    match base {
+        Some(b) if !b.is_zero() => format!("{:.2}x", value.as_secs_f64() / b.as_secs_f64()),
+        _ => "-".to_owned(),
+    }
+}
+
+/// A plain text table: a header row, then rows, columns padded to fit.
+#[derive(Debug, Default)]
+pub struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(header: &[&str]) -> Self {
+        Self {
+            header: header.iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    /// The table as text; the first column left-aligned, the others right-aligned.
+    pub fn render(&self) -> String {
+        let columns = self
+            .rows
+            .iter()
+            .map(Vec::len)
+            .chain([self.header.len()])
+            .max()
+            .unwrap_or(0);
+        let mut widths = vec![0; columns];
+        for row in std::iter::once(&self.header).chain(&self.rows) {
+            for (i, cell) in row.iter().enumerate() {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+        let line = |row: &[String]| {
+            let mut out = String::new();
+            for (i, width) in widths.iter().enumerate() {
+                let cell = row.get(i).map(String::as_str).unwrap_or("");
+                let pad = width - cell.chars().count();
+                if i == 0 {
+                    out.push_str(cell);
+                    out.push_str(&" ".repeat(pad));
+                } else {
+                    out.push_str("  ");
+                    out.push_str(&" ".repeat(pad));
+                    out.push_str(cell);
+                }
+            }
+            out.trim_end().to_owned() + "\n"
+        };
+        let mut out = line(&self.header);
+        out.push_str(&"-".repeat(widths.iter().sum::<usize>() + 2 * columns.saturating_sub(1)));
+        out.push('\n');
+        for row in &self.rows {
+            out.push_str(&line(row));
+        }
+        out
+    }
+
+    pub fn print(&self) {
+        print!("{}", self.render());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_quantiles_and_tables() {
+        let d = |n| Duration::from_millis(n);
+        assert_eq!(median(&[d(3), d(1), d(2)]), d(2));
+        assert_eq!(
+            median(&[d(4), d(1), d(2), d(3)]),
+            Duration::from_micros(2500)
+        );
+        assert_eq!(quantile(&(1..=100).map(d).collect::<Vec<_>>(), 0.99), d(99));
+        assert_eq!(ratio(d(3), Some(d(2))), "1.50x");
+        let mut t = Table::new(&["what", "median"]);
+        t.row(vec!["a".into(), ms(d(5))]);
+        assert_eq!(t.render(), "what  median\n------------\na     5.0 ms\n");
+    }
+}

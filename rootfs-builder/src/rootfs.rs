@@ -232,13 +232,20 @@ impl Survey {
             self.blocks += 1;
         }
         if let Some(record) = state.inodes.get(&meta.ino()) {
-            self.commands_for(image_path, record)
+            self.commands_for(image_path, record, meta)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         }
         Ok(())
     }
 
-    fn commands_for(&mut self, path: &str, record: &InodeMeta) -> Result<(), RootfsError> {
+    /// debugfs commands that give `path` what its record says, skipping fields that
+    /// `mkfs.ext4 -d` already copied right from the tree.
+    fn commands_for(
+        &mut self,
+        path: &str,
+        record: &InodeMeta,
+        on_disk: &fs::Metadata,
+    ) -> Result<(), RootfsError> {
         if path.contains(['"', '\n']) {
             return Err(RootfsError::UnrepresentablePath(path.to_owned()));
         }
@@ -257,11 +264,16 @@ impl Survey {
                 "rm \"{path}\"\ncd \"{parent}\"\nmknod \"{base}\" {kind} {major} {minor}\ncd /"
             );
         }
-        let _ = writeln!(
-            c,
-            "sif \"{path}\" uid {}\nsif \"{path}\" gid {}\nsif \"{path}\" mode 0{:o}",
-            record.uid, record.gid, record.mode
-        );
+        let fresh_node = record.rdev.is_some();
+        if fresh_node || record.uid != on_disk.uid() {
+            let _ = writeln!(c, "sif \"{path}\" uid {}", record.uid);
+        }
+        if fresh_node || record.gid != on_disk.gid() {
+            let _ = writeln!(c, "sif \"{path}\" gid {}", record.gid);
+        }
+        if fresh_node || record.mode != on_disk.mode() {
+            let _ = writeln!(c, "sif \"{path}\" mode 0{:o}", record.mode);
+        }
         for (key, value) in &record.xattrs {
             if key.contains(['"', '\n', ' ']) {
                 return Err(RootfsError::UnrepresentablePath(format!(

@@ -1,0 +1,590 @@
+//! `unpack`: how fast an OCI image becomes a rootfs — fnvm's unpacker plus its rootfs image
+//! build against `umoci unpack` on the same layout, with `tar -xzf` of the same layers as the
+//! floor, side by side in one run; then the image formats (ext4 vs EROFS) compared on build
+//! time, size and cold read time.
+//!
+//! The image: Debian bookworm minbase + python3 (`mmdebstrap`, cached as a tarball under
+//! `~/.cache/fnvm/bench/`), split into three gzip layers (directories and most files;
+//! `/usr/share` and the Python library; hard links plus a whiteout of `/usr/share/doc`) and
+//! written as an OCI layout there too.
+//!
+//! Usage: `cargo run --release -p fnvm-benches --bin unpack [-- --runs N]` (default 5).
+//! Needs mmdebstrap (first run only, Debian mirror access), umoci, tar, e2fsprogs,
+//! erofs-utils; the cold-read comparison needs root (loop mounts, dropping the page cache).
+
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use fnvm_benches::{median, ms, ratio, Table};
+use fnvm_rootfs_builder::pipeline::{pull, HomeDirs, PullOptions};
+use fnvm_rootfs_builder::reference;
+use fnvm_rootfs_builder::rootfs::{build_rootfs_image_with, RootfsFormat, RootfsOptions};
+use fnvm_rootfs_builder::unpack::{unpack_layer, Compression, Ownership, UnpackOptions};
+use sha2::{Digest as _, Sha256};
+
+const DEFAULT_RUNS: usize = 5;
+/// The unprivileged user the non-root build path runs as.
+const NOBODY: u32 = 65534;
+const BASE_TAR: &str = "bookworm-minbase-python3.tar";
+const LAYOUT: &str = "bookworm-minbase-python3-oci";
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("--record-child") {
+        // The unprivileged builder's path, run by the parent under setpriv as nobody.
+        args.next();
+        let out = PathBuf::from(args.next().context("--record-child DIR LAYER...")?);
+        let layers: Vec<LayerBlob> = args.map(|p| LayerBlob { path: p.into() }).collect();
+        let tree = out.join("tree");
+        fnvm_unpack(&layers, &tree, Ownership::Auto)?;
+        build(&tree, &out.join("rootfs.img"), RootfsFormat::Ext4, false)?;
+        return Ok(());
+    }
+    let runs = parse_args()?;
+    let cache = cache_dir()?;
+    let base = ensure_base_tar(&cache)?;
+    let layout = cache.join(LAYOUT);
+    let layers = ensure_layout(&base, &layout)?;
+    let scratch = std::env::temp_dir().join(format!("fnvm-bench-unpack-{}", std::process::id()));
+    fs::create_dir_all(&scratch)?;
+    let result = run(runs, &layout, &layers, &scratch);
+    remove(&scratch);
+    result
+}
+
+fn parse_args() -> Result<usize> {
+    let mut args = std::env::args().skip(1);
+    let mut runs = DEFAULT_RUNS;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--runs" => {
+                let v = args.next().context("--runs needs a number")?;
+                runs = v
+                    .parse()
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .with_context(|| format!("--runs: {v:?} is not a positive number"))?;
+            }
+            other => bail!("unknown argument {other:?} (usage: unpack [--runs N])"),
+        }
+    }
+    Ok(runs)
+}
+
+fn cache_dir() -> Result<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .context("neither XDG_CACHE_HOME nor HOME is set")?;
+    let dir = base.join("fnvm/bench");
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// The Debian rootfs tarball, made once with mmdebstrap.
+fn ensure_base_tar(cache: &Path) -> Result<PathBuf> {
+    let tar = cache.join(BASE_TAR);
+    if tar.exists() {
+        return Ok(tar);
+    }
+    eprintln!("building {} with mmdebstrap (once) ...", tar.display());
+    let tmp = cache.join(format!("{BASE_TAR}.partial"));
+    let status = Command::new("mmdebstrap")
+        .args([
+            "--quiet",
+            "--format=tar",
+            "--variant=minbase",
+            "--include=python3",
+            "bookworm",
+        ])
+        .arg(&tmp)
+        .arg("http://deb.debian.org/debian")
+        .status()
+        .context("cannot run mmdebstrap (Debian package mmdebstrap)")?;
+    if !status.success() {
+        bail!("mmdebstrap failed ({status})");
+    }
+    fs::rename(&tmp, &tar)?;
+    Ok(tar)
+}
+
+/// Which of the three layers an entry of the base tarball goes to.
+fn layer_of(path: &str, kind: tar::EntryType) -> usize {
+    let path = path.trim_start_matches("./");
+    if kind == tar::EntryType::Link {
+        2
+    } else if kind.is_dir() {
+        0
+    } else if path.starts_with("usr/share/") || path.starts_with("usr/lib/python3") {
+        1
+    } else {
+        0
+    }
+}
+
+struct LayerBlob {
+    path: PathBuf,
+}
+
+/// Splits the base tarball into three gzip layers and writes an OCI layout (tag `latest`).
+fn ensure_layout(base: &Path, layout: &Path) -> Result<Vec<LayerBlob>> {
+    let blobs = layout.join("blobs/sha256");
+    let index_path = layout.join("index.json");
+    if !index_path.exists() {
+        eprintln!("writing the OCI layout {} (once) ...", layout.display());
+        let partial = layout.with_extension("partial");
+        remove(&partial);
+        fs::create_dir_all(partial.join("blobs/sha256"))?;
+        let mut builders: Vec<tar::Builder<Vec<u8>>> =
+            (0..3).map(|_| tar::Builder::new(Vec::new())).collect();
+        let mut archive = tar::Archive::new(BufReader::new(File::open(base)?));
+        for entry in archive.entries()? {
+            let mut entry = entry?;
+            let path = entry.path()?.into_owned();
+            let kind = entry.header().entry_type();
+            let mut header = entry.header().clone();
+            let b = &mut builders[layer_of(&path.to_string_lossy(), kind)];
+            if kind == tar::EntryType::Link || kind == tar::EntryType::Symlink {
+                let target = entry
+                    .link_name()?
+                    .context("link without target")?
+                    .into_owned();
+                b.append_link(&mut header, &path, &target)?;
+            } else {
+                b.append_data(&mut header, &path, &mut entry)?;
+            }
+        }
+        // The top layer also deletes something the lower ones made.
+        let mut wh = tar::Header::new_gnu();
+        wh.set_entry_type(tar::EntryType::Regular);
+        wh.set_size(0);
+        wh.set_mode(0o600);
+        builders[2].append_data(&mut wh, "usr/share/.wh.doc", io::empty())?;
+        let mut layer_descs = Vec::new();
+        let mut diff_ids = Vec::new();
+        for b in builders {
+            let tar = b.into_inner()?;
+            diff_ids.push(format!("sha256:{}", hex::encode(Sha256::digest(&tar))));
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            gz.write_all(&tar)?;
+            let gz = gz.finish()?;
+            let digest = hex::encode(Sha256::digest(&gz));
+            fs::write(partial.join("blobs/sha256").join(&digest), &gz)?;
+            layer_descs.push(serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": format!("sha256:{digest}"),
+                "size": gz.len(),
+            }));
+        }
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Cmd": ["/usr/bin/python3", "-m", "http.server", "9000"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }))?;
+        let config_digest = put(&partial, &config)?;
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+            "layers": layer_descs,
+        }))?;
+        let manifest_digest = put(&partial, &manifest)?;
+        fs::write(
+            partial.join("oci-layout"),
+            r#"{"imageLayoutVersion":"1.0.0"}"#,
+        )?;
+        fs::write(
+            partial.join("index.json"),
+            serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2,
+                "manifests": [{
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": manifest_digest,
+                    "size": manifest.len(),
+                    "annotations": {"org.opencontainers.image.ref.name": "latest"},
+                }],
+            }))?,
+        )?;
+        remove(layout);
+        fs::rename(&partial, layout)?;
+    }
+    // The layers in order, from the manifest.
+    let index: serde_json::Value = serde_json::from_slice(&fs::read(&index_path)?)?;
+    let manifest_digest = index["manifests"][0]["digest"]
+        .as_str()
+        .context("index.json")?;
+    let hex = manifest_digest.trim_start_matches("sha256:");
+    let manifest: serde_json::Value = serde_json::from_slice(&fs::read(blobs.join(hex))?)?;
+    manifest["layers"]
+        .as_array()
+        .context("manifest layers")?
+        .iter()
+        .map(|l| {
+            let d = l["digest"].as_str().context("layer digest")?;
+            Ok(LayerBlob {
+                path: blobs.join(d.trim_start_matches("sha256:")),
+            })
+        })
+        .collect()
+}
+
+fn put(layout: &Path, bytes: &[u8]) -> Result<String> {
+    let digest = hex::encode(Sha256::digest(bytes));
+    fs::write(layout.join("blobs/sha256").join(&digest), bytes)?;
+    Ok(format!("sha256:{digest}"))
+}
+
+fn remove(path: &Path) {
+    if path.is_dir() {
+        let _ = fs::remove_dir_all(path);
+    } else {
+        let _ = fs::remove_file(path);
+    }
+    let _ = fs::remove_file(sidecar(path));
+}
+
+/// The unpacker's side table beside a tree (see fnvm_rootfs_builder::unpack::state).
+fn sidecar(tree: &Path) -> PathBuf {
+    let name = tree
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    tree.with_file_name(format!(".{name}.fnvm-unpack.json"))
+}
+
+fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(Duration, T)> {
+    let start = Instant::now();
+    let v = f()?;
+    Ok((start.elapsed(), v))
+}
+
+fn fnvm_unpack(layers: &[LayerBlob], tree: &Path, ownership: Ownership) -> Result<()> {
+    fs::create_dir(tree)?;
+    let opts = UnpackOptions {
+        ownership,
+        ..Default::default()
+    };
+    for layer in layers {
+        let file = BufReader::with_capacity(256 * 1024, File::open(&layer.path)?);
+        unpack_layer(tree, file, Compression::Gzip, &opts)
+            .with_context(|| format!("unpacking {}", layer.path.display()))?;
+    }
+    Ok(())
+}
+
+fn build(tree: &Path, image: &Path, format: RootfsFormat, compress: bool) -> Result<u64> {
+    let info = build_rootfs_image_with(tree, image, &RootfsOptions { format, compress })?;
+    Ok(info.size_bytes)
+}
+
+fn sh(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("cannot run {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Samples {
+    fnvm_unpack: Vec<Duration>,
+    fnvm_build: Vec<Duration>,
+    fnvm_total: Vec<Duration>,
+    fnvm_record_total: Vec<Duration>,
+    umoci_rootless: Vec<Duration>,
+    umoci_root: Vec<Duration>,
+    tar: Vec<Duration>,
+    pull_cold: Vec<Duration>,
+    pull_cached: Vec<Duration>,
+}
+
+fn run(runs: usize, layout: &Path, layers: &[LayerBlob], scratch: &Path) -> Result<()> {
+    let root = nix_is_root();
+    let compressed: u64 = layers
+        .iter()
+        .map(|l| fs::metadata(&l.path).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    println!(
+        "image: Debian bookworm minbase + python3, {} gzip layers, {:.1} MB compressed ({})",
+        layers.len(),
+        compressed as f64 / 1e6,
+        layout.display()
+    );
+    let mut s = Samples::default();
+    // Copies of the layers that nobody can read, for the unprivileged runs.
+    let unprivileged = if root {
+        let dir = scratch.join("unprivileged");
+        fs::create_dir(&dir)?;
+        for l in layers {
+            fs::copy(&l.path, dir.join(l.path.file_name().unwrap_or_default()))?;
+        }
+        Some(dir)
+    } else {
+        None
+    };
+    let image_ref = format!("oci:{}:latest", layout.display());
+    let reference = reference::parse(&image_ref).map_err(|e| anyhow::anyhow!("{e}"))?;
+    for i in 0..runs {
+        eprintln!("run {}/{runs}", i + 1);
+        // fnvm: unpack (ownership applied on disk as root) + ext4 image.
+        let tree = scratch.join("fnvm-tree");
+        let image = scratch.join("fnvm.img");
+        let (t_unpack, ()) = timed(|| fnvm_unpack(layers, &tree, Ownership::Auto))?;
+        let (t_build, _) = timed(|| build(&tree, &image, RootfsFormat::Ext4, false))?;
+        s.fnvm_unpack.push(t_unpack);
+        s.fnvm_build.push(t_build);
+        s.fnvm_total.push(t_unpack + t_build);
+        remove(&tree);
+        remove(&image);
+        // fnvm as an unprivileged builder (nobody): ownership recorded, applied by debugfs.
+        if let Some(unprivileged) = &unprivileged {
+            let out = unprivileged.join("out");
+            fs::create_dir(&out)?;
+            std::os::unix::fs::chown(&out, Some(NOBODY), Some(NOBODY))?;
+            let mut cmd = Command::new("setpriv");
+            cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(std::env::current_exe()?)
+                .arg("--record-child")
+                .arg(&out);
+            for l in layers {
+                cmd.arg(unprivileged.join(l.path.file_name().unwrap_or_default()));
+            }
+            let (t, ()) = timed(|| sh(&mut cmd, "the bench as nobody (setpriv)"))?;
+            s.fnvm_record_total.push(t);
+            remove(&out);
+        }
+        // umoci, rootless and (as root) not.
+        let bundle = scratch.join("umoci-bundle");
+        let (t, ()) = timed(|| {
+            sh(
+                Command::new("umoci")
+                    .args(["unpack", "--rootless", "--image"])
+                    .arg(format!("{}:latest", layout.display()))
+                    .arg(&bundle),
+                "umoci unpack --rootless (Debian package umoci)",
+            )
+        })?;
+        s.umoci_rootless.push(t);
+        remove(&bundle);
+        if root {
+            let (t, ()) = timed(|| {
+                sh(
+                    Command::new("umoci")
+                        .args(["unpack", "--image"])
+                        .arg(format!("{}:latest", layout.display()))
+                        .arg(&bundle),
+                    "umoci unpack",
+                )
+            })?;
+            s.umoci_root.push(t);
+            remove(&bundle);
+        }
+        // tar -xzf of the same layers: the floor (no whiteouts, no safety checks).
+        let dir = scratch.join("tar-tree");
+        fs::create_dir(&dir)?;
+        let (t, ()) = timed(|| {
+            for layer in layers {
+                sh(
+                    Command::new("tar")
+                        .arg("-xzf")
+                        .arg(&layer.path)
+                        .arg("-C")
+                        .arg(&dir),
+                    "tar -xzf",
+                )?;
+            }
+            Ok(())
+        })?;
+        s.tar.push(t);
+        remove(&dir);
+        // The whole pipeline from the oci: layout into a fresh home, then again (cache hit).
+        let home = scratch.join("home");
+        let dirs = HomeDirs::under(&home);
+        let (t, _) = timed(|| {
+            Ok(pull(
+                &reference,
+                &dirs,
+                &PullOptions::default(),
+                &mut |_| {},
+            )?)
+        })?;
+        s.pull_cold.push(t);
+        let (t, pulled) = timed(|| {
+            Ok(pull(
+                &reference,
+                &dirs,
+                &PullOptions::default(),
+                &mut |_| {},
+            )?)
+        })?;
+        anyhow::ensure!(pulled.cache_hit, "second pull was not a cache hit");
+        s.pull_cached.push(t);
+        remove(&home);
+    }
+
+    let base = Some(median(&s.umoci_rootless));
+    let mut t = Table::new(&[
+        "unpack to a rootfs",
+        "median",
+        "min",
+        "max",
+        "vs umoci --rootless",
+    ]);
+    let mut row = |name: &str, v: &[Duration]| {
+        if v.is_empty() {
+            return;
+        }
+        let min = v.iter().min().copied().unwrap_or_default();
+        let max = v.iter().max().copied().unwrap_or_default();
+        t.row(vec![
+            name.to_owned(),
+            ms(median(v)),
+            ms(min),
+            ms(max),
+            ratio(median(v), base),
+        ]);
+    };
+    row("fnvm unpack + ext4 image", &s.fnvm_total);
+    row("  of which unpack", &s.fnvm_unpack);
+    row("  of which ext4 image build", &s.fnvm_build);
+    row(
+        "fnvm unpack + ext4 image as nobody (owners via debugfs)",
+        &s.fnvm_record_total,
+    );
+    row(
+        "fnvm pull oci: (blobs into store + unpack + image)",
+        &s.pull_cold,
+    );
+    row("fnvm pull oci:, cached", &s.pull_cached);
+    row("umoci unpack --rootless", &s.umoci_rootless);
+    row("umoci unpack (as root)", &s.umoci_root);
+    row("tar -xzf (floor)", &s.tar);
+    println!("\n{runs} runs each, interleaved\n");
+    t.print();
+
+    formats(runs.min(3), layers, scratch, root)
+}
+
+/// Builds ext4, EROFS and lz4hc EROFS from one tree: build time, size, cold read time.
+fn formats(runs: usize, layers: &[LayerBlob], scratch: &Path, root: bool) -> Result<()> {
+    let tree = scratch.join("fmt-tree");
+    fnvm_unpack(layers, &tree, Ownership::Auto)?;
+    let tree_bytes = du(&tree)?;
+    let mut t = Table::new(&[
+        "image format",
+        "build median",
+        "image size",
+        "allocated",
+        "cold read all files",
+    ]);
+    for (name, format, compress) in [
+        ("ext4 (mkfs.ext4 -d)", RootfsFormat::Ext4, false),
+        ("EROFS uncompressed", RootfsFormat::Erofs, false),
+        ("EROFS lz4hc", RootfsFormat::Erofs, true),
+    ] {
+        let image = scratch.join("fmt.img");
+        let mut times = Vec::new();
+        let mut size = 0;
+        for _ in 0..runs {
+            remove(&image);
+            let (d, s) = timed(|| build(&tree, &image, format, compress))?;
+            times.push(d);
+            size = s;
+        }
+        let allocated = {
+            use std::os::unix::fs::MetadataExt;
+            fs::metadata(&image)?.blocks() * 512
+        };
+        let read = if root {
+            cold_read(&image, scratch)?
+        } else {
+            "- (needs root)".to_owned()
+        };
+        t.row(vec![
+            name.to_owned(),
+            ms(median(&times)),
+            format!("{:.1} MB", size as f64 / 1e6),
+            format!("{:.1} MB", allocated as f64 / 1e6),
+            read,
+        ]);
+        remove(&image);
+    }
+    remove(&tree);
+    println!(
+        "\nrootfs image formats, same tree ({:.1} MB of files), {runs} builds each\n",
+        tree_bytes as f64 / 1e6
+    );
+    t.print();
+    Ok(())
+}
+
+/// Loop-mounts `image` read-only, drops the page cache and reads every file.
+fn cold_read(image: &Path, scratch: &Path) -> Result<String> {
+    let mnt = scratch.join("mnt");
+    fs::create_dir_all(&mnt)?;
+    sh(
+        Command::new("mount")
+            .args(["-o", "ro,loop"])
+            .arg(image)
+            .arg(&mnt),
+        "mount",
+    )?;
+    let result = (|| {
+        let _ = Command::new("sync").status();
+        fs::write("/proc/sys/vm/drop_caches", "3").context("dropping the page cache")?;
+        let (d, bytes) = timed(|| read_all(&mnt))?;
+        Ok(format!(
+            "{} ({:.0} MB/s)",
+            ms(d),
+            bytes as f64 / 1e6 / d.as_secs_f64()
+        ))
+    })();
+    let _ = Command::new("umount").arg(&mnt).status();
+    result
+}
+
+fn read_all(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let ft = entry.file_type()?;
+        if ft.is_dir() {
+            total += read_all(&entry.path())?;
+        } else if ft.is_file() {
+            let mut f = File::open(entry.path())?;
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+        }
+    }
+    Ok(total)
+}
+
+fn du(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        if meta.is_dir() {
+            total += du(&entry.path())?;
+        } else if meta.is_file() {
+            total += meta.len();
+        }
+    }
+    Ok(total)
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no failure mode.
+    unsafe { libc::geteuid() == 0 }
+}
