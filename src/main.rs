@@ -5,11 +5,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod agent_binary;
 mod cli;
 mod example_image;
 mod function;
 mod home;
 mod http_front;
+mod kernel;
+mod sandbox;
 
 /// Runs OCI container images as serverless functions, each in its own KVM micro-VM.
 #[derive(Debug, Parser)]
