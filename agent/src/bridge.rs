@@ -52,7 +52,10 @@ fn bridge(host: Stream) {
     let guest = match TcpStream::connect(std::net::SocketAddr::from(FUNCTION_ADDR)) {
         Ok(g) => g,
         // Nothing listens (any more): closing the stream tells the host at once.
-        Err(_) => return,
+        Err(e) => {
+            crate::console::line(&format!("cannot reach the function on 127.0.0.1:9000: {e}"));
+            return;
+        }
     };
     let _ = guest.set_nodelay(true);
     let host = Arc::new(host);
@@ -85,27 +88,23 @@ fn shutdown(fd: i32, how: i32) {
 /// Copies `src` to `dst` until EOF or an error. On an error both sockets are shut down
 /// completely, so the opposite direction's thread ends too.
 fn pump(src: BorrowedFd, dst: BorrowedFd) {
-    let result = match splice_copy(src, dst) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => buffered_copy(src, dst),
-        other => other.map(|_| ()),
-    };
-    if result.is_err() {
+    if splice_copy(src, dst).is_err() {
         shutdown(src.as_raw_fd(), libc::SHUT_RDWR);
         shutdown(dst.as_raw_fd(), libc::SHUT_RDWR);
     }
 }
 
-/// splice(2) through a pipe. EINVAL on the very first call means "cannot splice here".
+/// splice(2) through a pipe; where a socket cannot splice (EINVAL), the rest goes through a
+/// fixed buffer, starting with whatever already sits in the pipe.
 fn splice_copy(src: BorrowedFd, dst: BorrowedFd) -> io::Result<u64> {
     let (pipe_read, pipe_write) = pipe()?;
     let mut total = 0u64;
     loop {
-        let n = splice(src.as_raw_fd(), pipe_write.as_raw_fd(), CHUNK);
-        let n = match n {
+        let n = match splice(src.as_raw_fd(), pipe_write.as_raw_fd(), CHUNK) {
             Ok(0) => return Ok(total),
             Ok(n) => n,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && total > 0 => {
-                return Err(io::Error::from_raw_os_error(libc::EIO))
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                return buffered_copy(src, dst).map(|n| total + n)
             }
             Err(e) => return Err(e),
         };
@@ -114,15 +113,33 @@ fn splice_copy(src: BorrowedFd, dst: BorrowedFd) -> io::Result<u64> {
             match splice(pipe_read.as_raw_fd(), dst.as_raw_fd(), left) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(m) => left -= m,
-                // Bytes sit in the pipe already; a fallback now would lose them.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    return Err(io::Error::from_raw_os_error(libc::EIO))
+                    copy_exact(pipe_read.as_fd(), dst, left)?;
+                    let rest = buffered_copy(src, dst)?;
+                    return Ok(total + n as u64 + rest);
                 }
                 Err(e) => return Err(e),
             }
         }
         total += n as u64;
     }
+}
+
+/// Moves exactly `len` bytes from `src` to `dst` through a buffer.
+fn copy_exact(src: BorrowedFd, dst: BorrowedFd, mut len: usize) -> io::Result<()> {
+    let src = std::fs::File::from(src.try_clone_to_owned()?);
+    let dst = std::fs::File::from(dst.try_clone_to_owned()?);
+    let mut buf = vec![0u8; CHUNK];
+    while len > 0 {
+        let want = len.min(buf.len());
+        let n = (&src).read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        (&dst).write_all(&buf[..n])?;
+        len -= n;
+    }
+    Ok(())
 }
 
 fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
@@ -153,16 +170,18 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((r, w))
 }
 
-fn buffered_copy(src: BorrowedFd, dst: BorrowedFd) -> io::Result<()> {
+fn buffered_copy(src: BorrowedFd, dst: BorrowedFd) -> io::Result<u64> {
     let src = std::fs::File::from(src.try_clone_to_owned()?);
     let dst = std::fs::File::from(dst.try_clone_to_owned()?);
     let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
     loop {
         let n = (&src).read(&mut buf)?;
         if n == 0 {
-            return Ok(());
+            return Ok(total);
         }
         (&dst).write_all(&buf[..n])?;
+        total += n as u64;
     }
 }
 
@@ -171,6 +190,20 @@ mod tests {
     use super::*;
     use std::net::Shutdown;
     use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn what_cannot_splice_is_copied_through_a_buffer() {
+        // The fallback for transports that cannot splice, on its own.
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let (c, mut d) = UnixStream::pair().unwrap();
+        a.write_all(b"through a buffer").unwrap();
+        drop(a);
+        assert_eq!(buffered_copy(b.as_fd(), c.as_fd()).unwrap(), 16);
+        drop(c);
+        let mut got = String::new();
+        d.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "through a buffer");
+    }
 
     #[test]
     fn splice_copies_a_large_body_and_reports_eof() {

@@ -70,9 +70,13 @@ fn do_mount(
     })
 }
 
-/// Process sandbox only: cuts this mount namespace off from the host's, so nothing the agent
-/// mounts propagates back (clone(CLONE_NEWNS) keeps shared propagation).
+/// Process sandbox only, while the agent is still single-threaded: a mount namespace of its
+/// own (even if the host forgot CLONE_NEWNS, nothing here can touch the host's), with every
+/// mount private so nothing the agent mounts propagates back (a copied namespace keeps the
+/// host's shared propagation).
 pub fn make_mounts_private() -> Result<(), String> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|e| errno_text("cannot create a mount namespace", e))?;
     do_mount(None, "/", None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)
 }
 

@@ -155,7 +155,8 @@ fn run_instance(config: &Config) -> Result<(), String> {
                 .map_err(|e| format!("cannot create {}: {e}", private_root_at.display()))?;
         }
         guest_root::enter(&private_root_at, &config.rootfs, &config.writable)?;
-        net::bring_up_loopback()
+        net::bring_up_loopback()?;
+        net::prefer_handshake_retries_to_syn_cookies().map(|_| ())
     })();
     if let Err(e) = &setup {
         console::line(&format!("error: {e}"));

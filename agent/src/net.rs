@@ -38,3 +38,53 @@ pub fn bring_up_loopback() -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Turns SYN cookies off in the sandbox's own network namespace. The function's only client is
+/// the bridge, so there is no SYN flood to defend against; but with cookies on, a burst of
+/// connections beyond the server's listen backlog (busybox httpd listens with 9, Python's
+/// http.server with 5) gets connections reset, while without them the kernel just retries
+/// the handshake. Skipped (false) when the namespace has interfaces besides `lo`: then it is
+/// not a sandbox's own and not the agent's to tune.
+pub fn prefer_handshake_retries_to_syn_cookies() -> Result<bool, String> {
+    if interfaces()?.iter().any(|name| name != "lo") {
+        return Ok(false);
+    }
+    std::fs::write("/proc/sys/net/ipv4/tcp_syncookies", "0")
+        .map_err(|e| format!("cannot turn SYN cookies off: {e}"))?;
+    Ok(true)
+}
+
+/// The names of this network namespace's interfaces.
+fn interfaces() -> Result<Vec<String>, String> {
+    // SAFETY: if_nameindex allocates a list that we read up to its zero entry and free.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return Err(format!(
+                "cannot list network interfaces: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let mut names = Vec::new();
+        let mut entry = list;
+        while (*entry).if_index != 0 && !(*entry).if_name.is_null() {
+            names.push(
+                std::ffi::CStr::from_ptr((*entry).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            entry = entry.add(1);
+        }
+        libc::if_freenameindex(list);
+        Ok(names)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn this_hosts_interfaces_include_loopback() {
+        let names = super::interfaces().unwrap();
+        assert!(names.iter().any(|n| n == "lo"), "{names:?}");
+    }
+}

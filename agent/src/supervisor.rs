@@ -48,6 +48,8 @@ struct State {
     exited: bool,
     /// End without a function process (Stop before Start, or a start that never cloned).
     finish_without_process: bool,
+    /// A Stop (its grace in ms) that came while the process was being created.
+    stop_pending: Option<u64>,
     log_threads: Vec<JoinHandle<()>>,
 }
 
@@ -212,8 +214,12 @@ impl Supervisor {
                     .spawn(move || me.wait_until_ready(pid, Duration::from_millis(timeout)));
             }
         }
+        let stop_pending = state.stop_pending.take();
         drop(state);
         self.changed.notify_all();
+        if let Some(grace_ms) = stop_pending {
+            self.stop(grace_ms);
+        }
         Ok(())
     }
 
@@ -323,6 +329,10 @@ impl Supervisor {
                     });
             }
             Some(_) => {} // already ended; the final messages are on their way
+            None if state.started && !state.finish_without_process => {
+                // Start is creating the process right now; it stops it once it exists.
+                state.stop_pending = Some(grace_ms);
+            }
             None => {
                 state.finish_without_process = true;
                 drop(state);
