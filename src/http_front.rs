@@ -1,7 +1,8 @@
 //! The host-side HTTP front of one running function (`fnvm run`, `fnvm demo`).
 //!
-//! Every request a client sends to the front's address becomes one fresh stream to the
-//! function's port 9000 ([`Instance::connect`]) carrying one HTTP/1.1 exchange:
+//! Every request a client sends to the front's address is one HTTP/1.1 exchange on a stream to
+//! the function's port 9000 ([`Instance::connect`]); idle keep-alive streams are reused, a new
+//! one is opened whenever none is free:
 //! - **event** functions: any POST is delivered as `POST /event-invoke` with the client's body
 //!   and the `X-Scf-*` headers of the contract (a fresh request id each time, returned to the
 //!   caller as `X-Scf-Request-Id`);
@@ -21,7 +22,8 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::function::{scf_headers, FunctionSettings};
 use crate::sandbox::Instance;
@@ -69,6 +71,10 @@ pub struct InvocationRecord {
 /// The front of one function instance.
 pub struct Front {
     instance: Arc<dyn Instance>,
+    /// Keep-alive HTTP/1.1 streams to the function, reused while idle (a new stream is opened
+    /// whenever none is free), so a warm request costs no stream set-up in the agent's bridge
+    /// nor a new connection in the function's server.
+    client: Client<InstanceConnector, Incoming>,
     settings: FunctionSettings,
     function_type: FunctionType,
     on_invocation: Option<InvocationHook>,
@@ -80,8 +86,16 @@ impl Front {
         settings: FunctionSettings,
         function_type: FunctionType,
     ) -> Self {
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(POOL_MAX_IDLE)
+            .build(InstanceConnector {
+                instance: Arc::clone(&instance),
+            });
         Self {
             instance,
+            client,
             settings,
             function_type,
             on_invocation: None,
@@ -221,26 +235,19 @@ impl Front {
                 report.reason
             )));
         }
-        let stream = self
-            .instance
-            .connect()
-            .map_err(|e| unavailable(format!("cannot reach the function's port 9000: {e}")))?;
-        stream
-            .set_nonblocking(true)
-            .map_err(|e| unavailable(format!("stream to the function: {e}")))?;
-        let stream = tokio::net::UnixStream::from_std(stream)
-            .map_err(|e| unavailable(format!("stream to the function: {e}")))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| unavailable(format!("HTTP to the function: {e}")))?;
-        // The connection task lives until the response body has been read (or dropped).
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "stream to the function ended with an error");
-            }
-        });
         let timeout = Duration::from_secs(u64::from(self.settings.timeout_s.max(1)));
-        let response = match tokio::time::timeout(timeout, sender.send_request(req)).await {
+        let (mut parts, body) = req.into_parts();
+        let mut uri = hyper::Uri::builder()
+            .scheme("http")
+            .authority(POOL_AUTHORITY);
+        if let Some(pq) = parts.uri.path_and_query() {
+            uri = uri.path_and_query(pq.clone());
+        }
+        parts.uri = uri
+            .build()
+            .map_err(|e| unavailable(format!("request target: {e}")))?;
+        let req = Request::from_parts(parts, body);
+        let response = match tokio::time::timeout(timeout, self.client.request(req)).await {
             Err(_) => {
                 return Err((
                     StatusCode::GATEWAY_TIMEOUT,
@@ -251,9 +258,16 @@ impl Front {
                     ),
                 ))
             }
+            Ok(Err(e)) if e.is_connect() => {
+                return Err(unavailable(format!(
+                    "cannot reach the function's port 9000: {}",
+                    error_chain(&e)
+                )))
+            }
             Ok(Err(e)) => {
                 return Err(unavailable(format!(
-                    "the function closed the connection without a complete answer: {e}"
+                    "the function closed the connection without a complete answer: {}",
+                    error_chain(&e)
                 )))
             }
             Ok(Ok(resp)) => resp,
@@ -297,6 +311,59 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     ] {
         headers.remove(name);
     }
+}
+
+/// The pool key of every stream to the function (the streams all lead to the same port 9000).
+const POOL_AUTHORITY: &str = "function";
+/// Idle streams to the function are closed after this long.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// At most this many idle streams are kept.
+const POOL_MAX_IDLE: usize = 64;
+
+/// Opens streams to the function's port 9000 for the pooled client.
+#[derive(Clone)]
+struct InstanceConnector {
+    instance: Arc<dyn Instance>,
+}
+
+impl tower_service::Service<hyper::Uri> for InstanceConnector {
+    type Response = TokioIo<tokio::net::UnixStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: hyper::Uri) -> Self::Future {
+        let instance = Arc::clone(&self.instance);
+        Box::pin(async move {
+            // A Unix connect (process sandbox) or a connect plus the vsock `CONNECT` exchange
+            // with the local VMM (vm): short, but blocking, so off the async workers.
+            let stream = tokio::task::spawn_blocking(move || instance.connect())
+                .await
+                .map_err(std::io::Error::other)??;
+            stream.set_nonblocking(true)?;
+            Ok(TokioIo::new(tokio::net::UnixStream::from_std(stream)?))
+        })
+    }
+}
+
+/// An error and its causes, one level each.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 /// The design's error body: `{"error": {"code", "message", "request_id"}}`.
