@@ -211,7 +211,7 @@ impl Supervisor {
                 let me = self.clone();
                 let _ = std::thread::Builder::new()
                     .name("ready".into())
-                    .spawn(move || me.wait_until_ready(pid, Duration::from_millis(timeout)));
+                    .spawn(move || me.wait_until_ready(pid, host_duration(timeout)));
             }
         }
         let stop_pending = state.stop_pending.take();
@@ -312,7 +312,7 @@ impl Supervisor {
                 let _ = std::thread::Builder::new()
                     .name("stop".into())
                     .spawn(move || {
-                        let deadline = Instant::now() + Duration::from_millis(grace_ms);
+                        let deadline = Instant::now() + host_duration(grace_ms);
                         let mut state = me.lock();
                         while !state.exited {
                             let now = Instant::now();
@@ -387,6 +387,14 @@ impl Supervisor {
     }
 }
 
+/// The longest timeout the agent honours: the host's numbers are capped, never overflowed.
+const MAX_HOST_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// A duration the host asked for, in milliseconds, capped at [`MAX_HOST_DURATION`].
+fn host_duration(ms: u64) -> Duration {
+    Duration::from_millis(ms).min(MAX_HOST_DURATION)
+}
+
 /// Waits for `pid` (reaping anything else that ends meanwhile): (exit code, signal).
 fn reap(pid: i32) -> (Option<i32>, Option<i32>) {
     loop {
@@ -419,6 +427,13 @@ pub fn describe_exit(code: Option<i32>, signal: Option<i32>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_host_durations_are_capped() {
+        assert_eq!(host_duration(1500), Duration::from_millis(1500));
+        assert_eq!(host_duration(u64::MAX), MAX_HOST_DURATION);
+        let _ = Instant::now() + host_duration(u64::MAX); // no overflow
+    }
 
     #[test]
     fn exits_are_described_for_people() {

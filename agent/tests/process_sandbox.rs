@@ -619,7 +619,34 @@ fn the_images_user_and_bad_starts_are_handled() {
     // A named user: ids, supplementary groups, HOME from /etc/passwd, /tmp writable.
     let mut sandbox = Sandbox::start();
     let pgid = sandbox.agent.as_ref().unwrap().id();
+    // A host speaking another protocol version gets the agent's Hello, an error, and EOF.
+    {
+        let stream = sandbox.connect_port(CONTROL_PORT);
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut old = Host {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        };
+        old.send(&HostMessage::Hello { version: 99 });
+        assert!(matches!(
+            old.recv(),
+            Some(AgentMessage::Hello {
+                version: PROTOCOL_VERSION,
+                ..
+            })
+        ));
+        match old.recv() {
+            Some(AgentMessage::Error { message }) => assert!(message.contains("99"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(old.recv(), None);
+    }
+    // A new control connection replaces the current one, which the agent closes.
+    let mut replaced = sandbox.control();
     let mut host = sandbox.control();
+    assert_eq!(replaced.recv(), None);
     let mut start = spec(&[
         "sh",
         "-c",
