@@ -122,7 +122,7 @@ pub fn build_rootfs_image_with(
     };
     let state = TreeState::load(tree).map_err(tree_err)?;
     let survey = Survey::of(tree, &state).map_err(tree_err)?;
-    if opts.format == RootfsFormat::Erofs && !survey.commands.is_empty() {
+    if opts.format == RootfsFormat::Erofs && survey.fixed_inodes > 0 {
         return Err(RootfsError::NeedsExt4(tree.to_owned()));
     }
     let file_name = out_image
@@ -169,6 +169,8 @@ struct Survey {
     /// 4 KiB blocks for file data, long symlinks and directories.
     blocks: u64,
     commands: String,
+    /// Inodes whose recorded owner/mode/device differs from the tree on disk.
+    fixed_inodes: u64,
     /// Values of xattrs set through debugfs `ea_set -f`, written next to the command file.
     xattr_values: Vec<Vec<u8>>,
 }
@@ -180,11 +182,14 @@ impl Survey {
             file_bytes: 0,
             blocks: 0,
             commands: String::new(),
+            fixed_inodes: 0,
             xattr_values: Vec::new(),
         };
         let mut seen = HashSet::new();
         let root = fs::symlink_metadata(tree)?;
         survey.visit("/", &root, state, &mut seen)?;
+        // mkfs.ext4 -d gives the root directory the build time; it gets the tree's.
+        let _ = writeln!(survey.commands, "sif / mtime @{}", root.mtime());
         survey.walk(tree, "", state, &mut seen)?;
         Ok(survey)
     }
@@ -232,8 +237,12 @@ impl Survey {
             self.blocks += 1;
         }
         if let Some(record) = state.inodes.get(&meta.ino()) {
+            let before = self.commands.len();
             self.commands_for(image_path, record, meta)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            if self.commands.len() > before {
+                self.fixed_inodes += 1;
+            }
         }
         Ok(())
     }
@@ -270,6 +279,9 @@ impl Survey {
         }
         if fresh_node || record.gid != on_disk.gid() {
             let _ = writeln!(c, "sif \"{path}\" gid {}", record.gid);
+        }
+        if fresh_node {
+            let _ = writeln!(c, "sif \"{path}\" mtime @{}", on_disk.mtime());
         }
         if fresh_node || record.mode != on_disk.mode() {
             let _ = writeln!(c, "sif \"{path}\" mode 0{:o}", record.mode);

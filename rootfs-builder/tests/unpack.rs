@@ -288,6 +288,12 @@ fn whiteouts_and_opaque_directories_across_three_layers() {
             ("/opt/after", "file 644 layer2"),
         ])
     );
+    // Directories keep the mtimes their layers gave them, though later layers changed
+    // their contents without naming them.
+    for dir in ["etc", "opt/sub"] {
+        let mtime = fs::metadata(s.dest.join(dir)).unwrap().mtime();
+        assert_eq!(mtime, 1_600_000_000, "{dir}");
+    }
     s.assert_sentinel_untouched();
 }
 

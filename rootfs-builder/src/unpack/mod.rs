@@ -24,7 +24,7 @@ mod rooted;
 pub mod state;
 
 use std::cell::Cell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -217,6 +217,7 @@ pub fn unpack_layer(
         state,
         touched: HashSet::new(),
         dir_times: Vec::new(),
+        dir_restore: HashMap::new(),
         parent_cache: None,
         cache_stale: false,
         stats: LayerStats::default(),
@@ -390,6 +391,9 @@ struct Unpacker {
     touched: HashSet<u64>,
     /// Directory mtimes, set at the end of the layer (creating children changes them).
     dir_times: Vec<(Vec<u8>, i64)>,
+    /// Mtimes of directories this layer changes without naming them: put back at the end,
+    /// as the layer's diff did not change them.
+    dir_restore: HashMap<Vec<u8>, i64>,
     /// The last parent directory: most entries share their predecessor's.
     parent_cache: Option<(Vec<u8>, OwnedFd)>,
     /// Set when a directory was removed: the cached parent may be inside it. Its fd stays
@@ -554,10 +558,9 @@ impl Unpacker {
             }
             Err(e) => return Err(self.resolve_err(shown, path, e)),
         };
-        let ino = rooted::fstat(fd.as_raw_fd())
-            .map_err(entry_err(shown, "stat"))?
-            .st_ino;
-        self.touched.insert(ino);
+        let st = rooted::fstat(fd.as_raw_fd()).map_err(entry_err(shown, "stat"))?;
+        self.touched.insert(st.st_ino);
+        self.dir_restore.entry(path.to_vec()).or_insert(st.st_mtime);
         let raw = fd.as_raw_fd();
         self.parent_cache = Some((path.to_vec(), fd));
         self.cache_stale = false;
@@ -859,6 +862,11 @@ impl Unpacker {
             }
             Err(e) => return Err(self.resolve_err(shown, parent, e)),
         };
+        if let Ok(st) = rooted::fstat(dir.as_raw_fd()) {
+            self.dir_restore
+                .entry(parent.to_vec())
+                .or_insert(st.st_mtime);
+        }
         let name = cstr(target, shown)?;
         self.cache_stale = true;
         rooted::remove_all_at(dir.as_raw_fd(), &name)
@@ -869,7 +877,8 @@ impl Unpacker {
     fn finish_layer(&mut self) -> Result<(), UnpackError> {
         self.parent_cache = None;
         let root = self.root.as_raw_fd();
-        for (path, mtime) in std::mem::take(&mut self.dir_times) {
+        let restore = std::mem::take(&mut self.dir_restore).into_iter();
+        for (path, mtime) in restore.chain(std::mem::take(&mut self.dir_times)) {
             let shown = String::from_utf8_lossy(&path).into_owned();
             match rooted::open_in_root(
                 root,
