@@ -13,7 +13,7 @@ use fnvm_rootfs_builder::rootfs::{
     build_rootfs_image, build_rootfs_image_with, RootfsFormat, RootfsOptions,
 };
 use fnvm_rootfs_builder::unpack::{
-    unpack_layer, Compression, Ownership, UnpackError, UnpackOptions,
+    forget_tree_state, unpack_layer, Compression, Ownership, UnpackError, UnpackOptions,
 };
 
 /// A layer under construction. Names are written raw into the header so hostile names
@@ -881,4 +881,31 @@ fn truncated_or_corrupt_gzip_is_a_clear_error() {
         s.apply(&bad_crc, Compression::Gzip).unwrap_err(),
         UnpackError::Read(_)
     ));
+}
+
+/// A layer with PAX xattrs: applied on disk as root, else recorded; in the image either way.
+#[test]
+fn xattrs_reach_the_image() {
+    for ownership in [Ownership::Auto, Ownership::Record] {
+        let s = Scratch::new();
+        let mut layer = Layer::new();
+        layer
+            .builder
+            .append_pax_extensions([("SCHILY.xattr.user.fnvm", &b"hello"[..])])
+            .unwrap();
+        let data = layer.file("tagged", "x").finish(Compression::None);
+        let opts = UnpackOptions {
+            ownership,
+            ..Default::default()
+        };
+        s.apply_with(&data, Compression::None, &opts).unwrap();
+        let image = s.dest.with_file_name("rootfs.img");
+        build_rootfs_image(&s.dest, &image).unwrap();
+        let got = debugfs(&image, "ea_get /tagged user.fnvm");
+        assert!(got.contains("hello"), "{ownership:?}: {got}");
+        // The side table goes away with the tree.
+        forget_tree_state(&s.dest).unwrap();
+        let sidecar = s.dest.with_file_name(".rootfs.fnvm-unpack.json");
+        assert!(!sidecar.exists());
+    }
 }

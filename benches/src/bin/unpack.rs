@@ -316,6 +316,7 @@ fn run(runs: usize, layout: &Path, layers: &[LayerBlob], scratch: &Path) -> Resu
         layout.display()
     );
     let mut s = Samples::default();
+    let mut parity: Option<Result<usize, String>> = None;
     // Copies of the layers that nobody can read, for the unprivileged runs.
     let unprivileged = if root {
         let dir = scratch.join("unprivileged");
@@ -339,7 +340,9 @@ fn run(runs: usize, layout: &Path, layers: &[LayerBlob], scratch: &Path) -> Resu
         s.fnvm_unpack.push(t_unpack);
         s.fnvm_build.push(t_build);
         s.fnvm_total.push(t_unpack + t_build);
-        remove(&tree);
+        if i > 0 || !root {
+            remove(&tree);
+        }
         remove(&image);
         // fnvm as an unprivileged builder (nobody): ownership recorded, applied by debugfs.
         if let Some(unprivileged) = &unprivileged {
@@ -382,6 +385,13 @@ fn run(runs: usize, layout: &Path, layers: &[LayerBlob], scratch: &Path) -> Resu
                 )
             })?;
             s.umoci_root.push(t);
+            if i == 0 {
+                // Same tree as umoci's? Types, modes, owners, sizes, link targets, mtimes.
+                let ours = listing(&tree)?;
+                let theirs = listing(&bundle.join("rootfs"))?;
+                parity = Some(compare(&ours, &theirs));
+                remove(&tree);
+            }
             remove(&bundle);
         }
         // tar -xzf of the same layers: the floor (no whiteouts, no safety checks).
@@ -427,6 +437,11 @@ fn run(runs: usize, layout: &Path, layers: &[LayerBlob], scratch: &Path) -> Resu
         remove(&home);
     }
 
+    match parity {
+        Some(Ok(n)) => println!("parity: fnvm's tree equals umoci's rootfs ({n} entries: type, mode, owner, size, link target, mtime)"),
+        Some(Err(diff)) => bail!("fnvm's tree differs from umoci's rootfs:\n{diff}"),
+        None => println!("parity with umoci not checked (needs root)"),
+    }
     let base = Some(median(&s.umoci_rootless));
     let mut t = Table::new(&[
         "unpack to a rootfs",
@@ -587,4 +602,66 @@ fn du(dir: &Path) -> Result<u64> {
 fn nix_is_root() -> bool {
     // SAFETY: geteuid has no failure mode.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// Every entry below `root`: type, mode, owner, size (files), link target, mtime.
+fn listing(root: &Path) -> Result<std::collections::BTreeMap<String, String>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir)? {
+            let path = entry?.path();
+            let m = fs::symlink_metadata(&path)?;
+            let ft = m.file_type();
+            let what = if ft.is_dir() {
+                stack.push(path.clone());
+                "dir".to_owned()
+            } else if ft.is_symlink() {
+                format!("link {}", fs::read_link(&path)?.display())
+            } else if ft.is_file() {
+                format!("file {}", m.len())
+            } else {
+                format!("special {:x}", m.rdev())
+            };
+            let rel = path.strip_prefix(root)?.display().to_string();
+            out.insert(
+                rel,
+                format!(
+                    "{what} {:o} {}:{} {}",
+                    m.mode(),
+                    m.uid(),
+                    m.gid(),
+                    m.mtime()
+                ),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Ok(entries) when equal, else the first differences.
+fn compare(
+    ours: &std::collections::BTreeMap<String, String>,
+    theirs: &std::collections::BTreeMap<String, String>,
+) -> Result<usize, String> {
+    let mut diff = Vec::new();
+    for (k, v) in ours {
+        match theirs.get(k) {
+            Some(t) if t == v => {}
+            Some(t) => diff.push(format!("  {k}: fnvm {v} / umoci {t}")),
+            None => diff.push(format!("  {k}: only in fnvm ({v})")),
+        }
+    }
+    for (k, t) in theirs {
+        if !ours.contains_key(k) {
+            diff.push(format!("  {k}: only in umoci ({t})"));
+        }
+    }
+    if diff.is_empty() {
+        Ok(ours.len())
+    } else {
+        diff.truncate(20);
+        Err(diff.join("\n"))
+    }
 }

@@ -257,6 +257,15 @@ pub fn unpack_layer(
     Ok(unpacker.stats)
 }
 
+/// Removes the side table kept beside `tree` (see [`state`]); call it when the tree itself
+/// is discarded after the image is built.
+pub fn forget_tree_state(tree: &Path) -> io::Result<()> {
+    match std::fs::remove_file(state::state_path(tree)?) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 const COPY_BUF: usize = 1 << 20;
 
 fn is_root() -> bool {
