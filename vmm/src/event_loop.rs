@@ -25,7 +25,10 @@ pub struct Token(usize);
 /// guest's receive FIFO is full, so a level-triggered fd does not spin).
 pub struct Control<'a> {
     epoll: &'a Epoll,
-    fds: &'a mut [Option<RawFd>],
+    fds: &'a mut Vec<Option<RawFd>>,
+    /// Handlers added by this handler, installed when it returns.
+    added: &'a mut Vec<Handler>,
+    base: usize,
 }
 
 impl Control<'_> {
@@ -47,6 +50,19 @@ impl Control<'_> {
 
     pub fn resume(&mut self, token: Token) -> io::Result<()> {
         self.set(token, EventSet::IN)
+    }
+
+    /// Registers another fd from inside a handler (e.g. an accepted API connection).
+    pub fn add(&mut self, fd: RawFd, handler: Handler) -> io::Result<Token> {
+        let token = self.base + self.added.len();
+        self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token as u64),
+        )?;
+        self.fds.push(Some(fd));
+        self.added.push(handler);
+        Ok(Token(token))
     }
 
     /// Unregisters `token` for good (e.g. stdin reached end of file).
@@ -105,6 +121,7 @@ impl EventLoop {
     /// Dispatches events until a handler returns [`Flow::Exit`].
     pub fn run(&mut self) -> io::Result<VmExit> {
         let mut events = vec![EpollEvent::default(); 32];
+        let mut added: Vec<Handler> = Vec::new();
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -113,6 +130,7 @@ impl EventLoop {
             };
             for event in &events[..n] {
                 let index = event.data() as usize;
+                let base = self.handlers.len();
                 let Some(handler) = self.handlers.get_mut(index) else {
                     continue;
                 };
@@ -122,8 +140,12 @@ impl EventLoop {
                 let mut control = Control {
                     epoll: &self.epoll,
                     fds: &mut self.fds,
+                    added: &mut added,
+                    base,
                 };
-                if let Flow::Exit(exit) = handler(&mut control, Token(index)) {
+                let flow = handler(&mut control, Token(index));
+                self.handlers.append(&mut added);
+                if let Flow::Exit(exit) = flow {
                     return Ok(exit);
                 }
             }

@@ -23,11 +23,13 @@
 //! ```
 
 pub mod arch;
+pub mod control;
 pub mod devices;
 pub mod event_loop;
 pub mod exit;
 pub mod host;
 pub mod memory;
+pub mod snapshot;
 pub mod state;
 pub mod terminal;
 pub mod vcpu;

@@ -11,13 +11,15 @@ use std::time::Instant;
 
 use fnvm_vmm::arch::x86_64::boot::KernelConfig;
 use fnvm_vmm::exit::{code, VmExit};
-use fnvm_vmm::vm::{Vm, VmConfig, DEFAULT_CMDLINE};
+use fnvm_vmm::vm::{RestoreConfig, Vm, VmConfig, DEFAULT_CMDLINE};
 
 const USAGE: &str = "\
 fnvm-vmm: runs one KVM micro-VM and exits when the guest ends
 
 usage: fnvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MiB]
                 [--vcpus N] [--disk PATH[:ro]]... [--vsock PATH [--vsock-cid N]]
+                [--api-sock PATH]
+       fnvm-vmm --restore DIR [--disk PATH[:ro]]... [--vsock PATH] [--api-sock PATH]
 
   --kernel PATH      Linux bzImage or vmlinux (64-bit Linux boot protocol); any other
                      ELF64 or ELF32 with a Xen PVH note: 32-bit PVH entry, EBX =
@@ -35,6 +37,20 @@ usage: fnvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MiB]
                      and send `CONNECT <port>\\n`; guest connections to host port P go to
                      PATH_P. PATH must not exist; it is removed on exit
   --vsock-cid N      the guest's vsock CID (default 3)
+  --api-sock PATH    serve the control API on the Unix socket PATH (must not exist; removed
+                     on exit): one JSON request per line, one JSON reply per line:
+                     {\"op\":\"pause\"}, {\"op\":\"resume\"}, {\"op\":\"snapshot\",\"dir\":\"DIR\"} (DIR must
+                     not exist; a running VM is paused for it and resumed after),
+                     {\"op\":\"metrics\"}; replies {\"ok\":true,...} or {\"ok\":false,\"error\":\"...\"}
+  --restore DIR      continue the VM saved in snapshot DIR instead of booting; memory is
+                     mapped copy-on-write from DIR/memory. With --restore, --disk gives the
+                     backing files of the snapshot's disks in order (required for writable
+                     disks: each instance needs its own copy, e.g. a reflink or sparse copy
+                     of DIR/disk-N.img); --vsock gives the vsock device a new socket path.
+                     A snapshot from another fnvm-vmm version, CPU or kernel, or a corrupted
+                     or truncated one, is refused (exit code 2). On exit, a second stderr
+                     line reports the restore: `fnvm-vmm: restored, resumed at X ms; first
+                     guest I/O at Y ms after N minor + M major page faults`
 
 The console is on stdout; stdin (when it is a pipe or terminal) feeds the guest's serial
 input; a terminal is put in raw mode (Ctrl-C still stops the VM) and restored on exit.
@@ -54,6 +70,8 @@ exit codes:
 ";
 
 struct Args {
+    restore: Option<PathBuf>,
+    api_sock: Option<PathBuf>,
     kernel: PathBuf,
     initrd: Option<PathBuf>,
     cmdline: String,
@@ -73,6 +91,9 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
     let mut disks = Vec::new();
     let mut vsock = None;
     let mut vsock_cid = 3u64;
+    let mut restore = None;
+    let mut api_sock = None;
+    let mut boot_only = Vec::new();
     while let Some(arg) = argv.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
@@ -87,7 +108,15 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
                 .or_else(|| argv.next())
                 .ok_or_else(|| format!("{flag} needs a value"))
         };
+        if matches!(
+            flag.as_str(),
+            "--kernel" | "--initrd" | "--cmdline" | "--memory" | "--vcpus" | "--vsock-cid"
+        ) {
+            boot_only.push(flag.clone());
+        }
         match flag.as_str() {
+            "--restore" => restore = Some(PathBuf::from(value()?)),
+            "--api-sock" => api_sock = Some(PathBuf::from(value()?)),
             "--kernel" => kernel = Some(PathBuf::from(value()?)),
             "--initrd" => initrd = Some(PathBuf::from(value()?)),
             "--cmdline" => cmdline = value()?,
@@ -124,8 +153,20 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
             other => return Err(format!("unknown argument {other:?} (see --help)")),
         }
     }
-    let kernel = kernel.ok_or("--kernel PATH is required (see --help)")?;
+    if restore.is_some() {
+        if let Some(flag) = boot_only.first() {
+            return Err(format!(
+                "{flag} cannot be used with --restore (the snapshot defines the VM)"
+            ));
+        }
+    }
+    let kernel = match (&restore, kernel) {
+        (Some(_), _) => PathBuf::new(),
+        (None, k) => k.ok_or("--kernel PATH is required (see --help)")?,
+    };
     Ok(Some(Args {
+        restore,
+        api_sock,
         kernel,
         initrd,
         cmdline,
@@ -182,10 +223,20 @@ fn main() -> ExitCode {
         Err(e) => return finish(start, &format!("bad input: {e}"), code::BAD_INPUT),
     };
     let mut vm = None;
-    let code = match run(&args, &mut vm) {
+    let result = match &args.restore {
+        Some(dir) => restore(&args, dir, start, &mut vm),
+        None => run(&args, &mut vm),
+    };
+    let code = match result {
         Ok(exit) => finish(start, &exit.to_string(), exit.exit_code()),
         Err((status, c)) => finish(start, &status, c),
     };
+    if let Some(metrics) = vm.as_ref().and_then(Vm::restore_metrics) {
+        eprintln!("fnvm-vmm: {metrics}");
+    }
+    if let Some(path) = &args.api_sock {
+        let _ = std::fs::remove_file(path);
+    }
     // The VM is released after the status line: its teardown in the host kernel takes a few
     // milliseconds that belong to no guest.
     drop(vm);
@@ -211,6 +262,46 @@ fn run(args: &Args, slot: &mut Option<Vm>) -> Result<VmExit, (String, u8)> {
         cmdline: args.cmdline.clone(),
     })
     .map_err(|e| bad(&e))?;
+    if let Some(path) = &args.api_sock {
+        vm.serve_api(path).map_err(|e| bad(&e))?;
+    }
+    run_vm(vm)
+}
+
+/// `--restore DIR`: the snapshot's VM with this invocation's disks, vsock path and console.
+fn restore(
+    args: &Args,
+    dir: &std::path::Path,
+    start: Instant,
+    slot: &mut Option<Vm>,
+) -> Result<VmExit, (String, u8)> {
+    let bad = |e: &dyn std::fmt::Display| (format!("bad input: {e}"), code::BAD_INPUT);
+    // --disk PATH in order replaces the snapshot's disks (virtio slots in order, skipping
+    // the vsock, which the snapshot places after the disks).
+    let disks = args
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(i, (path, _))| (i, path.clone()))
+        .collect();
+    let vm = slot.insert(
+        Vm::restore(RestoreConfig {
+            dir: dir.to_path_buf(),
+            console: Box::new(std::io::stdout()),
+            console_input: Some(libc::STDIN_FILENO),
+            disks,
+            vsock: args.vsock.clone(),
+            since: start,
+        })
+        .map_err(|e| bad(&e))?,
+    );
+    if let Some(path) = &args.api_sock {
+        vm.serve_api(path).map_err(|e| bad(&e))?;
+    }
+    run_vm(vm)
+}
+
+fn run_vm(vm: &mut Vm) -> Result<VmExit, (String, u8)> {
     install_terminate_handlers(vm.stop_handle_fd());
     let raw_terminal = fnvm_vmm::terminal::RawTerminal::enable(libc::STDIN_FILENO);
     let result = vm.run();

@@ -13,11 +13,22 @@ use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::control::{ControlChannel, ControlCore, RestoreMetrics, VmController};
+use crate::devices::i8042::I8042State;
+use crate::devices::serial::SerialDeviceState;
+use crate::snapshot::{self, SnapshotError};
+use crate::state::Persist;
+use crate::vcpu::{FirstIo, VcpuControl};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::arch::x86_64::boot::{self, BootError, KernelConfig};
@@ -33,7 +44,7 @@ use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::InterruptTrigger;
-use crate::event_loop::{EventLoop, Flow};
+use crate::event_loop::{EventLoop, Flow, Token};
 use crate::exit::VmExit;
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::vcpu::{ExitSlot, Vcpu, VcpuError, VcpuShared};
@@ -92,6 +103,25 @@ pub enum VmError {
     NothingLoaded,
     #[error("devices must be added before the kernel is loaded (the command line is final)")]
     AlreadyLoaded,
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("cannot restore the snapshot: {0}")]
+    Restore(String),
+}
+
+/// How to bring a snapshot back (see [`Vm::restore`]).
+pub struct RestoreConfig {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    pub console: Box<dyn Write + Send>,
+    pub console_input: Option<RawFd>,
+    /// Replacement backing files by virtio slot index (disks) — every writable disk needs one:
+    /// each restored instance writes to its own copy of the snapshot's `disk-N.img`.
+    pub disks: HashMap<usize, PathBuf>,
+    /// A new Unix socket path for the vsock device (the saved one belongs to the original VM).
+    pub vsock: Option<PathBuf>,
+    /// The instant restore metrics are measured from (the VMM process start).
+    pub since: Instant,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -183,7 +213,8 @@ pub fn validate_vcpus(vcpus: u8) -> Result<(), VmError> {
 
 pub struct Vm {
     kvm: Kvm,
-    fd: VmFd,
+    fd: Arc<VmFd>,
+    memory_mib: u64,
     mem: GuestMemory,
     vcpus: Vec<Vcpu>,
     vcpu_count: u8,
@@ -203,6 +234,13 @@ pub struct Vm {
     loaded: Option<(BootEntry, bool)>,
     /// The memory-slot registration still in flight (see [`register_memory_in_background`]).
     memslots: Option<JoinHandle<Result<(), VmError>>>,
+    /// Event sources silenced while the VM is paused.
+    device_tokens: Vec<Token>,
+    control: Option<ControlChannel>,
+    api: Option<UnixListener>,
+    /// Set by [`Vm::restore`]: the VM runs from restored state, no program needed.
+    restored: Option<(Instant, Arc<FirstIo>)>,
+    restore_metrics: Option<Arc<Mutex<ControlCore>>>,
 }
 
 impl Vm {
@@ -210,6 +248,14 @@ impl Vm {
     pub fn new(config: VmConfig) -> Result<Self, VmError> {
         validate_vcpus(config.vcpus)?;
         let mem = memory::create_guest_memory(config.memory_mib)?;
+        Self::build(config, mem, None)
+    }
+
+    fn build(
+        config: VmConfig,
+        mem: GuestMemory,
+        legacy: Option<(&SerialDeviceState, &I8042State)>,
+    ) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         fd.set_tss_address(KVM_TSS_ADDRESS as usize)
@@ -251,12 +297,25 @@ impl Vm {
                 .map_err(kvm_err("KVM_IRQFD (serial)"))?;
         }
         vm_irq_lines.push(serial_irq.clone());
-        let serial = Arc::new(Mutex::new(SerialDevice::new(SerialArgs {
+        let serial_args = SerialArgs {
             interrupt: serial_irq as Arc<dyn InterruptTrigger>,
             input_ready: serial_ready.clone(),
             output: ConsoleWriter::new(config.console, console_watch.clone()),
-        })));
-        let i8042 = Arc::new(Mutex::new(I8042::new(reset_evt.clone())));
+        };
+        let (serial, i8042) = match legacy {
+            None => (
+                SerialDevice::new(serial_args),
+                I8042::new(reset_evt.clone()),
+            ),
+            Some((serial_state, i8042_state)) => (
+                SerialDevice::restore(serial_args, serial_state)
+                    .map_err(|e| VmError::Restore(e.to_string()))?,
+                I8042::restore(reset_evt.clone(), i8042_state)
+                    .map_err(|_| VmError::Restore("invalid i8042 state".into()))?,
+            ),
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        let i8042 = Arc::new(Mutex::new(i8042));
 
         let mut pio = Bus::new();
         pio.insert(COM1_PORT, COM1_PORT_LEN, serial.clone())?;
@@ -360,13 +419,20 @@ impl Vm {
                 }),
             )?;
         }
+        let mut device_tokens = Vec::new();
         if let Some(input) = config.console_input {
-            add_console_input(&mut event_loop, input, serial.clone(), serial_ready)?;
+            device_tokens.extend(add_console_input(
+                &mut event_loop,
+                input,
+                serial.clone(),
+                serial_ready,
+            )?);
         }
 
         Ok(Self {
             kvm,
-            fd,
+            fd: Arc::new(fd),
+            memory_mib: config.memory_mib,
             mem,
             vcpus,
             vcpu_count: config.vcpus,
@@ -384,7 +450,147 @@ impl Vm {
             irq_lines: vm_irq_lines,
             loaded: None,
             memslots: Some(memslots),
+            device_tokens,
+            control: Some(ControlChannel::new().map_err(io_err("control eventfd"))?),
+            api: None,
+            restored: None,
+            restore_metrics: None,
         })
+    }
+
+    /// A handle to pause, resume and snapshot this VM from another thread while it runs.
+    pub fn controller(&self) -> Option<VmController> {
+        self.control.as_ref().map(ControlChannel::controller)
+    }
+
+    /// Serves the JSON-lines control API (see [`crate::control`]) on a Unix socket at `path`,
+    /// created now (it must not exist) so clients may connect before the VM runs.
+    pub fn serve_api(&mut self, path: &Path) -> Result<(), VmError> {
+        let listener = UnixListener::bind(path).map_err(|source| VmError::Io {
+            what: "binding the API socket",
+            source,
+        })?;
+        self.api = Some(listener);
+        Ok(())
+    }
+
+    /// How the restore went so far (None unless this VM was restored and has run).
+    pub fn restore_metrics(&self) -> Option<RestoreMetrics> {
+        self.restore_metrics
+            .as_ref()
+            .and_then(|core| lock(core).metrics())
+    }
+
+    /// Rebuilds a VM from a snapshot directory: memory mapped privately from its memory file,
+    /// vCPU, irqchip, PIT and clock state, the legacy devices and every virtio device (on
+    /// their saved windows and IRQs). [`Vm::run`] then continues the guest where it stopped.
+    pub fn restore(config: RestoreConfig) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let here = snapshot::host_identity(&kvm)?;
+        drop(kvm);
+        let loaded = snapshot::load(&config.dir, &here)?;
+        let state = &loaded.state;
+        let vcpus = u8::try_from(state.vcpus.len())
+            .map_err(|_| VmError::Restore("too many vCPUs in the snapshot".into()))?;
+        validate_vcpus(vcpus)?;
+        let mem = snapshot::memory::map_private(&loaded.memory_path(), &state.regions)
+            .map_err(io_err("mapping the snapshot memory file"))?;
+        let vm_config = VmConfig {
+            memory_mib: state.memory_mib,
+            vcpus,
+            console: config.console,
+            console_input: config.console_input,
+            irqchip: state.irqchip,
+        };
+        let mut vm = Self::build(vm_config, mem, Some((&state.serial, &state.i8042)))?;
+        for (index, slot) in state.virtio.iter().enumerate() {
+            let path = match &slot.device {
+                crate::devices::virtio::VirtioDeviceState::Block(b) => {
+                    match config.disks.get(&index) {
+                        Some(p) => Some(p.clone()),
+                        None if b.read_only => None,
+                        None => {
+                            return Err(VmError::Restore(format!(
+                                "disk {index} is writable: give it its own copy of {}                                  (e.g. --disk COPY in slot order)",
+                                config
+                                    .dir
+                                    .join(slot.disk_copy.as_deref().unwrap_or("disk-N.img"))
+                                    .display()
+                            )))
+                        }
+                    }
+                }
+                crate::devices::virtio::VirtioDeviceState::Vsock(_) => config.vsock.clone(),
+            };
+            vm.restore_virtio_slot(index, slot, path)?;
+        }
+        // The vCPU state includes MSRs (kvm-clock) that KVM resolves through the memory slots.
+        vm.wait_for_memory()?;
+        for (vcpu, saved) in vm.vcpus.iter().zip(&state.vcpus) {
+            vcpu.restore_state(saved, state.irqchip)?;
+        }
+        if state.irqchip {
+            for chip in [&state.pic_master, &state.pic_slave, &state.ioapic]
+                .into_iter()
+                .flatten()
+            {
+                vm.fd
+                    .set_irqchip(chip)
+                    .map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+            }
+            if let Some(pit) = &state.pit {
+                vm.fd.set_pit2(pit).map_err(kvm_err("KVM_SET_PIT2"))?;
+            }
+        }
+        if let Some(clock) = &state.clock {
+            // Continue the guest clock from its saved value (no REALTIME catch-up: the agent
+            // steps guest time itself after a restore).
+            let mut clock = *clock;
+            clock.flags = 0;
+            vm.fd.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
+        }
+        // Requests the guest queued just before the snapshot never reached the old process's
+        // device (its queue notification was pending): look at every queue once. A restored
+        // vsock posts its TRANSPORT_RESET event here too.
+        for slot in &vm.virtio {
+            let mut t = lock(&slot.transport);
+            if t.is_running() {
+                for q in 0..t.device().queue_max_sizes().len() as u16 {
+                    t.notify_queue(q);
+                }
+                t.process_host_events();
+            }
+        }
+        vm.restored = Some((config.since, Arc::new(FirstIo::new(config.since))));
+        Ok(vm)
+    }
+
+    fn restore_virtio_slot(
+        &mut self,
+        index: usize,
+        slot: &snapshot::VirtioSlotState,
+        path: Option<PathBuf>,
+    ) -> Result<(), VmError> {
+        let (base, irq, interrupt) = self.next_virtio_slot()?;
+        if (base, irq) != (slot.base, slot.irq) {
+            return Err(VmError::Restore(format!(
+                "virtio device {index} was at {:#x} IRQ {}, the layout puts it at {base:#x} IRQ {irq}",
+                slot.base, slot.irq
+            )));
+        }
+        let device = crate::devices::virtio::restore_device(&slot.device, path)
+            .map_err(|e| VmError::Restore(e.to_string()))?;
+        let transport = MmioTransport::restore(
+            crate::devices::virtio::mmio::MmioTransportArgs {
+                device,
+                mem: self.mem.clone(),
+                interrupt: interrupt as Arc<dyn InterruptTrigger>,
+            },
+            &slot.transport,
+        )
+        .map_err(|e| VmError::Restore(format!("virtio device {index}: {e}")))?;
+        self.attach_transport(transport, base, irq)?;
+        Ok(())
     }
 
     pub fn memory(&self) -> &GuestMemory {
@@ -473,7 +679,8 @@ impl Vm {
         }
         .map_err(kvm_err("KVM_IOEVENTFD"))?;
         let raw = evt.as_raw_fd();
-        self.event_loop
+        let token = self
+            .event_loop
             .add(
                 raw,
                 Box::new(move |_, _| {
@@ -484,6 +691,7 @@ impl Vm {
                 }),
             )
             .map_err(io_err("epoll_ctl"))?;
+        self.device_tokens.push(token);
         Ok(())
     }
 
@@ -497,13 +705,24 @@ impl Vm {
         if self.loaded.is_some() {
             return Err(VmError::AlreadyLoaded);
         }
+        let (base, irq, interrupt) = self.next_virtio_slot()?;
+        let transport = MmioTransport::new(
+            device,
+            self.mem.clone(),
+            interrupt as Arc<dyn InterruptTrigger>,
+        )
+        .map_err(|e| VmError::Virtio(e.to_string()))?;
+        self.attach_transport(transport, base, irq)
+    }
+
+    /// The next virtio-mmio window, its IRQ and that IRQ's line (an irqfd).
+    fn next_virtio_slot(&mut self) -> Result<(u64, u32, Arc<EventFd>), VmError> {
         let index = self.virtio.len() as u32;
         let irq = VIRTIO_IRQ_START + index;
         if irq > VIRTIO_IRQ_END {
             return Err(VmError::TooManyVirtioDevices);
         }
         let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
-        let queues = device.queue_max_sizes().len();
         let interrupt = Arc::new(new_eventfd("virtio irq eventfd")?);
         if self.irqchip {
             self.fd
@@ -511,12 +730,18 @@ impl Vm {
                 .map_err(kvm_err("KVM_IRQFD (virtio)"))?;
         }
         self.irq_lines.push(interrupt.clone());
-        let transport = MmioTransport::new(
-            device,
-            self.mem.clone(),
-            interrupt as Arc<dyn InterruptTrigger>,
-        )
-        .map_err(|e| VmError::Virtio(e.to_string()))?;
+        Ok((base, irq, interrupt))
+    }
+
+    /// Maps a transport on its window and wires its queue notifications (ioeventfds) and
+    /// host events into the event loop.
+    fn attach_transport(
+        &mut self,
+        transport: MmioTransport,
+        base: u64,
+        irq: u32,
+    ) -> Result<VirtioSlot, VmError> {
+        let queues = transport.device().queue_max_sizes().len();
         let transport = Arc::new(Mutex::new(transport));
         self.mmio
             .insert(base, VIRTIO_MMIO_SIZE, transport.clone())?;
@@ -530,7 +755,8 @@ impl Vm {
         }
         if let Some(host_fd) = lock(&transport).host_event_fd() {
             let t = transport.clone();
-            self.event_loop
+            let token = self
+                .event_loop
                 .add(
                     host_fd,
                     Box::new(move |_, _| {
@@ -539,6 +765,7 @@ impl Vm {
                     }),
                 )
                 .map_err(io_err("epoll_ctl"))?;
+            self.device_tokens.push(token);
         }
         let slot = VirtioSlot {
             base,
@@ -665,7 +892,8 @@ impl Vm {
     /// releases the KVM VM, which the host kernel tears down synchronously (milliseconds), so
     /// callers that report timings should do so before the drop.
     pub fn run(&mut self) -> Result<VmExit, VmError> {
-        if self.loaded.take().is_none() {
+        let restored = self.restored.take();
+        if self.loaded.take().is_none() && restored.is_none() {
             return Err(VmError::NothingLoaded);
         }
         self.wait_for_memory()?;
@@ -673,6 +901,35 @@ impl Vm {
         let shared_pio = Arc::new(std::mem::take(&mut self.pio));
         let shared_mmio = Arc::new(std::mem::take(&mut self.mmio));
         let stop = Arc::new(AtomicBool::new(false));
+        let vcpu_control = Arc::new(VcpuControl::new());
+        let first_io = restored.as_ref().map(|(_, f)| f.clone());
+        let core = Arc::new(Mutex::new(ControlCore {
+            vcpus: vcpu_control.clone(),
+            vcpu_count: self.vcpus.len(),
+            vm_fd: self.fd.clone(),
+            irqchip: self.irqchip,
+            memory_mib: self.memory_mib,
+            mem: self.mem.clone(),
+            serial: self.serial.clone(),
+            i8042: self.i8042.clone(),
+            virtio: self.virtio.clone(),
+            device_tokens: self.device_tokens.clone(),
+            restore: restored
+                .as_ref()
+                .map(|(since, f)| (since.elapsed().as_micros() as u64, f.clone())),
+        }));
+        self.restore_metrics = restored.as_ref().map(|_| core.clone());
+        if let Some(channel) = self.control.take() {
+            crate::control::serve_channel(&mut self.event_loop, channel, core.clone())
+                .map_err(io_err("epoll_ctl (control)"))?;
+        }
+        if let Some(listener) = self.api.take() {
+            crate::control::serve_socket(&mut self.event_loop, listener, core.clone())
+                .map_err(io_err("epoll_ctl (API socket)"))?;
+        }
+        if let Some(f) = &first_io {
+            f.rebase();
+        }
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         let mut spawn_error = None;
         for vcpu in std::mem::take(&mut self.vcpus) {
@@ -681,6 +938,8 @@ impl Vm {
                 mmio: shared_mmio.clone(),
                 exit: self.exit.clone(),
                 stop: stop.clone(),
+                control: vcpu_control.clone(),
+                first_io: first_io.clone(),
             };
             let exit = self.exit.clone();
             let id = vcpu.id();
@@ -725,7 +984,7 @@ impl Vm {
                 }),
             },
         };
-        stop_vcpus(&stop, threads);
+        stop_vcpus(&stop, &vcpu_control, threads);
         let exit = outcome?;
         // A guest that printed the panic banner and then reset (panic=N) or faulted ended
         // because of the panic: say so.
@@ -817,7 +1076,7 @@ fn add_console_input(
     input: RawFd,
     serial: Arc<Mutex<SerialDevice>>,
     ready: Arc<EventFd>,
-) -> Result<(), VmError> {
+) -> Result<Vec<Token>, VmError> {
     let handler = Box::new(move |ctl: &mut crate::event_loop::Control<'_>, token| {
         let room = lock(&serial).input_capacity();
         if room == 0 {
@@ -855,7 +1114,7 @@ fn add_console_input(
         Ok(t) => t,
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
             tracing::debug!("console input is not pollable (regular file or /dev/null): ignored");
-            return Ok(());
+            return Ok(Vec::new());
         }
         Err(e) => {
             return Err(VmError::Io {
@@ -865,7 +1124,7 @@ fn add_console_input(
         }
     };
     let ready_fd = ready.as_raw_fd();
-    event_loop
+    let ready_token = event_loop
         .add(
             ready_fd,
             Box::new(move |ctl, _| {
@@ -875,20 +1134,18 @@ fn add_console_input(
             }),
         )
         .map_err(io_err("epoll_ctl"))?;
-    Ok(())
+    Ok(vec![token, ready_token])
 }
 
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// The signal that interrupts a vCPU's KVM_RUN so its thread sees the stop flag.
-fn kick_signal() -> libc::c_int {
+/// The signal that interrupts a vCPU's KVM_RUN so its thread sees the stop or pause flag.
+pub(crate) fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
 fn install_kick_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        if let Err(e) = register_signal_handler(kick_signal(), kick_handler) {
+        if let Err(e) = register_signal_handler(kick_signal(), crate::vcpu::kick_handler) {
             tracing::error!("cannot install the vCPU kick signal handler: {e}");
         }
     });
@@ -897,8 +1154,9 @@ fn install_kick_handler() {
 /// Sets the stop flag and kicks every vCPU thread out of KVM_RUN until it has returned.
 /// Signals are resent every millisecond because one can land just before a thread enters
 /// KVM_RUN; threads still running after 2 s are left behind (reported, never waited on).
-fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+fn stop_vcpus(stop: &AtomicBool, control: &VcpuControl, threads: Vec<JoinHandle<()>>) {
     stop.store(true, Ordering::Release);
+    control.wake_all();
     let deadline = Instant::now() + Duration::from_secs(2);
     let mut pending = threads;
     while !pending.is_empty() {
@@ -914,6 +1172,7 @@ fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
             tracing::error!("{} vCPU thread(s) did not stop", pending.len());
             break;
         }
+        control.wake_all();
         for t in &pending {
             let _ = t.kill(kick_signal());
         }

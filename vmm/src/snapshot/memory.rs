@@ -1,0 +1,282 @@
+//! Guest memory in a snapshot: written as a sparse file (pages that are all zero stay holes),
+//! hashed page by page, and mapped back privately (copy-on-write) so every instance restored
+//! from one snapshot shares the file's page cache and faults pages in only when touched.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+use crate::memory::GuestMemory;
+
+pub const PAGE: usize = 4096;
+
+/// Where a guest RAM region lives in the memory file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionLayout {
+    pub guest_addr: u64,
+    pub len: u64,
+    pub file_offset: u64,
+}
+
+/// The regions of `mem` laid out back to back in the memory file.
+pub fn layout(mem: &GuestMemory) -> Vec<RegionLayout> {
+    let mut offset = 0;
+    mem.iter()
+        .map(|r| {
+            let l = RegionLayout {
+                guest_addr: r.start_addr().0,
+                len: r.len(),
+                file_offset: offset,
+            };
+            offset += r.len();
+            l
+        })
+        .collect()
+}
+
+/// Hashes pages as the format defines: (global page index, bytes) of non-zero pages.
+#[derive(Default)]
+pub struct PageHasher(Sha256);
+
+impl PageHasher {
+    pub fn page(&mut self, index: u64, bytes: &[u8]) {
+        self.0.update(index.to_le_bytes());
+        self.0.update(bytes);
+    }
+    pub fn finish(self) -> String {
+        hex::encode(self.0.finalize())
+    }
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets aligned bytes.
+        unsafe { page.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// Which pages of an anonymous mapping were ever touched (resident). Untouched anonymous pages
+/// are zero, so they need not be read at all (reading them would fault in 128k zero pages for
+/// 512 MiB). Returns None where residency says nothing about content (file-backed regions of a
+/// restored VM, hosts with swap).
+fn resident_pages(addr: *mut u8, len: usize, anonymous: bool) -> Option<Vec<u8>> {
+    if !anonymous || host_has_swap() {
+        return None;
+    }
+    let mut vec = vec![0u8; len.div_ceil(PAGE)];
+    // SAFETY: addr/len describe a live mapping owned by guest memory; vec has one byte per page.
+    let r = unsafe { libc::mincore(addr as *mut libc::c_void, len, vec.as_mut_ptr()) };
+    (r == 0).then_some(vec)
+}
+
+fn host_has_swap() -> bool {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("SwapTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .is_none_or(|kib| kib > 0)
+}
+
+/// Writes guest memory to `path` (created, sparse) and returns its size and content hash.
+/// The vCPUs must be parked and no device may touch memory meanwhile.
+pub fn write(mem: &GuestMemory, path: &Path) -> io::Result<(u64, String)> {
+    let file = File::options()
+        .write(true)
+        .create_new(true)
+        .open(path)?;
+    let regions = layout(mem);
+    let total: u64 = regions.iter().map(|r| r.len).sum();
+    file.set_len(total)?;
+    let mut hasher = PageHasher::default();
+    for (region, l) in mem.iter().zip(&regions) {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let len = region.len() as usize;
+        let resident = resident_pages(host, len, region.file_offset().is_none());
+        // SAFETY: the region is a live mapping of `len` bytes; the VM is paused, so nothing
+        // writes it while this shared view exists.
+        let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
+        let mut run_start: Option<usize> = None;
+        let flush = |from: usize, to: usize| -> io::Result<()> {
+            file.write_all_at(&bytes[from..to], l.file_offset + from as u64)
+        };
+        for (i, page) in bytes.chunks(PAGE).enumerate() {
+            let touched = resident.as_ref().is_none_or(|v| v[i] & 1 != 0);
+            let data = touched && !is_zero(page);
+            if data {
+                hasher.page(l.file_offset / PAGE as u64 + i as u64, page);
+                run_start.get_or_insert(i * PAGE);
+            } else if let Some(s) = run_start.take() {
+                flush(s, i * PAGE)?;
+            }
+        }
+        if let Some(s) = run_start {
+            flush(s, len)?;
+        }
+    }
+    file.sync_all()?;
+    Ok((total, hasher.finish()))
+}
+
+/// Reads the whole memory file (skipping holes) and returns its content hash.
+pub fn hash_file(path: &Path) -> io::Result<String> {
+    let file = File::open(path)?;
+    let size = file.metadata()?.len();
+    let fd = file.as_raw_fd();
+    let mut hasher = PageHasher::default();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos: u64 = 0;
+    while pos < size {
+        // SAFETY: lseek on a file we own.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: only a hole remains
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        // Whole pages only (filesystem blocks are page-sized or smaller), each hashed once.
+        let page = PAGE as u64;
+        let start = (data as u64 & !(page - 1)).max(pos);
+        let end = (hole.max(data) as u64).div_ceil(page).saturating_mul(page).min(size);
+        let mut at = start;
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], at)?;
+            for (i, page) in buf[..n].chunks(PAGE).enumerate() {
+                if !is_zero(page) {
+                    hasher.page(at / PAGE as u64 + i as u64, page);
+                }
+            }
+            at += n as u64;
+        }
+        pos = end.max(pos + 1);
+    }
+    Ok(hasher.finish())
+}
+
+/// Maps the memory file privately: reads share the file's page cache with every other
+/// instance, writes get private copies, nothing is read before the guest touches it.
+pub fn map_private(path: &Path, regions: &[RegionLayout]) -> io::Result<GuestMemory> {
+    let file = std::sync::Arc::new(File::open(path)?);
+    let mut out = Vec::with_capacity(regions.len());
+    for r in regions {
+        let mapping = MmapRegionBuilder::new(r.len as usize)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
+            .build()
+            .map_err(|e| io::Error::other(format!("mmap of the memory file: {e}")))?;
+        out.push(
+            GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
+                .ok_or_else(|| io::Error::other("memory region past the address space"))?,
+        );
+    }
+    GuestMemory::from_regions(out).map_err(|e| io::Error::other(e.to_string()))
+}
+
+/// Copies a disk image the cheap way: a reflink where the filesystem can share extents,
+/// otherwise only its data ranges (holes stay holes). Never a full byte-for-byte copy of a
+/// mostly empty 512 MiB writable layer.
+pub fn copy_sparse(from: &Path, to: &Path) -> io::Result<()> {
+    let src = File::open(from)?;
+    let dst = File::options().write(true).create_new(true).open(to)?;
+    // FICLONE = _IOW(0x94, 9, int)
+    const FICLONE: libc::c_ulong = 0x4004_9409;
+    // SAFETY: both fds are open; FICLONE only reads the source fd number.
+    if unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE as _, src.as_raw_fd()) } == 0 {
+        return Ok(());
+    }
+    let size = src.metadata()?.len();
+    dst.set_len(size)?;
+    let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
+    let mut pos: i64 = 0;
+    while (pos as u64) < size {
+        // SAFETY: lseek on a file we own.
+        let data = unsafe { libc::lseek(sfd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(sfd, data, libc::SEEK_HOLE) };
+        let (mut off_in, mut off_out) = (data, data);
+        let mut left = (hole - data) as usize;
+        while left > 0 {
+            // SAFETY: offsets are locals; both fds are open.
+            let n = unsafe {
+                libc::copy_file_range(sfd, &mut off_in, dfd, &mut off_out, left, 0)
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if n == 0 {
+                break;
+            }
+            left -= n as usize;
+        }
+        pos = hole.max(data + 1);
+    }
+    dst.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn memory_file_is_sparse_hashed_and_maps_back_privately() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = crate::memory::create_guest_memory(8).unwrap();
+        mem.write_slice(b"hello", GuestAddress(0x1000)).unwrap();
+        mem.write_obj(0xabu8, GuestAddress(0x70_0fff)).unwrap();
+        let path = dir.path().join("memory");
+        let (size, sum) = write(&mem, &path).unwrap();
+        assert_eq!(size, 8 << 20);
+        assert_eq!(hash_file(&path).unwrap(), sum);
+        // Sparse: only the two touched pages hold blocks.
+        use std::os::unix::fs::MetadataExt;
+        assert!(std::fs::metadata(&path).unwrap().blocks() * 512 <= 64 * 1024);
+
+        let back = map_private(&path, &layout(&mem)).unwrap();
+        let mut buf = [0u8; 5];
+        back.read_slice(&mut buf, GuestAddress(0x1000)).unwrap();
+        assert_eq!(&buf, b"hello");
+        // Writes stay private to the mapping.
+        back.write_obj(0x55u8, GuestAddress(0x1000)).unwrap();
+        assert_eq!(hash_file(&path).unwrap(), sum);
+
+        let data = std::fs::read(&path).unwrap();
+        let mut flipped = data.clone();
+        flipped[0x70_0fff] ^= 1;
+        std::fs::write(&path, &flipped).unwrap();
+        assert_ne!(hash_file(&path).unwrap(), sum);
+    }
+
+    #[test]
+    fn sparse_copy_keeps_data_and_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let f = File::create(&a).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(b"abc", 10 << 20).unwrap();
+        let b = dir.path().join("b");
+        copy_sparse(&a, &b).unwrap();
+        let back = std::fs::read(&b).unwrap();
+        assert_eq!(back.len(), 64 << 20);
+        assert_eq!(&back[10 << 20..(10 << 20) + 3], b"abc");
+        use std::os::unix::fs::MetadataExt;
+        assert!(std::fs::metadata(&b).unwrap().blocks() * 512 < 4 << 20);
+    }
+}

@@ -1,0 +1,621 @@
+//! Snapshot and restore with tiny guests under /dev/kvm, through the `fnvm-vmm` binary: a guest
+//! that keeps counting (in a register, in memory and in a second register), prints the counter on
+//! COM1, writes it to a virtio-blk disk and checks 4 MiB of memory it filled at start is
+//! snapshotted mid-run through the API socket and restored in new `fnvm-vmm` processes.
+//!
+//! Without /dev/kvm each test prints one loud line to stderr and returns.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use iced_x86::code_asm::*;
+
+const COM1: u32 = 0x3f8;
+const BASE: u64 = 0x10_0000;
+const MMIO: u64 = 0xd000_0000;
+const DESC: u64 = 0x20_0000;
+const AVAIL: u64 = 0x20_1000;
+const USED: u64 = 0x20_2000;
+const HEADER: u64 = 0x20_3000;
+const DATA: u64 = 0x20_4000;
+const STATUS: u64 = 0x20_5000;
+const COUNTER: u64 = 0x20_6000;
+const PATTERN_START: u64 = 0x100_0000;
+const PATTERN_END: u64 = 0x140_0000;
+const PATTERN_KEY: u64 = 0x5eed_f00d_dead_beef;
+const SECTORS: u64 = 64;
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn loud_skip(message: &str) {
+    let _ = writeln!(io::stderr(), "!!! SKIPPED {message} !!!");
+}
+
+fn kvm_available(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    loud_skip(&format!("{test}: /dev/kvm is missing, this snapshot test did NOT run"));
+    false
+}
+
+fn print_byte(a: &mut CodeAssembler, b: u8) {
+    a.mov(dx, COM1).unwrap();
+    a.mov(al, b as u32).unwrap();
+    a.out(dx, al).unwrap();
+}
+
+/// The counting guest (64-bit code, entered in long mode with the VMM's identity map).
+fn counting_guest() -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut bad = a.create_label();
+    let mut main_loop = a.create_label();
+    // Fill the pattern region: qword at address A holds A ^ KEY.
+    a.mov(r15, PATTERN_KEY).unwrap();
+    a.mov(rdi, PATTERN_START).unwrap();
+    let mut fill = a.create_label();
+    a.set_label(&mut fill).unwrap();
+    a.mov(rax, rdi).unwrap();
+    a.xor(rax, r15).unwrap();
+    a.mov(qword_ptr(rdi), rax).unwrap();
+    a.add(rdi, 8).unwrap();
+    a.mov(rcx, PATTERN_END).unwrap();
+    a.cmp(rdi, rcx).unwrap();
+    a.jb(fill).unwrap();
+
+    // virtio-blk driver set-up: reset, ACK, DRIVER, VERSION_1, FEATURES_OK, queue 0 (8), OK.
+    a.mov(rsi, MMIO).unwrap();
+    let reg = |a: &mut CodeAssembler, off: i32, value: u32| {
+        a.mov(dword_ptr(rsi + off), value).unwrap();
+    };
+    reg(&mut a, 0x70, 0);
+    reg(&mut a, 0x70, 1);
+    reg(&mut a, 0x70, 3);
+    reg(&mut a, 0x24, 1);
+    reg(&mut a, 0x20, 1);
+    reg(&mut a, 0x24, 0);
+    reg(&mut a, 0x20, 0);
+    reg(&mut a, 0x70, 0xb);
+    reg(&mut a, 0x30, 0);
+    reg(&mut a, 0x38, 8);
+    reg(&mut a, 0x80, DESC as u32);
+    reg(&mut a, 0x84, 0);
+    reg(&mut a, 0x90, AVAIL as u32);
+    reg(&mut a, 0x94, 0);
+    reg(&mut a, 0xa0, USED as u32);
+    reg(&mut a, 0xa4, 0);
+    reg(&mut a, 0x44, 1);
+    reg(&mut a, 0x70, 0xf);
+    // Descriptors: header (device reads) -> data (device reads) -> status (device writes).
+    let desc = |a: &mut CodeAssembler, i: u64, addr: u64, len: u32, flags: u32, next: u32| {
+        a.mov(rax, addr).unwrap();
+        a.mov(qword_ptr(DESC + 16 * i), rax).unwrap();
+        a.mov(dword_ptr(DESC + 16 * i + 8), len).unwrap();
+        a.mov(word_ptr(DESC + 16 * i + 12), flags).unwrap();
+        a.mov(word_ptr(DESC + 16 * i + 14), next).unwrap();
+    };
+    desc(&mut a, 0, HEADER, 16, 1, 1);
+    desc(&mut a, 1, DATA, 512, 1, 2);
+    desc(&mut a, 2, STATUS, 1, 2, 0);
+    a.mov(dword_ptr(HEADER), 1u32).unwrap(); // VIRTIO_BLK_T_OUT
+    a.xor(r12, r12).unwrap(); // counter (register)
+    a.xor(r13, r13).unwrap(); // avail index
+    a.mov(qword_ptr(COUNTER), 0).unwrap(); // counter (memory)
+    a.mov(r14, 0x1000_0000u64).unwrap(); // counter (a second register, offset)
+
+    a.set_label(&mut main_loop).unwrap();
+    a.inc(r12).unwrap();
+    a.inc(qword_ptr(COUNTER)).unwrap();
+    a.inc(r14).unwrap();
+    a.cmp(r12, qword_ptr(COUNTER)).unwrap();
+    a.jne(bad).unwrap();
+    a.lea(rax, qword_ptr(r12 + 0x1000_0000)).unwrap();
+    a.cmp(rax, r14).unwrap();
+    a.jne(bad).unwrap();
+    // Check 16 pages of the pattern, rotating through all 4 MiB.
+    a.mov(rax, r12).unwrap();
+    a.and(rax, 63).unwrap();
+    a.shl(rax, 16).unwrap(); // * 64 KiB
+    a.mov(rdi, PATTERN_START).unwrap();
+    a.add(rdi, rax).unwrap();
+    a.lea(rcx, qword_ptr(rdi + 0x1_0000)).unwrap();
+    let mut check = a.create_label();
+    a.set_label(&mut check).unwrap();
+    a.mov(rax, rdi).unwrap();
+    a.xor(rax, r15).unwrap();
+    a.cmp(rax, qword_ptr(rdi)).unwrap();
+    a.jne(bad).unwrap();
+    a.add(rdi, 8).unwrap();
+    a.cmp(rdi, rcx).unwrap();
+    a.jb(check).unwrap();
+    // Print "C<16 hex digits>\n".
+    print_byte(&mut a, b'C');
+    a.mov(rbx, r12).unwrap();
+    a.mov(r8d, 16).unwrap();
+    let mut digit = a.create_label();
+    let mut letter = a.create_label();
+    let mut emit = a.create_label();
+    a.set_label(&mut digit).unwrap();
+    a.rol(rbx, 4).unwrap();
+    a.mov(eax, ebx).unwrap();
+    a.and(eax, 0xf).unwrap();
+    a.cmp(eax, 10).unwrap();
+    a.jae(letter).unwrap();
+    a.add(eax, b'0' as i32).unwrap();
+    a.jmp(emit).unwrap();
+    a.set_label(&mut letter).unwrap();
+    a.add(eax, (b'a' - 10) as i32).unwrap();
+    a.set_label(&mut emit).unwrap();
+    a.mov(dx, COM1).unwrap();
+    a.out(dx, al).unwrap();
+    a.dec(r8d).unwrap();
+    a.jnz(digit).unwrap();
+    print_byte(&mut a, b'\n');
+    // Write the counter to sector (counter % 64) and wait for the device.
+    a.mov(rax, r12).unwrap();
+    a.and(rax, (SECTORS - 1) as i32).unwrap();
+    a.mov(qword_ptr(HEADER + 8), rax).unwrap();
+    a.mov(qword_ptr(DATA), r12).unwrap();
+    a.mov(byte_ptr(STATUS), 0xff).unwrap();
+    a.mov(eax, r13d).unwrap();
+    a.and(eax, 7).unwrap();
+    a.mov(word_ptr(rax * 2 + (AVAIL + 4)), 0).unwrap();
+    a.inc(r13d).unwrap();
+    a.mov(word_ptr(AVAIL + 2), r13w).unwrap();
+    a.mov(dword_ptr(rsi + 0x50), 0).unwrap(); // QueueNotify(0)
+    a.mov(ecx, 50_000_000).unwrap();
+    let mut wait = a.create_label();
+    let mut done = a.create_label();
+    a.set_label(&mut wait).unwrap();
+    a.movzx(eax, word_ptr(USED + 2)).unwrap();
+    a.cmp(ax, r13w).unwrap();
+    a.je(done).unwrap();
+    a.pause().unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(wait).unwrap();
+    print_byte(&mut a, b'T');
+    a.jmp(bad).unwrap();
+    a.set_label(&mut done).unwrap();
+    a.cmp(byte_ptr(STATUS), 0).unwrap();
+    a.jne(bad).unwrap();
+    // A short pause between lines.
+    a.mov(ecx, 2000).unwrap();
+    let mut delay = a.create_label();
+    a.set_label(&mut delay).unwrap();
+    a.pause().unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(delay).unwrap();
+    a.jmp(main_loop).unwrap();
+
+    a.set_label(&mut bad).unwrap();
+    for b in b"BAD\n" {
+        print_byte(&mut a, *b);
+    }
+    let mut spin = a.create_label();
+    a.set_label(&mut spin).unwrap();
+    a.pause().unwrap();
+    a.jmp(spin).unwrap();
+    a.assemble(BASE + 0x78).unwrap()
+}
+
+/// An ELF64 executable with one PT_LOAD at 1 MiB and no PVH note: entered in 64-bit mode.
+fn elf64(code: &[u8]) -> Vec<u8> {
+    let code_off = 0x78usize; // 64-byte header + one 56-byte program header
+    let total = code_off + code.len();
+    let mut elf = vec![0u8; total];
+    elf[0..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 2;
+    elf[5] = 1;
+    elf[6] = 1;
+    elf[16..18].copy_from_slice(&2u16.to_le_bytes());
+    elf[18..20].copy_from_slice(&62u16.to_le_bytes());
+    elf[20..24].copy_from_slice(&1u32.to_le_bytes());
+    elf[24..32].copy_from_slice(&(BASE + code_off as u64).to_le_bytes());
+    elf[32..40].copy_from_slice(&64u64.to_le_bytes());
+    elf[52..54].copy_from_slice(&64u16.to_le_bytes());
+    elf[54..56].copy_from_slice(&56u16.to_le_bytes());
+    elf[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let p = 64;
+    elf[p..p + 4].copy_from_slice(&1u32.to_le_bytes());
+    elf[p + 4..p + 8].copy_from_slice(&7u32.to_le_bytes());
+    elf[p + 16..p + 24].copy_from_slice(&BASE.to_le_bytes());
+    elf[p + 24..p + 32].copy_from_slice(&BASE.to_le_bytes());
+    elf[p + 32..p + 40].copy_from_slice(&(total as u64).to_le_bytes());
+    elf[p + 40..p + 48].copy_from_slice(&(total as u64).to_le_bytes());
+    elf[p + 48..p + 56].copy_from_slice(&0x1000u64.to_le_bytes());
+    elf[code_off..].copy_from_slice(code);
+    elf
+}
+
+/// A running `fnvm-vmm` whose stdout is collected in the background.
+struct Vmm {
+    child: Child,
+    out: Arc<Mutex<Vec<u8>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Vmm {
+    fn spawn(args: &[&std::ffi::OsStr]) -> Vmm {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fnvm-vmm"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let mut stdout = child.stdout.take().unwrap();
+        let sink = out.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Vmm {
+            child,
+            out,
+            reader: Some(reader),
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until the console shows `n` complete lines (panics with the output otherwise).
+    fn wait_lines(&mut self, n: usize) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let text = self.text();
+            assert!(!text.contains("BAD"), "guest detected a fault:\n{text}");
+            if text.matches('\n').count() >= n {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let mut err = String::new();
+                let _ = self.child.stderr.take().unwrap().read_to_string(&mut err);
+                panic!("fnvm-vmm ended ({status}): {err}\nconsole:\n{text}");
+            }
+            assert!(Instant::now() < deadline, "timed out; console:\n{text}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGTERM, then the console and stderr.
+    fn stop(mut self) -> (String, String) {
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        (self.text(), err)
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn api(sock: &Path, request: &str) -> serde_json::Value {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    s.write_all(b"\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?}: {e}"))
+}
+
+fn wait_for_socket(path: &Path) {
+    let deadline = Instant::now() + TIMEOUT;
+    while UnixStream::connect(path).is_err() {
+        assert!(Instant::now() < deadline, "API socket never came up");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The counter values of the complete lines of `text`.
+fn counters(text: &str) -> Vec<u64> {
+    text.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .map(|l| {
+            let hex = l.trim_end().strip_prefix('C').unwrap_or_else(|| panic!("line {l:?}"));
+            u64::from_str_radix(hex, 16).unwrap_or_else(|_| panic!("line {l:?}"))
+        })
+        .collect()
+}
+
+fn assert_consecutive(values: &[u64], from: u64) {
+    for (i, v) in values.iter().enumerate() {
+        assert_eq!(*v, from + i as u64, "gap or repeat at line {i}: {values:?}");
+    }
+}
+
+fn disk_counters(path: &Path) -> Vec<u64> {
+    let disk = std::fs::read(path).unwrap();
+    (0..SECTORS as usize)
+        .map(|s| u64::from_le_bytes(disk[s * 512..s * 512 + 8].try_into().unwrap()))
+        .collect()
+}
+
+struct Snapshotted {
+    dir: tempfile::TempDir,
+    snap: PathBuf,
+    /// The console up to the pause (may end mid-line).
+    before: String,
+}
+
+/// Boots the counting guest, lets it run, pauses and snapshots it, checks it resumes, stops it.
+fn boot_and_snapshot(memory_mib: &str) -> Snapshotted {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("count.elf");
+    std::fs::write(&kernel, elf64(&counting_guest())).unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut vm = Vmm::spawn(&[
+        "--kernel".as_ref(),
+        kernel.as_os_str(),
+        "--memory".as_ref(),
+        memory_mib.as_ref(),
+        "--disk".as_ref(),
+        disk.as_os_str(),
+        "--api-sock".as_ref(),
+        sock.as_os_str(),
+    ]);
+    wait_for_socket(&sock);
+    vm.wait_lines(30);
+    let r = api(&sock, r#"{"op":"pause"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    // Paused: the console stops growing.
+    std::thread::sleep(Duration::from_millis(100));
+    let before = vm.text();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(vm.text(), before, "console moved while paused");
+    let snap = dir.path().join("snap");
+    let r = api(
+        &sock,
+        &format!(r#"{{"op":"snapshot","dir":{:?}}}"#, snap.display().to_string()),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(r["snapshot_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(api(&sock, r#"{"op":"metrics"}"#)["paused"], true);
+    let r = api(&sock, r#"{"op":"resume"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    let lines = before.matches('\n').count();
+    vm.wait_lines(lines + 10);
+    let (text, _) = vm.stop();
+    let all = counters(&text);
+    assert_consecutive(&all, 1);
+    let bad = api_refuses_garbage(&sock);
+    assert!(bad, "API socket should be gone after exit");
+    Snapshotted { dir, snap, before }
+}
+
+fn api_refuses_garbage(sock: &Path) -> bool {
+    UnixStream::connect(sock).is_err()
+}
+
+fn restore(s: &Snapshotted, name: &str) -> (Vmm, PathBuf) {
+    let copy = s.dir.path().join(format!("{name}.img"));
+    fnvm_vmm::snapshot::memory::copy_sparse(&s.snap.join("disk-0.img"), &copy).unwrap();
+    let vm = Vmm::spawn(&[
+        "--restore".as_ref(),
+        s.snap.as_os_str(),
+        "--disk".as_ref(),
+        copy.as_os_str(),
+    ]);
+    (vm, copy)
+}
+
+#[test]
+fn counting_guest_continues_exactly_where_it_was_snapshotted() {
+    if !kvm_available("snapshot_continue") {
+        return;
+    }
+    let s = boot_and_snapshot("64");
+    let snapshot_disk = disk_counters(&s.snap.join("disk-0.img"));
+    let at_pause = counters(&s.before).last().copied().unwrap();
+
+    let (mut vm, copy) = restore(&s, "restored");
+    let lines_before = s.before.matches('\n').count();
+    vm.wait_lines(60);
+    let (after, stderr) = vm.stop();
+    // The console before the pause plus the restored console is one unbroken sequence
+    // (the pause may have cut a line in the middle: the restored guest finishes it).
+    let joined = format!("{}{}", s.before, after);
+    let values = counters(&joined);
+    assert_consecutive(&values, 1);
+    assert!(values.len() >= lines_before + 60, "{joined}");
+    assert!(
+        stderr.contains("fnvm-vmm: restored, resumed at") && stderr.contains("page faults"),
+        "{stderr}"
+    );
+
+    // Every sector holds a counter that belongs there; the restored guest's writes went to
+    // its own copy and went on past the snapshot; the snapshot's disk is untouched.
+    let restored_disk = disk_counters(&copy);
+    for (sector, v) in restored_disk.iter().enumerate() {
+        assert_eq!(v % SECTORS, sector as u64, "sector {sector}: {v}");
+    }
+    assert!(*restored_disk.iter().max().unwrap() > at_pause + 30);
+    assert_eq!(disk_counters(&s.snap.join("disk-0.img")), snapshot_disk);
+    assert!(*snapshot_disk.iter().max().unwrap() <= at_pause + 1);
+}
+
+fn smaps_rollup(pid: u32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap()
+    };
+    (field("Rss:"), field("Pss:"))
+}
+
+#[test]
+fn twenty_restores_of_one_snapshot_run_at_once_and_share_its_memory() {
+    if !kvm_available("snapshot_twenty") {
+        return;
+    }
+    let s = boot_and_snapshot("64");
+    let start_lines = s.before.matches('\n').count();
+    let mut vms: Vec<Vmm> = (0..20).map(|i| restore(&s, &format!("r{i}")).0).collect();
+    // 80 lines: the guest has re-read all 4 MiB of its pattern from the snapshot.
+    for vm in &mut vms {
+        vm.wait_lines(80);
+    }
+    let mut rss_total = 0;
+    let mut pss_total = 0;
+    for vm in &vms {
+        let (rss, pss) = smaps_rollup(vm.child.id());
+        assert!(rss > 4 * 1024, "RSS {rss} KiB: the pattern is not mapped?");
+        rss_total += rss;
+        pss_total += pss;
+    }
+    eprintln!("20 restores: RSS {rss_total} KiB, PSS {pss_total} KiB in total");
+    assert!(
+        pss_total * 2 < rss_total,
+        "snapshot pages are not shared: PSS {pss_total} KiB vs RSS {rss_total} KiB"
+    );
+    for vm in vms {
+        let (after, _) = vm.stop();
+        let values = counters(&format!("{}{}", s.before, after));
+        assert_consecutive(&values, 1);
+        assert!(values.len() >= start_lines + 70);
+    }
+}
+
+fn restore_fails(snap: &Path, dir: &Path) -> String {
+    let copy = dir.join("fail-copy.img");
+    let _ = std::fs::remove_file(&copy);
+    std::fs::File::create(&copy)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fnvm-vmm"))
+        .arg("--restore")
+        .arg(snap)
+        .arg("--disk")
+        .arg(&copy)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(out.stdout.is_empty(), "a refused snapshot ran the guest");
+    stderr
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn corrupted_truncated_or_foreign_snapshots_are_refused_with_exit_code_2() {
+    if !kvm_available("snapshot_refusals") {
+        return;
+    }
+    use fnvm_vmm::snapshot::format;
+    let s = boot_and_snapshot("32");
+    let d = s.dir.path();
+    let state = std::fs::read(s.snap.join("snapshot")).unwrap();
+
+    // A bit flip in the state.
+    let flip = d.join("flip");
+    copy_dir(&s.snap, &flip);
+    let mut bad = state.clone();
+    let n = bad.len();
+    bad[n - 100] ^= 0x04;
+    std::fs::write(flip.join("snapshot"), &bad).unwrap();
+    let err = restore_fails(&flip, d);
+    assert!(err.contains("state is corrupted"), "{err}");
+
+    // A truncated state file.
+    let cut = d.join("cut");
+    copy_dir(&s.snap, &cut);
+    std::fs::write(cut.join("snapshot"), &state[..state.len() / 2]).unwrap();
+    let err = restore_fails(&cut, d);
+    assert!(err.contains("bytes, its header says"), "{err}");
+
+    // A bit flip in guest memory (a pattern page), and a truncated memory file.
+    let mflip = d.join("mflip");
+    copy_dir(&s.snap, &mflip);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(mflip.join("memory"))
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, PATTERN_START + 4096 * 7 + 3).unwrap();
+        b[0] ^= 0x10;
+        f.write_all_at(&b, PATTERN_START + 4096 * 7 + 3).unwrap();
+    }
+    let err = restore_fails(&mflip, d);
+    assert!(err.contains("memory file is corrupted"), "{err}");
+    let mcut = d.join("mcut");
+    copy_dir(&s.snap, &mcut);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mcut.join("memory"))
+        .unwrap();
+    f.set_len(16 << 20).unwrap();
+    let err = restore_fails(&mcut, d);
+    assert!(err.contains("truncated or replaced"), "{err}");
+
+    // Another format version, another vmm version, another kernel.
+    let (header, body) = format::decode(&state).unwrap();
+    let v = d.join("version");
+    copy_dir(&s.snap, &v);
+    let text = format::encode(header.clone(), body);
+    let mut other = b"fnvm-snapshot 7".to_vec();
+    other.extend_from_slice(&text[format!("fnvm-snapshot {}", format::FORMAT_VERSION).len()..]);
+    std::fs::write(v.join("snapshot"), other).unwrap();
+    let err = restore_fails(&v, d);
+    assert!(err.contains("snapshot format version 7"), "{err}");
+
+    let vv = d.join("vmm-version");
+    copy_dir(&s.snap, &vv);
+    let mut h = header.clone();
+    h.vmm_version = "0.0.0-other".into();
+    std::fs::write(vv.join("snapshot"), format::encode(h, body)).unwrap();
+    let err = restore_fails(&vv, d);
+    assert!(err.contains("made by fnvm-vmm 0.0.0-other"), "{err}");
+
+    let k = d.join("kernel");
+    copy_dir(&s.snap, &k);
+    let mut h = header;
+    h.host.kernel_release = "2.6.32-elsewhere".into();
+    std::fs::write(k.join("snapshot"), format::encode(h, body)).unwrap();
+    let err = restore_fails(&k, d);
+    assert!(err.contains("another host: kernel 2.6.32-elsewhere (snapshot)"), "{err}");
+
+    // And the intact snapshot still restores (the copies above did not touch it).
+    let (mut vm, _) = restore(&s, "intact");
+    vm.wait_lines(s.before.matches('\n').count() + 5);
+    vm.stop();
+}
