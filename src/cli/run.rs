@@ -195,9 +195,13 @@ pub fn launch(
 
     let sandbox = sandbox::create(opts.kind, home).map_err(LaunchError::Sandbox)?;
     let id = sandbox::new_instance_id();
-    let instance_dir = sandbox::instances_root(home)
-        .context("the instances directory")?
-        .join(&id);
+    // Absolute: the agent is handed paths inside it and runs from another directory.
+    let instance_dir = std::path::absolute(
+        sandbox::instances_root(home)
+            .context("the instances directory")?
+            .join(&id),
+    )
+    .context("the instance directory")?;
     let spec = InstanceSpec {
         id,
         rootfs_image: image.rootfs_image.clone(),
@@ -359,20 +363,19 @@ pub fn run(home: &Home, args: RunArgs) -> Result<ExitCode> {
     settings.command = args.command;
     settings.args = args.args;
     settings.env = args.env;
-    let on_invocation: Option<InvocationHook> =
-        match args.function_type {
-            FunctionType::Event => Some(Arc::new(|r: &InvocationRecord| {
-                eprintln!(
-                    "fnvm: invocation {} ({} {}) -> {} in {:.2} ms",
-                    r.request_id,
-                    r.method,
-                    r.path,
-                    r.status.as_u16(),
-                    r.duration.as_secs_f64() * 1000.0
-                )
-            })),
-            FunctionType::Web => None,
-        };
+    let on_invocation: Option<InvocationHook> = match args.function_type {
+        FunctionType::Event => Some(Arc::new(|r: &InvocationRecord| {
+            eprintln!(
+                "fnvm: invocation {} ({} {}) -> {} in {:.2} ms",
+                r.request_id,
+                r.method,
+                r.path,
+                r.status.as_u16(),
+                r.duration.as_secs_f64() * 1000.0
+            )
+        })),
+        FunctionType::Web => None,
+    };
     eprintln!("fnvm: starting {} in the {kind} sandbox", args.image);
     let session = match launch(
         home,

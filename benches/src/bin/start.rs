@@ -85,21 +85,31 @@ fn main() -> Result<()> {
     let mut table = Table::new(&[
         "image",
         &format!("fnvm run ({sandbox}) p50"),
+        "of which sandbox start",
         "unshare+chroot p50",
         "ratio",
     ]);
     for case in &cases {
         // One untimed run pulls and builds the rootfs (cached afterwards).
         let first = start_once(&fnvm, &home, &agent, &sandbox, case)?;
-        let rootfs = first.1.context("fnvm did not name the rootfs image")?;
+        let rootfs = first.2.context("fnvm did not name the rootfs image")?;
         let mut fnvm_times = Vec::new();
+        let mut sandbox_times = Vec::new();
         for _ in 0..RUNS {
-            fnvm_times.push(start_once(&fnvm, &home, &agent, &sandbox, case)?.0);
+            let (total, sandbox_start, _) = start_once(&fnvm, &home, &agent, &sandbox, case)?;
+            fnvm_times.push(total);
+            sandbox_times.push(sandbox_start);
         }
         let floor_times = floor(&rootfs, case)?;
         let f = median(&fnvm_times);
         let b = median(&floor_times);
-        table.row(vec![case.name.into(), ms(f), ms(b), ratio(f, Some(b))]);
+        table.row(vec![
+            case.name.into(),
+            ms(f),
+            ms(median(&sandbox_times)),
+            ms(b),
+            ratio(f, Some(b)),
+        ]);
         eprintln!(
             "{}: fnvm {:?}  floor {:?}",
             case.name, fnvm_times, floor_times
@@ -117,7 +127,7 @@ fn start_once(
     agent: &Path,
     sandbox: &str,
     case: &Case,
-) -> Result<(Duration, Option<PathBuf>)> {
+) -> Result<(Duration, Duration, Option<PathBuf>)> {
     let t = Instant::now();
     let mut run = run_support::FnvmRun::start(
         fnvm,
@@ -131,11 +141,24 @@ fn start_once(
     first_ok(addr, case.probe, Duration::from_secs(60))?;
     let elapsed = t.elapsed();
     let rootfs = run_support::rootfs_image_of(&run);
+    let reported = run
+        .stderr
+        .snapshot()
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("fnvm: started in ")?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .map(Duration::from_millis)
+        .unwrap_or_default();
     let status = run.interrupt(Duration::from_secs(30));
     if !status.success() {
         bail!("fnvm run exited with {status} after Ctrl-C");
     }
-    Ok((elapsed, rootfs))
+    Ok((elapsed, reported, rootfs))
 }
 
 /// Polls `GET path` until it answers 200.
@@ -177,7 +200,7 @@ fn floor(rootfs_image: &Path, case: &Case) -> Result<Vec<Duration>> {
                 .port();
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
             let t = Instant::now();
-            let mut child = Command::new("unshare")
+            let mut child = Command::new("/usr/bin/unshare")
                 .args([
                     "--pid",
                     "--mount",
@@ -186,14 +209,13 @@ fn floor(rootfs_image: &Path, case: &Case) -> Result<Vec<Duration>> {
                     "--fork",
                     "--kill-child",
                 ])
-                .arg("chroot")
+                .arg("/usr/sbin/chroot")
                 .arg(mnt.path())
                 .args((case.floor_argv)(port))
                 .env_clear()
                 .envs(case.floor_env.iter().filter_map(|kv| kv.split_once('=')))
                 .env("PORT", port.to_string())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
                 .spawn()
                 .context("unshare")?;
             let ok = first_ok(addr, case.probe, Duration::from_secs(60));
