@@ -553,3 +553,42 @@ fn a_server_that_never_listens_fails_with_the_exact_message_after_30_s_and_leave
         assert!(!mountinfo.contains(&home_str), "a mount is left behind");
     }
 }
+
+#[test]
+fn bad_input_is_refused_with_a_message_naming_what_was_wrong() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_addr = busy.local_addr().unwrap().to_string();
+    let image = busybox();
+    let cases: [(&[&str], &str); 6] = [
+        (&["run", "Not A Reference!"], "is not an image reference"),
+        (
+            &["run", "oci:/nonexistent/layout"],
+            "cannot pull oci:/nonexistent/layout",
+        ),
+        (&["run", image, "--memory", "32"], "--memory"),
+        (
+            &["run", image, "--env", "1BAD=x"],
+            "not a valid environment variable name",
+        ),
+        (
+            &["run", image, "--name", "bad name"],
+            "function name \"bad name\"",
+        ),
+        (&["run", image, "--listen", &busy_addr], "cannot listen on"),
+    ];
+    for (args, expected) in cases {
+        let out = std::process::Command::new(FNVM)
+            .env("FNVM_AGENT_BIN", agent())
+            .arg("--home")
+            .arg(home())
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: {expected:?} missing in:\n{stderr}"
+        );
+    }
+}

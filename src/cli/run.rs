@@ -356,13 +356,15 @@ pub fn start_kind_label(kind: SandboxKind) -> &'static str {
 
 pub fn run(home: &Home, args: RunArgs) -> Result<ExitCode> {
     let kind = args.sandbox.unwrap_or_else(sandbox::default_kind);
-    let pulled = pull_image(home, &args.image, &args.registry)?;
     let mut settings = FunctionSettings::local(&args.name);
     settings.memory_mib = args.memory;
     settings.timeout_s = args.timeout;
     settings.command = args.command;
     settings.args = args.args;
     settings.env = args.env;
+    // Bad settings fail before anything is pulled.
+    function::validate(&settings)?;
+    let pulled = pull_image(home, &args.image, &args.registry)?;
     let on_invocation: Option<InvocationHook> = match args.function_type {
         FunctionType::Event => Some(Arc::new(|r: &InvocationRecord| {
             eprintln!(
