@@ -33,7 +33,14 @@ fn main() {
             Ok(stream) => {
                 std::thread::spawn(move || {
                     if let Err(e) = serve_connection(stream) {
-                        if e.kind() != io::ErrorKind::UnexpectedEof {
+                        // A client going away mid-connection is normal, not worth a line.
+                        let normal = matches!(
+                            e.kind(),
+                            io::ErrorKind::UnexpectedEof
+                                | io::ErrorKind::ConnectionReset
+                                | io::ErrorKind::BrokenPipe
+                        );
+                        if !normal {
                             eprintln!("fnvm-hello: connection error: {e}");
                         }
                     }
