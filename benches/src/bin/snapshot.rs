@@ -1,0 +1,300 @@
+//! `snapshot`: how fast fnvm-vmm snapshots a tiny guest and brings it back.
+//!
+//! The guest (an ELF64 entered in 64-bit mode) writes `x` to COM1 every ~1000 PAUSEs forever.
+//! For 128 MiB and 512 MiB of guest memory:
+//! - snapshot create time (the VMM's own figure, API `snapshot` reply, running VM);
+//! - restore: `fnvm-vmm --restore` process start → first serial byte on its stdout (the guest's
+//!   next I/O exit), median and p99, page cache warm and dropped (`echo 3 >
+//!   /proc/sys/vm/drop_caches`, root only);
+//! - where restore time goes (the VMM's own `resumed at` / `first guest I/O` line);
+//! - restores per second with 8 in flight on this host's cores;
+//! - PSS and RSS per restored instance with 10 running.
+//!
+//! Usage: `cargo run --release -p fnvm-benches --bin snapshot [-- --runs N]`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use fnvm_benches::{median, ms, quantile, Table};
+
+/// mov dx,0x3f8; 1: mov al,'x'; out dx,al; mov ecx,1000; 2: pause; loop 2b; jmp 1b
+const GUEST_CODE: [u8; 18] = [
+    0x66, 0xba, 0xf8, 0x03, 0xb0, 0x78, 0xee, 0xb9, 0xe8, 0x03, 0x00, 0x00, 0xf3, 0x90, 0xe2,
+    0xfc, 0xeb, 0xf2,
+];
+
+fn guest_elf() -> Vec<u8> {
+    const BASE: u64 = 0x10_0000;
+    let code_off = 0x78usize;
+    let total = code_off + GUEST_CODE.len();
+    let mut elf = vec![0u8; total];
+    elf[0..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 2;
+    elf[5] = 1;
+    elf[6] = 1;
+    elf[16..18].copy_from_slice(&2u16.to_le_bytes());
+    elf[18..20].copy_from_slice(&62u16.to_le_bytes());
+    elf[20..24].copy_from_slice(&1u32.to_le_bytes());
+    elf[24..32].copy_from_slice(&(BASE + code_off as u64).to_le_bytes());
+    elf[32..40].copy_from_slice(&64u64.to_le_bytes());
+    elf[52..54].copy_from_slice(&64u16.to_le_bytes());
+    elf[54..56].copy_from_slice(&56u16.to_le_bytes());
+    elf[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let p = 64;
+    elf[p..p + 4].copy_from_slice(&1u32.to_le_bytes());
+    elf[p + 4..p + 8].copy_from_slice(&7u32.to_le_bytes());
+    elf[p + 16..p + 24].copy_from_slice(&BASE.to_le_bytes());
+    elf[p + 24..p + 32].copy_from_slice(&BASE.to_le_bytes());
+    elf[p + 32..p + 40].copy_from_slice(&(total as u64).to_le_bytes());
+    elf[p + 40..p + 48].copy_from_slice(&(total as u64).to_le_bytes());
+    elf[p + 48..p + 56].copy_from_slice(&0x1000u64.to_le_bytes());
+    elf[code_off..].copy_from_slice(&GUEST_CODE);
+    elf
+}
+
+fn main() -> Result<()> {
+    let mut runs = 30usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--runs" => runs = args.next().context("--runs N")?.parse()?,
+            other => bail!("unknown argument {other:?} (usage: snapshot [--runs N])"),
+        }
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let vmm = build_fnvm_vmm(workspace)?;
+    let scratch = tempfile::tempdir()?;
+    let kernel = scratch.path().join("tick.elf");
+    std::fs::write(&kernel, guest_elf())?;
+    let can_drop = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/proc/sys/vm/drop_caches")
+        .is_ok();
+
+    let mut table = Table::new(&["tiny guest", "128 MiB", "512 MiB"]);
+    let mut cols: Vec<Vec<String>> = Vec::new();
+    for mib in [128u64, 512] {
+        let snap = scratch.path().join(format!("snap-{mib}"));
+        let create = make_snapshot(&vmm, &kernel, mib, &snap, scratch.path())?;
+        // Warm-up, then warm-cache restores.
+        restore_once(&vmm, &snap)?;
+        let mut warm = Vec::new();
+        let mut resumed = Vec::new();
+        let mut first_io = Vec::new();
+        let mut faults = Vec::new();
+        for _ in 0..runs {
+            let r = restore_once(&vmm, &snap)?;
+            warm.push(r.first_byte);
+            if let Some((res, io, f)) = r.metrics {
+                resumed.push(res);
+                first_io.push(io);
+                faults.push(f);
+            }
+        }
+        let mut cold = Vec::new();
+        if can_drop {
+            for _ in 0..runs.min(20) {
+                std::fs::write("/proc/sys/vm/drop_caches", "3")?;
+                cold.push(restore_once(&vmm, &snap)?.first_byte);
+            }
+        }
+        let rate = throughput(&vmm, &snap, 8, 100)?;
+        let (pss, rss) = pss_per_instance(&vmm, &snap, 10)?;
+        faults.sort();
+        cols.push(vec![
+            ms(create),
+            format!("{} / {}", ms(median(&warm)), ms(quantile(&warm, 0.99))),
+            if cold.is_empty() {
+                "not root".into()
+            } else {
+                format!("{} / {}", ms(median(&cold)), ms(quantile(&cold, 0.99)))
+            },
+            ms(median(&resumed)),
+            ms(median(&first_io)),
+            faults.get(faults.len() / 2).map_or("-".into(), |f| f.to_string()),
+            format!("{rate:.0}/s"),
+            format!("{:.2} MiB / {:.2} MiB", pss as f64 / 1024.0, rss as f64 / 1024.0),
+        ]);
+    }
+    let labels = [
+        "snapshot create (VMM)",
+        "restore → first byte, warm (median / p99)",
+        "restore → first byte, cache dropped",
+        "  of which: process start → vCPUs resumed",
+        "  of which: process start → first guest I/O",
+        "  page faults before first I/O (minor+major)",
+        "restores per second (8 in flight)",
+        "PSS / RSS per instance (10 running)",
+    ];
+    for (i, label) in labels.iter().enumerate() {
+        let mut row = vec![label.to_string()];
+        row.extend(cols.iter().map(|c| c[i].clone()));
+        table.row(row);
+    }
+    println!("snapshot: {runs} restores per figure, 1 vCPU, fnvm-vmm release build");
+    table.print();
+    println!("targets: restore ≤ 5 ms median (warm cache), ≥ 100 restores/s");
+    Ok(())
+}
+
+fn build_fnvm_vmm(workspace: &Path) -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "--release", "-p", "fnvm-vmm"])
+        .current_dir(workspace)
+        .status()
+        .context("cannot run cargo to build fnvm-vmm")?;
+    if !status.success() {
+        bail!("cargo build --release -p fnvm-vmm failed ({status})");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    Ok(target.join("release").join("fnvm-vmm"))
+}
+
+fn first_byte(child: &mut Child) -> Result<()> {
+    let mut b = [0u8; 1];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut b)
+        .context("the VMM printed nothing")?;
+    Ok(())
+}
+
+/// Boots the guest with an API socket, snapshots it while running, stops it.
+fn make_snapshot(vmm: &Path, kernel: &Path, mib: u64, snap: &Path, dir: &Path) -> Result<Duration> {
+    let sock = dir.join(format!("api-{mib}.sock"));
+    let mut child = Command::new(vmm)
+        .arg("--kernel")
+        .arg(kernel)
+        .args(["--memory", &mib.to_string()])
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    first_byte(&mut child)?;
+    let mut out = child.stdout.take().unwrap();
+    let drain = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while matches!(out.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let mut s = UnixStream::connect(&sock)?;
+    writeln!(s, r#"{{"op":"snapshot","dir":{:?}}}"#, snap.display().to_string())?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line)?;
+    let reply: serde_json::Value = serde_json::from_str(&line)?;
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = drain.join();
+    if reply["ok"] != true {
+        bail!("snapshot failed: {line}");
+    }
+    Ok(Duration::from_secs_f64(
+        reply["snapshot_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+    ))
+}
+
+struct Restore {
+    first_byte: Duration,
+    /// (resumed, first I/O, page faults) from the VMM's own report.
+    metrics: Option<(Duration, Duration, u64)>,
+}
+
+fn spawn_restore(vmm: &Path, snap: &Path, stderr: Stdio) -> Result<Child> {
+    Ok(Command::new(vmm)
+        .arg("--restore")
+        .arg(snap)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()?)
+}
+
+fn restore_once(vmm: &Path, snap: &Path) -> Result<Restore> {
+    let t = Instant::now();
+    let mut child = spawn_restore(vmm, snap, Stdio::piped())?;
+    first_byte(&mut child)?;
+    let first_byte = t.elapsed();
+    // SAFETY: signals our own child; SIGTERM makes it print its restore report.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    Ok(Restore {
+        first_byte,
+        metrics: parse_report(&err),
+    })
+}
+
+/// `fnvm-vmm: restored, resumed at X ms; first guest I/O at Y ms after N minor + M major ...`
+fn parse_report(stderr: &str) -> Option<(Duration, Duration, u64)> {
+    let line = stderr.lines().find(|l| l.contains("restored, resumed at"))?;
+    let num = |after: &str| -> Option<f64> {
+        let rest = &line[line.find(after)? + after.len()..];
+        rest.split_whitespace().next()?.parse().ok()
+    };
+    let resumed = num("resumed at ")?;
+    let io = num("first guest I/O at ")?;
+    let minor = num("ms after ")?;
+    let major = num("minor + ")?;
+    Some((
+        Duration::from_secs_f64(resumed / 1000.0),
+        Duration::from_secs_f64(io / 1000.0),
+        (minor + major) as u64,
+    ))
+}
+
+/// Restores per second with `parallel` in flight, `total` in all.
+fn throughput(vmm: &Path, snap: &Path, parallel: usize, total: usize) -> Result<f64> {
+    let t = Instant::now();
+    let mut started = 0;
+    let mut running: Vec<Child> = Vec::new();
+    let mut done = 0;
+    while done < total {
+        while running.len() < parallel && started < total {
+            running.push(spawn_restore(vmm, snap, Stdio::null())?);
+            started += 1;
+        }
+        let mut child = running.remove(0);
+        first_byte(&mut child)?;
+        let _ = child.kill();
+        let _ = child.wait();
+        done += 1;
+    }
+    Ok(total as f64 / t.elapsed().as_secs_f64())
+}
+
+/// (PSS, RSS) in KiB per instance, averaged over `n` instances running at once.
+fn pss_per_instance(vmm: &Path, snap: &Path, n: usize) -> Result<(u64, u64)> {
+    let mut children = Vec::new();
+    for _ in 0..n {
+        let mut c = spawn_restore(vmm, snap, Stdio::null())?;
+        first_byte(&mut c)?;
+        children.push(c);
+    }
+    let (mut pss, mut rss) = (0, 0);
+    for c in &children {
+        let text = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", c.id()))?;
+        let field = |name: &str| -> u64 {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+                .unwrap_or(0)
+        };
+        pss += field("Pss:");
+        rss += field("Rss:");
+    }
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    Ok((pss / n as u64, rss / n as u64))
+}
