@@ -20,7 +20,9 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
+use kvm_bindings::{
+    kvm_irqchip, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+};
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
@@ -229,10 +231,12 @@ impl ControlCore {
     }
 
     pub fn metrics(&self) -> Option<RestoreMetrics> {
-        self.restore.as_ref().map(|(resumed_us, first)| RestoreMetrics {
-            resumed_us: *resumed_us,
-            first_io: first.get(),
-        })
+        self.restore
+            .as_ref()
+            .map(|(resumed_us, first)| RestoreMetrics {
+                resumed_us: *resumed_us,
+                first_io: first.get(),
+            })
     }
 
     fn pause(&mut self, ctl: &mut Control<'_>) -> Result<(), String> {

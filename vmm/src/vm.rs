@@ -524,8 +524,8 @@ impl Vm {
             };
             vm.restore_virtio_slot(index, slot, path)?;
         }
-        // The vCPU state includes MSRs (kvm-clock) that KVM resolves through the memory slots.
-        vm.wait_for_memory()?;
+        // Memory registration (an SRCU grace period per slot) goes on in the background while
+        // the vCPU and irqchip state is put back; run() waits for it before the first KVM_RUN.
         for (vcpu, saved) in vm.vcpus.iter().zip(&state.vcpus) {
             vcpu.restore_state(saved, state.irqchip)?;
         }

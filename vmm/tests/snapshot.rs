@@ -38,7 +38,9 @@ fn kvm_available(test: &str) -> bool {
     if Path::new("/dev/kvm").exists() {
         return true;
     }
-    loud_skip(&format!("{test}: /dev/kvm is missing, this snapshot test did NOT run"));
+    loud_skip(&format!(
+        "{test}: /dev/kvm is missing, this snapshot test did NOT run"
+    ));
     false
 }
 
@@ -337,7 +339,10 @@ fn counters(text: &str) -> Vec<u64> {
     text.split_inclusive('\n')
         .filter(|l| l.ends_with('\n'))
         .map(|l| {
-            let hex = l.trim_end().strip_prefix('C').unwrap_or_else(|| panic!("line {l:?}"));
+            let hex = l
+                .trim_end()
+                .strip_prefix('C')
+                .unwrap_or_else(|| panic!("line {l:?}"));
             u64::from_str_radix(hex, 16).unwrap_or_else(|_| panic!("line {l:?}"))
         })
         .collect()
@@ -396,7 +401,10 @@ fn boot_and_snapshot(memory_mib: &str) -> Snapshotted {
     let snap = dir.path().join("snap");
     let r = api(
         &sock,
-        &format!(r#"{{"op":"snapshot","dir":{:?}}}"#, snap.display().to_string()),
+        &format!(
+            r#"{{"op":"snapshot","dir":{:?}}}"#,
+            snap.display().to_string()
+        ),
     );
     assert_eq!(r["ok"], true, "{r}");
     assert!(r["snapshot_ms"].as_f64().unwrap() > 0.0);
@@ -576,7 +584,8 @@ fn corrupted_truncated_or_foreign_snapshots_are_refused_with_exit_code_2() {
             .open(mflip.join("memory"))
             .unwrap();
         let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, PATTERN_START + 4096 * 7 + 3).unwrap();
+        f.read_exact_at(&mut b, PATTERN_START + 4096 * 7 + 3)
+            .unwrap();
         b[0] ^= 0x10;
         f.write_all_at(&b, PATTERN_START + 4096 * 7 + 3).unwrap();
     }
@@ -617,7 +626,10 @@ fn corrupted_truncated_or_foreign_snapshots_are_refused_with_exit_code_2() {
     h.host.kernel_release = "2.6.32-elsewhere".into();
     std::fs::write(k.join("snapshot"), format::encode(h, body)).unwrap();
     let err = restore_fails(&k, d);
-    assert!(err.contains("another host: kernel 2.6.32-elsewhere (snapshot)"), "{err}");
+    assert!(
+        err.contains("another host: kernel 2.6.32-elsewhere (snapshot)"),
+        "{err}"
+    );
 
     // And the intact snapshot still restores (the copies above did not touch it).
     let (mut vm, _) = restore(&s, "intact");

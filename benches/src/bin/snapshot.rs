@@ -23,8 +23,8 @@ use fnvm_benches::{median, ms, quantile, Table};
 
 /// mov dx,0x3f8; 1: mov al,'x'; out dx,al; mov ecx,1000; 2: pause; loop 2b; jmp 1b
 const GUEST_CODE: [u8; 18] = [
-    0x66, 0xba, 0xf8, 0x03, 0xb0, 0x78, 0xee, 0xb9, 0xe8, 0x03, 0x00, 0x00, 0xf3, 0x90, 0xe2,
-    0xfc, 0xeb, 0xf2,
+    0x66, 0xba, 0xf8, 0x03, 0xb0, 0x78, 0xee, 0xb9, 0xe8, 0x03, 0x00, 0x00, 0xf3, 0x90, 0xe2, 0xfc,
+    0xeb, 0xf2,
 ];
 
 fn guest_elf() -> Vec<u8> {
@@ -115,9 +115,15 @@ fn main() -> Result<()> {
             },
             ms(median(&resumed)),
             ms(median(&first_io)),
-            faults.get(faults.len() / 2).map_or("-".into(), |f| f.to_string()),
+            faults
+                .get(faults.len() / 2)
+                .map_or("-".into(), |f| f.to_string()),
             format!("{rate:.0}/s"),
-            format!("{:.2} MiB / {:.2} MiB", pss as f64 / 1024.0, rss as f64 / 1024.0),
+            format!(
+                "{:.2} MiB / {:.2} MiB",
+                pss as f64 / 1024.0,
+                rss as f64 / 1024.0
+            ),
         ]);
     }
     let labels = [
@@ -188,7 +194,11 @@ fn make_snapshot(vmm: &Path, kernel: &Path, mib: u64, snap: &Path, dir: &Path) -
         while matches!(out.read(&mut buf), Ok(n) if n > 0) {}
     });
     let mut s = UnixStream::connect(&sock)?;
-    writeln!(s, r#"{{"op":"snapshot","dir":{:?}}}"#, snap.display().to_string())?;
+    writeln!(
+        s,
+        r#"{{"op":"snapshot","dir":{:?}}}"#,
+        snap.display().to_string()
+    )?;
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line)?;
     let reply: serde_json::Value = serde_json::from_str(&line)?;
@@ -236,7 +246,9 @@ fn restore_once(vmm: &Path, snap: &Path) -> Result<Restore> {
 
 /// `fnvm-vmm: restored, resumed at X ms; first guest I/O at Y ms after N minor + M major ...`
 fn parse_report(stderr: &str) -> Option<(Duration, Duration, u64)> {
-    let line = stderr.lines().find(|l| l.contains("restored, resumed at"))?;
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("restored, resumed at"))?;
     let num = |after: &str| -> Option<f64> {
         let rest = &line[line.find(after)? + after.len()..];
         rest.split_whitespace().next()?.parse().ok()

@@ -73,7 +73,11 @@ impl HostIdentity {
                 diffs.push(format!("{what} {saved} (snapshot) vs {now} (this host)"));
             }
         };
-        cmp("CPU vendor", self.cpu_vendor.clone(), here.cpu_vendor.clone());
+        cmp(
+            "CPU vendor",
+            self.cpu_vendor.clone(),
+            here.cpu_vendor.clone(),
+        );
         cmp(
             "CPU family/model/stepping",
             format!(
@@ -287,7 +291,10 @@ mod tests {
             for bit in 0..8 {
                 let mut bad = file.clone();
                 bad[i] ^= 1 << bit;
-                assert!(decode(&bad).is_err(), "flip of bit {bit} at byte {i} accepted");
+                assert!(
+                    decode(&bad).is_err(),
+                    "flip of bit {bit} at byte {i} accepted"
+                );
             }
         }
     }
@@ -316,7 +323,11 @@ mod tests {
     fn other_format_version_is_refused_by_number() {
         let file = encode(header(), b"x");
         let text = String::from_utf8(file).unwrap();
-        let other = text.replacen(&format!("{MAGIC} {FORMAT_VERSION}"), &format!("{MAGIC} 99"), 1);
+        let other = text.replacen(
+            &format!("{MAGIC} {FORMAT_VERSION}"),
+            &format!("{MAGIC} 99"),
+            1,
+        );
         let err = decode(other.as_bytes()).unwrap_err();
         assert_eq!(err, FormatError::FormatVersion { found: "99".into() });
         assert!(err.to_string().contains("version 99"), "{err}");
@@ -333,7 +344,10 @@ mod tests {
         other.kernel_release = "6.9.0".into();
         other.cpu_model = 0x8f;
         let err = check_compatible(&header(), &other).unwrap_err().to_string();
-        assert!(err.contains("kernel 6.1.0 (snapshot) vs 6.9.0 (this host)"), "{err}");
+        assert!(
+            err.contains("kernel 6.1.0 (snapshot) vs 6.9.0 (this host)"),
+            "{err}"
+        );
         assert!(err.contains("CPU family/model/stepping"), "{err}");
     }
 }

@@ -91,10 +91,7 @@ fn host_has_swap() -> bool {
 /// Writes guest memory to `path` (created, sparse) and returns its size and content hash.
 /// The vCPUs must be parked and no device may touch memory meanwhile.
 pub fn write(mem: &GuestMemory, path: &Path) -> io::Result<(u64, String)> {
-    let file = File::options()
-        .write(true)
-        .create_new(true)
-        .open(path)?;
+    let file = File::options().write(true).create_new(true).open(path)?;
     let regions = layout(mem);
     let total: u64 = regions.iter().map(|r| r.len).sum();
     file.set_len(total)?;
@@ -149,7 +146,10 @@ pub fn hash_file(path: &Path) -> io::Result<String> {
         // Whole pages only (filesystem blocks are page-sized or smaller), each hashed once.
         let page = PAGE as u64;
         let start = (data as u64 & !(page - 1)).max(pos);
-        let end = (hole.max(data) as u64).div_ceil(page).saturating_mul(page).min(size);
+        let end = (hole.max(data) as u64)
+            .div_ceil(page)
+            .saturating_mul(page)
+            .min(size);
         let mut at = start;
         while at < end {
             let n = ((end - at) as usize).min(buf.len());
@@ -214,9 +214,7 @@ pub fn copy_sparse(from: &Path, to: &Path) -> io::Result<()> {
         let mut left = (hole - data) as usize;
         while left > 0 {
             // SAFETY: offsets are locals; both fds are open.
-            let n = unsafe {
-                libc::copy_file_range(sfd, &mut off_in, dfd, &mut off_out, left, 0)
-            };
+            let n = unsafe { libc::copy_file_range(sfd, &mut off_in, dfd, &mut off_out, left, 0) };
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }

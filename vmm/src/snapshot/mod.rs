@@ -228,11 +228,10 @@ pub fn load(dir: &Path, here: &HostIdentity) -> Result<Loaded, SnapshotError> {
     };
     let (header, state_bytes) = format::decode(&bytes).map_err(fmt)?;
     format::check_compatible(&header, here).map_err(fmt)?;
-    let state: VmState =
-        serde_json::from_slice(state_bytes).map_err(|e| SnapshotError::State {
-            path: dir.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+    let state: VmState = serde_json::from_slice(state_bytes).map_err(|e| SnapshotError::State {
+        path: dir.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     let expected: u64 = state.regions.iter().map(|r| r.len).sum();
     if expected != header.memory.size {
         return Err(SnapshotError::State {
