@@ -63,7 +63,14 @@ fn main() -> Result<()> {
     let loop_lat = latencies(loopback_addr)?;
     let fnvm_lat = latencies(fnvm_addr)?;
     let loop_rps = wrk(loopback_addr);
+    // Where the CPU goes on the fnvm path: fnvm itself, and the agent (the sandbox's PID 1).
+    let fnvm_pid = run.child.id() as i32;
+    let agent = run.instance_id.as_deref().and_then(agent_pid);
+    let cpu_before = (cpu_ticks(fnvm_pid), agent.map(cpu_ticks));
+    let wrk_started = Instant::now();
     let fnvm_rps = wrk(fnvm_addr);
+    let wrk_secs = wrk_started.elapsed().as_secs_f64();
+    let cpu_after = (cpu_ticks(fnvm_pid), agent.map(cpu_ticks));
     let _ = direct.kill();
     let _ = direct.wait();
     drop(run);
@@ -84,6 +91,20 @@ fn main() -> Result<()> {
         rps(fnvm_rps),
     ]);
     println!("{}", table.render());
+    if let Some(rps) = fnvm_rps {
+        let requests = rps * wrk_secs;
+        let per_request = |before: u64, after: u64| {
+            (after.saturating_sub(before)) as f64 / ticks_per_second() / requests * 1e6
+        };
+        println!(
+            "CPU per request on the fnvm path: fnvm {:.1} µs, agent {}",
+            per_request(cpu_before.0, cpu_after.0),
+            match (cpu_before.1, cpu_after.1) {
+                (Some(b), Some(a)) => format!("{:.1} µs", per_request(b, a)),
+                _ => "-".into(),
+            }
+        );
+    }
     let added = quantile(&fnvm_lat, 0.5).saturating_sub(quantile(&loop_lat, 0.5));
     println!(
         "added p50: {} (target < 100 µs){}",
@@ -182,6 +203,37 @@ fn read_response(reader: &mut impl BufRead) -> Result<()> {
     let mut body = vec![0; len.context("no Content-Length")?];
     reader.read_exact(&mut body)?;
     Ok(())
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesized command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no memory effects.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+/// The pid of the agent of instance `id` (its command line names the instance's directory).
+fn agent_pid(id: &str) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let program = cmdline.split_whitespace().next()?;
+        (program.ends_with("fnvm-agent") && cmdline.contains(id)).then_some(pid)
+    })
 }
 
 /// Requests per second measured by wrk, or None (with a note) when wrk is unavailable.
