@@ -210,8 +210,27 @@ pub fn launch(
         instance_dir,
         on_log: opts.on_log,
     };
+    // The sandbox's start cannot be cut short: say so if Ctrl-C comes while it runs.
+    let starting = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = {
+        let starting = Arc::clone(&starting);
+        let mut interrupted = interrupted.clone();
+        runtime.spawn(async move {
+            if interrupted.wait_for(|v| *v).await.is_ok()
+                && starting.load(std::sync::atomic::Ordering::SeqCst)
+            {
+                eprintln!(
+                    "fnvm: interrupted; stopping as soon as the start returns (at most {} s)",
+                    fnvm_agent::protocol::READY_TIMEOUT_MS / 1000
+                );
+            }
+        })
+    };
     let started = Instant::now();
-    let instance: Arc<dyn Instance> = Arc::from(sandbox.start(spec).map_err(LaunchError::Sandbox)?);
+    let result = sandbox.start(spec);
+    starting.store(false, std::sync::atomic::Ordering::SeqCst);
+    watcher.abort();
+    let instance: Arc<dyn Instance> = Arc::from(result.map_err(LaunchError::Sandbox)?);
     let start_time = started.elapsed();
 
     let mut front = Front::new(Arc::clone(&instance), opts.settings, opts.function_type);
