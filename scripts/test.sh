@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FNVM_PROFILE=release scripts/setup.sh tests
-export FNVM_AGENT_BIN="$PWD/target/x86_64-unknown-linux-gnu/release/fnvm-agent"
+export FNVM_AGENT_BIN="${CARGO_TARGET_DIR:-$PWD/target}/x86_64-unknown-linux-gnu/release/fnvm-agent"
 exec cargo test --locked --release --workspace "$@"
