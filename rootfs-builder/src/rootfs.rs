@@ -33,9 +33,10 @@
 //! (`E2FSPROGS_FAKE_TIME`), file times from the layers.
 
 use std::collections::HashSet;
-use std::fmt::Write as _;
 use std::fs;
 use std::io;
+use std::io::Write as _;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -108,7 +109,7 @@ pub enum RootfsError {
         #[source]
         source: io::Error,
     },
-    #[error("path {0:?} in the tree cannot be named in a debugfs command (quote or newline)")]
+    #[error("path {0:?} in the tree cannot be named in a debugfs command (newline)")]
     UnrepresentablePath(String),
     #[error("the tree at {0} has ownership/device records that only the ext4 format can apply (unpack as root for EROFS)")]
     NeedsExt4(PathBuf),
@@ -131,8 +132,8 @@ pub fn build_rootfs_image_with(
         source,
     };
     let state = TreeState::load(tree).map_err(tree_err)?;
-    let survey = Survey::of(tree, &state).map_err(tree_err)?;
-    if opts.format == RootfsFormat::Erofs && survey.fixed_inodes > 0 {
+    let survey = Survey::of(tree, &state)?;
+    if opts.format == RootfsFormat::Erofs && !survey.fixes.is_empty() {
         return Err(RootfsError::NeedsExt4(tree.to_owned()));
     }
     let file_name = out_image
@@ -171,56 +172,98 @@ pub fn build_rootfs_image_with(
     Ok(info)
 }
 
-/// What the image must hold: counts for sizing it, and the debugfs commands that apply the
-/// side table.
+/// What the image must hold: counts for sizing it, and the inodes whose recorded owner,
+/// mode, device or xattrs `mkfs.ext4 -d` cannot copy from the tree.
 struct Survey {
     inodes: u64,
     file_bytes: u64,
     /// 4 KiB blocks for file data, long symlinks and directories.
     blocks: u64,
-    commands: String,
-    /// Inodes whose recorded owner/mode/device differs from the tree on disk.
-    fixed_inodes: u64,
-    /// Values of xattrs set through debugfs `ea_set -f`, written next to the command file.
-    xattr_values: Vec<Vec<u8>>,
+    /// mtime of the tree's root directory (mkfs gives the image root the build time).
+    root_mtime: i64,
+    fixes: Vec<Fix>,
+}
+
+/// One inode to correct with debugfs, named by its path in the image (raw bytes).
+struct Fix {
+    path: Vec<u8>,
+    record: InodeMeta,
+    disk_uid: u32,
+    disk_gid: u32,
+    disk_mode: u32,
+    mtime: i64,
+}
+
+impl Fix {
+    fn fresh_node(&self) -> bool {
+        self.record.rdev.is_some()
+    }
+
+    fn needed(&self) -> bool {
+        self.fresh_node()
+            || self.record.uid != self.disk_uid
+            || self.record.gid != self.disk_gid
+            || self.record.mode != self.disk_mode
+            || !self.record.xattrs.is_empty()
+    }
+}
+
+/// `"path"` for a debugfs command: inside quotes debugfs reads `""` as one `"`.
+fn quoted(path: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(path.len() + 2);
+    out.push(b'"');
+    for &b in path {
+        if b == b'"' {
+            out.push(b'"');
+        }
+        out.push(b);
+    }
+    out.push(b'"');
+    out
 }
 
 impl Survey {
-    fn of(tree: &Path, state: &TreeState) -> io::Result<Self> {
+    fn of(tree: &Path, state: &TreeState) -> Result<Self, RootfsError> {
+        let tree_err = |source| RootfsError::Tree {
+            path: tree.to_owned(),
+            source,
+        };
+        let root = fs::symlink_metadata(tree).map_err(tree_err)?;
         let mut survey = Survey {
             inodes: 0,
             file_bytes: 0,
             blocks: 0,
-            commands: String::new(),
-            fixed_inodes: 0,
-            xattr_values: Vec::new(),
+            root_mtime: root.mtime(),
+            fixes: Vec::new(),
         };
         let mut seen = HashSet::new();
-        let root = fs::symlink_metadata(tree)?;
-        survey.visit("/", &root, state, &mut seen)?;
-        // mkfs.ext4 -d gives the root directory the build time; it gets the tree's.
-        let _ = writeln!(survey.commands, "sif / mtime @{}", root.mtime());
-        survey.walk(tree, "", state, &mut seen)?;
+        survey.visit(b"/".to_vec(), &root, state, &mut seen)?;
+        survey.walk(tree, b"", state, &mut seen)?;
         Ok(survey)
     }
 
     fn walk(
         &mut self,
         dir: &Path,
-        image_dir: &str,
+        image_dir: &[u8],
         state: &TreeState,
         seen: &mut HashSet<u64>,
-    ) -> io::Result<()> {
+    ) -> Result<(), RootfsError> {
+        let tree_err = |source| RootfsError::Tree {
+            path: dir.to_owned(),
+            source,
+        };
         let mut entries = 0u64;
-        for entry in fs::read_dir(dir)? {
-            let entry = entry?;
+        for entry in fs::read_dir(dir).map_err(tree_err)? {
+            let entry = entry.map_err(tree_err)?;
             entries += 1;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            let image_path = format!("{image_dir}/{name}");
-            let meta = entry.metadata()?; // lstat: read_dir entries are not followed
-            self.visit(&image_path, &meta, state, seen)?;
-            if meta.is_dir() {
+            let mut image_path = image_dir.to_vec();
+            image_path.push(b'/');
+            image_path.extend_from_slice(entry.file_name().as_bytes());
+            let meta = entry.metadata().map_err(tree_err)?; // lstat: entries are not followed
+            let is_dir = meta.is_dir();
+            self.visit(image_path.clone(), &meta, state, seen)?;
+            if is_dir {
                 self.walk(&entry.path(), &image_path, state, seen)?;
             }
         }
@@ -231,11 +274,11 @@ impl Survey {
 
     fn visit(
         &mut self,
-        image_path: &str,
+        image_path: Vec<u8>,
         meta: &fs::Metadata,
         state: &TreeState,
         seen: &mut HashSet<u64>,
-    ) -> io::Result<()> {
+    ) -> Result<(), RootfsError> {
         if !seen.insert(meta.ino()) {
             return Ok(()); // another name of a hard-linked inode
         }
@@ -247,69 +290,102 @@ impl Survey {
             self.blocks += 1;
         }
         if let Some(record) = state.inodes.get(&meta.ino()) {
-            let before = self.commands.len();
-            self.commands_for(image_path, record, meta)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-            if self.commands.len() > before {
-                self.fixed_inodes += 1;
+            let fix = Fix {
+                path: image_path,
+                record: record.clone(),
+                disk_uid: meta.uid(),
+                disk_gid: meta.gid(),
+                disk_mode: meta.mode(),
+                mtime: meta.mtime(),
+            };
+            if fix.needed() {
+                if fix.path.contains(&b'\n') {
+                    return Err(RootfsError::UnrepresentablePath(
+                        String::from_utf8_lossy(&fix.path).into_owned(),
+                    ));
+                }
+                self.fixes.push(fix);
             }
         }
         Ok(())
     }
 
-    /// debugfs commands that give `path` what its record says, skipping fields that
-    /// `mkfs.ext4 -d` already copied right from the tree.
-    fn commands_for(
-        &mut self,
-        path: &str,
-        record: &InodeMeta,
-        on_disk: &fs::Metadata,
-    ) -> Result<(), RootfsError> {
-        if path.contains(['"', '\n']) {
-            return Err(RootfsError::UnrepresentablePath(path.to_owned()));
-        }
-        let c = &mut self.commands;
-        if let Some((major, minor)) = record.rdev {
-            let kind = if record.mode & libc::S_IFMT == libc::S_IFBLK {
-                'b'
-            } else {
-                'c'
+    /// The debugfs script applying every fix; xattr values are written into `scratch`.
+    fn script(&self, scratch: &Path) -> Result<Vec<u8>, RootfsError> {
+        let mut c = Vec::new();
+        let _ = writeln!(c, "sif / mtime @{}", self.root_mtime);
+        let mut values = 0usize;
+        for fix in &self.fixes {
+            let path = quoted(&fix.path);
+            let r = &fix.record;
+            let mut line = |cmd: &str, rest: String| {
+                c.extend_from_slice(cmd.as_bytes());
+                c.extend_from_slice(&path);
+                c.extend_from_slice(rest.as_bytes());
+                c.push(b'\n');
             };
-            // debugfs's mknod takes a name in the current directory.
-            let (parent, base) = path.rsplit_once('/').unwrap_or(("", path));
-            let parent = if parent.is_empty() { "/" } else { parent };
-            let _ = writeln!(
-                c,
-                "rm \"{path}\"\ncd \"{parent}\"\nmknod \"{base}\" {kind} {major} {minor}\ncd /"
-            );
-        }
-        let fresh_node = record.rdev.is_some();
-        if fresh_node || record.uid != on_disk.uid() {
-            let _ = writeln!(c, "sif \"{path}\" uid {}", record.uid);
-        }
-        if fresh_node || record.gid != on_disk.gid() {
-            let _ = writeln!(c, "sif \"{path}\" gid {}", record.gid);
-        }
-        if fresh_node {
-            let _ = writeln!(c, "sif \"{path}\" mtime @{}", on_disk.mtime());
-        }
-        if fresh_node || record.mode != on_disk.mode() {
-            let _ = writeln!(c, "sif \"{path}\" mode 0{:o}", record.mode);
-        }
-        for (key, value) in &record.xattrs {
-            if key.contains(['"', '\n', ' ']) {
-                return Err(RootfsError::UnrepresentablePath(format!(
-                    "{path} (xattr {key})"
-                )));
+            let fresh = fix.fresh_node();
+            if let Some((major, minor)) = r.rdev {
+                let kind = if r.mode & libc::S_IFMT == libc::S_IFBLK {
+                    'b'
+                } else {
+                    'c'
+                };
+                // debugfs's mknod takes a name in the current directory.
+                let split = fix.path.iter().rposition(|b| *b == b'/').unwrap_or(0);
+                let parent = if split == 0 {
+                    b"/".to_vec()
+                } else {
+                    fix.path[..split].to_vec()
+                };
+                let base = &fix.path[split + 1..];
+                line("rm ", String::new());
+                c.extend_from_slice(b"cd ");
+                c.extend_from_slice(&quoted(&parent));
+                c.extend_from_slice(b"\nmknod ");
+                c.extend_from_slice(&quoted(base));
+                let _ = writeln!(c, " {kind} {major} {minor}\ncd /");
             }
-            let _ = writeln!(
-                c,
-                "ea_set -f \"@VALUE{}@\" \"{path}\" {key}",
-                self.xattr_values.len()
-            );
-            self.xattr_values.push(value.clone());
+            let mut line = |cmd: &str, rest: String| {
+                c.extend_from_slice(cmd.as_bytes());
+                c.extend_from_slice(&path);
+                c.extend_from_slice(rest.as_bytes());
+                c.push(b'\n');
+            };
+            if fresh || r.uid != fix.disk_uid {
+                line("sif ", format!(" uid {}", r.uid));
+            }
+            if fresh || r.gid != fix.disk_gid {
+                line("sif ", format!(" gid {}", r.gid));
+            }
+            if fresh || r.mode != fix.disk_mode {
+                line("sif ", format!(" mode 0{:o}", r.mode));
+            }
+            if fresh {
+                line("sif ", format!(" mtime @{}", fix.mtime));
+            }
+            for (key, value) in &r.xattrs {
+                if key.contains(['"', '\n', ' ']) {
+                    return Err(RootfsError::UnrepresentablePath(format!(
+                        "{} (xattr {key:?})",
+                        String::from_utf8_lossy(&fix.path)
+                    )));
+                }
+                let file = scratch.join(format!("xattr{values}"));
+                values += 1;
+                fs::write(&file, value).map_err(|source| RootfsError::Output {
+                    path: file.clone(),
+                    source,
+                })?;
+                let mut cmd = b"ea_set -f ".to_vec();
+                cmd.extend_from_slice(&quoted(file.as_os_str().as_bytes()));
+                cmd.push(b' ');
+                c.extend_from_slice(&cmd);
+                c.extend_from_slice(&path);
+                let _ = writeln!(c, " {key}");
+            }
         }
-        Ok(())
+        Ok(c)
     }
 }
 
@@ -378,10 +454,8 @@ fn make_ext4(tree: &Path, image: &Path, survey: &Survey) -> Result<(), RootfsErr
             .arg(format!("{size_kib}k")),
         image,
     )?;
-    if survey.commands.is_empty() {
-        return Ok(());
-    }
-    // The side table: true ownership/modes, device nodes, refused xattrs.
+    // The side table (true ownership/modes, device nodes, refused xattrs) and the root
+    // directory's mtime.
     let scratch = tempfile::Builder::new()
         .prefix(".fnvm-debugfs-")
         .tempdir_in(image.parent().unwrap_or(Path::new(".")))
@@ -389,15 +463,7 @@ fn make_ext4(tree: &Path, image: &Path, survey: &Survey) -> Result<(), RootfsErr
             path: image.to_owned(),
             source,
         })?;
-    let mut commands = survey.commands.clone();
-    for (i, value) in survey.xattr_values.iter().enumerate() {
-        let file = scratch.path().join(format!("xattr{i}"));
-        fs::write(&file, value).map_err(|source| RootfsError::Output {
-            path: file.clone(),
-            source,
-        })?;
-        commands = commands.replace(&format!("@VALUE{i}@"), &file.to_string_lossy());
-    }
+    let commands = survey.script(scratch.path())?;
     let cmd_file = scratch.path().join("commands");
     fs::write(&cmd_file, commands).map_err(|source| RootfsError::Output {
         path: cmd_file.clone(),

@@ -355,6 +355,7 @@ fn special_layer() -> Vec<u8> {
         .dir("home/app", 0o700)
         .file_owned("home/app/data", "mine", 0o600, 1000, 2000)
         .file_owned("home/app/big-ids", "ids", 0o640, 100_000, 70_000)
+        .file_owned("home/app/we\"ird name", "q", 0o604, 7, 8)
         .dir("dev", 0o755)
         .device(tar::EntryType::Char, "dev/null", 0o666, 1, 3)
         .device(tar::EntryType::Block, "dev/loop9", 0o660, 7, 9)
@@ -377,6 +378,7 @@ fn special_expected() -> BTreeMap<String, String> {
         ("/home/app", "dir 700 0:0"),
         ("/home/app/data", "file 600 1000:2000 mine"),
         ("/home/app/big-ids", "file 640 100000:70000 ids"),
+        ("/home/app/we\"ird name", "file 604 7:8 q"),
         ("/dev", "dir 755 0:0"),
         ("/dev/null", "char 666 0:0 1:3"),
         ("/dev/loop9", "block 660 0:0 7:9"),
