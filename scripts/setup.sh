@@ -11,7 +11,7 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 packages=(e2fsprogs erofs-utils busybox-static cpio)
 for purpose in "$@"; do
   case "$purpose" in
-    tests) packages+=(docker-registry apache2-utils) ;;
+    tests) packages+=(docker-registry apache2-utils mmdebstrap) ;;
     demo) ;;
     bench) packages+=(docker-registry apache2-utils umoci mmdebstrap qemu-system-x86 wrk) ;;
     *) log "unknown purpose '$purpose' (expected tests, demo or bench)"; exit 2 ;;
@@ -37,9 +37,9 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
-# The guest agent is a static binary (glibc with crt-static: no musl target is needed). Building it
+# The guest agent and the demo's example function are static binaries (glibc with crt-static: no musl target is needed). Building it
 # for an explicit --target keeps crt-static away from build scripts and proc-macros.
 profile="${FNVM_PROFILE:-release}"
-log "building the static guest agent ($profile)"
+log "building the static guest agent and example function ($profile)"
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --locked --profile "$profile" \
-  -p fnvm-agent --target x86_64-unknown-linux-gnu
+  -p fnvm-agent -p fnvm-hello --target x86_64-unknown-linux-gnu

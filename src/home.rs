@@ -30,6 +30,10 @@ impl Home {
         };
         std::fs::create_dir_all(&root)
             .with_context(|| format!("cannot create the fnvm home {}", root.display()))?;
+        // Absolute from here on: paths under the home are handed to sandboxes and VMMs that run
+        // in other working directories.
+        let root = std::fs::canonicalize(&root)
+            .with_context(|| format!("cannot resolve the fnvm home {}", root.display()))?;
         Ok(Self { root })
     }
 
