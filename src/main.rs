@@ -13,6 +13,7 @@ mod home;
 mod http_front;
 mod kernel;
 mod sandbox;
+mod service;
 
 /// Runs OCI container images as serverless functions, each in its own KVM micro-VM.
 #[derive(Debug, Parser)]
@@ -40,6 +41,18 @@ enum Command {
     Run(cli::run::RunArgs),
     /// Build the bundled example function, run it, invoke it and show its reply, logs and timings.
     Demo(cli::demo::DemoArgs),
+    /// The host service: the HTTP API, function store, instance pool, logs, timers, metrics.
+    Serve(cli::serve::ServeArgs),
+    /// Create or update a function on `fnvm serve` (waits until it is active or failed).
+    Deploy(cli::client::DeployArgs),
+    /// Invoke an event function synchronously and print its reply.
+    Invoke(cli::client::InvokeArgs),
+    /// Print a function's log lines (by request id, the last N, or following).
+    Logs(cli::client::LogsArgs),
+    /// List the functions of a namespace.
+    Ls(cli::client::LsArgs),
+    /// Remove a function (its instances stop).
+    Rm(cli::client::RmArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +70,12 @@ fn main() -> ExitCode {
         Command::Image(cmd) => cli::image::run(&home, cmd),
         Command::Run(args) => cli::run::run(&home, args),
         Command::Demo(args) => cli::demo::run(&home, args),
+        Command::Serve(args) => cli::serve::run(&home, args),
+        Command::Deploy(args) => cli::client::deploy(args),
+        Command::Invoke(args) => cli::client::invoke(args),
+        Command::Logs(args) => cli::client::logs(args),
+        Command::Ls(args) => cli::client::ls(args),
+        Command::Rm(args) => cli::client::rm(args),
     });
     match result {
         Ok(code) => code,
