@@ -23,14 +23,13 @@
 mod rooted;
 pub mod state;
 
-use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
+use std::sync::mpsc;
 
 pub(crate) use rooted::{list_dir, lstat_at, open_beneath, open_dir};
 use state::{InodeMeta, TreeState};
@@ -194,24 +193,7 @@ pub fn unpack_layer(
         });
     }
     let budget = opts.max_total_bytes.saturating_sub(state.total_bytes);
-    let counter = Rc::new(Cell::new(0u64));
-    let cap = |inner: Box<dyn Read>| -> Box<dyn Read> {
-        Box::new(Capped {
-            inner,
-            count: counter.clone(),
-            limit: budget,
-        })
-    };
-    let decoded: Box<dyn Read> = match compression {
-        Compression::None => cap(Box::new(layer)),
-        Compression::Gzip => cap(Box::new(flate2::bufread::MultiGzDecoder::new(
-            io::BufReader::with_capacity(COPY_BUF / 4, layer),
-        ))),
-        Compression::Zstd => cap(Box::new(
-            zstd::stream::read::Decoder::new(layer).map_err(UnpackError::Read)?,
-        )),
-    };
-    let mut unpacker = Unpacker {
+    let unpacker = Unpacker {
         root,
         apply,
         state,
@@ -224,37 +206,121 @@ pub fn unpack_layer(
         buf: vec![0; COPY_BUF],
         disk_budget: budget,
     };
-    let too_large = |counter: &Rc<Cell<u64>>| counter.get() > budget;
     let limit = opts.max_total_bytes;
-    let read_err = |e: io::Error, counter: &Rc<Cell<u64>>| {
-        if too_large(counter) {
-            UnpackError::TooLarge { limit }
-        } else {
-            UnpackError::Read(e)
-        }
-    };
-    let mut archive = tar::Archive::new(decoded);
-    {
-        let entries = archive.entries().map_err(|e| read_err(e, &counter))?;
-        for entry in entries {
-            let mut entry = entry.map_err(|e| read_err(e, &counter))?;
-            match unpacker.apply(&mut entry) {
-                Ok(()) => {}
-                Err(UnpackError::Read(e)) => return Err(read_err(e, &counter)),
-                Err(e) => return Err(e),
+    // Decompression runs on this thread and the tar entries are applied on another, so
+    // inflating and writing files overlap. A few chunks in flight at most: when the
+    // applying side stops (an error, the size cap), decoding stops too.
+    let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(IN_FLIGHT_CHUNKS);
+    let mut unpacker = std::thread::scope(|scope| {
+        let worker = scope.spawn(move || {
+            let mut unpacker = unpacker;
+            let stream = Capped {
+                inner: ChunkReader {
+                    rx,
+                    chunk: Vec::new(),
+                    pos: 0,
+                },
+                count: 0,
+                limit: budget,
+            };
+            let result = unpacker.apply_all(stream, limit);
+            result.map(|layer_bytes| (unpacker, layer_bytes))
+        });
+        let decoded = decode(layer, compression).and_then(|mut decoded| {
+            loop {
+                let mut chunk = vec![0u8; COPY_BUF];
+                let n = match read_full(&mut decoded, &mut chunk) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return Ok(());
+                    }
+                };
+                if n == 0 {
+                    return Ok(());
+                }
+                chunk.truncate(n);
+                if tx.send(Ok(chunk)).is_err() {
+                    return Ok(()); // the applying side stopped; it reports why
+                }
             }
-        }
-    }
-    // Read to the end so a gzip/zstd trailer (checksum) is verified and truncation noticed.
-    let mut rest = archive.into_inner();
-    io::copy(&mut rest, &mut io::sink()).map_err(|e| read_err(e, &counter))?;
-    unpacker.finish_layer()?;
-    let layer_bytes = counter.get();
-    unpacker.state.total_bytes += layer_bytes;
-    unpacker.stats.uncompressed_bytes = layer_bytes;
+        });
+        drop(tx);
+        let applied = worker.join().unwrap_or_else(|_| {
+            Err(UnpackError::Read(io::Error::other(
+                "unpack thread panicked",
+            )))
+        });
+        decoded.and(applied)
+    })
+    .map(|(unpacker, layer_bytes)| {
+        let mut unpacker = unpacker;
+        unpacker.state.total_bytes += layer_bytes;
+        unpacker.stats.uncompressed_bytes = layer_bytes;
+        unpacker
+    })?;
     unpacker.stats.total_uncompressed_bytes = unpacker.state.total_bytes;
     unpacker.state.save(dest).map_err(dest_err)?;
     Ok(unpacker.stats)
+}
+
+/// Decoded chunks queued between the decompressing and the applying thread.
+const IN_FLIGHT_CHUNKS: usize = 4;
+
+/// The decompressor for a layer.
+fn decode<'a>(
+    layer: impl Read + 'a,
+    compression: Compression,
+) -> Result<Box<dyn Read + 'a>, UnpackError> {
+    Ok(match compression {
+        Compression::None => Box::new(layer),
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(
+            io::BufReader::with_capacity(COPY_BUF / 4, layer),
+        )),
+        Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::new(layer).map_err(UnpackError::Read)?)
+        }
+    })
+}
+
+/// Reads until `buf` is full or the stream ends.
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// The decoded layer as a stream, from the decompressing thread's chunks.
+struct ChunkReader {
+    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos == self.chunk.len() {
+            match self.rx.recv() {
+                Ok(Ok(chunk)) => {
+                    self.chunk = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0), // decoding finished
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }
 
 /// Removes the side table kept beside `tree` (see [`state`]); call it when the tree itself
@@ -276,15 +342,15 @@ fn is_root() -> bool {
 /// Counts decoded bytes read through it and fails once they pass `limit`.
 struct Capped<R> {
     inner: R,
-    count: Rc<Cell<u64>>,
+    count: u64,
     limit: u64,
 }
 
 impl<R: Read> Read for Capped<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.count.set(self.count.get() + n as u64);
-        if self.count.get() > self.limit {
+        self.count += n as u64;
+        if self.count > self.limit {
             return Err(io::Error::other("uncompressed size limit exceeded"));
         }
         Ok(n)
@@ -415,6 +481,47 @@ struct Unpacker {
 }
 
 impl Unpacker {
+    /// Applies every entry of the decoded layer, then the directory mtimes. Returns the
+    /// layer's uncompressed size.
+    fn apply_all<R: Read>(&mut self, stream: Capped<R>, limit: u64) -> Result<u64, UnpackError> {
+        let mut archive = tar::Archive::new(stream);
+        let mut failure = None;
+        {
+            match archive.entries() {
+                Err(e) => failure = Some(UnpackError::Read(e)),
+                Ok(entries) => {
+                    for entry in entries {
+                        let result = entry
+                            .map_err(UnpackError::Read)
+                            .and_then(|mut entry| self.apply(&mut entry));
+                        if let Err(e) = result {
+                            failure = Some(e);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let mut stream = archive.into_inner();
+        if failure.is_none() {
+            // Read to the end so a gzip/zstd trailer (checksum) is verified and truncation
+            // noticed.
+            if let Err(e) = io::copy(&mut stream, &mut io::sink()) {
+                failure = Some(UnpackError::Read(e));
+            }
+        }
+        match failure {
+            Some(UnpackError::Read(_)) if stream.count > stream.limit => {
+                Err(UnpackError::TooLarge { limit })
+            }
+            Some(e) => Err(e),
+            None => {
+                self.finish_layer()?;
+                Ok(stream.count)
+            }
+        }
+    }
+
     fn apply<R: Read>(&mut self, entry: &mut tar::Entry<R>) -> Result<(), UnpackError> {
         use tar::EntryType as T;
         let kind = entry.header().entry_type();
@@ -445,16 +552,23 @@ impl Unpacker {
         let meta = EntryMeta::read(entry, &shown)?;
         let dir = self.parent(&parent_path, &shown)?;
         let cname = cstr(name, &shown)?;
-        let existing = lstat_at(dir, &cname).map_err(entry_err(&shown, "stat"))?;
+        let exists = |e: &io::Error| e.raw_os_error() == Some(libc::EEXIST);
+        let existing = || lstat_at(dir, &cname).map_err(entry_err(&shown, "stat"));
         match kind {
             T::Directory => {
                 self.stats.directories += 1;
-                match existing {
-                    Some(st) if rooted::is_dir(&st) => {}
-                    other => {
-                        self.clear(dir, &cname, other.as_ref(), &shown)?;
-                        rooted::mkdirat(dir, &cname, 0o700).map_err(entry_err(&shown, "mkdir"))?;
-                    }
+                // Create first, look only when something is there (most entries are new).
+                match rooted::mkdirat(dir, &cname, 0o700) {
+                    Ok(()) => {}
+                    Err(e) if exists(&e) => match existing()? {
+                        Some(st) if rooted::is_dir(&st) => {}
+                        other => {
+                            self.clear(dir, &cname, other.as_ref(), &shown)?;
+                            rooted::mkdirat(dir, &cname, 0o700)
+                                .map_err(entry_err(&shown, "mkdir"))?;
+                        }
+                    },
+                    Err(e) => return Err(entry_err(&shown, "mkdir")(e)),
                 }
                 let fd = openat_dir(dir, &cname).map_err(entry_err(&shown, "open directory"))?;
                 self.dir_meta(fd.as_raw_fd(), &meta, &shown)?;
@@ -462,8 +576,20 @@ impl Unpacker {
             }
             T::Regular | T::Continuous | T::GNUSparse => {
                 self.stats.files += 1;
-                self.clear(dir, &cname, existing.as_ref(), &shown)?;
-                let file = openat_new_file(dir, &cname).map_err(entry_err(&shown, "create"))?;
+                // Created with its permission bits (less the umask; fixed up after if need be).
+                let mode = if self.apply {
+                    meta.perm & 0o777
+                } else {
+                    (meta.perm | 0o600) & 0o777
+                };
+                let file = match openat_new_file(dir, &cname, mode) {
+                    Err(e) if exists(&e) => {
+                        self.clear(dir, &cname, existing()?.as_ref(), &shown)?;
+                        openat_new_file(dir, &cname, mode)
+                    }
+                    other => other,
+                }
+                .map_err(entry_err(&shown, "create"))?;
                 self.write_data(entry, &file, &shown)?;
                 self.inode_meta(file.as_raw_fd(), libc::S_IFREG, &meta, &shown)?;
                 rooted::set_mtime_at(file.as_raw_fd(), c"", meta.mtime)
@@ -476,8 +602,14 @@ impl Unpacker {
                     .filter(|t| !t.is_empty())
                     .ok_or_else(|| refused(&shown, "a symlink without a target"))?;
                 let target = cstr(&target, &shown)?;
-                self.clear(dir, &cname, existing.as_ref(), &shown)?;
-                rooted::symlinkat(&target, dir, &cname).map_err(entry_err(&shown, "symlink"))?;
+                match rooted::symlinkat(&target, dir, &cname) {
+                    Err(e) if exists(&e) => {
+                        self.clear(dir, &cname, existing()?.as_ref(), &shown)?;
+                        rooted::symlinkat(&target, dir, &cname)
+                    }
+                    other => other,
+                }
+                .map_err(entry_err(&shown, "symlink"))?;
                 let ino = self.ino_at(dir, &cname, &shown)?;
                 if self.apply {
                     rooted::chown_at(dir, &cname, meta.uid, meta.gid)
@@ -493,11 +625,11 @@ impl Unpacker {
                     .link_name_bytes()
                     .ok_or_else(|| refused(&shown, "a hard link without a target"))?
                     .into_owned();
-                self.hardlink(dir, &cname, existing.as_ref(), &target, &shown)?;
+                self.hardlink(dir, &cname, existing()?.as_ref(), &target, &shown)?;
             }
             T::Char | T::Block | T::Fifo => {
                 self.stats.special += 1;
-                self.clear(dir, &cname, existing.as_ref(), &shown)?;
+                self.clear(dir, &cname, existing()?.as_ref(), &shown)?;
                 self.special(entry, kind, dir, &cname, &meta, &shown)?;
             }
             other => {
@@ -644,16 +776,27 @@ impl Unpacker {
         meta: &EntryMeta,
         shown: &str,
     ) -> Result<(), UnpackError> {
-        let ino = rooted::fstat(fd).map_err(entry_err(shown, "stat"))?.st_ino;
+        let st = rooted::fstat(fd).map_err(entry_err(shown, "stat"))?;
+        let ino = st.st_ino;
         if self.apply {
-            rooted::chown_at(fd, c"", meta.uid, meta.gid).map_err(entry_err(shown, "chown"))?;
+            // New inodes mostly have the right owner already (the builder's, or the
+            // directory's group under a setgid directory): chown only when it differs.
+            let chown = (st.st_uid, st.st_gid) != (meta.uid, meta.gid);
+            if chown {
+                rooted::chown_at(fd, c"", meta.uid, meta.gid).map_err(entry_err(shown, "chown"))?;
+            }
             // After chown, which clears setuid/setgid.
-            rooted::fchmod(fd, meta.perm).map_err(entry_err(shown, "chmod"))?;
+            if chown || st.st_mode & 0o7777 != meta.perm {
+                rooted::fchmod(fd, meta.perm).map_err(entry_err(shown, "chmod"))?;
+            }
         } else {
             // Keep it readable and writable (and searchable) by the builder; the true mode
             // is recorded.
             let keep = if kind == libc::S_IFDIR { 0o700 } else { 0o600 };
-            rooted::fchmod(fd, (meta.perm | keep) & 0o777).map_err(entry_err(shown, "chmod"))?;
+            let mode = (meta.perm | keep) & 0o777;
+            if st.st_mode & 0o7777 != mode {
+                rooted::fchmod(fd, mode).map_err(entry_err(shown, "chmod"))?;
+            }
         }
         self.note(ino, kind, meta.perm, meta, None);
         let mut refused_xattrs = Vec::new();
@@ -803,7 +946,10 @@ impl Unpacker {
             Err(e) if dev.is_some() && e.raw_os_error() == Some(libc::EPERM) => {
                 // Not allowed to make device nodes: an empty placeholder, made a device in
                 // the image build.
-                drop(openat_new_file(dir, name).map_err(entry_err(shown, "create a placeholder"))?);
+                drop(
+                    openat_new_file(dir, name, 0o600)
+                        .map_err(entry_err(shown, "create a placeholder"))?,
+                );
                 placeholder = true;
             }
             Err(e) => return Err(entry_err(shown, "mknod")(e)),
@@ -941,12 +1087,12 @@ fn openat_dir(dir: RawFd, name: &CStr) -> io::Result<OwnedFd> {
 }
 
 /// Creates the new regular file `name` in `dir` (it must not exist; never follows a link).
-fn openat_new_file(dir: RawFd, name: &CStr) -> io::Result<OwnedFd> {
+fn openat_new_file(dir: RawFd, name: &CStr, mode: u32) -> io::Result<OwnedFd> {
     rooted::openat2(
         dir,
         name,
         libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
-        0o600,
+        mode,
         libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS,
     )
 }
