@@ -6,16 +6,16 @@
 //! image comes out the same whether the builder ran as root or not.
 //!
 //! Why ext4 and not EROFS — measured with `cargo run --release -p fnvm-benches --bin unpack`
-//! (Debian bookworm minbase + python3: 9.6k entries, 202.6 MB of files; three runs of the
+//! (Debian bookworm minbase + python3: 9.6k entries, 202.6 MB of files; four runs of the
 //! bench on a shared 2-core machine, so timings are noisy — ranges given):
 //!
 //! | format              | build       | image size (allocated) | cold read of every file |
 //! |---------------------|-------------|------------------------|-------------------------|
-//! | ext4, mkfs.ext4 -d  | 540–770 ms  | 253 MB (225 MB)        | 175–290 MB/s            |
-//! | EROFS, uncompressed | 610–1670 ms | 200 MB (200 MB)        | 70–400 MB/s             |
-//! | EROFS, lz4hc        | 3.0–4.9 s   | 111 MB (111 MB)        | 55–390 MB/s             |
+//! | ext4, mkfs.ext4 -d  | 540–770 ms  | 253 MB (225 MB)        | 175–510 MB/s            |
+//! | EROFS, uncompressed | 420–1670 ms | 200 MB (200 MB)        | 70–450 MB/s             |
+//! | EROFS, lz4hc        | 2.9–4.9 s   | 111 MB (111 MB)        | 55–510 MB/s             |
 //!
-//! - build time: ext4 and uncompressed EROFS are on par; lz4hc is 5–7x slower to build,
+//! - build time: ext4 and uncompressed EROFS are on par; lz4hc is 5–9x slower to build,
 //!   and the build is on the path of every first deploy;
 //! - size: EROFS is smaller, but the ext4 image is a sparse file and images are cached once
 //!   per manifest; read speed is within the noise of this machine;
