@@ -1,0 +1,579 @@
+//! Whole-pool tests on the real process sandbox: the static agent as PID 1 of fresh namespaces,
+//! a busybox rootfs image made here whose function is a tiny shell HTTP server (`nc -ll -e`),
+//! real streams to port 9000. They need root (skipped loudly otherwise).
+//!
+//! The test function reads the event body as a command: `sleep S` sleeps before answering,
+//! `log N` prints N lines to stderr naming the request id first; it answers `ok <request id>`.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fnvm_agent::protocol::{StartSpec, READY_TIMEOUT_MS};
+use http_body_util::BodyExt;
+
+use super::*;
+use crate::function::FunctionSettings;
+use crate::sandbox::process::ProcessSandbox;
+use crate::service::model::FunctionSpec;
+
+const HANDLER: &str = r#"#!/bin/sh
+read -r request_line
+len=0
+rid=none
+while read -r h; do
+  h=$(printf '%s' "$h" | tr -d '\r')
+  [ -z "$h" ] && break
+  case "$h" in
+    [Cc]ontent-[Ll]ength:*) len=${h#*: } ;;
+    [Xx]-[Ss]cf-[Rr]equest-[Ii]d:*) rid=${h#*: } ;;
+    [Xx]-[Ss]cf-[Tt]rigger-[Ss]rc:*) echo "trigger ${h#*: } $rid" >&2 ;;
+  esac
+done
+body=$(head -c "$len")
+case "$body" in
+  sleep*) sleep ${body#sleep } ;;
+  log*) n=${body#log }; i=1; while [ $i -le $n ]; do echo "line $i of $rid" >&2; i=$((i+1)); done ;;
+esac
+out="ok $rid"
+printf 'HTTP/1.1 200 OK\r\nContent-Length: %s\r\nConnection: close\r\n\r\n%s' "${#out}" "$out"
+"#;
+
+fn is_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!(
+        "SKIPPED: pool tests need root (the process sandbox: namespaces, loop devices, cgroups)"
+    );
+    false
+}
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The static agent: $FNVM_AGENT_BIN, else built here (a no-op when it is fresh).
+fn agent() -> PathBuf {
+    static AGENT: OnceLock<PathBuf> = OnceLock::new();
+    AGENT
+        .get_or_init(|| {
+            if let Some(explicit) = std::env::var_os("FNVM_AGENT_BIN") {
+                return PathBuf::from(explicit);
+            }
+            let status = Command::new(env!("CARGO"))
+                .args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "fnvm-agent",
+                    "--target",
+                    "x86_64-unknown-linux-gnu",
+                ])
+                .env("RUSTFLAGS", "-C target-feature=+crt-static")
+                .current_dir(workspace())
+                .status()
+                .expect("cargo runs");
+            assert!(status.success(), "building the static agent failed");
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace().join("target"));
+            target.join("x86_64-unknown-linux-gnu/release/fnvm-agent")
+        })
+        .clone()
+}
+
+/// The busybox rootfs with the handler, built once per test run (ext4 via mkfs.ext4 -d).
+fn rootfs() -> PathBuf {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            use std::os::unix::fs::PermissionsExt;
+            let scratch = workspace().join("target/pool-tests");
+            std::fs::create_dir_all(&scratch).unwrap();
+            let tree = tempfile::tempdir_in(&scratch).unwrap();
+            let root = tree.path();
+            for dir in ["bin", "etc", "tmp", "proc", "sys", "dev", "root"] {
+                std::fs::create_dir_all(root.join(dir)).unwrap();
+            }
+            std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))
+                .unwrap();
+            std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+                .expect("busybox-static is installed (/bin/busybox)");
+            for applet in ["sh", "nc", "sleep", "head", "tr", "printf", "echo", "cat"] {
+                std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+            }
+            std::fs::write(root.join("handler"), HANDLER).unwrap();
+            std::fs::set_permissions(root.join("handler"), std::fs::Permissions::from_mode(0o755))
+                .unwrap();
+            std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+            let image = scratch.join(format!("handler-{}.ext4", std::process::id()));
+            let out = Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-b", "4096", "-d"])
+                .arg(root)
+                .arg(&image)
+                .arg("16M")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            image
+        })
+        .clone()
+}
+
+/// Tests share two cores: one pool at a time keeps their timings meaningful.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct World {
+    _tmp: tempfile::TempDir,
+    home: Home,
+    pool: Arc<Pool>,
+    logs: Arc<LogStore>,
+    metrics: Arc<Metrics>,
+}
+
+fn world(cfg: PoolConfig) -> World {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = Home::resolve(Some(tmp.path().join("home"))).unwrap();
+    let sandbox = Arc::new(ProcessSandbox::with_agent(&home, agent()).unwrap());
+    let logs = LogStore::open(tmp.path().join("logs"), 1 << 20).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let pool = Pool::new(
+        sandbox,
+        home.clone(),
+        cfg,
+        Arc::clone(&logs),
+        Arc::clone(&metrics),
+    );
+    World {
+        _tmp: tmp,
+        home,
+        pool,
+        logs,
+        metrics,
+    }
+}
+
+/// A version of the handler function with `spec_json` merged into the defaults.
+fn version(name: &str, spec_json: serde_json::Value) -> Arc<FunctionVersion> {
+    let mut spec = serde_json::json!({"image": "test/handler@sha256:00", "memory_mb": 64});
+    spec.as_object_mut()
+        .unwrap()
+        .extend(spec_json.as_object().unwrap().clone());
+    let spec: FunctionSpec = serde_json::from_value(spec).unwrap();
+    let mut settings = FunctionSettings::local(name);
+    settings.memory_mib = spec.memory_mb;
+    settings.timeout_s = spec.timeout_s;
+    Arc::new(FunctionVersion {
+        key: FunctionKey::new("default", name),
+        version: "v1".into(),
+        image_digest: "sha256:00".into(),
+        rootfs_image: rootfs(),
+        settings,
+        start: StartSpec {
+            argv: ["/bin/nc", "-ll", "-p", "9000", "-e", "/handler"]
+                .map(String::from)
+                .to_vec(),
+            env: vec!["PATH=/bin".into()],
+            working_dir: "/".into(),
+            user: None,
+            ready_timeout_ms: READY_TIMEOUT_MS,
+        },
+        spec,
+    })
+}
+
+async fn invoke(
+    pool: &Pool,
+    key: &FunctionKey,
+    body: &str,
+) -> Result<(String, String), InvokeError> {
+    let rid = uuid::Uuid::new_v4().to_string();
+    let resp = pool
+        .invoke_event(key, &rid, Bytes::from(body.to_string()), false)
+        .await?;
+    assert_eq!(resp.status(), 200);
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    Ok((rid, String::from_utf8_lossy(&text).into_owned()))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn metric(metrics: &Metrics, series: &str) -> u64 {
+    metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+#[test]
+fn thirty_two_concurrent_invocations_scale_out_within_the_budget_and_all_succeed() {
+    if !is_root() {
+        return;
+    }
+    let _serial = serial();
+    runtime().block_on(async {
+        // The budget (4 × 64 MiB) is tighter than max_instances (8): it is what caps.
+        let w = world(PoolConfig {
+            memory_budget_mib: 256,
+            idle_timeout: Duration::from_secs(60),
+            queue_timeout: Duration::from_secs(60),
+        });
+        let v = version("burst", serde_json::json!({"max_instances": 8}));
+        let key = v.key.clone();
+        w.pool.activate(v);
+        let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let sampler = {
+            let pool = Arc::clone(&w.pool);
+            let peak = Arc::clone(&peak);
+            tokio::spawn(async move {
+                loop {
+                    peak.fetch_max(pool.committed_mib(), std::sync::atomic::Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        };
+        let calls: Vec<_> = (0..32)
+            .map(|_| {
+                let pool = Arc::clone(&w.pool);
+                let key = key.clone();
+                tokio::spawn(async move { invoke(&pool, &key, "sleep 0.3").await })
+            })
+            .collect();
+        for call in calls {
+            let (rid, body) = call.await.unwrap().expect("every invocation succeeds");
+            assert_eq!(body, format!("ok {rid}"));
+        }
+        sampler.abort();
+        let boots = metric(
+            &w.metrics,
+            "fnvm_instance_starts_total{function=\"default/burst\",kind=\"boot\"}",
+        );
+        let warm = metric(
+            &w.metrics,
+            "fnvm_instance_starts_total{function=\"default/burst\",kind=\"warm\"}",
+        );
+        assert!((2..=4).contains(&boots), "{boots} instances booted");
+        assert_eq!(boots + warm, 32);
+        assert!(
+            peak.load(std::sync::atomic::Ordering::Relaxed) <= 256,
+            "the memory budget was exceeded"
+        );
+        assert!(w.pool.instances(&key).len() <= 4);
+        w.pool.shutdown().await;
+        assert_eq!(w.pool.committed_mib(), 0);
+    });
+}
+
+#[test]
+fn idle_instances_go_away_but_provisioned_ones_stay() {
+    if !is_root() {
+        return;
+    }
+    let _serial = serial();
+    runtime().block_on(async {
+        let w = world(PoolConfig {
+            memory_budget_mib: 1024,
+            idle_timeout: Duration::from_millis(300),
+            queue_timeout: Duration::from_secs(30),
+        });
+        let idle = version("idle", serde_json::json!({}));
+        let kept = version("kept", serde_json::json!({"provisioned_concurrency": 1}));
+        let (idle_key, kept_key) = (idle.key.clone(), kept.key.clone());
+        w.pool.activate(idle);
+        w.pool.activate(kept);
+        invoke(&w.pool, &idle_key, "hello").await.unwrap();
+        assert_eq!(w.pool.instances(&idle_key).len(), 1);
+        let instances = crate::sandbox::instances_root(&w.home).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !w.pool.instances(&idle_key).is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            w.pool.instances(&idle_key).is_empty(),
+            "the idle instance is still there"
+        );
+        // The provisioned one is ready without any invocation and outlives the idle time.
+        let kept_instances = w.pool.instances(&kept_key);
+        assert_eq!(kept_instances.len(), 1, "{kept_instances:?}");
+        assert_eq!(kept_instances[0].state, "idle");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(w.pool.instances(&kept_key)[0].id, kept_instances[0].id);
+        // The reclaimed instance's memory is released once it is stopped, its files gone.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while w.pool.committed_mib() != 64 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(w.pool.committed_mib(), 64);
+        let left: Vec<_> = std::fs::read_dir(&instances).unwrap().flatten().collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+        w.pool.shutdown().await;
+    });
+}
+
+#[test]
+fn a_function_past_its_timeout_gets_the_timeout_error_and_the_next_call_works() {
+    if !is_root() {
+        return;
+    }
+    let _serial = serial();
+    runtime().block_on(async {
+        let w = world(PoolConfig::default());
+        let v = version("slow", serde_json::json!({"timeout_s": 1}));
+        let key = v.key.clone();
+        w.pool.activate(v);
+        invoke(&w.pool, &key, "hello").await.unwrap();
+        let first = w.pool.instances(&key)[0].id.clone();
+        let started = std::time::Instant::now();
+        let err = invoke(&w.pool, &key, "sleep 10").await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(matches!(err, InvokeError::Timeout { secs: 1 }), "{err:?}");
+        assert_eq!(err.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(err.to_string().contains("destroyed"), "{err}");
+        let (rid, body) = invoke(&w.pool, &key, "hello").await.unwrap();
+        assert_eq!(body, format!("ok {rid}"));
+        let now: Vec<String> = w.pool.instances(&key).into_iter().map(|i| i.id).collect();
+        assert!(
+            !now.contains(&first),
+            "the timed-out instance was reused: {now:?}"
+        );
+        assert_eq!(
+            metric(
+                &w.metrics,
+                "fnvm_invocation_errors_total{function=\"default/slow\",kind=\"FunctionTimeout\"}"
+            ),
+            1
+        );
+        w.pool.shutdown().await;
+    });
+}
+
+/// SIGKILLs the agent (PID 1 of the sandbox, so everything in it dies) of `instance_id`.
+fn kill_sandbox(instance_id: &str) {
+    let mut killed = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("--socket-dir") && cmdline.contains(instance_id) {
+            let pid: i32 = entry.file_name().to_string_lossy().parse().unwrap();
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .unwrap();
+            killed += 1;
+        }
+    }
+    assert_eq!(killed, 1, "the agent of {instance_id} was not found");
+}
+
+#[test]
+fn a_sandbox_killed_mid_request_is_a_crash_error_and_the_next_call_works() {
+    if !is_root() {
+        return;
+    }
+    let _serial = serial();
+    runtime().block_on(async {
+        let w = world(PoolConfig::default());
+        let v = version("victim", serde_json::json!({"timeout_s": 20}));
+        let key = v.key.clone();
+        w.pool.activate(v);
+        invoke(&w.pool, &key, "hello").await.unwrap();
+        let call = {
+            let pool = Arc::clone(&w.pool);
+            let key = key.clone();
+            tokio::spawn(async move { invoke(&pool, &key, "sleep 10").await })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let victim = loop {
+            let busy: Vec<_> = w
+                .pool
+                .instances(&key)
+                .into_iter()
+                .filter(|i| i.state == "busy")
+                .collect();
+            if let Some(i) = busy.first() {
+                break i.id.clone();
+            }
+            assert!(std::time::Instant::now() < deadline, "no busy instance");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        kill_sandbox(&victim);
+        let err = call.await.unwrap().unwrap_err();
+        match &err {
+            InvokeError::Crashed { detail } => {
+                assert!(detail.contains(&victim), "{detail}");
+            }
+            other => panic!("expected a crash, got {other:?}"),
+        }
+        assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
+        let (rid, body) = invoke(&w.pool, &key, "hello").await.unwrap();
+        assert_eq!(body, format!("ok {rid}"));
+        assert!(w.pool.instances(&key).iter().all(|i| i.id != victim));
+        w.pool.shutdown().await;
+    });
+}
+
+#[test]
+fn the_logs_of_one_request_hold_exactly_its_lines() {
+    if !is_root() {
+        return;
+    }
+    let _serial = serial();
+    runtime().block_on(async {
+        let w = world(PoolConfig::default());
+        let v = version("chatty", serde_json::json!({"max_instances": 3}));
+        let key = v.key.clone();
+        w.pool.activate(v);
+        let workers: Vec<_> = (0..3)
+            .map(|_| {
+                let pool = Arc::clone(&w.pool);
+                let key = key.clone();
+                tokio::spawn(async move {
+                    let mut rids = Vec::new();
+                    for _ in 0..4 {
+                        rids.push(invoke(&pool, &key, "log 3").await.unwrap().0);
+                    }
+                    rids
+                })
+            })
+            .collect();
+        let mut rids = Vec::new();
+        for w in workers {
+            rids.extend(w.await.unwrap());
+        }
+        // Lines trail responses by a moment.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for rid in &rids {
+            let lines: Vec<String> = w
+                .logs
+                .query(&key, Some(rid), None)
+                .into_iter()
+                .map(|e| {
+                    assert_eq!(e.stream, "stderr");
+                    e.line
+                })
+                .collect();
+            assert_eq!(
+                lines,
+                (1..=3)
+                    .map(|i| format!("line {i} of {rid}"))
+                    .collect::<Vec<_>>()
+            );
+        }
+        let tail = w.logs.query(&key, None, Some(2));
+        assert_eq!(tail.len(), 2);
+        w.pool.shutdown().await;
+    });
+}
+
+#[test]
+fn requests_beyond_the_limits_wait_then_get_overloaded() {
+    if !is_root() {
+        return;
+    }
+    let _serial = serial();
+    runtime().block_on(async {
+        let w = world(PoolConfig {
+            memory_budget_mib: 1024,
+            idle_timeout: Duration::from_secs(60),
+            queue_timeout: Duration::from_millis(300),
+        });
+        let v = version("single", serde_json::json!({"max_instances": 1}));
+        let key = v.key.clone();
+        w.pool.activate(v);
+        invoke(&w.pool, &key, "hello").await.unwrap();
+        let busy = {
+            let pool = Arc::clone(&w.pool);
+            let key = key.clone();
+            tokio::spawn(async move { invoke(&pool, &key, "sleep 1.5").await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let err = invoke(&w.pool, &key, "hello").await.unwrap_err();
+        assert!(matches!(err, InvokeError::Overloaded), "{err:?}");
+        assert_eq!(err.status(), StatusCode::TOO_MANY_REQUESTS);
+        busy.await.unwrap().unwrap();
+        invoke(&w.pool, &key, "hello").await.unwrap();
+        let missing = FunctionKey::new("default", "missing");
+        assert!(matches!(
+            invoke(&w.pool, &missing, "x").await.unwrap_err(),
+            InvokeError::NotActive
+        ));
+        w.pool.shutdown().await;
+    });
+}
+
+#[test]
+fn a_timer_schedule_fires_event_invocations_marked_as_timer() {
+    if !is_root() {
+        return;
+    }
+    let _serial = serial();
+    runtime().block_on(async {
+        let w = world(PoolConfig::default());
+        let v = version("ticker", serde_json::json!({}));
+        let key = v.key.clone();
+        w.pool.activate(v);
+        let timers = crate::service::timers::Timers::start(Arc::clone(&w.pool));
+        let mut follow = w.logs.subscribe(&key);
+        timers.set(&key, &["* * * * * *".to_string()]).unwrap();
+        let fired = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let entry = follow.recv().await.unwrap();
+                if entry.line.starts_with("trigger ") {
+                    return entry;
+                }
+            }
+        })
+        .await
+        .expect("the every-second schedule fired within 10 s");
+        let rid = fired.line.split(' ').nth(2).unwrap().to_string();
+        assert_eq!(fired.line, format!("trigger Timer {rid}"));
+        assert_eq!(fired.request_id.as_deref(), Some(rid.as_str()));
+        timers.remove(&key);
+        w.pool.shutdown().await;
+    });
+}
+
+#[test]
+fn a_line_belongs_to_the_request_in_flight_when_it_was_read() {
+    let mut a = Attribution::default();
+    a.requests.push_back(Invocation {
+        request_id: "a".into(),
+        sent_ms: 100,
+        answered_ms: Some(110),
+    });
+    a.requests.push_back(Invocation {
+        request_id: "b".into(),
+        sent_ms: 110,
+        answered_ms: None,
+    });
+    assert_eq!(a.request_at(99), None);
+    assert_eq!(a.request_at(105).as_deref(), Some("a"));
+    assert_eq!(a.request_at(110).as_deref(), Some("a"));
+    assert_eq!(a.request_at(111).as_deref(), Some("b"));
+    // Two in flight together (a web instance's concurrency): no single owner.
+    a.requests.push_back(Invocation {
+        request_id: "c".into(),
+        sent_ms: 120,
+        answered_ms: None,
+    });
+    assert_eq!(a.request_at(125), None);
+}
