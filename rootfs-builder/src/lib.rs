@@ -4,14 +4,14 @@
 //! store → unpack layers safely into a tree → build a read-only filesystem image, cached by
 //! manifest digest.
 
-pub mod digest;
-pub mod source;
 pub mod credentials;
+pub mod digest;
+pub mod layout;
 pub mod manifest;
+pub mod pipeline;
 pub mod reference;
 pub mod registry;
-pub mod store;
-pub mod pipeline;
 pub mod rootfs;
+pub mod source;
+pub mod store;
 pub mod unpack;
-pub mod layout;
