@@ -15,6 +15,7 @@ pub mod child;
 pub mod cleanup;
 pub mod control;
 pub mod initramfs;
+mod instance;
 pub mod loopdev;
 pub mod process;
 #[cfg(test)]

@@ -18,11 +18,12 @@ use super::cgroup::{Cgroup, Hierarchy};
 use super::child::{ended_reason, SandboxChild};
 use super::cleanup::{cgroup_prefix, InstanceRecord, ProcessId};
 use super::control::{self, Control, ExitState};
+use super::instance::{AgentInstance, Teardown};
 use super::loopdev::LoopDevice;
 use super::transport::{unix_port_path, HostTransport};
 use super::writable_layer::WritableLayer;
 use super::{
-    validate_spec, ExitReport, Instance, InstanceSpec, Sandbox, SandboxError, SandboxKind,
+    validate_spec, Instance, InstanceSpec, Sandbox, SandboxError, SandboxKind,
 };
 use crate::home::Home;
 
@@ -33,7 +34,6 @@ pub const ISOLATION_WARNING: &str = "fnvm: warning: the process sandbox shares t
 /// How long the agent may take to listen on its control socket.
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the function gets to exit after SIGTERM when the instance is stopped.
-const STOP_GRACE: Duration = Duration::from_millis(500);
 
 pub struct ProcessSandbox {
     home: Home,
@@ -105,7 +105,7 @@ impl Sandbox for ProcessSandbox {
             }
         };
         let control = parts.control.take();
-        Ok(Box::new(ProcessInstance {
+        Ok(Box::new(AgentInstance {
             id: spec.id,
             transport: HostTransport::Unix { dir: socket_dir },
             exit,
@@ -280,6 +280,12 @@ impl Parts {
             torn_down: false,
         })
     }
+}
+
+impl Teardown for Parts {
+    fn is_torn_down(&self) -> bool {
+        self.torn_down
+    }
 
     /// Kills the sandbox and removes every trace; the first error is returned after trying all.
     fn teardown(&mut self) -> Result<(), SandboxError> {
@@ -318,54 +324,6 @@ impl Parts {
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
-        }
-    }
-}
-
-pub struct ProcessInstance {
-    id: String,
-    transport: HostTransport,
-    exit: Arc<ExitState>,
-    control: Option<Control>,
-    parts: Mutex<Parts>,
-}
-
-impl Instance for ProcessInstance {
-    fn id(&self) -> &str {
-        &self.id
-    }
-
-    fn connect(&self) -> std::io::Result<std::os::unix::net::UnixStream> {
-        self.transport.connect(FUNCTION_PORT)
-    }
-
-    fn wait_exit(&self) -> ExitReport {
-        self.exit.wait()
-    }
-
-    fn exited(&self) -> Option<ExitReport> {
-        self.exit.get()
-    }
-
-    fn stop(&self) -> Result<(), SandboxError> {
-        let mut parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
-        if parts.torn_down {
-            return Ok(());
-        }
-        self.exit.mark_stopping();
-        if let Some(control) = &self.control {
-            control.stop(&self.exit, STOP_GRACE);
-        }
-        // Recorded before the kill, so waiters learn "stopped", not "killed by signal 9".
-        self.exit.record(None, None, "stopped".to_string());
-        parts.teardown()
-    }
-}
-
-impl Drop for ProcessInstance {
-    fn drop(&mut self) {
-        if let Err(e) = self.stop() {
-            tracing::warn!("stopping instance {}: {e}", self.id);
         }
     }
 }

@@ -10,7 +10,6 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fnvm_agent::protocol::FUNCTION_PORT;
 use fnvm_vmm::arch::x86_64::boot::KernelFormat;
 use fnvm_vmm::host::HostCapabilities;
 use fnvm_vmm::vm::DEFAULT_CMDLINE;
@@ -18,17 +17,17 @@ use fnvm_vmm::vm::DEFAULT_CMDLINE;
 use super::child::{ended_reason, SandboxChild};
 use super::cleanup::{InstanceRecord, ProcessId};
 use super::control::{self, Control, ExitState};
+use super::instance::{AgentInstance, Teardown};
 use super::transport::HostTransport;
 use super::writable_layer::WritableLayer;
 use super::{
-    validate_spec, ExitReport, Instance, InstanceSpec, Sandbox, SandboxError, SandboxKind,
+    validate_spec, Instance, InstanceSpec, Sandbox, SandboxError, SandboxKind,
 };
 use crate::home::Home;
 
 /// How long the guest may take to boot and answer on its control port.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the function gets to exit after SIGTERM when the instance is stopped.
-const STOP_GRACE: Duration = Duration::from_millis(500);
 
 /// The kernel command line: fnvm's defaults plus where the agent finds its disks.
 pub fn guest_cmdline() -> String {
@@ -156,7 +155,7 @@ impl Sandbox for VmSandbox {
         match self.start_in(&spec, &vsock, &mut parts) {
             Ok(exit) => {
                 let control = parts.control.take();
-                Ok(Box::new(VmInstance {
+                Ok(Box::new(AgentInstance {
                     id: spec.id,
                     transport: HostTransport::Vsock { uds: vsock },
                     exit,
@@ -252,7 +251,11 @@ struct VmParts {
     torn_down: bool,
 }
 
-impl VmParts {
+impl Teardown for VmParts {
+    fn is_torn_down(&self) -> bool {
+        self.torn_down
+    }
+
     fn teardown(&mut self) -> Result<(), SandboxError> {
         if self.torn_down {
             return Ok(());
@@ -271,53 +274,6 @@ impl VmParts {
                 e,
             )),
             _ => Ok(()),
-        }
-    }
-}
-
-pub struct VmInstance {
-    id: String,
-    transport: HostTransport,
-    exit: Arc<ExitState>,
-    control: Option<Control>,
-    parts: Mutex<VmParts>,
-}
-
-impl Instance for VmInstance {
-    fn id(&self) -> &str {
-        &self.id
-    }
-
-    fn connect(&self) -> std::io::Result<std::os::unix::net::UnixStream> {
-        self.transport.connect(FUNCTION_PORT)
-    }
-
-    fn wait_exit(&self) -> ExitReport {
-        self.exit.wait()
-    }
-
-    fn exited(&self) -> Option<ExitReport> {
-        self.exit.get()
-    }
-
-    fn stop(&self) -> Result<(), SandboxError> {
-        let mut parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
-        if parts.torn_down {
-            return Ok(());
-        }
-        self.exit.mark_stopping();
-        if let Some(control) = &self.control {
-            control.stop(&self.exit, STOP_GRACE);
-        }
-        self.exit.record(None, None, "stopped".to_string());
-        parts.teardown()
-    }
-}
-
-impl Drop for VmInstance {
-    fn drop(&mut self) {
-        if let Err(e) = self.stop() {
-            tracing::warn!("stopping instance {}: {e}", self.id);
         }
     }
 }

@@ -1,0 +1,71 @@
+//! The host's handle on a running agent, the same for every sandbox: the function's port through
+//! the sandbox's transport, the exit state fed by the control stream, and a stop that asks the
+//! agent first and then tears down whatever the sandbox set up (`Teardown`).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fnvm_agent::protocol::FUNCTION_PORT;
+
+use super::control::{Control, ExitState};
+use super::transport::HostTransport;
+use super::{ExitReport, Instance, SandboxError};
+
+/// How long the function gets between the agent's SIGTERM and SIGKILL on stop.
+const STOP_GRACE: Duration = Duration::from_millis(500);
+
+/// What a sandbox removes when its instance stops: processes, mounts, devices, files.
+pub(super) trait Teardown: Send {
+    /// True once `teardown` has run: stopping again is a no-op.
+    fn is_torn_down(&self) -> bool;
+    fn teardown(&mut self) -> Result<(), SandboxError>;
+}
+
+/// An instance whose agent is reached over `transport`, whatever runs it.
+pub(super) struct AgentInstance<P: Teardown> {
+    pub id: String,
+    pub transport: HostTransport,
+    pub exit: Arc<ExitState>,
+    pub control: Option<Control>,
+    pub parts: Mutex<P>,
+}
+
+impl<P: Teardown> Instance for AgentInstance<P> {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn connect(&self) -> std::io::Result<std::os::unix::net::UnixStream> {
+        self.transport.connect(FUNCTION_PORT)
+    }
+
+    fn wait_exit(&self) -> ExitReport {
+        self.exit.wait()
+    }
+
+    fn exited(&self) -> Option<ExitReport> {
+        self.exit.get()
+    }
+
+    fn stop(&self) -> Result<(), SandboxError> {
+        let mut parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
+        if parts.is_torn_down() {
+            return Ok(());
+        }
+        self.exit.mark_stopping();
+        if let Some(control) = &self.control {
+            control.stop(&self.exit, STOP_GRACE);
+        }
+        // Recorded before the kill, so waiters learn "stopped", not "killed by signal 9".
+        self.exit.record(None, None, "stopped".to_string());
+        parts.teardown()
+    }
+}
+
+impl<P: Teardown> Drop for AgentInstance<P> {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::warn!("stopping instance {}: {e}", self.id);
+        }
+    }
+}
