@@ -272,6 +272,48 @@ fn deploy_by_digest_with_credentials_invoke_web_logs_and_restart() {
         "{stdout}"
     );
 
+    // `fnvm logs --follow` prints new lines as they come.
+    let mut follow = std::process::Command::new(FNVM)
+        .args([
+            "logs",
+            "web",
+            "--follow",
+            "--tail",
+            "0",
+            "--server",
+            &serve.url(""),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let follow_out = follow.stdout.take().unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(follow_out).lines() {
+            let Ok(line) = line else { break };
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next_line = || line_rx.recv_timeout(Duration::from_secs(20)).ok();
+    // Give the follower time to connect; with --tail 0 it shows only lines printed from now on.
+    std::thread::sleep(Duration::from_secs(2));
+    let third = call_log(1);
+    let new: Vec<String> = (0..2).filter_map(|_| next_line()).collect();
+    let _ = follow.kill();
+    let follow_err = follow.wait_with_output().unwrap().stderr;
+    assert!(
+        new.len() == 2 && new.iter().all(|l| l.contains(&third)),
+        "{new:?}; fnvm logs stderr: {}",
+        String::from_utf8_lossy(&follow_err)
+    );
+    let mut new_lines: Vec<&str> = new.iter().map(|l| l.rsplit(' ').next().unwrap()).collect();
+    new_lines.sort();
+    assert_eq!(new_lines, ["err-0", "out-0"]);
+
     // The CLI clients: invoke and ls.
     let out = cli(&serve, &["invoke", "echo", "--data", r#"{"from":"cli"}"#]);
     assert!(out.status.success(), "{}", text(&out));

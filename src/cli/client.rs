@@ -155,6 +155,9 @@ impl Reply {
     }
 }
 
+/// Where a streamed answer's chunks go.
+type ChunkSink<'a> = &'a mut dyn FnMut(&[u8]);
+
 struct Client {
     base: String,
     authority: String,
@@ -190,14 +193,14 @@ impl Client {
         })
     }
 
-    /// Sends one request; with `stream`, prints the body to stdout as it arrives (follow).
+    /// Sends one request; with `on_chunk`, hands the body over as it arrives (follow).
     fn send(
         &self,
         method: Method,
         path: &str,
         headers: &[(&str, String)],
         body: Bytes,
-        on_chunk: Option<&mut dyn FnMut(&[u8])>,
+        on_chunk: Option<ChunkSink<'_>>,
     ) -> Result<Reply> {
         self.runtime.block_on(async {
             let stream = tokio::net::TcpStream::connect(&self.authority)

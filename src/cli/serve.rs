@@ -108,7 +108,9 @@ async fn serve(home: &Home, kind: SandboxKind, args: ServeArgs) -> Result<()> {
     {
         let timers = Arc::clone(&timers);
         service.set_schedule_hook(Box::new(move |key, schedules| {
-            if let Err(e) = timers.set(key, schedules) {
+            if schedules.is_empty() {
+                timers.remove(key);
+            } else if let Err(e) = timers.set(key, schedules) {
                 tracing::warn!(function = %key, error = %e, "cannot set the timer schedules");
             }
         }));

@@ -648,23 +648,27 @@ impl Service {
                 v.push(b'\n');
                 Bytes::from(v)
             };
-            let last_seen = entries.last().cloned();
             for e in &entries {
                 if tx.send(line(e)).await.is_err() {
                     return;
                 }
             }
-            let mut skipping = last_seen.is_some();
+            // Lines stored between subscribe and query arrive twice; they are the newest ones
+            // sent above. Skip a broadcast line that equals one of those, until one does not.
+            let mut deduplicating = !entries.is_empty();
             loop {
                 match rx.recv().await {
                     Ok(e) => {
-                        // Lines stored between subscribe and query arrive twice: skip up to the
-                        // last one already sent.
-                        if skipping {
-                            if Some(&e) == last_seen.as_ref() {
-                                skipping = false;
+                        if deduplicating {
+                            let already_sent = entries
+                                .iter()
+                                .rev()
+                                .take_while(|x| x.time_ms >= e.time_ms)
+                                .any(|x| *x == e);
+                            if already_sent {
+                                continue;
                             }
-                            continue;
+                            deduplicating = false;
                         }
                         if request_id
                             .as_deref()
