@@ -7,7 +7,9 @@
 //! connections, 5 s each after a 2 s warm-up; requests/s and latency percentiles from wrk's
 //! `--latency` report. The served function has `max_instances` = `provisioned_concurrency` = 8
 //! (one in-flight request per event instance, so 8 connections keep 8 warm instances busy);
-//! `fnvm run` has one instance taking every request at once.
+//! `fnvm run` has one instance taking every request at once. A last row serves 8 connections
+//! with 4 instances, so requests wait in the pool for a free instance (on 2 cores, 8 busy
+//! instances' processes make the scheduler the tail; 4 show the pool's own queueing).
 //! Targets on 2 cores: ≥ 5,000 req/s through serve, p99 < 5 ms, serve adding < 20 % to run.
 //!
 //! Needs root and a release build: `cargo build --release -p fnvm && cargo run --release -p
@@ -72,13 +74,19 @@ fn main() -> Result<()> {
 
     // fnvm serve: the same image deployed as a function with warm provisioned instances.
     let serve = Serve::start(&fnvm, &work.join("home-serve"), &agent, &sandbox)?;
-    let function_url = serve.deploy(&image)?;
+    let function_url = serve.deploy(&image, "bench", CONNECTIONS)?;
     let invoke_url = format!("{function_url}/invocations");
     let mut serve_results = Vec::new();
     for c in LOADS {
         wrk(&script, &invoke_url, c, Duration::from_secs(2))?;
         serve_results.push(wrk(&script, &invoke_url, c, Duration::from_secs(5))?);
     }
+    serve.remove("bench")?;
+    // Fewer instances than connections: requests queue in the pool for a free instance.
+    let half = CONNECTIONS / 2;
+    let queued_url = format!("{}/invocations", serve.deploy(&image, "bench-half", half)?);
+    wrk(&script, &queued_url, CONNECTIONS, Duration::from_secs(2))?;
+    let queued = wrk(&script, &queued_url, CONNECTIONS, Duration::from_secs(5))?;
     drop(serve);
 
     let us = |d: Duration| format!("{:.0} µs", d.as_secs_f64() * 1e6);
@@ -101,6 +109,14 @@ fn main() -> Result<()> {
             ]);
         }
     }
+    table.row(vec![
+        format!("fnvm serve ({sandbox}, {half} warm instances, queueing)"),
+        CONNECTIONS.to_string(),
+        format!("{:.0}", queued.rps),
+        us(queued.p50),
+        us(queued.p99),
+        queued.errors.clone().unwrap_or_else(|| "0".into()),
+    ]);
     println!(
         "wrk -t2 -d5s POST of a {}-byte event to fnvm-hello\n{}",
         EVENT.len(),
@@ -252,14 +268,14 @@ impl Serve {
 
     /// Deploys `image` as event function `bench` and waits until its provisioned instances are
     /// idle; returns the function's URL.
-    fn deploy(&self, image: &str) -> Result<String> {
-        let url = format!("{}/v1/namespaces/default/functions/bench", self.base);
+    fn deploy(&self, image: &str, name: &str, instances: usize) -> Result<String> {
+        let url = format!("{}/v1/namespaces/default/functions/{name}", self.base);
         let spec = serde_json::json!({
             "image": image,
             "type": "event",
             "memory_mb": 64,
-            "max_instances": CONNECTIONS,
-            "provisioned_concurrency": CONNECTIONS,
+            "max_instances": instances,
+            "provisioned_concurrency": instances,
         });
         ureq::put(&url)
             .header("Content-Type", "application/json")
@@ -275,14 +291,24 @@ impl Serve {
             if v["state"] == "failed" {
                 bail!("the deploy failed: {v}");
             }
-            if v["state"] == "active" && idle >= CONNECTIONS {
+            if v["state"] == "active" && idle >= instances {
                 return Ok(url);
             }
             if Instant::now() > deadline {
-                bail!("the function is not ready with {CONNECTIONS} idle instances: {v}");
+                bail!("the function is not ready with {instances} idle instances: {v}");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+impl Serve {
+    fn remove(&self, name: &str) -> Result<()> {
+        let url = format!("{}/v1/namespaces/default/functions/{name}", self.base);
+        ureq::delete(&url)
+            .call()
+            .with_context(|| format!("DELETE {url}"))?;
+        Ok(())
     }
 }
 
