@@ -17,6 +17,10 @@
 //! instance (the next request starts a fresh one; provisioned instances are topped up by the
 //! reaper). Idle instances beyond `provisioned_concurrency` are stopped after `idle_timeout`.
 //!
+//! Web invocations stream both ways; an upgrade request (WebSocket or any protocol) answered
+//! with 101 becomes a byte tunnel between client and function that holds its instance slot
+//! until either side closes.
+//!
 //! Log lines are attributed to the request in flight on the instance that printed them, by the
 //! time the agent read them (see [`Attribution`]): exact for event functions (one request per
 //! instance) up to a line read in the very millisecond one request ended and the next began;
@@ -367,7 +371,8 @@ impl Pool {
             .collect()
     }
 
-    /// Guest memory committed right now, MiB.
+    /// Guest memory committed right now, MiB (also exported as a metric).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn committed_mib(&self) -> u64 {
         self.inner.lock().committed_mib
     }
@@ -470,6 +475,9 @@ impl Pool {
     ) -> Result<Response<BoxBody>, InvokeError> {
         let lease = self.inner.acquire(key, request_id).await?;
         let secs = lease.slot.version.settings.timeout_s.max(1);
+        if is_upgrade(req.headers()) {
+            return tunnel(lease, req, secs).await;
+        }
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         parts.version = hyper::Version::HTTP_11;
@@ -1137,6 +1145,118 @@ async fn reap(weak: Weak<Inner>) {
             top_up_provisioned(&inner, &key);
         }
     }
+}
+
+/// True for a request asking to switch protocols (`Connection: upgrade` + `Upgrade`), such as a
+/// WebSocket handshake.
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(hyper::header::UPGRADE)
+        && headers
+            .get_all(hyper::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// An upgrade request (WebSocket or any other protocol) to a web function: sent on a stream of
+/// its own; if the function answers 101, the client's and the function's upgraded connections
+/// are joined byte for byte until either side closes. The tunnel holds the instance slot it
+/// came in on; the function's timeout covers the handshake only.
+async fn tunnel(
+    lease: Lease,
+    mut req: Request<Incoming>,
+    secs: u32,
+) -> Result<Response<BoxBody>, InvokeError> {
+    let client_side = hyper::upgrade::on(&mut req);
+    let upgrade = req.headers().get(hyper::header::UPGRADE).cloned();
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(upgrade) = upgrade {
+        parts.headers.insert(hyper::header::UPGRADE, upgrade);
+        parts.headers.insert(
+            hyper::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
+    }
+    parts.version = hyper::Version::HTTP_11;
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .parse()
+        .map_err(|e| InvokeError::Internal(format!("request target: {e}")))?;
+    let outbound = Request::from_parts(parts, body);
+    let instance = Arc::clone(&lease.slot.running.get().expect("running").instance);
+    let exchange = async move {
+        let stream = tokio::task::spawn_blocking(move || instance.connect())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot reach the function's port 9000: {e}"))?;
+        stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let stream = tokio::net::UnixStream::from_std(stream).map_err(|e| e.to_string())?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| error_chain(&e))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "an upgrade connection to a function ended");
+            }
+        });
+        sender
+            .send_request(outbound)
+            .await
+            .map_err(|e| error_chain(&e))
+    };
+    let mut resp = match tokio::time::timeout(Duration::from_secs(u64::from(secs)), exchange).await
+    {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => return Err(lease.crashed(e).await),
+        Err(_) => {
+            lease.destroy();
+            return Err(InvokeError::Timeout { secs });
+        }
+    };
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // The function declined: an ordinary response, the slot held until it is read.
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let mut lease = Some(lease);
+        let body = body
+            .map_frame(move |frame| {
+                let _ = &mut lease;
+                frame
+            })
+            .map_err(std::io::Error::other)
+            .boxed();
+        return Ok(Response::from_parts(parts, body));
+    }
+    let function_side = hyper::upgrade::on(&mut resp);
+    tokio::spawn(async move {
+        let lease = lease;
+        match (client_side.await, function_side.await) {
+            (Ok(client), Ok(function)) => {
+                let mut client = TokioIo::new(client);
+                let mut function = TokioIo::new(function);
+                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut function).await {
+                    tracing::debug!(instance = %lease.slot.id, error = %e, "an upgraded connection ended with an error");
+                }
+            }
+            (client, function) => tracing::debug!(
+                instance = %lease.slot.id,
+                client_ok = client.is_ok(),
+                function_ok = function.is_ok(),
+                "an upgrade did not complete"
+            ),
+        }
+    });
+    let (parts, _) = resp.into_parts();
+    Ok(Response::from_parts(
+        parts,
+        http_body_util::Empty::<Bytes>::new()
+            .map_err(|never| match never {})
+            .boxed(),
+    ))
 }
 
 /// Removes the headers that describe one connection, not the message (RFC 9110 §7.6.1).

@@ -4,6 +4,7 @@
 //!
 //! The test function reads the event body as a command: `sleep S` sleeps before answering,
 //! `log N` prints N lines to stderr naming the request id first; it answers `ok <request id>`.
+//! An `Upgrade` request is switched (101) to an echo of every byte sent.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -30,8 +31,13 @@ while read -r h; do
     [Cc]ontent-[Ll]ength:*) len=${h#*: } ;;
     [Xx]-[Ss]cf-[Rr]equest-[Ii]d:*) rid=${h#*: } ;;
     [Xx]-[Ss]cf-[Tt]rigger-[Ss]rc:*) echo "trigger ${h#*: } $rid" >&2 ;;
+    [Uu]pgrade:*) upgrade=${h#*: } ;;
   esac
 done
+if [ -n "$upgrade" ]; then
+  printf 'HTTP/1.1 101 Switching Protocols\r\nUpgrade: %s\r\nConnection: Upgrade\r\n\r\n' "$upgrade"
+  exec cat
+fi
 body=$(head -c "$len")
 case "$body" in
   sleep*) sleep ${body#sleep } ;;
@@ -576,4 +582,95 @@ fn a_line_belongs_to_the_request_in_flight_when_it_was_read() {
         answered_ms: None,
     });
     assert_eq!(a.request_at(125), None);
+}
+
+#[test]
+fn an_upgrade_to_a_web_function_is_tunnelled_both_ways() {
+    if !is_root() {
+        return;
+    }
+    let _serial = serial();
+    runtime().block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let w = world(PoolConfig::default());
+        let v = version("ws", serde_json::json!({"type": "web"}));
+        let key = v.key.clone();
+        w.pool.activate(v);
+        // A minimal front like the API's: every request goes to invoke_web.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let front = {
+            let pool = Arc::clone(&w.pool);
+            let key = key.clone();
+            tokio::spawn(async move {
+                loop {
+                    let (tcp, _) = listener.accept().await.unwrap();
+                    let pool = Arc::clone(&pool);
+                    let key = key.clone();
+                    tokio::spawn(async move {
+                        let svc = hyper::service::service_fn(move |req| {
+                            let pool = Arc::clone(&pool);
+                            let key = key.clone();
+                            async move {
+                                let resp = match pool.invoke_web(&key, "rid", req).await {
+                                    Ok(resp) => resp,
+                                    Err(e) => Response::builder()
+                                        .status(e.status())
+                                        .body(
+                                            http_body_util::Full::new(Bytes::from(e.to_string()))
+                                                .map_err(|never| match never {})
+                                                .boxed(),
+                                        )
+                                        .unwrap(),
+                                };
+                                Ok::<_, std::convert::Infallible>(resp)
+                            }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(tcp), svc)
+                            .with_upgrades()
+                            .await;
+                    });
+                }
+            })
+        };
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(
+                b"GET /chat HTTP/1.1\r\nHost: fn\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            assert_eq!(client.read(&mut byte).await.unwrap(), 1, "{head:?}");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+        assert!(head.contains("upgrade: echo"), "{head}");
+        for message in ["ping\n", "a longer second message\n"] {
+            client.write_all(message.as_bytes()).await.unwrap();
+            let mut echoed = vec![0u8; message.len()];
+            tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut echoed))
+                .await
+                .expect("the echo came back")
+                .unwrap();
+            assert_eq!(echoed, message.as_bytes());
+        }
+        // The tunnel holds its instance while open and frees it when closed.
+        assert_eq!(w.pool.instances(&key)[0].state, "busy");
+        drop(client);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while w.pool.instances(&key)[0].state != "idle" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the tunnel's slot was not freed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        front.abort();
+        w.pool.shutdown().await;
+    });
 }
