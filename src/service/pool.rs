@@ -22,11 +22,13 @@
 //! until either side closes.
 //!
 //! Log lines are attributed to the request in flight on the instance that printed them, by the
-//! time the agent read them (see [`Attribution`]): exact for event functions (one request per
-//! instance) up to a line read in the very millisecond one request ended and the next began;
-//! for a web instance serving several requests at once such lines have no request id. This
-//! assumes the guest's realtime clock follows the host's (same kernel in the process sandbox,
-//! kvmclock in the VM).
+//! time the agent read them (see [`Attribution`]); lines read between requests go to the one
+//! before. For event functions (one request per instance) this is exact unless the agent reads a
+//! request's last lines only after the pool already sent the next request to that instance
+//! (its output reader thread starved of CPU); exactness in every case needs a marker from the
+//! agent. For a web instance serving several requests at once such lines have no request id.
+//! This assumes the guest's realtime clock follows the host's (same kernel in the process
+//! sandbox, kvmclock in the VM).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -170,6 +172,8 @@ struct Inner {
 #[derive(Default)]
 struct State {
     functions: HashMap<FunctionKey, Function>,
+    /// Requests per function waiting for room in the memory budget (below their own cap).
+    memory_waiters: HashMap<FunctionKey, usize>,
     /// Guest memory of every instance from the decision to start it until it is stopped.
     committed_mib: u64,
     shutting_down: bool,
@@ -255,18 +259,31 @@ impl Attribution {
         }
     }
 
-    /// The request a line read at `time_ms` was printed during: None between requests, and
-    /// None when several requests were in flight together (a web instance's concurrency); a
-    /// tie at one millisecond's boundary goes to the earlier request.
+    /// The request a line read at `time_ms` was printed during: the one in flight then; if
+    /// none was, the last one before (the agent's reader thread can read a request's last lines
+    /// after its response went out); None before the first request, and None when several
+    /// requests were in flight together (a web instance's concurrency). A tie at one
+    /// millisecond's boundary goes to the earlier request.
     fn request_at(&self, time_ms: u64) -> Option<String> {
-        let mut during = self
+        let during: Vec<&Invocation> = self
             .requests
             .iter()
-            .filter(|r| r.sent_ms <= time_ms && r.answered_ms.is_none_or(|a| time_ms <= a));
-        let first = during.next()?;
-        let overlapping = during.any(|r| r.sent_ms < first.answered_ms.unwrap_or(u64::MAX));
-        let tie = first.answered_ms == Some(time_ms);
-        (!overlapping || tie).then(|| first.request_id.clone())
+            .filter(|r| r.sent_ms <= time_ms && r.answered_ms.is_none_or(|a| time_ms <= a))
+            .collect();
+        match during.as_slice() {
+            [] => self
+                .requests
+                .iter()
+                .rev()
+                .find(|r| r.sent_ms <= time_ms)
+                .map(|r| r.request_id.clone()),
+            [only] => Some(only.request_id.clone()),
+            [first, rest @ ..] => {
+                let answered = first.answered_ms.unwrap_or(u64::MAX);
+                let overlapping = rest.iter().any(|r| r.sent_ms < answered);
+                (!overlapping).then(|| first.request_id.clone())
+            }
+        }
     }
 }
 
@@ -554,6 +571,35 @@ impl Drop for Pool {
     }
 }
 
+/// A request counted in `State::memory_waiters` while it waits (also when its future is
+/// dropped mid-wait).
+struct MemoryWaiter {
+    inner: Arc<Inner>,
+    key: FunctionKey,
+}
+
+impl MemoryWaiter {
+    fn new(inner: &Arc<Inner>, key: &FunctionKey) -> Self {
+        *inner.lock().memory_waiters.entry(key.clone()).or_default() += 1;
+        Self {
+            inner: Arc::clone(inner),
+            key: key.clone(),
+        }
+    }
+}
+
+impl Drop for MemoryWaiter {
+    fn drop(&mut self) {
+        let mut st = self.inner.lock();
+        if let Some(n) = st.memory_waiters.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                st.memory_waiters.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// A request's hold on one slot of an instance. Dropping it frees the slot; [`Lease::destroy`]
 /// stops the instance instead.
 struct Lease {
@@ -627,6 +673,15 @@ impl Drop for Lease {
                 retire = true;
             }
         }
+        let idle_now = st
+            .functions
+            .get(key)
+            .and_then(|f| f.entries.iter().find(|e| e.slot.id == self.slot.id))
+            .is_some_and(|e| e.in_flight == 0);
+        if idle_now && !retire && self.inner.over_fair_share(&st, key, 0) {
+            tracing::debug!(function = %key, instance = %self.slot.id, "giving an instance back: other functions wait for memory");
+            retire = true;
+        }
         if retire {
             self.inner.retire(&mut st, key, &self.slot.id);
         }
@@ -695,26 +750,57 @@ impl Inner {
                     .iter()
                     .filter(|e| Arc::ptr_eq(&e.slot.version, &version))
                     .count();
-                if count < version.spec.max_instances.max(1) as usize
+                let below_cap = count < version.spec.max_instances.max(1) as usize;
+                if below_cap
+                    && !self.over_fair_share(&st, key, memory)
                     && self.make_room(&mut st, key, memory)
                 {
                     let slot = self.new_slot(&mut st, key, &version, 1);
                     self.publish(&st);
-                    Some(slot)
+                    Ok(slot)
                 } else {
-                    None
+                    Err(below_cap)
                 }
             };
-            if let Some(slot) = to_start {
-                self.start(Arc::clone(&slot)).await?;
-                self.metrics
-                    .start(&function, StartKind::Boot, asked.elapsed());
-                return Ok(self.lease(slot, request_id));
-            }
+            let waiting_for_memory = match to_start {
+                Ok(slot) => {
+                    self.start(Arc::clone(&slot)).await?;
+                    self.metrics
+                        .start(&function, StartKind::Boot, asked.elapsed());
+                    return Ok(self.lease(slot, request_id));
+                }
+                Err(below_cap) => below_cap,
+            };
+            // Blocked by the budget (not by its own cap): others releasing instances give way.
+            let _registered = waiting_for_memory.then(|| MemoryWaiter::new(self, key));
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(InvokeError::Overloaded);
             }
         }
+    }
+
+    /// Guest memory of the function's instances (all versions, starting or running).
+    fn held_mib(st: &State, key: &FunctionKey) -> u64 {
+        st.functions
+            .get(key)
+            .map_or(0, |f| f.entries.iter().map(|e| e.slot.memory_mib).sum())
+    }
+
+    /// True if other functions wait for budget and `key`, holding `extra` MiB more, would hold
+    /// more than an equal share of the budget among the functions that want memory. This is
+    /// what keeps one busy function from starving the others: over its share it reuses its
+    /// instances but starts no new ones, and gives instances back as their requests end.
+    fn over_fair_share(&self, st: &State, key: &FunctionKey, extra: u64) -> bool {
+        let others = st
+            .memory_waiters
+            .iter()
+            .filter(|(k, n)| *k != key && **n > 0)
+            .count();
+        if others == 0 {
+            return false;
+        }
+        let share = self.cfg.memory_budget_mib / (others as u64 + 1);
+        Self::held_mib(st, key) + extra > share
     }
 
     fn lease(self: &Arc<Self>, slot: Arc<Slot>, request_id: &str) -> Lease {

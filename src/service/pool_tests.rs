@@ -445,25 +445,14 @@ fn the_logs_of_one_request_hold_exactly_its_lines() {
     let _serial = serial();
     runtime().block_on(async {
         let w = world(PoolConfig::default());
-        let v = version("chatty", serde_json::json!({"max_instances": 3}));
+        let v = version("chatty", serde_json::json!({}));
         let key = v.key.clone();
         w.pool.activate(v);
-        let workers: Vec<_> = (0..3)
-            .map(|_| {
-                let pool = Arc::clone(&w.pool);
-                let key = key.clone();
-                tokio::spawn(async move {
-                    let mut rids = Vec::new();
-                    for _ in 0..4 {
-                        rids.push(invoke(&pool, &key, "log 3").await.unwrap().0);
-                    }
-                    rids
-                })
-            })
-            .collect();
+        // Back to back on one warm instance: each request's lines are read by the agent while
+        // the next request may already be on its way.
         let mut rids = Vec::new();
-        for w in workers {
-            rids.extend(w.await.unwrap());
+        for _ in 0..8 {
+            rids.push(invoke(&w.pool, &key, "log 3").await.unwrap().0);
         }
         // Lines trail responses by a moment.
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -477,12 +466,16 @@ fn the_logs_of_one_request_hold_exactly_its_lines() {
                     e.line
                 })
                 .collect();
-            assert_eq!(
-                lines,
-                (1..=3)
-                    .map(|i| format!("line {i} of {rid}"))
-                    .collect::<Vec<_>>()
-            );
+            let want: Vec<String> = (1..=3).map(|i| format!("line {i} of {rid}")).collect();
+            if lines != want {
+                let all: Vec<String> = w
+                    .logs
+                    .query(&key, None, None)
+                    .iter()
+                    .map(|e| format!("{} {} {:?} {}", e.time_ms, e.instance, e.request_id, e.line))
+                    .collect();
+                panic!("{rid}: {lines:?}\nall lines:\n{}", all.join("\n"));
+            }
         }
         let tail = w.logs.query(&key, None, Some(2));
         assert_eq!(tail.len(), 2);
@@ -575,6 +568,10 @@ fn a_line_belongs_to_the_request_in_flight_when_it_was_read() {
     assert_eq!(a.request_at(105).as_deref(), Some("a"));
     assert_eq!(a.request_at(110).as_deref(), Some("a"));
     assert_eq!(a.request_at(111).as_deref(), Some("b"));
+    // Read after b was answered, before anything else was sent: b's trailing line.
+    a.requests[1].answered_ms = Some(112);
+    assert_eq!(a.request_at(115).as_deref(), Some("b"));
+    a.requests[1].answered_ms = None;
     // Two in flight together (a web instance's concurrency): no single owner.
     a.requests.push_back(Invocation {
         request_id: "c".into(),
@@ -671,6 +668,52 @@ fn an_upgrade_to_a_web_function_is_tunnelled_both_ways() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         front.abort();
+        w.pool.shutdown().await;
+    });
+}
+
+#[test]
+fn a_busy_function_gives_memory_back_to_a_waiting_one() {
+    if !is_root() {
+        return;
+    }
+    let _serial = serial();
+    runtime().block_on(async {
+        // Room for two instances; `hog` may have both and has a long backlog.
+        let w = world(PoolConfig {
+            memory_budget_mib: 128,
+            idle_timeout: Duration::from_secs(60),
+            queue_timeout: Duration::from_secs(30),
+        });
+        let hog = version("hog", serde_json::json!({"max_instances": 4}));
+        let other = version("other", serde_json::json!({}));
+        let (hog_key, other_key) = (hog.key.clone(), other.key.clone());
+        w.pool.activate(hog);
+        w.pool.activate(other);
+        let backlog: Vec<_> = (0..16)
+            .map(|_| {
+                let pool = Arc::clone(&w.pool);
+                let key = hog_key.clone();
+                tokio::spawn(async move { invoke(&pool, &key, "sleep 0.4").await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(w.pool.instances(&hog_key).len(), 2);
+        // The backlog takes ~3 s on two instances; the other function gets one much sooner.
+        let started = std::time::Instant::now();
+        let (rid, body) = invoke(&w.pool, &other_key, "hello").await.unwrap();
+        let waited = started.elapsed();
+        assert_eq!(body, format!("ok {rid}"));
+        let still_queued = backlog.iter().filter(|t| !t.is_finished()).count();
+        assert!(
+            still_queued > 0,
+            "the backlog was done before the other function got memory ({waited:?})"
+        );
+        for call in backlog {
+            call.await
+                .unwrap()
+                .expect("the busy function's requests all succeed too");
+        }
         w.pool.shutdown().await;
     });
 }
