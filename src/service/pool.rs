@@ -421,7 +421,7 @@ impl Pool {
         timer: bool,
     ) -> Result<Response<BoxBody>, InvokeError> {
         let lease = self.inner.acquire(key, request_id).await?;
-        let version = Arc::clone(&lease.slot.version);
+        let version = Arc::clone(&lease.settings_from);
         let mut req = Request::builder()
             .method(Method::POST)
             .uri(format!("http://{POOL_AUTHORITY}{EVENT_PATH}"))
@@ -491,7 +491,7 @@ impl Pool {
         req: Request<Incoming>,
     ) -> Result<Response<BoxBody>, InvokeError> {
         let lease = self.inner.acquire(key, request_id).await?;
-        let secs = lease.slot.version.settings.timeout_s.max(1);
+        let secs = lease.settings_from.settings.timeout_s.max(1);
         if is_upgrade(req.headers()) {
             return tunnel(lease, req, secs).await;
         }
@@ -605,6 +605,10 @@ impl Drop for MemoryWaiter {
 struct Lease {
     inner: Arc<Inner>,
     slot: Arc<Slot>,
+    /// The function's active version when the lease was taken: its settings (timeout,
+    /// headers) apply, also on an instance started under an earlier record of the same
+    /// version (a changed timeout or scaling knob keeps the version id).
+    settings_from: Arc<FunctionVersion>,
     request_id: String,
     destroy: bool,
 }
@@ -728,7 +732,7 @@ impl Inner {
                     .filter(|e| {
                         e.phase == Phase::Ready
                             && e.in_flight < per_instance
-                            && Arc::ptr_eq(&e.slot.version, &version)
+                            && e.slot.version.version == version.version
                             && e.slot
                                 .running
                                 .get()
@@ -742,13 +746,13 @@ impl Inner {
                     drop(st);
                     self.metrics
                         .start(&function, StartKind::Warm, asked.elapsed());
-                    return Ok(self.lease(slot, request_id));
+                    return Ok(self.lease(slot, version, request_id));
                 }
                 let memory = u64::from(version.spec.memory_mb);
                 let count = f
                     .entries
                     .iter()
-                    .filter(|e| Arc::ptr_eq(&e.slot.version, &version))
+                    .filter(|e| e.slot.version.version == version.version)
                     .count();
                 let below_cap = count < version.spec.max_instances.max(1) as usize;
                 if below_cap
@@ -767,7 +771,11 @@ impl Inner {
                     self.start(Arc::clone(&slot)).await?;
                     self.metrics
                         .start(&function, StartKind::Boot, asked.elapsed());
-                    return Ok(self.lease(slot, request_id));
+                    return Ok(self.lease(
+                        Arc::clone(&slot),
+                        Arc::clone(&slot.version),
+                        request_id,
+                    ));
                 }
                 Err(below_cap) => below_cap,
             };
@@ -803,7 +811,12 @@ impl Inner {
         Self::held_mib(st, key) + extra > share
     }
 
-    fn lease(self: &Arc<Self>, slot: Arc<Slot>, request_id: &str) -> Lease {
+    fn lease(
+        self: &Arc<Self>,
+        slot: Arc<Slot>,
+        settings_from: Arc<FunctionVersion>,
+        request_id: &str,
+    ) -> Lease {
         slot.attribution
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -811,6 +824,7 @@ impl Inner {
         Lease {
             inner: Arc::clone(self),
             slot,
+            settings_from,
             request_id: request_id.to_string(),
             destroy: false,
         }
@@ -835,7 +849,7 @@ impl Inner {
             let mut spare_ready = f
                 .entries
                 .iter()
-                .filter(|e| e.phase == Phase::Ready && Arc::ptr_eq(&e.slot.version, &f.version))
+                .filter(|e| e.phase == Phase::Ready && e.slot.version.version == f.version.version)
                 .count()
                 .saturating_sub(f.version.spec.provisioned_concurrency as usize);
             let mut idle: Vec<&Entry> = f
@@ -845,7 +859,7 @@ impl Inner {
                 .collect();
             idle.sort_by_key(|e| e.last_used);
             for e in idle {
-                let stale = !Arc::ptr_eq(&e.slot.version, &f.version);
+                let stale = e.slot.version.version != f.version.version;
                 if k == key && !stale {
                     continue;
                 }
@@ -1146,7 +1160,7 @@ fn top_up_provisioned(inner: &Arc<Inner>, key: &FunctionKey) {
         let have = f
             .entries
             .iter()
-            .filter(|e| Arc::ptr_eq(&e.slot.version, &version))
+            .filter(|e| e.slot.version.version == version.version)
             .count();
         let want = (version.spec.provisioned_concurrency as usize)
             .min(version.spec.max_instances.max(1) as usize);
@@ -1204,7 +1218,7 @@ async fn reap(weak: Weak<Inner>) {
                 // The most recently used are the ones kept.
                 idle.sort_by_key(|e| std::cmp::Reverse(e.last_used));
                 for e in idle {
-                    let current = Arc::ptr_eq(&e.slot.version, &f.version);
+                    let current = e.slot.version.version == f.version.version;
                     if current && keep > 0 {
                         keep -= 1;
                         continue;

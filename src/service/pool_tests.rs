@@ -717,3 +717,62 @@ fn a_busy_function_gives_memory_back_to_a_waiting_one() {
         w.pool.shutdown().await;
     });
 }
+
+#[test]
+fn a_new_version_drains_the_old_one_and_remove_stops_everything() {
+    if !is_root() {
+        return;
+    }
+    let _serial = serial();
+    runtime().block_on(async {
+        let w = world(PoolConfig::default());
+        let v1 = version("versions", serde_json::json!({"timeout_s": 10}));
+        let key = v1.key.clone();
+        w.pool.activate(Arc::clone(&v1));
+        invoke(&w.pool, &key, "hello").await.unwrap();
+        // A request in flight on v1 when v2 arrives finishes on v1; then v1's instance goes.
+        let busy = {
+            let pool = Arc::clone(&w.pool);
+            let key = key.clone();
+            tokio::spawn(async move { invoke(&pool, &key, "sleep 0.5").await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut v2 = (*v1).clone();
+        v2.version = "v2".into();
+        w.pool.activate(Arc::new(v2));
+        let (rid, body) = invoke(&w.pool, &key, "hello").await.unwrap();
+        assert_eq!(body, format!("ok {rid}"));
+        busy.await
+            .unwrap()
+            .expect("the request on the old version completes");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let versions: Vec<String> = w
+                .pool
+                .instances(&key)
+                .into_iter()
+                .map(|i| i.version)
+                .collect();
+            if versions == ["v2"] {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{versions:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        w.pool.remove(&key);
+        assert!(w.pool.instances(&key).is_empty());
+        assert!(matches!(
+            invoke(&w.pool, &key, "hello").await.unwrap_err(),
+            InvokeError::NotActive
+        ));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while w.pool.committed_mib() != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "memory still committed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        w.pool.shutdown().await;
+    });
+}
