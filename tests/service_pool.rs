@@ -1,0 +1,297 @@
+//! `fnvm serve`'s instance pool end to end: the real binary, a function image built here (an
+//! OCI layout with busybox and a tiny shell HTTP server), real HTTP clients, the process
+//! sandbox (the pool is the same for the VM sandbox). Needs root.
+//!
+//! One serve process goes through the pool's promises in turn: 32 concurrent invocations scale
+//! out and all succeed; a function past its timeout gets the timeout error and the next call
+//! works; an instance killed mid-request gives a crash error naming it and the next call works;
+//! the logs of one request id hold exactly its lines; idle instances go away after the idle time.
+
+mod run_support;
+mod service_support;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use run_support::oci::{self, Entry, Layer, RunConfigSpec};
+use run_support::{http, serial, static_binary};
+use service_support::Serve;
+
+const FNVM: &str = env!("CARGO_BIN_EXE_fnvm");
+
+/// The function: the event body is a command (`sleep S`, `log N`); it answers `ok <request id>`.
+const HANDLER: &str = r#"#!/bin/sh
+read -r request_line
+len=0
+rid=none
+while read -r h; do
+  h=$(printf '%s' "$h" | tr -d '\r')
+  [ -z "$h" ] && break
+  case "$h" in
+    [Cc]ontent-[Ll]ength:*) len=${h#*: } ;;
+    [Xx]-[Ss]cf-[Rr]equest-[Ii]d:*) rid=${h#*: } ;;
+  esac
+done
+body=$(head -c "$len")
+case "$body" in
+  sleep*) sleep ${body#sleep } ;;
+  log*) n=${body#log }; i=1; while [ $i -le $n ]; do echo "line $i of $rid" >&2; i=$((i+1)); done ;;
+esac
+out="ok $rid"
+printf 'HTTP/1.1 200 OK\r\nContent-Length: %s\r\nConnection: close\r\n\r\n%s' "${#out}" "$out"
+"#;
+
+fn agent() -> &'static Path {
+    static AGENT: OnceLock<PathBuf> = OnceLock::new();
+    AGENT.get_or_init(|| static_binary(Path::new(FNVM), "fnvm-agent", "FNVM_AGENT_BIN"))
+}
+
+/// The handler image as an OCI layout (`oci:DIR:latest`), built once.
+fn handler_image() -> String {
+    let busybox = std::fs::read("/bin/busybox")
+        .expect("/bin/busybox (Debian's busybox-static) is needed for the test image");
+    let mut entries = oci::base_dirs();
+    entries.push(Entry::Dir {
+        path: "bin".into(),
+        mode: 0o755,
+    });
+    entries.push(Entry::File {
+        path: "bin/busybox".into(),
+        mode: 0o755,
+        data: busybox,
+    });
+    for applet in ["sh", "nc", "sleep", "head", "tr", "printf", "echo", "cat"] {
+        entries.push(Entry::Symlink {
+            path: format!("bin/{applet}"),
+            target: "busybox".into(),
+        });
+    }
+    entries.push(Entry::File {
+        path: "handler".into(),
+        mode: 0o755,
+        data: HANDLER.as_bytes().to_vec(),
+    });
+    let config = RunConfigSpec {
+        entrypoint: ["/bin/nc", "-ll", "-p", "9000", "-e", "/handler"]
+            .map(String::from)
+            .to_vec(),
+        env: vec!["PATH=/bin".into()],
+        ..RunConfigSpec::default()
+    };
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("service-pool-images/handler-v1");
+    oci::ensure_layout(&dir, &[Layer::Entries(entries)], &config)
+        .expect("cannot write the handler image")
+}
+
+fn fresh_home(name: &str) -> PathBuf {
+    let home = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&home);
+    std::fs::create_dir_all(&home).unwrap();
+    home
+}
+
+fn get_json(url: &str) -> serde_json::Value {
+    let body = http()
+        .get(url)
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{url}: {e}: {body}"))
+}
+
+/// One invocation: (status, request id header, body).
+fn invoke(serve: &Serve, name: &str, event: &str) -> (u16, String, String) {
+    let mut resp = http()
+        .post(serve.url(&format!(
+            "/v1/namespaces/default/functions/{name}/invocations"
+        )))
+        .send(event)
+        .unwrap();
+    let rid = resp
+        .headers()
+        .get("x-scf-request-id")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let status = resp.status().as_u16();
+    (status, rid, resp.body_mut().read_to_string().unwrap())
+}
+
+fn instances(serve: &Serve, name: &str) -> Vec<serde_json::Value> {
+    get_json(&serve.url(&format!("/v1/namespaces/default/functions/{name}")))["instances"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// SIGKILLs the agent (PID 1 of the sandbox) of `instance_id`.
+fn kill_sandbox(instance_id: &str) {
+    let mut killed = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("--socket-dir") && cmdline.contains(instance_id) {
+            let pid: i32 = entry.file_name().to_string_lossy().parse().unwrap();
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .unwrap();
+            killed += 1;
+        }
+    }
+    assert_eq!(killed, 1, "the agent of {instance_id} was not found");
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_pool_scales_times_out_recovers_attributes_logs_and_reclaims_idle_instances() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: service pool tests need root (the process sandbox)");
+        return;
+    }
+    let _serial = serial();
+    let home = fresh_home("service-pool-home");
+    let mut serve = Serve::start(
+        Path::new(FNVM),
+        &home,
+        agent(),
+        &["--idle-timeout", "2", "--memory-budget", "1024"],
+    );
+    let image = handler_image();
+    let spec = serde_json::json!({
+        "image": image, "memory_mb": 64, "timeout_s": 2, "max_instances": 4,
+    });
+    let put = http()
+        .put(serve.url("/v1/namespaces/default/functions/pool"))
+        .header("Content-Type", "application/json")
+        .send(spec.to_string())
+        .unwrap();
+    assert!(put.status().is_success(), "PUT: {}", put.status());
+    wait_for("the function to be active", Duration::from_secs(60), || {
+        let f = get_json(&serve.url("/v1/namespaces/default/functions/pool"));
+        assert_ne!(f["state"], "failed", "{f}");
+        f["state"] == "active"
+    });
+
+    // 32 concurrent invocations: scale out to several instances (at most 4), all succeed.
+    let calls: Vec<_> = (0..32)
+        .map(|_| {
+            let serve_url = serve.url("");
+            std::thread::spawn(move || {
+                let mut resp = http()
+                    .post(format!(
+                        "{serve_url}/v1/namespaces/default/functions/pool/invocations"
+                    ))
+                    .send("sleep 0.3")
+                    .unwrap();
+                let rid = resp.headers()["x-scf-request-id"]
+                    .to_str()
+                    .unwrap()
+                    .to_string();
+                (
+                    resp.status().as_u16(),
+                    rid,
+                    resp.body_mut().read_to_string().unwrap(),
+                )
+            })
+        })
+        .collect();
+    for call in calls {
+        let (status, rid, body) = call.join().unwrap();
+        assert_eq!((status, body), (200, format!("ok {rid}")));
+    }
+    let scaled = instances(&serve, "pool").len();
+    assert!((2..=4).contains(&scaled), "{scaled} instances");
+    let metrics = http()
+        .get(serve.url("/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains("fnvm_invocations_total{function=\"default/pool\"} 32"),
+        "{metrics}"
+    );
+
+    // Past its timeout: the timeout error, then the next call works on a new instance.
+    let (status, rid, body) = invoke(&serve, "pool", "sleep 10");
+    assert_eq!(status, 504, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "FunctionTimeout", "{v}");
+    assert_eq!(v["error"]["request_id"], rid.as_str());
+    let (status, rid, body) = invoke(&serve, "pool", "hello");
+    assert_eq!((status, body), (200, format!("ok {rid}")));
+
+    // An instance killed mid-request: a crash error naming it, then the next call works.
+    let slow = {
+        let url = serve.url("/v1/namespaces/default/functions/pool/invocations");
+        std::thread::spawn(move || {
+            let mut resp = http().post(url).send("sleep 1.5").unwrap();
+            (
+                resp.status().as_u16(),
+                resp.body_mut().read_to_string().unwrap(),
+            )
+        })
+    };
+    let mut victim = None;
+    wait_for("a busy instance", Duration::from_secs(5), || {
+        victim = instances(&serve, "pool")
+            .into_iter()
+            .find(|i| i["state"] == "busy")
+            .map(|i| i["id"].as_str().unwrap().to_string());
+        victim.is_some()
+    });
+    let victim = victim.unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    kill_sandbox(&victim);
+    let (status, body) = slow.join().unwrap();
+    assert_eq!(status, 502, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "FunctionCrashed", "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains(&victim),
+        "{v}"
+    );
+    let (status, rid, body) = invoke(&serve, "pool", "hello");
+    assert_eq!((status, body), (200, format!("ok {rid}")));
+
+    // The logs of one request id hold exactly that request's lines.
+    let rids: Vec<String> = (0..3).map(|_| invoke(&serve, "pool", "log 3").1).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    for rid in &rids {
+        let logs = get_json(&serve.url(&format!(
+            "/v1/namespaces/default/functions/pool/logs?request_id={rid}"
+        )));
+        let lines: Vec<&str> = logs["logs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["line"].as_str().unwrap())
+            .collect();
+        let want: Vec<String> = (1..=3).map(|i| format!("line {i} of {rid}")).collect();
+        assert_eq!(lines, want, "{logs}");
+    }
+
+    // Idle instances go away after the idle time (2 s here).
+    wait_for(
+        "idle instances to be stopped",
+        Duration::from_secs(15),
+        || instances(&serve, "pool").is_empty(),
+    );
+    serve.stop();
+    let left: Vec<_> = std::fs::read_dir(home.join("instances"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "instance directories left: {left:?}");
+}
