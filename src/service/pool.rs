@@ -420,48 +420,68 @@ impl Pool {
         body: Bytes,
         timer: bool,
     ) -> Result<Response<BoxBody>, InvokeError> {
-        let lease = self.inner.acquire(key, request_id).await?;
-        let version = Arc::clone(&lease.settings_from);
-        let mut req = Request::builder()
-            .method(Method::POST)
-            .uri(format!("http://{POOL_AUTHORITY}{EVENT_PATH}"))
-            .header(hyper::header::HOST, "127.0.0.1:9000")
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header(hyper::header::CONTENT_LENGTH, body.len())
-            .body(Full::new(body).map_err(|never| match never {}).boxed())
-            .map_err(|e| InvokeError::Internal(format!("building the event request: {e}")))?;
-        let headers = req.headers_mut();
-        for (name, value) in scf_headers(&version.settings, request_id) {
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                headers.insert(HeaderName::from_static(name), v);
+        // A warm instance that died since it was picked (before the watcher retired it) is
+        // unreachable before any byte of the event is sent: that one is retried once on
+        // another instance, the event being replayable.
+        let mut attempts_left = 2;
+        loop {
+            attempts_left -= 1;
+            let lease = self.inner.acquire(key, request_id).await?;
+            let version = Arc::clone(&lease.settings_from);
+            let mut req = Request::builder()
+                .method(Method::POST)
+                .uri(format!("http://{POOL_AUTHORITY}{EVENT_PATH}"))
+                .header(hyper::header::HOST, "127.0.0.1:9000")
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .header(hyper::header::CONTENT_LENGTH, body.len())
+                .body(
+                    Full::new(body.clone())
+                        .map_err(|never| match never {})
+                        .boxed(),
+                )
+                .map_err(|e| InvokeError::Internal(format!("building the event request: {e}")))?;
+            let headers = req.headers_mut();
+            for (name, value) in scf_headers(&version.settings, request_id) {
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    headers.insert(HeaderName::from_static(name), v);
+                }
             }
-        }
-        if timer {
-            headers.insert("x-scf-trigger-src", HeaderValue::from_static("Timer"));
-        }
-        let secs = version.settings.timeout_s.max(1);
-        let client = lease.client().clone();
-        let exchange = async {
-            let resp = client.request(req).await.map_err(|e| error_chain(&e))?;
-            let (mut parts, body) = resp.into_parts();
-            let bytes = body
-                .collect()
-                .await
-                .map_err(|e| error_chain(&e))?
-                .to_bytes();
-            strip_hop_by_hop(&mut parts.headers);
-            Ok::<_, String>(Response::from_parts(
-                parts,
-                Full::new(bytes).map_err(|never| match never {}).boxed(),
-            ))
-        };
-        match tokio::time::timeout(Duration::from_secs(u64::from(secs)), exchange).await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(error)) => Err(lease.crashed(error).await),
-            Err(_) => {
-                lease.destroy();
-                Err(InvokeError::Timeout { secs })
+            if timer {
+                headers.insert("x-scf-trigger-src", HeaderValue::from_static("Timer"));
             }
+            let secs = version.settings.timeout_s.max(1);
+            let client = lease.client().clone();
+            let exchange = async {
+                let resp = client
+                    .request(req)
+                    .await
+                    .map_err(|e| (e.is_connect(), error_chain(&e)))?;
+                let (mut parts, body) = resp.into_parts();
+                let bytes = body
+                    .collect()
+                    .await
+                    .map_err(|e| (false, error_chain(&e)))?
+                    .to_bytes();
+                strip_hop_by_hop(&mut parts.headers);
+                Ok::<_, (bool, String)>(Response::from_parts(
+                    parts,
+                    Full::new(bytes).map_err(|never| match never {}).boxed(),
+                ))
+            };
+            return match tokio::time::timeout(Duration::from_secs(u64::from(secs)), exchange).await
+            {
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err((true, error))) if attempts_left > 0 => {
+                    tracing::warn!(function = %key, instance = %lease.slot.id, error, "an instance was unreachable; retrying on another");
+                    lease.destroy();
+                    continue;
+                }
+                Ok(Err((_, error))) => Err(lease.crashed(error).await),
+                Err(_) => {
+                    lease.destroy();
+                    Err(InvokeError::Timeout { secs })
+                }
+            };
         }
     }
 

@@ -776,3 +776,31 @@ fn a_new_version_drains_the_old_one_and_remove_stops_everything() {
         w.pool.shutdown().await;
     });
 }
+
+#[test]
+fn an_unreachable_warm_instance_is_replaced_and_the_event_still_delivered() {
+    if !is_root() {
+        return;
+    }
+    let _serial = serial();
+    runtime().block_on(async {
+        let w = world(PoolConfig::default());
+        let v = version("unreachable", serde_json::json!({}));
+        let key = v.key.clone();
+        w.pool.activate(v);
+        invoke(&w.pool, &key, "hello").await.unwrap();
+        let broken = w.pool.instances(&key)[0].id.clone();
+        // Its port 9000 can no longer be reached, though its processes live on.
+        let socket = crate::sandbox::instances_root(&w.home)
+            .unwrap()
+            .join(&broken)
+            .join("sock/9000.sock");
+        std::fs::remove_file(&socket).unwrap();
+        let (rid, body) = invoke(&w.pool, &key, "hello").await.unwrap();
+        assert_eq!(body, format!("ok {rid}"));
+        let now: Vec<String> = w.pool.instances(&key).into_iter().map(|i| i.id).collect();
+        assert_eq!(now.len(), 1);
+        assert_ne!(now[0], broken);
+        w.pool.shutdown().await;
+    });
+}
