@@ -586,8 +586,32 @@ impl Pool {
 }
 
 impl Drop for Pool {
+    /// A pool dropped without [`Pool::shutdown`] (an error path, a panic) still stops its
+    /// instances: they run in their own sessions and would outlive the service otherwise.
     fn drop(&mut self) {
         self.reaper.abort();
+        let instances: Vec<Arc<dyn Instance>> = {
+            let mut st = self.inner.lock();
+            st.shutting_down = true;
+            st.functions
+                .drain()
+                .flat_map(|(_, f)| f.entries)
+                .filter_map(|e| e.slot.running.get().map(|r| Arc::clone(&r.instance)))
+                .collect()
+        };
+        let stops: Vec<_> = instances
+            .into_iter()
+            .map(|instance| {
+                std::thread::spawn(move || {
+                    if let Err(e) = instance.stop() {
+                        tracing::warn!(instance = instance.id(), error = %e, "stopping an instance failed");
+                    }
+                })
+            })
+            .collect();
+        for stop in stops {
+            let _ = stop.join();
+        }
     }
 }
 

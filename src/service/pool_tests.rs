@@ -139,12 +139,13 @@ fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Fields drop in order: the pool (stopping its instances) before the temporary home goes.
 struct World {
-    _tmp: tempfile::TempDir,
-    home: Home,
     pool: Arc<Pool>,
     logs: Arc<LogStore>,
     metrics: Arc<Metrics>,
+    home: Home,
+    _tmp: tempfile::TempDir,
 }
 
 fn world(cfg: PoolConfig) -> World {
@@ -803,4 +804,44 @@ fn an_unreachable_warm_instance_is_replaced_and_the_event_still_delivered() {
         assert_ne!(now[0], broken);
         w.pool.shutdown().await;
     });
+}
+
+#[test]
+fn a_pool_dropped_without_shutdown_still_stops_its_instances() {
+    if !is_root() {
+        return;
+    }
+    let _serial = serial();
+    let rt = runtime();
+    let w = rt.block_on(async {
+        let w = world(PoolConfig::default());
+        let v = version("dropped", serde_json::json!({"max_instances": 2}));
+        let key = v.key.clone();
+        w.pool.activate(v);
+        let (a, b) = tokio::join!(
+            invoke(&w.pool, &key, "sleep 0.2"),
+            invoke(&w.pool, &key, "sleep 0.2")
+        );
+        a.unwrap();
+        b.unwrap();
+        assert_eq!(w.pool.instances(&key).len(), 2);
+        w
+    });
+    let instances_dir = crate::sandbox::instances_root(&w.home).unwrap();
+    let World { pool, _tmp, .. } = w;
+    drop(pool);
+    let left: Vec<_> = std::fs::read_dir(&instances_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "instances left: {left:?}");
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(
+            !cmdline.contains(&*instances_dir.to_string_lossy()),
+            "process left: {cmdline}"
+        );
+    }
 }
