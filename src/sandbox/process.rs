@@ -22,9 +22,7 @@ use super::instance::{AgentInstance, Teardown};
 use super::loopdev::LoopDevice;
 use super::transport::{unix_port_path, HostTransport};
 use super::writable_layer::WritableLayer;
-use super::{
-    validate_spec, Instance, InstanceSpec, Sandbox, SandboxError, SandboxKind,
-};
+use super::{validate_spec, Instance, InstanceSpec, Sandbox, SandboxError, SandboxKind};
 use crate::home::Home;
 
 /// The one line said when a process sandbox is created.
@@ -33,7 +31,6 @@ pub const ISOLATION_WARNING: &str = "fnvm: warning: the process sandbox shares t
 
 /// How long the agent may take to listen on its control socket.
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the function gets to exit after SIGTERM when the instance is stopped.
 
 pub struct ProcessSandbox {
     home: Home,

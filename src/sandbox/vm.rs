@@ -20,14 +20,11 @@ use super::control::{self, Control, ExitState};
 use super::instance::{AgentInstance, Teardown};
 use super::transport::HostTransport;
 use super::writable_layer::WritableLayer;
-use super::{
-    validate_spec, Instance, InstanceSpec, Sandbox, SandboxError, SandboxKind,
-};
+use super::{validate_spec, Instance, InstanceSpec, Sandbox, SandboxError, SandboxKind};
 use crate::home::Home;
 
 /// How long the guest may take to boot and answer on its control port.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the function gets to exit after SIGTERM when the instance is stopped.
 
 /// The kernel command line: fnvm's defaults plus where the agent finds its disks.
 pub fn guest_cmdline() -> String {

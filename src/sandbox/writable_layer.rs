@@ -99,7 +99,10 @@ fn template(home: &Home) -> Result<PathBuf, SandboxError> {
         return Ok(path);
     }
     // Format into a private name, then rename: a concurrent fnvm never sees half a template.
-    let tmp = dir.join(format!(".template-{}.tmp", std::process::id()));
+    // Unique per call, not only per process: a service starts several first instances at once.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".template-{}-{n}.tmp", std::process::id()));
     let result = format_file(&tmp).and_then(|()| {
         std::fs::rename(&tmp, &path).map_err(|e| {
             SandboxError::setup(format!("cannot rename {} into place", tmp.display()), e)
@@ -314,5 +317,28 @@ mod tests {
         // An existing file is never overwritten.
         assert!(WritableLayer::create(&home, a.path()).is_err());
         assert!(a.path().exists());
+    }
+
+    #[test]
+    fn concurrent_first_layers_of_a_fresh_home_all_succeed() {
+        let (dir, home) = home();
+        let layers: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4)
+                .map(|i| {
+                    let (home, path) = (&home, dir.path().join(format!("layer-{i}")));
+                    scope.spawn(move || WritableLayer::create(home, &path))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for layer in &layers {
+            assert!(layer.is_ok(), "{:?}", layer.as_ref().err());
+        }
+        let leftovers: Vec<_> = std::fs::read_dir(home.root().join("writable-layer"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|name| name.to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 }
