@@ -320,10 +320,11 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// At most this many idle streams are kept.
 const POOL_MAX_IDLE: usize = 64;
 
-/// Opens streams to the function's port 9000 for the pooled client.
+/// Opens streams to the function's port 9000 for a pooled hyper client (`fnvm run` here, one
+/// client per instance in the service's pool).
 #[derive(Clone)]
-struct InstanceConnector {
-    instance: Arc<dyn Instance>,
+pub(crate) struct InstanceConnector {
+    pub(crate) instance: Arc<dyn Instance>,
 }
 
 impl tower_service::Service<hyper::Uri> for InstanceConnector {
@@ -355,7 +356,7 @@ impl tower_service::Service<hyper::Uri> for InstanceConnector {
 }
 
 /// An error and its causes, one level each.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -48,6 +48,7 @@ use super::metrics::{InstanceCounts, Metrics, StartKind};
 use super::model::{FunctionKey, FunctionType, FunctionVersion};
 use crate::function::scf_headers;
 use crate::home::Home;
+use crate::http_front::{error_chain, InstanceConnector};
 use crate::sandbox::{
     instances_root, new_instance_id, Instance, InstanceSpec, LogStream, Sandbox, SandboxError,
 };
@@ -1430,51 +1431,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The pool key of every stream to an instance (each instance has a client of its own).
 const POOL_AUTHORITY: &str = "function";
-
-/// Opens streams to an instance's port 9000 for its pooled client.
-#[derive(Clone)]
-struct InstanceConnector {
-    instance: Arc<dyn Instance>,
-}
-
-impl tower_service::Service<hyper::Uri> for InstanceConnector {
-    type Response = TokioIo<tokio::net::UnixStream>;
-    type Error = std::io::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: hyper::Uri) -> Self::Future {
-        let instance = Arc::clone(&self.instance);
-        Box::pin(async move {
-            // A Unix connect, or a connect plus the vsock CONNECT exchange: short but blocking.
-            let stream = tokio::task::spawn_blocking(move || instance.connect())
-                .await
-                .map_err(std::io::Error::other)??;
-            stream.set_nonblocking(true)?;
-            Ok(TokioIo::new(tokio::net::UnixStream::from_std(stream)?))
-        })
-    }
-}
-
-/// An error and its causes, one level each.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
 
 #[cfg(test)]
 #[path = "pool_tests.rs"]
