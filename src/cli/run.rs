@@ -383,6 +383,10 @@ pub fn run(home: &Home, args: RunArgs) -> Result<ExitCode> {
     settings.env = args.env;
     // Bad settings fail before anything is pulled.
     function::validate(&settings)?;
+    // Instances left by an fnvm that crashed or was killed (processes, mounts, loop devices,
+    // cgroups, files); live instances of other fnvm processes are left alone.
+    let report = sandbox::cleanup_orphans(home).context("cannot clean up orphaned instances")?;
+    tracing::info!(?report, "orphans cleaned up");
     let pulled = pull_image(home, &args.image, &args.registry)?;
     let on_invocation: Option<InvocationHook> = match args.function_type {
         FunctionType::Event => Some(Arc::new(|r: &InvocationRecord| {
