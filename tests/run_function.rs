@@ -592,3 +592,32 @@ fn bad_input_is_refused_with_a_message_naming_what_was_wrong() {
         );
     }
 }
+
+#[test]
+fn instances_left_by_a_killed_fnvm_are_cleaned_up_by_the_next_run() {
+    for sandbox in sandboxes("orphan clean-up after a killed fnvm run") {
+        let _serial = serial();
+        let mut crashed = start(sandbox, busybox(), &["--type", "web"]);
+        crashed.expect_serving();
+        let orphan = crashed.instance_id.clone().expect("an instance id");
+        // SIGKILL: fnvm gets no chance to stop its sandbox.
+        crashed.child.kill().expect("cannot kill fnvm");
+        crashed.child.wait().unwrap();
+        let instance_dirs = std::fs::read_dir(home().join("instances"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().contains(&orphan))
+                    .count()
+            })
+            .unwrap_or(0);
+        assert_eq!(
+            instance_dirs, 1,
+            "a killed fnvm run should leave its instance behind"
+        );
+
+        let next = start(sandbox, busybox(), &["--type", "web"]);
+        next.expect_serving();
+        assert_nothing_left(home(), &orphan, None);
+        stop_and_check(next);
+    }
+}
