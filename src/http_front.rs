@@ -289,7 +289,7 @@ fn web_request(req: Request<Incoming>) -> Request<Incoming> {
 
 /// Removes the headers that describe one connection, not the message (RFC 9110 §7.6.1): each
 /// hop frames bodies and manages connections itself.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let listed: Vec<HeaderName> = headers
         .get_all(hyper::header::CONNECTION)
         .iter()

@@ -48,7 +48,7 @@ use super::metrics::{InstanceCounts, Metrics, StartKind};
 use super::model::{FunctionKey, FunctionType, FunctionVersion};
 use crate::function::scf_headers;
 use crate::home::Home;
-use crate::http_front::{error_chain, InstanceConnector};
+use crate::http_front::{error_chain, strip_hop_by_hop, InstanceConnector};
 use crate::sandbox::{
     instances_root, new_instance_id, Instance, InstanceSpec, LogStream, Sandbox, SandboxError,
 };
@@ -1402,31 +1402,6 @@ async fn tunnel(
             .map_err(|never| match never {})
             .boxed(),
     ))
-}
-
-/// Removes the headers that describe one connection, not the message (RFC 9110 §7.6.1).
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(hyper::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
-    }
-    for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        headers.remove(name);
-    }
 }
 
 /// The pool key of every stream to an instance (each instance has a client of its own).
