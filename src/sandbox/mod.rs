@@ -19,7 +19,7 @@ mod instance;
 pub mod loopdev;
 pub mod process;
 #[cfg(test)]
-mod process_tests;
+pub(crate) mod process_tests;
 pub mod transport;
 pub mod vm;
 pub mod writable_layer;

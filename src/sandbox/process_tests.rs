@@ -26,12 +26,13 @@ fn is_root() -> bool {
     false
 }
 
-fn workspace() -> PathBuf {
+pub(crate) fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The static agent: $FNVM_AGENT_BIN, else built here (a no-op when it is fresh).
-fn agent() -> PathBuf {
+/// The static agent: $FNVM_AGENT_BIN, else built here (a no-op when it is fresh). Shared by
+/// every test of this package that starts a process sandbox.
+pub(crate) fn agent() -> PathBuf {
     static AGENT: OnceLock<PathBuf> = OnceLock::new();
     AGENT
         .get_or_init(|| {

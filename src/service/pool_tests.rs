@@ -57,39 +57,7 @@ fn is_root() -> bool {
     false
 }
 
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The static agent: $FNVM_AGENT_BIN, else built here (a no-op when it is fresh).
-fn agent() -> PathBuf {
-    static AGENT: OnceLock<PathBuf> = OnceLock::new();
-    AGENT
-        .get_or_init(|| {
-            if let Some(explicit) = std::env::var_os("FNVM_AGENT_BIN") {
-                return PathBuf::from(explicit);
-            }
-            let status = Command::new(env!("CARGO"))
-                .args([
-                    "build",
-                    "--release",
-                    "-p",
-                    "fnvm-agent",
-                    "--target",
-                    "x86_64-unknown-linux-gnu",
-                ])
-                .env("RUSTFLAGS", "-C target-feature=+crt-static")
-                .current_dir(workspace())
-                .status()
-                .expect("cargo runs");
-            assert!(status.success(), "building the static agent failed");
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| workspace().join("target"));
-            target.join("x86_64-unknown-linux-gnu/release/fnvm-agent")
-        })
-        .clone()
-}
+use crate::sandbox::process_tests::{agent, workspace};
 
 /// The busybox rootfs with the handler, built once per test run (ext4 via mkfs.ext4 -d).
 fn rootfs() -> PathBuf {
