@@ -7,12 +7,32 @@ use std::time::Duration;
 
 use fnvm_agent::protocol::FUNCTION_PORT;
 
+use super::cleanup::{InstanceRecord, ProcessId};
 use super::control::{Control, ExitState};
 use super::transport::HostTransport;
+use super::writable_layer::WritableLayer;
 use super::{ExitReport, Instance, SandboxError};
+use crate::home::Home;
 
 /// How long the function gets between the agent's SIGTERM and SIGKILL on stop.
 const STOP_GRACE: Duration = Duration::from_millis(500);
+
+/// The first steps of every start: the instance directory records its owner (so orphan
+/// clean-up can tell a live instance from one left by a crashed fnvm), then the instance's
+/// writable layer is created in it. The record is returned for the sandbox to complete (its
+/// processes and cgroup) as it starts them.
+pub(super) fn prepare_instance_dir(
+    home: &Home,
+    dir: &std::path::Path,
+) -> Result<(InstanceRecord, WritableLayer), SandboxError> {
+    let record = InstanceRecord {
+        owner: Some(ProcessId::current()),
+        ..Default::default()
+    };
+    record.save(dir)?;
+    let layer = WritableLayer::create(home, &dir.join("writable.ext4"))?;
+    Ok((record, layer))
+}
 
 /// What a sandbox removes when its instance stops: processes, mounts, devices, files.
 pub(super) trait Teardown: Send {

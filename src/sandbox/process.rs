@@ -16,9 +16,9 @@ use fnvm_agent::protocol::FUNCTION_PORT;
 
 use super::cgroup::{Cgroup, Hierarchy};
 use super::child::{ended_reason, SandboxChild};
-use super::cleanup::{cgroup_prefix, InstanceRecord, ProcessId};
+use super::cleanup::{cgroup_prefix, ProcessId};
 use super::control::{self, Control, ExitState};
-use super::instance::{AgentInstance, Teardown};
+use super::instance::{prepare_instance_dir, AgentInstance, Teardown};
 use super::loopdev::LoopDevice;
 use super::transport::{unix_port_path, HostTransport};
 use super::writable_layer::WritableLayer;
@@ -120,16 +120,8 @@ impl ProcessSandbox {
         parts: &mut Parts,
     ) -> Result<Arc<ExitState>, SandboxError> {
         let dir = &spec.instance_dir;
-        let mut record = InstanceRecord {
-            owner: Some(ProcessId::current()),
-            ..Default::default()
-        };
-        record.save(dir)?;
-
-        let layer = parts.layer.insert(WritableLayer::create(
-            &self.home,
-            &dir.join("writable.ext4"),
-        )?);
+        let (mut record, layer) = prepare_instance_dir(&self.home, dir)?;
+        let layer = parts.layer.insert(layer);
         let writable_path = layer.path().to_path_buf();
         let rootfs = parts
             .loops

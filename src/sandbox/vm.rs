@@ -15,9 +15,9 @@ use fnvm_vmm::host::HostCapabilities;
 use fnvm_vmm::vm::DEFAULT_CMDLINE;
 
 use super::child::{ended_reason, SandboxChild};
-use super::cleanup::{InstanceRecord, ProcessId};
+use super::cleanup::ProcessId;
 use super::control::{self, Control, ExitState};
-use super::instance::{AgentInstance, Teardown};
+use super::instance::{prepare_instance_dir, AgentInstance, Teardown};
 use super::transport::HostTransport;
 use super::writable_layer::WritableLayer;
 use super::{validate_spec, Instance, InstanceSpec, Sandbox, SandboxError, SandboxKind};
@@ -176,15 +176,8 @@ impl VmSandbox {
         parts: &mut VmParts,
     ) -> Result<Arc<ExitState>, SandboxError> {
         let dir = &spec.instance_dir;
-        let mut record = InstanceRecord {
-            owner: Some(ProcessId::current()),
-            ..Default::default()
-        };
-        record.save(dir)?;
-        let layer = parts.layer.insert(WritableLayer::create(
-            &self.home,
-            &dir.join("writable.ext4"),
-        )?);
+        let (mut record, layer) = prepare_instance_dir(&self.home, dir)?;
+        let layer = parts.layer.insert(layer);
         let args = self.vmm_args(spec, layer.path(), vsock);
 
         let exit = ExitState::new(|| None);
