@@ -219,7 +219,9 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     vcpu_count: u8,
     irqchip: bool,
-    supported_cpuid: CpuId,
+    /// What KVM can offer the guest, asked only when vCPUs are configured for a boot (a
+    /// restore sets the snapshot's CPUID instead, so it skips the 0.4 ms ioctl).
+    supported_cpuid: Option<CpuId>,
     pio: Bus,
     mmio: Bus,
     event_loop: EventLoop,
@@ -232,8 +234,6 @@ pub struct Vm {
     /// Interrupt lines kept alive for the VM's lifetime.
     irq_lines: Vec<Arc<EventFd>>,
     loaded: Option<(BootEntry, bool)>,
-    /// The memory-slot registration still in flight (see [`register_memory_in_background`]).
-    memslots: Option<JoinHandle<Result<(), VmError>>>,
     /// Event sources silenced while the VM is paused.
     device_tokens: Vec<Token>,
     control: Option<ControlChannel>,
@@ -257,7 +257,22 @@ impl Vm {
         legacy: Option<(&SerialDeviceState, &I8042State)>,
     ) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        Self::build_with(kvm, config, mem, legacy)
+    }
+
+    fn build_with(
+        kvm: Kvm,
+        config: VmConfig,
+        mem: GuestMemory,
+        legacy: Option<(&SerialDeviceState, &I8042State)>,
+    ) -> Result<Self, VmError> {
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        // Memory slots go in first, before anything else touches the VM's SRCU: each slot
+        // change waits for an SRCU grace period, which is immediate on a fresh VM but, once
+        // KVM_CREATE_IRQCHIP has queued its own (non-expedited, one-jiffy-delayed) grace
+        // period, waits for that one too: 4-8 ms at HZ=250, measured. The TSS address (a
+        // private memory slot on VMX) likewise.
+        register_memory(&fd, &mem)?;
         fd.set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         if config.irqchip {
@@ -269,13 +284,6 @@ impl Vm {
             };
             fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
         }
-        // Registering a memory slot waits for an SRCU grace period in the host kernel (several
-        // ms, whatever the size): do it on a helper thread while the rest of the VM is built,
-        // and wait for it before the first KVM_RUN.
-        let memslots = register_memory_in_background(&kvm, &fd, &mem)?;
-        let supported_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for id in 0..config.vcpus {
             let vcpu_fd = fd
@@ -437,7 +445,7 @@ impl Vm {
             vcpus,
             vcpu_count: config.vcpus,
             irqchip: config.irqchip,
-            supported_cpuid,
+            supported_cpuid: None,
             pio,
             mmio: Bus::new(),
             event_loop,
@@ -449,7 +457,6 @@ impl Vm {
             virtio: Vec::new(),
             irq_lines: vm_irq_lines,
             loaded: None,
-            memslots: Some(memslots),
             device_tokens,
             control: Some(ControlChannel::new().map_err(io_err("control eventfd"))?),
             api: None,
@@ -487,7 +494,6 @@ impl Vm {
     pub fn restore(config: RestoreConfig) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let here = snapshot::host_identity(&kvm)?;
-        drop(kvm);
         let loaded = snapshot::load(&config.dir, &here)?;
         let state = &loaded.state;
         let vcpus = u8::try_from(state.vcpus.len())
@@ -502,7 +508,7 @@ impl Vm {
             console_input: config.console_input,
             irqchip: state.irqchip,
         };
-        let mut vm = Self::build(vm_config, mem, Some((&state.serial, &state.i8042)))?;
+        let mut vm = Self::build_with(kvm, vm_config, mem, Some((&state.serial, &state.i8042)))?;
         for (index, slot) in state.virtio.iter().enumerate() {
             let path = match &slot.device {
                 crate::devices::virtio::VirtioDeviceState::Block(b) => {
@@ -524,8 +530,6 @@ impl Vm {
             };
             vm.restore_virtio_slot(index, slot, path)?;
         }
-        // Memory registration (an SRCU grace period per slot) goes on in the background while
-        // the vCPU and irqchip state is put back; run() waits for it before the first KVM_RUN.
         for (vcpu, saved) in vm.vcpus.iter().zip(&state.vcpus) {
             vcpu.restore_state(saved, state.irqchip)?;
         }
@@ -802,9 +806,17 @@ impl Vm {
             .join(" ")
     }
 
-    fn configure_vcpus(&self, entry: &BootEntry, all_at_entry: bool) -> Result<(), VmError> {
+    fn configure_vcpus(&mut self, entry: &BootEntry, all_at_entry: bool) -> Result<(), VmError> {
+        let supported = match self.supported_cpuid.take() {
+            Some(cpuid) => cpuid,
+            None => self
+                .kvm
+                .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?,
+        };
+        let supported = &*self.supported_cpuid.insert(supported);
         for vcpu in &self.vcpus {
-            vcpu.configure_common(&self.supported_cpuid, self.vcpu_count, self.irqchip)?;
+            vcpu.configure_common(supported, self.vcpu_count, self.irqchip)?;
             if vcpu.id() == 0 || all_at_entry {
                 vcpu.configure_entry(&self.mem, entry)?;
             }
@@ -856,20 +868,6 @@ impl Vm {
         Ok(entry)
     }
 
-    /// Waits until guest memory is registered with KVM (done in the background by
-    /// [`Vm::new`]); needed before the vCPUs run or anything reads guest memory through KVM.
-    pub fn wait_for_memory(&mut self) -> Result<(), VmError> {
-        match self.memslots.take() {
-            Some(handle) => handle.join().unwrap_or_else(|_| {
-                Err(VmError::Io {
-                    what: "memory registration thread",
-                    source: io::Error::other("panicked"),
-                })
-            }),
-            None => Ok(()),
-        }
-    }
-
     /// Ends the VM with [`VmExit::Stopped`] after `after` unless it ended before.
     pub fn stop_after(&mut self, after: Duration) -> Result<(), VmError> {
         let mut timer = TimerFd::new().map_err(timer_err)?;
@@ -896,7 +894,6 @@ impl Vm {
         if self.loaded.take().is_none() && restored.is_none() {
             return Err(VmError::NothingLoaded);
         }
-        self.wait_for_memory()?;
         install_kick_handler();
         let shared_pio = Arc::new(std::mem::take(&mut self.pio));
         let shared_mmio = Arc::new(std::mem::take(&mut self.mmio));
@@ -997,14 +994,8 @@ impl Vm {
     }
 }
 
-/// Registers every guest memory region as a KVM memory slot on a new thread, through a
-/// duplicate of the VM fd (the original stays with the [`Vm`]).
-fn register_memory_in_background(
-    kvm: &Kvm,
-    fd: &VmFd,
-    mem: &GuestMemory,
-) -> Result<JoinHandle<Result<(), VmError>>, VmError> {
-    let mut regions = Vec::new();
+/// Registers every guest memory region as a KVM memory slot.
+fn register_memory(fd: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host_addr = mem
             .get_host_address(region.start_addr())
@@ -1012,40 +1003,18 @@ fn register_memory_in_background(
                 what: "guest memory host address",
                 source: io::Error::other(e.to_string()),
             })?;
-        regions.push(kvm_userspace_memory_region {
+        let r = kvm_userspace_memory_region {
             slot: slot as u32,
             flags: 0,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host_addr as u64,
-        });
+        };
+        // SAFETY: the region is a live mmap owned by `mem`, which the Vm keeps for as long as
+        // the VM (and so the memory slot) exists.
+        unsafe { fd.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
-    // SAFETY: dup() of an fd we own; the result is checked before use.
-    let dup = unsafe { libc::dup(fd.as_raw_fd()) };
-    if dup < 0 {
-        return Err(VmError::Io {
-            what: "dup of the VM fd",
-            source: io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: `dup` is a fresh fd for this VM that nothing else owns; the VmFd closes it.
-    let vm = unsafe { kvm.create_vmfd_from_rawfd(dup) }.map_err(kvm_err("VM fd duplicate"))?;
-    // Keep the mappings alive on the thread too, so they outlive the registration whatever
-    // happens to the Vm meanwhile.
-    let mem = mem.clone();
-    std::thread::Builder::new()
-        .name("memslots".into())
-        .spawn(move || {
-            for r in regions {
-                // SAFETY: the region is a live mmap owned by `mem` (and by the Vm, which keeps
-                // it for as long as the VM, and so the memory slot, exists).
-                unsafe { vm.set_user_memory_region(r) }
-                    .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-            }
-            drop(mem);
-            Ok(())
-        })
-        .map_err(io_err("spawning the memory registration thread"))
+    Ok(())
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
