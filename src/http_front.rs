@@ -66,6 +66,8 @@ pub struct InvocationRecord {
     pub status: StatusCode,
     /// Until the response head arrived.
     pub duration: Duration,
+    /// The first invocation of a snapshot-started instance: how its restore went.
+    pub restore: Option<crate::sandbox::RestoreReport>,
 }
 
 /// The front of one function instance.
@@ -78,6 +80,8 @@ pub struct Front {
     settings: FunctionSettings,
     function_type: FunctionType,
     on_invocation: Option<InvocationHook>,
+    /// Set by the first reply: the restore is measured once, at that point.
+    first_reply_seen: std::sync::atomic::AtomicBool,
 }
 
 impl Front {
@@ -99,6 +103,7 @@ impl Front {
             settings,
             function_type,
             on_invocation: None,
+            first_reply_seen: Default::default(),
         }
     }
 
@@ -161,13 +166,28 @@ impl Front {
         if let Ok(v) = HeaderValue::from_str(&request_id) {
             response.headers_mut().insert(REQUEST_ID_HEADER, v);
         }
+        let duration = started.elapsed();
+        let restore = if self
+            .first_reply_seen
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            None
+        } else {
+            // Reads /proc and asks the VMM: off the async workers. Logged by the instance.
+            let instance = Arc::clone(&self.instance);
+            tokio::task::spawn_blocking(move || instance.restore_report())
+                .await
+                .ok()
+                .flatten()
+        };
         if let Some(report) = &self.on_invocation {
             report(&InvocationRecord {
                 request_id,
                 method,
                 path,
                 status: response.status(),
-                duration: started.elapsed(),
+                duration,
+                restore,
             });
         }
         response
@@ -452,6 +472,15 @@ mod tests {
         }
         fn stop(&self) -> Result<(), crate::sandbox::SandboxError> {
             Ok(())
+        }
+        fn start_info(&self) -> crate::sandbox::StartInfo {
+            crate::sandbox::StartInfo {
+                kind: crate::sandbox::ColdStart::Boot,
+                note: None,
+            }
+        }
+        fn restore_report(&self) -> Option<crate::sandbox::RestoreReport> {
+            None
         }
     }
 

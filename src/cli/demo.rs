@@ -1,8 +1,9 @@
 //! `fnvm demo`: the embedded default. Builds the bundled example function's image
 //! (examples/hello, packed into an OCI layout under the home), runs it with the machinery of
 //! `fnvm run` in the default sandbox, invokes it as an event twice (the first invocation after
-//! the start, then a warm one), prints the replies, the function's log lines and the timings,
-//! and stops cleanly.
+//! the start, then a warm one), and stops it. In the vm sandbox that first start also writes
+//! the example's snapshot, and a second instance is started from it and invoked. Prints the
+//! replies, the function's log lines and the boot / snapshot / warm timings.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -41,7 +42,7 @@ pub fn run(home: &Home, args: DemoArgs) -> Result<ExitCode> {
     // line about each invocation before it stops.
     let logs: Arc<(Mutex<Vec<String>>, Condvar)> = Arc::default();
     let sink = Arc::clone(&logs);
-    let on_log = Arc::new(move |line: LogLine| {
+    let on_log: Arc<dyn Fn(LogLine) + Send + Sync> = Arc::new(move |line: LogLine| {
         run::print_log_line(&line);
         let (lines, changed) = &*sink;
         lines
@@ -51,61 +52,126 @@ pub fn run(home: &Home, args: DemoArgs) -> Result<ExitCode> {
         changed.notify_all();
     });
     eprintln!("fnvm demo: starting it in the {kind} sandbox");
-    let session = match run::launch(
-        home,
-        &pulled,
-        LaunchOptions {
-            kind,
-            settings: FunctionSettings::local("hello"),
-            function_type: FunctionType::Event,
-            listen: "127.0.0.1:0".parse().expect("a valid address"),
-            on_log,
-            on_invocation: None,
-        },
-    ) {
+    // In a VM the first start boots and writes the example's snapshot (unless an earlier demo
+    // did), and a second instance then starts from that snapshot.
+    let snapshots = kind == SandboxKind::Vm;
+    let options = |on_log| LaunchOptions {
+        kind,
+        settings: FunctionSettings::local("hello"),
+        function_type: FunctionType::Event,
+        listen: "127.0.0.1:0".parse().expect("a valid address"),
+        on_log,
+        on_invocation: None,
+        snapshot: snapshots,
+    };
+    let session = match run::launch(home, &pulled, options(on_log.clone())) {
         Ok(s) => s,
         Err(e) => return run::report_launch_error(e),
     };
+    let first_start = Started::of(&session, kind);
     eprintln!(
-        "fnvm demo: started in {} ms ({}, {kind} sandbox); invoking it on http://{}",
-        session.start_time.as_millis(),
-        run::start_kind_label(kind),
+        "fnvm demo: started in {:.1} ms ({}, {kind} sandbox); invoking it on http://{}",
+        ms(first_start.time),
+        first_start.label,
         session.addr
     );
-
-    let start_time = session.start_time;
+    if let Some(note) = &first_start.note {
+        eprintln!("fnvm demo: {note}");
+    }
     let outcome = invoke_twice(session.addr, &logs);
     let stopped = session.stop();
     let (first, warm) = outcome?;
     stopped?;
+
+    let second = if snapshots {
+        eprintln!("fnvm demo: starting a second instance from the snapshot");
+        let session = match run::launch(home, &pulled, options(on_log)) {
+            Ok(s) => s,
+            Err(e) => return run::report_launch_error(e),
+        };
+        let started = Started::of(&session, kind);
+        if let Some(note) = &started.note {
+            eprintln!("fnvm demo: {note}");
+        }
+        let reply = invoke(session.addr, EVENT).and_then(|r| {
+            if r.status != 200 {
+                bail!(
+                    "the restored function answered {}: {}",
+                    r.status,
+                    r.body.trim_end()
+                );
+            }
+            wait_for_log(&logs, &r.request_id, Duration::from_secs(2));
+            Ok(r)
+        });
+        let restore = session.instance.restore_report();
+        let stopped = session.stop();
+        let reply = reply?;
+        stopped?;
+        Some((started, reply, restore))
+    } else {
+        None
+    };
 
     println!();
     println!("reply ({} {}):", first.status, first.request_id);
     println!("  {}", first.body.trim_end());
     println!();
     println!("timings ({kind} sandbox)");
-    println!(
-        "  {:<28} {:>9.1} ms",
-        format!("{}:", run::start_kind_label(kind)),
-        ms(start_time)
+    let row = |label: &str, value: String| println!("  {:<34} {value}", format!("{label}:"));
+    row(
+        first_start.label,
+        format!("{:>9.1} ms", ms(first_start.time)),
     );
-    println!(
-        "  {:<28} {}",
-        "snapshot start:",
-        match kind {
-            SandboxKind::Vm => "not measured (snapshots are not wired into run yet)",
-            SandboxKind::Process => "n/a (the process sandbox has no snapshots)",
+    row(
+        "  first invocation",
+        format!("{:>9.2} ms", ms(first.elapsed)),
+    );
+    row("  warm invocation", format!("{:>9.2} ms", ms(warm.elapsed)));
+    match &second {
+        Some((started, reply, restore)) => {
+            row(started.label, format!("{:>9.1} ms", ms(started.time)));
+            row(
+                "  first invocation",
+                format!("{:>9.2} ms", ms(reply.elapsed)),
+            );
+            if let Some(r) = restore {
+                row(
+                    "  VMM start → guest resumed",
+                    format!("{:>9.2} ms", r.resume_ms),
+                );
+                row(
+                    "  guest pages faulted in",
+                    format!("{:>9} before the first reply", r.pages_faulted),
+                );
+            }
         }
-    );
-    println!(
-        "  {:<28} {:>9.2} ms",
-        "first invocation:",
-        ms(first.elapsed)
-    );
-    println!("  {:<28} {:>9.2} ms", "warm invocation:", ms(warm.elapsed));
+        None => row(
+            "snapshot start",
+            "n/a (the process sandbox has no snapshots)".into(),
+        ),
+    }
     println!();
-    println!("stopped; the instance and its writable layer are removed");
+    println!("stopped; the instances and their writable layers are removed");
     Ok(ExitCode::SUCCESS)
+}
+
+/// How a demo instance started.
+struct Started {
+    label: &'static str,
+    time: Duration,
+    note: Option<String>,
+}
+
+impl Started {
+    fn of(session: &run::Session, kind: SandboxKind) -> Self {
+        let info = session.instance.start_info();
+        Started {
+            label: run::start_kind_label(kind, &info),
+            time: session.start_time,
+            note: info.note,
+        }
+    }
 }
 
 struct Reply {

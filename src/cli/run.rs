@@ -59,6 +59,10 @@ pub struct RunArgs {
     /// The function's name (SCF_FUNCTIONNAME, X-Scf-Name).
     #[arg(long, default_value = "fnvm-run")]
     pub name: String,
+    /// Snapshot start (vm sandbox): restore this function version's snapshot if there is one,
+    /// else boot and snapshot the instance once its server listens, for the next run.
+    #[arg(long)]
+    pub snapshot: bool,
     #[command(flatten)]
     pub registry: RegistryArgs,
 }
@@ -155,6 +159,8 @@ pub struct LaunchOptions {
     pub listen: SocketAddr,
     pub on_log: Arc<dyn Fn(LogLine) + Send + Sync>,
     pub on_invocation: Option<InvocationHook>,
+    /// Use (and write) the function version's snapshot: vm sandbox only.
+    pub snapshot: bool,
 }
 
 /// Why a launch failed: the sandbox's own error (with the function's last lines), or anything
@@ -208,6 +214,7 @@ pub fn launch(
         start,
         memory_mib: opts.settings.memory_mib,
         instance_dir,
+        snapshot: opts.snapshot,
         on_log: opts.on_log,
     };
     // The sandbox's start cannot be cut short: say so if Ctrl-C comes while it runs.
@@ -366,11 +373,35 @@ pub fn report_launch_error(err: LaunchError) -> Result<ExitCode> {
 }
 
 /// `vm` → "boot start" (no snapshots yet); `process` → "cold start".
-pub fn start_kind_label(kind: SandboxKind) -> &'static str {
-    match kind {
-        SandboxKind::Vm => "boot start",
-        SandboxKind::Process => "cold start",
+/// How an instance's start is called: in a VM a boot or a snapshot start; the process sandbox
+/// only has one kind of cold start.
+pub fn start_kind_label(kind: SandboxKind, start: &sandbox::StartInfo) -> &'static str {
+    match (kind, start.kind) {
+        (SandboxKind::Vm, sandbox::ColdStart::Snapshot) => "snapshot start",
+        (SandboxKind::Vm, sandbox::ColdStart::Boot) => "boot start",
+        (SandboxKind::Process, _) => "cold start",
     }
+}
+
+/// Refuses `--snapshot` where it cannot work, naming why.
+pub fn check_snapshot_option(kind: SandboxKind, snapshot: bool) -> Result<()> {
+    if snapshot && kind != SandboxKind::Vm {
+        bail!(
+            "--snapshot needs the vm sandbox (snapshots are of micro-VMs); this run uses the \
+             {kind} sandbox{}",
+            if sandbox::default_kind() == SandboxKind::Process {
+                " because this host has no hardware virtualization (VMX/SVM)"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Prints how a restore went (the first invocation of a snapshot start).
+pub fn print_restore(report: &sandbox::RestoreReport) {
+    eprintln!("fnvm: snapshot start: {report}");
 }
 
 pub fn run(home: &Home, args: RunArgs) -> Result<ExitCode> {
@@ -383,6 +414,7 @@ pub fn run(home: &Home, args: RunArgs) -> Result<ExitCode> {
     settings.env = args.env;
     // Bad settings fail before anything is pulled.
     function::validate(&settings)?;
+    check_snapshot_option(kind, args.snapshot)?;
     // Instances left by an fnvm that crashed or was killed (processes, mounts, loop devices,
     // cgroups, files); live instances of other fnvm processes are left alone.
     let report = sandbox::cleanup_orphans(home).context("cannot clean up orphaned instances")?;
@@ -397,9 +429,16 @@ pub fn run(home: &Home, args: RunArgs) -> Result<ExitCode> {
                 r.path,
                 r.status.as_u16(),
                 r.duration.as_secs_f64() * 1000.0
-            )
+            );
+            if let Some(restore) = &r.restore {
+                print_restore(restore);
+            }
         })),
-        FunctionType::Web => None,
+        FunctionType::Web => Some(Arc::new(|r: &InvocationRecord| {
+            if let Some(restore) = &r.restore {
+                print_restore(restore);
+            }
+        })),
     };
     eprintln!("fnvm: starting {} in the {kind} sandbox", args.image);
     let session = match launch(
@@ -412,18 +451,23 @@ pub fn run(home: &Home, args: RunArgs) -> Result<ExitCode> {
             listen: args.listen,
             on_log: Arc::new(|l: LogLine| print_log_line(&l)),
             on_invocation,
+            snapshot: args.snapshot,
         },
     ) {
         Ok(s) => s,
         Err(e) => return report_launch_error(e),
     };
+    let start = session.instance.start_info();
     eprintln!(
         "fnvm: started in {} ms ({}, {} sandbox), instance {}",
         session.start_time.as_millis(),
-        start_kind_label(session.kind),
+        start_kind_label(session.kind, &start),
         session.kind,
         session.instance.id()
     );
+    if let Some(note) = &start.note {
+        eprintln!("fnvm: {note}");
+    }
     let how = match args.function_type {
         FunctionType::Event => "POST invokes the function",
         FunctionType::Web => "requests pass through to the function",

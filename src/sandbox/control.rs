@@ -144,6 +144,11 @@ pub struct Control {
 /// Whether the sandbox is still alive: `Some(why not)` once it has died.
 pub type Liveness<'a> = &'a dyn Fn() -> Option<(Option<i32>, Option<i32>, String)>;
 
+/// How long a restored agent may take to answer Refresh: it is running already.
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Host entropy sent to a restored guest.
+const REFRESH_ENTROPY_BYTES: usize = 64;
+
 /// Connects to the agent, starts the function and waits until it is ready or has failed.
 /// `connect_timeout` bounds how long the agent may take to come up (a VM boots first).
 pub fn start(
@@ -153,6 +158,83 @@ pub fn start(
     exit: Arc<ExitState>,
     dead: Liveness<'_>,
     connect_timeout: Duration,
+) -> Result<Control, SandboxError> {
+    let wait = Duration::from_millis(spec.ready_timeout_ms) + READY_SLACK;
+    converse(
+        transport,
+        &HostMessage::Start(spec.clone()),
+        on_log,
+        exit,
+        dead,
+        connect_timeout,
+        wait,
+    )
+}
+
+/// Reconnects to the agent of a VM restored from a snapshot (its function is running and was
+/// ready when the snapshot was taken): Hello, then Refresh with fresh host entropy and the
+/// host's time, so no two restored instances share RNG state or a stale clock. Returns once
+/// the agent has applied it.
+pub fn resume(
+    transport: &HostTransport,
+    on_log: Arc<dyn Fn(LogLine) + Send + Sync>,
+    exit: Arc<ExitState>,
+    dead: Liveness<'_>,
+    connect_timeout: Duration,
+) -> Result<Control, SandboxError> {
+    converse(
+        transport,
+        &refresh_message()?,
+        on_log,
+        exit,
+        dead,
+        connect_timeout,
+        REFRESH_TIMEOUT,
+    )
+}
+
+/// A Refresh carrying host entropy (getrandom) and the host's wall-clock time.
+pub fn refresh_message() -> Result<HostMessage, SandboxError> {
+    let mut entropy = [0u8; REFRESH_ENTROPY_BYTES];
+    let mut filled = 0;
+    while filled < entropy.len() {
+        // SAFETY: getrandom writes at most `len - filled` bytes into the array's tail.
+        let n = unsafe {
+            libc::getrandom(
+                entropy[filled..].as_mut_ptr().cast(),
+                entropy.len() - filled,
+                0,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(SandboxError::setup("cannot read host entropy", e));
+        }
+        filled += n as usize;
+    }
+    let unix_time_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default();
+    Ok(HostMessage::Refresh {
+        entropy_hex: hex::encode(entropy),
+        unix_time_ns,
+    })
+}
+
+/// Connect, Hello, send `request` (Start or Refresh), then hand the stream to the reader thread
+/// and wait up to `wait` for the request's outcome (Ready or Refreshed, or a failure).
+fn converse(
+    transport: &HostTransport,
+    request: &HostMessage,
+    on_log: Arc<dyn Fn(LogLine) + Send + Sync>,
+    exit: Arc<ExitState>,
+    dead: Liveness<'_>,
+    connect_timeout: Duration,
+    wait: Duration,
 ) -> Result<Control, SandboxError> {
     let stream = connect_control(transport, &exit, dead, connect_timeout)?;
     let agent_error =
@@ -198,8 +280,8 @@ pub fn start(
     stream
         .set_read_timeout(None)
         .map_err(|e| agent_error("cannot set up the control stream", &e))?;
-    protocol::write_message(&mut writer, &HostMessage::Start(spec.clone()))
-        .map_err(|e| agent_error("cannot send Start to the agent", &e))?;
+    protocol::write_message(&mut writer, request)
+        .map_err(|e| agent_error("cannot send a request to the agent", &e))?;
 
     let (tx, rx) = mpsc::sync_channel(1);
     let reader_exit = exit.clone();
@@ -212,7 +294,6 @@ pub fn start(
         reader: Mutex::new(Some(reader)),
     };
 
-    let wait = Duration::from_millis(spec.ready_timeout_ms) + READY_SLACK;
     match rx.recv_timeout(wait) {
         Ok(Startup::Ready) => Ok(control),
         // The agent sends StartFailed before Exited: when the function itself ended, report
@@ -375,7 +456,9 @@ fn read_loop(
                 tracing::warn!("agent error: {message}");
                 outcome(Startup::Failed(SandboxError::Agent(message)));
             }
-            AgentMessage::Hello { .. } | AgentMessage::Refreshed => {
+            // A restored instance is ready again once its agent applied the Refresh.
+            AgentMessage::Refreshed => outcome(Startup::Ready),
+            AgentMessage::Hello { .. } => {
                 tracing::debug!("control message {message:?}");
             }
         }

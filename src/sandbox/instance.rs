@@ -11,7 +11,7 @@ use super::cleanup::{InstanceRecord, ProcessId};
 use super::control::{Control, ExitState};
 use super::transport::HostTransport;
 use super::writable_layer::WritableLayer;
-use super::{ExitReport, Instance, SandboxError};
+use super::{ExitReport, Instance, RestoreReport, SandboxError, StartInfo};
 use crate::home::Home;
 
 /// How long the function gets between the agent's SIGTERM and SIGKILL on stop.
@@ -19,18 +19,23 @@ const STOP_GRACE: Duration = Duration::from_millis(500);
 
 /// The first steps of every start: the instance directory records its owner (so orphan
 /// clean-up can tell a live instance from one left by a crashed fnvm), then the instance's
-/// writable layer is created in it. The record is returned for the sandbox to complete (its
-/// processes and cgroup) as it starts them.
+/// writable layer is created in it: a fresh one, or a copy of `layer_from` (a snapshot's). The
+/// record is returned for the sandbox to complete (its processes and cgroup) as it starts them.
 pub(super) fn prepare_instance_dir(
     home: &Home,
     dir: &std::path::Path,
+    layer_from: Option<&std::path::Path>,
 ) -> Result<(InstanceRecord, WritableLayer), SandboxError> {
     let record = InstanceRecord {
         owner: Some(ProcessId::current()),
         ..Default::default()
     };
     record.save(dir)?;
-    let layer = WritableLayer::create(home, &dir.join("writable.ext4"))?;
+    let path = dir.join("writable.ext4");
+    let layer = match layer_from {
+        Some(source) => WritableLayer::copy_of(source, &path)?,
+        None => WritableLayer::create(home, &path)?,
+    };
     Ok((record, layer))
 }
 
@@ -41,6 +46,9 @@ pub(super) trait Teardown: Send {
     fn teardown(&mut self) -> Result<(), SandboxError>;
 }
 
+/// Measures a snapshot start once its first reply is in.
+pub(super) type RestoreProbe = Box<dyn Fn() -> Option<RestoreReport> + Send + Sync>;
+
 /// An instance whose agent is reached over `transport`, whatever runs it.
 pub(super) struct AgentInstance<P: Teardown> {
     pub id: String,
@@ -48,6 +56,10 @@ pub(super) struct AgentInstance<P: Teardown> {
     pub exit: Arc<ExitState>,
     pub control: Option<Control>,
     pub parts: Mutex<P>,
+    pub start: StartInfo,
+    /// Snapshot starts only.
+    pub restore_probe: Option<RestoreProbe>,
+    pub restore_report: std::sync::OnceLock<Option<RestoreReport>>,
 }
 
 impl<P: Teardown> Instance for AgentInstance<P> {
@@ -79,6 +91,21 @@ impl<P: Teardown> Instance for AgentInstance<P> {
         // Recorded before the kill, so waiters learn "stopped", not "killed by signal 9".
         self.exit.record(None, None, "stopped".to_string());
         parts.teardown()
+    }
+
+    fn start_info(&self) -> StartInfo {
+        self.start.clone()
+    }
+
+    fn restore_report(&self) -> Option<RestoreReport> {
+        let probe = self.restore_probe.as_ref()?;
+        *self.restore_report.get_or_init(|| {
+            let report = probe();
+            if let Some(r) = &report {
+                tracing::info!(instance = %self.id, "snapshot start: {r}");
+            }
+            report
+        })
     }
 }
 

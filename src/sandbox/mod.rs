@@ -20,8 +20,10 @@ pub mod loopdev;
 pub mod process;
 #[cfg(test)]
 pub(crate) mod process_tests;
+pub mod snapshots;
 pub mod transport;
 pub mod vm;
+mod vmm_api;
 pub mod writable_layer;
 
 use std::path::PathBuf;
@@ -79,6 +81,10 @@ pub struct InstanceSpec {
     /// Per-instance scratch directory: created by the sandbox, removed on stop. Put it under
     /// [`instances_root`] so [`cleanup_orphans`] finds it after a crash.
     pub instance_dir: PathBuf,
+    /// VM sandbox: start from this function version's snapshot when there is one; otherwise
+    /// boot, and snapshot the instance once its server is ready (before it serves anything),
+    /// so later starts restore. Ignored by the process sandbox, which has no snapshots.
+    pub snapshot: bool,
     /// Every stdout/stderr line of the function, in order per stream.
     pub on_log: Arc<dyn Fn(LogLine) + Send + Sync>,
 }
@@ -91,6 +97,7 @@ impl std::fmt::Debug for InstanceSpec {
             .field("start", &self.start)
             .field("memory_mib", &self.memory_mib)
             .field("instance_dir", &self.instance_dir)
+            .field("snapshot", &self.snapshot)
             .finish_non_exhaustive()
     }
 }
@@ -102,6 +109,55 @@ pub struct LogLine {
     /// When the guest read it.
     pub unix_time_ms: u64,
     pub line: String,
+}
+
+/// How a cold start got its instance running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ColdStart {
+    /// The sandbox booted and the function started from scratch.
+    Boot,
+    /// The VM was restored from a snapshot of an instance whose server was already listening.
+    Snapshot,
+}
+
+impl ColdStart {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ColdStart::Boot => "boot",
+            ColdStart::Snapshot => "snapshot",
+        }
+    }
+}
+
+/// What a start did, for logs and for people.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StartInfo {
+    pub kind: ColdStart,
+    /// About the snapshot, when one was involved: "snapshot written in 41 ms", "restore failed
+    /// (...); booted instead", ...
+    pub note: Option<String>,
+}
+
+/// How a snapshot start went, measured at the instance's first reply.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RestoreReport {
+    /// VMM process start → guest vCPUs running again.
+    pub resume_ms: f64,
+    /// Pages of guest memory faulted in from the snapshot's memory file so far.
+    pub pages_faulted: u64,
+    /// Of the VMM process's page faults so far, those that had to read from disk.
+    pub major_faults: u64,
+}
+
+impl std::fmt::Display for RestoreReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "resumed {:.2} ms after the VMM started; {} guest pages faulted in before the first \
+             reply ({} major faults)",
+            self.resume_ms, self.pages_faulted, self.major_faults
+        )
+    }
 }
 
 /// Starts instances of one kind.
@@ -126,6 +182,11 @@ pub trait Instance: Send + Sync {
     /// Stops everything and removes every trace: processes, mounts, loop devices, cgroup,
     /// files. Idempotent; dropping the instance stops it too.
     fn stop(&self) -> Result<(), SandboxError>;
+    /// How this instance was started.
+    fn start_info(&self) -> StartInfo;
+    /// For a snapshot start: call after the first reply; measures the restore (once, later
+    /// calls return the same) and logs it. `None` for boot starts.
+    fn restore_report(&self) -> Option<RestoreReport>;
 }
 
 /// How an instance ended.

@@ -22,7 +22,9 @@ use super::instance::{prepare_instance_dir, AgentInstance, Teardown};
 use super::loopdev::LoopDevice;
 use super::transport::{unix_port_path, HostTransport};
 use super::writable_layer::WritableLayer;
-use super::{validate_spec, Instance, InstanceSpec, Sandbox, SandboxError, SandboxKind};
+use super::{
+    validate_spec, ColdStart, Instance, InstanceSpec, Sandbox, SandboxError, SandboxKind, StartInfo,
+};
 use crate::home::Home;
 
 /// The one line said when a process sandbox is created.
@@ -108,6 +110,12 @@ impl Sandbox for ProcessSandbox {
             exit,
             control,
             parts: Mutex::new(parts),
+            start: StartInfo {
+                kind: ColdStart::Boot,
+                note: None,
+            },
+            restore_probe: None,
+            restore_report: Default::default(),
         }))
     }
 }
@@ -120,7 +128,7 @@ impl ProcessSandbox {
         parts: &mut Parts,
     ) -> Result<Arc<ExitState>, SandboxError> {
         let dir = &spec.instance_dir;
-        let (mut record, layer) = prepare_instance_dir(&self.home, dir)?;
+        let (mut record, layer) = prepare_instance_dir(&self.home, dir, None)?;
         let layer = parts.layer.insert(layer);
         let writable_path = layer.path().to_path_buf();
         let rootfs = parts

@@ -147,6 +147,7 @@ impl World {
             },
             memory_mib: 256,
             instance_dir: instances_root(&self.home).unwrap().join(id),
+            snapshot: false,
             on_log: Arc::new(move |line| sink.0.lock().unwrap().push(line)),
         };
         (spec, logs)
@@ -236,6 +237,64 @@ fn process_sandbox_serves_busybox_httpd_and_forwards_its_logs() {
     instance.stop().unwrap(); // idempotent
     let report = instance.wait_exit();
     assert!(report.reason.starts_with("stopped"), "{report}");
+    world.assert_nothing_left(&spec);
+}
+
+/// What the host does after a snapshot restore (whose vsock reset dropped its streams): a new
+/// control connection, Hello, Refresh. The agent answers Refreshed, its messages (the function's
+/// later log lines) follow the new connection, and the function keeps serving. In the process
+/// sandbox Refresh leaves the clock and RNG alone (they are the host's).
+#[test]
+fn a_reconnecting_host_refreshes_the_agent_and_gets_the_functions_later_lines() {
+    if !is_root() {
+        return;
+    }
+    let world = World::new();
+    let (spec, old_logs) = world.spec(
+        "reconnect",
+        "(i=0; while :; do i=$((i+1)); echo tick-$i; sleep 0.05; done) & \
+         exec httpd -f -p 9000 -h /www",
+        30_000,
+    );
+    let instance = world
+        .sandbox
+        .start(spec.clone())
+        .expect("the instance starts");
+    let new_logs = Logs::default();
+    let sink = new_logs.clone();
+    let transport = super::transport::HostTransport::Unix {
+        dir: spec.instance_dir.join("sock"),
+    };
+    let control = super::control::resume(
+        &transport,
+        Arc::new(move |line| sink.0.lock().unwrap().push(line)),
+        super::control::ExitState::new(|| None),
+        &|| None,
+        Duration::from_secs(10),
+    )
+    .expect("the agent answers Refresh on a new connection");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while new_logs.lines(LogStream::Stdout).len() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after = new_logs.lines(LogStream::Stdout);
+    assert!(
+        after.len() >= 3 && after.iter().all(|l| l.starts_with("tick-")),
+        "the new connection gets the function's lines: {after:?}"
+    );
+    // Numbers go on from where the old connection's lines stopped: nothing is replayed.
+    let last_old: u64 = old_logs
+        .lines(LogStream::Stdout)
+        .iter()
+        .filter_map(|l| l.strip_prefix("tick-")?.parse().ok())
+        .max()
+        .unwrap_or(0);
+    let first_new: u64 = after[0].strip_prefix("tick-").unwrap().parse().unwrap();
+    assert!(first_new > last_old, "{first_new} after {last_old}");
+    let reply = http_get(instance.as_ref(), "/index.html");
+    assert!(reply.ends_with("hello from busybox\n"), "{reply}");
+    control.close();
+    instance.stop().unwrap();
     world.assert_nothing_left(&spec);
 }
 

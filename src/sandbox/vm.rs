@@ -2,13 +2,19 @@
 //! agent as /init of a tiny initramfs, the rootfs image as read-only /dev/vda and the writable
 //! layer as /dev/vdb, and talking to the agent over virtio-vsock (`<instance_dir>/vsock.sock`).
 //! The control flow above the transport is the process sandbox's ([`super::control`]).
+//!
+//! Snapshot starts: the first boot start of a function version writes a snapshot of its VM as
+//! soon as the server listens ([`super::snapshots`] keys and keeps it); later starts restore it
+//! (`fnvm-vmm --restore`, memory mapped copy-on-write, the writable layer copied per instance),
+//! reconnect to the agent (the vsock transport reset dropped the old streams) and refresh the
+//! guest's RNG and clock.
 
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fnvm_vmm::arch::x86_64::boot::KernelFormat;
 use fnvm_vmm::host::HostCapabilities;
@@ -17,10 +23,15 @@ use fnvm_vmm::vm::DEFAULT_CMDLINE;
 use super::child::{ended_reason, SandboxChild};
 use super::cleanup::ProcessId;
 use super::control::{self, Control, ExitState};
-use super::instance::{prepare_instance_dir, AgentInstance, Teardown};
+use super::instance::{prepare_instance_dir, AgentInstance, RestoreProbe, Teardown};
+use super::snapshots::{Platform, SnapshotStore, Writing};
 use super::transport::HostTransport;
+use super::vmm_api::VmmApi;
 use super::writable_layer::WritableLayer;
-use super::{validate_spec, Instance, InstanceSpec, Sandbox, SandboxError, SandboxKind};
+use super::{
+    validate_spec, ColdStart, Instance, InstanceSpec, RestoreReport, Sandbox, SandboxError,
+    SandboxKind, StartInfo,
+};
 use crate::home::Home;
 
 /// How long the guest may take to boot and answer on its control port.
@@ -45,11 +56,20 @@ pub struct VmSandbox {
     vmm: PathBuf,
     kernel: PathBuf,
     initramfs: PathBuf,
+    snapshots: Arc<SnapshotStore>,
+}
+
+/// How one attempt starts its VM.
+enum Launch<'a> {
+    /// Boot the kernel; snapshot the instance once ready when `write` holds the claim.
+    Boot { write: Option<Writing> },
+    /// Restore the snapshot in this `fnvm-vmm` snapshot directory.
+    Restore { snapshot: &'a Path },
 }
 
 impl VmSandbox {
     /// Checks the host (VMX/SVM) before anything else, then finds `fnvm-vmm`, the guest kernel
-    /// (built on first use) and the agent's initramfs.
+    /// (built on first use) and the agent's initramfs, and opens the snapshot store.
     pub fn new(home: &Home) -> Result<Self, SandboxError> {
         HostCapabilities::probe().check_can_boot(KernelFormat::BzImage)?;
         let vmm = vmm_binary()?;
@@ -58,15 +78,24 @@ impl VmSandbox {
         let agent = crate::agent_binary::agent_binary()
             .map_err(|e| SandboxError::setup("cannot find the agent", e))?;
         let initramfs = super::initramfs::cached(home, &agent)?;
+        let snapshots = Arc::new(SnapshotStore::open(
+            home,
+            &Platform {
+                kernel: kernel.clone(),
+                initramfs: initramfs.clone(),
+                vmm: vmm.clone(),
+            },
+        )?);
         Ok(VmSandbox {
             home: home.clone(),
             vmm,
             kernel,
             initramfs,
+            snapshots,
         })
     }
 
-    /// The `fnvm-vmm` arguments for one instance.
+    /// The `fnvm-vmm` arguments for one booted instance.
     pub fn vmm_args(&self, spec: &InstanceSpec, writable: &Path, vsock: &Path) -> Vec<String> {
         let mut args = vec![
             "--kernel".to_string(),
@@ -79,14 +108,27 @@ impl VmSandbox {
             spec.memory_mib.to_string(),
             "--vcpus".into(),
             vcpus_for(spec.memory_mib).to_string(),
-            "--disk".into(),
-            format!("{}:ro", spec.rootfs_image.display()),
-            "--disk".into(),
-            writable.display().to_string(),
         ];
-        args.extend(["--vsock".to_string(), vsock.display().to_string()]);
+        args.extend(disk_args(spec, writable, vsock));
         args
     }
+}
+
+/// The disks and vsock, in the slot order a snapshot records: rootfs, writable layer, vsock.
+fn disk_args(spec: &InstanceSpec, writable: &Path, vsock: &Path) -> Vec<String> {
+    vec![
+        "--disk".into(),
+        format!("{}:ro", spec.rootfs_image.display()),
+        "--disk".into(),
+        writable.display().to_string(),
+        "--vsock".into(),
+        vsock.display().to_string(),
+    ]
+}
+
+/// The snapshot's copy of the writable layer (virtio slot 1, see [`disk_args`]).
+fn snapshot_layer(snapshot: &Path) -> PathBuf {
+    snapshot.join("disk-1.img")
 }
 
 /// `fnvm-vmm` next to the running executable (or next to `target/<profile>/` for test binaries
@@ -118,8 +160,61 @@ impl Sandbox for VmSandbox {
         SandboxKind::Vm
     }
 
+    /// The start policy: a snapshot start when this function version has a snapshot; if the
+    /// restore fails, the snapshot is dropped (logged) and the instance boots instead. A boot
+    /// start of a snapshotting spec writes the version's snapshot once its server is ready.
     fn start(&self, spec: InstanceSpec) -> Result<Box<dyn Instance>, SandboxError> {
         validate_spec(&spec)?;
+        let key = match spec.snapshot {
+            true => Some(self.snapshots.key(&spec)?),
+            false => None,
+        };
+        let mut note = None;
+        if let Some(snapshot) = key.as_ref().and_then(|k| self.snapshots.find(k)) {
+            match self.attempt(
+                &spec,
+                Launch::Restore {
+                    snapshot: &snapshot,
+                },
+            ) {
+                Ok(instance) => return Ok(instance),
+                Err(e) => {
+                    let why = e.to_string();
+                    tracing::warn!(
+                        instance = %spec.id,
+                        "snapshot start failed, booting instead: {why}"
+                    );
+                    if let Some(key) = &key {
+                        self.snapshots.invalidate(key, &why);
+                    }
+                    note = Some(format!(
+                        "the snapshot could not be restored ({why}); booted instead"
+                    ));
+                }
+            }
+        }
+        let write = key.as_ref().and_then(|k| self.snapshots.begin_write(k));
+        let mut instance = self.attempt(&spec, Launch::Boot { write })?;
+        if let Some(note) = note {
+            instance.start.note = Some(match instance.start.note.take() {
+                Some(more) => format!("{note}; {more}"),
+                None => note,
+            });
+        }
+        Ok(instance)
+    }
+}
+
+/// A started VM instance.
+type VmInstance = AgentInstance<VmParts>;
+
+impl VmSandbox {
+    /// One start attempt in a fresh instance directory; on failure everything is torn down.
+    fn attempt(
+        &self,
+        spec: &InstanceSpec,
+        launch: Launch<'_>,
+    ) -> Result<Box<VmInstance>, SandboxError> {
         let dir = spec.instance_dir.clone();
         let vsock = dir.join("vsock.sock");
         if vsock.as_os_str().len() + 6 >= 108 {
@@ -149,15 +244,18 @@ impl Sandbox for VmSandbox {
             control: None,
             torn_down: false,
         };
-        match self.start_in(&spec, &vsock, &mut parts) {
-            Ok(exit) => {
+        match self.start_in(spec, &vsock, launch, &mut parts) {
+            Ok((exit, start, restore_probe)) => {
                 let control = parts.control.take();
                 Ok(Box::new(AgentInstance {
-                    id: spec.id,
+                    id: spec.id.clone(),
                     transport: HostTransport::Vsock { uds: vsock },
                     exit,
                     control,
                     parts: Mutex::new(parts),
+                    start,
+                    restore_probe,
+                    restore_report: Default::default(),
                 }))
             }
             Err(err) => {
@@ -166,19 +264,31 @@ impl Sandbox for VmSandbox {
             }
         }
     }
-}
 
-impl VmSandbox {
     fn start_in(
         &self,
         spec: &InstanceSpec,
         vsock: &Path,
+        launch: Launch<'_>,
         parts: &mut VmParts,
-    ) -> Result<Arc<ExitState>, SandboxError> {
+    ) -> Result<(Arc<ExitState>, StartInfo, Option<RestoreProbe>), SandboxError> {
         let dir = &spec.instance_dir;
-        let (mut record, layer) = prepare_instance_dir(&self.home, dir)?;
+        let api = VmmApi::new(&dir.join("api.sock"));
+        let layer_from = match &launch {
+            Launch::Restore { snapshot } => Some(snapshot_layer(snapshot)),
+            Launch::Boot { .. } => None,
+        };
+        let (mut record, layer) = prepare_instance_dir(&self.home, dir, layer_from.as_deref())?;
         let layer = parts.layer.insert(layer);
-        let args = self.vmm_args(spec, layer.path(), vsock);
+        let mut args = match &launch {
+            Launch::Boot { .. } => self.vmm_args(spec, layer.path(), vsock),
+            Launch::Restore { snapshot } => {
+                let mut args = vec!["--restore".to_string(), snapshot.display().to_string()];
+                args.extend(disk_args(spec, layer.path(), vsock));
+                args
+            }
+        };
+        args.extend(["--api-sock".to_string(), api.path().display().to_string()]);
 
         let exit = ExitState::new(|| None);
         let child = Command::new(&self.vmm)
@@ -204,6 +314,7 @@ impl VmSandbox {
         );
         record.sandbox = ProcessId::of(child.pid());
         record.save(dir)?;
+        let vmm_pid = child.pid();
 
         let child_ref: &SandboxChild = child;
         // The waiter records the ending (with the process's last words) before the status is
@@ -220,17 +331,116 @@ impl VmSandbox {
         let transport = HostTransport::Vsock {
             uds: vsock.to_path_buf(),
         };
-        let control = control::start(
-            &transport,
-            &spec.start,
-            spec.on_log.clone(),
-            exit.clone(),
-            &dead,
-            BOOT_TIMEOUT,
-        )?;
-        parts.control = Some(control);
-        Ok(exit)
+        match launch {
+            Launch::Restore { snapshot } => {
+                let control = control::resume(
+                    &transport,
+                    spec.on_log.clone(),
+                    exit.clone(),
+                    &dead,
+                    RESTORE_TIMEOUT,
+                )?;
+                parts.control = Some(control);
+                let memory = snapshot.join(fnvm_vmm::snapshot::MEMORY_FILE);
+                let probe: RestoreProbe = Box::new(move || restore_report(vmm_pid, &api, &memory));
+                let start = StartInfo {
+                    kind: ColdStart::Snapshot,
+                    note: None,
+                };
+                Ok((exit, start, Some(probe)))
+            }
+            Launch::Boot { write } => {
+                let control = control::start(
+                    &transport,
+                    &spec.start,
+                    spec.on_log.clone(),
+                    exit.clone(),
+                    &dead,
+                    BOOT_TIMEOUT,
+                )?;
+                parts.control = Some(control);
+                // Snapshot now, while the server is listening and before any request could
+                // leave its data (or a caller's credentials) in guest memory.
+                let note = write.map(|write| {
+                    let started = Instant::now();
+                    match api.snapshot(&write.vm_dir()) {
+                        Ok(vmm_ms) => {
+                            tracing::info!(
+                                instance = %spec.id,
+                                "snapshot written to {} in {vmm_ms:.1} ms (VM paused), {} ms in all",
+                                write.vm_dir().display(),
+                                started.elapsed().as_millis()
+                            );
+                            format!(
+                                "snapshot written for later starts in {} ms",
+                                started.elapsed().as_millis()
+                            )
+                        }
+                        Err(e) => {
+                            tracing::warn!(instance = %spec.id, "cannot snapshot: {e}");
+                            format!("no snapshot written ({e})")
+                        }
+                    }
+                });
+                let start = StartInfo {
+                    kind: ColdStart::Boot,
+                    note,
+                };
+                Ok((exit, start, None))
+            }
+        }
     }
+}
+
+/// How long a restored VM may take until its agent answers Refresh.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Measures a restore at the instance's first reply: the VMM's resume time, the guest pages
+/// mapped in from the snapshot's memory file, the VMM process's major faults.
+fn restore_report(vmm_pid: i32, api: &VmmApi, memory: &Path) -> Option<RestoreReport> {
+    let metrics = match api.metrics() {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("cannot read the restore's metrics: {e}");
+            return None;
+        }
+    };
+    let resumed_us = metrics.restore.map(|r| r.resumed_us)?;
+    let smaps = std::fs::read_to_string(format!("/proc/{vmm_pid}/smaps")).ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{vmm_pid}/stat")).ok()?;
+    let memory = std::fs::canonicalize(memory).unwrap_or_else(|_| memory.to_path_buf());
+    Some(RestoreReport {
+        resume_ms: resumed_us as f64 / 1000.0,
+        pages_faulted: resident_kib_of_file(&smaps, &memory) / 4,
+        major_faults: major_faults(&stat).unwrap_or_default(),
+    })
+}
+
+/// Sums `Rss:` (KiB) over the mappings of `file` in a `/proc/PID/smaps` text.
+fn resident_kib_of_file(smaps: &str, file: &Path) -> u64 {
+    let file = file.to_string_lossy();
+    let mut in_file = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or_default();
+        if first.contains('-') && first.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+            // A mapping header: range perms offset dev inode [path]
+            in_file = line.split_whitespace().nth(5) == Some(&*file);
+        } else if in_file && first == "Rss:" {
+            kib += fields
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    kib
+}
+
+/// `majflt` from a `/proc/PID/stat` text (field 12; the name in field 2 may hold spaces).
+fn major_faults(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(9)?.parse().ok()
 }
 
 struct VmParts {
@@ -301,5 +511,50 @@ mod tests {
         );
         // Nothing was built or cached for a refused sandbox.
         assert!(!dir.path().join("kernels").exists());
+    }
+
+    /// The restore report counts the pages of the snapshot's memory file a process has mapped
+    /// in: checked on this test process with a file mapped privately, as the VMM maps it.
+    #[test]
+    fn pages_faulted_from_a_privately_mapped_file_are_counted_from_smaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory");
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(64 * 4096).unwrap();
+        drop(file);
+        let file = std::fs::File::open(&path).unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh private mapping of a file we own; unmapped below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                64 * 4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        for page in [0usize, 3, 10, 63] {
+            // SAFETY: inside the 64-page mapping.
+            unsafe { std::ptr::write_volatile((addr as *mut u8).add(page * 4096), 1) };
+        }
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let canonical = std::fs::canonicalize(&path).unwrap();
+        let kib = resident_kib_of_file(&smaps, &canonical);
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(addr, 64 * 4096) };
+        assert_eq!(kib / 4, 4, "four pages touched");
+        assert_eq!(resident_kib_of_file(&smaps, Path::new("/no/such/file")), 0);
+    }
+
+    #[test]
+    fn major_faults_are_read_past_a_process_name_with_spaces() {
+        let stat = "42 (fnvm vmm) S 1 42 42 0 -1 4194560 150 0 7 0 12 3 0 0 20 0 1 0 100";
+        assert_eq!(major_faults(stat), Some(7));
+        assert_eq!(major_faults("garbage"), None);
+        let own = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert!(major_faults(&own).is_some());
     }
 }

@@ -63,6 +63,24 @@ impl WritableLayer {
         })
     }
 
+    /// Creates `path` as this instance's own copy of `source`, the writable layer a snapshot
+    /// was taken with (a reflink or a sparse copy of its data, never a full 512 MiB copy).
+    pub fn copy_of(source: &Path, path: &Path) -> Result<Self, SandboxError> {
+        copy_sparse(source, path).map_err(|e| {
+            SandboxError::setup(
+                format!(
+                    "cannot copy the snapshot's writable layer {} to {}",
+                    source.display(),
+                    path.display()
+                ),
+                e,
+            )
+        })?;
+        Ok(WritableLayer {
+            path: path.to_path_buf(),
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

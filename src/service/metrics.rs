@@ -13,9 +13,7 @@ use std::time::Duration;
 pub enum StartKind {
     /// A cold start that booted the sandbox.
     Boot,
-    /// A cold start restored from a snapshot. Not counted yet: the `Sandbox` trait does not
-    /// say whether a start booted or restored, so every cold start counts as boot for now.
-    #[allow(dead_code)]
+    /// A cold start restored from a snapshot.
     Snapshot,
     /// An idle instance reused.
     Warm,
@@ -29,6 +27,24 @@ impl StartKind {
             StartKind::Warm => "warm",
         }
     }
+}
+
+impl From<crate::sandbox::ColdStart> for StartKind {
+    fn from(kind: crate::sandbox::ColdStart) -> Self {
+        match kind {
+            crate::sandbox::ColdStart::Boot => StartKind::Boot,
+            crate::sandbox::ColdStart::Snapshot => StartKind::Snapshot,
+        }
+    }
+}
+
+/// Sums over the restores measured at their first reply.
+#[derive(Default, Clone, Copy)]
+struct Restores {
+    count: u64,
+    resume_seconds: f64,
+    pages_faulted: u64,
+    major_faults: u64,
 }
 
 /// Upper bounds (seconds) of the start-latency histogram's buckets.
@@ -60,6 +76,7 @@ struct Inner {
     /// (function, kind) → starts.
     starts: BTreeMap<(String, StartKind), u64>,
     start_latency: BTreeMap<StartKind, Histogram>,
+    restores: Restores,
     instances: InstanceCounts,
     committed_bytes: u64,
     budget_bytes: u64,
@@ -108,6 +125,16 @@ impl Metrics {
         h.sum += secs;
     }
 
+    /// A snapshot start's restore, measured at its first reply.
+    pub fn restore(&self, report: &crate::sandbox::RestoreReport) {
+        let mut inner = self.inner();
+        let r = &mut inner.restores;
+        r.count += 1;
+        r.resume_seconds += report.resume_ms / 1000.0;
+        r.pages_faulted += report.pages_faulted;
+        r.major_faults += report.major_faults;
+    }
+
     /// The pool's current instances and memory.
     pub fn set_instances(&self, counts: InstanceCounts, committed_bytes: u64, budget_bytes: u64) {
         let mut inner = self.inner();
@@ -152,7 +179,7 @@ impl Metrics {
         for ((f, kind), n) in &inner.starts {
             let _ = writeln!(
                 out,
-                "fnvm_instance_starts_total{{function=\"{}\",kind=\"{}\"}} {n}",
+                "fnvm_instance_starts_total{{function=\"{}\",start_kind=\"{}\"}} {n}",
                 escape(f),
                 kind.as_str()
             );
@@ -167,17 +194,31 @@ impl Metrics {
             for (bound, n) in START_BUCKETS.iter().zip(h.counts) {
                 let _ = writeln!(
                     out,
-                    "fnvm_instance_start_seconds_bucket{{kind=\"{k}\",le=\"{bound}\"}} {n}"
+                    "fnvm_instance_start_seconds_bucket{{start_kind=\"{k}\",le=\"{bound}\"}} {n}"
                 );
             }
             let _ = writeln!(
                 out,
-                "fnvm_instance_start_seconds_bucket{{kind=\"{k}\",le=\"+Inf\"}} {}\n\
-                 fnvm_instance_start_seconds_sum{{kind=\"{k}\"}} {}\n\
-                 fnvm_instance_start_seconds_count{{kind=\"{k}\"}} {}",
+                "fnvm_instance_start_seconds_bucket{{start_kind=\"{k}\",le=\"+Inf\"}} {}\n\
+                 fnvm_instance_start_seconds_sum{{start_kind=\"{k}\"}} {}\n\
+                 fnvm_instance_start_seconds_count{{start_kind=\"{k}\"}} {}",
                 h.count, h.sum, h.count
             );
         }
+        let r = inner.restores;
+        let _ = writeln!(
+            out,
+            "# HELP fnvm_snapshot_resume_seconds Snapshot starts: VMM process start until the \
+             guest runs again.\n# TYPE fnvm_snapshot_resume_seconds summary\n\
+             fnvm_snapshot_resume_seconds_sum {}\nfnvm_snapshot_resume_seconds_count {}\n\
+             # HELP fnvm_snapshot_faulted_pages Snapshot starts: guest pages faulted in from the \
+             snapshot before the first reply.\n# TYPE fnvm_snapshot_faulted_pages summary\n\
+             fnvm_snapshot_faulted_pages_sum {}\nfnvm_snapshot_faulted_pages_count {}\n\
+             # HELP fnvm_snapshot_major_faults Snapshot starts: VMM page faults that read the disk \
+             before the first reply.\n# TYPE fnvm_snapshot_major_faults summary\n\
+             fnvm_snapshot_major_faults_sum {}\nfnvm_snapshot_major_faults_count {}",
+            r.resume_seconds, r.count, r.pages_faulted, r.count, r.major_faults, r.count
+        );
         let c = inner.instances;
         let _ = writeln!(
             out,
@@ -218,6 +259,16 @@ mod tests {
         m.error("default/f", "FunctionTimeout");
         m.start("default/f", StartKind::Boot, Duration::from_millis(30));
         m.start("default/f", StartKind::Warm, Duration::from_micros(100));
+        m.start(
+            "default/f",
+            crate::sandbox::ColdStart::Snapshot.into(),
+            Duration::from_millis(9),
+        );
+        m.restore(&crate::sandbox::RestoreReport {
+            resume_ms: 4.5,
+            pages_faulted: 300,
+            major_faults: 2,
+        });
         m.set_instances(
             InstanceCounts {
                 starting: 0,
@@ -231,11 +282,16 @@ mod tests {
         for want in [
             "fnvm_invocations_total{function=\"default/f\"} 2",
             "fnvm_invocation_errors_total{function=\"default/f\",kind=\"FunctionTimeout\"} 1",
-            "fnvm_instance_starts_total{function=\"default/f\",kind=\"boot\"} 1",
-            "fnvm_instance_starts_total{function=\"default/f\",kind=\"warm\"} 1",
-            "fnvm_instance_start_seconds_bucket{kind=\"boot\",le=\"0.025\"} 0",
-            "fnvm_instance_start_seconds_bucket{kind=\"boot\",le=\"0.05\"} 1",
-            "fnvm_instance_start_seconds_count{kind=\"warm\"} 1",
+            "fnvm_instance_starts_total{function=\"default/f\",start_kind=\"boot\"} 1",
+            "fnvm_instance_starts_total{function=\"default/f\",start_kind=\"warm\"} 1",
+            "fnvm_instance_start_seconds_bucket{start_kind=\"boot\",le=\"0.025\"} 0",
+            "fnvm_instance_start_seconds_bucket{start_kind=\"boot\",le=\"0.05\"} 1",
+            "fnvm_instance_start_seconds_count{start_kind=\"warm\"} 1",
+            "fnvm_instance_starts_total{function=\"default/f\",start_kind=\"snapshot\"} 1",
+            "fnvm_snapshot_resume_seconds_sum 0.0045",
+            "fnvm_snapshot_resume_seconds_count 1",
+            "fnvm_snapshot_faulted_pages_sum 300",
+            "fnvm_snapshot_major_faults_sum 2",
             "fnvm_instances{state=\"busy\"} 2",
             "fnvm_guest_memory_committed_bytes 402653184",
         ] {

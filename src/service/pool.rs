@@ -208,6 +208,8 @@ struct Slot {
     started_at: SystemTime,
     running: std::sync::OnceLock<Running>,
     attribution: Arc<Mutex<Attribution>>,
+    /// Set by the instance's first reply, when a snapshot start's restore is measured.
+    replied: std::sync::atomic::AtomicBool,
 }
 
 struct Running {
@@ -471,7 +473,10 @@ impl Pool {
             };
             return match tokio::time::timeout(Duration::from_secs(u64::from(secs)), exchange).await
             {
-                Ok(Ok(resp)) => Ok(resp),
+                Ok(Ok(resp)) => {
+                    lease.replied();
+                    Ok(resp)
+                }
                 Ok(Err((true, error))) if attempts_left > 0 => {
                     tracing::warn!(function = %key, instance = %lease.slot.id, error, "an instance was unreachable; retrying on another");
                     lease.destroy();
@@ -534,7 +539,10 @@ impl Pool {
             match tokio::time::timeout(Duration::from_secs(u64::from(secs)), client.request(req))
                 .await
             {
-                Ok(Ok(resp)) => resp,
+                Ok(Ok(resp)) => {
+                    lease.replied();
+                    resp
+                }
                 Ok(Err(e)) => return Err(lease.crashed(error_chain(&e)).await),
                 Err(_) => {
                     lease.destroy();
@@ -670,6 +678,31 @@ impl Lease {
 
     fn destroy(mut self) {
         self.destroy = true;
+    }
+
+    /// The instance's reply head arrived. The first reply of a snapshot start measures its
+    /// restore (in the background: it reads /proc and asks the VMM).
+    fn replied(&self) {
+        if self
+            .slot
+            .replied
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let Some(running) = self.slot.running.get() else {
+            return;
+        };
+        if running.instance.start_info().kind != crate::sandbox::ColdStart::Snapshot {
+            return;
+        }
+        let instance = Arc::clone(&running.instance);
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            if let Some(report) = instance.restore_report() {
+                inner.metrics.restore(&report);
+            }
+        });
     }
 
     /// The instance failed mid-request: says how, and destroys it.
@@ -813,9 +846,8 @@ impl Inner {
             };
             let waiting_for_memory = match to_start {
                 Ok(slot) => {
-                    self.start(Arc::clone(&slot)).await?;
-                    self.metrics
-                        .start(&function, StartKind::Boot, asked.elapsed());
+                    let kind = self.start(Arc::clone(&slot)).await?;
+                    self.metrics.start(&function, kind, asked.elapsed());
                     return Ok(self.lease(
                         Arc::clone(&slot),
                         Arc::clone(&slot.version),
@@ -955,6 +987,7 @@ impl Inner {
             started_at: SystemTime::now(),
             running: std::sync::OnceLock::new(),
             attribution: Arc::new(Mutex::new(Attribution::default())),
+            replied: Default::default(),
         });
         if let Some(f) = st.functions.get_mut(key) {
             f.entries.push(Entry {
@@ -967,9 +1000,9 @@ impl Inner {
         slot
     }
 
-    /// Starts the slot's instance (its memory is already committed). On failure the slot is
-    /// gone and its memory released.
-    async fn start(self: &Arc<Self>, slot: Arc<Slot>) -> Result<(), InvokeError> {
+    /// Starts the slot's instance (its memory is already committed) and says how it started.
+    /// On failure the slot is gone and its memory released.
+    async fn start(self: &Arc<Self>, slot: Arc<Slot>) -> Result<StartKind, InvokeError> {
         let spec = match self.instance_spec(&slot) {
             Ok(spec) => spec,
             Err(e) => {
@@ -1030,9 +1063,13 @@ impl Inner {
         }
         self.publish(&st);
         drop(st);
+        let start = instance.start_info();
+        if let Some(note) = &start.note {
+            tracing::info!(function = %slot.key, instance = %slot.id, "{note}");
+        }
         self.watch(&slot, instance);
         self.changed.notify_waiters();
-        Ok(())
+        Ok(start.kind.into())
     }
 
     fn instance_spec(&self, slot: &Arc<Slot>) -> Result<InstanceSpec, SandboxError> {
@@ -1047,6 +1084,9 @@ impl Inner {
             start: slot.version.start.clone(),
             memory_mib: slot.version.spec.memory_mb,
             instance_dir: root.join(&slot.id),
+            // Every cold start after a function version's first comes from its snapshot
+            // (vm sandbox; the process sandbox has none).
+            snapshot: true,
             on_log: Arc::new(move |line| {
                 let request_id = attribution
                     .lock()
@@ -1227,7 +1267,7 @@ fn top_up_provisioned(inner: &Arc<Inner>, key: &FunctionKey) {
         tokio::spawn(async move {
             let t = Instant::now();
             match inner.start(slot).await {
-                Ok(()) => inner.metrics.start(&function, StartKind::Boot, t.elapsed()),
+                Ok(kind) => inner.metrics.start(&function, kind, t.elapsed()),
                 Err(e) => {
                     tracing::warn!(function, error = %e, "a provisioned instance failed to start")
                 }

@@ -238,11 +238,11 @@ fn thirty_two_concurrent_invocations_scale_out_within_the_budget_and_all_succeed
         sampler.abort();
         let boots = metric(
             &w.metrics,
-            "fnvm_instance_starts_total{function=\"default/burst\",kind=\"boot\"}",
+            "fnvm_instance_starts_total{function=\"default/burst\",start_kind=\"boot\"}",
         );
         let warm = metric(
             &w.metrics,
-            "fnvm_instance_starts_total{function=\"default/burst\",kind=\"warm\"}",
+            "fnvm_instance_starts_total{function=\"default/burst\",start_kind=\"warm\"}",
         );
         assert!((2..=4).contains(&boots), "{boots} instances booted");
         assert_eq!(boots + warm, 32);

@@ -1,0 +1,394 @@
+//! The snapshot store: one snapshot per function version and platform, under
+//! `<home>/snapshots/<key>/`.
+//!
+//! A snapshot belongs to exactly what was running when it was taken, so its key hashes:
+//! - the function version: the rootfs image (path and file identity, the image cache names it by
+//!   manifest digest), the agent's start spec (command, args, env, working dir, user) and the
+//!   memory size;
+//! - the platform: the guest kernel, the agent's initramfs and the `fnvm-vmm` binary (file
+//!   identities) plus the snapshot format's vmm version.
+//!
+//! Anything else is a different key, so a stale snapshot is never found, let alone loaded. When
+//! the platform changes (a rebuilt kernel, agent or vmm), snapshots of the old platform can never
+//! be used again and are pruned when the store opens.
+//!
+//! Layout of one entry: `<key>/about.json` says what it belongs to (for people and for pruning;
+//! written first) and `<key>/vm/` is the `fnvm-vmm` snapshot directory (written under a
+//! temporary name and renamed by the vmm, so it is complete or absent).
+
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{InstanceSpec, SandboxError};
+use crate::home::Home;
+
+/// The `fnvm-vmm` snapshot directory inside an entry.
+const VM_DIR: &str = "vm";
+/// What an entry belongs to.
+const ABOUT_FILE: &str = "about.json";
+
+/// The files a snapshot's platform is made of.
+#[derive(Debug, Clone)]
+pub struct Platform {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub vmm: PathBuf,
+}
+
+impl Platform {
+    /// A digest of the platform: file identities (a rebuild changes them) and the format's
+    /// vmm version.
+    fn digest(&self) -> Result<String, SandboxError> {
+        let mut h = Sha256::new();
+        h.update(fnvm_vmm::snapshot::format::VMM_VERSION.as_bytes());
+        for path in [&self.kernel, &self.initramfs, &self.vmm] {
+            h.update(file_identity(path)?.as_bytes());
+        }
+        Ok(hex::encode(h.finalize()))
+    }
+}
+
+/// Path, device, inode, size and modification time: cheap, and any rebuild changes it.
+fn file_identity(path: &Path) -> Result<String, SandboxError> {
+    let canonical = std::fs::canonicalize(path)
+        .map_err(|e| SandboxError::setup(format!("cannot identify {}", path.display()), e))?;
+    let meta = std::fs::metadata(&canonical)
+        .map_err(|e| SandboxError::setup(format!("cannot identify {}", canonical.display()), e))?;
+    Ok(format!(
+        "{}\0{}:{}:{}:{}.{}\n",
+        canonical.display(),
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec()
+    ))
+}
+
+/// What an entry was made for, kept next to it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct About {
+    pub platform: String,
+    pub rootfs_image: PathBuf,
+    pub argv: Vec<String>,
+    pub memory_mib: u32,
+}
+
+/// The key of one function version on one platform.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SnapshotKey {
+    hex: String,
+    about: About,
+}
+
+impl SnapshotKey {
+    pub fn as_str(&self) -> &str {
+        &self.hex
+    }
+}
+
+/// Snapshots of one home and platform.
+pub struct SnapshotStore {
+    root: PathBuf,
+    platform: String,
+    /// Keys whose snapshot this process is writing right now: one writer per key.
+    writing: Mutex<HashSet<String>>,
+}
+
+impl SnapshotStore {
+    /// Opens the store of `home` for `platform` and removes entries of other platforms.
+    pub fn open(home: &Home, platform: &Platform) -> Result<Self, SandboxError> {
+        let root = home
+            .dir("snapshots")
+            .map_err(|e| SandboxError::setup("cannot create the snapshot store", e))?;
+        let store = SnapshotStore {
+            root,
+            platform: platform.digest()?,
+            writing: Mutex::new(HashSet::new()),
+        };
+        store.prune_other_platforms();
+        Ok(store)
+    }
+
+    /// The key of the function version `spec` starts.
+    pub fn key(&self, spec: &InstanceSpec) -> Result<SnapshotKey, SandboxError> {
+        let mut h = Sha256::new();
+        h.update(self.platform.as_bytes());
+        h.update(file_identity(&spec.rootfs_image)?.as_bytes());
+        let start = serde_json::to_vec(&spec.start)
+            .map_err(|e| SandboxError::setup("cannot encode the start spec", e))?;
+        h.update((start.len() as u64).to_le_bytes());
+        h.update(&start);
+        h.update(spec.memory_mib.to_le_bytes());
+        Ok(SnapshotKey {
+            hex: hex::encode(h.finalize()),
+            about: About {
+                platform: self.platform.clone(),
+                rootfs_image: spec.rootfs_image.clone(),
+                argv: spec.start.argv.clone(),
+                memory_mib: spec.memory_mib,
+            },
+        })
+    }
+
+    fn entry(&self, key: &SnapshotKey) -> PathBuf {
+        self.root.join(&key.hex)
+    }
+
+    /// The `fnvm-vmm` snapshot directory for `key`, if a complete one exists.
+    pub fn find(&self, key: &SnapshotKey) -> Option<PathBuf> {
+        let dir = self.entry(key).join(VM_DIR);
+        dir.join(fnvm_vmm::snapshot::STATE_FILE)
+            .is_file()
+            .then_some(dir)
+    }
+
+    /// Claims the right to write `key`'s snapshot: `None` when it exists already or another
+    /// start of this process is writing it. The claim ends when the [`Writing`] is dropped.
+    pub fn begin_write(self: &Arc<Self>, key: &SnapshotKey) -> Option<Writing> {
+        if self.find(key).is_some() {
+            return None;
+        }
+        if !lock(&self.writing).insert(key.hex.clone()) {
+            return None;
+        }
+        let writing = Writing {
+            store: Arc::clone(self),
+            key: key.clone(),
+        };
+        let entry = self.entry(key);
+        if let Err(e) =
+            std::fs::create_dir_all(&entry).and_then(|()| write_about(&entry, &key.about))
+        {
+            tracing::warn!("cannot prepare the snapshot {}: {e}", entry.display());
+            return None;
+        }
+        Some(writing)
+    }
+
+    /// Forgets `key`'s snapshot (it failed to restore): the next boot start writes a new one.
+    pub fn invalidate(&self, key: &SnapshotKey, why: &str) {
+        let entry = self.entry(key);
+        tracing::warn!(snapshot = %key.hex, "removing an unusable snapshot: {why}");
+        // Renamed away first, so a concurrent start never finds half of it.
+        let doomed = self
+            .root
+            .join(format!(".{}.removed-{}", key.hex, std::process::id()));
+        if std::fs::rename(&entry, &doomed).is_ok() {
+            let _ = std::fs::remove_dir_all(&doomed);
+        }
+    }
+
+    fn prune_other_platforms(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let stale = if name.starts_with('.') {
+                // Leftovers of a crashed removal or write.
+                true
+            } else {
+                std::fs::read(path.join(ABOUT_FILE))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<About>(&b).ok())
+                    .is_none_or(|about| about.platform != self.platform)
+            };
+            if stale && self.find_dir_is_not_being_written(&name) {
+                tracing::info!("removing the snapshot {name} of another platform");
+                let _ = std::fs::remove_dir_all(&path);
+            }
+        }
+    }
+
+    fn find_dir_is_not_being_written(&self, name: &str) -> bool {
+        !lock(&self.writing).contains(name)
+    }
+}
+
+/// Writes `about.json` whole (temp file + rename), before the vmm writes the snapshot, so an
+/// entry always says which platform it belongs to.
+fn write_about(entry: &Path, about: &About) -> std::io::Result<()> {
+    let json = serde_json::to_vec_pretty(about).map_err(std::io::Error::other)?;
+    let tmp = entry.join(format!(".{ABOUT_FILE}.{}", std::process::id()));
+    std::fs::write(&tmp, json)
+        .and_then(|()| std::fs::rename(&tmp, entry.join(ABOUT_FILE)))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The claim to write one key's snapshot.
+pub struct Writing {
+    store: Arc<SnapshotStore>,
+    key: SnapshotKey,
+}
+
+impl Writing {
+    /// Where `fnvm-vmm` must write the snapshot (the directory must not exist).
+    pub fn vm_dir(&self) -> PathBuf {
+        self.store.entry(&self.key).join(VM_DIR)
+    }
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        lock(&self.store.writing).remove(&self.key.hex);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::{LogLine, StartSpec};
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        home: Home,
+        platform: Platform,
+        rootfs: PathBuf,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::resolve(Some(dir.path().join("home"))).unwrap();
+        let file = |name: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, name).unwrap();
+            p
+        };
+        let platform = Platform {
+            kernel: file("vmlinux"),
+            initramfs: file("agent.cpio"),
+            vmm: file("fnvm-vmm"),
+        };
+        let rootfs = file("rootfs.img");
+        Fixture {
+            _dir: dir,
+            home,
+            platform,
+            rootfs,
+        }
+    }
+
+    fn spec(rootfs: &Path, argv: &[&str], memory_mib: u32) -> InstanceSpec {
+        InstanceSpec {
+            id: "i".into(),
+            rootfs_image: rootfs.to_path_buf(),
+            start: StartSpec {
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                env: vec!["A=1".into()],
+                working_dir: "/".into(),
+                user: None,
+                ready_timeout_ms: 30_000,
+            },
+            memory_mib,
+            instance_dir: PathBuf::from("/nonexistent"),
+            snapshot: true,
+            on_log: Arc::new(|_: LogLine| {}),
+        }
+    }
+
+    /// Pretends to be fnvm-vmm writing a snapshot into the claimed directory.
+    fn write_fake_vm_dir(dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join(fnvm_vmm::snapshot::STATE_FILE), b"state").unwrap();
+    }
+
+    #[test]
+    fn every_part_of_a_function_version_changes_the_key() {
+        let f = fixture();
+        let store = SnapshotStore::open(&f.home, &f.platform).unwrap();
+        let base = store.key(&spec(&f.rootfs, &["srv"], 128)).unwrap();
+        assert_eq!(base, store.key(&spec(&f.rootfs, &["srv"], 128)).unwrap());
+        assert_ne!(
+            base,
+            store.key(&spec(&f.rootfs, &["srv", "-v"], 128)).unwrap()
+        );
+        assert_ne!(base, store.key(&spec(&f.rootfs, &["srv"], 256)).unwrap());
+        let mut env = spec(&f.rootfs, &["srv"], 128);
+        env.start.env.push("B=2".into());
+        assert_ne!(base, store.key(&env).unwrap());
+        // A rebuilt rootfs image (same path, new file) is another version.
+        std::fs::remove_file(&f.rootfs).unwrap();
+        std::fs::write(&f.rootfs, b"rebuilt rootfs").unwrap();
+        assert_ne!(base, store.key(&spec(&f.rootfs, &["srv"], 128)).unwrap());
+        // The instance's own id and directory are not part of the version.
+        let mut other = spec(&f.rootfs, &["srv"], 128);
+        other.id = "j".into();
+        other.instance_dir = PathBuf::from("/elsewhere");
+        assert_eq!(
+            store.key(&spec(&f.rootfs, &["srv"], 128)).unwrap(),
+            store.key(&other).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_written_snapshot_is_found_and_one_writer_per_key_at_a_time() {
+        let f = fixture();
+        let store = Arc::new(SnapshotStore::open(&f.home, &f.platform).unwrap());
+        let key = store.key(&spec(&f.rootfs, &["srv"], 128)).unwrap();
+        assert!(store.find(&key).is_none());
+        let writing = store.begin_write(&key).expect("first writer");
+        assert!(
+            store.begin_write(&key).is_none(),
+            "a second writer is refused"
+        );
+        write_fake_vm_dir(&writing.vm_dir());
+        let found = store.find(&key).expect("found after writing");
+        assert!(found.ends_with("vm"));
+        assert!(
+            store.begin_write(&key).is_none(),
+            "never rewritten while valid"
+        );
+        // A writer that gives up (the vmm failed) releases the key.
+        let other = store.key(&spec(&f.rootfs, &["other"], 128)).unwrap();
+        drop(store.begin_write(&other).unwrap());
+        assert!(store.begin_write(&other).is_some());
+    }
+
+    #[test]
+    fn an_invalid_snapshot_is_removed_and_written_again() {
+        let f = fixture();
+        let store = Arc::new(SnapshotStore::open(&f.home, &f.platform).unwrap());
+        let key = store.key(&spec(&f.rootfs, &["srv"], 128)).unwrap();
+        let w = store.begin_write(&key).unwrap();
+        write_fake_vm_dir(&w.vm_dir());
+        drop(w);
+        assert!(store.find(&key).is_some());
+        store.invalidate(&key, "test");
+        assert!(store.find(&key).is_none());
+        assert!(store.begin_write(&key).is_some());
+    }
+
+    #[test]
+    fn a_new_platform_prunes_the_old_platforms_snapshots() {
+        let f = fixture();
+        let store = Arc::new(SnapshotStore::open(&f.home, &f.platform).unwrap());
+        let key = store.key(&spec(&f.rootfs, &["srv"], 128)).unwrap();
+        let w = store.begin_write(&key).unwrap();
+        write_fake_vm_dir(&w.vm_dir());
+        // Reopening on the same platform keeps it.
+        let again = SnapshotStore::open(&f.home, &f.platform).unwrap();
+        assert!(again.find(&key).is_some());
+        // A rebuilt kernel: the old snapshot can never be used, so it goes.
+        std::fs::remove_file(&f.platform.kernel).unwrap();
+        std::fs::write(&f.platform.kernel, b"another kernel").unwrap();
+        let rebuilt = SnapshotStore::open(&f.home, &f.platform).unwrap();
+        let new_key = rebuilt.key(&spec(&f.rootfs, &["srv"], 128)).unwrap();
+        assert_ne!(new_key, key);
+        assert!(rebuilt.find(&new_key).is_none());
+        assert!(!f.home.root().join("snapshots").join(key.as_str()).exists());
+    }
+}
