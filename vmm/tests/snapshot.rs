@@ -1,7 +1,9 @@
 //! Snapshot and restore with tiny guests under /dev/kvm, through the `fnvm-vmm` binary: a guest
 //! that keeps counting (in a register, in memory and in a second register), prints the counter on
 //! COM1, writes it to a virtio-blk disk and checks 4 MiB of memory it filled at start is
-//! snapshotted mid-run through the API socket and restored in new `fnvm-vmm` processes.
+//! snapshotted mid-run through the API socket and restored in new `fnvm-vmm` processes; and a
+//! guest with a virtio-vsock driver whose live host stream is reset by a restore (the guest
+//! sees TRANSPORT_RESET) while a new host connection reaches it again.
 //!
 //! Without /dev/kvm each test prints one loud line to stderr and returns.
 
@@ -635,4 +637,337 @@ fn corrupted_truncated_or_foreign_snapshots_are_refused_with_exit_code_2() {
     let (mut vm, _) = restore(&s, "intact");
     vm.wait_lines(s.before.matches('\n').count() + 5);
     vm.stop();
+}
+
+// ---- vsock across a restore --------------------------------------------------------------
+
+const VQ_RX: u64 = 0x20_0000;
+const VQ_TX: u64 = 0x21_0000;
+const VQ_EV: u64 = 0x22_0000;
+const RX_BUFS: u64 = 0x30_0000;
+const TX_BUF: u64 = 0x31_0000;
+const EV_BUF: u64 = 0x32_0000;
+const VSOCK_PORT: u32 = 5000;
+
+/// A virtio-vsock driver in ~100 instructions (64-bit, polling, no interrupts): sets up the
+/// rx (4 buffers), tx and event queues, prints `V`; then forever: an event-queue entry prints
+/// `E` (after checking it is TRANSPORT_RESET, id 0) and forgets the stream; a REQUEST is
+/// answered with RESPONSE and prints `Q`; stream data (RW) is echoed back and prints `D`; an
+/// RST prints `X`. Each rx buffer is given back after use. Anything unexpected prints `BAD`.
+fn vsock_guest() -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut bad = a.create_label();
+    let line = |a: &mut CodeAssembler, b: u8| {
+        print_byte(a, b);
+        print_byte(a, b'\n');
+    };
+    // r10 = MMIO window, r12 = rx used seen, r13 = rx avail, r14 = tx avail, r15 = event used
+    // seen, rbx = event avail, rbp = stream bytes received (our fwd_cnt).
+    a.mov(r10, MMIO).unwrap();
+    let reg = |a: &mut CodeAssembler, off: i32, value: u32| {
+        a.mov(dword_ptr(r10 + off), value).unwrap();
+    };
+    reg(&mut a, 0x70, 0);
+    reg(&mut a, 0x70, 1);
+    reg(&mut a, 0x70, 3);
+    reg(&mut a, 0x24, 1);
+    reg(&mut a, 0x20, 1); // VIRTIO_F_VERSION_1
+    reg(&mut a, 0x24, 0);
+    reg(&mut a, 0x20, 0);
+    reg(&mut a, 0x70, 0xb);
+    for (q, base) in [(0u32, VQ_RX), (1, VQ_TX), (2, VQ_EV)] {
+        reg(&mut a, 0x30, q);
+        reg(&mut a, 0x38, 8);
+        reg(&mut a, 0x80, base as u32);
+        reg(&mut a, 0x84, 0);
+        reg(&mut a, 0x90, (base + 0x1000) as u32);
+        reg(&mut a, 0x94, 0);
+        reg(&mut a, 0xa0, (base + 0x2000) as u32);
+        reg(&mut a, 0xa4, 0);
+        reg(&mut a, 0x44, 1);
+    }
+    let desc = |a: &mut CodeAssembler, q: u64, i: u64, addr: u64, len: u32, flags: u32| {
+        a.mov(rax, addr).unwrap();
+        a.mov(qword_ptr(q + 16 * i), rax).unwrap();
+        a.mov(dword_ptr(q + 16 * i + 8), len).unwrap();
+        a.mov(word_ptr(q + 16 * i + 12), flags).unwrap();
+        a.mov(word_ptr(q + 16 * i + 14), 0u32).unwrap();
+    };
+    for i in 0..4u64 {
+        desc(&mut a, VQ_RX, i, RX_BUFS + i * 0x1000, 0x1000, 2);
+        a.mov(word_ptr(VQ_RX + 0x1000 + 4 + 2 * i), i as u32)
+            .unwrap();
+    }
+    a.mov(word_ptr(VQ_RX + 0x1000 + 2), 4u32).unwrap();
+    desc(&mut a, VQ_EV, 0, EV_BUF, 8, 2);
+    a.mov(word_ptr(VQ_EV + 0x1000 + 4), 0u32).unwrap();
+    a.mov(word_ptr(VQ_EV + 0x1000 + 2), 1u32).unwrap();
+    desc(&mut a, VQ_TX, 0, TX_BUF, 44, 0);
+    a.xor(r12, r12).unwrap();
+    a.mov(r13d, 4).unwrap();
+    a.xor(r14, r14).unwrap();
+    a.xor(r15, r15).unwrap();
+    a.mov(ebx, 1).unwrap();
+    a.xor(ebp, ebp).unwrap();
+    reg(&mut a, 0x70, 0xf); // DRIVER_OK
+    reg(&mut a, 0x50, 0);
+    reg(&mut a, 0x50, 2);
+    line(&mut a, b'V');
+
+    let mut main_loop = a.create_label();
+    let mut no_event = a.create_label();
+    let mut no_rx = a.create_label();
+    let mut send = a.create_label();
+    a.set_label(&mut main_loop).unwrap();
+    // Event queue.
+    a.movzx(eax, word_ptr(VQ_EV + 0x2000 + 2)).unwrap();
+    a.cmp(ax, r15w).unwrap();
+    a.je(no_event).unwrap();
+    a.inc(r15d).unwrap();
+    a.cmp(dword_ptr(EV_BUF), 0).unwrap(); // VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
+    a.jne(bad).unwrap();
+    a.mov(dword_ptr(EV_BUF), 0xffff_ffffu32).unwrap();
+    a.xor(ebp, ebp).unwrap();
+    line(&mut a, b'E');
+    a.mov(eax, ebx).unwrap();
+    a.and(eax, 7).unwrap();
+    a.mov(word_ptr(rax * 2 + (VQ_EV + 0x1000 + 4)), 0).unwrap();
+    a.inc(ebx).unwrap();
+    a.mov(word_ptr(VQ_EV + 0x1000 + 2), bx).unwrap();
+    reg(&mut a, 0x50, 2);
+    a.set_label(&mut no_event).unwrap();
+    // Rx queue: one packet per pass.
+    a.movzx(eax, word_ptr(VQ_RX + 0x2000 + 2)).unwrap();
+    a.cmp(ax, r12w).unwrap();
+    a.je(no_rx).unwrap();
+    a.mov(eax, r12d).unwrap();
+    a.and(eax, 7).unwrap();
+    a.mov(r9d, dword_ptr(rax * 8 + (VQ_RX + 0x2000 + 4)))
+        .unwrap(); // used id
+    a.and(r9d, 3).unwrap();
+    a.mov(r11, r9).unwrap();
+    a.shl(r11, 12).unwrap();
+    a.mov(rax, RX_BUFS).unwrap();
+    a.add(r11, rax).unwrap(); // r11 = the packet
+    a.inc(r12d).unwrap();
+    let mut not_request = a.create_label();
+    let mut not_rw = a.create_label();
+    let mut repost = a.create_label();
+    a.movzx(eax, word_ptr(r11 + 30)).unwrap();
+    a.cmp(eax, 1).unwrap(); // OP_REQUEST
+    a.jne(not_request).unwrap();
+    a.xor(ebp, ebp).unwrap();
+    a.mov(word_ptr(TX_BUF + 30), 2u32).unwrap(); // OP_RESPONSE
+    a.xor(ecx, ecx).unwrap();
+    a.call(send).unwrap();
+    line(&mut a, b'Q');
+    a.jmp(repost).unwrap();
+    a.set_label(&mut not_request).unwrap();
+    a.cmp(eax, 5).unwrap(); // OP_RW: echo the payload
+    a.jne(not_rw).unwrap();
+    a.mov(ecx, dword_ptr(r11 + 24)).unwrap();
+    a.cmp(ecx, 0x1000 - 44).unwrap();
+    a.ja(bad).unwrap();
+    a.add(ebp, ecx).unwrap();
+    a.lea(rsi, qword_ptr(r11 + 44)).unwrap();
+    a.mov(rdi, TX_BUF + 44).unwrap();
+    a.mov(r8d, ecx).unwrap();
+    a.rep().movsb().unwrap();
+    a.mov(ecx, r8d).unwrap();
+    a.mov(word_ptr(TX_BUF + 30), 5u32).unwrap();
+    a.call(send).unwrap();
+    line(&mut a, b'D');
+    a.jmp(repost).unwrap();
+    a.set_label(&mut not_rw).unwrap();
+    a.cmp(eax, 3).unwrap(); // OP_RST
+    a.jne(repost).unwrap();
+    line(&mut a, b'X');
+    a.set_label(&mut repost).unwrap();
+    a.mov(eax, r13d).unwrap();
+    a.and(eax, 7).unwrap();
+    a.mov(word_ptr(rax * 2 + (VQ_RX + 0x1000 + 4)), r9w)
+        .unwrap();
+    a.inc(r13d).unwrap();
+    a.mov(word_ptr(VQ_RX + 0x1000 + 2), r13w).unwrap();
+    reg(&mut a, 0x50, 0);
+    a.set_label(&mut no_rx).unwrap();
+    a.pause().unwrap();
+    a.jmp(main_loop).unwrap();
+
+    // send: a reply to the packet at r11, op already in TX_BUF+30, ecx payload bytes already
+    // at TX_BUF+44. Waits until the device used it.
+    a.set_label(&mut send).unwrap();
+    a.mov(rax, qword_ptr(r11 + 8)).unwrap();
+    a.mov(qword_ptr(TX_BUF), rax).unwrap(); // src_cid = their dst_cid
+    a.mov(rax, qword_ptr(r11)).unwrap();
+    a.mov(qword_ptr(TX_BUF + 8), rax).unwrap(); // dst_cid = their src_cid
+    a.mov(eax, dword_ptr(r11 + 20)).unwrap();
+    a.mov(dword_ptr(TX_BUF + 16), eax).unwrap(); // src_port = their dst_port
+    a.mov(eax, dword_ptr(r11 + 16)).unwrap();
+    a.mov(dword_ptr(TX_BUF + 20), eax).unwrap(); // dst_port = their src_port
+    a.mov(dword_ptr(TX_BUF + 24), ecx).unwrap(); // len
+    a.mov(word_ptr(TX_BUF + 28), 1u32).unwrap(); // TYPE_STREAM
+    a.mov(dword_ptr(TX_BUF + 32), 0u32).unwrap(); // flags
+    a.mov(dword_ptr(TX_BUF + 36), 0x1_0000u32).unwrap(); // buf_alloc
+    a.mov(dword_ptr(TX_BUF + 40), ebp).unwrap(); // fwd_cnt
+    a.lea(eax, dword_ptr(rcx + 44)).unwrap();
+    a.mov(dword_ptr(VQ_TX + 8), eax).unwrap();
+    a.mov(eax, r14d).unwrap();
+    a.and(eax, 7).unwrap();
+    a.mov(word_ptr(rax * 2 + (VQ_TX + 0x1000 + 4)), 0).unwrap();
+    a.inc(r14d).unwrap();
+    a.mov(word_ptr(VQ_TX + 0x1000 + 2), r14w).unwrap();
+    reg(&mut a, 0x50, 1);
+    a.mov(ecx, 50_000_000).unwrap();
+    let mut wait = a.create_label();
+    let mut sent = a.create_label();
+    a.set_label(&mut wait).unwrap();
+    a.movzx(eax, word_ptr(VQ_TX + 0x2000 + 2)).unwrap();
+    a.cmp(ax, r14w).unwrap();
+    a.je(sent).unwrap();
+    a.pause().unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(wait).unwrap();
+    print_byte(&mut a, b'T');
+    a.jmp(bad).unwrap();
+    a.set_label(&mut sent).unwrap();
+    a.ret().unwrap();
+
+    a.set_label(&mut bad).unwrap();
+    for b in b"BAD\n" {
+        print_byte(&mut a, *b);
+    }
+    let mut spin = a.create_label();
+    a.set_label(&mut spin).unwrap();
+    a.pause().unwrap();
+    a.jmp(spin).unwrap();
+    a.assemble(BASE + 0x78).unwrap()
+}
+
+/// Waits until the console shows `want` (panics with the console otherwise).
+fn wait_console(vm: &mut Vmm, want: &str) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let text = vm.text();
+        assert!(!text.contains("BAD"), "guest detected a fault:\n{text}");
+        if text.contains(want) {
+            return;
+        }
+        if let Ok(Some(status)) = vm.child.try_wait() {
+            let mut err = String::new();
+            let _ = vm.child.stderr.take().unwrap().read_to_string(&mut err);
+            panic!("fnvm-vmm ended ({status}): {err}\nconsole:\n{text}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {want:?}; console:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A host stream to the guest's port through the vsock Unix socket; returns it after `OK`.
+fn vsock_connect(uds: &Path, port: u32) -> UnixStream {
+    let deadline = Instant::now() + TIMEOUT;
+    let mut s = loop {
+        match UnixStream::connect(uds) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "vsock socket {uds:?}: {e}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    };
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while b[0] != b'\n' {
+        s.read_exact(&mut b).expect("no OK from the guest");
+        line.push(b[0]);
+    }
+    let line = String::from_utf8(line).unwrap();
+    assert!(line.starts_with("OK "), "{line:?}");
+    s
+}
+
+fn echo(s: &mut UnixStream, msg: &[u8]) {
+    s.write_all(msg).unwrap();
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back).expect("the guest did not echo");
+    assert_eq!(back, msg);
+}
+
+#[test]
+fn vsock_stream_is_reset_by_a_restore_and_a_new_host_connection_reaches_the_guest() {
+    if !kvm_available("snapshot_vsock") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("vsock.elf");
+    std::fs::write(&kernel, elf64(&vsock_guest())).unwrap();
+    let sock = dir.path().join("api.sock");
+    let uds1 = dir.path().join("v1.sock");
+    let mut vm = Vmm::spawn(&[
+        "--kernel".as_ref(),
+        kernel.as_os_str(),
+        "--memory".as_ref(),
+        "32".as_ref(),
+        "--vsock".as_ref(),
+        uds1.as_os_str(),
+        "--api-sock".as_ref(),
+        sock.as_os_str(),
+    ]);
+    wait_for_socket(&sock);
+    wait_console(&mut vm, "V\n");
+    // A live stream before the snapshot: request accepted, data echoed.
+    let mut old = vsock_connect(&uds1, VSOCK_PORT);
+    echo(&mut old, b"before the snapshot");
+    wait_console(&mut vm, "Q\nD\n");
+    let snap = dir.path().join("snap");
+    let r = api(
+        &sock,
+        &format!(
+            r#"{{"op":"snapshot","dir":{:?}}}"#,
+            snap.display().to_string()
+        ),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    // The stream still works after the snapshot, in the original VM.
+    echo(&mut old, b"still here");
+    let (before, _) = vm.stop();
+    assert!(
+        !before.contains('E'),
+        "no reset before the restore:\n{before}"
+    );
+    // The original process is gone and with it the host side of the stream.
+    let mut b = [0u8; 1];
+    assert!(
+        matches!(old.read(&mut b), Ok(0) | Err(_)),
+        "the old host stream is still open"
+    );
+    assert!(!uds1.exists(), "the original vsock socket was left behind");
+
+    let uds2 = dir.path().join("v2.sock");
+    let mut restored = Vmm::spawn(&[
+        "--restore".as_ref(),
+        snap.as_os_str(),
+        "--vsock".as_ref(),
+        uds2.as_os_str(),
+    ]);
+    // The guest's event queue gets VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (the guest checks the
+    // id) before anything else; the driver was not re-initialised.
+    wait_console(&mut restored, "E\n");
+    let text = restored.text();
+    assert!(text.starts_with("E\n"), "{text}");
+    assert!(!text.contains('V'), "{text}");
+    // A new host connection reaches the restored guest, and a stream works end to end.
+    let mut new = vsock_connect(&uds2, VSOCK_PORT);
+    echo(&mut new, b"after the restore");
+    echo(&mut new, b"and again");
+    wait_console(&mut restored, "E\nQ\nD\n");
+    let (after, _) = restored.stop();
+    assert_eq!(after.matches('E').count(), 1, "{after}");
+    assert_eq!(after.matches('Q').count(), 1, "{after}");
+    assert!(!after.contains('X'), "{after}");
 }
