@@ -8,6 +8,8 @@
 //! → {"op":"snapshot","dir":"/x/snap"}  ← {"ok":true,"snapshot_ms":12.3}
 //! → {"op":"resume"}                    ← {"ok":true}
 //! → {"op":"metrics"}                   ← {"ok":true,"paused":false,"restore":{...}}
+//! → {"op":"restore","dir":"/x/snap","disks":["/x/copy.img"],"vsock":"/x/v.sock"}
+//!                                      ← {"ok":true,"restore_ms":0.4} (standby VMM only)
 //! anything else                        ← {"ok":false,"error":"..."}
 //! ```
 //! `snapshot` on a running VM pauses it for the snapshot and resumes it afterwards.
@@ -44,8 +46,20 @@ use crate::vm::VirtioSlot;
 pub enum Request {
     Pause,
     Resume,
-    Snapshot { dir: PathBuf },
+    Snapshot {
+        dir: PathBuf,
+    },
     Metrics,
+    /// Only for a standby VMM (`fnvm-vmm --standby`, see [`crate::standby`]): become the VM
+    /// saved in `dir`, with `disks` as the backing files of its disks in slot order and
+    /// `vsock` as its vsock device's new socket path.
+    Restore {
+        dir: PathBuf,
+        #[serde(default)]
+        disks: Vec<PathBuf>,
+        #[serde(default)]
+        vsock: Option<PathBuf>,
+    },
 }
 
 /// How a restored VM came back: when it resumed and its first I/O (times since the VMM
@@ -85,16 +99,19 @@ pub struct Response {
     pub snapshot_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub restore: Option<RestoreMetrics>,
+    /// A standby VMM's `restore`: request received → VM state restored, vCPUs about to run.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub restore_ms: Option<f64>,
 }
 
 impl Response {
-    fn ok() -> Self {
+    pub fn ok() -> Self {
         Response {
             ok: true,
             ..Default::default()
         }
     }
-    fn err(e: impl std::fmt::Display) -> Self {
+    pub fn err(e: impl std::fmt::Display) -> Self {
         Response {
             ok: false,
             error: Some(e.to_string()),
@@ -222,6 +239,9 @@ impl ControlCore {
                     Err(e) => Response::err(e),
                 }
             }
+            Request::Restore { .. } => Response::err(
+                "this VM is already running: only a standby fnvm-vmm (--standby) restores",
+            ),
             Request::Metrics => Response {
                 paused: Some(self.vcpus.is_paused()),
                 restore: self.metrics(),
@@ -411,7 +431,8 @@ fn connection_handler(
             let resp = match serde_json::from_str::<Request>(text) {
                 Ok(req) => lock(&core).handle(ctl, req),
                 Err(e) => Response::err(format!(
-                    "bad request {text:?}: {e} (ops: pause, resume, snapshot {{dir}}, metrics)"
+                    "bad request {text:?}: {e} (ops: pause, resume, snapshot {{dir}}, metrics, \
+                     restore {{dir, disks, vsock}})"
                 )),
             };
             let mut out = serde_json::to_vec(&resp).unwrap_or_default();

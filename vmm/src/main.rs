@@ -20,6 +20,7 @@ usage: fnvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MiB]
                 [--vcpus N] [--disk PATH[:ro]]... [--vsock PATH [--vsock-cid N]]
                 [--api-sock PATH]
        fnvm-vmm --restore DIR [--disk PATH[:ro]]... [--vsock PATH] [--api-sock PATH]
+       fnvm-vmm --standby [--memory MiB] [--vcpus N] --api-sock PATH
 
   --kernel PATH      Linux bzImage or vmlinux (64-bit Linux boot protocol); any other
                      ELF64 or ELF32 with a Xen PVH note: 32-bit PVH entry, EBX =
@@ -51,6 +52,16 @@ usage: fnvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MiB]
                      or truncated one, is refused (exit code 2). On exit, a second stderr
                      line reports the restore: `fnvm-vmm: restored, resumed at X ms; first
                      guest I/O at Y ms after N minor + M major page faults`
+  --standby          create the VM (guest RAM, vCPUs, irqchip) now and wait on the API
+                     socket for {\"op\":\"restore\",\"dir\":\"DIR\",\"disks\":[\"PATH\",...],
+                     \"vsock\":\"PATH\"} (disks and vsock as --disk and --vsock of --restore);
+                     the snapshot's memory file is then mapped over the standby's RAM and
+                     the guest continues. The snapshot must have --memory MiB of RAM and
+                     --vcpus vCPUs; one that does not fit is refused ({\"ok\":false,...}) and
+                     the VMM keeps waiting. The reply {\"ok\":true,\"restore_ms\":X} comes
+                     just before the vCPUs run and that connection closes; later requests
+                     (pause, snapshot, metrics) use new connections. Restore times in the
+                     exit report and metrics count from the request, not process start
 
 The console is on stdout; stdin (when it is a pipe or terminal) feeds the guest's serial
 input; a terminal is put in raw mode (Ctrl-C still stops the VM) and restored on exit.
@@ -71,6 +82,7 @@ exit codes:
 
 struct Args {
     restore: Option<PathBuf>,
+    standby: bool,
     api_sock: Option<PathBuf>,
     kernel: PathBuf,
     initrd: Option<PathBuf>,
@@ -92,6 +104,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
     let mut vsock = None;
     let mut vsock_cid = 3u64;
     let mut restore = None;
+    let mut standby = false;
     let mut api_sock = None;
     let mut boot_only = Vec::new();
     while let Some(arg) = argv.next() {
@@ -101,6 +114,10 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
         };
         if flag == "--help" || flag == "-h" {
             return Ok(None);
+        }
+        if flag == "--standby" {
+            standby = true;
+            continue;
         }
         let mut value = || {
             inline
@@ -160,12 +177,38 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
             ));
         }
     }
+    if standby {
+        let not_with_standby = ["--restore", "--kernel", "--initrd", "--cmdline"];
+        let given = [
+            restore.is_some(),
+            kernel.is_some(),
+            initrd.is_some(),
+            cmdline != DEFAULT_CMDLINE,
+        ];
+        if let Some((flag, _)) = not_with_standby.iter().zip(given).find(|(_, g)| *g) {
+            return Err(format!(
+                "{flag} cannot be used with --standby (the restore request names the snapshot)"
+            ));
+        }
+        if !disks.is_empty() || vsock.is_some() || boot_only.iter().any(|f| f == "--vsock-cid") {
+            return Err(
+                "--disk, --vsock and --vsock-cid cannot be used with --standby (the restore \
+                 request gives disks and vsock)"
+                    .into(),
+            );
+        }
+        if api_sock.is_none() {
+            return Err("--standby needs --api-sock PATH (restore requests come there)".into());
+        }
+    }
     let kernel = match (&restore, kernel) {
         (Some(_), _) => PathBuf::new(),
+        (None, _) if standby => PathBuf::new(),
         (None, k) => k.ok_or("--kernel PATH is required (see --help)")?,
     };
     Ok(Some(Args {
         restore,
+        standby,
         api_sock,
         kernel,
         initrd,
@@ -225,6 +268,7 @@ fn main() -> ExitCode {
     let mut vm = None;
     let result = match &args.restore {
         Some(dir) => restore(&args, dir, start, &mut vm),
+        None if args.standby => standby(&args, &mut vm),
         None => run(&args, &mut vm),
     };
     let code = match result {
@@ -298,6 +342,32 @@ fn restore(
     if let Some(path) = &args.api_sock {
         vm.serve_api(path).map_err(|e| bad(&e))?;
     }
+    run_vm(vm)
+}
+
+/// `--standby`: the VM now, the snapshot when a restore request names it.
+fn standby(args: &Args, slot: &mut Option<Vm>) -> Result<VmExit, (String, u8)> {
+    let bad = |e: &dyn std::fmt::Display| (format!("bad input: {e}"), code::BAD_INPUT);
+    let standby =
+        fnvm_vmm::standby::Standby::new(args.memory_mib, args.vcpus).map_err(|e| bad(&e))?;
+    let path = args
+        .api_sock
+        .as_deref()
+        .ok_or_else(|| bad(&"--standby needs --api-sock"))?;
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
+        bad(&format!(
+            "cannot bind the API socket {}: {e}",
+            path.display()
+        ))
+    })?;
+    let console = fnvm_vmm::standby::Console {
+        output: Box::new(std::io::stdout()),
+        input: Some(libc::STDIN_FILENO),
+    };
+    let vm =
+        fnvm_vmm::standby::serve_until_restore(standby, &listener, console).map_err(|e| bad(&e))?;
+    let vm = slot.insert(vm);
+    vm.serve_api_listener(listener);
     run_vm(vm)
 }
 

@@ -211,6 +211,56 @@ pub fn validate_vcpus(vcpus: u8) -> Result<(), VmError> {
     Ok(())
 }
 
+/// The host-kernel half of a VM: the KVM VM with guest memory registered, TSS, in-kernel
+/// irqchip and PIT, and its vCPUs. It holds every step of a VM set-up that can wait on the
+/// host kernel, which is why a standby VMM ([`crate::standby`]) creates it ahead of demand.
+pub(crate) struct KvmVm {
+    pub(crate) kvm: Kvm,
+    fd: VmFd,
+    vcpus: Vec<Vcpu>,
+}
+
+impl KvmVm {
+    /// Creates the VM for guest RAM `mem` (which must outlive it) with `vcpus` vCPUs.
+    pub(crate) fn create(
+        kvm: Kvm,
+        mem: &GuestMemory,
+        irqchip: bool,
+        vcpus: u8,
+    ) -> Result<Self, VmError> {
+        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        // Memory slots go in first, before anything else touches the VM's SRCU: each slot
+        // change waits for an SRCU grace period, which is immediate on a fresh VM but, once
+        // KVM_CREATE_IRQCHIP has queued its own (non-expedited, one-jiffy-delayed) grace
+        // period, waits for that one too: 4-8 ms at HZ=250, measured. The TSS address (a
+        // private memory slot on VMX) likewise.
+        register_memory(&fd, mem)?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        if irqchip {
+            fd.create_irq_chip()
+                .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+            let pit = kvm_pit_config {
+                flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        }
+        let mut vcpu_list = Vec::with_capacity(vcpus as usize);
+        for id in 0..vcpus {
+            let vcpu_fd = fd
+                .create_vcpu(id as u64)
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vcpu_list.push(Vcpu::new(id, vcpu_fd));
+        }
+        Ok(Self {
+            kvm,
+            fd,
+            vcpus: vcpu_list,
+        })
+    }
+}
+
 pub struct Vm {
     kvm: Kvm,
     fd: Arc<VmFd>,
@@ -241,6 +291,10 @@ pub struct Vm {
     /// Set by [`Vm::restore`]: the VM runs from restored state, no program needed.
     restored: Option<(Instant, Arc<FirstIo>)>,
     restore_metrics: Option<Arc<Mutex<ControlCore>>>,
+    /// A standby VM's own anonymous RAM mapping, now overlaid by the snapshot's memory file
+    /// (`mem` is a non-owning view of the same addresses): it unmaps them when the Vm is
+    /// dropped, so it is the last field.
+    backing: Option<GuestMemory>,
 }
 
 impl Vm {
@@ -257,41 +311,18 @@ impl Vm {
         legacy: Option<(&SerialDeviceState, &I8042State)>,
     ) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        Self::build_with(kvm, config, mem, legacy)
+        let kvm_vm = KvmVm::create(kvm, &mem, config.irqchip, config.vcpus)?;
+        Self::build_with(kvm_vm, config, mem, legacy)
     }
 
-    fn build_with(
-        kvm: Kvm,
+    /// The VM around an existing [`KvmVm`] whose memory slots describe `mem`.
+    pub(crate) fn build_with(
+        kvm_vm: KvmVm,
         config: VmConfig,
         mem: GuestMemory,
         legacy: Option<(&SerialDeviceState, &I8042State)>,
     ) -> Result<Self, VmError> {
-        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        // Memory slots go in first, before anything else touches the VM's SRCU: each slot
-        // change waits for an SRCU grace period, which is immediate on a fresh VM but, once
-        // KVM_CREATE_IRQCHIP has queued its own (non-expedited, one-jiffy-delayed) grace
-        // period, waits for that one too: 4-8 ms at HZ=250, measured. The TSS address (a
-        // private memory slot on VMX) likewise.
-        register_memory(&fd, &mem)?;
-        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        if config.irqchip {
-            fd.create_irq_chip()
-                .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-            let pit = kvm_pit_config {
-                flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
-                ..Default::default()
-            };
-            fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-        }
-        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
-        for id in 0..config.vcpus {
-            let vcpu_fd = fd
-                .create_vcpu(id as u64)
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            vcpus.push(Vcpu::new(id, vcpu_fd));
-        }
-
+        let KvmVm { kvm, fd, vcpus } = kvm_vm;
         let exit = Arc::new(ExitSlot::new().map_err(io_err("exit eventfd"))?);
         let stop_evt = Arc::new(new_eventfd("stop eventfd")?);
         let console_watch = Arc::new(ConsoleWatch::new().map_err(io_err("console watch eventfd"))?);
@@ -462,6 +493,7 @@ impl Vm {
             api: None,
             restored: None,
             restore_metrics: None,
+            backing: None,
         })
     }
 
@@ -481,6 +513,12 @@ impl Vm {
         Ok(())
     }
 
+    /// Serves the control API on an already bound listener (a standby VMM's, which keeps its
+    /// socket across the restore).
+    pub fn serve_api_listener(&mut self, listener: UnixListener) {
+        self.api = Some(listener);
+    }
+
     /// How the restore went so far (None unless this VM was restored and has run).
     pub fn restore_metrics(&self) -> Option<RestoreMetrics> {
         self.restore_metrics
@@ -495,39 +533,35 @@ impl Vm {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let here = snapshot::host_identity(&kvm)?;
         let loaded = snapshot::load(&config.dir, &here)?;
-        let state = &loaded.state;
-        let vcpus = u8::try_from(state.vcpus.len())
-            .map_err(|_| VmError::Restore("too many vCPUs in the snapshot".into()))?;
-        validate_vcpus(vcpus)?;
-        let mem = snapshot::memory::map_private(&loaded.memory_path(), &state.regions)
+        let vcpus = snapshot_vcpus(&loaded.state)?;
+        let mem = snapshot::memory::map_private(&loaded.memory_path(), &loaded.state.regions)
             .map_err(io_err("mapping the snapshot memory file"))?;
+        let kvm_vm = KvmVm::create(kvm, &mem, loaded.state.irqchip, vcpus)?;
+        Self::finish_restore(kvm_vm, mem, None, &loaded, config)
+    }
+
+    /// The rest of a restore once the KVM VM exists and `mem` holds the snapshot's memory:
+    /// devices, vCPU and irqchip state. `backing` is a standby VM's own RAM mapping that
+    /// `mem` overlays (kept until the Vm is dropped).
+    pub(crate) fn finish_restore(
+        kvm_vm: KvmVm,
+        mem: GuestMemory,
+        backing: Option<GuestMemory>,
+        loaded: &snapshot::Loaded,
+        config: RestoreConfig,
+    ) -> Result<Self, VmError> {
+        let state = &loaded.state;
         let vm_config = VmConfig {
             memory_mib: state.memory_mib,
-            vcpus,
+            vcpus: kvm_vm.vcpus.len() as u8,
             console: config.console,
             console_input: config.console_input,
             irqchip: state.irqchip,
         };
-        let mut vm = Self::build_with(kvm, vm_config, mem, Some((&state.serial, &state.i8042)))?;
-        for (index, slot) in state.virtio.iter().enumerate() {
-            let path = match &slot.device {
-                crate::devices::virtio::VirtioDeviceState::Block(b) => {
-                    match config.disks.get(&index) {
-                        Some(p) => Some(p.clone()),
-                        None if b.read_only => None,
-                        None => {
-                            return Err(VmError::Restore(format!(
-                                "disk {index} is writable: give it its own copy of {}                                  (e.g. --disk COPY in slot order)",
-                                config
-                                    .dir
-                                    .join(slot.disk_copy.as_deref().unwrap_or("disk-N.img"))
-                                    .display()
-                            )))
-                        }
-                    }
-                }
-                crate::devices::virtio::VirtioDeviceState::Vsock(_) => config.vsock.clone(),
-            };
+        let mut vm = Self::build_with(kvm_vm, vm_config, mem, Some((&state.serial, &state.i8042)))?;
+        vm.backing = backing;
+        let backing = virtio_backing(state, &config.dir, &config.disks, config.vsock.as_ref())?;
+        for ((index, slot), path) in state.virtio.iter().enumerate().zip(backing) {
             vm.restore_virtio_slot(index, slot, path)?;
         }
         for (vcpu, saved) in vm.vcpus.iter().zip(&state.vcpus) {
@@ -992,6 +1026,45 @@ impl Vm {
             (_, exit) => exit,
         })
     }
+}
+
+/// What each of the snapshot's virtio devices runs on in the restored VM: the given disk
+/// backing file by slot index (a read-only disk may keep its saved path), the vsock's new
+/// socket path. A writable disk without its own copy is an error.
+pub(crate) fn virtio_backing(
+    state: &snapshot::VmState,
+    dir: &Path,
+    disks: &HashMap<usize, PathBuf>,
+    vsock: Option<&PathBuf>,
+) -> Result<Vec<Option<PathBuf>>, VmError> {
+    use crate::devices::virtio::VirtioDeviceState;
+    let mut out = Vec::with_capacity(state.virtio.len());
+    for (index, slot) in state.virtio.iter().enumerate() {
+        out.push(match &slot.device {
+            VirtioDeviceState::Block(b) => match disks.get(&index) {
+                Some(p) => Some(p.clone()),
+                None if b.read_only => None,
+                None => {
+                    return Err(VmError::Restore(format!(
+                        "disk {index} is writable: give it its own copy of {} \
+                         (e.g. --disk COPY in slot order)",
+                        dir.join(slot.disk_copy.as_deref().unwrap_or("disk-N.img"))
+                            .display()
+                    )))
+                }
+            },
+            VirtioDeviceState::Vsock(_) => vsock.cloned(),
+        });
+    }
+    Ok(out)
+}
+
+/// The snapshot's vCPU count, checked against this host.
+pub(crate) fn snapshot_vcpus(state: &snapshot::VmState) -> Result<u8, VmError> {
+    let vcpus = u8::try_from(state.vcpus.len())
+        .map_err(|_| VmError::Restore("too many vCPUs in the snapshot".into()))?;
+    validate_vcpus(vcpus)?;
+    Ok(vcpus)
 }
 
 /// Registers every guest memory region as a KVM memory slot.

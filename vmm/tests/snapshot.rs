@@ -971,3 +971,144 @@ fn vsock_stream_is_reset_by_a_restore_and_a_new_host_connection_reaches_the_gues
     assert_eq!(after.matches('Q').count(), 1, "{after}");
     assert!(!after.contains('X'), "{after}");
 }
+
+// ---- standby VMM -------------------------------------------------------------------------
+
+#[test]
+fn standby_vmm_restores_the_counting_guest_which_continues_exactly() {
+    if !kvm_available("snapshot_standby") {
+        return;
+    }
+    let s = boot_and_snapshot("64");
+    let at_pause = counters(&s.before).last().copied().unwrap();
+    let sock = s.dir.path().join("standby.sock");
+    let mut vm = Vmm::spawn(&[
+        "--standby".as_ref(),
+        "--memory".as_ref(),
+        "64".as_ref(),
+        "--api-sock".as_ref(),
+        sock.as_os_str(),
+    ]);
+    wait_for_socket(&sock);
+    // Requests that do not fit are refused and the standby keeps waiting.
+    let r = api(&sock, r#"{"op":"pause"}"#);
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("standby"), "{r}");
+    let small = s.dir.path().join("small");
+    {
+        // A 32 MiB snapshot of the same guest: the RAM layout differs.
+        let t = boot_and_snapshot("32");
+        copy_dir(&t.snap, &small);
+    }
+    let r = api(
+        &sock,
+        &format!(
+            r#"{{"op":"restore","dir":{:?}}}"#,
+            small.display().to_string()
+        ),
+    );
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("32 MiB in 1 region(s), this VM's 64 MiB"),
+        "{r}"
+    );
+    // Writable disk without its own copy, or a copy that does not exist: refused too,
+    // before anything changes.
+    let r = api(
+        &sock,
+        &format!(
+            r#"{{"op":"restore","dir":{:?}}}"#,
+            s.snap.display().to_string()
+        ),
+    );
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("is writable"), "{r}");
+    let r = api(
+        &sock,
+        &format!(
+            r#"{{"op":"restore","dir":{:?},"disks":["/nonexistent/copy.img"]}}"#,
+            s.snap.display().to_string()
+        ),
+    );
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/copy.img"),
+        "{r}"
+    );
+
+    let copy = s.dir.path().join("standby-copy.img");
+    fnvm_vmm::snapshot::memory::copy_sparse(&s.snap.join("disk-0.img"), &copy).unwrap();
+    let r = api(
+        &sock,
+        &format!(
+            r#"{{"op":"restore","dir":{:?},"disks":[{:?}]}}"#,
+            s.snap.display().to_string(),
+            copy.display().to_string()
+        ),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(r["restore_ms"].as_f64().unwrap() > 0.0, "{r}");
+    // The guest re-reads its 4 MiB pattern, which only the snapshot's memory file holds
+    // (the standby's own RAM is zero): it continues counting from where it was paused.
+    let lines_before = s.before.matches('\n').count();
+    vm.wait_lines(66);
+    let m = api(&sock, r#"{"op":"metrics"}"#);
+    assert_eq!(m["ok"], true, "{m}");
+    assert!(m["restore"]["first_io"]["at_us"].as_u64().is_some(), "{m}");
+    // A running VM refuses another restore.
+    let r = api(
+        &sock,
+        &format!(
+            r#"{{"op":"restore","dir":{:?}}}"#,
+            s.snap.display().to_string()
+        ),
+    );
+    assert_eq!(r["ok"], false, "{r}");
+    let (after, stderr) = vm.stop();
+    let values = counters(&format!("{}{}", s.before, after));
+    assert_consecutive(&values, 1);
+    assert!(values.len() >= lines_before + 60);
+    assert!(
+        stderr.contains("fnvm-vmm: restored, resumed at"),
+        "{stderr}"
+    );
+    let disk = disk_counters(&copy);
+    for (sector, v) in disk.iter().enumerate() {
+        assert_eq!(v % SECTORS, sector as u64, "sector {sector}: {v}");
+    }
+    assert!(*disk.iter().max().unwrap() > at_pause + 30);
+    assert!(!sock.exists(), "the API socket was left behind");
+}
+
+#[test]
+fn standby_refuses_boot_and_restore_arguments() {
+    for extra in [
+        &["--kernel", "/nonexistent"][..],
+        &["--restore", "/nonexistent"][..],
+        &["--disk", "/nonexistent"][..],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_fnvm-vmm"))
+            .args(["--standby", "--api-sock", "/nonexistent/api.sock"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("cannot be used with --standby"), "{stderr}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_fnvm-vmm"))
+        .arg("--standby")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--standby needs --api-sock"), "{stderr}");
+}

@@ -186,6 +186,83 @@ pub fn map_private(path: &Path, regions: &[RegionLayout]) -> io::Result<GuestMem
     GuestMemory::from_regions(out).map_err(|e| io::Error::other(e.to_string()))
 }
 
+/// Maps the memory file privately over guest RAM that already exists and is registered with
+/// KVM (a standby VM's anonymous regions): same addresses (MAP_FIXED), so KVM's memory slots
+/// stay valid and its MMU notifier drops whatever it had mapped from the replaced pages. The
+/// result is a non-owning view; `over` keeps owning (and finally unmapping) the addresses.
+///
+/// `regions` must describe exactly the regions of `over`, in order (checked).
+///
+/// # Safety
+/// Nothing may hold references into `over`'s memory across this call (its contents are
+/// replaced), and `over` must outlive every use of the returned memory.
+pub unsafe fn map_private_over(
+    path: &Path,
+    regions: &[RegionLayout],
+    over: &GuestMemory,
+) -> io::Result<GuestMemory> {
+    if layout_matches(regions, over).is_err() {
+        return Err(io::Error::other(
+            "the snapshot's memory regions differ from this VM's",
+        ));
+    }
+    let file = std::sync::Arc::new(File::open(path)?);
+    let mut out = Vec::with_capacity(regions.len());
+    for r in regions {
+        let host = over
+            .get_host_address(GuestAddress(r.guest_addr))
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let offset = libc::off_t::try_from(r.file_offset)
+            .map_err(|_| io::Error::other("memory file offset out of range"))?;
+        // SAFETY: `host..host+len` is a mapping owned by `over` (checked above: same region
+        // start and length); replacing it in place is what the caller allowed.
+        let addr = unsafe {
+            libc::mmap(
+                host as *mut libc::c_void,
+                r.len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                offset,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `host` now starts a live mapping of `r.len` bytes that `over` keeps (and
+        // unmaps) for as long as the caller keeps it.
+        let builder = unsafe { MmapRegionBuilder::new(r.len as usize).with_raw_mmap_pointer(host) };
+        let mapping = builder
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
+            .build()
+            .map_err(|e| io::Error::other(format!("memory region view: {e}")))?;
+        out.push(
+            GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
+                .ok_or_else(|| io::Error::other("memory region past the address space"))?,
+        );
+    }
+    GuestMemory::from_regions(out).map_err(|e| io::Error::other(e.to_string()))
+}
+
+/// Ok if `regions` are exactly `mem`'s regions (start and length, in order); else a message.
+pub fn layout_matches(regions: &[RegionLayout], mem: &GuestMemory) -> Result<(), String> {
+    let ours: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+    let theirs: Vec<(u64, u64)> = regions.iter().map(|r| (r.guest_addr, r.len)).collect();
+    if ours == theirs {
+        Ok(())
+    } else {
+        Err(format!(
+            "the snapshot's guest RAM is {} MiB in {} region(s), this VM's {} MiB in {}",
+            theirs.iter().map(|r| r.1).sum::<u64>() >> 20,
+            theirs.len(),
+            ours.iter().map(|r| r.1).sum::<u64>() >> 20,
+            ours.len()
+        ))
+    }
+}
+
 /// Copies a disk image the cheap way: a reflink where the filesystem can share extents,
 /// otherwise only its data ranges (holes stay holes). Never a full byte-for-byte copy of a
 /// mostly empty 512 MiB writable layer.
