@@ -236,47 +236,31 @@ fn converse(
     connect_timeout: Duration,
     wait: Duration,
 ) -> Result<Control, SandboxError> {
-    let stream = connect_control(transport, &exit, dead, connect_timeout)?;
     let agent_error =
         |what: &str, e: &dyn std::fmt::Display| SandboxError::Agent(format!("{what}: {e}"));
-
-    stream
-        .set_read_timeout(Some(HELLO_TIMEOUT))
-        .map_err(|e| agent_error("cannot set up the control stream", &e))?;
-    let mut writer = stream
-        .try_clone()
-        .map_err(|e| agent_error("cannot set up the control stream", &e))?;
-    let mut reader = BufReader::new(
-        stream
-            .try_clone()
-            .map_err(|e| agent_error("cannot set up the control stream", &e))?,
-    );
-    protocol::write_message(
-        &mut writer,
-        &HostMessage::Hello {
-            version: PROTOCOL_VERSION,
-        },
-    )
-    .map_err(|e| agent_error("cannot greet the agent", &e))?;
-    match protocol::read_message::<_, AgentMessage>(&mut reader) {
-        Ok(Some(AgentMessage::Hello { version, agent, .. })) => {
-            protocol::check_version(version).map_err(|e| agent_error("incompatible agent", &e))?;
-            tracing::debug!("agent {agent} speaks protocol {version}");
+    // A stream reset before the agent's Hello is retried until the deadline: after a restore
+    // the guest may still be handling the vsock transport reset when the first connection
+    // arrives, and that reset can take the new stream with it.
+    let deadline = Instant::now() + connect_timeout;
+    let (stream, mut writer, reader) = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let stream = connect_control(transport, &exit, dead, left)?;
+        match greet(&stream) {
+            Ok((writer, reader)) => break (stream, writer, reader),
+            Err(Greeting::Lost(why)) if Instant::now() < deadline && dead().is_none() => {
+                tracing::debug!("control stream lost before the agent's Hello ({why}); retrying");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(Greeting::Lost(why)) => {
+                return Err(ended_before_ready(
+                    &exit,
+                    dead,
+                    &format!("the control stream ended before the agent's Hello ({why})"),
+                ))
+            }
+            Err(Greeting::Failed(e)) => return Err(e),
         }
-        Ok(Some(other)) => {
-            return Err(SandboxError::Agent(format!(
-                "the agent answered Hello with {other:?}"
-            )))
-        }
-        Ok(None) => {
-            return Err(ended_before_ready(
-                &exit,
-                dead,
-                "the agent closed the control stream before its Hello",
-            ))
-        }
-        Err(e) => return Err(agent_error("no Hello from the agent", &e)),
-    }
+    };
     stream
         .set_read_timeout(None)
         .map_err(|e| agent_error("cannot set up the control stream", &e))?;
@@ -330,6 +314,76 @@ fn converse(
             wait.as_millis()
         ))),
     }
+}
+
+/// Why a greeting did not complete.
+enum Greeting {
+    /// The stream ended or was reset: worth another connection while the sandbox lives.
+    Lost(String),
+    Failed(SandboxError),
+}
+
+/// Hello both ways on a fresh control stream; returns the writing half and the (buffered)
+/// reading half.
+fn greet(stream: &UnixStream) -> Result<(UnixStream, BufReader<UnixStream>), Greeting> {
+    let setup = |e: std::io::Error| {
+        Greeting::Failed(SandboxError::Agent(format!(
+            "cannot set up the control stream: {e}"
+        )))
+    };
+    stream
+        .set_read_timeout(Some(HELLO_TIMEOUT))
+        .map_err(setup)?;
+    let mut writer = stream.try_clone().map_err(setup)?;
+    let mut reader = BufReader::new(stream.try_clone().map_err(setup)?);
+    let lost = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::UnexpectedEof
+        )
+    };
+    let hello = HostMessage::Hello {
+        version: PROTOCOL_VERSION,
+    };
+    match protocol::write_message(&mut writer, &hello) {
+        Ok(()) => {}
+        Err(protocol::ProtocolError::Io(e)) if lost(&e) => {
+            return Err(Greeting::Lost(e.to_string()))
+        }
+        Err(e) => {
+            return Err(Greeting::Failed(SandboxError::Agent(format!(
+                "cannot greet the agent: {e}"
+            ))))
+        }
+    }
+    match protocol::read_message::<_, AgentMessage>(&mut reader) {
+        Ok(Some(AgentMessage::Hello { version, agent, .. })) => {
+            protocol::check_version(version).map_err(|e| {
+                Greeting::Failed(SandboxError::Agent(format!("incompatible agent: {e}")))
+            })?;
+            tracing::debug!("agent {agent} speaks protocol {version}");
+        }
+        Ok(Some(other)) => {
+            return Err(Greeting::Failed(SandboxError::Agent(format!(
+                "the agent answered Hello with {other:?}"
+            ))))
+        }
+        Ok(None) => return Err(Greeting::Lost("closed".into())),
+        Err(protocol::ProtocolError::Io(e)) if lost(&e) => {
+            return Err(Greeting::Lost(e.to_string()))
+        }
+        Err(e) => {
+            return Err(Greeting::Failed(SandboxError::Agent(format!(
+                "no Hello from the agent: {e}"
+            ))))
+        }
+    }
+    // The reader goes on to the read loop: the agent may send queued messages (log lines)
+    // right after its Hello, and they may sit in this buffer already.
+    Ok((writer, reader))
 }
 
 /// Connects to the control port, retrying while the agent comes up; fails early if the sandbox

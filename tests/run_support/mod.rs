@@ -273,6 +273,19 @@ class Handler(BaseHTTPRequestHandler):
                     if ahead > 0:
                         time.sleep(ahead)
             return self.reply({"lines": n, "seconds": time.monotonic() - start})
+        if p == "/random":
+            return self.reply({"hex": os.urandom(32).hex(), "time": time.time()})
+        if p == "/file":
+            path = q["path"]
+            if self.command == "PUT":
+                with open(path, "wb") as f:
+                    f.write(body)
+                return self.reply({"written": len(body)})
+            try:
+                with open(path, "rb") as f:
+                    return self.reply({"data": f.read().decode()})
+            except FileNotFoundError:
+                return self.reply({"missing": path}, 404)
         if p == "/exit":
             print("about to exit with code", q.get("code", "3"))
             print("last words on stderr", file=sys.stderr)
@@ -289,6 +302,9 @@ class Handler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = handle_any
 
+# Written before the server listens: a snapshot taken once it listens holds this file.
+with open("/tmp/boot-token", "w") as f:
+    f.write(os.urandom(16).hex())
 port = int(os.environ.get("PORT", "9000"))
 ThreadingHTTPServer.request_queue_size = 128
 server = ThreadingHTTPServer(("0.0.0.0", port), Handler)

@@ -4,6 +4,9 @@
 //! plain `unshare --pid --mount --uts --ipc --fork chroot` of the same rootfs (the same rootfs
 //! image, loop-mounted read-only), running the same server.
 //!
+//! Where the host has VMX/SVM it also compares, in the VM sandbox, a boot start, a snapshot
+//! start (`fnvm run --snapshot` once the snapshot exists) and a warm request.
+//!
 //! Needs root and a release build: `cargo build --release -p fnvm && cargo run --release -p
 //! fnvm-benches --bin start`.
 
@@ -117,7 +120,82 @@ fn main() -> Result<()> {
     }
     println!("start → first successful reply, median of {RUNS}");
     println!("{}", table.render());
+    vm_start_kinds(&fnvm, &home, &agent, &cases)
+}
+
+/// Where the host has VMX/SVM: first-reply latency of a boot start, a snapshot start and a
+/// warm request, per image (the issue's goal: snapshot start ≥ 10× faster than boot start).
+fn vm_start_kinds(fnvm: &Path, home: &Path, agent: &Path, cases: &[Case]) -> Result<()> {
+    if !run_support::host_has_vmx_or_svm() {
+        println!(
+            "\nboot vs snapshot vs warm start (vm sandbox): SKIPPED, this host has no VMX/SVM \
+             (Linux guests cannot run on it)"
+        );
+        return Ok(());
+    }
+    let mut table = Table::new(&[
+        "image (vm sandbox)",
+        "boot start p50",
+        "snapshot start p50",
+        "warm request p50",
+        "boot / snapshot",
+    ]);
+    for case in cases {
+        let plain = ["--sandbox", "vm", "--type", "web"];
+        let snap = ["--sandbox", "vm", "--type", "web", "--snapshot"];
+        // Untimed: pulls the image and writes the snapshot.
+        start_with(fnvm, home, agent, case, &snap)?;
+        let (mut boot, mut restore, mut warm) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..RUNS {
+            boot.push(start_with(fnvm, home, agent, case, &plain)?.0);
+            let (t, w) = start_with(fnvm, home, agent, case, &snap)?;
+            restore.push(t);
+            warm.push(w);
+        }
+        let (b, r) = (median(&boot), median(&restore));
+        table.row(vec![
+            case.name.into(),
+            ms(b),
+            ms(r),
+            ms(median(&warm)),
+            ratio(b, Some(r)),
+        ]);
+    }
+    println!(
+        "\nfnvm run spawn → first successful reply, median of {RUNS}; warm = a second request"
+    );
+    println!("{}", table.render());
     Ok(())
+}
+
+/// One `fnvm run ARGS`: spawn → first 200, then the time of one more (warm) request.
+fn start_with(
+    fnvm: &Path,
+    home: &Path,
+    agent: &Path,
+    case: &Case,
+    args: &[&str],
+) -> Result<(Duration, Duration)> {
+    let t = Instant::now();
+    let mut run = run_support::FnvmRun::start(
+        fnvm,
+        home,
+        agent,
+        &case.image,
+        args,
+        Duration::from_secs(300),
+    );
+    let addr = run.expect_serving();
+    first_ok(addr, case.probe, Duration::from_secs(60))?;
+    let first = t.elapsed();
+    let t = Instant::now();
+    first_ok(addr, case.probe, Duration::from_secs(60))?;
+    let warm = t.elapsed();
+    let status = run.interrupt(Duration::from_secs(30));
+    if !status.success() {
+        bail!("fnvm run exited with {status} after Ctrl-C");
+    }
+    Ok((first, warm))
 }
 
 /// One `fnvm run` from spawn to the first 200 (then Ctrl-C); returns the time and the rootfs.
