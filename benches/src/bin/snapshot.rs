@@ -11,6 +11,9 @@
 //! - restores per second with 8 in flight on this host's cores (a restore is in flight from
 //!   spawn to its first serial byte; stopped instances are reaped on another thread, since
 //!   the host kernel's VM teardown sleeps for SRCU grace periods and uses no CPU);
+//! - standby mode (`fnvm-vmm --standby`, VM created ahead, then `{"op":"restore"}` on its
+//!   API socket): restore request → first serial byte, and the VMM's own request → vCPUs
+//!   resumed / first guest I/O;
 //! - VM teardown: SIGKILL → reaped (the host kernel destroying the VM);
 //! - PSS and RSS per restored instance with 10 running.
 //!
@@ -105,10 +108,25 @@ fn main() -> Result<()> {
             }
         }
         let mut cold = Vec::new();
+        let mut cold_exec = Vec::new();
         if can_drop {
             for _ in 0..runs.min(20) {
                 std::fs::write("/proc/sys/vm/drop_caches", "3")?;
                 cold.push(restore_once(&vmm, &snap)?.first_byte);
+                std::fs::write("/proc/sys/vm/drop_caches", "3")?;
+                cold_exec.extend(exec_times(&vmm, 1)?);
+            }
+        }
+        let mut standby = Vec::new();
+        let mut standby_resumed = Vec::new();
+        let mut standby_io = Vec::new();
+        standby_once(&vmm, &snap, mib, scratch.path())?;
+        for _ in 0..runs {
+            let r = standby_once(&vmm, &snap, mib, scratch.path())?;
+            standby.push(r.first_byte);
+            if let Some((res, io, _)) = r.metrics {
+                standby_resumed.push(res);
+                standby_io.push(io);
             }
         }
         let rate = throughput(&vmm, &snap, 8, 200)?;
@@ -124,11 +142,26 @@ fn main() -> Result<()> {
                 format!("{} / {}", ms(median(&cold)), ms(quantile(&cold, 0.99)))
             },
             ms(exec_only),
+            if cold_exec.is_empty() {
+                "not root".into()
+            } else {
+                ms(median(&cold_exec))
+            },
             ms(median(&resumed)),
             ms(median(&first_io)),
             faults
                 .get(faults.len() / 2)
                 .map_or("-".into(), |f| f.to_string()),
+            format!(
+                "{} / {}",
+                ms(median(&standby)),
+                ms(quantile(&standby, 0.99))
+            ),
+            format!(
+                "{} / {}",
+                ms(median(&standby_resumed)),
+                ms(median(&standby_io))
+            ),
             format!("{rate:.0}/s"),
             format!(
                 "{} / {}",
@@ -147,9 +180,12 @@ fn main() -> Result<()> {
         "restore → first byte, warm (median / p99)",
         "restore → first byte, cache dropped",
         "  of which: spawn → exit, no VM (`--help`)",
+        "  of which: the same, cache dropped",
         "  of which: VMM main → vCPUs resumed",
         "  of which: VMM main → first guest I/O",
         "  page faults before first I/O (minor+major)",
+        "standby: restore request → first byte (median / p99)",
+        "  of which: request → vCPUs resumed / first I/O",
         "restores per second (8 in flight)",
         "VM teardown: SIGKILL → reaped (median / p99)",
         "PSS / RSS per instance (10 running)",
@@ -263,6 +299,55 @@ fn restore_once(vmm: &Path, snap: &Path) -> Result<Restore> {
     Ok(Restore {
         first_byte,
         metrics: parse_report(&err),
+    })
+}
+
+/// A standby VMM for `mib` MiB: spawned and ready (its API socket accepts), then timed from
+/// the restore request to the guest's first serial byte.
+fn standby_once(vmm: &Path, snap: &Path, mib: u64, dir: &Path) -> Result<Restore> {
+    let sock = dir.join(format!("standby-{mib}.sock"));
+    let _ = std::fs::remove_file(&sock);
+    let mut child = Command::new(vmm)
+        .args(["--standby", "--memory", &mib.to_string(), "--api-sock"])
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut api = loop {
+        match UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("standby VMM never listened on {}: {e}", sock.display());
+            }
+        }
+    };
+    let request = format!(
+        "{{\"op\":\"restore\",\"dir\":{:?}}}\n",
+        snap.display().to_string()
+    );
+    let t = Instant::now();
+    api.write_all(request.as_bytes())?;
+    let got = first_byte(&mut child);
+    let first_byte_at = t.elapsed();
+    let mut line = String::new();
+    BufReader::new(&api).read_line(&mut line)?;
+    // SAFETY: signals our own child; SIGTERM makes it print its restore report.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output()?;
+    got?;
+    let reply: serde_json::Value =
+        serde_json::from_str(&line).with_context(|| format!("standby reply {line:?}"))?;
+    if reply["ok"] != true {
+        bail!("standby restore failed: {line}");
+    }
+    Ok(Restore {
+        first_byte: first_byte_at,
+        metrics: parse_report(&String::from_utf8_lossy(&out.stderr)),
     })
 }
 
