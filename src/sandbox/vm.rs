@@ -557,4 +557,129 @@ mod tests {
         let own = std::fs::read_to_string("/proc/self/stat").unwrap();
         assert!(major_faults(&own).is_some());
     }
+
+    /// `fnvm-vmm` for tests: the one next to this test binary, built first if missing.
+    fn test_vmm() -> PathBuf {
+        if let Ok(p) = vmm_binary() {
+            return p;
+        }
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--release", "-p", "fnvm-vmm"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building fnvm-vmm failed");
+        vmm_binary().expect("fnvm-vmm after building it")
+    }
+
+    /// A running tiny guest whose serial bytes arrive on `out`.
+    struct TinyVm {
+        child: std::process::Child,
+        out: std::sync::mpsc::Receiver<u8>,
+    }
+
+    impl TinyVm {
+        fn spawn(vmm: &Path, args: &[&std::ffi::OsStr]) -> Self {
+            let mut child = Command::new(vmm)
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("fnvm-vmm starts");
+            let mut stdout = child.stdout.take().unwrap();
+            let (tx, out) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut b = [0u8; 1];
+                while stdout.read_exact(&mut b).is_ok() && tx.send(b[0]).is_ok() {}
+            });
+            TinyVm { child, out }
+        }
+
+        fn expect_running(&self) {
+            let byte = self.out.recv_timeout(Duration::from_secs(30));
+            assert_eq!(byte, Ok(b'x'), "the tiny guest writes to its serial port");
+        }
+    }
+
+    impl Drop for TinyVm {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// The host's side of snapshots against the real `fnvm-vmm` with a tiny guest under
+    /// /dev/kvm: the API client snapshots a running VM, a VM restored from it runs, and the
+    /// restore report reads its resume time and the guest pages it faulted in.
+    #[test]
+    fn the_vmm_client_snapshots_a_running_vm_and_measures_its_restore() {
+        if !Path::new("/dev/kvm").exists() {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED (no /dev/kvm): the VMM client test did NOT run"
+            );
+            return;
+        }
+        let vmm = test_vmm();
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("guest.elf");
+        std::fs::write(&kernel, fnvm_vmm::tiny_guest::serial_loop()).unwrap();
+        let api1 = dir.path().join("api1.sock");
+        let booted = TinyVm::spawn(
+            &vmm,
+            &[
+                "--kernel".as_ref(),
+                kernel.as_os_str(),
+                "--api-sock".as_ref(),
+                api1.as_os_str(),
+            ],
+        );
+        booted.expect_running();
+        let snapshot = dir.path().join("snap");
+        let ms = VmmApi::new(&api1).snapshot(&snapshot).expect("snapshot");
+        assert!(ms > 0.0);
+        assert!(snapshot.join(fnvm_vmm::snapshot::MEMORY_FILE).is_file());
+        // A refused request comes back as an error naming the socket and the VMM's reason.
+        let err = VmmApi::new(&api1)
+            .snapshot(&snapshot)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("api1.sock") && err.contains("exists"), "{err}");
+        // Not restored: no restore report.
+        assert!(restore_report(
+            booted.child.id() as i32,
+            &VmmApi::new(&api1),
+            &snapshot.join("memory")
+        )
+        .is_none());
+        drop(booted);
+
+        let api2 = dir.path().join("api2.sock");
+        let restored = TinyVm::spawn(
+            &vmm,
+            &[
+                "--restore".as_ref(),
+                snapshot.as_os_str(),
+                "--api-sock".as_ref(),
+                api2.as_os_str(),
+            ],
+        );
+        restored.expect_running();
+        let report = restore_report(
+            restored.child.id() as i32,
+            &VmmApi::new(&api2),
+            &snapshot.join(fnvm_vmm::snapshot::MEMORY_FILE),
+        )
+        .expect("a restored VMM reports its restore");
+        assert!(report.resume_ms > 0.0, "{report}");
+        // At least the page of code the guest runs came from the snapshot's memory file, and
+        // far from all of its 128 MiB.
+        assert!(
+            report.pages_faulted >= 1 && report.pages_faulted < 128 * 256 / 2,
+            "{report}"
+        );
+    }
 }

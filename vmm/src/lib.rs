@@ -33,5 +33,6 @@ pub mod snapshot;
 pub mod standby;
 pub mod state;
 pub mod terminal;
+pub mod tiny_guest;
 pub mod vcpu;
 pub mod vm;

@@ -205,34 +205,7 @@ fn counting_guest() -> Vec<u8> {
     a.assemble(BASE + 0x78).unwrap()
 }
 
-/// An ELF64 executable with one PT_LOAD at 1 MiB and no PVH note: entered in 64-bit mode.
-fn elf64(code: &[u8]) -> Vec<u8> {
-    let code_off = 0x78usize; // 64-byte header + one 56-byte program header
-    let total = code_off + code.len();
-    let mut elf = vec![0u8; total];
-    elf[0..4].copy_from_slice(b"\x7fELF");
-    elf[4] = 2;
-    elf[5] = 1;
-    elf[6] = 1;
-    elf[16..18].copy_from_slice(&2u16.to_le_bytes());
-    elf[18..20].copy_from_slice(&62u16.to_le_bytes());
-    elf[20..24].copy_from_slice(&1u32.to_le_bytes());
-    elf[24..32].copy_from_slice(&(BASE + code_off as u64).to_le_bytes());
-    elf[32..40].copy_from_slice(&64u64.to_le_bytes());
-    elf[52..54].copy_from_slice(&64u16.to_le_bytes());
-    elf[54..56].copy_from_slice(&56u16.to_le_bytes());
-    elf[56..58].copy_from_slice(&1u16.to_le_bytes());
-    let p = 64;
-    elf[p..p + 4].copy_from_slice(&1u32.to_le_bytes());
-    elf[p + 4..p + 8].copy_from_slice(&7u32.to_le_bytes());
-    elf[p + 16..p + 24].copy_from_slice(&BASE.to_le_bytes());
-    elf[p + 24..p + 32].copy_from_slice(&BASE.to_le_bytes());
-    elf[p + 32..p + 40].copy_from_slice(&(total as u64).to_le_bytes());
-    elf[p + 40..p + 48].copy_from_slice(&(total as u64).to_le_bytes());
-    elf[p + 48..p + 56].copy_from_slice(&0x1000u64.to_le_bytes());
-    elf[code_off..].copy_from_slice(code);
-    elf
-}
+use fnvm_vmm::tiny_guest::elf64;
 
 /// A running `fnvm-vmm` whose stdout is collected in the background.
 struct Vmm {

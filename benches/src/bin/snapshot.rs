@@ -32,41 +32,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use fnvm_benches::{median, ms, quantile, Table};
 
-/// mov dx,0x3f8; 1: mov al,'x'; out dx,al; mov ecx,1000; 2: pause; loop 2b; jmp 1b
-const GUEST_CODE: [u8; 18] = [
-    0x66, 0xba, 0xf8, 0x03, 0xb0, 0x78, 0xee, 0xb9, 0xe8, 0x03, 0x00, 0x00, 0xf3, 0x90, 0xe2, 0xfc,
-    0xeb, 0xf2,
-];
-
-fn guest_elf() -> Vec<u8> {
-    const BASE: u64 = 0x10_0000;
-    let code_off = 0x78usize;
-    let total = code_off + GUEST_CODE.len();
-    let mut elf = vec![0u8; total];
-    elf[0..4].copy_from_slice(b"\x7fELF");
-    elf[4] = 2;
-    elf[5] = 1;
-    elf[6] = 1;
-    elf[16..18].copy_from_slice(&2u16.to_le_bytes());
-    elf[18..20].copy_from_slice(&62u16.to_le_bytes());
-    elf[20..24].copy_from_slice(&1u32.to_le_bytes());
-    elf[24..32].copy_from_slice(&(BASE + code_off as u64).to_le_bytes());
-    elf[32..40].copy_from_slice(&64u64.to_le_bytes());
-    elf[52..54].copy_from_slice(&64u16.to_le_bytes());
-    elf[54..56].copy_from_slice(&56u16.to_le_bytes());
-    elf[56..58].copy_from_slice(&1u16.to_le_bytes());
-    let p = 64;
-    elf[p..p + 4].copy_from_slice(&1u32.to_le_bytes());
-    elf[p + 4..p + 8].copy_from_slice(&7u32.to_le_bytes());
-    elf[p + 16..p + 24].copy_from_slice(&BASE.to_le_bytes());
-    elf[p + 24..p + 32].copy_from_slice(&BASE.to_le_bytes());
-    elf[p + 32..p + 40].copy_from_slice(&(total as u64).to_le_bytes());
-    elf[p + 40..p + 48].copy_from_slice(&(total as u64).to_le_bytes());
-    elf[p + 48..p + 56].copy_from_slice(&0x1000u64.to_le_bytes());
-    elf[code_off..].copy_from_slice(&GUEST_CODE);
-    elf
-}
-
 fn main() -> Result<()> {
     let mut runs = 30usize;
     let mut args = std::env::args().skip(1);
@@ -80,7 +45,7 @@ fn main() -> Result<()> {
     let vmm = build_fnvm_vmm(workspace)?;
     let scratch = tempfile::tempdir()?;
     let kernel = scratch.path().join("tick.elf");
-    std::fs::write(&kernel, guest_elf())?;
+    std::fs::write(&kernel, fnvm_vmm::tiny_guest::serial_loop())?;
     let can_drop = std::fs::OpenOptions::new()
         .write(true)
         .open("/proc/sys/vm/drop_caches")
