@@ -167,6 +167,16 @@ pub trait Sandbox: Send + Sync {
     /// [`SandboxError::NotListening`] after the timeout (sandbox already torn down), or another
     /// [`SandboxError`] (exit before ready, bad spec, ...). Nothing is left behind on failure.
     fn start(&self, spec: InstanceSpec) -> Result<Box<dyn Instance>, SandboxError>;
+    /// The function version (rootfs image, start spec, memory) will not start again (removed,
+    /// or replaced by a new version): its snapshot, if any, is deleted. A no-op for sandboxes
+    /// without snapshots.
+    fn discard_snapshot(
+        &self,
+        _rootfs_image: &std::path::Path,
+        _start: &StartSpec,
+        _memory_mib: u32,
+    ) {
+    }
 }
 
 /// A running instance.

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{InstanceSpec, SandboxError};
+use super::{InstanceSpec, SandboxError, StartSpec};
 use crate::home::Home;
 
 /// The `fnvm-vmm` snapshot directory inside an entry.
@@ -117,21 +117,31 @@ impl SnapshotStore {
 
     /// The key of the function version `spec` starts.
     pub fn key(&self, spec: &InstanceSpec) -> Result<SnapshotKey, SandboxError> {
+        self.key_of(&spec.rootfs_image, &spec.start, spec.memory_mib)
+    }
+
+    /// The key of a function version: its rootfs image, start spec and memory.
+    pub fn key_of(
+        &self,
+        rootfs_image: &Path,
+        start: &StartSpec,
+        memory_mib: u32,
+    ) -> Result<SnapshotKey, SandboxError> {
         let mut h = Sha256::new();
         h.update(self.platform.as_bytes());
-        h.update(file_identity(&spec.rootfs_image)?.as_bytes());
-        let start = serde_json::to_vec(&spec.start)
+        h.update(file_identity(rootfs_image)?.as_bytes());
+        let encoded = serde_json::to_vec(start)
             .map_err(|e| SandboxError::setup("cannot encode the start spec", e))?;
-        h.update((start.len() as u64).to_le_bytes());
-        h.update(&start);
-        h.update(spec.memory_mib.to_le_bytes());
+        h.update((encoded.len() as u64).to_le_bytes());
+        h.update(&encoded);
+        h.update(memory_mib.to_le_bytes());
         Ok(SnapshotKey {
             hex: hex::encode(h.finalize()),
             about: About {
                 platform: self.platform.clone(),
-                rootfs_image: spec.rootfs_image.clone(),
-                argv: spec.start.argv.clone(),
-                memory_mib: spec.memory_mib,
+                rootfs_image: rootfs_image.to_path_buf(),
+                argv: start.argv.clone(),
+                memory_mib,
             },
         })
     }
@@ -173,8 +183,16 @@ impl SnapshotStore {
 
     /// Forgets `key`'s snapshot (it failed to restore): the next boot start writes a new one.
     pub fn invalidate(&self, key: &SnapshotKey, why: &str) {
-        let entry = self.entry(key);
         tracing::warn!(snapshot = %key.hex, "removing an unusable snapshot: {why}");
+        self.remove(key);
+    }
+
+    /// Deletes `key`'s snapshot, if there is one.
+    pub fn remove(&self, key: &SnapshotKey) {
+        let entry = self.entry(key);
+        if !entry.exists() {
+            return;
+        }
         // Renamed away first, so a concurrent start never finds half of it.
         let doomed = self
             .root
@@ -251,7 +269,7 @@ impl Drop for Writing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::{LogLine, StartSpec};
+    use crate::sandbox::LogLine;
 
     struct Fixture {
         _dir: tempfile::TempDir,

@@ -334,7 +334,10 @@ impl Pool {
                 version: Arc::clone(&version),
                 entries: Vec::new(),
             });
-            f.version = Arc::clone(&version);
+            let replaced = std::mem::replace(&mut f.version, Arc::clone(&version));
+            if replaced.version != version.version {
+                self.inner.discard_snapshot(&replaced);
+            }
             let stale: Vec<String> = f
                 .entries
                 .iter()
@@ -363,7 +366,9 @@ impl Pool {
                 self.inner.retire(&mut st, key, &id);
             }
         }
-        st.functions.remove(key);
+        if let Some(f) = st.functions.remove(key) {
+            self.inner.discard_snapshot(&f.version);
+        }
         self.inner.publish(&st);
         drop(st);
         self.inner.changed.notify_waiters();
@@ -998,6 +1003,15 @@ impl Inner {
             });
         }
         slot
+    }
+
+    /// A version that will not start again: its snapshot goes.
+    fn discard_snapshot(&self, version: &FunctionVersion) {
+        self.sandbox.discard_snapshot(
+            &version.rootfs_image,
+            &version.start,
+            version.spec.memory_mb,
+        );
     }
 
     /// Starts the slot's instance (its memory is already committed) and says how it started.
