@@ -5,6 +5,10 @@
 //! Two small threads per stream, each moving data with splice(2) through its own pipe: bytes go
 //! kernel to kernel, and memory per stream is fixed (one pipe buffer) however large the body.
 //! A transport that cannot splice falls back to a fixed 64 KiB buffer.
+//!
+//! Function → host, each chunk waits for [`drain_output`] before it goes on: whatever the
+//! function printed before its response is then stamped before the host gets the response,
+//! so the host attributes those lines to the right request.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -14,6 +18,7 @@ use std::time::Duration;
 
 use fnvm_agent::protocol::FUNCTION_PORT;
 
+use crate::output_drain::drain_output;
 use crate::transport::{Listener, Stream};
 
 /// Where the function's server listens inside the guest.
@@ -65,10 +70,10 @@ fn bridge(host: Stream) {
         .name("bridge-up".into())
         .stack_size(THREAD_STACK)
         .spawn(move || {
-            pump(h.as_fd(), g.as_fd());
+            pump(h.as_fd(), g.as_fd(), || {});
             finish(&*g);
         });
-    pump(guest.as_fd(), host.as_fd());
+    pump(guest.as_fd(), host.as_fd(), drain_output);
     finish(&*host);
     if let Ok(t) = upstream {
         let _ = t.join();
@@ -85,10 +90,11 @@ fn shutdown(fd: i32, how: i32) {
     unsafe { libc::shutdown(fd, how) };
 }
 
-/// Copies `src` to `dst` until EOF or an error. On an error both sockets are shut down
-/// completely, so the opposite direction's thread ends too.
-fn pump(src: BorrowedFd, dst: BorrowedFd) {
-    if splice_copy(src, dst).is_err() {
+/// Copies `src` to `dst` until EOF or an error, calling `before_write` after each chunk is
+/// read and before it is written. On an error both sockets are shut down completely, so the
+/// opposite direction's thread ends too.
+fn pump(src: BorrowedFd, dst: BorrowedFd, before_write: fn()) {
+    if splice_copy(src, dst, before_write).is_err() {
         shutdown(src.as_raw_fd(), libc::SHUT_RDWR);
         shutdown(dst.as_raw_fd(), libc::SHUT_RDWR);
     }
@@ -96,7 +102,7 @@ fn pump(src: BorrowedFd, dst: BorrowedFd) {
 
 /// splice(2) through a pipe; where a socket cannot splice (EINVAL), the rest goes through a
 /// fixed buffer, starting with whatever already sits in the pipe.
-fn splice_copy(src: BorrowedFd, dst: BorrowedFd) -> io::Result<u64> {
+fn splice_copy(src: BorrowedFd, dst: BorrowedFd, before_write: fn()) -> io::Result<u64> {
     let (pipe_read, pipe_write) = pipe()?;
     let mut total = 0u64;
     loop {
@@ -104,10 +110,11 @@ fn splice_copy(src: BorrowedFd, dst: BorrowedFd) -> io::Result<u64> {
             Ok(0) => return Ok(total),
             Ok(n) => n,
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                return buffered_copy(src, dst).map(|n| total + n)
+                return buffered_copy(src, dst, before_write).map(|n| total + n)
             }
             Err(e) => return Err(e),
         };
+        before_write();
         let mut left = n;
         while left > 0 {
             match splice(pipe_read.as_raw_fd(), dst.as_raw_fd(), left) {
@@ -115,7 +122,7 @@ fn splice_copy(src: BorrowedFd, dst: BorrowedFd) -> io::Result<u64> {
                 Ok(m) => left -= m,
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     copy_exact(pipe_read.as_fd(), dst, left)?;
-                    let rest = buffered_copy(src, dst)?;
+                    let rest = buffered_copy(src, dst, before_write)?;
                     return Ok(total + n as u64 + rest);
                 }
                 Err(e) => return Err(e),
@@ -170,7 +177,7 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((r, w))
 }
 
-fn buffered_copy(src: BorrowedFd, dst: BorrowedFd) -> io::Result<u64> {
+fn buffered_copy(src: BorrowedFd, dst: BorrowedFd, before_write: fn()) -> io::Result<u64> {
     let src = std::fs::File::from(src.try_clone_to_owned()?);
     let dst = std::fs::File::from(dst.try_clone_to_owned()?);
     let mut buf = vec![0u8; CHUNK];
@@ -180,6 +187,7 @@ fn buffered_copy(src: BorrowedFd, dst: BorrowedFd) -> io::Result<u64> {
         if n == 0 {
             return Ok(total);
         }
+        before_write();
         (&dst).write_all(&buf[..n])?;
         total += n as u64;
     }
@@ -198,7 +206,7 @@ mod tests {
         let (c, mut d) = UnixStream::pair().unwrap();
         a.write_all(b"through a buffer").unwrap();
         drop(a);
-        assert_eq!(buffered_copy(b.as_fd(), c.as_fd()).unwrap(), 16);
+        assert_eq!(buffered_copy(b.as_fd(), c.as_fd(), || {}).unwrap(), 16);
         drop(c);
         let mut got = String::new();
         d.read_to_string(&mut got).unwrap();
@@ -216,7 +224,7 @@ mod tests {
             }
         });
         let copier = std::thread::spawn(move || {
-            let n = splice_copy(b.as_fd(), c.as_fd()).unwrap();
+            let n = splice_copy(b.as_fd(), c.as_fd(), || {}).unwrap();
             c.shutdown(Shutdown::Write).unwrap();
             n
         });

@@ -25,6 +25,7 @@ mod lines;
 mod mounts;
 mod net;
 mod outbox;
+mod output_drain;
 mod refresh;
 mod shutdown;
 mod supervisor;

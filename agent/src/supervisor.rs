@@ -6,7 +6,6 @@
 //! could race (ready vs. timeout vs. exit) is made under one lock, so the host sees exactly one
 //! of Ready / StartFailed, always before Exited.
 
-use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -22,8 +21,8 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::launch::{self, Command, Plan};
-use crate::lines::LineSplitter;
 use crate::outbox::Outbox;
+use crate::output_drain::LogPipe;
 use crate::{bridge, console, refresh, user};
 
 /// How long the prober waits at most between two connection attempts.
@@ -185,10 +184,13 @@ impl Supervisor {
         // Only the function holds the write ends now: its exit is the pipes' EOF.
         drop(out_write);
         drop(err_write);
-        let log_threads = vec![
+        let log_threads = [
             self.forward_output(out_read, LogStream::Stdout),
             self.forward_output(err_read, LogStream::Stderr),
-        ];
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         let mut state = self.lock();
         state.pid = Some(pid);
         state.started_at = Some(Instant::now());
@@ -223,27 +225,32 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Reads one output pipe until EOF, line by line into the outbox.
-    fn forward_output(&self, pipe: OwnedFd, stream: LogStream) -> JoinHandle<()> {
-        let outbox = self.outbox.clone();
-        std::thread::Builder::new()
+    /// Reads one output pipe until EOF, line by line into the outbox (see [`LogPipe`]: the
+    /// bridge drains it too, so lines are stamped before the response that follows them).
+    /// None when the reader cannot be set up: then the pipe is closed and the function's
+    /// writes fail (EPIPE) instead of blocking forever.
+    fn forward_output(&self, pipe: OwnedFd, stream: LogStream) -> Option<JoinHandle<()>> {
+        let log_pipe = match LogPipe::open(pipe, stream, self.outbox.clone()) {
+            Ok(p) => p,
+            Err(e) => {
+                console::line(&format!("error: cannot read the function's {stream:?}: {e}"));
+                return None;
+            }
+        };
+        let reader = log_pipe.clone();
+        match std::thread::Builder::new()
             .name(format!("{stream:?}"))
-            .spawn(move || {
-                let mut pipe = std::fs::File::from(pipe);
-                let mut splitter = LineSplitter::new();
-                let mut buf = vec![0u8; 64 * 1024];
-                let mut emit = |line: String| outbox.push_log(stream, line);
-                loop {
-                    match pipe.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => splitter.push(&buf[..n], &mut emit),
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(_) => break,
-                    }
-                }
-                splitter.finish(&mut emit);
-            })
-            .expect("cannot start an output thread")
+            .spawn(move || reader.forward())
+        {
+            Ok(t) => Some(t),
+            Err(e) => {
+                console::line(&format!(
+                    "error: cannot start the {stream:?} reader thread: {e}"
+                ));
+                log_pipe.unregister();
+                None
+            }
+        }
     }
 
     /// Polls 127.0.0.1:9000 (1 ms, doubling to 10 ms between tries) until it accepts, the

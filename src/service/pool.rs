@@ -1409,7 +1409,10 @@ async fn tunnel(
     };
     let mut resp = match tokio::time::timeout(Duration::from_secs(u64::from(secs)), exchange).await
     {
-        Ok(Ok(resp)) => resp,
+        Ok(Ok(resp)) => {
+            lease.replied();
+            resp
+        }
         Ok(Err(e)) => return Err(lease.crashed(e).await),
         Err(_) => {
             lease.destroy();
