@@ -21,48 +21,62 @@ pub const BUILD_COMMAND: &str = "RUSTFLAGS=\"-C target-feature=+crt-static\" car
 
 /// The static agent binary to put into guests as /sbin/init.
 pub fn agent_binary() -> Result<PathBuf> {
-    if let Some(explicit) = std::env::var_os("FNVM_AGENT_BIN") {
+    static_binary("fnvm-agent", "FNVM_AGENT_BIN", BUILD_COMMAND)
+}
+
+/// A static x86-64 binary of this workspace that runs inside sandboxes (the agent, the example
+/// function): `$env_var`, else `name` beside the running fnvm, else in the static build's
+/// target directory. A plain `cargo build` leaves a dynamically linked `name` next to fnvm:
+/// that one is skipped for the static build, and named only if nothing usable is found.
+pub fn static_binary(name: &str, env_var: &str, build_command: &str) -> Result<PathBuf> {
+    if let Some(explicit) = std::env::var_os(env_var) {
         let path = PathBuf::from(explicit);
-        check_static(&path).context("FNVM_AGENT_BIN does not name a usable agent")?;
+        check_static(&path).with_context(|| format!("{env_var} does not name a usable {name}"))?;
         return Ok(path);
     }
     let exe = std::env::current_exe().context("cannot find the running fnvm binary")?;
-    let candidates = candidates_beside(&exe);
+    let candidates = candidates_beside(&exe, name);
+    let mut unusable = Vec::new();
     for candidate in &candidates {
         if candidate.is_file() {
-            check_static(candidate)?;
-            return Ok(candidate.clone());
+            match check_static(candidate) {
+                Ok(()) => return Ok(candidate.clone()),
+                Err(e) => unusable.push(format!("{e:#}")),
+            }
         }
+    }
+    if let Some(first) = unusable.first() {
+        bail!("{first}");
     }
     let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
     bail!(
-        "the guest agent fnvm-agent was not found (looked at $FNVM_AGENT_BIN, {}); build it with \
-         `{BUILD_COMMAND}` or set FNVM_AGENT_BIN",
+        "{name} was not found (looked at ${env_var}, {}); build it with `{build_command}` or set \
+         {env_var}",
         looked.join(", ")
     )
 }
 
-/// Where the agent may sit relative to the `fnvm` binary `exe`.
-fn candidates_beside(exe: &Path) -> Vec<PathBuf> {
+/// Where `name` may sit relative to the `fnvm` binary `exe`.
+fn candidates_beside(exe: &Path, name: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let Some(dir) = exe.parent() else {
         return out;
     };
-    out.push(dir.join("fnvm-agent"));
-    // target/<profile>/fnvm -> target/x86_64-unknown-linux-gnu/<profile>/fnvm-agent
+    out.push(dir.join(name));
+    // target/<profile>/fnvm -> target/x86_64-unknown-linux-gnu/<profile>/<name>
     if let (Some(profile), Some(target)) = (dir.file_name(), dir.parent()) {
         out.push(
             target
                 .join("x86_64-unknown-linux-gnu")
                 .join(profile)
-                .join("fnvm-agent"),
+                .join(name),
         );
     }
     out
 }
 
 /// Fails unless `path` is a 64-bit x86-64 ELF executable without a program interpreter.
-fn check_static(path: &Path) -> Result<()> {
+pub fn check_static(path: &Path) -> Result<()> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     match elf_interpreter(&bytes) {
         Err(why) => bail!("{} is not an x86-64 ELF executable: {why}", path.display()),
@@ -179,7 +193,7 @@ mod tests {
 
     #[test]
     fn the_agent_is_looked_for_beside_fnvm_and_in_the_cross_target_dir() {
-        let found = candidates_beside(Path::new("/src/target/release/fnvm"));
+        let found = candidates_beside(Path::new("/src/target/release/fnvm"), "fnvm-agent");
         assert_eq!(
             found,
             [

@@ -260,52 +260,16 @@ pub fn base_dirs() -> Vec<Entry> {
     ]
 }
 
-/// Where the example function's static binary is, in this order: `$FNVM_HELLO_BIN`;
-/// `fnvm-hello` beside the running `fnvm`; `target/x86_64-unknown-linux-gnu/<profile>/fnvm-hello`
-/// beside a `target/<profile>/fnvm` (where the static build command puts it).
-pub fn hello_binary() -> io::Result<PathBuf> {
-    if let Some(explicit) = std::env::var_os("FNVM_HELLO_BIN") {
-        let path = PathBuf::from(explicit);
-        if path.is_file() {
-            return Ok(path);
-        }
-        return Err(io::Error::other(format!(
-            "FNVM_HELLO_BIN={} is not a file",
-            path.display()
-        )));
-    }
-    let exe = std::env::current_exe()?;
-    let mut candidates = Vec::new();
-    if let Some(dir) = exe.parent() {
-        candidates.push(dir.join("fnvm-hello"));
-        if let (Some(profile), Some(target)) = (dir.file_name(), dir.parent()) {
-            candidates.push(
-                target
-                    .join("x86_64-unknown-linux-gnu")
-                    .join(profile)
-                    .join("fnvm-hello"),
-            );
-        }
-    }
-    candidates.into_iter().find(|c| c.is_file()).ok_or_else(|| {
-        io::Error::other(format!(
-            "the example function fnvm-hello was not found (looked at $FNVM_HELLO_BIN, beside \
-             fnvm and in target/x86_64-unknown-linux-gnu/); build it with `{HELLO_BUILD_COMMAND}`"
-        ))
-    })
-}
-
-/// The command that builds the example function where [`hello_binary`] looks for it.
+/// The command that builds the example function's static binary.
 pub const HELLO_BUILD_COMMAND: &str = "RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p fnvm-hello --target x86_64-unknown-linux-gnu";
 
 /// Bumped whenever the example image's recipe below changes.
 const EXAMPLE_RECIPE: &str = "fnvm-hello image v1";
 
-/// Builds (once per binary content) the example function's OCI layout under `cache_dir` and
-/// returns the reference to pull it by.
-pub fn ensure_example_image(cache_dir: &Path) -> io::Result<String> {
-    let binary_path = hello_binary()?;
-    let binary = fs::read(&binary_path)
+/// Builds (once per binary content) the example function's OCI layout under `cache_dir` from
+/// the static `fnvm-hello` at `binary_path` and returns the reference to pull it by.
+pub fn ensure_example_image(cache_dir: &Path, binary_path: &Path) -> io::Result<String> {
+    let binary = fs::read(binary_path)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", binary_path.display())))?;
     if binary.get(..4) != Some(b"\x7fELF".as_slice()) {
         return Err(io::Error::other(format!(

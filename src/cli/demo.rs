@@ -34,7 +34,12 @@ const EVENT: &str = r#"{"greeting":"hello from fnvm demo","n":1}"#;
 pub fn run(home: &Home, args: DemoArgs) -> Result<ExitCode> {
     let kind = args.sandbox.unwrap_or_else(sandbox::default_kind);
     eprintln!("fnvm demo: building the example function's image (examples/hello)");
-    let reference = example_image::ensure_example_image(&home.dir("examples")?)
+    let hello = crate::agent_binary::static_binary(
+        "fnvm-hello",
+        "FNVM_HELLO_BIN",
+        example_image::HELLO_BUILD_COMMAND,
+    )?;
+    let reference = example_image::ensure_example_image(&home.dir("examples")?, &hello)
         .context("cannot build the example image")?;
     let pulled = run::pull_image(home, &reference, &RegistryArgs::default())?;
 

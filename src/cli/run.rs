@@ -354,7 +354,13 @@ pub fn report_launch_error(err: LaunchError) -> Result<ExitCode> {
     match err {
         LaunchError::Other(e) => Err(e),
         LaunchError::Sandbox(e) => {
-            eprintln!("fnvm: error: the function did not start: {e}");
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            eprintln!("fnvm: error: the function did not start: {text}");
             let lines = e.last_lines();
             if !lines.is_empty() {
                 eprintln!("fnvm: its last lines:");
@@ -372,7 +378,6 @@ pub fn report_launch_error(err: LaunchError) -> Result<ExitCode> {
     }
 }
 
-/// `vm` → "boot start" (no snapshots yet); `process` → "cold start".
 /// How an instance's start is called: in a VM a boot or a snapshot start; the process sandbox
 /// only has one kind of cold start.
 pub fn start_kind_label(kind: SandboxKind, start: &sandbox::StartInfo) -> &'static str {

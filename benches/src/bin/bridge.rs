@@ -37,7 +37,7 @@ fn main() -> Result<()> {
     std::env::set_var("FNVM_HELLO_BIN", &hello);
     let work = run_support::target_dir(&fnvm).join("bench-bridge");
     std::fs::create_dir_all(&work)?;
-    let image = run_support::oci::ensure_example_image(&work.join("images"))?;
+    let image = run_support::oci::ensure_example_image(&work.join("images"), &hello)?;
     let home = work.join("home");
 
     // The same server binary on host loopback.

@@ -44,7 +44,7 @@ fn main() -> Result<()> {
     std::env::set_var("FNVM_HELLO_BIN", &hello);
     let work = run_support::target_dir(&fnvm).join("bench-invoke");
     std::fs::create_dir_all(&work)?;
-    let image = run_support::oci::ensure_example_image(&work.join("images"))?;
+    let image = run_support::oci::ensure_example_image(&work.join("images"), &hello)?;
     let script = work.join("post.lua");
     std::fs::write(
         &script,
