@@ -93,7 +93,7 @@ fn shutdown(fd: i32, how: i32) {
 /// Copies `src` to `dst` until EOF or an error, calling `before_write` after each chunk is
 /// read and before it is written. On an error both sockets are shut down completely, so the
 /// opposite direction's thread ends too.
-fn pump(src: BorrowedFd, dst: BorrowedFd, before_write: fn()) {
+pub(crate) fn pump(src: BorrowedFd, dst: BorrowedFd, before_write: fn()) {
     if splice_copy(src, dst, before_write).is_err() {
         shutdown(src.as_raw_fd(), libc::SHUT_RDWR);
         shutdown(dst.as_raw_fd(), libc::SHUT_RDWR);

@@ -233,7 +233,9 @@ impl Supervisor {
         let log_pipe = match LogPipe::open(pipe, stream, self.outbox.clone()) {
             Ok(p) => p,
             Err(e) => {
-                console::line(&format!("error: cannot read the function's {stream:?}: {e}"));
+                console::line(&format!(
+                    "error: cannot read the function's {stream:?}: {e}"
+                ));
                 return None;
             }
         };
