@@ -49,6 +49,22 @@ pub fn serial_loop() -> Vec<u8> {
     elf64(&SERIAL_LOOP)
 }
 
+/// A guest that first writes a non-zero pattern to `bytes` of memory from guest-physical
+/// `start` (`rep stosq`; both 8-byte aligned, inside RAM and the VMM's identity map), then runs
+/// [`serial_loop`]'s code: a VM with that much touched memory for snapshot measurements.
+pub fn fill_then_serial_loop(start: u64, bytes: u64) -> Vec<u8> {
+    let mut code = Vec::with_capacity(33 + SERIAL_LOOP.len());
+    code.extend_from_slice(&[0x48, 0xbf]); // mov rdi, imm64
+    code.extend_from_slice(&start.to_le_bytes());
+    code.extend_from_slice(&[0x48, 0xb9]); // mov rcx, imm64
+    code.extend_from_slice(&(bytes / 8).to_le_bytes());
+    code.extend_from_slice(&[0x48, 0xb8]); // mov rax, imm64
+    code.extend_from_slice(&0x5a5a_5a5a_5a5a_5a5au64.to_le_bytes());
+    code.extend_from_slice(&[0xf3, 0x48, 0xab]); // rep stosq
+    code.extend_from_slice(&SERIAL_LOOP);
+    elf64(&code)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -522,6 +522,32 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 #[test]
+fn a_memory_file_written_in_another_boot_is_checked_in_full_before_its_stamp_is_trusted() {
+    if !kvm_available("snapshot_boot_id") {
+        return;
+    }
+    use fnvm_vmm::snapshot::{format, VERIFIED_FILE};
+    let s = boot_and_snapshot("32");
+    // Written in this boot, untouched: the stamp is trusted, nothing is re-read.
+    let (mut vm, _) = restore(&s, "same-boot");
+    vm.wait_lines(2);
+    drop(vm);
+    assert!(!s.snap.join(VERIFIED_FILE).exists());
+    // As if the host had rebooted (or crashed) since: the memory file was not fsynced, so its
+    // stamp proves nothing; the whole hash is checked, then remembered for this boot.
+    let state = std::fs::read(s.snap.join("snapshot")).unwrap();
+    let (mut header, body) = format::decode(&state).unwrap();
+    header.memory.boot_id = "a-boot-before-a-crash".into();
+    let body = body.to_vec();
+    std::fs::write(s.snap.join("snapshot"), format::encode(header, &body)).unwrap();
+    let (mut vm, _) = restore(&s, "other-boot");
+    vm.wait_lines(2);
+    drop(vm);
+    let verified = std::fs::read_to_string(s.snap.join(VERIFIED_FILE)).unwrap();
+    assert!(verified.contains(&format::current_boot_id()), "{verified}");
+}
+
+#[test]
 fn corrupted_truncated_or_foreign_snapshots_are_refused_with_exit_code_2() {
     if !kvm_available("snapshot_refusals") {
         return;

@@ -2,7 +2,8 @@
 //!
 //! The guest (an ELF64 entered in 64-bit mode) writes `x` to COM1 every ~1000 PAUSEs forever.
 //! For 128 MiB and 512 MiB of guest memory:
-//! - snapshot create time (the VMM's own figure, API `snapshot` reply, running VM);
+//! - snapshot create time (the VMM's own figure, API `snapshot` reply, running VM), for this
+//!   guest and for one that first writes 64 MiB of its memory (what a runtime touches);
 //! - restore: `fnvm-vmm --restore` process start → first serial byte on its stdout (the guest's
 //!   next I/O exit), median and p99, page cache warm and dropped (`echo 3 >
 //!   /proc/sys/vm/drop_caches`, root only);
@@ -32,6 +33,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use fnvm_benches::{median, ms, quantile, Table};
 
+/// How much memory the second guest writes before it is snapshotted.
+const FILLED_BYTES: u64 = 64 << 20;
+
 fn main() -> Result<()> {
     let mut runs = 30usize;
     let mut args = std::env::args().skip(1);
@@ -46,6 +50,13 @@ fn main() -> Result<()> {
     let scratch = tempfile::tempdir()?;
     let kernel = scratch.path().join("tick.elf");
     std::fs::write(&kernel, fnvm_vmm::tiny_guest::serial_loop())?;
+    // The same, after writing 64 MiB of its memory: what a snapshot of a guest with a running
+    // runtime (a Python server touches a few tens of MiB) costs to write.
+    let filler = scratch.path().join("fill.elf");
+    std::fs::write(
+        &filler,
+        fnvm_vmm::tiny_guest::fill_then_serial_loop(0x20_0000, FILLED_BYTES),
+    )?;
     let can_drop = std::fs::OpenOptions::new()
         .write(true)
         .open("/proc/sys/vm/drop_caches")
@@ -57,6 +68,12 @@ fn main() -> Result<()> {
     for mib in [128u64, 512] {
         let snap = scratch.path().join(format!("snap-{mib}"));
         let create = make_snapshot(&vmm, &kernel, mib, &snap, scratch.path())?;
+        let mut filled_create = Vec::new();
+        for i in 0..runs.min(5) {
+            let dir = scratch.path().join(format!("filled-{mib}-{i}"));
+            filled_create.push(make_snapshot(&vmm, &filler, mib, &dir, scratch.path())?);
+            std::fs::remove_dir_all(&dir)?;
+        }
         // Warm-up, then warm-cache restores.
         restore_once(&vmm, &snap)?;
         let mut warm = Vec::new();
@@ -100,6 +117,7 @@ fn main() -> Result<()> {
         faults.sort();
         cols.push(vec![
             ms(create),
+            ms(median(&filled_create)),
             format!("{} / {}", ms(median(&warm)), ms(quantile(&warm, 0.99))),
             if cold.is_empty() {
                 "not root".into()
@@ -142,6 +160,7 @@ fn main() -> Result<()> {
     }
     let labels = [
         "snapshot create (VMM)",
+        "snapshot create, 64 MiB of guest memory written (median of 5)",
         "restore → first byte, warm (median / p99)",
         "restore → first byte, cache dropped",
         "  of which: spawn → exit, no VM (`--help`)",
@@ -199,7 +218,11 @@ fn first_byte(child: &mut Child) -> Result<()> {
 
 /// Boots the guest with an API socket, snapshots it while running, stops it.
 fn make_snapshot(vmm: &Path, kernel: &Path, mib: u64, snap: &Path, dir: &Path) -> Result<Duration> {
-    let sock = dir.join(format!("api-{mib}.sock"));
+    // One socket per snapshot: a killed VMM leaves its socket file behind.
+    let name = snap
+        .file_name()
+        .map_or("snap".into(), |n| n.to_string_lossy());
+    let sock = dir.join(format!("api-{mib}-{name}.sock"));
     let mut child = Command::new(vmm)
         .arg("--kernel")
         .arg(kernel)

@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 /// The first bytes of every snapshot state file.
 pub const MAGIC: &str = "fnvm-snapshot";
 /// Bumped whenever the layout or the meaning of the state changes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The vmm build that writes and accepts snapshots.
 pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -136,6 +136,17 @@ pub struct MemoryInfo {
     pub sha256: String,
     /// The memory file's stamp right after it was written (and hashed).
     pub stamp: FileStamp,
+    /// The host boot (`/proc/sys/kernel/random/boot_id`) that wrote the memory file. It is not
+    /// fsynced (that would cost more than hashing it); the stamp is trusted only within the
+    /// same boot, and the first load after a reboot (or a crash) checks the whole hash again.
+    pub boot_id: String,
+}
+
+/// This host boot's id, or "" when the kernel does not say (then stamps are never trusted).
+pub fn current_boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Everything before the state bytes.
@@ -253,6 +264,7 @@ mod tests {
             memory: MemoryInfo {
                 size: 1 << 20,
                 sha256: "00".repeat(32),
+                boot_id: "b".into(),
                 stamp: FileStamp {
                     dev: 1,
                     ino: 2,

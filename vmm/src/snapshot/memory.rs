@@ -90,41 +90,60 @@ fn host_has_swap() -> bool {
 
 /// Writes guest memory to `path` (created, sparse) and returns its size and content hash.
 /// The vCPUs must be parked and no device may touch memory meanwhile.
+///
+/// First the runs of pages that hold data are found (untouched and zero pages stay holes),
+/// then they are written while another thread hashes them: the VM stays paused for the longer
+/// of the two, not their sum.
 pub fn write(mem: &GuestMemory, path: &Path) -> io::Result<(u64, String)> {
     let file = File::options().write(true).create_new(true).open(path)?;
     let regions = layout(mem);
     let total: u64 = regions.iter().map(|r| r.len).sum();
     file.set_len(total)?;
-    let mut hasher = PageHasher::default();
+    // (bytes, offset in the file), in file order.
+    let mut runs: Vec<(&[u8], u64)> = Vec::new();
     for (region, l) in mem.iter().zip(&regions) {
         let host = mem
             .get_host_address(region.start_addr())
             .map_err(|e| io::Error::other(e.to_string()))?;
         let len = region.len() as usize;
         let resident = resident_pages(host, len, region.file_offset().is_none());
-        // SAFETY: the region is a live mapping of `len` bytes; the VM is paused, so nothing
-        // writes it while this shared view exists.
+        // SAFETY: the region is a live mapping of `len` bytes that outlives this call (`mem`
+        // is borrowed); the VM is paused, so nothing writes it while these shared views exist.
         let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
         let mut run_start: Option<usize> = None;
-        let flush = |from: usize, to: usize| -> io::Result<()> {
-            file.write_all_at(&bytes[from..to], l.file_offset + from as u64)
-        };
         for (i, page) in bytes.chunks(PAGE).enumerate() {
             let touched = resident.as_ref().is_none_or(|v| v[i] & 1 != 0);
-            let data = touched && !is_zero(page);
-            if data {
-                hasher.page(l.file_offset / PAGE as u64 + i as u64, page);
+            if touched && !is_zero(page) {
                 run_start.get_or_insert(i * PAGE);
             } else if let Some(s) = run_start.take() {
-                flush(s, i * PAGE)?;
+                runs.push((&bytes[s..i * PAGE], l.file_offset + s as u64));
             }
         }
         if let Some(s) = run_start {
-            flush(s, len)?;
+            runs.push((&bytes[s..], l.file_offset + s as u64));
         }
     }
-    file.sync_all()?;
-    Ok((total, hasher.finish()))
+    let sum = std::thread::scope(|scope| {
+        let hashing = scope.spawn(|| {
+            let mut hasher = PageHasher::default();
+            for (bytes, offset) in &runs {
+                for (i, page) in bytes.chunks(PAGE).enumerate() {
+                    hasher.page(offset / PAGE as u64 + i as u64, page);
+                }
+            }
+            hasher.finish()
+        });
+        let written = runs
+            .iter()
+            .try_for_each(|(bytes, offset)| file.write_all_at(bytes, *offset));
+        let sum = hashing
+            .join()
+            .map_err(|_| io::Error::other("the memory hashing thread panicked"));
+        written.and(sum)
+    })?;
+    // No fsync: the header records this boot, and a load in another boot (after a crash)
+    // re-checks the hash instead of trusting the file's stamp.
+    Ok((total, sum))
 }
 
 /// Reads the whole memory file (skipping holes) and returns its content hash.

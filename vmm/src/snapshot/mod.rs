@@ -29,7 +29,8 @@ use memory::RegionLayout;
 pub const STATE_FILE: &str = "snapshot";
 pub const MEMORY_FILE: &str = "memory";
 /// Written after a full check of a memory file whose stamp no longer matches the header's
-/// (e.g. the snapshot was copied): later restores trust this stamp instead of re-reading.
+/// (e.g. the snapshot was copied) or that another boot wrote: later restores in this boot trust
+/// this stamp instead of re-reading.
 pub const VERIFIED_FILE: &str = "memory.verified";
 
 /// Why a snapshot could not be written or loaded.
@@ -184,6 +185,7 @@ pub fn write(
                 size,
                 sha256,
                 stamp,
+                boot_id: format::current_boot_id(),
             },
             state_len: 0,
             state_sha256: String::new(),
@@ -253,11 +255,17 @@ pub fn load(dir: &Path, here: &HostIdentity) -> Result<Loaded, SnapshotError> {
     }
     let stamp = FileStamp::of(&meta);
     let verified_path = dir.join(VERIFIED_FILE);
-    let known_good = stamp == header.memory.stamp
+    // The memory file is not fsynced: its stamp vouches for its content only within the boot
+    // that wrote it (a crash can leave a file whose stamp matches and whose data does not).
+    let boot = format::current_boot_id();
+    let written_this_boot = !boot.is_empty() && header.memory.boot_id == boot;
+    let known_good = (stamp == header.memory.stamp && written_this_boot)
         || std::fs::read(&verified_path)
             .ok()
-            .and_then(|b| serde_json::from_slice::<(FileStamp, String)>(&b).ok())
-            .is_some_and(|(s, sum)| s == stamp && sum == header.memory.sha256);
+            .and_then(|b| serde_json::from_slice::<(FileStamp, String, String)>(&b).ok())
+            .is_some_and(|(s, sum, b)| {
+                s == stamp && sum == header.memory.sha256 && !boot.is_empty() && b == boot
+            });
     if !known_good {
         let sum = memory::hash_file(&mem_path).map_err(io_at(&mem_path))?;
         if sum != header.memory.sha256 {
@@ -267,7 +275,7 @@ pub fn load(dir: &Path, here: &HostIdentity) -> Result<Loaded, SnapshotError> {
         }
         // Remember the check (best effort: a read-only snapshot directory just re-checks).
         let tmp = dir.join(format!(".{VERIFIED_FILE}.{}", std::process::id()));
-        if let Ok(json) = serde_json::to_vec(&(stamp, sum)) {
+        if let Ok(json) = serde_json::to_vec(&(stamp, sum, &boot)) {
             if std::fs::write(&tmp, json).is_ok() && std::fs::rename(&tmp, &verified_path).is_err()
             {
                 let _ = std::fs::remove_file(&tmp);
