@@ -92,10 +92,16 @@ impl SnapshotKey {
     }
 }
 
+/// How much disk the store may use before the least recently used snapshots go, unless
+/// `FNVM_SNAPSHOT_BUDGET_MIB` says otherwise.
+pub const DEFAULT_BUDGET_BYTES: u64 = 10 << 30;
+
 /// Snapshots of one home and platform.
 pub struct SnapshotStore {
     root: PathBuf,
     platform: String,
+    /// Disk (allocated blocks) all snapshots may use together.
+    budget_bytes: u64,
     /// Keys whose snapshot this process is writing right now: one writer per key.
     writing: Mutex<HashSet<String>>,
 }
@@ -106,9 +112,18 @@ impl SnapshotStore {
         let root = home
             .dir("snapshots")
             .map_err(|e| SandboxError::setup("cannot create the snapshot store", e))?;
+        let budget_bytes = match std::env::var("FNVM_SNAPSHOT_BUDGET_MIB") {
+            Ok(v) => v.trim().parse::<u64>().map(|mib| mib << 20).map_err(|_| {
+                SandboxError::BadSpec(format!(
+                    "FNVM_SNAPSHOT_BUDGET_MIB={v:?} is not a whole number of MiB"
+                ))
+            })?,
+            Err(_) => DEFAULT_BUDGET_BYTES,
+        };
         let store = SnapshotStore {
             root,
             platform: platform.digest()?,
+            budget_bytes,
             writing: Mutex::new(HashSet::new()),
         };
         store.prune_other_platforms();
@@ -156,6 +171,61 @@ impl SnapshotStore {
         dir.join(fnvm_vmm::snapshot::STATE_FILE)
             .is_file()
             .then_some(dir)
+    }
+
+    /// [`SnapshotStore::find`] for a start that will use it: marks the entry used now, for
+    /// the least-recently-used pruning.
+    pub fn use_snapshot(&self, key: &SnapshotKey) -> Option<PathBuf> {
+        let dir = self.find(key)?;
+        let about = self.entry(key).join(ABOUT_FILE);
+        if let Ok(f) = std::fs::File::options().write(true).open(&about) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+        Some(dir)
+    }
+
+    /// After `kept` was written: while all snapshots together use more disk than the budget,
+    /// the least recently used ones (never `kept`, never one being written) are removed.
+    pub fn enforce_budget(&self, kept: &SnapshotKey) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        let mut all: Vec<(std::time::SystemTime, u64, String)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    return None;
+                }
+                let used = std::fs::metadata(e.path().join(ABOUT_FILE))
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                Some((used, allocated_bytes(&e.path()), name))
+            })
+            .collect();
+        let mut total: u64 = all.iter().map(|(_, bytes, _)| bytes).sum();
+        all.sort();
+        for (_, bytes, name) in all {
+            if total <= self.budget_bytes {
+                break;
+            }
+            if name == kept.hex || lock(&self.writing).contains(&name) {
+                continue;
+            }
+            tracing::info!(
+                "removing the least recently used snapshot {name} ({} MiB): the snapshots \
+                 use more than {} MiB",
+                bytes >> 20,
+                self.budget_bytes >> 20
+            );
+            let doomed = self
+                .root
+                .join(format!(".{name}.removed-{}", std::process::id()));
+            if std::fs::rename(self.root.join(&name), &doomed).is_ok() {
+                let _ = std::fs::remove_dir_all(&doomed);
+                total = total.saturating_sub(bytes);
+            }
+        }
     }
 
     /// Claims the right to write `key`'s snapshot: `None` when it exists already or another
@@ -231,6 +301,21 @@ impl SnapshotStore {
     }
 }
 
+/// The disk blocks a directory tree holds (sparse files count what they really use).
+fn allocated_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => allocated_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.blocks() * 512),
+            _ => 0,
+        })
+        .sum()
+}
+
 /// Writes `about.json` whole (temp file + rename), before the vmm writes the snapshot, so an
 /// entry always says which platform it belongs to.
 fn write_about(entry: &Path, about: &About) -> std::io::Result<()> {
@@ -257,6 +342,11 @@ impl Writing {
     /// Where `fnvm-vmm` must write the snapshot (the directory must not exist).
     pub fn vm_dir(&self) -> PathBuf {
         self.store.entry(&self.key).join(VM_DIR)
+    }
+
+    /// The snapshot is written: older ones go if the store is over its budget.
+    pub fn written(&self) {
+        self.store.enforce_budget(&self.key);
     }
 }
 
@@ -388,6 +478,53 @@ mod tests {
         store.invalidate(&key, "test");
         assert!(store.find(&key).is_none());
         assert!(store.begin_write(&key).is_some());
+    }
+
+    #[test]
+    fn beyond_the_budget_the_least_recently_used_snapshots_go() {
+        let f = fixture();
+        let store = Arc::new(SnapshotStore::open(&f.home, &f.platform).unwrap());
+        let keys: Vec<SnapshotKey> = ["a", "b", "c"]
+            .iter()
+            .map(|name| {
+                let key = store.key(&spec(&f.rootfs, &[name], 128)).unwrap();
+                let w = store.begin_write(&key).unwrap();
+                write_fake_vm_dir(&w.vm_dir());
+                // 1 MiB of real data each.
+                std::fs::write(w.vm_dir().join("memory"), vec![1u8; 1 << 20]).unwrap();
+                key
+            })
+            .collect();
+        // Used in the order b, a, c (c last): b is the least recently used.
+        for (key, secs) in [(&keys[1], 100), (&keys[0], 200), (&keys[2], 300)] {
+            let about = store.entry(key).join(ABOUT_FILE);
+            let f = std::fs::File::options().write(true).open(about).unwrap();
+            f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+                .unwrap();
+        }
+        let budget = SnapshotStore {
+            root: store.root.clone(),
+            platform: store.platform.clone(),
+            budget_bytes: (2 << 20) + (256 << 10),
+            writing: Mutex::new(HashSet::new()),
+        };
+        // Within budget after removing one: b goes, a and c stay.
+        budget.enforce_budget(&keys[2]);
+        assert!(budget.find(&keys[1]).is_none());
+        assert!(budget.find(&keys[0]).is_some());
+        assert!(budget.find(&keys[2]).is_some());
+        // The key just written is never removed, even when it is the least recently used.
+        assert!(budget.use_snapshot(&keys[0]).is_some());
+        let smaller = SnapshotStore {
+            budget_bytes: 1 << 20,
+            ..budget
+        };
+        smaller.enforce_budget(&keys[2]);
+        assert!(
+            smaller.find(&keys[2]).is_some(),
+            "the kept key is never removed"
+        );
+        assert!(smaller.find(&keys[0]).is_none());
     }
 
     #[test]

@@ -174,7 +174,7 @@ impl Sandbox for VmSandbox {
             false => None,
         };
         let mut note = None;
-        if let Some(snapshot) = key.as_ref().and_then(|k| self.snapshots.find(k)) {
+        if let Some(snapshot) = key.as_ref().and_then(|k| self.snapshots.use_snapshot(k)) {
             match self.attempt(
                 &spec,
                 Launch::Restore {
@@ -387,6 +387,7 @@ impl VmSandbox {
                     let started = Instant::now();
                     match api.snapshot(&write.vm_dir()) {
                         Ok(vmm_ms) => {
+                            write.written();
                             tracing::info!(
                                 instance = %spec.id,
                                 "snapshot written to {} in {vmm_ms:.1} ms (VM paused), {} ms in all",
