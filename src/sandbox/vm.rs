@@ -182,6 +182,9 @@ impl Sandbox for VmSandbox {
                 },
             ) {
                 Ok(instance) => return Ok(instance),
+                // The spec itself cannot run (a boot would fail the same way): not the
+                // snapshot's fault.
+                Err(e @ SandboxError::BadSpec(_)) => return Err(e),
                 Err(e) => {
                     let why = e.to_string();
                     tracing::warn!(
