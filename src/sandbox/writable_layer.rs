@@ -10,8 +10,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -52,7 +50,7 @@ impl WritableLayer {
     /// Creates `path` as a fresh, empty 512 MiB ext4 file system (sparse).
     pub fn create(home: &Home, path: &Path) -> Result<Self, SandboxError> {
         let template = template(home)?;
-        copy_sparse(&template, path).map_err(|e| {
+        fnvm_vmm::sparse_copy::copy_sparse(&template, path).map_err(|e| {
             SandboxError::setup(
                 format!("cannot create the writable layer {}", path.display()),
                 e,
@@ -66,7 +64,7 @@ impl WritableLayer {
     /// Creates `path` as this instance's own copy of `source`, the writable layer a snapshot
     /// was taken with (a reflink or a sparse copy of its data, never a full 512 MiB copy).
     pub fn copy_of(source: &Path, path: &Path) -> Result<Self, SandboxError> {
-        copy_sparse(source, path).map_err(|e| {
+        fnvm_vmm::sparse_copy::copy_sparse(source, path).map_err(|e| {
             SandboxError::setup(
                 format!(
                     "cannot copy the snapshot's writable layer {} to {}",
@@ -168,116 +166,10 @@ fn format_file(path: &Path) -> Result<(), SandboxError> {
     Ok(())
 }
 
-/// Copies `from` to a new file `to` keeping holes: a reflink where the file system supports one,
-/// else only the data extents (SEEK_DATA/SEEK_HOLE) with copy_file_range.
-fn copy_sparse(from: &Path, to: &Path) -> io::Result<()> {
-    let src = File::open(from)?;
-    let len = src.metadata()?.len();
-    let dst = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(to)?;
-    let result = (|| {
-        // SAFETY: FICLONE takes the source fd as its argument; both fds are open for the call.
-        let cloned = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0;
-        if !cloned {
-            copy_data_extents(&src, &dst, len)?;
-        }
-        dst.set_len(len)?;
-        dst.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(to);
-    }
-    result
-}
-
-fn copy_data_extents(src: &File, dst: &File, len: u64) -> io::Result<()> {
-    let mut offset: u64 = 0;
-    while offset < len {
-        let data = match seek(src, offset, libc::SEEK_DATA) {
-            Ok(d) => d,
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break, // only a hole is left
-            Err(e) => return Err(e),
-        };
-        let hole = seek(src, data, libc::SEEK_HOLE)?.min(len);
-        copy_range(src, dst, data, hole - data)?;
-        offset = hole;
-    }
-    Ok(())
-}
-
-fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
-    let off =
-        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-    // SAFETY: lseek on an open fd; no memory is passed.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as u64)
-    }
-}
-
-/// Copies `len` bytes at `offset` (same offset in both files), in the kernel where it can.
-fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> io::Result<()> {
-    let mut done = 0u64;
-    while done < len {
-        let mut off_in = (offset + done) as libc::loff_t;
-        let mut off_out = off_in;
-        let chunk = usize::try_from(len - done)
-            .unwrap_or(usize::MAX)
-            .min(1 << 30);
-        // SAFETY: both fds are open; the offsets are locals the kernel updates.
-        let n = unsafe {
-            libc::copy_file_range(
-                src.as_raw_fd(),
-                &mut off_in,
-                dst.as_raw_fd(),
-                &mut off_out,
-                chunk,
-                0,
-            )
-        };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if matches!(
-                err.raw_os_error(),
-                Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)
-            ) {
-                return copy_range_userspace(src, dst, offset + done, len - done);
-            }
-            return Err(err);
-        }
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "template ended early",
-            ));
-        }
-        done += n as u64;
-    }
-    Ok(())
-}
-
-fn copy_range_userspace(src: &File, dst: &File, offset: u64, len: u64) -> io::Result<()> {
-    let mut buf = vec![0u8; 1 << 16];
-    let mut done = 0u64;
-    while done < len {
-        let want = usize::try_from(len - done)
-            .unwrap_or(usize::MAX)
-            .min(buf.len());
-        src.read_exact_at(&mut buf[..want], offset + done)?;
-        dst.write_all_at(&buf[..want], offset + done)?;
-        done += want as u64;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{FileExt, MetadataExt};
 
     fn home() -> (tempfile::TempDir, Home) {
         let dir = tempfile::tempdir().unwrap();

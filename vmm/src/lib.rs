@@ -30,6 +30,7 @@ pub mod exit;
 pub mod host;
 pub mod memory;
 pub mod snapshot;
+pub mod sparse_copy;
 pub mod standby;
 pub mod state;
 pub mod terminal;

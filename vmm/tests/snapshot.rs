@@ -402,7 +402,7 @@ fn api_refuses_garbage(sock: &Path) -> bool {
 
 fn restore(s: &Snapshotted, name: &str) -> (Vmm, PathBuf) {
     let copy = s.dir.path().join(format!("{name}.img"));
-    fnvm_vmm::snapshot::memory::copy_sparse(&s.snap.join("disk-0.img"), &copy).unwrap();
+    fnvm_vmm::sparse_copy::copy_sparse(&s.snap.join("disk-0.img"), &copy).unwrap();
     let vm = Vmm::spawn(&[
         "--restore".as_ref(),
         s.snap.as_os_str(),
@@ -1042,7 +1042,7 @@ fn standby_vmm_restores_the_counting_guest_which_continues_exactly() {
     );
 
     let copy = s.dir.path().join("standby-copy.img");
-    fnvm_vmm::snapshot::memory::copy_sparse(&s.snap.join("disk-0.img"), &copy).unwrap();
+    fnvm_vmm::sparse_copy::copy_sparse(&s.snap.join("disk-0.img"), &copy).unwrap();
     let r = api(
         &sock,
         &format!(

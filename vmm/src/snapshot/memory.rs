@@ -282,48 +282,6 @@ pub fn layout_matches(regions: &[RegionLayout], mem: &GuestMemory) -> Result<(),
     }
 }
 
-/// Copies a disk image the cheap way: a reflink where the filesystem can share extents,
-/// otherwise only its data ranges (holes stay holes). Never a full byte-for-byte copy of a
-/// mostly empty 512 MiB writable layer.
-pub fn copy_sparse(from: &Path, to: &Path) -> io::Result<()> {
-    let src = File::open(from)?;
-    let dst = File::options().write(true).create_new(true).open(to)?;
-    // FICLONE = _IOW(0x94, 9, int)
-    const FICLONE: libc::c_ulong = 0x4004_9409;
-    // SAFETY: both fds are open; FICLONE only reads the source fd number.
-    if unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE as _, src.as_raw_fd()) } == 0 {
-        return Ok(());
-    }
-    let size = src.metadata()?.len();
-    dst.set_len(size)?;
-    let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
-    let mut pos: i64 = 0;
-    while (pos as u64) < size {
-        // SAFETY: lseek on a file we own.
-        let data = unsafe { libc::lseek(sfd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(sfd, data, libc::SEEK_HOLE) };
-        let (mut off_in, mut off_out) = (data, data);
-        let mut left = (hole - data) as usize;
-        while left > 0 {
-            // SAFETY: offsets are locals; both fds are open.
-            let n = unsafe { libc::copy_file_range(sfd, &mut off_in, dfd, &mut off_out, left, 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if n == 0 {
-                break;
-            }
-            left -= n as usize;
-        }
-        pos = hole.max(data + 1);
-    }
-    dst.sync_all()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,21 +314,5 @@ mod tests {
         flipped[0x70_0fff] ^= 1;
         std::fs::write(&path, &flipped).unwrap();
         assert_ne!(hash_file(&path).unwrap(), sum);
-    }
-
-    #[test]
-    fn sparse_copy_keeps_data_and_holes() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = dir.path().join("a");
-        let f = File::create(&a).unwrap();
-        f.set_len(64 << 20).unwrap();
-        f.write_all_at(b"abc", 10 << 20).unwrap();
-        let b = dir.path().join("b");
-        copy_sparse(&a, &b).unwrap();
-        let back = std::fs::read(&b).unwrap();
-        assert_eq!(back.len(), 64 << 20);
-        assert_eq!(&back[10 << 20..(10 << 20) + 3], b"abc");
-        use std::os::unix::fs::MetadataExt;
-        assert!(std::fs::metadata(&b).unwrap().blocks() * 512 < 4 << 20);
     }
 }

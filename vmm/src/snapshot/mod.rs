@@ -169,7 +169,7 @@ pub fn write(
         for (index, path) in writable_disks {
             let file = format!("disk-{index}.img");
             let to = tmp.join(&file);
-            memory::copy_sparse(path, &to).map_err(io_at(path))?;
+            crate::sparse_copy::copy_sparse(path, &to).map_err(io_at(path))?;
             if let Some(slot) = state.virtio.get_mut(*index) {
                 slot.disk_copy = Some(file);
             }
