@@ -218,11 +218,7 @@ impl SnapshotStore {
                 bytes >> 20,
                 self.budget_bytes >> 20
             );
-            let doomed = self
-                .root
-                .join(format!(".{name}.removed-{}", std::process::id()));
-            if std::fs::rename(self.root.join(&name), &doomed).is_ok() {
-                let _ = std::fs::remove_dir_all(&doomed);
+            if self.remove_entry(&name) {
                 total = total.saturating_sub(bytes);
             }
         }
@@ -259,17 +255,20 @@ impl SnapshotStore {
 
     /// Deletes `key`'s snapshot, if there is one.
     pub fn remove(&self, key: &SnapshotKey) {
-        let entry = self.entry(key);
-        if !entry.exists() {
-            return;
-        }
-        // Renamed away first, so a concurrent start never finds half of it.
+        self.remove_entry(&key.hex);
+    }
+
+    /// Removes the entry `name`; false if it was not there. Renamed away first, so a
+    /// concurrent start never finds half of it.
+    fn remove_entry(&self, name: &str) -> bool {
         let doomed = self
             .root
-            .join(format!(".{}.removed-{}", key.hex, std::process::id()));
-        if std::fs::rename(&entry, &doomed).is_ok() {
+            .join(format!(".{name}.removed-{}", std::process::id()));
+        let moved = std::fs::rename(self.root.join(name), &doomed).is_ok();
+        if moved {
             let _ = std::fs::remove_dir_all(&doomed);
         }
+        moved
     }
 
     fn prune_other_platforms(&self) {

@@ -161,7 +161,19 @@ impl Sandbox for VmSandbox {
     }
 
     fn discard_snapshot(&self, rootfs_image: &Path, start: &super::StartSpec, memory_mib: u32) {
-        self.discard(rootfs_image, start, memory_mib);
+        match self.snapshots.key_of(rootfs_image, start, memory_mib) {
+            Ok(key) if self.snapshots.find(&key).is_some() => {
+                tracing::info!(
+                    snapshot = key.as_str(),
+                    "removing the snapshot of a retired function version"
+                );
+                self.snapshots.remove(&key);
+            }
+            Ok(_) => {}
+            // The rootfs image is gone: the key cannot be computed; such snapshots can never
+            // be found again either, and go with the next platform change.
+            Err(e) => tracing::debug!("no snapshot to discard: {e}"),
+        }
     }
 
     /// The start policy: a snapshot start when this function version has a snapshot; if the
@@ -209,24 +221,6 @@ impl Sandbox for VmSandbox {
             });
         }
         Ok(instance)
-    }
-}
-
-impl VmSandbox {
-    fn discard(&self, rootfs_image: &Path, start: &super::StartSpec, memory_mib: u32) {
-        match self.snapshots.key_of(rootfs_image, start, memory_mib) {
-            Ok(key) if self.snapshots.find(&key).is_some() => {
-                tracing::info!(
-                    snapshot = key.as_str(),
-                    "removing the snapshot of a retired function version"
-                );
-                self.snapshots.remove(&key);
-            }
-            Ok(_) => {}
-            // The rootfs image is gone: the key cannot be computed; such snapshots can never
-            // be found again either, and go with the next platform change.
-            Err(e) => tracing::debug!("no snapshot to discard: {e}"),
-        }
     }
 }
 
