@@ -78,7 +78,7 @@ impl Outbox {
         let remembered = truncate(&line, LAST_LINE_BYTES);
         let bytes = encode(&AgentMessage::Log {
             stream,
-            unix_time_ms: unix_time_ms(),
+            unix_time_us: unix_time_us(),
             line,
         });
         let mut state = self.lock();
@@ -154,7 +154,7 @@ impl Outbox {
                 state.dropped_lines = 0;
                 batch.extend_from_slice(&encode(&AgentMessage::Log {
                     stream: LogStream::Stderr,
-                    unix_time_ms: unix_time_ms(),
+                    unix_time_us: unix_time_us(),
                     line: note,
                 }));
             }
@@ -257,10 +257,10 @@ fn truncate(line: &str, max: usize) -> String {
     line[..end].to_string()
 }
 
-pub fn unix_time_ms() -> u64 {
+pub fn unix_time_us() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
+        .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
 }
 

@@ -12,7 +12,7 @@ use std::io::{self, BufRead, Write};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Bumped on any incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The agent listens for the host's control connection on this port.
 pub const CONTROL_PORT: u32 = 1024;
 /// The function's HTTP port: host streams to it are bridged to 127.0.0.1:9000 in the guest.
@@ -79,10 +79,12 @@ pub enum AgentMessage {
         /// Guest uptime when the agent answered, in milliseconds.
         uptime_ms: u64,
     },
-    /// One line the function printed (without its newline), stamped in the guest.
+    /// One line the function printed (without its newline), stamped in the guest when the
+    /// agent read it, in microseconds: the host attributes lines to requests by this stamp,
+    /// and requests on a fast machine follow each other within one millisecond.
     Log {
         stream: LogStream,
-        unix_time_ms: u64,
+        unix_time_us: u64,
         line: String,
     },
     /// Something accepts connections on port 9000: the instance can serve.
@@ -206,7 +208,12 @@ mod tests {
         write_message(&mut wire, &start).unwrap();
         let mut input = Cursor::new(wire);
         let first: HostMessage = read_message(&mut input).unwrap().unwrap();
-        assert_eq!(first, HostMessage::Hello { version: 1 });
+        assert_eq!(
+            first,
+            HostMessage::Hello {
+                version: PROTOCOL_VERSION
+            }
+        );
         let second: HostMessage = read_message(&mut input).unwrap().unwrap();
         assert_eq!(second, start);
         assert!(read_message::<_, HostMessage>(&mut input)
@@ -230,9 +237,10 @@ mod tests {
         ));
         let mut cut = Cursor::new(b"{\"type\":\"ready\"".to_vec());
         assert!(read_message::<_, AgentMessage>(&mut cut).is_err());
+        // An agent of the first protocol (millisecond log stamps) is refused by name.
         assert!(matches!(
-            check_version(2),
-            Err(ProtocolError::Version { peer: 2 })
+            check_version(1),
+            Err(ProtocolError::Version { peer: 1 })
         ));
     }
 }

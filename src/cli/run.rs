@@ -313,7 +313,7 @@ impl Session {
 
 /// Prints one function log line to stdout: `2026-01-02T03:04:05.678Z stdout  the line`.
 pub fn print_log_line(line: &LogLine) {
-    let when = UNIX_EPOCH + Duration::from_millis(line.unix_time_ms);
+    let when = UNIX_EPOCH + Duration::from_micros(line.unix_time_us);
     let stream = match line.stream {
         LogStream::Stdout => "stdout",
         LogStream::Stderr => "stderr",

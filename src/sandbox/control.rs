@@ -464,13 +464,13 @@ fn read_loop(
         match message {
             AgentMessage::Log {
                 stream,
-                unix_time_ms,
+                unix_time_us,
                 line,
             } => {
                 exit.push_line(&line);
                 on_log(LogLine {
                     stream,
-                    unix_time_ms,
+                    unix_time_us,
                     line,
                 });
             }

@@ -106,8 +106,8 @@ impl std::fmt::Debug for InstanceSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogLine {
     pub stream: LogStream,
-    /// When the guest read it.
-    pub unix_time_ms: u64,
+    /// When the guest read it (microseconds since the epoch).
+    pub unix_time_us: u64,
     pub line: String,
 }
 

@@ -218,10 +218,13 @@ struct Running {
     client: Client<InstanceConnector, OutBody>,
 }
 
-/// Which request a log line belongs to: the invocations of one instance with the times (ms,
+/// Which request a log line belongs to: the invocations of one instance with the times (µs,
 /// realtime clock) they were sent and answered. A line is stamped by the agent when it reads it,
-/// which for a line printed during a request lies between the two; the line itself may reach the
-/// host later than the response (it travels on another stream), so arrival order cannot decide.
+/// which for a line printed during a request lies between the two: the agent stamps what the
+/// function printed before passing on any response bytes, and a request counts as answered when
+/// its response's last bytes came from the instance, before the caller can see them and send its
+/// next request. The line itself may reach the host later than the response (it travels on
+/// another stream), so arrival order cannot decide.
 #[derive(Default)]
 struct Attribution {
     requests: std::collections::VecDeque<Invocation>,
@@ -229,8 +232,8 @@ struct Attribution {
 
 struct Invocation {
     request_id: String,
-    sent_ms: u64,
-    answered_ms: Option<u64>,
+    sent_us: u64,
+    answered_us: Option<u64>,
 }
 
 /// Invocations remembered per instance for attributing late lines.
@@ -239,61 +242,62 @@ const ATTRIBUTION_HISTORY: usize = 256;
 impl Attribution {
     fn begin(&mut self, request_id: &str) {
         if self.requests.len() >= ATTRIBUTION_HISTORY {
-            if let Some(i) = self.requests.iter().position(|r| r.answered_ms.is_some()) {
+            if let Some(i) = self.requests.iter().position(|r| r.answered_us.is_some()) {
                 self.requests.remove(i);
             }
         }
         self.requests.push_back(Invocation {
             request_id: request_id.to_string(),
-            sent_ms: unix_ms(),
-            answered_ms: None,
+            sent_us: unix_us(),
+            answered_us: None,
         });
     }
 
+    /// The request's response is complete (a second call changes nothing).
     fn end(&mut self, request_id: &str) {
-        let now = unix_ms();
+        let now = unix_us();
         if let Some(r) = self
             .requests
             .iter_mut()
             .rev()
-            .find(|r| r.request_id == request_id && r.answered_ms.is_none())
+            .find(|r| r.request_id == request_id && r.answered_us.is_none())
         {
-            r.answered_ms = Some(now);
+            r.answered_us = Some(now);
         }
     }
 
-    /// The request a line read at `time_ms` was printed during: the one in flight then; if
-    /// none was, the last one before (the agent's reader thread can read a request's last lines
-    /// after its response went out); None before the first request, and None when several
-    /// requests were in flight together (a web instance's concurrency). A tie at one
-    /// millisecond's boundary goes to the earlier request.
-    fn request_at(&self, time_ms: u64) -> Option<String> {
+    /// The request a line read at `time_us` was printed during: the one in flight then; if
+    /// none was, the last one before (a line printed after a response, or without its newline
+    /// until later); None before the first request, and None when several requests were in
+    /// flight together (a web instance's concurrency). A tie at one microsecond's boundary goes
+    /// to the earlier request.
+    fn request_at(&self, time_us: u64) -> Option<String> {
         let during: Vec<&Invocation> = self
             .requests
             .iter()
-            .filter(|r| r.sent_ms <= time_ms && r.answered_ms.is_none_or(|a| time_ms <= a))
+            .filter(|r| r.sent_us <= time_us && r.answered_us.is_none_or(|a| time_us <= a))
             .collect();
         match during.as_slice() {
             [] => self
                 .requests
                 .iter()
                 .rev()
-                .find(|r| r.sent_ms <= time_ms)
+                .find(|r| r.sent_us <= time_us)
                 .map(|r| r.request_id.clone()),
             [only] => Some(only.request_id.clone()),
             [first, rest @ ..] => {
-                let answered = first.answered_ms.unwrap_or(u64::MAX);
-                let overlapping = rest.iter().any(|r| r.sent_ms < answered);
+                let answered = first.answered_us.unwrap_or(u64::MAX);
+                let overlapping = rest.iter().any(|r| r.sent_us < answered);
                 (!overlapping).then(|| first.request_id.clone())
             }
         }
     }
 }
 
-fn unix_ms() -> u64 {
+fn unix_us() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
+        .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
 }
 
@@ -556,15 +560,7 @@ impl Pool {
             };
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        // The lease lives in the body: the slot is busy until the body is done with.
-        let mut lease = Some(lease);
-        let body = body
-            .map_frame(move |frame| {
-                if frame.is_data() || frame.is_trailers() {
-                    let _ = &mut lease;
-                }
-                frame
-            })
+        let body = LeasedBody::new(body, lease)
             .map_err(std::io::Error::other)
             .boxed();
         Ok(Response::from_parts(parts, body))
@@ -655,6 +651,55 @@ impl Drop for MemoryWaiter {
                 st.memory_waiters.remove(&self.key);
             }
         }
+    }
+}
+
+/// A web response's body on its way to the caller, holding the instance's slot (a [`Lease`])
+/// until the instance has sent its last byte. Then the lease goes: the slot is free however
+/// slowly the caller reads, and the request counts as answered before the caller sees that
+/// byte, so a caller's next request cannot seem to overlap this one in the log attribution.
+struct LeasedBody<B, L = Lease> {
+    body: B,
+    lease: Option<L>,
+}
+
+impl<B: hyper::body::Body + Unpin, L> LeasedBody<B, L> {
+    fn new(body: B, lease: L) -> Self {
+        // An empty body may never be polled: its response is complete with the head.
+        let lease = (!body.is_end_stream()).then_some(lease);
+        Self { body, lease }
+    }
+}
+
+impl<B: hyper::body::Body + Unpin, L: Unpin> hyper::body::Body for LeasedBody<B, L> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.body).poll_frame(cx);
+        let ended = match &polled {
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => true,
+            // The last frame of a body of known length: the server may not poll again.
+            Poll::Ready(Some(Ok(_))) => this.body.is_end_stream(),
+            Poll::Pending => false,
+        };
+        if ended {
+            this.lease = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -1105,11 +1150,11 @@ impl Inner {
                 let request_id = attribution
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .request_at(line.unix_time_ms);
+                    .request_at(line.unix_time_us);
                 logs.append(
                     &key,
                     LogEntry {
-                        time_ms: line.unix_time_ms,
+                        time_ms: line.unix_time_us / 1000,
                         stream: match line.stream {
                             LogStream::Stdout => "stdout".into(),
                             LogStream::Stderr => "stderr".into(),

@@ -425,27 +425,7 @@ fn the_logs_of_one_request_hold_exactly_its_lines() {
         }
         // Lines trail responses by a moment.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        for rid in &rids {
-            let lines: Vec<String> = w
-                .logs
-                .query(&key, Some(rid), None)
-                .into_iter()
-                .map(|e| {
-                    assert_eq!(e.stream, "stderr");
-                    e.line
-                })
-                .collect();
-            let want: Vec<String> = (1..=3).map(|i| format!("line {i} of {rid}")).collect();
-            if lines != want {
-                let all: Vec<String> = w
-                    .logs
-                    .query(&key, None, None)
-                    .iter()
-                    .map(|e| format!("{} {} {:?} {}", e.time_ms, e.instance, e.request_id, e.line))
-                    .collect();
-                panic!("{rid}: {lines:?}\nall lines:\n{}", all.join("\n"));
-            }
-        }
+        assert_each_request_has_exactly_its_lines(&w, &key, &rids);
         let tail = w.logs.query(&key, None, Some(2));
         assert_eq!(tail.len(), 2);
         w.pool.shutdown().await;
@@ -525,29 +505,230 @@ fn a_line_belongs_to_the_request_in_flight_when_it_was_read() {
     let mut a = Attribution::default();
     a.requests.push_back(Invocation {
         request_id: "a".into(),
-        sent_ms: 100,
-        answered_ms: Some(110),
+        sent_us: 100,
+        answered_us: Some(110),
     });
     a.requests.push_back(Invocation {
         request_id: "b".into(),
-        sent_ms: 110,
-        answered_ms: None,
+        sent_us: 110,
+        answered_us: None,
     });
     assert_eq!(a.request_at(99), None);
     assert_eq!(a.request_at(105).as_deref(), Some("a"));
     assert_eq!(a.request_at(110).as_deref(), Some("a"));
     assert_eq!(a.request_at(111).as_deref(), Some("b"));
     // Read after b was answered, before anything else was sent: b's trailing line.
-    a.requests[1].answered_ms = Some(112);
+    a.requests[1].answered_us = Some(112);
     assert_eq!(a.request_at(115).as_deref(), Some("b"));
-    a.requests[1].answered_ms = None;
+    a.requests[1].answered_us = None;
     // Two in flight together (a web instance's concurrency): no single owner.
     a.requests.push_back(Invocation {
         request_id: "c".into(),
-        sent_ms: 120,
-        answered_ms: None,
+        sent_us: 120,
+        answered_us: None,
     });
     assert_eq!(a.request_at(125), None);
+}
+
+#[test]
+fn a_request_sent_within_the_millisecond_of_the_last_answer_keeps_its_first_lines() {
+    // A fast caller: b goes out 300 µs after a was answered and prints 200 µs later, all in
+    // the millisecond a was answered in. Millisecond stamps would tie and hand b's first
+    // lines to a (the CI failure that made stamps microseconds).
+    let mut a = Attribution::default();
+    a.requests.push_back(Invocation {
+        request_id: "a".into(),
+        sent_us: 1_700_000_000_100_000,
+        answered_us: Some(1_700_000_000_110_100),
+    });
+    a.requests.push_back(Invocation {
+        request_id: "b".into(),
+        sent_us: 1_700_000_000_110_400,
+        answered_us: None,
+    });
+    assert_eq!(a.request_at(1_700_000_000_110_050).as_deref(), Some("a"));
+    assert_eq!(a.request_at(1_700_000_000_110_600).as_deref(), Some("b"));
+}
+
+/// A minimal front like the API's on 127.0.0.1: every request goes to `invoke_web` with a new
+/// request id, also passed to the function as `X-Scf-Request-Id`.
+async fn web_front(
+    pool: &Arc<Pool>,
+    key: &FunctionKey,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (pool, key) = (Arc::clone(pool), key.clone());
+    let front = tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let pool = Arc::clone(&pool);
+            let key = key.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                    let pool = Arc::clone(&pool);
+                    let key = key.clone();
+                    async move {
+                        let rid = uuid::Uuid::new_v4().to_string();
+                        req.headers_mut()
+                            .insert("x-scf-request-id", HeaderValue::from_str(&rid).unwrap());
+                        let resp = match pool.invoke_web(&key, &rid, req).await {
+                            Ok(resp) => resp,
+                            Err(e) => Response::builder()
+                                .status(e.status())
+                                .body(
+                                    http_body_util::Full::new(Bytes::from(e.to_string()))
+                                        .map_err(|never| match never {})
+                                        .boxed(),
+                                )
+                                .unwrap(),
+                        };
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    (addr, front)
+}
+
+/// The request ids' lines as the log store attributed them, or a panic listing every line.
+fn assert_each_request_has_exactly_its_lines(w: &World, key: &FunctionKey, rids: &[String]) {
+    for rid in rids {
+        let lines: Vec<String> = w
+            .logs
+            .query(key, Some(rid), None)
+            .into_iter()
+            .map(|e| {
+                assert_eq!(e.stream, "stderr");
+                e.line
+            })
+            .collect();
+        let want: Vec<String> = (1..=3).map(|i| format!("line {i} of {rid}")).collect();
+        if lines != want {
+            let all: Vec<String> = w
+                .logs
+                .query(key, None, None)
+                .iter()
+                .map(|e| format!("{} {} {:?} {}", e.time_ms, e.instance, e.request_id, e.line))
+                .collect();
+            panic!("{rid}: {lines:?}\nall lines:\n{}", all.join("\n"));
+        }
+    }
+}
+
+#[test]
+fn a_web_callers_next_request_on_one_connection_does_not_take_the_last_ones_lines() {
+    if !is_root() {
+        return;
+    }
+    let _serial = serial();
+    runtime().block_on(async {
+        let w = world(PoolConfig::default());
+        let v = version("web-chatty", serde_json::json!({"type": "web"}));
+        let key = v.key.clone();
+        w.pool.activate(v);
+        let (addr, front) = web_front(&w.pool, &key).await;
+        // One keep-alive connection: each request goes out the moment the last byte of the
+        // previous response arrived, and its lines are printed at once.
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut rids = Vec::new();
+        for _ in 0..24 {
+            sender.ready().await.unwrap();
+            let resp = sender
+                .send_request(
+                    Request::post("/")
+                        .header(hyper::header::HOST, "fn")
+                        .body(Full::new(Bytes::from_static(b"log 3")))
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let body = String::from_utf8_lossy(&body).into_owned();
+            rids.push(
+                body.strip_prefix("ok ")
+                    .expect("ok <request id>")
+                    .to_string(),
+            );
+        }
+        // Lines trail responses by a moment.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_each_request_has_exactly_its_lines(&w, &key, &rids);
+        front.abort();
+        w.pool.shutdown().await;
+    });
+}
+
+/// Records when it is dropped: stands in for a lease.
+struct DropFlag(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A body of unknown length (like a chunked response): its end shows only when polled.
+struct Chunked(Vec<&'static str>);
+
+impl hyper::body::Body for Chunked {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(
+            self.0
+                .pop()
+                .map(|c| Ok(hyper::body::Frame::data(Bytes::from_static(c.as_bytes())))),
+        )
+    }
+}
+
+fn drop_flag() -> (DropFlag, Arc<std::sync::atomic::AtomicBool>) {
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    (DropFlag(Arc::clone(&flag)), flag)
+}
+
+#[test]
+fn a_web_response_frees_its_lease_with_its_last_byte_not_when_the_caller_is_done() {
+    use std::sync::atomic::Ordering::SeqCst;
+    runtime().block_on(async {
+        // Known length: the last (here only) frame ends it, before anyone polls again.
+        let (lease, freed) = drop_flag();
+        let mut body = LeasedBody::new(Full::new(Bytes::from_static(b"whole")), lease);
+        assert!(!freed.load(SeqCst));
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "whole");
+        assert!(freed.load(SeqCst), "held after the last byte");
+
+        // Unknown length (chunked): held until the stream says it ended.
+        let (lease, freed) = drop_flag();
+        let mut body = LeasedBody::new(Chunked(vec!["b", "a"]), lease);
+        body.frame().await.unwrap().unwrap();
+        body.frame().await.unwrap().unwrap();
+        assert!(!freed.load(SeqCst), "freed before the end was known");
+        assert!(body.frame().await.is_none());
+        assert!(freed.load(SeqCst));
+
+        // Empty: complete with the head, maybe never polled.
+        let (lease, freed) = drop_flag();
+        let body = LeasedBody::new(http_body_util::Empty::<Bytes>::new(), lease);
+        assert!(freed.load(SeqCst));
+        drop(body);
+    });
 }
 
 #[test]
@@ -562,44 +743,7 @@ fn an_upgrade_to_a_web_function_is_tunnelled_both_ways() {
         let v = version("ws", serde_json::json!({"type": "web"}));
         let key = v.key.clone();
         w.pool.activate(v);
-        // A minimal front like the API's: every request goes to invoke_web.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let front = {
-            let pool = Arc::clone(&w.pool);
-            let key = key.clone();
-            tokio::spawn(async move {
-                loop {
-                    let (tcp, _) = listener.accept().await.unwrap();
-                    let pool = Arc::clone(&pool);
-                    let key = key.clone();
-                    tokio::spawn(async move {
-                        let svc = hyper::service::service_fn(move |req| {
-                            let pool = Arc::clone(&pool);
-                            let key = key.clone();
-                            async move {
-                                let resp = match pool.invoke_web(&key, "rid", req).await {
-                                    Ok(resp) => resp,
-                                    Err(e) => Response::builder()
-                                        .status(e.status())
-                                        .body(
-                                            http_body_util::Full::new(Bytes::from(e.to_string()))
-                                                .map_err(|never| match never {})
-                                                .boxed(),
-                                        )
-                                        .unwrap(),
-                                };
-                                Ok::<_, std::convert::Infallible>(resp)
-                            }
-                        });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(tcp), svc)
-                            .with_upgrades()
-                            .await;
-                    });
-                }
-            })
-        };
+        let (addr, front) = web_front(&w.pool, &key).await;
         let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
         client
             .write_all(
