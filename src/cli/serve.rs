@@ -72,7 +72,8 @@ pub fn run(home: &Home, args: ServeArgs) -> Result<ExitCode> {
 
 async fn serve(home: &Home, kind: SandboxKind, args: ServeArgs) -> Result<()> {
     let sandbox: Arc<dyn sandbox::Sandbox> = Arc::from(
-        sandbox::create(kind, home).with_context(|| format!("cannot set up the {kind} sandbox"))?,
+        sandbox::create_for_service(kind, home)
+            .with_context(|| format!("cannot set up the {kind} sandbox"))?,
     );
     if kind == SandboxKind::Process {
         eprintln!(

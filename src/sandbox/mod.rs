@@ -21,6 +21,7 @@ pub mod process;
 #[cfg(test)]
 pub(crate) mod process_tests;
 pub mod snapshots;
+pub mod standby;
 pub mod transport;
 pub mod vm;
 mod vmm_api;
@@ -141,8 +142,10 @@ pub struct StartInfo {
 /// How a snapshot start went, measured at the instance's first reply.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RestoreReport {
-    /// VMM process start → guest vCPUs running again.
+    /// VMM process start (for a standby VMM: its restore request) → guest vCPUs running again.
     pub resume_ms: f64,
+    /// The snapshot went into a standby VMM made ahead of the start.
+    pub standby: bool,
     /// Pages of guest memory faulted in from the snapshot's memory file so far.
     pub pages_faulted: u64,
     /// Of the VMM process's page faults so far, those that had to read from disk.
@@ -151,10 +154,14 @@ pub struct RestoreReport {
 
 impl std::fmt::Display for RestoreReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let since = match self.standby {
+            true => "the standby VMM was asked to restore",
+            false => "the VMM started",
+        };
         write!(
             f,
-            "resumed {:.2} ms after the VMM started; {} guest pages faulted in before the first \
-             reply ({} major faults)",
+            "resumed {:.2} ms after {since}; {} guest pages faulted in before the first reply \
+             ({} major faults)",
             self.resume_ms, self.pages_faulted, self.major_faults
         )
     }
@@ -288,6 +295,23 @@ pub fn create(kind: SandboxKind, home: &Home) -> Result<Box<dyn Sandbox>, Sandbo
     match kind {
         SandboxKind::Vm => Ok(Box::new(vm::VmSandbox::new(home)?)),
         SandboxKind::Process => Ok(Box::new(process::ProcessSandbox::new(home)?)),
+    }
+}
+
+/// The sandbox of the long-running service: as [`create`]; a VM sandbox also keeps standby
+/// VMMs warm for snapshot starts (`FNVM_STANDBY_VMMS` per VM shape, default 1).
+pub fn create_for_service(
+    kind: SandboxKind,
+    home: &Home,
+) -> Result<Box<dyn Sandbox>, SandboxError> {
+    match kind {
+        SandboxKind::Vm => {
+            let per_shape = standby::per_shape_from_env()?;
+            Ok(Box::new(
+                vm::VmSandbox::new(home)?.with_standby_vmms(per_shape)?,
+            ))
+        }
+        SandboxKind::Process => create(kind, home),
     }
 }
 

@@ -7,12 +7,11 @@
 //! soon as the server listens ([`super::snapshots`] keys and keeps it); later starts restore it
 //! (`fnvm-vmm --restore`, memory mapped copy-on-write, the writable layer copied per instance),
 //! reconnect to the agent (the vsock transport reset dropped the old streams) and refresh the
-//! guest's RNG and clock.
+//! guest's RNG and clock. In the service, a restore goes into a warm standby VMM when one of
+//! the right shape is ready ([`super::standby`]).
 
 use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +24,7 @@ use super::cleanup::ProcessId;
 use super::control::{self, Control, ExitState};
 use super::instance::{prepare_instance_dir, AgentInstance, RestoreProbe, Teardown};
 use super::snapshots::{Platform, SnapshotStore, Writing};
+use super::standby::{vmm_command, StandbyVmm, StandbyVmms, VmShape, API_SOCKET};
 use super::transport::HostTransport;
 use super::vmm_api::VmmApi;
 use super::writable_layer::WritableLayer;
@@ -51,11 +51,21 @@ pub fn vcpus_for(memory_mib: u32) -> u8 {
     }
 }
 
+/// The shape of an instance's VM: what a standby VMM must match to restore its snapshot.
+fn shape_of(spec: &InstanceSpec) -> VmShape {
+    VmShape {
+        memory_mib: spec.memory_mib,
+        vcpus: vcpus_for(spec.memory_mib),
+    }
+}
+
 pub struct VmSandbox {
     home: Home,
     vmm: PathBuf,
     kernel: PathBuf,
     initramfs: PathBuf,
+    /// Warm standby VMMs for snapshot starts (the service only).
+    standby: Option<StandbyVmms>,
     snapshots: Arc<SnapshotStore>,
 }
 
@@ -63,8 +73,12 @@ pub struct VmSandbox {
 enum Launch<'a> {
     /// Boot the kernel; snapshot the instance once ready when `write` holds the claim.
     Boot { write: Option<Writing> },
-    /// Restore the snapshot in this `fnvm-vmm` snapshot directory.
-    Restore { snapshot: &'a Path },
+    /// Restore the snapshot in this `fnvm-vmm` snapshot directory, into `standby` if given
+    /// (else, or if the standby cannot take it, in a new VMM).
+    Restore {
+        snapshot: &'a Path,
+        standby: Option<StandbyVmm>,
+    },
 }
 
 impl VmSandbox {
@@ -92,7 +106,22 @@ impl VmSandbox {
             kernel,
             initramfs,
             snapshots,
+            standby: None,
         })
+    }
+
+    /// Keeps `per_shape` standby VMMs warm for each VM shape that snapshot starts use (0:
+    /// none). For a long-running service: a one-off start gains nothing from them.
+    pub fn with_standby_vmms(mut self, per_shape: usize) -> Result<Self, SandboxError> {
+        self.standby = match per_shape {
+            0 => None,
+            n => Some(StandbyVmms::new(
+                &self.vmm,
+                &super::instances_root(&self.home)?,
+                n,
+            )),
+        };
+        Ok(self)
     }
 
     /// The `fnvm-vmm` arguments for one booted instance.
@@ -185,12 +214,32 @@ impl Sandbox for VmSandbox {
             true => Some(self.snapshots.key(&spec)?),
             false => None,
         };
+        let shape = shape_of(&spec);
+        let started = self.start_with_snapshots(spec, key.as_ref());
+        if let (Some(_), Some(standby)) = (&key, &self.standby) {
+            // This version's next starts restore its snapshot: have a VMM of its shape ready
+            // (made now, after this start, so the two do not compete for the CPU).
+            standby.want(shape);
+        }
+        started
+    }
+}
+
+impl VmSandbox {
+    /// [`Sandbox::start`] once the snapshot key is known (None: no snapshots for this spec).
+    fn start_with_snapshots(
+        &self,
+        spec: InstanceSpec,
+        key: Option<&super::snapshots::SnapshotKey>,
+    ) -> Result<Box<dyn Instance>, SandboxError> {
         let mut note = None;
-        if let Some(snapshot) = key.as_ref().and_then(|k| self.snapshots.use_snapshot(k)) {
+        if let Some(snapshot) = key.and_then(|k| self.snapshots.use_snapshot(k)) {
+            let standby = self.standby.as_ref().and_then(|s| s.take(shape_of(&spec)));
             match self.attempt(
                 &spec,
                 Launch::Restore {
                     snapshot: &snapshot,
+                    standby,
                 },
             ) {
                 Ok(instance) => return Ok(instance),
@@ -203,7 +252,7 @@ impl Sandbox for VmSandbox {
                         instance = %spec.id,
                         "snapshot start failed, booting instead: {why}"
                     );
-                    if let Some(key) = &key {
+                    if let Some(key) = key {
                         self.snapshots.invalidate(key, &why);
                     }
                     note = Some(format!(
@@ -212,7 +261,7 @@ impl Sandbox for VmSandbox {
                 }
             }
         }
-        let write = key.as_ref().and_then(|k| self.snapshots.begin_write(k));
+        let write = key.and_then(|k| self.snapshots.begin_write(k));
         let mut instance = self.attempt(&spec, Launch::Boot { write })?;
         if let Some(note) = note {
             instance.start.note = Some(match instance.start.note.take() {
@@ -288,20 +337,22 @@ impl VmSandbox {
         &self,
         spec: &InstanceSpec,
         vsock: &Path,
-        launch: Launch<'_>,
+        mut launch: Launch<'_>,
         parts: &mut VmParts,
     ) -> Result<(Arc<ExitState>, StartInfo, Option<RestoreProbe>), SandboxError> {
         let dir = &spec.instance_dir;
-        let api = VmmApi::new(&dir.join("api.sock"));
-        let layer_from = match &launch {
-            Launch::Restore { snapshot } => Some(snapshot_layer(snapshot)),
-            Launch::Boot { .. } => None,
+        let api = VmmApi::new(&dir.join(API_SOCKET));
+        let (layer_from, standby) = match &mut launch {
+            Launch::Restore { snapshot, standby } => {
+                (Some(snapshot_layer(snapshot)), standby.take())
+            }
+            Launch::Boot { .. } => (None, None),
         };
         let (mut record, layer) = prepare_instance_dir(&self.home, dir, layer_from.as_deref())?;
         let layer = parts.layer.insert(layer);
         let mut args = match &launch {
             Launch::Boot { .. } => self.vmm_args(spec, layer.path(), vsock),
-            Launch::Restore { snapshot } => {
+            Launch::Restore { snapshot, .. } => {
                 let mut args = vec!["--restore".to_string(), snapshot.display().to_string()];
                 args.extend(disk_args(spec, layer.path(), vsock));
                 args
@@ -310,16 +361,32 @@ impl VmSandbox {
         args.extend(["--api-sock".to_string(), api.path().display().to_string()]);
 
         let exit = ExitState::new(|| None);
-        let child = Command::new(&self.vmm)
-            .args(&args)
-            .env_clear()
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // Its own process group: a Ctrl-C at fnvm's terminal is fnvm's to handle.
-            .process_group(0)
-            .spawn()
-            .map_err(|e| SandboxError::setup(format!("cannot start {}", self.vmm.display()), e))?;
+        let restored_standby = match (standby, &launch) {
+            (Some(standby), Launch::Restore { snapshot, .. }) => {
+                let disks = [spec.rootfs_image.clone(), layer.path().to_path_buf()];
+                match restore_in_standby(standby, &mut record, dir, &api, snapshot, &disks, vsock) {
+                    Ok(child) => Some(child),
+                    Err(e) => {
+                        tracing::warn!(
+                            instance = %spec.id,
+                            "a standby VMM could not restore the snapshot; restoring in a new VMM: {e}"
+                        );
+                        // What the standby may have bound before it was stopped.
+                        let _ = std::fs::remove_file(api.path());
+                        let _ = std::fs::remove_file(vsock);
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let standby = restored_standby.is_some();
+        let child = match restored_standby {
+            Some(child) => child,
+            None => vmm_command(&self.vmm).args(&args).spawn().map_err(|e| {
+                SandboxError::setup(format!("cannot start {}", self.vmm.display()), e)
+            })?,
+        };
         let exit_for_child = exit.clone();
         let child = parts.child.insert(
             SandboxChild::adopt("vm", child, move |status, tail| {
@@ -351,7 +418,7 @@ impl VmSandbox {
             uds: vsock.to_path_buf(),
         };
         match launch {
-            Launch::Restore { snapshot } => {
+            Launch::Restore { snapshot, .. } => {
                 let control = control::resume(
                     &transport,
                     spec.on_log.clone(),
@@ -361,7 +428,8 @@ impl VmSandbox {
                 )?;
                 parts.control = Some(control);
                 let memory = snapshot.join(fnvm_vmm::snapshot::MEMORY_FILE);
-                let probe: RestoreProbe = Box::new(move || restore_report(vmm_pid, &api, &memory));
+                let probe: RestoreProbe =
+                    Box::new(move || restore_report(vmm_pid, &api, &memory, standby));
                 let start = StartInfo {
                     kind: ColdStart::Snapshot,
                     note: None,
@@ -415,9 +483,50 @@ impl VmSandbox {
 /// How long a restored VM may take until its agent answers Refresh.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Restores the snapshot into a warm standby VMM, which becomes the instance's VMM: its
+/// process goes into the instance record first (a crash leaves nothing behind), then its API
+/// socket moves to `api`, then the restore request. On error the standby is stopped.
+fn restore_in_standby(
+    standby: StandbyVmm,
+    record: &mut super::cleanup::InstanceRecord,
+    dir: &Path,
+    api: &VmmApi,
+    snapshot: &Path,
+    disks: &[PathBuf],
+    vsock: &Path,
+) -> Result<std::process::Child, SandboxError> {
+    record.sandbox = ProcessId::of(standby.pid());
+    record.save(dir)?;
+    let mut child = standby.into_instance(api.path()).map_err(|e| {
+        SandboxError::setup(
+            format!(
+                "cannot move the standby's API socket to {}",
+                api.path().display()
+            ),
+            e,
+        )
+    })?;
+    match api.restore(snapshot, disks, vsock) {
+        Ok(ms) => {
+            tracing::debug!("restored into a standby VMM in {ms:.2} ms");
+            Ok(child)
+        }
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+    }
+}
+
 /// Measures a restore at the instance's first reply: the VMM's resume time, the guest pages
 /// mapped in from the snapshot's memory file, the VMM process's major faults.
-fn restore_report(vmm_pid: i32, api: &VmmApi, memory: &Path) -> Option<RestoreReport> {
+fn restore_report(
+    vmm_pid: i32,
+    api: &VmmApi,
+    memory: &Path,
+    standby: bool,
+) -> Option<RestoreReport> {
     let metrics = match api.metrics() {
         Ok(m) => m,
         Err(e) => {
@@ -431,6 +540,7 @@ fn restore_report(vmm_pid: i32, api: &VmmApi, memory: &Path) -> Option<RestoreRe
     let memory = std::fs::canonicalize(memory).unwrap_or_else(|_| memory.to_path_buf());
     Some(RestoreReport {
         resume_ms: resumed_us as f64 / 1000.0,
+        standby,
         pages_faulted: resident_kib_of_file(&smaps, &memory) / 4,
         major_faults: major_faults(&stat).unwrap_or_default(),
     })
@@ -501,6 +611,7 @@ impl Teardown for VmParts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::{Command, Stdio};
 
     #[test]
     fn the_guest_finds_its_disks_on_the_command_line() {
@@ -600,13 +711,18 @@ mod tests {
 
     impl TinyVm {
         fn spawn(vmm: &Path, args: &[&std::ffi::OsStr]) -> Self {
-            let mut child = Command::new(vmm)
+            let child = Command::new(vmm)
                 .args(args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("fnvm-vmm starts");
+            Self::adopt(child)
+        }
+
+        /// A VMM spawned elsewhere with its stdout piped.
+        fn adopt(mut child: std::process::Child) -> Self {
             let mut stdout = child.stdout.take().unwrap();
             let (tx, out) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
@@ -672,7 +788,8 @@ mod tests {
         assert!(restore_report(
             booted.child.id() as i32,
             &VmmApi::new(&api1),
-            &snapshot.join("memory")
+            &snapshot.join("memory"),
+            false
         )
         .is_none());
         drop(booted);
@@ -692,6 +809,7 @@ mod tests {
             restored.child.id() as i32,
             &VmmApi::new(&api2),
             &snapshot.join(fnvm_vmm::snapshot::MEMORY_FILE),
+            false,
         )
         .expect("a restored VMM reports its restore");
         assert!(report.resume_ms > 0.0, "{report}");
@@ -701,5 +819,276 @@ mod tests {
             report.pages_faulted >= 1 && report.pages_faulted < 128 * 256 / 2,
             "{report}"
         );
+    }
+
+    fn kvm_or_skip(what: &str) -> bool {
+        if Path::new("/dev/kvm").exists() {
+            return true;
+        }
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED (no /dev/kvm): {what} did NOT run"
+        );
+        false
+    }
+
+    /// A snapshot of the running tiny guest (128 MiB, one vCPU: the VMM's defaults) in `dir`.
+    fn tiny_guest_snapshot(vmm: &Path, dir: &Path) -> PathBuf {
+        let kernel = dir.join("guest.elf");
+        std::fs::write(&kernel, fnvm_vmm::tiny_guest::serial_loop()).unwrap();
+        let api = dir.join("booted.sock");
+        let booted = TinyVm::spawn(
+            vmm,
+            &[
+                "--kernel".as_ref(),
+                kernel.as_os_str(),
+                "--api-sock".as_ref(),
+                api.as_os_str(),
+            ],
+        );
+        booted.expect_running();
+        let snapshot = dir.join("snap");
+        VmmApi::new(&api).snapshot(&snapshot).expect("snapshot");
+        snapshot
+    }
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// A tiny guest's snapshot (128 MiB) and a warm standby VMM of `memory_mib` for it.
+    struct StandbyWorld {
+        _dir: tempfile::TempDir,
+        snapshot: PathBuf,
+        /// Where the standbys' directories are (an instances root).
+        root: PathBuf,
+        shape: VmShape,
+        standbys: StandbyVmms,
+    }
+
+    fn standby_world(memory_mib: u32) -> StandbyWorld {
+        let vmm = test_vmm();
+        let dir = tempfile::tempdir().unwrap();
+        let snapshot = tiny_guest_snapshot(&vmm, dir.path());
+        let root = dir.path().join("instances");
+        std::fs::create_dir(&root).unwrap();
+        let shape = VmShape {
+            memory_mib,
+            vcpus: 1,
+        };
+        let standbys = StandbyVmms::new(&vmm, &root, 1);
+        assert!(
+            standbys.take(shape).is_none(),
+            "nothing is warm before it is wanted"
+        );
+        standbys.want(shape);
+        wait_for("a warm standby", || standbys.warm(shape) == 1);
+        StandbyWorld {
+            _dir: dir,
+            snapshot,
+            root,
+            shape,
+            standbys,
+        }
+    }
+
+    /// The service's standby VMMs against the real `fnvm-vmm` under /dev/kvm: one of the tiny
+    /// guest's shape comes up in its own recorded directory (cleanup finds it after a crash),
+    /// restores a snapshot on the host's path (instance record, API socket moved into the
+    /// instance directory, restore request) and runs the guest; a replacement comes up in the
+    /// background, and dropping the set stops it.
+    #[test]
+    fn a_standby_vmm_becomes_a_restored_instance_and_is_replaced() {
+        use super::super::cleanup::{InstanceRecord, ProcessId};
+        if !kvm_or_skip("the standby VMM test") {
+            return;
+        }
+        let StandbyWorld {
+            _dir,
+            snapshot,
+            root,
+            shape,
+            standbys,
+        } = standby_world(128);
+        let standby_dirs = || -> Vec<PathBuf> {
+            std::fs::read_dir(&root)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .starts_with("standby-")
+                })
+                .collect()
+        };
+        let [standby_dir] = standby_dirs().try_into().expect("one standby directory");
+        let record = InstanceRecord::load(&standby_dir).expect("a standby's record");
+        assert_eq!(record.owner, Some(ProcessId::current()));
+        assert!(record.sandbox.expect("its process").is_alive());
+
+        let standby = standbys.take(shape).expect("the warm standby");
+        let pid = standby.pid();
+        let instance = root.join("instance");
+        std::fs::create_dir(&instance).unwrap();
+        let mut record = InstanceRecord {
+            owner: Some(ProcessId::current()),
+            ..Default::default()
+        };
+        let api = VmmApi::new(&instance.join(API_SOCKET));
+        let child = restore_in_standby(
+            standby,
+            &mut record,
+            &instance,
+            &api,
+            &snapshot,
+            &[],
+            &instance.join("vsock.sock"),
+        )
+        .expect("the standby restores the snapshot");
+        assert_eq!(child.id() as i32, pid);
+        assert_eq!(
+            InstanceRecord::load(&instance)
+                .unwrap()
+                .sandbox
+                .map(|p| p.pid),
+            Some(pid),
+            "the instance record names the standby's process"
+        );
+        assert!(!standby_dir.exists(), "the taken standby's directory went");
+        let restored = TinyVm::adopt(child);
+        restored.expect_running();
+        let report = restore_report(
+            pid,
+            &api,
+            &snapshot.join(fnvm_vmm::snapshot::MEMORY_FILE),
+            true,
+        )
+        .expect("a restored standby reports its restore");
+        assert!(report.resume_ms > 0.0, "{report}");
+        assert!(
+            report
+                .to_string()
+                .contains("after the standby VMM was asked to restore"),
+            "{report}"
+        );
+
+        // Asked again after its start (as the sandbox does), the set replaces the taken
+        // standby; dropping the set stops the replacement.
+        assert_eq!(standbys.warm(shape), 0);
+        standbys.want(shape);
+        wait_for("a replacement standby", || standbys.warm(shape) == 1);
+        let [replacement] = standby_dirs().try_into().expect("one standby directory");
+        let replacement_pid = InstanceRecord::load(&replacement).unwrap().sandbox.unwrap();
+        drop(standbys);
+        assert!(!replacement_pid.is_alive(), "the replacement was stopped");
+        assert!(!replacement.exists());
+        drop(restored);
+    }
+
+    /// A standby whose service died (SIGKILL: no drop ran) is found and stopped by the next
+    /// service's start-up cleanup, like an instance.
+    #[test]
+    fn the_standby_of_a_dead_service_is_cleaned_up_like_an_instance() {
+        use super::super::cleanup::{cleanup_orphans, InstanceRecord};
+        if !kvm_or_skip("the standby cleanup test") {
+            return;
+        }
+        let vmm = test_vmm();
+        let tmp = tempfile::tempdir().unwrap();
+        let home = Home::resolve(Some(tmp.path().join("home"))).unwrap();
+        let root = super::super::instances_root(&home).unwrap();
+        let shape = VmShape {
+            memory_mib: 128,
+            vcpus: 1,
+        };
+        let standbys = StandbyVmms::new(&vmm, &root, 1);
+        standbys.want(shape);
+        wait_for("a warm standby", || standbys.warm(shape) == 1);
+        let dir = std::fs::read_dir(&root)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let mut record = InstanceRecord::load(&dir).unwrap();
+        let process = record.sandbox.unwrap();
+        // Its owner is now a process that has ended.
+        let mut gone = Command::new("true").spawn().unwrap();
+        let gone_id = ProcessId::of(gone.id() as i32);
+        gone.wait().unwrap();
+        record.owner = gone_id.or(Some(ProcessId {
+            pid: i32::MAX,
+            start_time: 0,
+        }));
+        record.save(&dir).unwrap();
+        let report = cleanup_orphans(&home).unwrap();
+        assert_eq!((report.instances, report.processes), (1, 1), "{report:?}");
+        assert!(!process.is_alive());
+        assert!(!dir.exists());
+        drop(standbys);
+    }
+
+    /// A standby that cannot take a snapshot (another guest RAM size) refuses it with the
+    /// reason and is stopped: the start then restores in a new VMM instead.
+    #[test]
+    fn a_standby_of_another_shape_refuses_the_snapshot_and_is_stopped() {
+        use super::super::cleanup::InstanceRecord;
+        if !kvm_or_skip("the standby refusal test") {
+            return;
+        }
+        let StandbyWorld {
+            _dir,
+            snapshot,
+            root,
+            shape,
+            standbys,
+        } = standby_world(256);
+        let standby = standbys.take(shape).unwrap();
+        let pid = ProcessId::of(standby.pid()).unwrap();
+        let instance = root.join("instance");
+        std::fs::create_dir(&instance).unwrap();
+        let api = VmmApi::new(&instance.join(API_SOCKET));
+        let err = restore_in_standby(
+            standby,
+            &mut InstanceRecord::default(),
+            &instance,
+            &api,
+            &snapshot,
+            &[],
+            &instance.join("vsock.sock"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("guest RAM is 128 MiB") && err.contains("256 MiB"),
+            "{err}"
+        );
+        assert!(!pid.is_alive(), "the refusing standby was stopped");
+    }
+
+    /// A VMM that cannot be a standby leaves no directory behind, and its shape is not
+    /// retried at every start.
+    #[test]
+    fn a_standby_that_fails_to_come_up_leaves_nothing_and_backs_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let shape = VmShape {
+            memory_mib: 128,
+            vcpus: 1,
+        };
+        let standbys = StandbyVmms::new(Path::new("/bin/false"), dir.path(), 1);
+        standbys.want(shape);
+        wait_for("the failed standby's cleanup", || {
+            std::fs::read_dir(dir.path()).unwrap().count() == 0 && standbys.spawning(shape) == 0
+        });
+        assert_eq!(standbys.warm(shape), 0);
+        standbys.want(shape);
+        assert_eq!(standbys.spawning(shape), 0, "retried at once");
     }
 }

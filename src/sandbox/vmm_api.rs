@@ -1,6 +1,7 @@
 //! The host's client of one `fnvm-vmm`'s API socket (`--api-sock`): JSON lines, one request and
 //! one reply per connection ([`fnvm_vmm::control`] defines both). The VM sandbox uses it to
-//! snapshot a ready instance and to read how a restore went.
+//! snapshot a ready instance, to restore a snapshot into a standby VMM and to read how a
+//! restore went.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -14,6 +15,9 @@ use super::SandboxError;
 /// Snapshots write guest memory: allow for a large, mostly touched VM on a slow disk.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// A standby's restore reads the snapshot's small state file and maps its memory: quick, but a
+/// cold page cache on a busy disk can take a while.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The socket appears as the VMM starts; a restored VM binds it before it resumes.
 const BIND_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -44,6 +48,25 @@ impl VmmApi {
             SNAPSHOT_TIMEOUT,
         )?;
         Ok(reply.snapshot_ms.unwrap_or_default())
+    }
+
+    /// Makes a standby VMM (`--standby`) the VM of the snapshot in `dir`, with `disks` in slot
+    /// order and its vsock device on `vsock`. Returns the VMM's own figure for it, in ms.
+    pub fn restore(
+        &self,
+        dir: &Path,
+        disks: &[PathBuf],
+        vsock: &Path,
+    ) -> Result<f64, SandboxError> {
+        let reply = self.request(
+            &Request::Restore {
+                dir: dir.to_path_buf(),
+                disks: disks.to_vec(),
+                vsock: Some(vsock.to_path_buf()),
+            },
+            RESTORE_TIMEOUT,
+        )?;
+        Ok(reply.restore_ms.unwrap_or_default())
     }
 
     /// The VMM's metrics: for a restored VM, when it resumed and its first I/O.

@@ -208,8 +208,8 @@ impl Metrics {
         let r = inner.restores;
         let _ = writeln!(
             out,
-            "# HELP fnvm_snapshot_resume_seconds Snapshot starts: VMM process start until the \
-             guest runs again.\n# TYPE fnvm_snapshot_resume_seconds summary\n\
+            "# HELP fnvm_snapshot_resume_seconds Snapshot starts: VMM process start (a standby \
+             VMM: its restore request) until the guest runs again.\n# TYPE fnvm_snapshot_resume_seconds summary\n\
              fnvm_snapshot_resume_seconds_sum {}\nfnvm_snapshot_resume_seconds_count {}\n\
              # HELP fnvm_snapshot_faulted_pages Snapshot starts: guest pages faulted in from the \
              snapshot before the first reply.\n# TYPE fnvm_snapshot_faulted_pages summary\n\
@@ -266,6 +266,7 @@ mod tests {
         );
         m.restore(&crate::sandbox::RestoreReport {
             resume_ms: 4.5,
+            standby: false,
             pages_faulted: 300,
             major_faults: 2,
         });
