@@ -268,11 +268,24 @@ fn the_pool_scales_times_out_recovers_attributes_logs_and_reclaims_idle_instance
 
     // The logs of one request id hold exactly that request's lines.
     let rids: Vec<String> = (0..3).map(|_| invoke(&serve, "pool", "log 3").1).collect();
-    std::thread::sleep(Duration::from_millis(300));
-    for rid in &rids {
-        let logs = get_json(&serve.url(&format!(
+    let logs_of = |rid: &str| {
+        get_json(&serve.url(&format!(
             "/v1/namespaces/default/functions/pool/logs?request_id={rid}"
-        )));
+        )))
+    };
+    // Lines trail responses by a moment (another stream): wait until all have arrived.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline
+        && rids
+            .iter()
+            .map(|rid| logs_of(rid)["logs"].as_array().map_or(0, Vec::len))
+            .sum::<usize>()
+            < 3 * rids.len()
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for rid in &rids {
+        let logs = logs_of(rid);
         let lines: Vec<&str> = logs["logs"]
             .as_array()
             .unwrap()
