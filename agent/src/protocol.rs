@@ -41,6 +41,9 @@ pub enum HostMessage {
         /// Host wall-clock time.
         unix_time_ns: u64,
     },
+    /// Asks for the agent's clock ([`AgentMessage::Pong`]): the host measures how far the
+    /// guest's clock is from its own, to place log stamps on its own time line.
+    Ping { seq: u64 },
 }
 
 /// What to run and how: the image config merged with the function's settings by the host.
@@ -101,6 +104,8 @@ pub enum AgentMessage {
     },
     /// Acknowledges [`HostMessage::Refresh`].
     Refreshed,
+    /// Answers [`HostMessage::Ping`] with the guest's wall-clock time when it was read.
+    Pong { seq: u64, unix_time_us: u64 },
     /// A request the agent could not carry out (bad spec, wrong state); the stream stays usable.
     Error { message: String },
 }

@@ -128,6 +128,10 @@ impl Supervisor {
                     },
                 });
             }
+            HostMessage::Ping { seq } => self.outbox.push(&AgentMessage::Pong {
+                seq,
+                unix_time_us: crate::outbox::unix_time_us(),
+            }),
         }
     }
 

@@ -1,6 +1,8 @@
 //! The host end of the agent's control stream, shared by both sandboxes: connect (retrying
 //! until the agent answers), Hello, Start, then one reader thread that forwards log lines,
-//! reports the start's outcome and records the function's exit.
+//! reports the start's outcome and records the function's exit, and once the function is
+//! ready a pinger that keeps measuring the guest's clock ([`GuestClock`]), so log stamps are
+//! given on the host's time line.
 
 use std::collections::VecDeque;
 use std::io::BufReader;
@@ -15,6 +17,7 @@ use fnvm_agent::protocol::{
     PROTOCOL_VERSION,
 };
 
+use super::guest_clock::{host_now_us, GuestClock, PING_INTERVAL};
 use super::transport::HostTransport;
 use super::{ExitReport, LogLine, SandboxError};
 
@@ -138,7 +141,11 @@ enum Startup {
 /// A started instance's control stream.
 pub struct Control {
     stream: UnixStream,
+    /// Every message to the agent goes through this lock: whole lines, never interleaved.
+    writer: Arc<Mutex<UnixStream>>,
     reader: Mutex<Option<JoinHandle<()>>>,
+    /// Dropping the sender stops the pinger.
+    pinger: Mutex<Option<(mpsc::Sender<()>, JoinHandle<()>)>>,
 }
 
 /// Whether the sandbox is still alive: `Some(why not)` once it has died.
@@ -269,17 +276,24 @@ fn converse(
 
     let (tx, rx) = mpsc::sync_channel(1);
     let reader_exit = exit.clone();
+    let clock = Arc::new(GuestClock::new());
+    let reader_clock = Arc::clone(&clock);
     let reader = std::thread::Builder::new()
         .name("fnvm-control".into())
-        .spawn(move || read_loop(reader, on_log, reader_exit, tx))
+        .spawn(move || read_loop(reader, on_log, reader_exit, reader_clock, tx))
         .map_err(|e| agent_error("cannot start the control reader", &e))?;
     let control = Control {
         stream,
+        writer: Arc::new(Mutex::new(writer)),
         reader: Mutex::new(Some(reader)),
+        pinger: Mutex::new(None),
     };
 
     match rx.recv_timeout(wait) {
-        Ok(Startup::Ready) => Ok(control),
+        Ok(Startup::Ready) => {
+            control.start_pinger(clock);
+            Ok(control)
+        }
         // The agent sends StartFailed before Exited: when the function itself ended, report
         // the exit (code, signal) with the agent's words.
         Ok(Startup::Failed(SandboxError::StartFailed {
@@ -440,6 +454,7 @@ fn read_loop(
     mut reader: BufReader<UnixStream>,
     on_log: Arc<dyn Fn(LogLine) + Send + Sync>,
     exit: Arc<ExitState>,
+    clock: Arc<GuestClock>,
     startup: SyncSender<Startup>,
 ) {
     let mut startup = Some(startup);
@@ -470,9 +485,12 @@ fn read_loop(
                 exit.push_line(&line);
                 on_log(LogLine {
                     stream,
-                    unix_time_us,
+                    unix_time_us: clock.to_host_us(unix_time_us),
                     line,
                 });
+            }
+            AgentMessage::Pong { seq, unix_time_us } => {
+                clock.pong(seq, unix_time_us, host_now_us());
             }
             AgentMessage::Ready { after_ms } => {
                 tracing::debug!("function ready after {after_ms} ms");
@@ -530,9 +548,8 @@ impl Control {
     /// longer than that for its exit; the caller kills the sandbox afterwards either way.
     pub fn stop(&self, exit: &ExitState, grace: Duration) {
         if exit.get().is_none() {
-            let mut writer = &self.stream;
-            let sent = protocol::write_message(
-                &mut writer,
+            let sent = send(
+                &self.writer,
                 &HostMessage::Stop {
                     grace_ms: grace.as_millis() as u64,
                 },
@@ -544,11 +561,153 @@ impl Control {
         self.close();
     }
 
+    /// Pings the agent a few times at once (a first estimate before requests come), then
+    /// every [`PING_INTERVAL`], until the stream is closed or breaks.
+    fn start_pinger(&self, clock: Arc<GuestClock>) {
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let writer = Arc::clone(&self.writer);
+        let spawned = std::thread::Builder::new()
+            .name("fnvm-clock".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                let mut pings = 0u32;
+                loop {
+                    let seq = clock.ping_sent(host_now_us());
+                    if send(&writer, &HostMessage::Ping { seq }).is_err() {
+                        return;
+                    }
+                    pings += 1;
+                    let pause = match pings {
+                        1..=3 => Duration::from_millis(20),
+                        _ => PING_INTERVAL,
+                    };
+                    match stop_rx.recv_timeout(pause) {
+                        Err(RecvTimeoutError::Timeout) => {}
+                        _ => return,
+                    }
+                }
+            });
+        match spawned {
+            Ok(thread) => {
+                *self.pinger.lock().unwrap_or_else(|p| p.into_inner()) = Some((stop_tx, thread))
+            }
+            Err(e) => tracing::warn!(
+                "cannot start the clock pinger; log stamps stay on the guest's clock: {e}"
+            ),
+        }
+    }
+
     /// Closes the stream and joins the reader.
     pub fn close(&self) {
+        if let Some((stop, thread)) = self.pinger.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            drop(stop);
+            let _ = thread.join();
+        }
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
         if let Some(reader) = self.reader.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = reader.join();
         }
+    }
+}
+
+/// Writes one whole message under the writer's lock.
+fn send(writer: &Mutex<UnixStream>, message: &HostMessage) -> Result<(), protocol::ProtocolError> {
+    let mut stream = writer.lock().unwrap_or_else(|p| p.into_inner());
+    protocol::write_message(&mut *stream, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// The other end of a control stream, speaking the protocol by hand with a clock `ahead_us`
+    /// ahead of the host's (a VM whose clock drifted).
+    fn scripted_agent(listener: UnixListener, ahead_us: u64) -> JoinHandle<()> {
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut writer = stream;
+            let guest_now = || host_now_us() + ahead_us;
+            let mut answered = 0;
+            while let Ok(Some(message)) = protocol::read_message::<_, HostMessage>(&mut reader) {
+                let reply = match message {
+                    HostMessage::Hello { version } => AgentMessage::Hello {
+                        version,
+                        agent: "scripted".into(),
+                        uptime_ms: 1,
+                    },
+                    HostMessage::Start(_) => AgentMessage::Ready { after_ms: 1 },
+                    HostMessage::Ping { seq } => AgentMessage::Pong {
+                        seq,
+                        unix_time_us: guest_now(),
+                    },
+                    other => panic!("unexpected {other:?}"),
+                };
+                protocol::write_message(&mut writer, &reply).unwrap();
+                if matches!(reply, AgentMessage::Pong { .. }) {
+                    answered += 1;
+                    if answered == 2 {
+                        protocol::write_message(
+                            &mut writer,
+                            &AgentMessage::Log {
+                                stream: protocol::LogStream::Stdout,
+                                unix_time_us: guest_now(),
+                                line: "printed now".into(),
+                            },
+                        )
+                        .unwrap();
+                    }
+                }
+            }
+        })
+    }
+
+    #[test]
+    fn log_stamps_of_an_agent_whose_clock_is_off_arrive_on_the_hosts_time_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = UnixListener::bind(super::super::transport::unix_port_path(
+            dir.path(),
+            CONTROL_PORT,
+        ))
+        .unwrap();
+        let agent = scripted_agent(listener, 5_000_000);
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let on_log: Arc<dyn Fn(LogLine) + Send + Sync> = Arc::new(move |line: LogLine| {
+            let _ = tx.lock().unwrap().send((line, host_now_us()));
+        });
+        let control = start(
+            &HostTransport::Unix {
+                dir: dir.path().to_path_buf(),
+            },
+            &StartSpec {
+                argv: vec!["/f".into()],
+                env: vec![],
+                working_dir: "/".into(),
+                user: None,
+                ready_timeout_ms: 1000,
+            },
+            on_log,
+            ExitState::new(|| None),
+            &|| None,
+            Duration::from_secs(5),
+        )
+        .expect("the scripted agent starts");
+        let (line, received_us) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the line after two pongs");
+        assert_eq!(line.line, "printed now");
+        // Stamped 5 s ahead by the guest; on the host's line it was printed just before it
+        // arrived. The estimate is good to half a round trip either way; the test allows a
+        // generous margin for a loaded machine, far inside the 5 s it corrects.
+        let early_by = received_us as i64 - line.unix_time_us as i64;
+        assert!(
+            (-100_000..500_000).contains(&early_by),
+            "stamp {} vs received {received_us}: {early_by} µs",
+            line.unix_time_us
+        );
+        control.close();
+        agent.join().unwrap();
     }
 }

@@ -14,6 +14,7 @@ pub mod cgroup;
 pub mod child;
 pub mod cleanup;
 pub mod control;
+pub mod guest_clock;
 pub mod initramfs;
 mod instance;
 pub mod loopdev;
