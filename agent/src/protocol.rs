@@ -145,7 +145,13 @@ pub fn read_message<R: BufRead, M: DeserializeOwned>(
 ) -> Result<Option<M>, ProtocolError> {
     let mut line = Vec::new();
     loop {
-        let available = input.fill_buf()?;
+        let available = match input.fill_buf() {
+            Ok(a) => a,
+            // A signal arrived during the read (a handler without SA_RESTART): nothing was
+            // read; the message goes on.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
         if available.is_empty() {
             return if line.is_empty() {
                 Ok(None)
@@ -247,5 +253,41 @@ mod tests {
             check_version(1),
             Err(ProtocolError::Version { peer: 1 })
         ));
+    }
+
+    #[test]
+    fn a_read_interrupted_by_a_signal_goes_on() {
+        /// Fails every other read with EINTR, as a read does when a signal handler without
+        /// SA_RESTART runs meanwhile.
+        struct Interrupting {
+            data: Cursor<Vec<u8>>,
+            interrupt: bool,
+        }
+        impl io::Read for Interrupting {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                self.interrupt = !self.interrupt;
+                if self.interrupt {
+                    return Err(io::ErrorKind::Interrupted.into());
+                }
+                let n = buf.len().min(3);
+                self.data.read(&mut buf[..n])
+            }
+        }
+        let mut wire = Vec::new();
+        write_message(&mut wire, &AgentMessage::Ready { after_ms: 7 }).unwrap();
+        let mut input = io::BufReader::with_capacity(
+            4,
+            Interrupting {
+                data: Cursor::new(wire),
+                interrupt: false,
+            },
+        );
+        assert_eq!(
+            read_message::<_, AgentMessage>(&mut input).unwrap(),
+            Some(AgentMessage::Ready { after_ms: 7 })
+        );
+        assert!(read_message::<_, AgentMessage>(&mut input)
+            .unwrap()
+            .is_none());
     }
 }
