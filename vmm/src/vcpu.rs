@@ -196,6 +196,28 @@ thread_local! {
     static KVM_RUN: Cell<*mut kvm_bindings::kvm_run> = const { Cell::new(std::ptr::null_mut()) };
 }
 
+/// A vCPU thread while it runs: its kvm_run is where the kick handler finds it, and its
+/// VM's [`VcpuControl`] counts it. Dropping it (at the end or while a panic unwinds) undoes
+/// both, before the vCPU's fd and its kvm_run mapping go.
+struct RunningThread<'a> {
+    control: &'a VcpuControl,
+}
+
+impl<'a> RunningThread<'a> {
+    fn register(run: *mut kvm_bindings::kvm_run, control: &'a VcpuControl) -> Self {
+        KVM_RUN.with(|r| r.set(run));
+        control.thread_started();
+        Self { control }
+    }
+}
+
+impl Drop for RunningThread<'_> {
+    fn drop(&mut self) {
+        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+        self.control.thread_ended();
+    }
+}
+
 /// The kick signal's handler: makes the current (or next) KVM_RUN of this thread return EINTR.
 pub(crate) extern "C" fn kick_handler(
     _: libc::c_int,
@@ -691,9 +713,9 @@ impl Vcpu {
     /// Runs the vCPU until something ends the VM or `shared.stop` is set; parks it while the
     /// VM is paused.
     pub fn run(mut self, shared: VcpuShared) {
-        let run_ptr: *mut kvm_bindings::kvm_run = self.fd.get_kvm_run();
-        KVM_RUN.with(|r| r.set(run_ptr));
-        shared.control.thread_started();
+        // Dropped before `self` (locals go before parameters), also when a device model
+        // panics on this thread: the kick handler must never see kvm_run once it is unmapped.
+        let _registered = RunningThread::register(self.fd.get_kvm_run(), &shared.control);
         loop {
             if shared.stop.load(Ordering::Acquire) {
                 break;
@@ -714,8 +736,6 @@ impl Vcpu {
                 Step::Ended => break,
             }
         }
-        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
-        shared.control.thread_ended();
     }
 
     /// Port I/O, element by element: a string instruction (`rep outsb`, `rep insw`) exits once
@@ -818,5 +838,37 @@ fn handle_exit(id: u8, exit: VcpuExit<'_>, shared: &VcpuShared) -> Outcome {
             vcpu: id,
             error: format!("unhandled exit {other:?}"),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kick handler must never write to a kvm_run that is gone: a device model that panics
+    /// on a vCPU thread unwinds past the end of `run` and drops the vCPU's fd (unmapping its
+    /// kvm_run) while the VM is still kicking that thread to stop it.
+    #[test]
+    fn a_panic_on_a_vcpu_thread_unregisters_its_kvm_run_before_it_is_unmapped() {
+        let control = VcpuControl::new();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut fake_run: kvm_bindings::kvm_run = Default::default();
+                let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let _registered = RunningThread::register(&mut fake_run, &control);
+                    assert_eq!(lock(&control.inner).alive, 1);
+                    kick_handler(0, std::ptr::null_mut(), std::ptr::null_mut());
+                    assert_eq!(fake_run.immediate_exit, 1, "a kick reaches a running vCPU");
+                    panic!("device model bug");
+                }));
+                assert!(caught.is_err());
+                assert!(KVM_RUN.with(|r| r.get()).is_null());
+                // A late kick, as stop_vcpus sends them, now touches nothing.
+                fake_run.immediate_exit = 0;
+                kick_handler(0, std::ptr::null_mut(), std::ptr::null_mut());
+                assert_eq!(fake_run.immediate_exit, 0);
+            });
+        });
+        assert_eq!(lock(&control.inner).alive, 0, "the thread was counted out");
     }
 }
