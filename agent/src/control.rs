@@ -46,8 +46,12 @@ pub fn serve(listener: Box<dyn Listener>, supervisor: Arc<Supervisor>, outbox: A
 fn converse(stream: Arc<Stream>, supervisor: &Arc<Supervisor>, outbox: &Outbox) {
     let mut reader = BufReader::new(&*stream);
     let reply = |message: &AgentMessage| write_message(&mut &*stream, message);
+    let ticket;
     match read_message::<_, HostMessage>(&mut reader) {
         Ok(Some(HostMessage::Hello { version })) => {
+            // Taken before the answer: a host that saw this Hello answered and then connected
+            // again must find the new connection in charge, however the threads run.
+            ticket = outbox.ticket();
             let hello = AgentMessage::Hello {
                 version: PROTOCOL_VERSION,
                 agent: AGENT_VERSION.into(),
@@ -78,7 +82,9 @@ fn converse(stream: Arc<Stream>, supervisor: &Arc<Supervisor>, outbox: &Outbox) 
             return;
         }
     }
-    let id = outbox.attach(stream.clone());
+    if !outbox.attach(ticket, stream.clone()) {
+        return; // a later connection took over first; this one is closed
+    }
     loop {
         match read_message::<_, HostMessage>(&mut reader) {
             Ok(Some(message)) => supervisor.handle(message),
@@ -90,5 +96,5 @@ fn converse(stream: Arc<Stream>, supervisor: &Arc<Supervisor>, outbox: &Outbox) 
             Err(_) => break,
         }
     }
-    outbox.detach(id);
+    outbox.detach(ticket);
 }

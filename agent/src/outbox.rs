@@ -109,17 +109,29 @@ impl Outbox {
         self.lock().last_lines.iter().cloned().collect()
     }
 
-    /// Makes `stream` the host connection (after its Hello), closing the one it replaces.
-    pub fn attach(&self, stream: Arc<Stream>) -> u64 {
+    /// A connection's place in line, taken when its Hello is answered: of two connections the
+    /// later Hello wins, whichever thread gets to [`Self::attach`] first.
+    pub fn ticket(&self) -> u64 {
         let mut state = self.lock();
         state.next_id += 1;
-        let id = state.next_id;
-        if let Some(old) = state.conn.replace(Connection { id, stream }) {
+        state.next_id
+    }
+
+    /// Makes `stream` (holding `ticket`) the host connection, closing the one it replaces. A
+    /// connection whose Hello came before the current one's is closed instead: false.
+    pub fn attach(&self, ticket: u64, stream: Arc<Stream>) -> bool {
+        let mut state = self.lock();
+        if state.conn.as_ref().is_some_and(|c| c.id > ticket) {
+            drop(state);
+            let _ = stream.shutdown(Shutdown::Both);
+            return false;
+        }
+        if let Some(old) = state.conn.replace(Connection { id: ticket, stream }) {
             let _ = old.stream.shutdown(Shutdown::Both);
         }
         drop(state);
         self.changed.notify_all();
-        id
+        true
     }
 
     /// Forgets connection `id` (it ended); a newer one is left alone.
@@ -294,7 +306,7 @@ mod tests {
         outbox.push(&AgentMessage::Ready { after_ms: 5 });
         outbox.push_log(LogStream::Stderr, "two".into());
         let (agent_end, host) = pair();
-        outbox.attach(agent_end);
+        outbox.attach(outbox.ticket(), agent_end);
         assert!(outbox.drain(Duration::from_secs(5)));
         outbox.close(Duration::from_millis(10));
         let got = read_all(host);
@@ -328,7 +340,7 @@ mod tests {
         std::thread::spawn(move || sender.run_sender());
         let (agent_end, host) = pair();
         let reader = std::thread::spawn(move || read_all(host));
-        outbox.attach(agent_end);
+        outbox.attach(outbox.ticket(), agent_end);
         assert!(outbox.drain(Duration::from_secs(10)));
         outbox.close(Duration::from_millis(10));
         let got = reader.join().unwrap();
@@ -345,11 +357,30 @@ mod tests {
         let sender = outbox.clone();
         std::thread::spawn(move || sender.run_sender());
         let (first, first_host) = pair();
-        outbox.attach(first);
+        assert!(outbox.attach(outbox.ticket(), first));
         let (second, second_host) = pair();
-        outbox.attach(second);
+        assert!(outbox.attach(outbox.ticket(), second));
         // The first host sees its stream closed.
         assert!(read_all(first_host).is_empty());
+        outbox.push(&AgentMessage::Refreshed);
+        assert!(outbox.drain(Duration::from_secs(5)));
+        outbox.close(Duration::from_millis(10));
+        assert_eq!(read_all(second_host), [AgentMessage::Refreshed]);
+    }
+
+    #[test]
+    fn of_two_connections_the_later_hello_wins_whichever_attaches_first() {
+        let outbox = Outbox::new();
+        let sender = outbox.clone();
+        std::thread::spawn(move || sender.run_sender());
+        // The first Hello was answered, then its thread was not scheduled until after the
+        // second connection's Hello was answered and attached.
+        let (first, first_host) = pair();
+        let first_ticket = outbox.ticket();
+        let (second, second_host) = pair();
+        assert!(outbox.attach(outbox.ticket(), second));
+        assert!(!outbox.attach(first_ticket, first), "the older Hello lost");
+        assert!(read_all(first_host).is_empty(), "and its stream was closed");
         outbox.push(&AgentMessage::Refreshed);
         assert!(outbox.drain(Duration::from_secs(5)));
         outbox.close(Duration::from_millis(10));
