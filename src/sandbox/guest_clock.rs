@@ -6,10 +6,14 @@
 //! not the guest's (tens of ppm: a few ms after minutes), and a restore sets it one message's
 //! latency late. Either is more than the time between a request's start and its first line.
 //!
-//! So the host pings the agent now and then (NTP's way): sent at `h1`, the guest's clock `g`
-//! when answered, back at `h2`; the guest was ahead by `g - (h1 + h2) / 2`, give or take half
-//! the round trip. Of the recent samples, the one with the shortest round trip wins: a Pong
-//! queued behind a burst of log lines comes back late and would skew the estimate.
+//! So the host pings the agent now and then: sent at `h1`, the guest's clock read `g` when it
+//! answered, back at `h2`. The guest read its clock between `h1` and `h2`, so its offset
+//! (guest minus host) lies in `[g - h2, g - h1]`. The estimate is the point nearest zero in
+//! the intersection of the recent samples' intervals: exactly zero for a clock that agrees
+//! with the host's (a process sandbox: every interval holds zero), and otherwise no further
+//! from the truth than the narrowest round trip. A Pong queued behind a burst of log lines
+//! only widens its own interval. Samples that no longer overlap the newest (the guest clock
+//! drifted or was stepped) are dropped.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -31,11 +35,11 @@ pub fn host_now_us() -> u64 {
         .unwrap_or(0)
 }
 
+/// What one ping showed: the guest's offset (guest minus host, µs) lies in `lo..=hi`.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
-    round_trip_us: u64,
-    /// Guest minus host.
-    offset_us: i64,
+    lo: i64,
+    hi: i64,
 }
 
 #[derive(Debug, Default)]
@@ -43,8 +47,28 @@ struct State {
     next_seq: u64,
     /// Pings sent and not answered yet: (seq, host time sent).
     pending: VecDeque<(u64, u64)>,
+    /// Newest last.
     samples: VecDeque<Sample>,
     offset_us: i64,
+}
+
+impl State {
+    /// The point nearest zero in the intersection of the newest samples that overlap.
+    fn estimate(&self) -> i64 {
+        let mut newest_first = self.samples.iter().rev();
+        let Some(first) = newest_first.next() else {
+            return 0;
+        };
+        let (mut lo, mut hi) = (first.lo, first.hi);
+        for s in newest_first {
+            let (l, h) = (lo.max(s.lo), hi.min(s.hi));
+            if l > h {
+                break; // older than a drift or a step of the guest clock
+            }
+            (lo, hi) = (l, h);
+        }
+        0.clamp(lo, hi)
+    }
 }
 
 /// One instance's clock, as seen from the host. Until the first answer, it is taken to agree
@@ -85,23 +109,19 @@ impl GuestClock {
         let (_, sent_us) = st.pending.remove(i).expect("the position just found");
         // Older pings were lost or overtaken: they will not be answered on this stream.
         st.pending.drain(..i);
-        let Some(round_trip_us) = now_us.checked_sub(sent_us) else {
+        if now_us < sent_us {
             return; // the host's clock stepped back meanwhile: no measurement
+        }
+        let g = guest_us as i64;
+        let sample = Sample {
+            lo: g - now_us as i64,
+            hi: g - sent_us as i64,
         };
-        let midpoint = sent_us + round_trip_us / 2;
-        let offset_us = guest_us as i64 - midpoint as i64;
         if st.samples.len() == SAMPLES {
             st.samples.pop_front();
         }
-        st.samples.push_back(Sample {
-            round_trip_us,
-            offset_us,
-        });
-        st.offset_us = st
-            .samples
-            .iter()
-            .min_by_key(|s| s.round_trip_us)
-            .map_or(0, |s| s.offset_us);
+        st.samples.push_back(sample);
+        st.offset_us = st.estimate();
     }
 
     /// Guest minus host, in microseconds, as last measured (0 before any answer).
@@ -119,52 +139,68 @@ impl GuestClock {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_guest_clock_ahead_or_behind_is_measured_and_its_stamps_placed_on_the_host_line() {
-        let clock = GuestClock::new();
-        // No measurement yet: stamps are taken as they are.
-        assert_eq!(clock.to_host_us(5_000_000), 5_000_000);
-        // Guest 250 ms ahead, 200 µs round trip.
-        let seq = clock.ping_sent(1_000_000);
-        clock.pong(seq, 1_250_100, 1_000_200);
-        assert_eq!(clock.offset_us(), 250_000);
-        assert_eq!(clock.to_host_us(2_250_000), 2_000_000);
-        // Now 3 ms behind (a drifting clock), measured again.
-        let seq = clock.ping_sent(3_000_000);
-        clock.pong(seq, 2_997_050, 3_000_100);
-        // The quicker round trip of the two wins: 100 µs against 200 µs.
-        assert_eq!(clock.offset_us(), -3_000);
-        assert_eq!(clock.to_host_us(2_997_000), 3_000_000);
+    /// Pings at `h1`, the guest answers reading `g`, back at `h2`.
+    fn sample(clock: &GuestClock, h1: u64, g: u64, h2: u64) {
+        let seq = clock.ping_sent(h1);
+        clock.pong(seq, g, h2);
     }
 
     #[test]
-    fn a_slow_answer_does_not_override_a_quick_one_and_strays_are_ignored() {
+    fn a_clock_that_agrees_with_the_hosts_is_corrected_by_exactly_nothing() {
+        // A process sandbox on a loaded machine: slow, lopsided round trips, the same clock.
+        let clock = GuestClock::new();
+        sample(&clock, 1_000, 1_050, 9_000);
+        sample(&clock, 20_000, 27_990, 28_000);
+        sample(&clock, 40_000, 40_001, 40_100);
+        assert_eq!(clock.offset_us(), 0);
+        assert_eq!(clock.to_host_us(123_456), 123_456);
+    }
+
+    #[test]
+    fn a_guest_clock_ahead_or_behind_is_placed_within_its_quickest_round_trip() {
+        let clock = GuestClock::new();
+        // No measurement yet: stamps are taken as they are.
+        assert_eq!(clock.to_host_us(5_000_000), 5_000_000);
+        // Guest 250 ms ahead (read mid-way), 200 µs round trip: offset in [249 900, 250 100].
+        sample(&clock, 1_000_000, 1_250_100, 1_000_200);
+        assert!((249_900..=250_100).contains(&clock.offset_us()));
+        // A 40 µs round trip narrows it: [250 080, 250 100] (intersected with the first).
+        sample(&clock, 2_000_000, 2_250_100, 2_000_020);
+        assert!((250_080..=250_100).contains(&clock.offset_us()));
+        let host = clock.to_host_us(3_250_090);
+        assert!((2_999_990..=3_000_010).contains(&host), "{host}");
+        // A sample queued behind a burst of log lines (40 ms round trip) changes nothing.
+        let before = clock.offset_us();
+        sample(&clock, 4_000_000, 4_250_090, 4_040_000);
+        assert_eq!(clock.offset_us(), before);
+    }
+
+    #[test]
+    fn a_drifted_or_stepped_guest_clock_replaces_the_samples_it_contradicts() {
+        let clock = GuestClock::new();
+        sample(&clock, 1_000, 11_050, 1_100); // +10 ms
+        sample(&clock, 2_000, 12_050, 2_100);
+        // Now 3 ms behind: the old samples no longer overlap and are ignored.
+        sample(&clock, 3_000, 50, 3_100);
+        assert!((-3_050..=-2_950).contains(&clock.offset_us()));
+        assert!(clock.offset_us() <= 0);
+    }
+
+    #[test]
+    fn stray_answers_are_ignored_and_unanswered_pings_do_not_pile_up() {
         let clock = GuestClock::new();
         let quick = clock.ping_sent(1_000);
-        clock.pong(quick, 11_050, 1_100); // offset 10 000, 100 µs
-                                          // Queued behind a burst of log lines: answered late, stamped early.
-        let slow = clock.ping_sent(2_000);
-        clock.pong(slow, 12_010, 42_000); // 40 ms round trip
-        assert_eq!(clock.offset_us(), 10_000);
+        clock.pong(quick, 11_050, 1_100);
+        let offset = clock.offset_us();
         // An answer to a ping never sent, and one answered twice, change nothing.
         clock.pong(999, 0, 50_000);
         clock.pong(quick, 0, 50_000);
-        assert_eq!(clock.offset_us(), 10_000);
+        assert_eq!(clock.offset_us(), offset);
         // Pings left unanswered before an answered one are dropped, not kept for ever.
         let lost = clock.ping_sent(60_000);
         let kept = clock.ping_sent(60_010);
         clock.pong(kept, 70_060, 60_110);
         clock.pong(lost, 70_000, 60_120);
         assert_eq!(clock.lock().pending.len(), 0);
-        // Older samples age out: after SAMPLES more, the first quick one no longer counts.
-        for i in 0..SAMPLES as u64 {
-            let seq = clock.ping_sent(100_000 + i * 1000);
-            clock.pong(
-                seq,
-                100_000 + i * 1000 + 150 + 20_000,
-                100_000 + i * 1000 + 300,
-            );
-        }
-        assert_eq!(clock.offset_us(), 20_000);
     }
 }
