@@ -275,6 +275,9 @@ impl Supervisor {
                 }
             }
             if TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).is_ok() {
+                // Whatever the function printed before it listened goes out before Ready: a
+                // start's log is complete when the start is.
+                crate::output_drain::drain_output();
                 let mut state = self.lock();
                 if !state.exited && !state.failed {
                     state.ready = true;
