@@ -49,6 +49,7 @@ use super::model::{FunctionKey, FunctionType, FunctionVersion};
 use crate::function::scf_headers;
 use crate::home::Home;
 use crate::http_front::{error_chain, strip_hop_by_hop, InstanceConnector};
+use crate::sandbox::guest_clock::host_now_us;
 use crate::sandbox::{
     instances_root, new_instance_id, Instance, InstanceSpec, LogStream, Sandbox, SandboxError,
 };
@@ -248,14 +249,14 @@ impl Attribution {
         }
         self.requests.push_back(Invocation {
             request_id: request_id.to_string(),
-            sent_us: unix_us(),
+            sent_us: host_now_us(),
             answered_us: None,
         });
     }
 
     /// The request's response is complete (a second call changes nothing).
     fn end(&mut self, request_id: &str) {
-        let now = unix_us();
+        let now = host_now_us();
         if let Some(r) = self
             .requests
             .iter_mut()
@@ -292,13 +293,6 @@ impl Attribution {
             }
         }
     }
-}
-
-fn unix_us() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
 }
 
 impl Pool {
