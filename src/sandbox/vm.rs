@@ -87,7 +87,7 @@ impl VmSandbox {
     pub fn new(home: &Home) -> Result<Self, SandboxError> {
         HostCapabilities::probe().check_can_boot(KernelFormat::BzImage)?;
         let vmm = vmm_binary()?;
-        let kernel = crate::kernel::default_kernel(home)
+        let kernel = crate::kernel::default_kernel()
             .map_err(|e| SandboxError::setup("cannot get the guest kernel", e))?;
         let agent = crate::agent_binary::agent_binary()
             .map_err(|e| SandboxError::setup("cannot find the agent", e))?;
