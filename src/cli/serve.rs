@@ -56,6 +56,11 @@ pub fn run(home: &Home, args: ServeArgs) -> Result<ExitCode> {
     if args.api_token.as_deref() == Some("") {
         anyhow::bail!("--api-token/FNVM_API_TOKEN is empty; give a token or leave it unset");
     }
+    let _one_serve_per_home = home.lock_for_service()?;
+    fnvm_rootfs_builder::pipeline::remove_stale_temporaries(
+        &fnvm_rootfs_builder::pipeline::HomeDirs::under(home.root()),
+    )
+    .context("cannot clean up what crashed pulls left")?;
     let kind = args.sandbox.unwrap_or_else(sandbox::default_kind);
     let report = sandbox::cleanup_orphans(home).context("cannot clean up orphaned instances")?;
     tracing::info!(?report, "orphans cleaned up");
