@@ -26,6 +26,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::function::{scf_headers, FunctionSettings};
+use crate::http_server::ConnectionLimits;
 use crate::sandbox::Instance;
 
 /// How the function is invoked.
@@ -113,34 +114,23 @@ impl Front {
         self
     }
 
-    /// Accepts connections on `listener` until the task is dropped or aborted. Each accepted
+    /// Accepts connections on `listener` until the task is dropped or aborted, within `limits`
+    /// (header-read and keep-alive timeouts, connection cap: see [`crate::http_server`]). Each
     /// connection is served on its own task (HTTP/1.1 keep-alive from the client's side).
-    pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) {
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        limits: ConnectionLimits,
+    ) {
+        let make_service = |_: crate::http_server::Admission| {
             let front = Arc::clone(&self);
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let front = Arc::clone(&front);
-                    async move { Ok::<_, Infallible>(front.handle(req).await) }
-                });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await
-                {
-                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
-                }
-            });
-        }
+            hyper::service::service_fn(move |req| {
+                let front = Arc::clone(&front);
+                async move { Ok::<_, Infallible>(front.handle(req).await) }
+            })
+        };
+        // Every request of the front is an invocation: no reserve for other routes.
+        crate::http_server::serve(listener, limits, 0, make_service, std::future::pending()).await;
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
@@ -559,7 +549,7 @@ mod tests {
         let addr = std_listener.local_addr().unwrap();
         let _guard = runtime.enter();
         let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-        runtime.spawn(front.serve(listener));
+        runtime.spawn(front.serve(listener, ConnectionLimits::default()));
         (addr, runtime, dir)
     }
 
