@@ -106,7 +106,10 @@ pub enum InvokeError {
     Timeout { secs: u32 },
     #[error("the function's instance crashed during the invocation and was replaced: {detail}")]
     Crashed { detail: String },
-    #[error("the function's instance could not start: {message}")]
+    #[error(
+        "the function's instance could not start: {}",
+        with_last_lines(message, last_lines)
+    )]
     StartFailed {
         message: String,
         last_lines: Vec<String>,
@@ -788,7 +791,11 @@ impl Lease {
             report = instance.exited();
         }
         let detail = match report {
-            Some(r) => format!("instance {} {}", self.slot.id, r),
+            Some(r) => format!(
+                "instance {} {}",
+                self.slot.id,
+                with_last_lines(&r.reason, &r.last_lines)
+            ),
             None => format!(
                 "instance {}: the function closed the connection without a complete answer: \
                  {error}",
@@ -1291,6 +1298,21 @@ impl Inner {
             st.committed_mib << 20,
             self.cfg.memory_budget_mib << 20,
         );
+    }
+}
+
+/// `reason`, then the function's last lines once each: a line the reason already quotes (a
+/// sandbox child's "it said:" tail holds the function's output too) is not repeated.
+fn with_last_lines(reason: &str, last_lines: &[String]) -> String {
+    let fresh: Vec<&str> = last_lines
+        .iter()
+        .map(String::as_str)
+        .filter(|l| !l.is_empty() && !reason.lines().any(|r| r.trim_end().ends_with(l.trim_end())))
+        .collect();
+    if fresh.is_empty() {
+        reason.to_string()
+    } else {
+        format!("{reason}; last lines:\n{}", fresh.join("\n"))
     }
 }
 

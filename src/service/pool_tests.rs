@@ -534,6 +534,32 @@ fn a_timer_schedule_fires_event_invocations_marked_as_timer() {
 }
 
 #[test]
+fn a_failure_shows_each_last_line_once() {
+    let lines = vec!["about to exit".to_string(), "last words".to_string()];
+    let plain = with_last_lines("the function exited with code 3", &lines);
+    assert_eq!(
+        plain,
+        "the function exited with code 3; last lines:\nabout to exit\nlast words"
+    );
+    // A reason that already quotes the lines (a child's "it said:" tail) does not get them again.
+    let quoted = with_last_lines(
+        "the sandbox ended: its agent exited with code 1; it said:\nabout to exit\nlast words",
+        &lines,
+    );
+    assert_eq!(quoted.matches("about to exit").count(), 1, "{quoted}");
+    assert_eq!(quoted.matches("last words").count(), 1, "{quoted}");
+    let e = InvokeError::StartFailed {
+        message: "the function exited (exit code 4) before it listened on port 9000".into(),
+        last_lines: lines,
+    };
+    assert!(
+        e.to_string()
+            .ends_with("last lines:\nabout to exit\nlast words"),
+        "{e}"
+    );
+}
+
+#[test]
 fn a_line_belongs_to_the_request_in_flight_when_it_was_read() {
     let mut a = Attribution::default();
     a.requests.push_back(Invocation {
