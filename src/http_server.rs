@@ -107,12 +107,6 @@ pub fn raise_nofile(limits: &mut ConnectionLimits, reserved: u32) -> u64 {
         let fit = (have.saturating_sub(BASE_FDS + MAX_REFUSALS as u64) / 2)
             .saturating_sub(u64::from(reserved))
             .max(1);
-        tracing::warn!(
-            nofile = have,
-            wanted = want,
-            max_connections = fit,
-            "RLIMIT_NOFILE is too low for the connection limit; serving fewer connections"
-        );
         eprintln!(
             "fnvm: warning: RLIMIT_NOFILE is {have}, {want} are needed for {} connections; \
              serving at most {fit}",
