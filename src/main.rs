@@ -11,6 +11,7 @@ mod example_image;
 mod function;
 mod home;
 mod http_front;
+mod http_server;
 mod kernel;
 mod sandbox;
 mod service;
