@@ -382,7 +382,7 @@ fn with_a_token_web_functions_never_see_it_and_errors_say_what_happened() {
     let rows: Vec<&str> = table.lines().collect();
     assert_eq!(
         rows.len(),
-        3,
+        4,
         "a header and one line per function:\n{table}"
     );
     let state_col = rows[0].find("STATE").unwrap();
