@@ -26,6 +26,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::function::{scf_headers, FunctionSettings};
+use crate::http_server::ConnectionLimits;
 use crate::sandbox::Instance;
 
 /// How the function is invoked.
@@ -113,34 +114,23 @@ impl Front {
         self
     }
 
-    /// Accepts connections on `listener` until the task is dropped or aborted. Each accepted
+    /// Accepts connections on `listener` until the task is dropped or aborted, within `limits`
+    /// (header-read and keep-alive timeouts, connection cap: see [`crate::http_server`]). Each
     /// connection is served on its own task (HTTP/1.1 keep-alive from the client's side).
-    pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) {
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        limits: ConnectionLimits,
+    ) {
+        let make_service = |_: crate::http_server::Admission| {
             let front = Arc::clone(&self);
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let front = Arc::clone(&front);
-                    async move { Ok::<_, Infallible>(front.handle(req).await) }
-                });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await
-                {
-                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
-                }
-            });
-        }
+            hyper::service::service_fn(move |req| {
+                let front = Arc::clone(&front);
+                async move { Ok::<_, Infallible>(front.handle(req).await) }
+            })
+        };
+        // Every request of the front is an invocation: no reserve for other routes.
+        crate::http_server::serve(listener, limits, 0, make_service, std::future::pending()).await;
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
@@ -539,6 +529,13 @@ mod tests {
     fn front(
         function_type: FunctionType,
     ) -> (SocketAddr, tokio::runtime::Runtime, tempfile::TempDir) {
+        front_with(function_type, ConnectionLimits::default())
+    }
+
+    fn front_with(
+        function_type: FunctionType,
+        limits: ConnectionLimits,
+    ) -> (SocketAddr, tokio::runtime::Runtime, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("9000.sock");
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
@@ -559,7 +556,7 @@ mod tests {
         let addr = std_listener.local_addr().unwrap();
         let _guard = runtime.enter();
         let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-        runtime.spawn(front.serve(listener));
+        runtime.spawn(front.serve(listener, limits));
         (addr, runtime, dir)
     }
 
@@ -667,6 +664,99 @@ mod tests {
             serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
         assert_eq!(v["error"]["code"], "FunctionUnavailable");
         assert_eq!(v["error"]["request_id"], rid.as_str());
+    }
+
+    /// Ok once the peer closed `s` (EOF or reset); Err with what it sent, or "still open".
+    fn closed_within(s: &mut std::net::TcpStream, wait: Duration) -> Result<(), String> {
+        use std::io::Read;
+        s.set_read_timeout(Some(wait)).unwrap();
+        let mut buf = [0u8; 1024];
+        match s.read(&mut buf) {
+            Ok(0) => Ok(()),
+            Ok(n) => Err(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err("still open".into()),
+            Err(_) => Ok(()),
+        }
+    }
+
+    #[test]
+    fn slow_clients_are_closed_after_the_header_timeout_and_surplus_ones_refused() {
+        use std::io::{Read, Write};
+        let limits = ConnectionLimits {
+            header_timeout: Duration::from_secs(2),
+            keepalive_timeout: Duration::from_secs(600),
+            max_connections: 2,
+        };
+        let (addr, _rt, _dir) = front_with(FunctionType::Web, limits);
+        let opened = Instant::now();
+        let mut slow = std::net::TcpStream::connect(addr).unwrap();
+        let mut idle = std::net::TcpStream::connect(addr).unwrap();
+        slow.write_all(b"G").unwrap();
+        // Both places are taken: a third client gets a 503 naming the limit, then EOF.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut third = std::net::TcpStream::connect(addr).unwrap();
+            third
+                .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            third
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let mut reply = String::new();
+            let _ = third.read_to_string(&mut reply);
+            if reply.starts_with("HTTP/1.1 503") {
+                assert!(
+                    reply.contains("max_connections 2") && reply.contains("Retry-After: 1"),
+                    "{reply}"
+                );
+                break;
+            }
+            // The front may not have taken both connections yet.
+            assert!(Instant::now() < deadline, "no refusal: {reply}");
+        }
+        // The slowloris client trickles a byte every 200 ms and never finishes its head.
+        let head = b"ET / HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        let closed = head.iter().cycle().take(300).any(|b| {
+            slow.write_all(&[*b]).is_err()
+                || closed_within(&mut slow, Duration::from_millis(200)).is_ok()
+        });
+        assert!(closed, "the slow client was never closed");
+        assert!(
+            opened.elapsed() >= Duration::from_secs(2),
+            "closed before its header timeout"
+        );
+        assert_eq!(closed_within(&mut idle, Duration::from_secs(30)), Ok(()));
+        // With the places free again, a request is served.
+        let resp = agent().get(format!("http://{addr}/after")).call().unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+
+    #[test]
+    fn an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout() {
+        use std::io::{Read, Write};
+        let limits = ConnectionLimits {
+            header_timeout: Duration::from_secs(600),
+            keepalive_timeout: Duration::from_secs(1),
+            max_connections: 8,
+        };
+        let (addr, _rt, _dir) = front_with(FunctionType::Web, limits);
+        let mut conn = std::net::TcpStream::connect(addr).unwrap();
+        conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            .unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut reply = [0u8; 4096];
+        let n = conn.read(&mut reply).unwrap();
+        assert!(reply[..n].starts_with(b"HTTP/1.1 200"));
+        // Far sooner than the 600 s header timeout: the keep-alive timeout closed it.
+        let mut closed = Err(String::new());
+        for _ in 0..60 {
+            closed = closed_within(&mut conn, Duration::from_secs(1));
+            if closed.is_ok() {
+                break;
+            }
+        }
+        assert_eq!(closed, Ok(()), "the idle keep-alive connection stayed open");
     }
 
     fn futures_body(resp: Response<Body>) -> Bytes {

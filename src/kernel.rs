@@ -1,10 +1,12 @@
 //! The default guest kernel: built from Debian's linux-source-6.1 with fnvm's config fragment and
-//! cached in `<home>/kernels/<key>/vmlinux`.
+//! cached once per machine (`/var/cache/fnvm/kernel` for root, `$FNVM_KERNEL_CACHE` to move it),
+//! shared by every home, the tests and the benches.
 //!
-//! The build script and the fragment are compiled into this binary, so an installed `fnvm` needs
-//! no source tree. The script does the caching (the key is the sha256 of fragment, script and the
-//! source package's version), installs its build tools when missing, and never leaves a
-//! half-built kernel in the cache; a cached kernel costs one short script run.
+//! Why per machine and not per home: a kernel is a pure function of its inputs (fragment, recipe,
+//! source package version; the cache key is their sha256), minutes to build, and read-only once
+//! built, so a fresh home must never pay for it again. The build script, its recipe and the
+//! fragment are compiled into this binary, so an installed `fnvm` needs no source tree; the
+//! script does the caching and never leaves a half-built kernel in the cache.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -12,23 +14,41 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
-use crate::home::Home;
-
-/// `guest-kernel/build.sh`, compiled in.
+/// `guest-kernel/build.sh`, compiled in: cache lookup, lock, progress, publication.
 const BUILD_SCRIPT: &str = include_str!("../guest-kernel/build.sh");
+/// `guest-kernel/recipe.sh`, compiled in: the build steps (one of the kernel's inputs).
+const RECIPE: &str = include_str!("../guest-kernel/recipe.sh");
 /// `guest-kernel/fnvm.config`, compiled in; the script finds it next to itself.
 const CONFIG_FRAGMENT: &str = include_str!("../guest-kernel/fnvm.config");
 
-/// The path of fnvm's guest kernel (`vmlinux`), building it first if this home has none yet.
-/// The build's progress goes to stderr; it takes minutes, once per kernel config.
-pub fn default_kernel(home: &Home) -> Result<PathBuf> {
-    let cache = home.dir("kernels")?;
-    let scripts = ScratchDir::create(&cache)?;
-    let script = write_build_files(scripts.path())?;
+/// The exit status of `build.sh --cached` when the kernel is not in the cache.
+const NOT_CACHED: i32 = 3;
 
-    let mut child = Command::new("bash")
-        .arg(&script)
-        .arg(&cache)
+/// The path of fnvm's guest kernel (`vmlinux`), building it first if this machine has none yet.
+/// A build is announced up front (it takes minutes, once per machine and kernel config) with
+/// how to prebuild it; its progress goes to stderr.
+pub fn default_kernel() -> Result<PathBuf> {
+    let scripts = ScratchDir::create()?;
+    let script = write_build_files(scripts.path())?;
+    if let Some(cached) = run_script(&script, true)? {
+        return Ok(cached);
+    }
+    eprintln!(
+        "fnvm: the guest kernel is not built on this machine yet; building it now (once per \
+         machine and kernel config; `fnvm vm kernel` or guest-kernel/build.sh prebuilds it)"
+    );
+    run_script(&script, false)?.context("the guest kernel build printed no vmlinux path")
+}
+
+/// Runs the build script (`--cached`: only look). Returns the vmlinux path it printed, or None
+/// when only looking and the kernel is not cached.
+fn run_script(script: &Path, only_look: bool) -> Result<Option<PathBuf>> {
+    let mut command = Command::new("bash");
+    command.arg(script);
+    if only_look {
+        command.arg("--cached");
+    }
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -47,6 +67,9 @@ pub fn default_kernel(home: &Home) -> Result<PathBuf> {
         }
     }
     let status = child.wait().context("cannot wait for the kernel build")?;
+    if only_look && status.code() == Some(NOT_CACHED) {
+        return Ok(None);
+    }
     if !status.success() {
         bail!("the guest kernel build failed ({status}); its messages are above");
     }
@@ -59,14 +82,15 @@ pub fn default_kernel(home: &Home) -> Result<PathBuf> {
             vmlinux.display()
         );
     }
-    Ok(vmlinux)
+    Ok(Some(vmlinux))
 }
 
-/// Writes the build script and its config fragment into `dir`; returns the script's path.
+/// Writes the build script, its recipe and config fragment into `dir`; returns the script's path.
 fn write_build_files(dir: &Path) -> Result<PathBuf> {
     let script = dir.join("build.sh");
     for (path, text) in [
         (script.clone(), BUILD_SCRIPT),
+        (dir.join("recipe.sh"), RECIPE),
         (dir.join("fnvm.config"), CONFIG_FRAGMENT),
     ] {
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
@@ -75,27 +99,19 @@ fn write_build_files(dir: &Path) -> Result<PathBuf> {
 }
 
 /// A private directory for the embedded build files, removed when dropped.
-struct ScratchDir(PathBuf);
+struct ScratchDir(tempfile::TempDir);
 
 impl ScratchDir {
-    fn create(parent: &Path) -> Result<Self> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let dir = parent.join(format!(".scripts-{}-{nanos}", std::process::id()));
-        std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        Ok(Self(dir))
+    fn create() -> Result<Self> {
+        tempfile::Builder::new()
+            .prefix("fnvm-kernel-build-")
+            .tempdir()
+            .map(Self)
+            .context("cannot create a scratch directory for the kernel build script")
     }
 
     fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path()
     }
 }
 
@@ -104,26 +120,43 @@ mod tests {
     use super::*;
 
     /// The embedded files are exactly the ones in guest-kernel/, so the cache key the script
-    /// computes from them is the same whether it runs from the tree or from this binary.
+    /// computes from them is the same whether it runs from the tree or from this binary: fnvm,
+    /// the tests and the benches share one cached kernel.
     #[test]
     fn embedded_build_files_are_written_verbatim_side_by_side() {
         let dir = tempfile::tempdir().unwrap();
         let script = write_build_files(dir.path()).unwrap();
         let tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-kernel");
-        assert_eq!(
-            std::fs::read(&script).unwrap(),
-            std::fs::read(tree.join("build.sh")).unwrap()
-        );
-        assert_eq!(
-            std::fs::read(dir.path().join("fnvm.config")).unwrap(),
-            std::fs::read(tree.join("fnvm.config")).unwrap()
-        );
+        for name in ["build.sh", "recipe.sh", "fnvm.config"] {
+            assert_eq!(
+                std::fs::read(dir.path().join(name)).unwrap(),
+                std::fs::read(tree.join(name)).unwrap(),
+                "{name}"
+            );
+        }
+        assert_eq!(script, dir.path().join("build.sh"));
+    }
+
+    /// `--cached` only looks: in an empty cache it says "not cached" and builds nothing.
+    #[test]
+    fn only_looking_in_an_empty_cache_builds_nothing() {
+        let scripts = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let script = write_build_files(scripts.path()).unwrap();
+        let status = Command::new("bash")
+            .arg(&script)
+            .arg("--cached")
+            .arg(cache.path())
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(NOT_CACHED));
+        assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 0);
     }
 
     #[test]
     fn scratch_dir_is_removed_when_dropped() {
-        let parent = tempfile::tempdir().unwrap();
-        let scratch = ScratchDir::create(parent.path()).unwrap();
+        let scratch = ScratchDir::create().unwrap();
         let path = scratch.path().to_path_buf();
         write_build_files(&path).unwrap();
         drop(scratch);

@@ -11,6 +11,7 @@ mod example_image;
 mod function;
 mod home;
 mod http_front;
+mod http_server;
 mod kernel;
 mod sandbox;
 mod service;
@@ -19,7 +20,7 @@ mod service;
 #[derive(Debug, Parser)]
 #[command(name = "fnvm", version, about)]
 struct Cli {
-    /// The one directory holding the blob store, rootfs images, kernels, snapshots and state
+    /// The one directory holding the blob store, rootfs images, snapshots and state
     /// (default: /var/lib/fnvm for root, else $XDG_DATA_HOME/fnvm).
     #[arg(long, env = "FNVM_HOME", global = true)]
     home: Option<PathBuf>,
@@ -66,7 +67,7 @@ fn main() -> ExitCode {
         .init();
 
     let result = home::Home::resolve(cli.home).and_then(|home| match cli.command {
-        Command::Vm(cmd) => cli::vm::run(&home, cmd),
+        Command::Vm(cmd) => cli::vm::run(cmd),
         Command::Image(cmd) => cli::image::run(&home, cmd),
         Command::Run(args) => cli::run::run(&home, args),
         Command::Demo(args) => cli::demo::run(&home, args),

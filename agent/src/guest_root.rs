@@ -147,11 +147,13 @@ fn mount_function_root(at: &str, rootfs: &str, writable: &str) -> Result<(), Str
     mkdir(&upper)?;
     mkdir(&work)?;
     let options = format!("lowerdir={lower},upperdir={upper},workdir={work}");
+    // nodev: a device node in the image or made on the writable layer opens nothing; the
+    // function's /dev is its own small tmpfs with the standard nodes (see launch).
     do_mount(
         Some("overlay"),
         &merged,
         Some("overlay"),
-        MsFlags::empty(),
+        MsFlags::MS_NODEV,
         Some(&options),
     )
 }

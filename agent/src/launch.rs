@@ -29,8 +29,10 @@ const MASKED_PROC_DIRS: &[&str] = &["acpi", "scsi"];
 /// /proc entries made read-only: sysctls and sysrq would reach the whole kernel (the host's,
 /// in the process sandbox).
 const READ_ONLY_PROC: &[&str] = &["sys", "sysrq-trigger", "irq", "bus", "fs"];
-/// The capabilities a root function keeps (Docker's default set); all others leave the
-/// bounding set, so nothing it execs can regain them.
+/// The capabilities a root function keeps: Docker's default set without MKNOD (Docker keeps
+/// it because its devices cgroup makes nodes harmless; a VM guest has no devices cgroup, and a
+/// function has no business making device nodes). All others leave the bounding set, so
+/// nothing it execs can regain them.
 const KEPT_CAPABILITIES: &[u32] = &[
     0,  // CHOWN
     1,  // DAC_OVERRIDE
@@ -43,7 +45,6 @@ const KEPT_CAPABILITIES: &[u32] = &[
     10, // NET_BIND_SERVICE
     13, // NET_RAW
     18, // SYS_CHROOT
-    27, // MKNOD
     29, // AUDIT_WRITE
     31, // SETFCAP
 ];
@@ -246,7 +247,9 @@ impl Plan {
             );
         }
 
-        // /dev: a small tmpfs with the standard nodes bound from the agent's /dev.
+        // /dev: a small nodev tmpfs with the standard nodes bound from the agent's /dev (each
+        // bind is its own mount, which keeps the source's device access; a node created in the
+        // tmpfs itself opens nothing).
         step(
             Op::Mkdir {
                 path: path_in(root, "dev")?,
@@ -260,7 +263,7 @@ impl Plan {
                 source: Some(cstring("tmpfs")?),
                 target: path_in(root, "dev")?,
                 fstype: Some(cstring("tmpfs")?),
-                flags: libc::MS_NOSUID | libc::MS_STRICTATIME,
+                flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_STRICTATIME,
                 data: Some(cstring("mode=755,size=65536k")?),
             },
             "mount a tmpfs on /dev".into(),
@@ -980,6 +983,54 @@ mod tests {
             })
             .collect();
         assert_eq!(mkdirs, ["/tmp", "/srv", "/srv/app"]);
+    }
+
+    #[test]
+    fn no_file_system_the_function_gets_honours_device_nodes_but_devpts_and_it_cannot_make_any() {
+        let p = plan(&["/bin/sh"], &[], "/").unwrap();
+        let mut fresh = Vec::new();
+        for step in &p.steps {
+            if let Op::Mount {
+                fstype: Some(fstype),
+                flags,
+                target,
+                ..
+            } = &step.op
+            {
+                // New file systems (not binds or remounts): only devpts serves device nodes,
+                // its own ptys, and devpts has no mknod.
+                if fstype.to_bytes() != b"devpts" {
+                    assert!(
+                        flags & libc::MS_NODEV != 0,
+                        "{target:?} ({fstype:?}) lacks nodev"
+                    );
+                }
+                fresh.push(target.to_str().unwrap().to_string());
+            }
+        }
+        assert!(fresh.contains(&"/mnt/root/dev".to_string()), "{fresh:?}");
+        // The bound nodes are exactly the standard ones.
+        let binds: Vec<_> = p
+            .steps
+            .iter()
+            .filter_map(|s| match &s.op {
+                Op::Mount {
+                    source: Some(source),
+                    fstype: None,
+                    ..
+                } if source.to_bytes().starts_with(b"/dev/") => Some(source.to_str().unwrap()),
+                _ => None,
+            })
+            .collect();
+        for bind in &binds {
+            let name = bind.trim_start_matches("/dev/");
+            assert!(
+                DEVICES.contains(&name),
+                "{bind} is bound into the function's /dev"
+            );
+        }
+        const CAP_MKNOD: u32 = 27;
+        assert!(!KEPT_CAPABILITIES.contains(&CAP_MKNOD));
     }
 
     #[test]

@@ -14,4 +14,5 @@ pub mod registry;
 pub mod rootfs;
 pub mod source;
 pub mod store;
+pub mod tool;
 pub mod unpack;

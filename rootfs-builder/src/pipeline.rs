@@ -179,6 +179,16 @@ pub fn inspect(
     run(reference, dirs, options, &mut |_| {}, Goal::Inspect).map(|p| p.image)
 }
 
+/// Removes what pulls of dead processes left in the home: rootfs staging directories (a
+/// half-built tree and image can be hundreds of MB) and partial blob downloads. Anything of a
+/// live process stays, so this is safe beside a running `fnvm run` or pull. `fnvm serve` and
+/// `fnvm run` call it as they start, rather than leaving it to the next pull.
+pub fn remove_stale_temporaries(dirs: &HomeDirs) -> Result<(), PullError> {
+    RootfsCache::open(&dirs.rootfs)?;
+    BlobStore::open(&dirs.blobs)?;
+    Ok(())
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Goal {
     Rootfs,

@@ -208,6 +208,31 @@ impl Fix {
     }
 }
 
+/// The hard-linked inodes met so far, to count each inode once.
+///
+/// Only a non-directory with more than one link can be another name of an inode already seen,
+/// and inode numbers are unique only per device: on overlayfs (the tree unpacked on a
+/// container's root) a directory's st_ino can equal a file's, and layers on different
+/// devices share numbers.
+#[derive(Default)]
+struct HardLinks {
+    seen: HashSet<(u64, u64)>,
+}
+
+impl HardLinks {
+    /// True when `meta` is a further name of a hard-linked inode met before.
+    fn is_another_name(&mut self, meta: &fs::Metadata) -> bool {
+        self.check(meta.is_dir(), meta.nlink(), meta.dev(), meta.ino())
+    }
+
+    fn check(&mut self, is_dir: bool, nlink: u64, dev: u64, ino: u64) -> bool {
+        if is_dir || nlink <= 1 {
+            return false;
+        }
+        !self.seen.insert((dev, ino))
+    }
+}
+
 /// `"path"` for a debugfs command: inside quotes debugfs reads `""` as one `"`.
 fn quoted(path: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(path.len() + 2);
@@ -236,7 +261,7 @@ impl Survey {
             root_mtime: root.mtime(),
             fixes: Vec::new(),
         };
-        let mut seen = HashSet::new();
+        let mut seen = HardLinks::default();
         survey.visit(b"/".to_vec(), &root, state, &mut seen)?;
         survey.walk(tree, b"", state, &mut seen)?;
         Ok(survey)
@@ -247,7 +272,7 @@ impl Survey {
         dir: &Path,
         image_dir: &[u8],
         state: &TreeState,
-        seen: &mut HashSet<u64>,
+        seen: &mut HardLinks,
     ) -> Result<(), RootfsError> {
         let tree_err = |source| RootfsError::Tree {
             path: dir.to_owned(),
@@ -277,10 +302,10 @@ impl Survey {
         image_path: Vec<u8>,
         meta: &fs::Metadata,
         state: &TreeState,
-        seen: &mut HashSet<u64>,
+        seen: &mut HardLinks,
     ) -> Result<(), RootfsError> {
-        if !seen.insert(meta.ino()) {
-            return Ok(()); // another name of a hard-linked inode
+        if seen.is_another_name(meta) {
+            return Ok(());
         }
         self.inodes += 1;
         if meta.is_file() {
@@ -395,11 +420,13 @@ fn run(
     cmd: &mut Command,
     image: &Path,
 ) -> Result<String, RootfsError> {
-    let out = cmd.output().map_err(|source| RootfsError::ToolMissing {
-        tool,
-        package,
-        source,
-    })?;
+    let out = crate::tool::die_with_parent(cmd)
+        .output()
+        .map_err(|source| RootfsError::ToolMissing {
+            tool,
+            package,
+            source,
+        })?;
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if !out.status.success() {
         return Err(RootfsError::ToolFailed {
@@ -509,4 +536,39 @@ fn make_erofs(tree: &Path, image: &Path, compress: bool) -> Result<(), RootfsErr
     }
     cmd.arg(image).arg(tree);
     run("mkfs.erofs", "erofs-utils", &mut cmd, image).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_further_names_of_multiply_linked_non_directories_are_hard_links() {
+        let mut links = HardLinks::default();
+        // overlayfs: a directory with the same st_ino as a file is not a link, either way round.
+        assert!(!links.check(true, 2, 1, 42));
+        assert!(!links.check(false, 1, 1, 42));
+        assert!(!links.check(true, 3, 1, 42));
+        // A file with two names: the second name is a link, a third too.
+        assert!(!links.check(false, 2, 1, 7));
+        assert!(links.check(false, 2, 1, 7));
+        assert!(links.check(false, 2, 1, 7));
+        // The same number on another device is another inode.
+        assert!(!links.check(false, 2, 2, 7));
+        // A single-link file never matches, even with a number seen before.
+        assert!(!links.check(false, 1, 1, 7));
+    }
+
+    #[test]
+    fn a_real_tree_counts_each_hard_linked_file_once_and_every_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        fs::create_dir_all(tree.join("a/b")).unwrap();
+        fs::write(tree.join("a/file"), b"x").unwrap();
+        fs::hard_link(tree.join("a/file"), tree.join("a/b/link")).unwrap();
+        fs::write(tree.join("single"), b"y").unwrap();
+        let survey = Survey::of(&tree, &TreeState::default()).unwrap();
+        // root, a, a/b, the linked file once, single.
+        assert_eq!(survey.inodes, 5);
+    }
 }

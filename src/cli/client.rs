@@ -103,6 +103,12 @@ pub struct LogsArgs {
     /// Only the last N lines.
     #[arg(long)]
     pub tail: Option<usize>,
+    /// At most N lines.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Only lines since this time (RFC 3339, e.g. 2026-12-01T22:00:00Z).
+    #[arg(long)]
+    pub since: Option<String>,
     /// Keep printing new lines as they come.
     #[arg(long, short = 'f')]
     pub follow: bool,
@@ -112,6 +118,8 @@ pub struct LogsArgs {
 
 #[derive(Debug, Args)]
 pub struct LsArgs {
+    /// Show this one function in full (its whole failure reason, instances, ...).
+    pub name: Option<String>,
     #[command(flatten)]
     pub server: ServerArgs,
 }
@@ -403,6 +411,12 @@ pub fn logs(args: LogsArgs) -> Result<ExitCode> {
     if let Some(t) = args.tail {
         query.push(format!("tail={t}"));
     }
+    if let Some(l) = args.limit {
+        query.push(format!("limit={l}"));
+    }
+    if let Some(s) = &args.since {
+        query.push(format!("since={}", s.replace('+', "%2B")));
+    }
     if args.follow {
         query.push("follow=true".into());
     }
@@ -430,31 +444,90 @@ pub fn logs(args: LogsArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Widest failure reason `fnvm ls` shows in its table; `fnvm ls NAME` shows all of it.
+const LS_REASON_CHARS: usize = 60;
+
 pub fn ls(args: LsArgs) -> Result<ExitCode> {
     let client = Client::new(&args.server)?;
+    if let Some(name) = &args.name {
+        let f = client
+            .get(&format!("{}/{name}", client.base))?
+            .ok()?
+            .json()?;
+        print!("{}", describe_function(&f));
+        return Ok(ExitCode::SUCCESS);
+    }
     let v = client.get(&client.base)?.ok()?.json()?;
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{:<24} {:<8} {:<6} {:<17} IMAGE",
-        "NAME", "STATE", "TYPE", "VERSION"
+        "{:<24} {:<8} {:<6} {:<17} {:<40} REASON",
+        "NAME", "STATE", "TYPE", "VERSION", "IMAGE"
     )?;
     for f in v["functions"].as_array().into_iter().flatten() {
-        let mut state = f["state"].as_str().unwrap_or("?").to_string();
-        if let Some(r) = f["reason"].as_str() {
-            state = format!("{state}: {r}");
-        }
-        writeln!(
-            out,
-            "{:<24} {:<8} {:<6} {:<17} {}",
-            f["name"].as_str().unwrap_or("?"),
-            state,
+        let name = f["name"].as_str().unwrap_or("?");
+        let reason = f["reason"]
+            .as_str()
+            .map(|r| format!("{} (fnvm ls {name})", one_line(r, LS_REASON_CHARS)))
+            .unwrap_or_default();
+        let line = format!(
+            "{:<24} {:<8} {:<6} {:<17} {:<40} {reason}",
+            name,
+            f["state"].as_str().unwrap_or("?"),
             f["spec"]["type"].as_str().unwrap_or("?"),
             f["version"].as_str().unwrap_or("-"),
             f["spec"]["image"].as_str().unwrap_or("?"),
-        )?;
+        );
+        writeln!(out, "{}", line.trim_end())?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `text` on one line of at most `max` characters (an ellipsis marks a cut).
+fn one_line(text: &str, max: usize) -> String {
+    let flat: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() <= max {
+        return flat;
+    }
+    let cut: String = flat.chars().take(max.saturating_sub(1)).collect();
+    format!("{}…", cut.trim_end())
+}
+
+/// One function in full, `key: value` per line; the failure reason whole, indented.
+fn describe_function(f: &serde_json::Value) -> String {
+    let field = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let mut out = String::new();
+    for (label, v) in [
+        ("name", &f["name"]),
+        ("namespace", &f["namespace"]),
+        ("state", &f["state"]),
+        ("type", &f["spec"]["type"]),
+        ("image", &f["spec"]["image"]),
+        ("image digest", &f["image_digest"]),
+        ("version", &f["version"]),
+        ("memory_mb", &f["spec"]["memory_mb"]),
+        ("timeout_s", &f["spec"]["timeout_s"]),
+        ("max_instances", &f["spec"]["max_instances"]),
+        ("provisioned", &f["spec"]["provisioned_concurrency"]),
+        ("created", &f["created_at"]),
+        ("updated", &f["updated_at"]),
+    ] {
+        out.push_str(&format!("{label:<14} {}\n", field(v)));
+    }
+    if let Some(instances) = f["instances"].as_array() {
+        out.push_str(&format!("{:<14} {}\n", "instances", instances.len()));
+    }
+    if let Some(r) = f["reason"].as_str() {
+        out.push_str("reason:\n");
+        for line in r.lines() {
+            out.push_str(&format!("  {line}\n"));
+        }
+    }
+    out
 }
 
 pub fn rm(args: RmArgs) -> Result<ExitCode> {
@@ -470,4 +543,25 @@ pub fn rm(args: RmArgs) -> Result<ExitCode> {
         .ok()?;
     eprintln!("fnvm: removed {}", args.name);
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_reason_is_one_short_line_in_the_table_and_whole_in_the_detail() {
+        let reason = format!(
+            "cannot pull x: {}\nsecond line",
+            "very long words ".repeat(20)
+        );
+        let short = one_line(&reason, LS_REASON_CHARS);
+        assert_eq!(short.chars().count(), LS_REASON_CHARS);
+        assert!(short.ends_with('…') && !short.contains('\n'), "{short}");
+        assert_eq!(one_line("short\nreason", 60), "short reason");
+        let f = serde_json::json!({"name": "f", "state": "failed", "reason": reason, "spec": {}});
+        let detail = describe_function(&f);
+        assert!(detail.contains("  second line\n"), "{detail}");
+        assert!(detail.contains(&"very long words ".repeat(20).trim_end().to_string()));
+    }
 }

@@ -68,6 +68,7 @@ pub fn run(home: &Home, args: DemoArgs) -> Result<ExitCode> {
         on_log,
         on_invocation: None,
         snapshot: snapshots,
+        connections: crate::http_server::ConnectionLimits::default(),
     };
     let session = match run::launch(home, &pulled, options(on_log.clone())) {
         Ok(s) => s,

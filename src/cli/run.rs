@@ -65,6 +65,8 @@ pub struct RunArgs {
     pub snapshot: bool,
     #[command(flatten)]
     pub registry: RegistryArgs,
+    #[command(flatten)]
+    pub connections: crate::http_server::ConnectionLimits,
 }
 
 /// How to reach a registry, as for `fnvm image pull`.
@@ -161,6 +163,8 @@ pub struct LaunchOptions {
     pub on_invocation: Option<InvocationHook>,
     /// Use (and write) the function version's snapshot: vm sandbox only.
     pub snapshot: bool,
+    /// The front's timeouts and connection cap.
+    pub connections: crate::http_server::ConnectionLimits,
 }
 
 /// Why a launch failed: the sandbox's own error (with the function's last lines), or anything
@@ -247,7 +251,9 @@ pub fn launch(
     let front = Arc::new(front);
     let _guard = runtime.enter();
     let listener = tokio::net::TcpListener::from_std(listener).context("the front's listener")?;
-    runtime.spawn(front.serve(listener));
+    let mut connections = opts.connections;
+    crate::http_server::raise_nofile(&mut connections, 0);
+    runtime.spawn(front.serve(listener, connections));
     Ok(Session {
         instance,
         kind: opts.kind,
@@ -457,6 +463,7 @@ pub fn run(home: &Home, args: RunArgs) -> Result<ExitCode> {
             on_log: Arc::new(|l: LogLine| print_log_line(&l)),
             on_invocation,
             snapshot: args.snapshot,
+            connections: args.connections.clone(),
         },
     ) {
         Ok(s) => s,

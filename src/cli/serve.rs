@@ -8,18 +8,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use clap::Args;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-
 use crate::home::Home;
+use crate::http_server::{self, Admission, ConnectionLimits};
 use crate::sandbox::{self, SandboxKind};
 use crate::service::api::{ApiConfig, Service};
 use crate::service::logs::LogStore;
 use crate::service::metrics::Metrics;
 use crate::service::pool::{Pool, PoolConfig};
+use anyhow::{Context, Result};
+use clap::Args;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -50,12 +47,24 @@ pub struct ServeArgs {
     /// A PEM file of CA certificates to trust for registries.
     #[arg(long, value_name = "FILE")]
     pub registry_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub connections: ConnectionLimits,
+    /// Connections kept past --max-connections for /healthz, /metrics and management calls
+    /// (one request each; invocations there are refused with 503).
+    #[arg(long, env = "FNVM_RESERVED_CONNECTIONS", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub reserved_connections: u32,
 }
 
 pub fn run(home: &Home, args: ServeArgs) -> Result<ExitCode> {
     if args.api_token.as_deref() == Some("") {
         anyhow::bail!("--api-token/FNVM_API_TOKEN is empty; give a token or leave it unset");
     }
+    let _one_serve_per_home = home.lock_for_service()?;
+    fnvm_rootfs_builder::pipeline::remove_stale_temporaries(
+        &fnvm_rootfs_builder::pipeline::HomeDirs::under(home.root()),
+    )
+    .context("cannot clean up what crashed pulls left")?;
     let kind = args.sandbox.unwrap_or_else(sandbox::default_kind);
     let report = sandbox::cleanup_orphans(home).context("cannot clean up orphaned instances")?;
     tracing::info!(?report, "orphans cleaned up");
@@ -70,7 +79,8 @@ pub fn run(home: &Home, args: ServeArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(home: &Home, kind: SandboxKind, args: ServeArgs) -> Result<()> {
+async fn serve(home: &Home, kind: SandboxKind, mut args: ServeArgs) -> Result<()> {
+    http_server::raise_nofile(&mut args.connections, args.reserved_connections);
     let sandbox: Arc<dyn sandbox::Sandbox> = Arc::from(
         sandbox::create_for_service(kind, home)
             .with_context(|| format!("cannot set up the {kind} sandbox"))?,
@@ -103,6 +113,7 @@ async fn serve(home: &Home, kind: SandboxKind, args: ServeArgs) -> Result<()> {
             api_token: args.api_token,
             insecure_registries: args.insecure_registries,
             registry_ca: args.registry_ca,
+            connections: args.connections.clone(),
         },
     )?;
     let timers = crate::service::timers::Timers::start(Arc::clone(&pool));
@@ -127,35 +138,24 @@ async fn serve(home: &Home, kind: SandboxKind, args: ServeArgs) -> Result<()> {
 
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
+    let stop = async move {
         tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(s) => s,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let service = Arc::clone(&service);
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| Arc::clone(&service).handle(req));
-                    if let Err(e) = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .with_upgrades()
-                        .await
-                    {
-                        tracing::debug!(error = %e, "API connection ended with an error");
-                    }
-                });
-            }
-            _ = int.recv() => break,
-            _ = term.recv() => break,
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
-    }
+    };
+    let make_service = |admission: Admission| {
+        let service = Arc::clone(&service);
+        hyper::service::service_fn(move |req| Arc::clone(&service).handle(req, admission))
+    };
+    http_server::serve(
+        listener,
+        args.connections.clone(),
+        args.reserved_connections,
+        make_service,
+        stop,
+    )
+    .await;
     eprintln!("fnvm: stopping: every instance is being stopped");
     timers.shutdown();
     pool.shutdown().await;

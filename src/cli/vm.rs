@@ -14,18 +14,19 @@ use fnvm_vmm::exit::code;
 use fnvm_vmm::host::HostCapabilities;
 use fnvm_vmm::vm::DEFAULT_CMDLINE;
 
-use crate::home::Home;
-
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
     /// Boot a guest kernel in a micro-VM, show its console and report how it ended.
     Boot(BootArgs),
+    /// Print the path of fnvm's guest kernel, building it first if this machine has none
+    /// (minutes, once per machine and kernel config): prebuilds it for every home.
+    Kernel,
 }
 
 #[derive(Debug, Args)]
 pub struct BootArgs {
     /// Guest kernel: a Linux bzImage or vmlinux, or an x86 ELF (a PVH ELF boots in 32-bit PVH
-    /// mode). Default: fnvm's own guest kernel, built once and cached in the home.
+    /// mode). Default: fnvm's own guest kernel, built once per machine and cached.
     #[arg(long)]
     pub kernel: Option<PathBuf>,
     /// Root filesystem image: attached first, read-only, as /dev/vda with `root=/dev/vda ro`.
@@ -48,16 +49,20 @@ pub struct BootArgs {
     pub initrd: Option<PathBuf>,
 }
 
-pub fn run(home: &Home, cmd: VmCommand) -> Result<ExitCode> {
+pub fn run(cmd: VmCommand) -> Result<ExitCode> {
     match cmd {
         VmCommand::Boot(mut args) => {
             if args.kernel.is_none() {
                 // fnvm's kernel is Linux: refuse a host that cannot run it before spending
                 // minutes building it.
                 HostCapabilities::probe().check_can_boot(KernelFormat::BzImage)?;
-                args.kernel = Some(crate::kernel::default_kernel(home)?);
+                args.kernel = Some(crate::kernel::default_kernel()?);
             }
             boot(&args)
+        }
+        VmCommand::Kernel => {
+            println!("{}", crate::kernel::default_kernel()?.display());
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -186,6 +186,12 @@ fn spawn_tail_reader(
 /// "<what> exited with code 1; it said:\n<tail>".
 pub fn ended_reason(what: &str, status: ExitStatus, tail: &[String]) -> String {
     let mut reason = format!("{what} {}", describe_status(status));
+    // Blank lines alone say nothing: no "it said:" with nothing after it.
+    let end = tail
+        .iter()
+        .rposition(|l| !l.trim().is_empty())
+        .map_or(0, |i| i + 1);
+    let tail = &tail[..end];
     if !tail.is_empty() {
         reason.push_str("; it said:\n");
         reason.push_str(&tail.join("\n"));

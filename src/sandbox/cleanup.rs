@@ -81,6 +81,9 @@ pub struct InstanceRecord {
     pub sandbox: Option<ProcessId>,
     pub cgroup: Option<PathBuf>,
     pub cgroup_v2: bool,
+    /// cgroup v1 only: the instance's cgroups in the pids and devices hierarchies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub v1_cgroups: Vec<PathBuf>,
 }
 
 impl InstanceRecord {
@@ -147,8 +150,9 @@ pub fn cleanup_orphans(home: &Home) -> Result<CleanupReport, SandboxError> {
                 .is_some_and(|age| age > UNRECORDED_GRACE),
         };
         if !orphan {
-            if let Some(cg) = record.and_then(|r| r.cgroup) {
-                live_cgroups.push(cg);
+            if let Some(r) = record {
+                live_cgroups.extend(r.cgroup);
+                live_cgroups.extend(r.v1_cgroups);
             }
             continue;
         }
@@ -168,6 +172,11 @@ pub fn cleanup_orphans(home: &Home) -> Result<CleanupReport, SandboxError> {
                 report.cgroups += 1;
             }
         }
+        for cg in record.v1_cgroups.iter().filter(|cg| cg.exists()) {
+            cgroup::kill_all(cg, false);
+            cgroup::remove(cg)?;
+            report.cgroups += 1;
+        }
         report.loop_devices += detach_loops_under(&dir);
         std::fs::remove_dir_all(&dir)
             .map_err(|e| SandboxError::setup(format!("cannot remove {}", dir.display()), e))?;
@@ -177,7 +186,13 @@ pub fn cleanup_orphans(home: &Home) -> Result<CleanupReport, SandboxError> {
     if let Ok(hierarchy) = cgroup::Hierarchy::probe() {
         let prefix = format!("{}-", cgroup_prefix(home));
         let v2 = matches!(hierarchy, cgroup::Hierarchy::V2 { .. });
-        if let Ok(entries) = std::fs::read_dir(hierarchy.parent()) {
+        let extras = if v2 {
+            cgroup::V1Extras::default()
+        } else {
+            cgroup::V1Extras::probe().0
+        };
+        let parents = std::iter::once(hierarchy.parent()).chain(extras.parents());
+        for entries in parents.filter_map(|parent| std::fs::read_dir(parent).ok()) {
             for entry in entries.flatten() {
                 let path = entry.path();
                 let ours = entry

@@ -156,6 +156,11 @@ const REFRESH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Host entropy sent to a restored guest.
 const REFRESH_ENTROPY_BYTES: usize = 64;
 
+/// What the host does between the agent's Hello and its Start. The agent accepts the control
+/// stream only once its set-up (mounting the disks) is done, so this runs after the agent's
+/// last use of anything the function must not have and before the function exists.
+pub type BeforeStart<'a> = &'a dyn Fn() -> Result<(), SandboxError>;
+
 /// Connects to the agent, starts the function and waits until it is ready or has failed.
 /// `connect_timeout` bounds how long the agent may take to come up (a VM boots first).
 pub fn start(
@@ -165,6 +170,7 @@ pub fn start(
     exit: Arc<ExitState>,
     dead: Liveness<'_>,
     connect_timeout: Duration,
+    before_start: BeforeStart<'_>,
 ) -> Result<Control, SandboxError> {
     let wait = Duration::from_millis(spec.ready_timeout_ms) + READY_SLACK;
     converse(
@@ -175,6 +181,7 @@ pub fn start(
         dead,
         connect_timeout,
         wait,
+        before_start,
     )
 }
 
@@ -197,6 +204,7 @@ pub fn resume(
         dead,
         connect_timeout,
         REFRESH_TIMEOUT,
+        &|| Ok(()),
     )
 }
 
@@ -234,6 +242,8 @@ pub fn refresh_message() -> Result<HostMessage, SandboxError> {
 
 /// Connect, Hello, send `request` (Start or Refresh), then hand the stream to the reader thread
 /// and wait up to `wait` for the request's outcome (Ready or Refreshed, or a failure).
+// Each argument is one independent input of the conversation; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 fn converse(
     transport: &HostTransport,
     request: &HostMessage,
@@ -242,6 +252,7 @@ fn converse(
     dead: Liveness<'_>,
     connect_timeout: Duration,
     wait: Duration,
+    before_request: BeforeStart<'_>,
 ) -> Result<Control, SandboxError> {
     let agent_error =
         |what: &str, e: &dyn std::fmt::Display| SandboxError::Agent(format!("{what}: {e}"));
@@ -271,6 +282,7 @@ fn converse(
     stream
         .set_read_timeout(None)
         .map_err(|e| agent_error("cannot set up the control stream", &e))?;
+    before_request()?;
     protocol::write_message(&mut writer, request)
         .map_err(|e| agent_error("cannot send a request to the agent", &e))?;
 
@@ -692,6 +704,7 @@ mod tests {
             ExitState::new(|| None),
             &|| None,
             Duration::from_secs(5),
+            &|| Ok(()),
         )
         .expect("the scripted agent starts");
         let (line, received_us) = rx

@@ -20,6 +20,8 @@ mod instance;
 pub mod loopdev;
 pub mod process;
 #[cfg(test)]
+mod process_isolation_tests;
+#[cfg(test)]
 pub(crate) mod process_tests;
 pub mod snapshots;
 pub mod standby;

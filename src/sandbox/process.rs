@@ -1,6 +1,6 @@
 //! The process sandbox: the agent as PID 1 of fresh pid, mount, uts, ipc and network
-//! namespaces (loopback only), in a memory cgroup, with the rootfs image and the writable layer
-//! as loop devices. For hosts without hardware virtualization; the host kernel is shared, so
+//! namespaces (loopback only), in a cgroup limiting its memory, processes and (cgroup v1)
+//! devices, with the rootfs image and the writable layer as loop devices. For hosts without hardware virtualization; the host kernel is shared, so
 //! isolation is weaker than a VM's, and creating the sandbox says so.
 
 use std::ffi::{CString, OsString};
@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use fnvm_agent::protocol::FUNCTION_PORT;
 
-use super::cgroup::{Cgroup, Hierarchy};
+use super::cgroup::{self, Cgroup, Hierarchy, LimitWatch, Limits, V1Extras};
 use super::child::{ended_reason, SandboxChild};
 use super::cleanup::{cgroup_prefix, ProcessId};
 use super::control::{self, Control, ExitState};
@@ -38,6 +38,10 @@ pub struct ProcessSandbox {
     home: Home,
     agent: PathBuf,
     cgroups: Option<Hierarchy>,
+    /// The pids and devices controllers where they are on cgroup v1.
+    extras: V1Extras,
+    /// Processes and threads per instance ([`cgroup::PIDS_MAX_ENV`]).
+    pids_max: u32,
 }
 
 impl ProcessSandbox {
@@ -62,6 +66,7 @@ impl ProcessSandbox {
             ));
         }
         eprintln!("{ISOLATION_WARNING}");
+        let pids_max = cgroup::pids_max_from_env()?;
         let cgroups = match Hierarchy::probe() {
             Ok(h) => Some(h),
             Err(why) => {
@@ -69,10 +74,22 @@ impl ProcessSandbox {
                 None
             }
         };
+        let extras = match &cgroups {
+            Some(Hierarchy::V1Memory { .. }) => {
+                let (extras, why) = V1Extras::probe();
+                for why in why {
+                    eprintln!("fnvm: warning: functions run with one limit less: {why}");
+                }
+                extras
+            }
+            _ => V1Extras::default(),
+        };
         Ok(ProcessSandbox {
             home: home.clone(),
             agent,
             cgroups,
+            extras,
+            pids_max,
         })
     }
 }
@@ -141,14 +158,26 @@ impl ProcessSandbox {
             .path()
             .to_path_buf();
 
+        let limits = Limits {
+            memory_mib: spec.memory_mib,
+            pids_max: self.pids_max,
+            agent_disks: vec![
+                device_numbers(&rootfs_dev, "r")?,
+                device_numbers(&writable_dev, "rw")?,
+            ],
+        };
+        let mut watch = None;
         if let Some(hierarchy) = &self.cgroups {
             let name = format!("{}-{}", cgroup_prefix(&self.home), spec.id);
-            let cgroup = parts
-                .cgroup
-                .insert(Cgroup::create(hierarchy, &name, spec.memory_mib)?);
+            let cgroup =
+                parts
+                    .cgroup
+                    .insert(Cgroup::create(hierarchy, &self.extras, &name, &limits)?);
             record.cgroup = Some(cgroup.path().to_path_buf());
-            record.cgroup_v2 = matches!(hierarchy, Hierarchy::V2 { .. });
+            record.cgroup_v2 = cgroup.is_v2();
+            record.v1_cgroups = cgroup.v1_extras();
             record.save(dir)?;
+            watch = Some(LimitWatch::of(cgroup, &limits));
         }
         std::fs::DirBuilder::new()
             .mode(0o700)
@@ -157,12 +186,8 @@ impl ProcessSandbox {
                 SandboxError::setup(format!("cannot create {}", socket_dir.display()), e)
             })?;
 
-        let oom_cgroup = parts.cgroup.as_ref().map(|c| c.path().to_path_buf());
-        let memory_mib = spec.memory_mib;
-        let exit = ExitState::new(move || {
-            let kills = super::cgroup::oom_kills(oom_cgroup.as_ref()?);
-            (kills > 0).then(|| format!("the function ran out of memory (limit {memory_mib} MiB)"))
-        });
+        let explain = watch.clone();
+        let exit = ExitState::new(move || explain.as_ref()?.hits());
 
         let args: Vec<OsString> = vec![
             "--sandbox".into(),
@@ -174,8 +199,12 @@ impl ProcessSandbox {
             "--writable".into(),
             writable_dev.into(),
         ];
-        let procs = parts.cgroup.as_ref().map(|c| c.procs_file());
-        let child = spawn_in_namespaces(&self.agent, &args, procs.as_deref()).map_err(|e| {
+        let procs = parts
+            .cgroup
+            .as_ref()
+            .map(|c| c.procs_files())
+            .unwrap_or_default();
+        let child = spawn_in_namespaces(&self.agent, &args, &procs).map_err(|e| {
             SandboxError::setup(
                 format!(
                     "cannot start the agent {} in new namespaces",
@@ -213,6 +242,8 @@ impl ProcessSandbox {
                 )
             })
         };
+        let cgroup_ref = parts.cgroup.as_ref();
+        let revoke_disks = || cgroup_ref.map_or(Ok(()), |c| c.revoke_agent_disks());
         let control = control::start(
             &transport,
             &spec.start,
@@ -220,7 +251,12 @@ impl ProcessSandbox {
             exit.clone(),
             &dead,
             AGENT_CONNECT_TIMEOUT,
-        )?;
+            &revoke_disks,
+        )
+        .map_err(|e| match &watch {
+            Some(watch) => with_limit_hits(e, watch),
+            None => e,
+        })?;
         parts.control = Some(control);
         parts.exit = Some(exit.clone());
         Ok(exit)
@@ -325,8 +361,57 @@ impl Teardown for Parts {
     }
 }
 
-/// Starts `program` as PID 1 of new pid, mount, uts, ipc and network namespaces, in the cgroup
-/// whose `cgroup.procs` is given, in its own session, stdout/stderr piped.
+/// (major, minor, access) of the block device at `path`, for the devices allow-list.
+fn device_numbers(
+    path: &Path,
+    access: &'static str,
+) -> Result<(u32, u32, &'static str), SandboxError> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(path)
+        .map_err(|e| SandboxError::setup(format!("cannot stat {}", path.display()), e))?
+        .rdev();
+    Ok((
+        nix::sys::stat::major(rdev) as u32,
+        nix::sys::stat::minor(rdev) as u32,
+        access,
+    ))
+}
+
+/// A failed start with the limits it hit said, unless its report says so already: a fork bomb
+/// or an allocation past the memory limit reads as such, not as a bare SIGKILL or timeout.
+fn with_limit_hits(err: SandboxError, watch: &LimitWatch) -> SandboxError {
+    let Some(hits) = watch.hits() else {
+        return err;
+    };
+    match err {
+        SandboxError::Exited(mut report) if !report.reason.contains(&hits) => {
+            report.reason = format!("{}; {hits}", report.reason);
+            SandboxError::Exited(report)
+        }
+        SandboxError::StartFailed {
+            message,
+            last_lines,
+        } if !message.contains(&hits) => SandboxError::StartFailed {
+            message: format!("{message}; {hits}"),
+            last_lines,
+        },
+        // The contract's exact text first; the cause after it.
+        SandboxError::NotListening {
+            message,
+            last_lines,
+        } if !message.contains(&hits) => SandboxError::NotListening {
+            message: format!("{message}; {hits}"),
+            last_lines,
+        },
+        SandboxError::Agent(message) if !message.contains(&hits) => {
+            SandboxError::Agent(format!("{message}; {hits}"))
+        }
+        other => other,
+    }
+}
+
+/// Starts `program` as PID 1 of new pid, mount, uts, ipc and network namespaces, in the cgroups
+/// whose `cgroup.procs` files are given, in its own session, stdout/stderr piped.
 ///
 /// A new pid namespace applies to the *children* of whoever unshares it, so a short-lived thread
 /// unshares CLONE_NEWPID and spawns; the other namespaces are unshared by the child itself
@@ -334,11 +419,12 @@ impl Teardown for Parts {
 fn spawn_in_namespaces(
     program: &Path,
     args: &[OsString],
-    cgroup_procs: Option<&Path>,
+    cgroup_procs: &[PathBuf],
 ) -> std::io::Result<std::process::Child> {
     let procs = cgroup_procs
+        .iter()
         .map(|p| CString::new(p.as_os_str().as_bytes()))
-        .transpose()
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in cgroup path"))?;
     let mut command = Command::new(program);
     command
@@ -351,7 +437,7 @@ fn spawn_in_namespaces(
     // SAFETY: the closure runs in the forked child before exec and only makes system calls on
     // memory prepared before the fork (`procs`, static strings); it allocates nothing.
     unsafe {
-        command.pre_exec(move || enter_sandbox(procs.as_ref()));
+        command.pre_exec(move || enter_sandbox(&procs));
     }
     std::thread::scope(|scope| {
         scope
@@ -369,7 +455,7 @@ fn spawn_in_namespaces(
 
 /// In the child, before exec: join the cgroup, new session, new namespaces, private mounts,
 /// hostname, loopback up.
-fn enter_sandbox(cgroup_procs: Option<&CString>) -> std::io::Result<()> {
+fn enter_sandbox(cgroup_procs: &[CString]) -> std::io::Result<()> {
     let check = |r: libc::c_int| {
         if r < 0 {
             Err(std::io::Error::last_os_error())
@@ -380,7 +466,7 @@ fn enter_sandbox(cgroup_procs: Option<&CString>) -> std::io::Result<()> {
     // SAFETY (whole function): plain system calls on NUL-terminated static or pre-built strings
     // and stack buffers; nothing here allocates or takes locks.
     unsafe {
-        if let Some(procs) = cgroup_procs {
+        for procs in cgroup_procs {
             let fd = check(libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC))?;
             let written = libc::write(fd, b"0".as_ptr().cast(), 1);
             libc::close(fd);

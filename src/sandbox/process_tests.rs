@@ -18,7 +18,7 @@ use super::{
 };
 use crate::home::Home;
 
-fn is_root() -> bool {
+pub(super) fn is_root() -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
@@ -62,7 +62,7 @@ pub(crate) fn agent() -> PathBuf {
 }
 
 /// A busybox rootfs image (ext4, made with mkfs.ext4 -d), built once per test run.
-fn busybox_rootfs() -> PathBuf {
+pub(super) fn busybox_rootfs() -> PathBuf {
     static IMAGE: OnceLock<PathBuf> = OnceLock::new();
     IMAGE
         .get_or_init(|| {
@@ -82,6 +82,7 @@ fn busybox_rootfs() -> PathBuf {
                 .expect("busybox-static is installed (/bin/busybox)");
             for applet in [
                 "sh", "httpd", "dd", "echo", "sleep", "cat", "ls", "ps", "id", "env", "sync", "rm",
+                "mknod", "head", "wc", "grep",
             ] {
                 std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
             }
@@ -110,15 +111,15 @@ fn busybox_rootfs() -> PathBuf {
 
 /// One test's world: its own home and its own copy of the rootfs image (so loop devices on it
 /// can be checked without other tests' instances in the way).
-struct World {
-    _tmp: tempfile::TempDir,
-    home: Home,
-    rootfs: PathBuf,
-    sandbox: ProcessSandbox,
+pub(super) struct World {
+    pub(super) _tmp: tempfile::TempDir,
+    pub(super) home: Home,
+    pub(super) rootfs: PathBuf,
+    pub(super) sandbox: ProcessSandbox,
 }
 
 impl World {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let home = Home::resolve(Some(tmp.path().join("home"))).unwrap();
         let rootfs = tmp.path().join("rootfs.ext4");
@@ -132,7 +133,12 @@ impl World {
         }
     }
 
-    fn spec(&self, id: &str, script: &str, ready_timeout_ms: u64) -> (InstanceSpec, Logs) {
+    pub(super) fn spec(
+        &self,
+        id: &str,
+        script: &str,
+        ready_timeout_ms: u64,
+    ) -> (InstanceSpec, Logs) {
         let logs = Logs::default();
         let sink = logs.clone();
         let spec = InstanceSpec {
@@ -154,7 +160,7 @@ impl World {
     }
 
     /// No process, loop device, cgroup, mount or file of the instance is left.
-    fn assert_nothing_left(&self, spec: &InstanceSpec) {
+    pub(super) fn assert_nothing_left(&self, spec: &InstanceSpec) {
         let dir = &spec.instance_dir;
         assert!(!dir.exists(), "{} is left", dir.display());
         let loops: Vec<_> = loopdev::attached()
@@ -183,10 +189,10 @@ impl World {
 }
 
 #[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<LogLine>>>);
+pub(super) struct Logs(Arc<Mutex<Vec<LogLine>>>);
 
 impl Logs {
-    fn lines(&self, stream: LogStream) -> Vec<String> {
+    pub(super) fn lines(&self, stream: LogStream) -> Vec<String> {
         self.0
             .lock()
             .unwrap()
@@ -197,7 +203,7 @@ impl Logs {
     }
 }
 
-fn http_get(instance: &dyn Instance, path: &str) -> String {
+pub(super) fn http_get(instance: &dyn Instance, path: &str) -> String {
     let mut stream = instance.connect().expect("connect to port 9000");
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))

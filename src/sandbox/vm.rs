@@ -87,7 +87,7 @@ impl VmSandbox {
     pub fn new(home: &Home) -> Result<Self, SandboxError> {
         HostCapabilities::probe().check_can_boot(KernelFormat::BzImage)?;
         let vmm = vmm_binary()?;
-        let kernel = crate::kernel::default_kernel(home)
+        let kernel = crate::kernel::default_kernel()
             .map_err(|e| SandboxError::setup("cannot get the guest kernel", e))?;
         let agent = crate::agent_binary::agent_binary()
             .map_err(|e| SandboxError::setup("cannot find the agent", e))?;
@@ -444,6 +444,9 @@ impl VmSandbox {
                     exit.clone(),
                     &dead,
                     BOOT_TIMEOUT,
+                    // No devices cgroup in a guest: the agent's nodev mounts and the dropped
+                    // CAP_MKNOD keep the function off devices there.
+                    &|| Ok(()),
                 )?;
                 parts.control = Some(control);
                 // Snapshot now, while the server is listening and before any request could

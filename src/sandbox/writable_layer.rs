@@ -132,7 +132,7 @@ fn template(home: &Home) -> Result<PathBuf, SandboxError> {
 
 /// `mkfs.ext4 -V`'s first line, e.g. "mke2fs 1.47.0 (5-Feb-2023)".
 fn mkfs_version() -> Result<String, SandboxError> {
-    let out = Command::new("mkfs.ext4")
+    let out = fnvm_rootfs_builder::tool::die_with_parent(&mut Command::new("mkfs.ext4"))
         .arg("-V")
         .output()
         .map_err(|e| SandboxError::setup(missing_mkfs(), e))?;
@@ -152,7 +152,7 @@ fn format_file(path: &Path) -> Result<(), SandboxError> {
     file.set_len(WRITABLE_LAYER_BYTES)
         .map_err(|e| SandboxError::setup(format!("cannot size {}", path.display()), e))?;
     drop(file);
-    let out = Command::new("mkfs.ext4")
+    let out = fnvm_rootfs_builder::tool::die_with_parent(&mut Command::new("mkfs.ext4"))
         .args(MKFS_ARGS)
         .arg(path)
         .output()

@@ -22,12 +22,14 @@ use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
 use super::deploy::{self, PullAccess};
-use super::logs::LogStore;
+use super::logs::{LogCursor, LogQuery, LogStore};
 use super::metrics::Metrics;
 use super::model::{now_rfc3339, FunctionKey, FunctionRecord, FunctionSpec, FunctionState};
 use super::pool::Pool;
+use super::spec_check::{self, SpecError};
 use super::store::{DeployedVersion, Store, StoredFunction};
 use crate::home::Home;
+use crate::http_server::Admission;
 
 /// The response body type shared with the pool.
 pub type Body = super::pool::BoxBody;
@@ -53,6 +55,8 @@ pub struct ApiConfig {
     /// The service's own registry settings, merged with each deploy's.
     pub insecure_registries: Vec<String>,
     pub registry_ca: Option<PathBuf>,
+    /// The server's connection limits (named when a reserved connection refuses an invocation).
+    pub connections: crate::http_server::ConnectionLimits,
 }
 
 /// One function in the table.
@@ -85,6 +89,15 @@ struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Seconds the client should wait before it retries (`Retry-After`).
+    retry_after: Option<u32>,
+}
+
+impl ApiError {
+    fn retry_after(mut self, secs: u32) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
 }
 
 fn err(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
@@ -92,6 +105,16 @@ fn err(status: StatusCode, code: &'static str, message: impl Into<String>) -> Ap
         status,
         code,
         message: message.into(),
+        retry_after: None,
+    }
+}
+
+/// The API's error for a failed invocation.
+fn invoke_error(e: super::pool::InvokeError) -> ApiError {
+    let api = err(e.status(), e.code(), e.to_string());
+    match e.retry_after_secs() {
+        Some(secs) => api.retry_after(secs),
+        None => api,
     }
 }
 
@@ -217,39 +240,61 @@ impl Service {
         }
     }
 
-    /// Serves one request (hyper service function).
+    /// Serves one request (hyper service function) on a connection admitted as `admission`.
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
+        admission: Admission,
     ) -> Result<Response<Body>, Infallible> {
         let request_id = uuid::Uuid::new_v4().to_string();
-        let result = self.route(req, &request_id).await;
+        let result = self.route(req, admission, &request_id).await;
         Ok(result.unwrap_or_else(|e| error_response(&e, &request_id)))
     }
 
-    fn authorized(&self, req: &Request<Incoming>) -> bool {
+    /// True if `value` (an `Authorization` header) is the admin bearer token.
+    fn is_admin_token(&self, value: Option<&HeaderValue>) -> bool {
         let Some(expected) = &self.token_hash else {
-            return true;
+            return false;
         };
-        let given = req
-            .headers()
-            .get(AUTHORIZATION)
+        let given = value
             .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
             .unwrap_or(b"");
         // Hashing first makes the comparison length-independent.
         !given.is_empty() && constant_time_eq(&hash_token(given), expected)
     }
 
+    /// Management, event invocations, logs and metrics need the token when one is set.
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        self.token_hash.is_none() || self.is_admin_token(req.headers().get(AUTHORIZATION))
+    }
+
     async fn route(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
+        admission: Admission,
         request_id: &str,
     ) -> Result<Response<Body>, ApiError> {
         let path = req.uri().path().to_string();
         if path == "/healthz" {
             return Ok(text(StatusCode::OK, "ok\n"));
         }
-        if !self.authorized(&req) {
+        let web = is_web_route(&path);
+        if admission == Admission::Reserved && (web || is_invocation_route(&path)) {
+            return Err(err(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "TooManyConnections",
+                crate::http_server::connection_limit_message(&self.config.connections),
+            )
+            .retry_after(crate::http_server::RETRY_AFTER_SECS));
+        }
+        if web {
+            // Web routes are public, like a cloud function's HTTP trigger: the client's own
+            // Authorization reaches the function. The admin token never does, even if a client
+            // sends it here (it is dropped, and the request goes on unauthenticated).
+            if self.is_admin_token(req.headers().get(AUTHORIZATION)) {
+                req.headers_mut().remove(AUTHORIZATION);
+            }
+        } else if !self.authorized(&req) {
             return Err(err(
                 StatusCode::UNAUTHORIZED,
                 "Unauthorized",
@@ -369,15 +414,23 @@ impl Service {
     ) -> Result<Response<Body>, ApiError> {
         let access = self.pull_access(&req)?;
         let body = read_body(req.into_body(), MAX_SPEC_BYTES, "function spec").await?;
-        let spec: FunctionSpec = serde_json::from_slice(&body).map_err(|e| {
-            let (code, what) = match e.classify() {
-                serde_json::error::Category::Data => ("InvalidSpec", "invalid function spec"),
-                _ => ("InvalidJson", "the request body is not valid JSON"),
-            };
-            err(StatusCode::BAD_REQUEST, code, format!("{what}: {e}"))
+        let raw: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+            err(
+                StatusCode::BAD_REQUEST,
+                "InvalidJson",
+                format!("the request body is not valid JSON: {e}"),
+            )
         })?;
-        deploy::validate_spec(&key, &spec)
-            .map_err(|m| err(StatusCode::BAD_REQUEST, "InvalidSpec", m))?;
+        let invalid = |e: SpecError| err(StatusCode::BAD_REQUEST, "InvalidSpec", e.to_string());
+        spec_check::check_raw_numbers(&raw).map_err(invalid)?;
+        let spec: FunctionSpec = serde_json::from_value(raw).map_err(|e| {
+            err(
+                StatusCode::BAD_REQUEST,
+                "InvalidSpec",
+                format!("invalid function spec: {e}"),
+            )
+        })?;
+        spec_check::check_spec(&key, &spec).map_err(invalid)?;
 
         let now = now_rfc3339();
         let (seq, view) = {
@@ -571,7 +624,7 @@ impl Service {
             .pool
             .invoke_event(key, request_id, body, false)
             .await
-            .map_err(|e| err(e.status(), e.code(), e.to_string()))?;
+            .map_err(invoke_error)?;
         set_request_id(&mut resp, request_id);
         Ok(resp)
     }
@@ -600,103 +653,140 @@ impl Service {
             .pool
             .invoke_web(key, request_id, req)
             .await
-            .map_err(|e| err(e.status(), e.code(), e.to_string()))?;
+            .map_err(invoke_error)?;
         set_request_id(&mut resp, request_id);
         Ok(resp)
     }
 
+    /// `GET …/logs`: streamed from a [`LogCursor`] batch by batch, so a reader costs a batch
+    /// of memory whatever the log's size. Plain reads answer `{"logs": [...]}`; `follow` answers
+    /// newline-delimited JSON, the stored lines first, then new ones as they are stored.
     fn logs(&self, key: &FunctionKey, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
         if !lock(&self.functions).contains_key(key) {
             return Err(Self::unknown(key));
         }
-        let mut request_id = None;
-        let mut tail = None;
+        let mut query = LogQuery::default();
         let mut follow = false;
+        let bad = |m: String| err(StatusCode::BAD_REQUEST, "InvalidArgument", m);
+        let number = |name: &str, v: &str| {
+            v.parse::<usize>()
+                .map_err(|_| bad(format!("{name}: {v:?} is not a number")))
+        };
         for (k, v) in query_pairs(req.uri().query().unwrap_or("")) {
             match k.as_str() {
-                "request_id" => request_id = Some(v),
-                "tail" => {
-                    tail = Some(v.parse::<usize>().map_err(|_| {
-                        err(
-                            StatusCode::BAD_REQUEST,
-                            "InvalidArgument",
-                            format!("tail: {v:?} is not a number"),
-                        )
-                    })?)
-                }
+                "request_id" => query.request_id = Some(v),
+                "tail" => query.tail = Some(number("tail", &v)?),
+                "limit" => query.limit = Some(number("limit", &v)?),
+                "since" => query.since_ms = Some(parse_since(&v).map_err(bad)?),
                 "follow" => follow = matches!(v.as_str(), "" | "1" | "true"),
                 other => {
-                    return Err(err(
-                        StatusCode::BAD_REQUEST,
-                        "InvalidArgument",
-                        format!("unknown query parameter {other:?} (request_id, tail, follow)"),
-                    ))
+                    return Err(bad(format!(
+                        "unknown query parameter {other:?} (request_id, tail, limit, since, follow)"
+                    )))
                 }
             }
         }
-        // Subscribe before reading the stored lines so none falls between the two.
-        let rx = follow.then(|| self.logs.subscribe(key));
-        let entries = self.logs.query(key, request_id.as_deref(), tail);
-        let Some(mut rx) = rx else {
-            return Ok(json_response(StatusCode::OK, &json!({ "logs": entries })));
-        };
-        // Follow: newline-delimited JSON, the stored lines first, then new ones as they come.
-        let (tx, body_rx) = tokio::sync::mpsc::channel::<Bytes>(64);
-        tokio::spawn(async move {
-            let line = |e: &super::logs::LogEntry| {
-                let mut v = serde_json::to_vec(e).expect("a log entry serializes");
-                v.push(b'\n');
-                Bytes::from(v)
-            };
-            for e in &entries {
-                if tx.send(line(e)).await.is_err() {
-                    return;
-                }
-            }
-            // Lines stored between subscribe and query arrive twice; they are the newest ones
-            // sent above. Skip a broadcast line that equals one of those, until one does not.
-            let mut deduplicating = !entries.is_empty();
-            loop {
-                match rx.recv().await {
-                    Ok(e) => {
-                        if deduplicating {
-                            let already_sent = entries
-                                .iter()
-                                .rev()
-                                .take_while(|x| x.time_ms >= e.time_ms)
-                                .any(|x| *x == e);
-                            if already_sent {
-                                continue;
-                            }
-                            deduplicating = false;
-                        }
-                        if request_id
-                            .as_deref()
-                            .is_some_and(|r| e.request_id.as_deref() != Some(r))
-                        {
-                            continue;
-                        }
-                        if tx.send(line(&e)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        let note = json!({"missed_lines": n}).to_string() + "\n";
-                        if tx.send(Bytes::from(note)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        });
+        let cursor = self.logs.cursor(key, query);
+        let (tx, body_rx) = tokio::sync::mpsc::channel::<Bytes>(LOG_CHUNKS_IN_FLIGHT);
+        tokio::spawn(stream_logs(cursor, follow, tx));
         let mut r = Response::new(BodyExt::boxed(ChannelBody(body_rx)));
         r.headers_mut().insert(
             CONTENT_TYPE,
-            HeaderValue::from_static("application/x-ndjson"),
+            HeaderValue::from_static(if follow {
+                "application/x-ndjson"
+            } else {
+                "application/json"
+            }),
         );
         Ok(r)
     }
+}
+
+/// Lines per chunk of a log response.
+const LOG_CHUNK_LINES: usize = 256;
+/// Chunks a log response may have ready before the client reads them (backpressure).
+const LOG_CHUNKS_IN_FLIGHT: usize = 2;
+
+/// `since=`: RFC 3339 (`2026-12-01T22:00:00Z`) or milliseconds since the Unix epoch.
+fn parse_since(v: &str) -> Result<u64, String> {
+    if let Ok(ms) = v.parse::<u64>() {
+        return Ok(ms);
+    }
+    let t = humantime::parse_rfc3339_weak(v).map_err(|e| {
+        format!("since: {v:?} is neither an RFC 3339 time nor milliseconds since the epoch: {e}")
+    })?;
+    Ok(t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64))
+}
+
+/// Writes the cursor's lines into `tx` in chunks until the end (or, following, until the
+/// client leaves or the function is removed).
+async fn stream_logs(mut cursor: LogCursor, follow: bool, tx: tokio::sync::mpsc::Sender<Bytes>) {
+    let mut first = true;
+    let mut missed = 0;
+    if !follow
+        && tx
+            .send(Bytes::from_static(b"{\"logs\": [\n"))
+            .await
+            .is_err()
+    {
+        return;
+    }
+    loop {
+        let batch = cursor.next_batch(LOG_CHUNK_LINES);
+        let mut chunk = Vec::with_capacity(batch.entries.len() * 160);
+        if follow && batch.missed > 0 {
+            chunk.extend_from_slice(json!({"missed_lines": batch.missed}).to_string().as_bytes());
+            chunk.push(b'\n');
+        }
+        missed += batch.missed;
+        for e in &batch.entries {
+            if !follow && !std::mem::take(&mut first) {
+                chunk.extend_from_slice(b",\n");
+            }
+            serde_json::to_writer(&mut chunk, e).expect("a log entry serializes");
+            if follow {
+                chunk.push(b'\n');
+            }
+        }
+        if !chunk.is_empty() && tx.send(Bytes::from(chunk)).await.is_err() {
+            return;
+        }
+        if !batch.at_end {
+            continue;
+        }
+        if !follow {
+            let end = if missed > 0 {
+                format!("\n], \"missed_lines\": {missed}}}\n")
+            } else {
+                "\n]}\n".to_string()
+            };
+            let _ = tx.send(Bytes::from(end)).await;
+            return;
+        }
+        tokio::select! {
+            more = cursor.wait() => if !more { return },
+            _ = tx.closed() => return,
+        }
+    }
+}
+
+/// The sixth segment of `/v1/namespaces/{ns}/functions/{name}/{route}[/...]`, if the path has
+/// that shape, and whether more follows.
+fn function_route(path: &str) -> Option<(&str, bool)> {
+    let segs: Vec<&str> = path.trim_start_matches('/').splitn(7, '/').collect();
+    (segs.len() >= 6 && segs[0] == "v1" && segs[1] == "namespaces" && segs[3] == "functions")
+        .then(|| (segs[5], segs.len() > 6))
+}
+
+/// `/v1/namespaces/{ns}/functions/{name}/web[/...]`: a web function's public routes.
+fn is_web_route(path: &str) -> bool {
+    function_route(path).is_some_and(|(route, _)| route == "web")
+}
+
+/// `/v1/namespaces/{ns}/functions/{name}/invocations`.
+fn is_invocation_route(path: &str) -> bool {
+    function_route(path) == Some(("invocations", false))
 }
 
 /// A body fed by a channel (log follow).
@@ -834,6 +924,10 @@ fn error_response(e: &ApiError, request_id: &str) -> Response<Body> {
     if e.status == StatusCode::UNAUTHORIZED {
         r.headers_mut()
             .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+    }
+    if let Some(secs) = e.retry_after {
+        r.headers_mut()
+            .insert(hyper::header::RETRY_AFTER, HeaderValue::from(secs));
     }
     r
 }

@@ -10,10 +10,8 @@ use fnvm_rootfs_builder::pipeline::{self, HomeDirs, ImageRecord, PullOptions};
 use fnvm_rootfs_builder::reference::{self, ImageReference};
 use fnvm_rootfs_builder::registry::RegistryOptions;
 
-use super::model::{
-    version_id, FunctionKey, FunctionSpec, FunctionVersion, MEMORY_MIB_RANGE, TIMEOUT_S_RANGE,
-};
-use super::store::{check_key, DeployedVersion};
+use super::model::{version_id, FunctionKey, FunctionSpec, FunctionVersion};
+use super::store::DeployedVersion;
 use crate::function::{self, FunctionSettings};
 
 /// How to reach the registry for one deploy. Lives only as long as the deploy.
@@ -23,58 +21,6 @@ pub struct PullAccess {
     pub credentials: Option<Credentials>,
     pub insecure_registries: Vec<String>,
     pub ca_file: Option<PathBuf>,
-}
-
-/// Checks a spec before anything is pulled; the message names the bad field.
-pub fn validate_spec(key: &FunctionKey, spec: &FunctionSpec) -> Result<(), String> {
-    check_key(key).map_err(|e| e.to_string())?;
-    reference::parse(&spec.image)
-        .map_err(|e| format!("image: {:?} is not an image reference: {e}", spec.image))?;
-    if !MEMORY_MIB_RANGE.contains(&spec.memory_mb) {
-        return Err(format!(
-            "memory_mb: {} is out of range ({}..={} MiB)",
-            spec.memory_mb,
-            MEMORY_MIB_RANGE.start(),
-            MEMORY_MIB_RANGE.end()
-        ));
-    }
-    if !TIMEOUT_S_RANGE.contains(&spec.timeout_s) {
-        return Err(format!(
-            "timeout_s: {} is out of range ({}..={} seconds)",
-            spec.timeout_s,
-            TIMEOUT_S_RANGE.start(),
-            TIMEOUT_S_RANGE.end()
-        ));
-    }
-    if spec.concurrency == 0 {
-        return Err("concurrency: must be at least 1".into());
-    }
-    if spec.r#type == super::model::FunctionType::Event && spec.concurrency != 1 {
-        return Err("concurrency: event functions take one request per instance (1)".into());
-    }
-    if spec.max_instances == 0 {
-        return Err("max_instances: must be at least 1".into());
-    }
-    if spec.provisioned_concurrency > spec.max_instances {
-        return Err(format!(
-            "provisioned_concurrency: {} is more than max_instances ({})",
-            spec.provisioned_concurrency, spec.max_instances
-        ));
-    }
-    if let Some(c) = &spec.command {
-        if c.is_empty() || c.contains('\0') {
-            return Err("command: must be a non-empty string without NUL bytes".into());
-        }
-    }
-    if spec.args.iter().any(|a| a.contains('\0')) {
-        return Err("args: an argument contains a NUL byte".into());
-    }
-    for (k, v) in &spec.env {
-        function::parse_env_assignment(&format!("{k}={v}")).map_err(|e| format!("env: {e}"))?;
-    }
-    super::timers::validate_schedules(&spec.schedules).map_err(|e| format!("schedules: {e}"))?;
-    function::validate(&settings_of(key, spec)).map_err(|e| e.to_string())?;
-    Ok(())
 }
 
 /// The function's settings as the guest sees them.
@@ -195,34 +141,4 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = inner.source();
     }
     s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec(json: &str) -> FunctionSpec {
-        serde_json::from_str(json).unwrap()
-    }
-
-    #[test]
-    fn validation_names_the_bad_field() {
-        let key = FunctionKey::new("default", "f");
-        let ok = spec(r#"{"image":"127.0.0.1:5000/x:1"}"#);
-        assert_eq!(validate_spec(&key, &ok), Ok(()));
-        let e = validate_spec(
-            &key,
-            &spec(r#"{"image":"127.0.0.1:5000/x:1","memory_mb":32}"#),
-        );
-        assert!(e.unwrap_err().starts_with("memory_mb: 32 is out of range"));
-        let e = validate_spec(&key, &spec(r#"{"image":"UPPER CASE"}"#));
-        assert!(e.unwrap_err().starts_with("image:"));
-        let e = validate_spec(
-            &key,
-            &spec(r#"{"image":"127.0.0.1:5000/x:1","env":{"1BAD":"x"}}"#),
-        );
-        assert!(e.unwrap_err().starts_with("env:"));
-        let e = validate_spec(&FunctionKey::new("default", "../etc"), &ok);
-        assert!(e.unwrap_err().contains("function name"));
-    }
 }

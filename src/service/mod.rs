@@ -7,5 +7,6 @@ pub mod logs;
 pub mod metrics;
 pub mod model;
 pub mod pool;
+pub mod spec_check;
 pub mod store;
 pub mod timers;

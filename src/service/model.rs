@@ -12,11 +12,6 @@ use sha2::{Digest as _, Sha256};
 
 use crate::function::FunctionSettings;
 
-/// Memory per function, MiB (design "Limits").
-pub const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u32> = 64..=3072;
-/// Seconds an invocation may take.
-pub const TIMEOUT_S_RANGE: std::ops::RangeInclusive<u32> = 1..=900;
-
 /// A function's identity: namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct FunctionKey {

@@ -91,10 +91,14 @@ pub enum InvokeError {
     #[error("the function has no active version (not deployed, still pending, or failed)")]
     NotActive,
     #[error(
-        "no instance became free within the queue timeout: the function is at its instance \
-         limit or the host's memory budget is used up; retry later"
+        "no instance became free within the queue timeout of {}: {limit}; retry later",
+        humantime::format_duration(*queue_timeout)
     )]
-    Overloaded,
+    Overloaded {
+        /// What kept the request waiting.
+        limit: Limit,
+        queue_timeout: Duration,
+    },
     #[error(
         "the function did not answer within its timeout of {secs} s; its instance was destroyed \
          and the next invocation starts a new one"
@@ -102,7 +106,10 @@ pub enum InvokeError {
     Timeout { secs: u32 },
     #[error("the function's instance crashed during the invocation and was replaced: {detail}")]
     Crashed { detail: String },
-    #[error("the function's instance could not start: {message}")]
+    #[error(
+        "the function's instance could not start: {}",
+        with_last_lines(message, last_lines)
+    )]
     StartFailed {
         message: String,
         last_lines: Vec<String>,
@@ -111,11 +118,33 @@ pub enum InvokeError {
     Internal(String),
 }
 
+/// The limit that kept a request from getting an instance.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Limit {
+    #[error("the function is at its max_instances ({0}) and every instance is busy")]
+    MaxInstances(u32),
+    #[error(
+        "the host's memory budget ({budget_mib} MiB, serve --memory-budget) has no room for \
+         another {needed_mib} MiB instance"
+    )]
+    MemoryBudget { budget_mib: u64, needed_mib: u64 },
+    #[error(
+        "other functions wait for the host's memory budget ({budget_mib} MiB) and this one \
+         holds its fair share of it"
+    )]
+    FairShare { budget_mib: u64 },
+}
+
 impl InvokeError {
+    /// Seconds a client should wait before retrying, for the errors a retry can cure.
+    pub fn retry_after_secs(&self) -> Option<u32> {
+        matches!(self, InvokeError::Overloaded { .. }).then_some(1)
+    }
+
     pub fn code(&self) -> &'static str {
         match self {
             InvokeError::NotActive => "FunctionNotActive",
-            InvokeError::Overloaded => "TooManyRequests",
+            InvokeError::Overloaded { .. } => "TooManyRequests",
             InvokeError::Timeout { .. } => "FunctionTimeout",
             InvokeError::Crashed { .. } => "FunctionCrashed",
             InvokeError::StartFailed { .. } => "FunctionStartFailed",
@@ -126,7 +155,7 @@ impl InvokeError {
     pub fn status(&self) -> StatusCode {
         match self {
             InvokeError::NotActive => StatusCode::CONFLICT,
-            InvokeError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            InvokeError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             InvokeError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             InvokeError::Crashed { .. } | InvokeError::StartFailed { .. } => {
                 StatusCode::BAD_GATEWAY
@@ -762,7 +791,11 @@ impl Lease {
             report = instance.exited();
         }
         let detail = match report {
-            Some(r) => format!("instance {} {}", self.slot.id, r),
+            Some(r) => format!(
+                "instance {} {}",
+                self.slot.id,
+                with_last_lines(&r.reason, &r.last_lines)
+            ),
             None => format!(
                 "instance {}: the function closed the connection without a complete answer: \
                  {error}",
@@ -877,18 +910,23 @@ impl Inner {
                     .filter(|e| e.slot.version.version == version.version)
                     .count();
                 let below_cap = count < version.spec.max_instances.max(1) as usize;
-                if below_cap
-                    && !self.over_fair_share(&st, key, memory)
-                    && self.make_room(&mut st, key, memory)
-                {
+                let budget_mib = self.cfg.memory_budget_mib;
+                if !below_cap {
+                    Err(Limit::MaxInstances(version.spec.max_instances))
+                } else if self.over_fair_share(&st, key, memory) {
+                    Err(Limit::FairShare { budget_mib })
+                } else if !self.make_room(&mut st, key, memory) {
+                    Err(Limit::MemoryBudget {
+                        budget_mib,
+                        needed_mib: memory,
+                    })
+                } else {
                     let slot = self.new_slot(&mut st, key, &version, 1);
                     self.publish(&st);
                     Ok(slot)
-                } else {
-                    Err(below_cap)
                 }
             };
-            let waiting_for_memory = match to_start {
+            let limit = match to_start {
                 Ok(slot) => {
                     let kind = self.start(Arc::clone(&slot)).await?;
                     self.metrics.start(&function, kind, asked.elapsed());
@@ -898,12 +936,16 @@ impl Inner {
                         request_id,
                     ));
                 }
-                Err(below_cap) => below_cap,
+                Err(limit) => limit,
             };
             // Blocked by the budget (not by its own cap): others releasing instances give way.
+            let waiting_for_memory = !matches!(limit, Limit::MaxInstances(_));
             let _registered = waiting_for_memory.then(|| MemoryWaiter::new(self, key));
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(InvokeError::Overloaded);
+                return Err(InvokeError::Overloaded {
+                    limit,
+                    queue_timeout: self.cfg.queue_timeout,
+                });
             }
         }
     }
@@ -1256,6 +1298,21 @@ impl Inner {
             st.committed_mib << 20,
             self.cfg.memory_budget_mib << 20,
         );
+    }
+}
+
+/// `reason`, then the function's last lines once each: a line the reason already quotes (a
+/// sandbox child's "it said:" tail holds the function's output too) is not repeated.
+fn with_last_lines(reason: &str, last_lines: &[String]) -> String {
+    let fresh: Vec<&str> = last_lines
+        .iter()
+        .map(String::as_str)
+        .filter(|l| !l.is_empty() && !reason.lines().any(|r| r.trim_end().ends_with(l.trim_end())))
+        .collect();
+    if fresh.is_empty() {
+        reason.to_string()
+    } else {
+        format!("{reason}; last lines:\n{}", fresh.join("\n"))
     }
 }
 

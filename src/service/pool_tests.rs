@@ -18,6 +18,7 @@ use http_body_util::BodyExt;
 use super::*;
 use crate::function::FunctionSettings;
 use crate::sandbox::process::ProcessSandbox;
+use crate::service::logs::LogQuery;
 use crate::service::model::FunctionSpec;
 
 const HANDLER: &str = r#"#!/bin/sh
@@ -424,7 +425,13 @@ fn the_logs_of_one_request_hold_exactly_its_lines() {
             rids.push(invoke(&w.pool, &key, "log 3").await.unwrap().0);
         }
         assert_each_request_has_exactly_its_lines(&w, &key, &rids).await;
-        let tail = w.logs.query(&key, None, Some(2));
+        let tail = w.logs.query(
+            &key,
+            LogQuery {
+                tail: Some(2),
+                ..LogQuery::default()
+            },
+        );
         assert_eq!(tail.len(), 2);
         w.pool.shutdown().await;
     });
@@ -453,8 +460,23 @@ fn requests_beyond_the_limits_wait_then_get_overloaded() {
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
         let err = invoke(&w.pool, &key, "hello").await.unwrap_err();
-        assert!(matches!(err, InvokeError::Overloaded), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                InvokeError::Overloaded {
+                    limit: Limit::MaxInstances(1),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         assert_eq!(err.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(err.retry_after_secs(), Some(1));
+        let message = err.to_string();
+        assert!(
+            message.contains("max_instances (1)") && message.contains("300ms"),
+            "{message}"
+        );
         busy.await.unwrap().unwrap();
         invoke(&w.pool, &key, "hello").await.unwrap();
         let missing = FunctionKey::new("default", "missing");
@@ -478,13 +500,26 @@ fn a_timer_schedule_fires_event_invocations_marked_as_timer() {
         let key = v.key.clone();
         w.pool.activate(v);
         let timers = crate::service::timers::Timers::start(Arc::clone(&w.pool));
-        let mut follow = w.logs.subscribe(&key);
+        let mut follow = w.logs.cursor(
+            &key,
+            LogQuery {
+                tail: Some(0),
+                ..LogQuery::default()
+            },
+        );
         timers.set(&key, &["* * * * * *".to_string()]).unwrap();
         let fired = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
-                let entry = follow.recv().await.unwrap();
-                if entry.line.starts_with("trigger ") {
-                    return entry;
+                let batch = follow.next_batch(64);
+                if let Some(e) = batch
+                    .entries
+                    .into_iter()
+                    .find(|e| e.line.starts_with("trigger "))
+                {
+                    return e;
+                }
+                if batch.at_end {
+                    assert!(follow.wait().await, "the log ended");
                 }
             }
         })
@@ -496,6 +531,32 @@ fn a_timer_schedule_fires_event_invocations_marked_as_timer() {
         timers.remove(&key);
         w.pool.shutdown().await;
     });
+}
+
+#[test]
+fn a_failure_shows_each_last_line_once() {
+    let lines = vec!["about to exit".to_string(), "last words".to_string()];
+    let plain = with_last_lines("the function exited with code 3", &lines);
+    assert_eq!(
+        plain,
+        "the function exited with code 3; last lines:\nabout to exit\nlast words"
+    );
+    // A reason that already quotes the lines (a child's "it said:" tail) does not get them again.
+    let quoted = with_last_lines(
+        "the sandbox ended: its agent exited with code 1; it said:\nabout to exit\nlast words",
+        &lines,
+    );
+    assert_eq!(quoted.matches("about to exit").count(), 1, "{quoted}");
+    assert_eq!(quoted.matches("last words").count(), 1, "{quoted}");
+    let e = InvokeError::StartFailed {
+        message: "the function exited (exit code 4) before it listened on port 9000".into(),
+        last_lines: lines,
+    };
+    assert!(
+        e.to_string()
+            .ends_with("last lines:\nabout to exit\nlast words"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -599,7 +660,7 @@ async fn web_front(
 /// of them must have arrived, however loaded the machine.
 async fn assert_each_request_has_exactly_its_lines(w: &World, key: &FunctionKey, rids: &[String]) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while w.logs.query(key, None, None).len() < 3 * rids.len()
+    while w.logs.query(key, LogQuery::default()).len() < 3 * rids.len()
         && std::time::Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -607,7 +668,13 @@ async fn assert_each_request_has_exactly_its_lines(w: &World, key: &FunctionKey,
     for rid in rids {
         let lines: Vec<String> = w
             .logs
-            .query(key, Some(rid), None)
+            .query(
+                key,
+                LogQuery {
+                    request_id: Some(rid.clone()),
+                    ..LogQuery::default()
+                },
+            )
             .into_iter()
             .map(|e| {
                 assert_eq!(e.stream, "stderr");
@@ -618,7 +685,7 @@ async fn assert_each_request_has_exactly_its_lines(w: &World, key: &FunctionKey,
         if lines != want {
             let all: Vec<String> = w
                 .logs
-                .query(key, None, None)
+                .query(key, LogQuery::default())
                 .iter()
                 .map(|e| format!("{} {} {:?} {}", e.time_ms, e.instance, e.request_id, e.line))
                 .collect();

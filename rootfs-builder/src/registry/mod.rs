@@ -9,6 +9,7 @@
 //! Trust: every manifest and blob is hashed locally; `Docker-Content-Digest` is never used.
 
 pub mod auth;
+pub mod deadlines;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ use crate::manifest::{MANIFEST_ACCEPT, MAX_MANIFEST_BYTES};
 use crate::reference::RegistryReference;
 use crate::source::{BlobSink, ImageSource, ManifestRef, RawManifest};
 use auth::{BearerToken, Challenge, TokenResponse};
+use deadlines::{BadDeadline, DeadlineKind, RegistryDeadlines};
 
 /// How a registry client connects and authenticates.
 #[derive(Debug, Clone)]
@@ -38,6 +40,8 @@ pub struct RegistryOptions {
     pub attempts: u32,
     /// First retry delay; doubled each time.
     pub backoff: Duration,
+    /// Connect, read and whole-pull deadlines (the environment may override them).
+    pub deadlines: RegistryDeadlines,
 }
 
 impl Default for RegistryOptions {
@@ -48,6 +52,7 @@ impl Default for RegistryOptions {
             ca_file: None,
             attempts: 4,
             backoff: Duration::from_millis(200),
+            deadlines: RegistryDeadlines::default(),
         }
     }
 }
@@ -100,6 +105,20 @@ pub enum RegistryError {
         "refusing plain HTTP to {url}: only hosts given with --insecure-registry may use HTTP"
     )]
     InsecureRefused { url: String },
+    #[error(
+        "registry {registry} did not answer in time: the {kind} deadline of {} s ran out \
+         ({url}, {attempts} attempt(s)); set {} to change it",
+        .limit.as_secs(), .kind.env()
+    )]
+    Deadline {
+        registry: String,
+        url: String,
+        kind: DeadlineKind,
+        limit: Duration,
+        attempts: u32,
+    },
+    #[error(transparent)]
+    BadDeadline(#[from] BadDeadline),
     #[error("{url}: bad redirect: {reason}")]
     BadRedirect { url: String, reason: String },
     #[error("registry {registry}: token endpoint {realm}: {reason}")]
@@ -195,6 +214,9 @@ pub struct RegistryClient {
     insecure: Vec<String>,
     attempts: u32,
     backoff: Duration,
+    deadlines: RegistryDeadlines,
+    /// When the whole pull must be over (the client is made for one pull).
+    pull_ends: Instant,
     auth: Mutex<AuthState>,
 }
 
@@ -237,6 +259,7 @@ impl RegistryClient {
             "https"
         };
         let tls = tls_config(options.ca_file.as_deref())?;
+        let deadlines = options.deadlines.with_env_overrides()?;
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(0)
@@ -244,9 +267,11 @@ impl RegistryClient {
             .https_only(false)
             .tls_config(tls)
             .user_agent(concat!("fnvm/", env!("CARGO_PKG_VERSION")))
-            .timeout_connect(Some(Duration::from_secs(15)))
-            .timeout_recv_response(Some(Duration::from_secs(60)))
-            .timeout_per_read(Some(Duration::from_secs(60)))
+            .timeout_connect(Some(deadlines.connect))
+            .timeout_send_request(Some(deadlines.read))
+            .timeout_recv_response(Some(deadlines.read))
+            .timeout_per_read(Some(deadlines.read))
+            .timeout_per_write(Some(deadlines.read))
             .build()
             .new_agent();
         let base = format!("{scheme}://{host}");
@@ -260,6 +285,8 @@ impl RegistryClient {
             insecure,
             attempts: options.attempts.max(1),
             backoff: options.backoff,
+            deadlines,
+            pull_ends: Instant::now() + deadlines.pull,
             auth: Mutex::new(AuthState::Anonymous),
         })
     }
@@ -548,25 +575,19 @@ impl RegistryClient {
                     format!("HTTP {}", r.status().as_u16())
                 }
                 Ok(_) => return Ok(result.expect("matched Ok")),
-                Err(e) if is_transient(e) => e.to_string(),
+                Err(e) if is_transient(e) && self.pull_left().is_some() => e.to_string(),
                 Err(_) => {
-                    return result.map_err(|source| RegistryError::Transport {
-                        url: url.to_owned(),
-                        source,
-                    })
+                    return result.map_err(|source| self.transport_error(url, source, attempt))
                 }
             };
             if attempt >= self.attempts {
                 return match result {
                     Ok(resp) => Err(self.status_error(url, resp, url)),
-                    Err(source) => Err(RegistryError::Transport {
-                        url: url.to_owned(),
-                        source,
-                    }),
+                    Err(source) => Err(self.transport_error(url, source, attempt)),
                 };
             }
             tracing::warn!(url, attempt, reason = %retry_reason, "registry request failed; retrying");
-            std::thread::sleep(delay);
+            std::thread::sleep(delay.min(self.pull_left().unwrap_or_default()));
             delay = delay.saturating_mul(2);
             attempt += 1;
         }
@@ -580,9 +601,13 @@ impl RegistryClient {
         authorization: Option<&str>,
     ) -> Result<Response<Body>, ureq::Error> {
         tracing::debug!(method, url, "registry request");
+        // The whole pull's deadline bounds every request, its body included.
+        let left = self
+            .pull_left()
+            .ok_or(ureq::Error::Timeout(ureq::Timeout::Global))?;
         macro_rules! with_headers {
             ($builder:expr) => {{
-                let mut b = $builder;
+                let mut b = $builder.config().timeout_global(Some(left)).build();
                 for (k, v) in headers {
                     b = b.header(*k, v.as_str());
                 }
@@ -595,6 +620,32 @@ impl RegistryClient {
         match method {
             "HEAD" => with_headers!(self.agent.head(url)),
             _ => with_headers!(self.agent.get(url)),
+        }
+    }
+
+    /// Time left of the whole pull, None once it is over.
+    fn pull_left(&self) -> Option<Duration> {
+        Some(self.pull_ends.saturating_duration_since(Instant::now())).filter(|d| !d.is_zero())
+    }
+
+    /// A failed request as an error: a timeout names the deadline that ran out.
+    fn transport_error(&self, url: &str, source: ureq::Error, attempts: u32) -> RegistryError {
+        match timeout_of(&source) {
+            Some(kind) => self.deadline_error(url, kind, attempts),
+            None => RegistryError::Transport {
+                url: url.to_owned(),
+                source,
+            },
+        }
+    }
+
+    fn deadline_error(&self, url: &str, kind: DeadlineKind, attempts: u32) -> RegistryError {
+        RegistryError::Deadline {
+            registry: self.registry.clone(),
+            url: url.to_owned(),
+            kind,
+            limit: self.deadlines.get(kind),
+            attempts,
         }
     }
 
@@ -664,6 +715,15 @@ impl RegistryClient {
             Err(RegistryError::Transport { source, .. }) if is_transient(&source) => {
                 return Attempt::Retry(source.to_string())
             }
+            Err(RegistryError::Deadline {
+                kind: DeadlineKind::Read | DeadlineKind::Connect,
+                ..
+            }) if self.pull_left().is_some() => {
+                return Attempt::Retry(format!(
+                    "no answer within the read deadline of {} s",
+                    self.deadlines.read.as_secs()
+                ))
+            }
             Err(RegistryError::Status { status, .. }) if status >= 500 || status == 429 => {
                 return Attempt::Retry(format!("HTTP {status}"))
             }
@@ -702,7 +762,18 @@ impl RegistryClient {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Attempt::Retry(e.to_string()),
+                Err(e) => match io_timeout_of(&e) {
+                    Some(DeadlineKind::Pull) => {
+                        return Attempt::Fatal(self.deadline_error(&url, DeadlineKind::Pull, 1))
+                    }
+                    Some(kind) => {
+                        return Attempt::Retry(format!(
+                            "no data within the {kind} deadline of {} s",
+                            self.deadlines.get(kind).as_secs()
+                        ))
+                    }
+                    None => return Attempt::Retry(e.to_string()),
+                },
             };
             let mut chunk = &buf[..n];
             if to_skip > 0 {
@@ -764,10 +835,7 @@ impl ImageSource for RegistryClient {
                     registry: self.registry.clone(),
                     what: what.clone(),
                 },
-                source => RegistryError::Transport {
-                    url: url.clone(),
-                    source,
-                },
+                source => self.transport_error(&url, source, 1),
             })?;
         let digest = Digest::of(&bytes);
         if let ManifestRef::Digest(expected) = reference {
@@ -819,8 +887,12 @@ impl ImageSource for RegistryClient {
                             last: reason,
                         });
                     }
+                    let Some(left) = self.pull_left() else {
+                        let url = format!("{}/v2/{}/blobs/{digest}", self.base, self.repository);
+                        return Err(self.deadline_error(&url, DeadlineKind::Pull, failures));
+                    };
                     tracing::warn!(%digest, offset = sink.bytes_written(), size, %reason, "blob download interrupted; resuming");
-                    std::thread::sleep(delay);
+                    std::thread::sleep(delay.min(left));
                     delay = delay.saturating_mul(2);
                 }
             }
@@ -839,6 +911,23 @@ fn is_transient(e: &ureq::Error) -> bool {
         ureq::Error::Timeout(_) | ureq::Error::ConnectionFailed => true,
         ureq::Error::Protocol(_) => true,
         _ => false,
+    }
+}
+
+/// The deadline a ureq error says ran out, if it is a timeout.
+fn timeout_of(e: &ureq::Error) -> Option<DeadlineKind> {
+    match e {
+        ureq::Error::Timeout(t) => Some(deadlines::kind_of(*t)),
+        ureq::Error::Io(io) => io_timeout_of(io),
+        _ => None,
+    }
+}
+
+/// The deadline behind a body read's io::Error (ureq wraps its own error in it).
+fn io_timeout_of(e: &std::io::Error) -> Option<DeadlineKind> {
+    match e.get_ref()?.downcast_ref::<ureq::Error>()? {
+        ureq::Error::Timeout(t) => Some(deadlines::kind_of(*t)),
+        _ => None,
     }
 }
 

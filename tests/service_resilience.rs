@@ -1,0 +1,174 @@
+//! `fnvm serve` when things around it go wrong, end to end with the real binary: a second serve
+//! on the same home, a serve killed with SIGKILL mid-way, a registry that accepts connections
+//! and never answers. Instances would run in the process sandbox; needs root.
+
+mod run_support;
+mod service_support;
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, Once, OnceLock};
+use std::time::{Duration, Instant};
+
+use run_support::{fnvm_command, serial, static_binary};
+use service_support::Serve;
+
+const FNVM: &str = env!("CARGO_BIN_EXE_fnvm");
+/// The registry read deadline every serve of this file gets (seconds).
+const READ_DEADLINE_S: &str = "2";
+
+fn fnvm() -> &'static Path {
+    Path::new(FNVM)
+}
+
+fn agent() -> &'static Path {
+    static AGENT: OnceLock<PathBuf> = OnceLock::new();
+    AGENT.get_or_init(|| static_binary(fnvm(), "fnvm-agent", "FNVM_AGENT_BIN"))
+}
+
+/// Every test starts here: serialised, and the registry deadline set before any child exists.
+fn setup() -> std::sync::MutexGuard<'static, ()> {
+    let guard = serial();
+    static ENV: Once = Once::new();
+    ENV.call_once(|| std::env::set_var("FNVM_REGISTRY_READ_TIMEOUT_S", READ_DEADLINE_S));
+    guard
+}
+
+fn is_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("SKIPPED (needs root for the process sandbox)");
+    false
+}
+
+fn fresh_home(name: &str) -> PathBuf {
+    let home = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&home);
+    std::fs::create_dir_all(&home).unwrap();
+    home
+}
+
+/// Runs `cmd` to its end, killing it (and failing) after `limit`.
+fn output_within(
+    mut cmd: Command,
+    limit: Duration,
+) -> (std::process::ExitStatus, String, Duration) {
+    let started = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            return (status, text, started.elapsed());
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{cmd:?} still ran after {limit:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A pid no process has (one that just ended and was reaped).
+fn dead_pid() -> u32 {
+    let mut child = Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    pid
+}
+
+#[test]
+fn one_serve_per_home_and_a_killed_serves_leftovers_are_cleaned_at_the_next_start() {
+    let _serial = setup();
+    if !is_root() {
+        return;
+    }
+    let home = fresh_home("service-resilience-lock");
+    let mut first = Serve::start(fnvm(), &home, agent(), &[]);
+    let first_pid = first.child.id();
+
+    // A second serve on the same home refuses at once and names the first.
+    let mut second = fnvm_command(fnvm(), &home, agent());
+    second.args(["serve", "--listen", "127.0.0.1:0", "--sandbox", "process"]);
+    let (status, text, _) = output_within(second, Duration::from_secs(60));
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains(&format!("another fnvm serve (pid {first_pid})"))
+            && text.contains(&home.canonicalize().unwrap().display().to_string()),
+        "{text}"
+    );
+
+    // The first dies hard, as in a crash: no lock is left held, and what an interrupted pull
+    // of it would have left goes when the next serve starts.
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let dead = dead_pid();
+    let staging = home.join(format!("rootfs/.staging-{}.{dead}.0", "a".repeat(64)));
+    std::fs::create_dir_all(staging.join("tree/usr")).unwrap();
+    std::fs::write(staging.join("rootfs.img"), vec![0u8; 1 << 20]).unwrap();
+    let partial_blob = home.join(format!("blobs/sha256/.ingest-{}.{dead}.0", "b".repeat(64)));
+    std::fs::create_dir_all(partial_blob.parent().unwrap()).unwrap();
+    std::fs::write(&partial_blob, b"half a layer").unwrap();
+    let mut next = Serve::start(fnvm(), &home, agent(), &[]);
+    assert!(!staging.exists(), "{} is left", staging.display());
+    assert!(!partial_blob.exists(), "{} is left", partial_blob.display());
+    next.stop();
+}
+
+/// Accepts every connection and holds it open without a byte.
+fn silent_registry() -> (String, Arc<Mutex<Vec<TcpStream>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = Arc::clone(&held);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            keep.lock().unwrap().push(stream);
+        }
+    });
+    (host, held)
+}
+
+#[test]
+fn a_deploy_from_a_silent_registry_fails_at_the_read_deadline_with_a_clear_message() {
+    let _serial = setup();
+    if !is_root() {
+        return;
+    }
+    let (host, held) = silent_registry();
+    let home = fresh_home("service-resilience-silent");
+    let mut serve = Serve::start(fnvm(), &home, agent(), &[]);
+    let mut deploy = Command::new(FNVM);
+    deploy
+        .args([
+            "deploy",
+            "quiet",
+            "--image",
+            &format!("{host}/fn/quiet:latest"),
+        ])
+        .args(["--insecure-registry", &host, "--server", &serve.url("")])
+        .env_remove("FNVM_API_TOKEN");
+    // Four attempts at two seconds each, short back-offs; minutes of slack for a loaded box.
+    let (status, text, _took) = output_within(deploy, Duration::from_secs(180));
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains("the deploy of quiet failed")
+            && text.contains(&format!("registry {host} did not answer in time"))
+            && text.contains(&format!("read deadline of {READ_DEADLINE_S} s"))
+            && text.contains("FNVM_REGISTRY_READ_TIMEOUT_S"),
+        "{text}"
+    );
+    assert!(!held.lock().unwrap().is_empty(), "the registry was reached");
+    serve.stop();
+}
