@@ -3,8 +3,9 @@
 //! actions on the kernel command line and prints `fnvm-agent: ...` lines on the console.
 //!
 //! A stock Linux guest needs hardware virtualization: where /proc/cpuinfo shows no vmx/svm (e.g.
-//! KVM-PVM) each boot test prints one `SKIPPED (...)` line to stderr and returns. The refusal test
-//! runs exactly there instead.
+//! KVM-PVM) each boot test prints one `SKIPPED (...)` line to stderr and returns, and
+//! scripts/test.sh runs them at the nested level (FNVM_TEST_SANDBOXES, tests/level_support). The
+//! refusal test runs exactly where they cannot.
 //!
 //! The kernel comes from guest-kernel/build.sh with its default cache (built once per machine,
 //! minutes the first time); the agent from $FNVM_AGENT_BIN or a static cargo build.
@@ -21,15 +22,10 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Appended to fnvm's default command line (`fnvm vm boot --rootfs` adds `root=/dev/vda ro`).
 const EXTRA_CMDLINE: &str = "rootfstype=ext4";
 
-fn host_has_vmx_or_svm() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|info| {
-            info.lines()
-                .filter(|l| l.starts_with("flags"))
-                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
-        })
-        .unwrap_or(false)
-}
+#[path = "level_support/mod.rs"]
+mod level;
+
+use level::host_has_vmx_or_svm;
 
 /// One loud line straight to the process's stderr: `eprintln!` would be captured (hidden) by
 /// the test harness, and a skip must never look like a silent pass.
@@ -38,15 +34,9 @@ fn loud(line: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
-/// True (after one loud line on stderr) when Linux guests cannot run on this host.
+/// True (after one loud line on stderr) when Linux guests do not run here.
 fn skip_without_hardware_virtualization(test: &str) -> bool {
-    if host_has_vmx_or_svm() {
-        return false;
-    }
-    loud(&format!(
-        "SKIPPED (no VMX/SVM on this host: /dev/kvm is not hardware KVM): {test}"
-    ));
-    true
+    !level::linux_guests_run_here(test)
 }
 
 fn workspace() -> &'static Path {
