@@ -14,6 +14,7 @@ pub mod oci;
 #[path = "../level_support/mod.rs"]
 pub mod level;
 
+#[allow(unused_imports)] // each test binary uses some of them
 pub use level::{host_has_vmx_or_svm, linux_guests_run_here, sandboxes};
 
 use oci::{Entry, Layer, RunConfigSpec};
