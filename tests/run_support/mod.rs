@@ -9,10 +9,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-#[path = "../../src/example_image.rs"]
-pub mod oci;
 #[path = "../level_support/mod.rs"]
 pub mod level;
+#[path = "../../src/example_image.rs"]
+pub mod oci;
 
 #[allow(unused_imports)] // each test binary uses some of them
 pub use level::{host_has_vmx_or_svm, linux_guests_run_here, sandboxes};

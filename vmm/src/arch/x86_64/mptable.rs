@@ -144,8 +144,15 @@ mod tests {
             .collect();
         assert_eq!(io.len(), IOAPIC_PINS as usize);
         for (irq, entry) in io.iter().enumerate() {
-            assert_eq!(entry[1], INT_TYPE_INT, "IRQ {irq} must not be ExtINT or NMI");
-            assert_eq!((entry[5], entry[7]), (irq as u8, irq as u8), "IRQ {irq}'s pin");
+            assert_eq!(
+                entry[1], INT_TYPE_INT,
+                "IRQ {irq} must not be ExtINT or NMI"
+            );
+            assert_eq!(
+                (entry[5], entry[7]),
+                (irq as u8, irq as u8),
+                "IRQ {irq}'s pin"
+            );
         }
         // ExtINT stays only where the PIC would be wired: LINT0 of the local APICs.
         let local: Vec<&[u8]> = entries(&table)
