@@ -183,9 +183,13 @@ fn boot(home: &Path, rootfs: &Path, disks: &[String], vcpus: u8, actions: &[&str
 }
 
 fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
+    use std::os::unix::process::CommandExt as _;
+    // Its own process group: on a timeout the whole group goes, the fnvm-vmm child included,
+    // which holds the output pipes open (killing fnvm alone left the readers waiting forever).
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        .process_group(0);
     let mut child = cmd.spawn().expect("cannot start fnvm");
     let mut stdout = child.stdout.take().unwrap();
     let mut stderr = child.stderr.take().unwrap();
@@ -205,12 +209,15 @@ fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
             break status;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
+            let group = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
             let _ = child.wait();
             let out = out_reader.join().unwrap();
+            let err = err_reader.join().unwrap();
             panic!(
-                "fnvm vm boot did not end within {timeout:?}; console so far:\n{}",
-                String::from_utf8_lossy(&out)
+                "fnvm vm boot did not end within {timeout:?}; console so far:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&err)
             );
         }
         std::thread::sleep(Duration::from_millis(20));
