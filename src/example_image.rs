@@ -76,7 +76,11 @@ pub fn ensure_layout(dir: &Path, layers: &[Layer], config: &RunConfigSpec) -> io
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| io::Error::other(format!("{} has no usable name", dir.display())))?;
-    let staging = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    // Unique per call, not just per process: two threads of one test binary that write the
+    // same layout at once must not remove each other's staging directory.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let staging = parent.join(format!(".{name}.tmp-{}-{call}", std::process::id()));
     let _ = fs::remove_dir_all(&staging);
     let result = write_layout(&staging, layers, config).and_then(|()| {
         match fs::rename(&staging, dir) {
@@ -318,6 +322,24 @@ pub fn ensure_example_image(cache_dir: &Path, binary_path: &Path) -> io::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two threads of one test binary that need the same layout at once (the snapshot tests'
+    /// python image) both get it: neither removes the other's staging directory.
+    #[test]
+    fn threads_writing_the_same_layout_at_once_both_succeed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("img");
+        let config = RunConfigSpec::default();
+        std::thread::scope(|s| {
+            let writers: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| ensure_layout(&dir, &[Layer::Entries(base_dirs())], &config)))
+                .collect();
+            for w in writers {
+                w.join().unwrap().expect("every writer gets the layout");
+            }
+        });
+        assert!(dir.join("index.json").is_file());
+    }
 
     #[test]
     fn a_layout_is_complete_and_content_addressed() {

@@ -42,16 +42,7 @@ fn fresh_home(name: &str) -> PathBuf {
 }
 
 fn skip_without_vmx_or_svm(test: &str) -> bool {
-    if host_has_vmx_or_svm() {
-        return false;
-    }
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr().lock(),
-        "SKIPPED (no VMX/SVM on this host: /dev/kvm is not hardware KVM; snapshot starts of Linux \
-         guests did NOT run): {test}"
-    );
-    true
+    !linux_guests_run_here(&format!("snapshot starts of Linux guests: {test}"))
 }
 
 fn run_python(home: &Path, image: &str) -> FnvmRun {

@@ -1,4 +1,23 @@
-//! The kernel command line: what the host asks of this boot.
+//! The kernel command line: what the host asks of this boot, and what the kernel passed on.
+
+/// Who started PID 1, judged from its arguments.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Invocation<'a> {
+    /// A VM boot. The kernel hands init every command-line word it does not know itself (and
+    /// that has neither `=` nor `.`), e.g. a `nomodule` meant for another kernel: these are
+    /// ignored with a warning, since PID 1 dying on them would panic the guest.
+    Vm { ignored: &'a [String] },
+    /// The process sandbox, which always starts the agent with `--` flags: parsed strictly.
+    Host(&'a [String]),
+}
+
+/// How PID 1 was started: flags (`--…` first) come from the host, anything else from a kernel.
+pub fn invocation(args: &[String]) -> Invocation<'_> {
+    match args.first() {
+        Some(first) if first.starts_with("--") => Invocation::Host(args),
+        _ => Invocation::Vm { ignored: args },
+    }
+}
 
 /// The value of the last `KEY=VALUE` parameter named `key` (the kernel's own rule: last wins).
 pub fn value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
@@ -36,6 +55,26 @@ mod tests {
         assert_eq!(value(cmdline, "fnvm.writable"), Some("/dev/vdb"));
         assert_eq!(value(cmdline, "fnvm.test"), None);
         assert_eq!(value("fnvm.rootfs", "fnvm.rootfs"), None);
+    }
+
+    fn strings(words: &[&str]) -> Vec<String> {
+        words.iter().map(|w| w.to_string()).collect()
+    }
+
+    #[test]
+    fn words_the_kernel_passed_on_are_a_vm_boot_and_flags_are_the_host() {
+        assert_eq!(invocation(&[]), Invocation::Vm { ignored: &[] });
+        let leftovers = strings(&["nomodule", "quiet"]);
+        assert_eq!(
+            invocation(&leftovers),
+            Invocation::Vm {
+                ignored: &leftovers
+            }
+        );
+        let host = strings(&["--sandbox", "process", "--socket-dir", "/run/x"]);
+        assert_eq!(invocation(&host), Invocation::Host(&host));
+        let typo = strings(&["--sandbx", "process"]);
+        assert_eq!(invocation(&typo), Invocation::Host(&typo));
     }
 
     #[test]

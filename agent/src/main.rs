@@ -62,11 +62,12 @@ fn main() {
     }));
 
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.is_empty() {
-        vm_main();
-    }
+    let args = match cmdline::invocation(&args) {
+        cmdline::Invocation::Vm { ignored } => vm_main(ignored),
+        cmdline::Invocation::Host(args) => args,
+    };
     IN_VM.store(false, Ordering::SeqCst);
-    match config::from_args(&args) {
+    match config::from_args(args) {
         Ok(config) => {
             let code = match run_instance(&config) {
                 Ok(()) => 0,
@@ -96,18 +97,24 @@ fn end_instance(code: i32) -> ! {
     std::process::exit(code)
 }
 
-/// PID 1 of a VM.
-fn vm_main() -> ! {
-    if let Err(err) = vm_boot() {
+/// PID 1 of a VM; `ignored` are the command-line words the kernel passed on to init.
+fn vm_main(ignored: &[String]) -> ! {
+    if let Err(err) = vm_boot(ignored) {
         console::line(&format!("error: {err}"));
     }
     shutdown::reboot();
 }
 
-fn vm_boot() -> Result<(), String> {
+fn vm_boot(ignored: &[String]) -> Result<(), String> {
     mounts::mount_kernel_filesystems()?;
     console::attach();
     console::line(&format!("up after {} s", read_uptime()?));
+    if !ignored.is_empty() {
+        console::line(&format!(
+            "warning: ignoring the command-line words the kernel passed to init: {}",
+            ignored.join(" ")
+        ));
+    }
 
     let cmdline = std::fs::read_to_string("/proc/cmdline")
         .map_err(|e| format!("cannot read /proc/cmdline: {e}"))?;

@@ -9,8 +9,13 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+#[path = "../level_support/mod.rs"]
+pub mod level;
 #[path = "../../src/example_image.rs"]
 pub mod oci;
+
+#[allow(unused_imports)] // each test binary uses some of them
+pub use level::{host_has_vmx_or_svm, linux_guests_run_here, sandboxes};
 
 use oci::{Entry, Layer, RunConfigSpec};
 
@@ -54,31 +59,6 @@ pub fn static_binary(fnvm: &Path, package: &str, env_override: &str) -> PathBuf 
         .join("x86_64-unknown-linux-gnu")
         .join(if release { "release" } else { "debug" })
         .join(package)
-}
-
-/// True where the host has hardware virtualization (the VM sandbox can run Linux guests).
-pub fn host_has_vmx_or_svm() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|c| {
-            c.lines()
-                .filter(|l| l.starts_with("flags"))
-                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
-        })
-        .unwrap_or(false)
-}
-
-/// The sandboxes to test on this host: always `process`; `vm` where VMX/SVM exists, else one
-/// loud SKIPPED line on stderr.
-pub fn sandboxes(test: &str) -> Vec<&'static str> {
-    if host_has_vmx_or_svm() {
-        vec!["process", "vm"]
-    } else {
-        eprintln!(
-            "SKIPPED: {test} in the vm sandbox: this host has no VMX/SVM (/proc/cpuinfo); tested in \
-             the process sandbox only"
-        );
-        vec!["process"]
-    }
 }
 
 /// Serializes tests that share the test home and check for leftovers.

@@ -29,8 +29,8 @@ usage: fnvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MiB]
   --initrd PATH      initial ramdisk
   --cmdline STR      the whole kernel command line (virtio_mmio.device= entries are
                      appended); default:
-                     console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux
-                     i8042.nomux i8042.nopnp i8042.dumbkbd
+                     console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux
+                     i8042.nopnp i8042.dumbkbd
   --memory MiB       guest RAM (default 128; at most the host's MemTotal)
   --vcpus N          vCPUs (default 1; at most the host's CPU count)
   --disk PATH[:ro]   a virtio-blk disk, read-only with :ro (first is /dev/vda); repeatable
@@ -378,4 +378,24 @@ fn run_vm(vm: &mut Vm) -> Result<VmExit, (String, u8)> {
     drop(raw_terminal);
     STOP_FD.store(-1, Ordering::Relaxed);
     result.map_err(|e| (format!("VMM error: {e}"), code::VMM_ERROR))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bare word on a kernel command line that the kernel does not know is handed to init as
+    /// an argument (`nomodule` killed the agent as PID 1): every default word names a kernel
+    /// parameter (`key=value`) or a built-in driver's (`driver.key`), and the help shows it.
+    #[test]
+    fn the_default_command_line_hands_init_nothing_and_the_help_shows_it() {
+        let help: Vec<&str> = USAGE.split_whitespace().collect();
+        for word in DEFAULT_CMDLINE.split_whitespace() {
+            assert!(
+                word.contains('=') || word.contains('.'),
+                "{word:?} would reach init as an argument"
+            );
+            assert!(help.contains(&word), "the help does not show {word:?}");
+        }
+    }
 }

@@ -546,7 +546,7 @@ impl Vcpu {
             sregs: self.fd.get_sregs().map_err(self.kvm("KVM_GET_SREGS"))?,
             fpu: fpu_bytes,
             xsave: self.fd.get_xsave().map_err(self.kvm("KVM_GET_XSAVE"))?,
-            xcrs: self.fd.get_xcrs().ok(),
+            xcrs: self.fd.get_xcrs().ok().filter(holds_xcrs),
             debug_regs: self.fd.get_debug_regs().ok(),
             lapic: self.fd.get_lapic().map_err(self.kvm("KVM_GET_LAPIC"))?,
             mp_state: self
@@ -608,7 +608,7 @@ impl Vcpu {
         // SAFETY: the XSAVE area came from KVM_GET_XSAVE of the same CPU model (the snapshot
         // header's host check) and is as large as the kernel's copy.
         unsafe { self.fd.set_xsave(&state.xsave) }.map_err(self.kvm("KVM_SET_XSAVE"))?;
-        if let Some(xcrs) = &state.xcrs {
+        if let Some(xcrs) = state.xcrs.as_ref().filter(|x| holds_xcrs(x)) {
             self.fd.set_xcrs(xcrs).map_err(self.kvm("KVM_SET_XCRS"))?;
         }
         if let Some(debug) = &state.debug_regs {
@@ -841,6 +841,13 @@ fn handle_exit(id: u8, exit: VcpuExit<'_>, shared: &VcpuShared) -> Outcome {
     }
 }
 
+/// Whether KVM_GET_XCRS gave any register. On a host CPU without XSAVE it succeeds with none,
+/// and KVM_SET_XCRS then refuses even that empty list (EINVAL): such a vCPU has no XCRs to
+/// save or restore.
+fn holds_xcrs(xcrs: &kvm_xcrs) -> bool {
+    xcrs.nr_xcrs > 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -870,5 +877,14 @@ mod tests {
             });
         });
         assert_eq!(lock(&control.inner).alive, 0, "the thread was counted out");
+    }
+
+    #[test]
+    fn an_empty_xcr_list_from_a_cpu_without_xsave_is_neither_saved_nor_restored() {
+        let mut xcrs = kvm_xcrs::default();
+        assert!(!holds_xcrs(&xcrs), "KVM_SET_XCRS would fail with EINVAL");
+        xcrs.nr_xcrs = 1;
+        xcrs.xcrs[0].value = 0x7; // XCR0: x87, SSE, AVX
+        assert!(holds_xcrs(&xcrs));
     }
 }

@@ -50,10 +50,12 @@ use crate::memory::{self, GuestMemory, MemoryError};
 use crate::vcpu::{ExitSlot, Vcpu, VcpuError, VcpuShared};
 
 /// The kernel command line for fnvm guests: serial console, i8042 reset on reboot (the VM
-/// ends cleanly), reboot one second after a panic (the VMM reports the panic), no PCI probing,
-/// and an i8042 driver that does not wait for a keyboard or mouse.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodule \
-     i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+/// ends cleanly), reboot one second after a panic (the VMM reports the panic), and an i8042
+/// driver that does not wait for a keyboard or mouse. Nothing a kernel might not know without
+/// a dot in it: a kernel hands such words (`nomodule` to a kernel without modules) to init as
+/// arguments.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
 /// How long a panicking guest gets to reset itself (Linux `panic=1` waits one second) before
 /// the VMM ends it anyway.

@@ -57,13 +57,12 @@ pub fn build(vcpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
     entries.extend_from_slice(&[2, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     count += 1;
+    // Every ISA IRQ, the timer's IRQ 0 included, is a plain vectored interrupt on the IOAPIC
+    // pin of the same number. An ExtINT entry for IRQ 0 would tell Linux the timer comes
+    // through an 8259 PIC that is not there: it then never routes the timer through the IOAPIC
+    // and panics in setup_IO_APIC ("ExtINT not setup in hardware but reported by MP table").
     for irq in 0..IOAPIC_PINS {
-        let kind = if irq == 0 {
-            INT_TYPE_EXTINT
-        } else {
-            INT_TYPE_INT
-        };
-        entries.extend_from_slice(&[3, kind, 0, 0, 0, irq, ioapic_id, irq]);
+        entries.extend_from_slice(&[3, INT_TYPE_INT, 0, 0, 0, irq, ioapic_id, irq]);
         count += 1;
     }
     // LINT0 = ExtINT, LINT1 = NMI on every LAPIC.
@@ -121,6 +120,49 @@ mod tests {
         assert_eq!(table.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
         let count = u16::from_le_bytes([table[34], table[35]]);
         assert_eq!(count, 2 + 1 + 1 + 24 + 2);
+    }
+
+    /// The table's entries after the 44-byte header, as (type, bytes) pairs.
+    fn entries(table: &[u8]) -> Vec<(u8, &[u8])> {
+        let mut rest = &table[16 + 44..];
+        let mut out = Vec::new();
+        while let Some(&kind) = rest.first() {
+            let len = if kind == 0 { 20 } else { 8 };
+            out.push((kind, &rest[..len]));
+            rest = &rest[len..];
+        }
+        out
+    }
+
+    #[test]
+    fn every_isa_irq_timer_included_is_a_vectored_interrupt_on_its_own_ioapic_pin() {
+        let table = build(2, EBDA_START).unwrap();
+        let io: Vec<&[u8]> = entries(&table)
+            .into_iter()
+            .filter(|(kind, _)| *kind == 3)
+            .map(|(_, e)| e)
+            .collect();
+        assert_eq!(io.len(), IOAPIC_PINS as usize);
+        for (irq, entry) in io.iter().enumerate() {
+            assert_eq!(
+                entry[1], INT_TYPE_INT,
+                "IRQ {irq} must not be ExtINT or NMI"
+            );
+            assert_eq!(
+                (entry[5], entry[7]),
+                (irq as u8, irq as u8),
+                "IRQ {irq}'s pin"
+            );
+        }
+        // ExtINT stays only where the PIC would be wired: LINT0 of the local APICs.
+        let local: Vec<&[u8]> = entries(&table)
+            .into_iter()
+            .filter(|(kind, _)| *kind == 4)
+            .map(|(_, e)| e)
+            .collect();
+        assert_eq!(local.len(), 2);
+        assert_eq!((local[0][1], local[0][7]), (INT_TYPE_EXTINT, 0));
+        assert_eq!((local[1][1], local[1][7]), (INT_TYPE_NMI, 1));
     }
 
     #[test]
