@@ -11,7 +11,7 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 packages=(e2fsprogs erofs-utils busybox-static cpio)
 for purpose in "$@"; do
   case "$purpose" in
-    tests) packages+=(docker-registry apache2-utils mmdebstrap) ;;
+    tests) packages+=(docker-registry apache2-utils mmdebstrap jq) ;;
     demo) ;;
     bench) packages+=(docker-registry apache2-utils umoci mmdebstrap qemu-system-x86 wrk) ;;
     *) log "unknown purpose '$purpose' (expected tests, demo or bench)"; exit 2 ;;

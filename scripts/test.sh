@@ -26,10 +26,11 @@ host_args[fnvm:test:linux_guest]="--exact linux_is_refused_at_once_without_hardw
 nested_args[fnvm:test:linux_guest]="--skip linux_is_refused_at_once_without_hardware_virtualization"
 host_args[fnvm:test:snapshot_start]="--exact snapshot_starts_outside_the_vm_sandbox_are_refused_with_the_reason"
 nested_args[fnvm:test:snapshot_start]="--skip snapshot_starts_outside_the_vm_sandbox_are_refused_with_the_reason"
+# Not at the nested level yet: run_function and run_demo build their images (unpack + mkfs)
+# inside the level, under emulation, and did not finish one test in 16 minutes there; they run
+# on the host in the process sandbox until the level reuses rootfs images prebuilt on the host.
 host_args[fnvm:test:run_function]=""
-nested_args[fnvm:test:run_function]="--skip bad_input_is_refused_with_a_message_naming_what_was_wrong"
 host_args[fnvm:test:run_demo]=""
-nested_args[fnvm:test:run_demo]=""
 # The nested level's order: the quick, most telling binaries first.
 nested_order=(fnvm:test:linux_guest fnvm:test:snapshot_start fnvm:test:run_function fnvm:test:run_demo)
 # Not yet at the nested level: the VMM's tiny-guest tests (vmm/tests/snapshot.rs stalled inside
