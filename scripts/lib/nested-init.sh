@@ -2,7 +2,8 @@
 # PID 1 of the nested level's L1 Linux (copied into its initramfs by scripts/nested.sh).
 #
 # Stage 1 (initramfs): load the modules, mount the host's root (9p, read-only) under a tmpfs
-# overlay, fresh /proc /sys /dev /tmp /run in it, the read-write shares at their host paths, then
+# overlay, fresh /proc /sys /dev /run in it (/tmp stays the host's, seen through the overlay: a
+# checkout or work directory under /tmp must exist inside too), the read-write shares at their host paths, then
 # switch_root into it — a real root, so pivot_root (the agent, the process sandbox) works there.
 # Stage 2 (`stage2`, PID 1 in the new root): run the host-written command with its output on
 # ttyS1, write its exit status into the run share, power off. Everything the host should know
@@ -75,10 +76,7 @@ mount -t devtmpfs devtmpfs $r/dev
 mkdir -p $r/dev/pts $r/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts $r/dev/pts
 mount -t tmpfs tmpfs $r/dev/shm
-for d in /tmp /var/tmp /run; do
-  mount -t tmpfs -o mode=1777 tmpfs "$r$d" || init_error "cannot mount a tmpfs on $d"
-done
-chmod 0755 $r/run
+mount -t tmpfs -o mode=0755 tmpfs "$r/run" || init_error "cannot mount a tmpfs on /run"
 
 # Read-write shares, each at its host path: "<tag> <path>" lines.
 while read -r tag path; do
