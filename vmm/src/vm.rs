@@ -18,7 +18,7 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -32,6 +32,7 @@ use crate::vcpu::{FirstIo, VcpuControl};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::arch::x86_64::boot::{self, BootError, KernelConfig};
+use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::layout::*;
 use crate::arch::x86_64::mptable::MAX_VCPUS;
 use crate::arch::x86_64::regs::{BootEntry, EntryMode};
@@ -299,6 +300,26 @@ pub struct Vm {
     backing: Option<GuestMemory>,
 }
 
+/// The serial port's interrupt line, pulsed with KVM_IRQ_LINE by the thread that raises it.
+/// The port raises it while the vCPU's own exit is handled (a byte written, the transmitter
+/// empty again), so the interrupt is pending in that vCPU's LAPIC before it re-enters: no hop
+/// through KVM's irqfd worker thread and no IPI kicking the vCPU out of guest mode, for every
+/// console line. (QEMU raises its serial interrupt from the vCPU thread the same way.)
+struct PulsedLine {
+    vm: Arc<VmFd>,
+    gsi: u32,
+}
+
+impl InterruptTrigger for PulsedLine {
+    fn trigger(&self) -> io::Result<()> {
+        // Edge-triggered IOAPIC pin: a rising edge, then low again (what an irqfd does).
+        self.vm
+            .set_irq_line(self.gsi, true)
+            .and_then(|()| self.vm.set_irq_line(self.gsi, false))
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
 impl Vm {
     /// Validates the configuration and creates the VM, its memory, vCPUs and legacy devices.
     pub fn new(config: VmConfig) -> Result<Self, VmError> {
@@ -325,21 +346,24 @@ impl Vm {
         legacy: Option<(&SerialDeviceState, &I8042State)>,
     ) -> Result<Self, VmError> {
         let KvmVm { kvm, fd, vcpus } = kvm_vm;
+        let fd = Arc::new(fd);
         let exit = Arc::new(ExitSlot::new().map_err(io_err("exit eventfd"))?);
         let stop_evt = Arc::new(new_eventfd("stop eventfd")?);
         let console_watch = Arc::new(ConsoleWatch::new().map_err(io_err("console watch eventfd"))?);
         let serial_ready = Arc::new(new_eventfd("serial input eventfd")?);
         let reset_evt = Arc::new(new_eventfd("reset eventfd")?);
 
-        let mut vm_irq_lines = Vec::new();
-        let serial_irq = Arc::new(new_eventfd("serial irq eventfd")?);
-        if config.irqchip {
-            fd.register_irqfd(&serial_irq, COM1_IRQ)
-                .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        }
-        vm_irq_lines.push(serial_irq.clone());
+        // Without an irqchip there is no line to raise (tiny guests poll).
+        let serial_irq: Arc<dyn InterruptTrigger> = if config.irqchip {
+            Arc::new(PulsedLine {
+                vm: fd.clone(),
+                gsi: COM1_IRQ,
+            })
+        } else {
+            Arc::new(new_eventfd("serial irq eventfd")?)
+        };
         let serial_args = SerialArgs {
-            interrupt: serial_irq as Arc<dyn InterruptTrigger>,
+            interrupt: serial_irq,
             input_ready: serial_ready.clone(),
             output: ConsoleWriter::new(config.console, console_watch.clone()),
         };
@@ -472,7 +496,7 @@ impl Vm {
 
         Ok(Self {
             kvm,
-            fd: Arc::new(fd),
+            fd,
             memory_mib: config.memory_mib,
             mem,
             vcpus,
@@ -488,7 +512,7 @@ impl Vm {
             serial,
             i8042,
             virtio: Vec::new(),
-            irq_lines: vm_irq_lines,
+            irq_lines: Vec::new(),
             loaded: None,
             device_tokens,
             control: Some(ControlChannel::new().map_err(io_err("control eventfd"))?),
@@ -845,10 +869,18 @@ impl Vm {
     fn configure_vcpus(&mut self, entry: &BootEntry, all_at_entry: bool) -> Result<(), VmError> {
         let supported = match self.supported_cpuid.take() {
             Some(cpuid) => cpuid,
-            None => self
-                .kvm
-                .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-                .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?,
+            None => {
+                let mut cpuid = self
+                    .kvm
+                    .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                    .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+                // KVM never reports the TSC-deadline timer there: it exists only with the
+                // in-kernel LAPIC, and KVM_CHECK_EXTENSION says whether it does.
+                if self.irqchip && self.kvm.check_extension(Cap::TscDeadlineTimer) {
+                    cpuid::offer_tsc_deadline(&mut cpuid);
+                }
+                cpuid
+            }
         };
         let supported = &*self.supported_cpuid.insert(supported);
         for vcpu in &self.vcpus {

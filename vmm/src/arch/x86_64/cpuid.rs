@@ -16,6 +16,7 @@ const LEAF_AMD_EXTENDED_APIC_ID: u32 = 0x8000_001e;
 const AMD_VENDOR_EBX: u32 = 0x6874_7541;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const EDX_HTT: u32 = 1 << 28;
 
 const TOPOLOGY_LEVEL_SMT: u32 = 1;
@@ -94,6 +95,18 @@ fn adjust_entry(entry: &mut kvm_cpuid_entry2, vcpu_id: u32, vcpu_count: u32) {
     }
 }
 
+/// Offers the TSC-deadline mode of the LAPIC timer (leaf 1 ECX bit 24), which KVM emulates in
+/// its in-kernel LAPIC but leaves out of KVM_GET_SUPPORTED_CPUID. Without it Linux programs
+/// its timer through the LAPIC's MMIO registers: an emulated access per tick where a deadline
+/// is one MSR write (Firecracker and Cloud Hypervisor offer it too).
+pub fn offer_tsc_deadline(cpuid: &mut CpuId) {
+    for entry in cpuid.as_mut_slice() {
+        if entry.function == LEAF_FEATURES {
+            entry.ecx |= ECX_TSC_DEADLINE;
+        }
+    }
+}
+
 /// CPUID for vCPU `vcpu_id` of `vcpu_count`, derived from KVM's supported set.
 pub fn vcpu_cpuid(supported: &CpuId, vcpu_id: u8, vcpu_count: u8) -> CpuId {
     let mut cpuid = supported.clone();
@@ -165,6 +178,14 @@ mod tests {
         assert_eq!(c.as_slice()[2].eax, 1);
         let intel = CpuId::from_entries(&[entry(0, 0), sizes]).unwrap();
         assert_eq!(vcpu_cpuid(&intel, 1, 2).as_slice()[1].ecx, 0xdead);
+    }
+
+    #[test]
+    fn the_tsc_deadline_timer_is_offered_in_leaf_1_only() {
+        let mut c = CpuId::from_entries(&[entry(0, 0), entry(1, 0), entry(7, 0)]).unwrap();
+        offer_tsc_deadline(&mut c);
+        let ecx: Vec<u32> = c.as_slice().iter().map(|e| e.ecx).collect();
+        assert_eq!(ecx, vec![0, ECX_TSC_DEADLINE, 0]);
     }
 
     #[test]
