@@ -85,11 +85,6 @@ async fn serve(home: &Home, kind: SandboxKind, mut args: ServeArgs) -> Result<()
         sandbox::create_for_service(kind, home)
             .with_context(|| format!("cannot set up the {kind} sandbox"))?,
     );
-    if kind == SandboxKind::Process {
-        eprintln!(
-            "fnvm: warning: the process sandbox shares the host kernel (weaker isolation than vm)"
-        );
-    }
     let logs = LogStore::open(home.root().join("service/logs"), args.log_retention_bytes)
         .context("cannot open the log store")?;
     let metrics = Arc::new(Metrics::new());

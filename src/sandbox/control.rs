@@ -17,7 +17,7 @@ use fnvm_agent::protocol::{
     PROTOCOL_VERSION,
 };
 
-use super::guest_clock::{host_now_us, GuestClock, PING_INTERVAL};
+use super::guest_clock::{host_now_us, ClockSource, GuestClock, PING_INTERVAL};
 use super::transport::HostTransport;
 use super::{ExitReport, LogLine, SandboxError};
 
@@ -29,6 +29,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const EXIT_AFTER_FAILURE: Duration = Duration::from_secs(2);
 /// Slack the host gives the agent beyond the ready timeout before it stops waiting itself.
 const READY_SLACK: Duration = Duration::from_secs(10);
+/// How long a start or a resume waits for the agent's first clock answer (one round trip on
+/// the control stream; generous for emulation) before handing the instance out unmeasured.
+const FIRST_CLOCK_ANSWER: Duration = Duration::from_secs(5);
 
 /// What the host knows about how an instance ended, and the function's last lines.
 pub struct ExitState {
@@ -162,9 +165,13 @@ const REFRESH_ENTROPY_BYTES: usize = 64;
 pub type BeforeStart<'a> = &'a dyn Fn() -> Result<(), SandboxError>;
 
 /// Connects to the agent, starts the function and waits until it is ready or has failed.
-/// `connect_timeout` bounds how long the agent may take to come up (a VM boots first).
+/// `connect_timeout` bounds how long the agent may take to come up (a VM boots first);
+/// `clock` says whose clock the agent stamps its lines with.
+// Each argument is one independent input of the start; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     transport: &HostTransport,
+    clock: ClockSource,
     spec: &StartSpec,
     on_log: Arc<dyn Fn(LogLine) + Send + Sync>,
     exit: Arc<ExitState>,
@@ -175,6 +182,7 @@ pub fn start(
     let wait = Duration::from_millis(spec.ready_timeout_ms) + READY_SLACK;
     converse(
         transport,
+        clock,
         &HostMessage::Start(spec.clone()),
         on_log,
         exit,
@@ -198,6 +206,7 @@ pub fn resume(
 ) -> Result<Control, SandboxError> {
     converse(
         transport,
+        ClockSource::Own,
         &refresh_message()?,
         on_log,
         exit,
@@ -246,6 +255,7 @@ pub fn refresh_message() -> Result<HostMessage, SandboxError> {
 #[allow(clippy::too_many_arguments)]
 fn converse(
     transport: &HostTransport,
+    source: ClockSource,
     request: &HostMessage,
     on_log: Arc<dyn Fn(LogLine) + Send + Sync>,
     exit: Arc<ExitState>,
@@ -288,7 +298,7 @@ fn converse(
 
     let (tx, rx) = mpsc::sync_channel(1);
     let reader_exit = exit.clone();
-    let clock = Arc::new(GuestClock::new());
+    let clock = Arc::new(GuestClock::new(source));
     let reader_clock = Arc::clone(&clock);
     let reader = std::thread::Builder::new()
         .name("fnvm-control".into())
@@ -302,8 +312,16 @@ fn converse(
     };
 
     match rx.recv_timeout(wait) {
+        // The host's own clock needs no measuring.
+        Ok(Startup::Ready) if source == ClockSource::Host => Ok(control),
         Ok(Startup::Ready) => {
-            control.start_pinger(clock);
+            control.start_pinger(Arc::clone(&clock));
+            if !clock.wait_measured(FIRST_CLOCK_ANSWER) {
+                tracing::warn!(
+                    "the agent did not answer a clock ping within {FIRST_CLOCK_ANSWER:?}; its log \
+                     stamps stay on its own clock until it does"
+                );
+            }
             Ok(control)
         }
         // The agent sends StartFailed before Exited: when the function itself ended, report
@@ -497,7 +515,7 @@ fn read_loop(
                 exit.push_line(&line);
                 on_log(LogLine {
                     stream,
-                    unix_time_us: clock.to_host_us(unix_time_us),
+                    unix_time_us: clock.to_host_us(unix_time_us, host_now_us()),
                     line,
                 });
             }
@@ -634,8 +652,13 @@ mod tests {
     use std::os::unix::net::UnixListener;
 
     /// The other end of a control stream, speaking the protocol by hand with a clock `ahead_us`
-    /// ahead of the host's (a VM whose clock drifted).
-    fn scripted_agent(listener: UnixListener, ahead_us: u64) -> JoinHandle<()> {
+    /// ahead of the host's (a VM whose clock drifted). It prints "printed now" after answering
+    /// `log_after_pongs` pings (0: right after Ready, before any ping).
+    fn scripted_agent(
+        listener: UnixListener,
+        ahead_us: u64,
+        log_after_pongs: usize,
+    ) -> JoinHandle<()> {
         std::thread::spawn(move || {
             let (stream, _) = listener.accept().unwrap();
             let mut reader = BufReader::new(stream.try_clone().unwrap());
@@ -657,9 +680,16 @@ mod tests {
                     other => panic!("unexpected {other:?}"),
                 };
                 protocol::write_message(&mut writer, &reply).unwrap();
-                if matches!(reply, AgentMessage::Pong { .. }) {
-                    answered += 1;
-                    if answered == 2 {
+                let now_is_the_time = match reply {
+                    AgentMessage::Ready { .. } => log_after_pongs == 0,
+                    AgentMessage::Pong { .. } => {
+                        answered += 1;
+                        answered == log_after_pongs
+                    }
+                    _ => false,
+                };
+                {
+                    if now_is_the_time {
                         protocol::write_message(
                             &mut writer,
                             &AgentMessage::Log {
@@ -675,15 +705,16 @@ mod tests {
         })
     }
 
-    #[test]
-    fn log_stamps_of_an_agent_whose_clock_is_off_arrive_on_the_hosts_time_line() {
+    /// How much earlier than its arrival a line of an agent 5 s ahead is stamped on the host's
+    /// time line, printed after `log_after_pongs` clock answers.
+    fn early_by_of_a_line_from_an_agent_5_s_ahead(log_after_pongs: usize) -> i64 {
         let dir = tempfile::tempdir().unwrap();
         let listener = UnixListener::bind(super::super::transport::unix_port_path(
             dir.path(),
             CONTROL_PORT,
         ))
         .unwrap();
-        let agent = scripted_agent(listener, 5_000_000);
+        let agent = scripted_agent(listener, 5_000_000, log_after_pongs);
         let (tx, rx) = mpsc::channel();
         let tx = Mutex::new(tx);
         let on_log: Arc<dyn Fn(LogLine) + Send + Sync> = Arc::new(move |line: LogLine| {
@@ -693,6 +724,8 @@ mod tests {
             &HostTransport::Unix {
                 dir: dir.path().to_path_buf(),
             },
+            // A VM's agent, reached through a Unix socket here.
+            ClockSource::Own,
             &StartSpec {
                 argv: vec!["/f".into()],
                 env: vec![],
@@ -709,18 +742,27 @@ mod tests {
         .expect("the scripted agent starts");
         let (line, received_us) = rx
             .recv_timeout(Duration::from_secs(10))
-            .expect("the line after two pongs");
+            .expect("the scripted agent's line");
         assert_eq!(line.line, "printed now");
+        control.close();
+        agent.join().unwrap();
+        received_us as i64 - line.unix_time_us as i64
+    }
+
+    #[test]
+    fn log_stamps_of_an_agent_whose_clock_is_off_arrive_on_the_hosts_time_line() {
         // Stamped 5 s ahead by the guest; on the host's line it was printed just before it
         // arrived. The estimate is good to half a round trip either way; the test allows a
         // generous margin for a loaded machine, far inside the 5 s it corrects.
-        let early_by = received_us as i64 - line.unix_time_us as i64;
-        assert!(
-            (-100_000..500_000).contains(&early_by),
-            "stamp {} vs received {received_us}: {early_by} µs",
-            line.unix_time_us
-        );
-        control.close();
-        agent.join().unwrap();
+        let early_by = early_by_of_a_line_from_an_agent_5_s_ahead(2);
+        assert!((-100_000..500_000).contains(&early_by), "{early_by} µs");
+    }
+
+    #[test]
+    fn a_line_printed_before_the_first_clock_answer_is_not_placed_in_the_future() {
+        // Right after Ready, before the host measured the clock: the raw stamp is 5 s ahead,
+        // which would give the line to a request not yet made. It is placed at its arrival.
+        let early_by = early_by_of_a_line_from_an_agent_5_s_ahead(0);
+        assert!((0..500_000).contains(&early_by), "{early_by} µs");
     }
 }

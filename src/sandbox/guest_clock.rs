@@ -14,10 +14,18 @@
 //! from the truth than the narrowest round trip. A Pong queued behind a burst of log lines
 //! only widens its own interval. Samples that no longer overlap the newest (the guest clock
 //! drifted or was stepped) are dropped.
+//!
+//! Which point of that intersection is taken depends on whose clock the agent reads
+//! ([`ClockSource`]). A process sandbox reads the host's: zero is exact. A VM's clock is off by
+//! something unknown, typically negative after a restore (set one message late), and that
+//! lateness is about one host-to-guest latency, so the intersection usually holds zero too:
+//! choosing zero there reproduced the whole error, and under emulation put the first lines of a
+//! request on the previous one. For a VM the estimate is the middle of the intersection, off by
+//! at most half the difference of the quickest latencies each way.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Samples kept: at one ping every [`PING_INTERVAL`], a window short enough for drift not to
 /// matter and long enough to hold a quick round trip.
@@ -52,9 +60,20 @@ struct State {
     offset_us: i64,
 }
 
+/// Whose clock an agent stamps its log lines with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClockSource {
+    /// The host's own (a process sandbox): the offset is zero by construction.
+    #[default]
+    Host,
+    /// One of its own (a VM): set from the host's at boot or restore, then free-running.
+    Own,
+}
+
 impl State {
-    /// The point nearest zero in the intersection of the newest samples that overlap.
-    fn estimate(&self) -> i64 {
+    /// The offset the newest overlapping samples allow: zero for the host's clock, else the
+    /// middle of their intersection.
+    fn estimate(&self, source: ClockSource) -> i64 {
         let mut newest_first = self.samples.iter().rev();
         let Some(first) = newest_first.next() else {
             return 0;
@@ -67,7 +86,10 @@ impl State {
             }
             (lo, hi) = (l, h);
         }
-        0.clamp(lo, hi)
+        match source {
+            ClockSource::Host => 0,
+            ClockSource::Own => lo + (hi - lo) / 2,
+        }
     }
 }
 
@@ -75,12 +97,18 @@ impl State {
 /// with the host's.
 #[derive(Debug, Default)]
 pub struct GuestClock {
+    source: ClockSource,
     state: Mutex<State>,
+    /// Signalled at every answer, for [`GuestClock::wait_measured`].
+    answered: Condvar,
 }
 
 impl GuestClock {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(source: ClockSource) -> Self {
+        Self {
+            source,
+            ..Self::default()
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -121,7 +149,29 @@ impl GuestClock {
             st.samples.pop_front();
         }
         st.samples.push_back(sample);
-        st.offset_us = st.estimate();
+        st.offset_us = st.estimate(self.source);
+        self.answered.notify_all();
+    }
+
+    /// Waits up to `limit` for the first measurement; true once there is one. An instance is
+    /// handed out only after this: a restored VM's clock was set one message late (seconds
+    /// under emulation or on a loaded host), and until measured its stamps would place the
+    /// first request's lines before that request.
+    pub fn wait_measured(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut st = self.lock();
+        while st.samples.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            st = self
+                .answered
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
     }
 
     /// Guest minus host, in microseconds, as last measured (0 before any answer).
@@ -129,9 +179,10 @@ impl GuestClock {
         self.lock().offset_us
     }
 
-    /// A guest stamp on the host's time line.
-    pub fn to_host_us(&self, guest_us: u64) -> u64 {
-        (guest_us as i64).saturating_sub(self.offset_us()).max(0) as u64
+    /// A guest stamp on the host's time line, for a line that reached the host at `arrived_us`:
+    /// never later than that (a line cannot be printed after it arrived, whatever the estimate).
+    pub fn to_host_us(&self, guest_us: u64, arrived_us: u64) -> u64 {
+        ((guest_us as i64).saturating_sub(self.offset_us()).max(0) as u64).min(arrived_us)
     }
 }
 
@@ -148,36 +199,53 @@ mod tests {
     #[test]
     fn a_clock_that_agrees_with_the_hosts_is_corrected_by_exactly_nothing() {
         // A process sandbox on a loaded machine: slow, lopsided round trips, the same clock.
-        let clock = GuestClock::new();
+        let clock = GuestClock::new(ClockSource::Host);
         sample(&clock, 1_000, 1_050, 9_000);
         sample(&clock, 20_000, 27_990, 28_000);
         sample(&clock, 40_000, 40_001, 40_100);
         assert_eq!(clock.offset_us(), 0);
-        assert_eq!(clock.to_host_us(123_456), 123_456);
+        assert_eq!(clock.to_host_us(123_456, u64::MAX), 123_456);
     }
 
     #[test]
     fn a_guest_clock_ahead_or_behind_is_placed_within_its_quickest_round_trip() {
-        let clock = GuestClock::new();
+        let clock = GuestClock::new(ClockSource::Own);
         // No measurement yet: stamps are taken as they are.
-        assert_eq!(clock.to_host_us(5_000_000), 5_000_000);
+        assert_eq!(clock.to_host_us(5_000_000, u64::MAX), 5_000_000);
+        // ... but never later than they arrived.
+        assert_eq!(clock.to_host_us(5_000_000, 4_000_000), 4_000_000);
         // Guest 250 ms ahead (read mid-way), 200 µs round trip: offset in [249 900, 250 100].
         sample(&clock, 1_000_000, 1_250_100, 1_000_200);
         assert!((249_900..=250_100).contains(&clock.offset_us()));
         // A 40 µs round trip narrows it: [250 080, 250 100] (intersected with the first).
         sample(&clock, 2_000_000, 2_250_100, 2_000_020);
         assert!((250_080..=250_100).contains(&clock.offset_us()));
-        let host = clock.to_host_us(3_250_090);
+        let host = clock.to_host_us(3_250_090, u64::MAX);
         assert!((2_999_990..=3_000_010).contains(&host), "{host}");
-        // A sample queued behind a burst of log lines (40 ms round trip) changes nothing.
-        let before = clock.offset_us();
+        // A sample queued behind a burst of log lines (40 ms round trip) keeps it there.
         sample(&clock, 4_000_000, 4_250_090, 4_040_000);
-        assert_eq!(clock.offset_us(), before);
+        assert!((250_080..=250_100).contains(&clock.offset_us()));
+    }
+
+    #[test]
+    fn a_restored_clock_set_one_message_late_is_not_taken_for_the_hosts() {
+        // Restored: the clock was set to the host's time 2 ms before the agent applied it, so
+        // it is 2 ms behind. Pings take 2 ms each way: each interval holds zero, and taking
+        // zero would place every line 2 ms early, on the request before.
+        let clock = GuestClock::new(ClockSource::Own);
+        sample(&clock, 10_000, 10_000, 14_000);
+        sample(&clock, 20_000, 20_000, 24_000);
+        assert_eq!(clock.offset_us(), -2_000);
+        assert_eq!(clock.to_host_us(30_000, u64::MAX), 32_000);
+        // The same samples from a process sandbox: its clock is the host's.
+        let host = GuestClock::new(ClockSource::Host);
+        sample(&host, 10_000, 10_000, 14_000);
+        assert_eq!(host.offset_us(), 0);
     }
 
     #[test]
     fn a_drifted_or_stepped_guest_clock_replaces_the_samples_it_contradicts() {
-        let clock = GuestClock::new();
+        let clock = GuestClock::new(ClockSource::Own);
         sample(&clock, 1_000, 11_050, 1_100); // +10 ms
         sample(&clock, 2_000, 12_050, 2_100);
         // Now 3 ms behind: the old samples no longer overlap and are ignored.
@@ -187,8 +255,23 @@ mod tests {
     }
 
     #[test]
+    fn waiting_for_the_first_measurement_ends_at_the_first_answer_or_the_limit() {
+        let clock = std::sync::Arc::new(GuestClock::new(ClockSource::Own));
+        assert!(!clock.wait_measured(Duration::from_millis(20)));
+        let seq = clock.ping_sent(host_now_us());
+        let answering = std::sync::Arc::clone(&clock);
+        let answer = std::thread::spawn(move || {
+            let now = host_now_us();
+            answering.pong(seq, now + 800_000, now);
+        });
+        assert!(clock.wait_measured(Duration::from_secs(30)));
+        answer.join().unwrap();
+        assert!((790_000..=810_000).contains(&clock.offset_us()));
+    }
+
+    #[test]
     fn stray_answers_are_ignored_and_unanswered_pings_do_not_pile_up() {
-        let clock = GuestClock::new();
+        let clock = GuestClock::new(ClockSource::Own);
         let quick = clock.ping_sent(1_000);
         clock.pong(quick, 11_050, 1_100);
         let offset = clock.offset_us();

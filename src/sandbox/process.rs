@@ -18,6 +18,7 @@ use super::cgroup::{self, Cgroup, Hierarchy, LimitWatch, Limits, V1Extras};
 use super::child::{ended_reason, SandboxChild};
 use super::cleanup::{cgroup_prefix, ProcessId};
 use super::control::{self, Control, ExitState};
+use super::guest_clock::ClockSource;
 use super::instance::{prepare_instance_dir, AgentInstance, Teardown};
 use super::loopdev::LoopDevice;
 use super::transport::{unix_port_path, HostTransport};
@@ -246,6 +247,7 @@ impl ProcessSandbox {
         let revoke_disks = || cgroup_ref.map_or(Ok(()), |c| c.revoke_agent_disks());
         let control = control::start(
             &transport,
+            ClockSource::Host,
             &spec.start,
             spec.on_log.clone(),
             exit.clone(),

@@ -22,6 +22,7 @@ use fnvm_vmm::vm::DEFAULT_CMDLINE;
 use super::child::{ended_reason, SandboxChild};
 use super::cleanup::ProcessId;
 use super::control::{self, Control, ExitState};
+use super::guest_clock::ClockSource;
 use super::instance::{prepare_instance_dir, AgentInstance, RestoreProbe, Teardown};
 use super::snapshots::{Platform, SnapshotStore, Writing};
 use super::standby::{vmm_command, StandbyVmm, StandbyVmms, VmShape, API_SOCKET};
@@ -439,6 +440,7 @@ impl VmSandbox {
             Launch::Boot { write } => {
                 let control = control::start(
                     &transport,
+                    ClockSource::Own,
                     &spec.start,
                     spec.on_log.clone(),
                     exit.clone(),
