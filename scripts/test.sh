@@ -18,6 +18,10 @@ FNVM_PROFILE=release scripts/setup.sh tests
 target="${CARGO_TARGET_DIR:-$root/target}"
 export FNVM_AGENT_BIN="$target/x86_64-unknown-linux-gnu/release/fnvm-agent"
 export FNVM_HELLO_BIN="$target/x86_64-unknown-linux-gnu/release/fnvm-hello"
+# The guest kernel (built once, cached machine-wide): the Linux-guest tests boot it.
+log "the guest kernel (cached by the hash of its inputs)"
+FNVM_TEST_KERNEL="$(bash guest-kernel/build.sh)"
+export FNVM_TEST_KERNEL
 
 # Which binaries have Linux guests, and what each level runs of them (libtest arguments).
 # Tests that only make sense without VMX/SVM (the refusals) run on the host only.
@@ -26,15 +30,31 @@ host_args[fnvm:test:linux_guest]="--exact linux_is_refused_at_once_without_hardw
 nested_args[fnvm:test:linux_guest]="--skip linux_is_refused_at_once_without_hardware_virtualization"
 host_args[fnvm:test:snapshot_start]="--exact snapshot_starts_outside_the_vm_sandbox_are_refused_with_the_reason"
 nested_args[fnvm:test:snapshot_start]="--skip snapshot_starts_outside_the_vm_sandbox_are_refused_with_the_reason"
-# Not at the nested level yet: run_function and run_demo build their images (unpack + mkfs)
-# inside the level, under emulation, and did not finish one test in 16 minutes there; they run
-# on the host in the process sandbox until the level reuses rootfs images prebuilt on the host.
+# The whole-system tests with vm rows: every test of run_function (one at a time: L1 has two
+# vCPUs, and two emulated guests at once starve each other), the demo, the device-isolation
+# attack, serve's deploy-to-restart test and its instance pool (scale-out, timeouts, a killed
+# instance, log attribution, idle reclaim); the other serve tests exercise API paths the two
+# sandboxes share and run on the host. The host runs every test of them in the process sandbox.
 host_args[fnvm:test:run_function]=""
+nested_args[fnvm:test:run_function]="--test-threads 1"
 host_args[fnvm:test:run_demo]=""
+nested_args[fnvm:test:run_demo]=""
+host_args[fnvm:test:run_isolation]=""
+nested_args[fnvm:test:run_isolation]=""
+host_args[fnvm:test:service_api]=""
+nested_args[fnvm:test:service_api]="--exact deploy_by_digest_with_credentials_invoke_web_logs_and_restart"
+host_args[fnvm:test:service_pool]=""
+nested_args[fnvm:test:service_pool]=""
 # The nested level's order: the quick, most telling binaries first.
-nested_order=(fnvm:test:linux_guest fnvm:test:snapshot_start fnvm:test:run_function fnvm:test:run_demo)
-# Not yet at the nested level: the VMM's tiny-guest tests (vmm/tests/snapshot.rs stalled inside
-# L1 after its first test; to be investigated before they join).
+nested_order=(fnvm:test:linux_guest fnvm:test:snapshot_start fnvm:test:run_isolation
+  fnvm:test:run_demo fnvm:test:service_api fnvm:test:service_pool fnvm:test:run_function)
+# The VMM's own tests under a real (emulated-SVM) KVM too; the stock-Linux one of tiny_guests
+# needs VMX/SVM and runs only there (FNVM_TEST_KERNEL is the cached guest kernel).
+host_args[fnvm-vmm:test:tiny_guests]="--skip linux_guest_without_root_panics_and_the_vmm_names_it"
+nested_args[fnvm-vmm:test:tiny_guests]=""
+host_args[fnvm-vmm:test:snapshot]=""
+nested_args[fnvm-vmm:test:snapshot]=""
+nested_order+=(fnvm-vmm:test:tiny_guests fnvm-vmm:test:snapshot)
 
 hardware=0
 grep -q -w -E 'vmx|svm' /proc/cpuinfo && hardware=1
@@ -103,27 +123,41 @@ nested_status=0
 if [ "$nested" = 1 ]; then
   # Everything the nested tests need is made here first: L1 only reads it.
   log "nested level: preparing the guest kernel and L1"
-  bash guest-kernel/build.sh >/dev/null
   scripts/nested.sh --prepare >/dev/null
   plan "$results/nested.plan" nested "$@"
   log "nested level: $(wc -l <"$results/nested.plan") test binaries inside L1 (emulated SVM)"
-  FNVM_TEST_SANDBOXES=vm scripts/nested.sh --rw "$results/nested" -- \
+  FNVM_TEST_SANDBOXES=vm FNVM_TEST_RETRY_FAILED=1 scripts/nested.sh --rw "$results/nested" -- \
     scripts/lib/nested-tests.sh "$results/nested.plan" "$results/nested" || nested_status=$?
 elif [ "$hardware" = 0 ]; then
   log "!!! FNVM_TEST_NESTED=0: the Linux-guest tests did NOT run (no VMX/SVM here) !!!"
 fi
 
+# Every planned binary must have its result: a level whose runner died part-way (L1 reported
+# a status, but binaries never ran) fails, whatever status came back.
+missing() { # PLAN DIR
+  local label rest
+  while IFS=$'\t' read -r label rest; do
+    [ -f "$2/$label.result" ] || { log "!!! $label did not run"; return 1; }
+  done <"$1"
+}
+if [ "${FNVM_TEST_HOST:-1}" != 0 ]; then missing "$results/host.plan" "$results/host" || host_status=1; fi
+if [ "$nested" = 1 ]; then missing "$results/nested.plan" "$results/nested" || nested_status=1; fi
+
 # The summary: how many tests ran at which level.
 summary() { # DIR LABEL
-  local dir="$1" name="$2" passed=0 failed=0 ignored=0 bins=0 bad=() f status p fl ig secs
+  local dir="$1" name="$2" passed=0 failed=0 ignored=0 bins=0 bad=() f status p fl ig secs re
+  local retried=0
   for f in "$dir"/*.result; do
     [ -f "$f" ] || continue
-    read -r status p fl ig secs <"$f"
+    read -r status p fl ig secs re <"$f"
     passed=$((passed + p)) failed=$((failed + fl)) ignored=$((ignored + ig)) bins=$((bins + 1))
+    retried=$((retried + ${re:-0}))
     [ "$status" -eq 0 ] || bad+=("$(basename "$f" .result)")
   done
   printf 'test.sh: %-44s %4d passed, %d failed, %d ignored in %d binaries%s\n' "$name:" \
     "$passed" "$failed" "$ignored" "$bins" "${bad[*]:+ (failing: ${bad[*]})}" >&2
+  [ "$retried" -eq 0 ] || printf 'test.sh: !!! %s: %d test(s) failed once and were retried (see *.retry.log)\n' \
+    "$name" "$retried" >&2
 }
 echo >&2
 summary "$results/host" "host level (FNVM_TEST_SANDBOXES=${FNVM_TEST_SANDBOXES:-process,vm})"
@@ -131,9 +165,9 @@ if [ "$nested" = 1 ]; then
   summary "$results/nested" "nested level (L1, emulated SVM, vm sandbox)"
   for f in "$results"/nested/*.result; do
     [ -f "$f" ] || continue
-    read -r status p fl ig secs <"$f"
-    printf 'test.sh:   %-40s %3d passed %3d failed in %4d s (emulation)\n' \
-      "$(basename "$f" .result)" "$p" "$fl" "$secs" >&2
+    read -r status p fl ig secs re <"$f"
+    printf 'test.sh:   %-40s %3d passed %3d failed in %4d s (emulation)%s\n' \
+      "$(basename "$f" .result)" "$p" "$fl" "$secs" "${re:+$([ "$re" -gt 0 ] && echo ", $re retried")}" >&2
   done
   [ "$nested_status" -eq 0 ] || log "nested level FAILED (status $nested_status)"
 fi

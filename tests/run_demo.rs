@@ -1,6 +1,6 @@
 //! `fnvm demo` end to end: builds the example function's image from examples/hello (a static
 //! build), runs it in the default sandbox, invokes it and prints the reply, its log lines and
-//! the start timing, then leaves nothing behind. Needs root.
+//! the start timing, then leaves nothing behind, in each sandbox the level runs. Needs root.
 
 mod run_support;
 
@@ -11,6 +11,12 @@ const FNVM: &str = env!("CARGO_BIN_EXE_fnvm");
 
 #[test]
 fn the_demo_invokes_the_example_function_and_shows_reply_logs_and_timings() {
+    for sandbox in run_support::sandboxes("the demo") {
+        demo_in(sandbox);
+    }
+}
+
+fn demo_in(sandbox: &str) {
     let fnvm = Path::new(FNVM);
     let agent = run_support::static_binary(fnvm, "fnvm-agent", "FNVM_AGENT_BIN");
     let hello = run_support::static_binary(fnvm, "fnvm-hello", "FNVM_HELLO_BIN");
@@ -23,14 +29,18 @@ fn the_demo_invokes_the_example_function_and_shows_reply_logs_and_timings() {
         .env("FNVM_HELLO_BIN", &hello)
         .arg("--home")
         .arg(home.path())
-        .arg("demo")
+        .args(["demo", "--sandbox", sandbox])
         .output()
         .expect("cannot run fnvm demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "fnvm demo failed:\n{stderr}\n{stdout}"
+        "fnvm demo failed in the {sandbox} sandbox:\n{stderr}\n{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("timings ({sandbox} sandbox)")),
+        "the demo did not run in the {sandbox} sandbox:\n{stdout}"
     );
     // The reply, with the request id the function saw.
     let reply_line = stdout

@@ -1,8 +1,9 @@
 //! `fnvm serve`'s API side end to end: the real binary, a real docker-registry with htpasswd
 //! auth on loopback, images built here, real HTTP clients and the `fnvm` CLI clients.
 //!
-//! Instances run in the process sandbox (the VM sandbox needs VMX/SVM for Linux guests; the pool
-//! is shared by both, so the API paths tested here are the same). Needs root.
+//! The deploy-to-restart test runs in each sandbox the level runs (the vm sandbox at the nested
+//! level, scripts/test.sh); the rest use the process sandbox: the API and pool paths they test are
+//! the same in both. Needs root.
 
 mod run_support;
 mod service_support;
@@ -13,7 +14,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use run_support::{http, python_image, serial, static_binary};
+use run_support::{http, python_image, sandboxes, serial, static_binary};
 use service_support::{Registry, Serve, PASSWORD, USER};
 
 const FNVM: &str = env!("CARGO_BIN_EXE_fnvm");
@@ -134,12 +135,18 @@ fn logs_of(serve: &Serve, name: &str, request_id: &str) -> Vec<serde_json::Value
 
 #[test]
 fn deploy_by_digest_with_credentials_invoke_web_logs_and_restart() {
+    for sandbox in sandboxes("serve: deploy, invoke, logs, restart") {
+        deploy_invoke_and_restart_in(sandbox);
+    }
+}
+
+fn deploy_invoke_and_restart_in(sandbox: &str) {
     let _serial = serial();
     let registry = Registry::start();
     let digest = registry.push_layout("fn/python", &python_image(&layouts()));
     let image = format!("{}/fn/python@{digest}", registry.host());
-    let home = fresh_home("service-api-home");
-    let mut serve = Serve::start(fnvm(), &home, agent(), &[]);
+    let home = fresh_home(&format!("service-api-home-{sandbox}"));
+    let mut serve = Serve::start_in(sandbox, fnvm(), &home, agent(), &[]);
 
     // Deploy by digest with credentials, through the CLI (it waits until active).
     let out = cli(
@@ -192,7 +199,14 @@ fn deploy_by_digest_with_credentials_invoke_web_logs_and_restart() {
         .post(serve.url("/v1/namespaces/default/functions/echo/invocations"))
         .send(&br#"{"key":"value"}"#[..])
         .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    if r.status().as_u16() != 200 {
+        panic!(
+            "{sandbox}: the first event invocation answered {}: {}\nserve's stderr:\n{}",
+            r.status(),
+            r.body_mut().read_to_string().unwrap_or_default(),
+            serve.stderr()
+        );
+    }
     let request_id = r.headers()["x-scf-request-id"]
         .to_str()
         .unwrap()
@@ -220,9 +234,15 @@ fn deploy_by_digest_with_credentials_invoke_web_logs_and_restart() {
         .header("X-Custom", "kept")
         .send(&b"the body"[..])
         .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    let body = r.body_mut().read_to_string().unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        200,
+        "{sandbox}: {body}\nserve's stderr:\n{}",
+        serve.stderr()
+    );
     assert!(r.headers().contains_key("x-scf-request-id"));
-    let e = echo(&serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap());
+    let e = echo(&serde_json::from_str(&body).unwrap());
     assert_eq!(e.method, "PUT");
     assert_eq!(e.path, "/some/path?x=1&y=two");
     assert_eq!(e.body, b"the body");
@@ -259,7 +279,9 @@ fn deploy_by_digest_with_credentials_invoke_web_logs_and_restart() {
     lines.sort();
     assert_eq!(
         lines,
-        ["err-0", "err-1", "err-2", "out-0", "out-1", "out-2"]
+        ["err-0", "err-1", "err-2", "out-0", "out-1", "out-2"],
+        "{sandbox}: the lines of request {first}; all of web's: {}",
+        get_json(&serve.url("/v1/namespaces/default/functions/web/logs")).1
     );
     assert!(a.iter().all(|l| l["request_id"] == first.as_str()));
     assert_eq!(b.len(), 4, "{b:?}");
@@ -330,7 +352,7 @@ fn deploy_by_digest_with_credentials_invoke_web_logs_and_restart() {
     // A restarted service still has every function, and they still answer (no credentials
     // needed: the version is rebuilt from the rootfs cache).
     serve.stop();
-    let serve = Serve::start(fnvm(), &home, agent(), &[]);
+    let serve = Serve::start_in(sandbox, fnvm(), &home, agent(), &[]);
     let (_, list) = get_json(&serve.url("/v1/namespaces/default/functions"));
     let names: Vec<&str> = list["functions"]
         .as_array()

@@ -35,6 +35,16 @@ stage2() {
   else
     busybox stty -F /dev/ttyS1 raw -echo
   fi
+  # A heartbeat the host watches: an emulated L1 can hang whole (both vCPUs spinning, no
+  # panic), and only the absence of this counter's progress tells the host so.
+  (
+    beat=0
+    while :; do
+      beat=$((beat + 1))
+      echo "$beat" >"$run/heartbeat.tmp" && mv "$run/heartbeat.tmp" "$run/heartbeat"
+      busybox sleep 5
+    done
+  ) </dev/null >/dev/null 2>&1 &
   /bin/sh "$run/command.sh" </dev/null >/dev/ttyS1 2>&1
   status=$?
   echo "$status" >"$run/status.tmp" && mv "$run/status.tmp" "$run/status"

@@ -115,9 +115,32 @@ const BUSYBOX_PS_CGI: &str =
 
 /// A busybox-static image serving /www with httpd on :9000 (CGI under /www/cgi-bin).
 pub fn busybox_image(layouts: &Path) -> String {
+    busybox_image_with(layouts, "busybox", &[], None)
+}
+
+/// The busybox image with `extra` layers on top and, if given, its own entrypoint. `name` names
+/// the variant; its layout is cached under a key of everything that goes into it.
+pub fn busybox_image_with(
+    layouts: &Path,
+    name: &str,
+    extra: &[Layer],
+    entrypoint: Option<Vec<String>>,
+) -> String {
     let busybox = std::fs::read("/bin/busybox")
         .expect("/bin/busybox (Debian's busybox-static) is needed for the busybox image");
-    let key = sha256_hex(&[busybox.as_slice(), BUSYBOX_ECHO_CGI.as_bytes(), b"v1"].concat());
+    let mut keyed = vec![
+        busybox.clone(),
+        BUSYBOX_ECHO_CGI.as_bytes().to_vec(),
+        b"v2".to_vec(),
+    ];
+    for layer in extra {
+        keyed.push(match layer {
+            Layer::Entries(entries) => format!("{entries:?}").into_bytes(),
+            Layer::TarFile(path) => std::fs::read(path).expect("the extra layer's tar file"),
+        });
+    }
+    keyed.push(format!("{entrypoint:?}").into_bytes());
+    let key = sha256_hex(&keyed.concat());
     let mut entries = oci::base_dirs();
     entries.extend([dir_entry("bin"), dir_entry("www"), dir_entry("www/cgi-bin")]);
     entries.push(Entry::File {
@@ -127,7 +150,7 @@ pub fn busybox_image(layouts: &Path) -> String {
     });
     for applet in [
         "sh", "httpd", "ps", "env", "cat", "head", "sleep", "echo", "printf", "grep", "sort", "dd",
-        "ls", "id", "kill", "seq", "true", "false",
+        "ls", "id", "kill", "seq", "true", "false", "mknod", "wc", "sync",
     ] {
         entries.push(Entry::Symlink {
             path: format!("bin/{applet}"),
@@ -142,23 +165,19 @@ pub fn busybox_image(layouts: &Path) -> String {
     entries.push(script("www/cgi-bin/echo", BUSYBOX_ECHO_CGI));
     entries.push(script("www/cgi-bin/env", BUSYBOX_ENV_CGI));
     entries.push(script("www/cgi-bin/ps", BUSYBOX_PS_CGI));
+    let httpd = ["/bin/httpd", "-f", "-p", "0.0.0.0:9000", "-h", "/www"];
     let config = RunConfigSpec {
-        entrypoint: vec![
-            "/bin/httpd".into(),
-            "-f".into(),
-            "-p".into(),
-            "0.0.0.0:9000".into(),
-            "-h".into(),
-            "/www".into(),
-        ],
+        entrypoint: entrypoint.unwrap_or_else(|| httpd.iter().map(|s| s.to_string()).collect()),
         cmd: vec![],
         env: vec!["PATH=/bin".into(), "IMAGE_VAR=from-image".into()],
         working_dir: Some("/www".into()),
         user: None,
     };
+    let mut layers = vec![Layer::Entries(entries)];
+    layers.extend_from_slice(extra);
     oci::ensure_layout(
-        &layouts.join(format!("busybox-{}", &key[..16])),
-        &[Layer::Entries(entries)],
+        &layouts.join(format!("{name}-{}", &key[..16])),
+        &layers,
         &config,
     )
     .expect("cannot write the busybox image layout")
@@ -324,7 +343,13 @@ pub fn debian_python_tarball() -> PathBuf {
                 .arg(DEBIAN_MIRROR)
                 .status()
                 .expect("cannot run mmdebstrap (Debian package mmdebstrap)");
-            assert!(status.success(), "mmdebstrap failed");
+            assert!(
+                status.success(),
+                "mmdebstrap failed making {}: it needs {DEBIAN_MIRROR}; the nested level has no \
+                 network, so there the host level's run (scripts/test.sh without \
+                 FNVM_TEST_HOST=0) must have cached it first",
+                path.display()
+            );
             std::fs::rename(&tmp, &path).unwrap();
             path
         })

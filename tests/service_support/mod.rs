@@ -206,10 +206,15 @@ pub struct Serve {
 impl Serve {
     /// Starts `fnvm serve --listen 127.0.0.1:0 --sandbox process ARGS` and waits for it to serve.
     pub fn start(fnvm: &Path, home: &Path, agent: &Path, args: &[&str]) -> Serve {
+        Self::start_in("process", fnvm, home, agent, args)
+    }
+
+    /// Starts `fnvm serve --listen 127.0.0.1:0 --sandbox SANDBOX ARGS` and waits for it to serve.
+    pub fn start_in(sandbox: &str, fnvm: &Path, home: &Path, agent: &Path, args: &[&str]) -> Serve {
         let stderr_path = home.join(format!("serve-stderr-{}.log", free_port()));
         let err = std::fs::File::create(&stderr_path).unwrap();
         let mut cmd = crate::run_support::fnvm_command(fnvm, home, agent);
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--sandbox", "process"])
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--sandbox", sandbox])
             .args(args)
             .env("FNVM_LOG", "fnvm=info")
             .stdout(Stdio::null())
