@@ -221,6 +221,29 @@ pub fn scf_headers(settings: &FunctionSettings, request_id: &str) -> Vec<(&'stat
     ]
 }
 
+/// Puts one invocation's `X-Scf-*` headers on a request to the function, after removing every
+/// `X-Scf-*` header the caller sent: a web caller cannot pose as the platform (a forged request
+/// id, trigger or credentials). A value that is not a valid header value is left out.
+pub fn set_scf_headers(
+    headers: &mut hyper::HeaderMap,
+    settings: &FunctionSettings,
+    request_id: &str,
+) {
+    let callers: Vec<hyper::header::HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("x-scf-"))
+        .cloned()
+        .collect();
+    for name in callers {
+        headers.remove(name);
+    }
+    for (name, value) in scf_headers(settings, request_id) {
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&value) {
+            headers.insert(hyper::header::HeaderName::from_static(name), v);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

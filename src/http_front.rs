@@ -25,7 +25,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use crate::function::{scf_headers, FunctionSettings};
+use crate::function::{set_scf_headers, FunctionSettings};
 use crate::http_server::ConnectionLimits;
 use crate::sandbox::Instance;
 
@@ -144,7 +144,7 @@ impl Front {
             .unwrap_or_else(|| "/".into());
         let outbound = match self.function_type {
             FunctionType::Event => self.event_request(req, &request_id),
-            FunctionType::Web => Ok(web_request(req)),
+            FunctionType::Web => Ok(self.web_request(req, &request_id)),
         };
         let mut response = match outbound {
             Ok(outbound) => match self.forward(outbound).await {
@@ -223,13 +223,20 @@ impl Front {
         if let Some(len) = parts.headers.get(hyper::header::CONTENT_LENGTH) {
             headers.insert(hyper::header::CONTENT_LENGTH, len.clone());
         }
-        for (name, value) in scf_headers(&self.settings, request_id) {
-            // Values were validated when the settings were made; a bad one is skipped, not sent.
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                headers.insert(HeaderName::from_static(name), v);
-            }
-        }
+        // Values were validated when the settings were made; a bad one is skipped, not sent.
+        set_scf_headers(headers, &self.settings, request_id);
         Ok(out)
+    }
+
+    /// The client's request as it is, but for its hop-by-hop headers, with the invocation's
+    /// `X-Scf-*` headers.
+    fn web_request(&self, req: Request<Incoming>, request_id: &str) -> Request<Incoming> {
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        set_scf_headers(&mut parts.headers, &self.settings, request_id);
+        // The client spoke to the front over HTTP/1.x; the stream to the function is HTTP/1.1.
+        parts.version = hyper::Version::HTTP_11;
+        Request::from_parts(parts, body)
     }
 
     /// Sends `req` over a fresh stream to the function and hands back its response, whose body
@@ -286,15 +293,6 @@ impl Front {
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, body.boxed()))
     }
-}
-
-/// The client's request as it goes to a web function: unchanged but for hop-by-hop headers.
-fn web_request(req: Request<Incoming>) -> Request<Incoming> {
-    let (mut parts, body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    // The client spoke to the front over HTTP/1.x; the stream to the function is HTTP/1.1.
-    parts.version = hyper::Version::HTTP_11;
-    Request::from_parts(parts, body)
 }
 
 /// Removes the headers that describe one connection, not the message (RFC 9110 §7.6.1): each
@@ -614,8 +612,16 @@ mod tests {
         let mut resp = agent()
             .put(format!("http://{addr}/a/b%20c?q=1&q=2"))
             .header("X-Custom", "v")
+            // A caller posing as the platform.
+            .header("X-Scf-Request-Id", "forged")
+            .header("X-Scf-Secret-Key", "forged")
+            .header("X-Scf-Trigger-Src", "Timer")
             .send("payload")
             .unwrap();
+        let rid = resp.headers()["x-scf-request-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
         let echo: serde_json::Value =
             serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
         let head: Vec<&str> = echo["head"]
@@ -629,11 +635,21 @@ mod tests {
             head.iter().any(|h| h.eq_ignore_ascii_case("x-custom: v")),
             "{head:?}"
         );
+        // The contract's headers, as for an event function, and none of the caller's.
         assert!(
-            !head
-                .iter()
-                .any(|h| h.to_ascii_lowercase().starts_with("x-scf-")),
+            head.contains(&format!("x-scf-request-id: {rid}").as_str()),
             "{head:?}"
+        );
+        assert!(head.contains(&"x-scf-name: front-test"), "{head:?}");
+        let scf: Vec<&&str> = head
+            .iter()
+            .filter(|h| h.to_ascii_lowercase().starts_with("x-scf-"))
+            .collect();
+        assert_eq!(scf.len(), 12, "{scf:?}");
+        assert!(
+            !scf.iter()
+                .any(|h| h.contains("forged") || h.contains("Timer")),
+            "{scf:?}"
         );
         assert_eq!(echo["body"], "payload");
         let resp = agent().get(format!("http://{addr}/big")).call().unwrap();

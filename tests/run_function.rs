@@ -271,10 +271,16 @@ fn python_web_passthrough_keeps_method_path_query_headers_and_body_and_serves_64
                 .uri(run.url("/some/path%20x?a=1&b=two&a=3"))
                 .header("X-Custom", "kept as is")
                 .header("Cookie", "k=v; k2=v2")
+                // A caller posing as the platform: replaced by the invocation's own.
+                .header("X-Scf-Request-Id", "forged")
                 .body(body.clone())
                 .unwrap();
             let mut resp = http.run(req).unwrap();
             assert_eq!(resp.status(), 200, "{method}");
+            let returned_id = resp.headers()["x-scf-request-id"]
+                .to_str()
+                .unwrap()
+                .to_string();
             let echo = json(&mut resp);
             assert_eq!(echo["method"], method);
             assert_eq!(echo["path"], "/some/path%20x?a=1&b=two&a=3");
@@ -285,9 +291,15 @@ fn python_web_passthrough_keeps_method_path_query_headers_and_body_and_serves_64
             let h = header_map(&echo);
             assert_eq!(h["x-custom"], "kept as is");
             assert_eq!(h["cookie"], "k=v; k2=v2");
-            assert!(
-                !h.keys().any(|k| k.starts_with("x-scf-")),
-                "web requests are unchanged: {h:?}"
+            // Unchanged but for the contract's X-Scf-* headers, as an event function gets them.
+            assert_eq!(h["x-scf-request-id"], returned_id);
+            assert_eq!(h["x-scf-memory"], "512");
+            assert_eq!(h["x-scf-timeout"], "30");
+            assert_eq!(h["x-scf-name"], "fnvm-run");
+            assert_eq!(
+                h.keys().filter(|k| k.starts_with("x-scf-")).count(),
+                12,
+                "{h:?}"
             );
         }
         // The environment of the python function too.

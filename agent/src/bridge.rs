@@ -7,18 +7,25 @@
 //! A transport that cannot splice falls back to a fixed 64 KiB buffer.
 //!
 //! Function → host, each chunk waits for [`drain_output`] before it goes on: whatever the
-//! function printed before its response is then stamped before the host gets the response,
-//! so the host attributes those lines to the right request.
+//! function printed before its response is then queued before the host gets the response.
+//! Host → function, the head of each request (the first bytes of a stream, and the first after
+//! the function answered) is copied out of the pipe and scanned for its `X-Scf-Request-Id`
+//! ([`RequestHead`]); the agent drains the output and tells the host that request comes next
+//! before passing it on. So every line the host receives between two such messages belongs
+//! to the first of them.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fnvm_agent::protocol::FUNCTION_PORT;
+use fnvm_agent::protocol::{AgentMessage, FUNCTION_PORT};
 
+use crate::outbox::Outbox;
 use crate::output_drain::drain_output;
+use crate::request_head::RequestHead;
 use crate::transport::{Listener, Stream};
 
 /// Where the function's server listens inside the guest.
@@ -27,15 +34,16 @@ pub const FUNCTION_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], FUNCTION_PORT as u16)
 const THREAD_STACK: usize = 64 * 1024;
 const CHUNK: usize = 64 * 1024;
 
-/// Accepts host streams forever, one bridge per stream.
-pub fn serve(listener: Box<dyn Listener>) {
+/// Accepts host streams forever, one bridge per stream; `outbox` hears of each request.
+pub fn serve(listener: Box<dyn Listener>, outbox: Arc<Outbox>) {
     loop {
         match listener.accept() {
             Ok(host) => {
+                let outbox = outbox.clone();
                 let spawned = std::thread::Builder::new()
                     .name("bridge".into())
                     .stack_size(THREAD_STACK)
-                    .spawn(move || bridge(host));
+                    .spawn(move || bridge(host, &outbox));
                 if let Err(e) = spawned {
                     crate::console::line(&format!("error: cannot start a bridge thread: {e}"));
                 }
@@ -52,8 +60,65 @@ pub fn serve(listener: Box<dyn Listener>) {
     }
 }
 
+/// What a pump does with each chunk between reading it and writing it on.
+pub(crate) trait Relay {
+    /// Whether the chunk just read must be shown to [`Relay::before_write`] (copied out of
+    /// the pipe): asked once per chunk.
+    fn wants_bytes(&mut self) -> bool {
+        false
+    }
+    /// Runs before the chunk is written on; `bytes` is the chunk if it was wanted.
+    fn before_write(&mut self, bytes: Option<&[u8]>);
+}
+
+/// Function → host: the output printed before a response goes ahead of it, and the next bytes
+/// from the host start a new turn.
+struct Responses {
+    answered: Arc<AtomicBool>,
+}
+
+impl Relay for Responses {
+    fn before_write(&mut self, _: Option<&[u8]>) {
+        drain_output();
+        // Before the write, not after: the host may send its next request as soon as it has
+        // these bytes, and that request must be seen as a new turn.
+        self.answered.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Host → function: each turn's request head names the request the function gets next.
+struct Requests<'a> {
+    answered: Arc<AtomicBool>,
+    head: RequestHead,
+    outbox: &'a Outbox,
+}
+
+impl Relay for Requests<'_> {
+    fn wants_bytes(&mut self) -> bool {
+        if self.answered.swap(false, Ordering::SeqCst) {
+            self.head.next_turn();
+        }
+        self.head.scanning()
+    }
+
+    fn before_write(&mut self, bytes: Option<&[u8]>) {
+        if let Some(id) = bytes.and_then(|b| self.head.feed(b)) {
+            // What the function printed until now belongs to the requests before this one.
+            drain_output();
+            self.outbox.push(&AgentMessage::Request { id });
+        }
+    }
+}
+
+/// Moves data without looking at it (tests, and streams that carry no requests).
+impl<F: FnMut()> Relay for F {
+    fn before_write(&mut self, _: Option<&[u8]>) {
+        self()
+    }
+}
+
 /// One host stream ⇄ one guest TCP connection.
-fn bridge(host: Stream) {
+fn bridge(host: Stream, outbox: &Outbox) {
     let guest = match TcpStream::connect(std::net::SocketAddr::from(FUNCTION_ADDR)) {
         Ok(g) => g,
         // Nothing listens (any more): closing the stream tells the host at once.
@@ -65,19 +130,28 @@ fn bridge(host: Stream) {
     let _ = guest.set_nodelay(true);
     let host = Arc::new(host);
     let guest = Arc::new(guest);
-    let (h, g) = (host.clone(), guest.clone());
-    let upstream = std::thread::Builder::new()
-        .name("bridge-up".into())
-        .stack_size(THREAD_STACK)
-        .spawn(move || {
-            pump(h.as_fd(), g.as_fd(), || {});
-            finish(&*g);
-        });
-    pump(guest.as_fd(), host.as_fd(), drain_output);
-    finish(&*host);
-    if let Ok(t) = upstream {
-        let _ = t.join();
-    }
+    let answered = Arc::new(AtomicBool::new(false));
+    let mut requests = Requests {
+        answered: answered.clone(),
+        head: RequestHead::new(),
+        outbox,
+    };
+    let mut responses = Responses { answered };
+    // Scoped: the upstream thread borrows the outbox and is joined before the bridge returns.
+    std::thread::scope(|scope| {
+        let upstream = std::thread::Builder::new()
+            .name("bridge-up".into())
+            .stack_size(THREAD_STACK)
+            .spawn_scoped(scope, || {
+                pump(host.as_fd(), guest.as_fd(), &mut requests);
+                finish(&*guest);
+            });
+        pump(guest.as_fd(), host.as_fd(), &mut responses);
+        finish(&*host);
+        if let Ok(t) = upstream {
+            let _ = t.join();
+        }
+    });
 }
 
 /// After `src` → `dst` ended: the peer of `dst` sees EOF, the other direction goes on.
@@ -90,31 +164,41 @@ fn shutdown(fd: i32, how: i32) {
     unsafe { libc::shutdown(fd, how) };
 }
 
-/// Copies `src` to `dst` until EOF or an error, calling `before_write` after each chunk is
-/// read and before it is written. On an error both sockets are shut down completely, so the
-/// opposite direction's thread ends too.
-pub(crate) fn pump(src: BorrowedFd, dst: BorrowedFd, before_write: fn()) {
-    if splice_copy(src, dst, before_write).is_err() {
+/// Copies `src` to `dst` until EOF or an error, through `relay` between reading each chunk
+/// and writing it. On an error both sockets are shut down completely, so the opposite
+/// direction's thread ends too.
+pub(crate) fn pump(src: BorrowedFd, dst: BorrowedFd, relay: &mut impl Relay) {
+    if splice_copy(src, dst, relay).is_err() {
         shutdown(src.as_raw_fd(), libc::SHUT_RDWR);
         shutdown(dst.as_raw_fd(), libc::SHUT_RDWR);
     }
 }
 
 /// splice(2) through a pipe; where a socket cannot splice (EINVAL), the rest goes through a
-/// fixed buffer, starting with whatever already sits in the pipe.
-fn splice_copy(src: BorrowedFd, dst: BorrowedFd, before_write: fn()) -> io::Result<u64> {
+/// fixed buffer, starting with whatever already sits in the pipe. A chunk the relay wants to
+/// see is read out of the pipe and written from a buffer.
+fn splice_copy(src: BorrowedFd, dst: BorrowedFd, relay: &mut impl Relay) -> io::Result<u64> {
     let (pipe_read, pipe_write) = pipe()?;
     let mut total = 0u64;
+    let mut seen = Vec::new();
     loop {
         let n = match splice(src.as_raw_fd(), pipe_write.as_raw_fd(), CHUNK) {
             Ok(0) => return Ok(total),
             Ok(n) => n,
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                return buffered_copy(src, dst, before_write).map(|n| total + n)
+                return buffered_copy(src, dst, relay).map(|n| total + n)
             }
             Err(e) => return Err(e),
         };
-        before_write();
+        if relay.wants_bytes() {
+            seen.resize(n, 0);
+            read_exact(pipe_read.as_fd(), &mut seen)?;
+            relay.before_write(Some(&seen));
+            write_all(dst, &seen)?;
+            total += n as u64;
+            continue;
+        }
+        relay.before_write(None);
         let mut left = n;
         while left > 0 {
             match splice(pipe_read.as_raw_fd(), dst.as_raw_fd(), left) {
@@ -122,7 +206,7 @@ fn splice_copy(src: BorrowedFd, dst: BorrowedFd, before_write: fn()) -> io::Resu
                 Ok(m) => left -= m,
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     copy_exact(pipe_read.as_fd(), dst, left)?;
-                    let rest = buffered_copy(src, dst, before_write)?;
+                    let rest = buffered_copy(src, dst, relay)?;
                     return Ok(total + n as u64 + rest);
                 }
                 Err(e) => return Err(e),
@@ -145,6 +229,33 @@ fn copy_exact(src: BorrowedFd, dst: BorrowedFd, mut len: usize) -> io::Result<()
         }
         (&dst).write_all(&buf[..n])?;
         len -= n;
+    }
+    Ok(())
+}
+
+/// Fills `buf` from `src` (a pipe that holds at least that much).
+fn read_exact(src: BorrowedFd, buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match nix::unistd::read(src, &mut buf[done..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => done += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn write_all(dst: BorrowedFd, buf: &[u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match nix::unistd::write(dst, &buf[done..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }
@@ -177,7 +288,7 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((r, w))
 }
 
-fn buffered_copy(src: BorrowedFd, dst: BorrowedFd, before_write: fn()) -> io::Result<u64> {
+fn buffered_copy(src: BorrowedFd, dst: BorrowedFd, relay: &mut impl Relay) -> io::Result<u64> {
     let src = std::fs::File::from(src.try_clone_to_owned()?);
     let dst = std::fs::File::from(dst.try_clone_to_owned()?);
     let mut buf = vec![0u8; CHUNK];
@@ -187,7 +298,8 @@ fn buffered_copy(src: BorrowedFd, dst: BorrowedFd, before_write: fn()) -> io::Re
         if n == 0 {
             return Ok(total);
         }
-        before_write();
+        let seen = relay.wants_bytes().then_some(&buf[..n]);
+        relay.before_write(seen);
         (&dst).write_all(&buf[..n])?;
         total += n as u64;
     }
@@ -200,13 +312,98 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     #[test]
+    fn each_request_on_a_kept_alive_stream_is_announced_before_the_function_gets_it() {
+        use crate::outbox::Outbox;
+        use fnvm_agent::protocol::{read_message, LogStream};
+        use std::io::BufRead;
+
+        let outbox = Outbox::new();
+        let (host, bridge_host) = UnixStream::pair().unwrap();
+        let (bridge_function, function) = UnixStream::pair().unwrap();
+        let answered = Arc::new(AtomicBool::new(false));
+        let mut requests = Requests {
+            answered: answered.clone(),
+            head: RequestHead::new(),
+            outbox: &outbox,
+        };
+        let mut responses = Responses { answered };
+        // The function: logs which request it is serving as soon as it has read its head
+        // (after its 2-byte body), then answers.
+        let function_outbox = outbox.clone();
+        let server = std::thread::spawn(move || {
+            let mut reader = std::io::BufReader::new(function.try_clone().unwrap());
+            let mut out = function;
+            for n in 1..=3 {
+                let mut line = String::new();
+                while line != "\r\n" {
+                    line.clear();
+                    reader.read_line(&mut line).unwrap();
+                }
+                let mut body = [0u8; 2];
+                reader.read_exact(&mut body).unwrap();
+                function_outbox.push_log(LogStream::Stdout, format!("serving {n}"));
+                out.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .unwrap();
+            }
+        });
+        std::thread::scope(|scope| {
+            scope.spawn(|| pump(bridge_host.as_fd(), bridge_function.as_fd(), &mut requests));
+            scope.spawn(|| pump(bridge_function.as_fd(), bridge_host.as_fd(), &mut responses));
+            let mut host_reader = std::io::BufReader::new(host.try_clone().unwrap());
+            let mut host_writer = host.try_clone().unwrap();
+            for n in 1..=3 {
+                let head = format!("POST /event-invoke HTTP/1.1\r\nX-Scf-Request-Id: r{n}\r\n");
+                // The head in two writes (the id's line may arrive before its end), then the
+                // rest with a body that names another id.
+                host_writer.write_all(head.as_bytes()).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+                host_writer
+                    .write_all(b"content-length: 2\r\n\r\n{}")
+                    .unwrap();
+                let mut response = [0u8; 40];
+                host_reader.read_exact(&mut response).unwrap();
+                assert!(response.ends_with(b"ok"));
+            }
+            server.join().unwrap();
+            host.shutdown(Shutdown::Both).unwrap();
+            bridge_function.shutdown(Shutdown::Both).unwrap();
+        });
+        let (agent_end, control) = UnixStream::pair().unwrap();
+        let sender = outbox.clone();
+        std::thread::spawn(move || sender.run_sender());
+        outbox.attach(outbox.ticket(), Arc::new(Stream::from_fd(agent_end.into())));
+        assert!(outbox.drain(Duration::from_secs(5)));
+        outbox.close(Duration::from_millis(10));
+        let mut reader = std::io::BufReader::new(control);
+        let mut got = Vec::new();
+        while let Ok(Some(m)) = read_message::<_, AgentMessage>(&mut reader) {
+            got.push(match m {
+                AgentMessage::Request { id } => format!("request {id}"),
+                AgentMessage::Log { line, .. } => line,
+                other => format!("{other:?}"),
+            });
+        }
+        assert_eq!(
+            got,
+            [
+                "request r1",
+                "serving 1",
+                "request r2",
+                "serving 2",
+                "request r3",
+                "serving 3"
+            ]
+        );
+    }
+
+    #[test]
     fn what_cannot_splice_is_copied_through_a_buffer() {
         // The fallback for transports that cannot splice, on its own.
         let (mut a, b) = UnixStream::pair().unwrap();
         let (c, mut d) = UnixStream::pair().unwrap();
         a.write_all(b"through a buffer").unwrap();
         drop(a);
-        assert_eq!(buffered_copy(b.as_fd(), c.as_fd(), || {}).unwrap(), 16);
+        assert_eq!(buffered_copy(b.as_fd(), c.as_fd(), &mut || {}).unwrap(), 16);
         drop(c);
         let mut got = String::new();
         d.read_to_string(&mut got).unwrap();
@@ -224,7 +421,7 @@ mod tests {
             }
         });
         let copier = std::thread::spawn(move || {
-            let n = splice_copy(b.as_fd(), c.as_fd(), || {}).unwrap();
+            let n = splice_copy(b.as_fd(), c.as_fd(), &mut || {}).unwrap();
             c.shutdown(Shutdown::Write).unwrap();
             n
         });

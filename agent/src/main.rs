@@ -27,6 +27,7 @@ mod net;
 mod outbox;
 mod output_drain;
 mod refresh;
+mod request_head;
 mod shutdown;
 mod supervisor;
 mod test_actions;
@@ -185,7 +186,7 @@ fn run_instance(config: &Config) -> Result<(), String> {
         let (s, o) = (supervisor.clone(), outbox.clone());
         move || control::serve(control, s, o)
     })?;
-    spawn("bridge-accept", move || bridge::serve(function))?;
+    spawn("bridge-accept", move || bridge::serve(function, outbox))?;
     console::line(&format!(
         "listening for the host on ports {CONTROL_PORT} (control) and {FUNCTION_PORT} (function)"
     ));

@@ -1,12 +1,14 @@
-//! The function's output pipes, read only under one lock per pipe, so the bridge can stamp
-//! everything the function printed before a response ahead of that response.
+//! The function's output pipes, read only under one lock per pipe, so the bridge can queue
+//! everything the function printed so far ahead of what it sends next.
 //!
-//! The host attributes each log line to a request by the time the agent stamped it. A
-//! function's write() to its stdout has completed before it writes its response, so if the
-//! bridge drains the pipes ([`drain_output`]) after reading response bytes and before passing
-//! them on, every line printed before the response is stamped before the host gets it —
-//! however late the reader thread is scheduled. Every read of a pipe happens under its lock,
-//! so once the bridge holds the lock no byte is "read but not yet stamped" anywhere.
+//! The host attributes each log line to the request the agent last announced
+//! (`AgentMessage::Request`). A line the function printed while serving one request has been
+//! written to its pipe before the next request reaches it, so if the bridge drains the pipes
+//! ([`drain_output`]) before announcing a request, every earlier line is queued ahead of the
+//! announcement — however late the reader thread is scheduled. Every read of a pipe happens
+//! under its lock, so once the bridge holds the lock no byte is "read but not yet queued"
+//! anywhere. The bridge drains before passing on response bytes too, so a response is never
+//! sent ahead of the lines printed before it.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -285,7 +287,7 @@ mod tests {
             crate::bridge::pump(
                 from_function.as_fd(),
                 bridge_host_side.as_fd(),
-                drain_output,
+                &mut drain_output,
             )
         });
         let mut to_function = agent_side;

@@ -12,7 +12,7 @@ use std::io::{self, BufRead, Write};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Bumped on any incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The agent listens for the host's control connection on this port.
 pub const CONTROL_PORT: u32 = 1024;
 /// The function's HTTP port: host streams to it are bridged to 127.0.0.1:9000 in the guest.
@@ -83,8 +83,8 @@ pub enum AgentMessage {
         uptime_ms: u64,
     },
     /// One line the function printed (without its newline), stamped in the guest when the
-    /// agent read it, in microseconds: the host attributes lines to requests by this stamp,
-    /// and requests on a fast machine follow each other within one millisecond.
+    /// agent read it, in microseconds (the time users see; attribution goes by
+    /// [`AgentMessage::Request`], which needs no clock).
     Log {
         stream: LogStream,
         unix_time_us: u64,
@@ -92,6 +92,11 @@ pub enum AgentMessage {
     },
     /// Something accepts connections on port 9000: the instance can serve.
     Ready { after_ms: u64 },
+    /// A request carrying this `X-Scf-Request-Id` is about to reach the function. Everything
+    /// the function printed before is sent ahead of this message; every line after it, until
+    /// the next one, was read while this was the latest request. With requests one at a time
+    /// that places each line exactly, on any clock.
+    Request { id: String },
     /// The function could not start or never listened; `message` is what the caller sees.
     StartFailed {
         message: String,
@@ -248,11 +253,14 @@ mod tests {
         ));
         let mut cut = Cursor::new(b"{\"type\":\"ready\"".to_vec());
         assert!(read_message::<_, AgentMessage>(&mut cut).is_err());
-        // An agent of the first protocol (millisecond log stamps) is refused by name.
-        assert!(matches!(
-            check_version(1),
-            Err(ProtocolError::Version { peer: 1 })
-        ));
+        // Agents of earlier protocols (millisecond log stamps; no Request messages, so the
+        // host would attribute nothing) are refused by name.
+        for old in [1, 2] {
+            assert!(matches!(
+                check_version(old),
+                Err(ProtocolError::Version { peer }) if peer == old
+            ));
+        }
     }
 
     #[test]

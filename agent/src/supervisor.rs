@@ -230,7 +230,8 @@ impl Supervisor {
     }
 
     /// Reads one output pipe until EOF, line by line into the outbox (see [`LogPipe`]: the
-    /// bridge drains it too, so lines are stamped before the response that follows them).
+    /// bridge drains it too, so lines are queued ahead of the response and the request after
+    /// them).
     /// None when the reader cannot be set up: then the pipe is closed and the function's
     /// writes fail (EPIPE) instead of blocking forever.
     fn forward_output(&self, pipe: OwnedFd, stream: LogStream) -> Option<JoinHandle<()>> {

@@ -29,9 +29,6 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const EXIT_AFTER_FAILURE: Duration = Duration::from_secs(2);
 /// Slack the host gives the agent beyond the ready timeout before it stops waiting itself.
 const READY_SLACK: Duration = Duration::from_secs(10);
-/// How long a start or a resume waits for the agent's first clock answer (one round trip on
-/// the control stream; generous for emulation) before handing the instance out unmeasured.
-const FIRST_CLOCK_ANSWER: Duration = Duration::from_secs(5);
 
 /// What the host knows about how an instance ended, and the function's last lines.
 pub struct ExitState {
@@ -314,14 +311,11 @@ fn converse(
     match rx.recv_timeout(wait) {
         // The host's own clock needs no measuring.
         Ok(Startup::Ready) if source == ClockSource::Host => Ok(control),
+        // Measured in the background: stamps only place lines in time for the reader (which
+        // request a line belongs to goes by the agent's Request messages), so the instance is
+        // handed out at once.
         Ok(Startup::Ready) => {
-            control.start_pinger(Arc::clone(&clock));
-            if !clock.wait_measured(FIRST_CLOCK_ANSWER) {
-                tracing::warn!(
-                    "the agent did not answer a clock ping within {FIRST_CLOCK_ANSWER:?}; its log \
-                     stamps stay on its own clock until it does"
-                );
-            }
+            control.start_pinger(clock);
             Ok(control)
         }
         // The agent sends StartFailed before Exited: when the function itself ended, report
@@ -493,6 +487,8 @@ fn read_loop(
             let _ = tx.send(o);
         }
     };
+    // The latest request the agent said reaches the function: the one each line was read under.
+    let mut request: Option<Arc<str>> = None;
     loop {
         let message = match protocol::read_message::<_, AgentMessage>(&mut reader) {
             Ok(Some(m)) => m,
@@ -517,8 +513,10 @@ fn read_loop(
                     stream,
                     unix_time_us: clock.to_host_us(unix_time_us, host_now_us()),
                     line,
+                    after_request: request.clone(),
                 });
             }
+            AgentMessage::Request { id } => request = Some(id.into()),
             AgentMessage::Pong { seq, unix_time_us } => {
                 clock.pong(seq, unix_time_us, host_now_us());
             }

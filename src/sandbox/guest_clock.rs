@@ -1,10 +1,11 @@
 //! How far an instance's clock is from the host's, so the agent's log stamps can be placed on
-//! the host's time line, where the requests they belong to were timed.
+//! the host's time line, next to the requests the host timed. (Which request a line belongs to
+//! does not depend on this: the agent says in order, see `AgentMessage::Request`.)
 //!
 //! A process sandbox shares the host's clock. A VM's clock is set from the host's when it
 //! boots or is restored, and then runs on its own: the host's NTP slews the host clock and
 //! not the guest's (tens of ppm: a few ms after minutes), and a restore sets it one message's
-//! latency late. Either is more than the time between a request's start and its first line.
+//! latency late. Either is more than the time between two requests.
 //!
 //! So the host pings the agent now and then: sent at `h1`, the guest's clock read `g` when it
 //! answered, back at `h2`. The guest read its clock between `h1` and `h2`, so its offset
@@ -24,8 +25,8 @@
 //! at most half the difference of the quickest latencies each way.
 
 use std::collections::VecDeque;
-use std::sync::{Condvar, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Samples kept: at one ping every [`PING_INTERVAL`], a window short enough for drift not to
 /// matter and long enough to hold a quick round trip.
@@ -99,8 +100,6 @@ impl State {
 pub struct GuestClock {
     source: ClockSource,
     state: Mutex<State>,
-    /// Signalled at every answer, for [`GuestClock::wait_measured`].
-    answered: Condvar,
 }
 
 impl GuestClock {
@@ -150,28 +149,6 @@ impl GuestClock {
         }
         st.samples.push_back(sample);
         st.offset_us = st.estimate(self.source);
-        self.answered.notify_all();
-    }
-
-    /// Waits up to `limit` for the first measurement; true once there is one. An instance is
-    /// handed out only after this: a restored VM's clock was set one message late (seconds
-    /// under emulation or on a loaded host), and until measured its stamps would place the
-    /// first request's lines before that request.
-    pub fn wait_measured(&self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        let mut st = self.lock();
-        while st.samples.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            st = self
-                .answered
-                .wait_timeout(st, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        true
     }
 
     /// Guest minus host, in microseconds, as last measured (0 before any answer).
@@ -252,21 +229,6 @@ mod tests {
         sample(&clock, 3_000, 50, 3_100);
         assert!((-3_050..=-2_950).contains(&clock.offset_us()));
         assert!(clock.offset_us() <= 0);
-    }
-
-    #[test]
-    fn waiting_for_the_first_measurement_ends_at_the_first_answer_or_the_limit() {
-        let clock = std::sync::Arc::new(GuestClock::new(ClockSource::Own));
-        assert!(!clock.wait_measured(Duration::from_millis(20)));
-        let seq = clock.ping_sent(host_now_us());
-        let answering = std::sync::Arc::clone(&clock);
-        let answer = std::thread::spawn(move || {
-            let now = host_now_us();
-            answering.pong(seq, now + 800_000, now);
-        });
-        assert!(clock.wait_measured(Duration::from_secs(30)));
-        answer.join().unwrap();
-        assert!((790_000..=810_000).contains(&clock.offset_us()));
     }
 
     #[test]

@@ -113,6 +113,11 @@ pub struct LogLine {
     /// When the guest read it (microseconds since the epoch).
     pub unix_time_us: u64,
     pub line: String,
+    /// The `X-Scf-Request-Id` of the latest request that reached the function before the agent
+    /// read this line (None before the first on this control stream). The agent says so in
+    /// order with the lines, so this needs no clock; the id is as the bytes said, and only the
+    /// host's own records can confirm it is one of its requests.
+    pub after_request: Option<Arc<str>>,
 }
 
 /// How a cold start got its instance running.

@@ -21,14 +21,12 @@
 //! with 101 becomes a byte tunnel between client and function that holds its instance slot
 //! until either side closes.
 //!
-//! Log lines are attributed to the request in flight on the instance that printed them, by the
-//! time the agent read them (see [`Attribution`]); lines read between requests go to the one
-//! before. For event functions (one request per instance) this is exact unless the agent reads a
-//! request's last lines only after the pool already sent the next request to that instance
-//! (its output reader thread starved of CPU); exactness in every case needs a marker from the
-//! agent. For a web instance serving several requests at once such lines have no request id.
-//! This assumes the guest's realtime clock follows the host's (same kernel in the process
-//! sandbox, kvmclock in the VM).
+//! Log lines are attributed to the request the agent last said reached the function before it
+//! read them (see [`Attribution`]): the agent's bridge finds each request's `X-Scf-Request-Id`
+//! in its head and says so on the control stream, in order with the lines, before the function
+//! sees the request. Lines read between requests go to the one before. That is exact for one
+//! request at a time, on any guest clock; for a web instance serving several requests at once
+//! the lines printed meanwhile have no request id.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -38,7 +36,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -46,7 +44,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use super::logs::{LogEntry, LogStore};
 use super::metrics::{InstanceCounts, Metrics, StartKind};
 use super::model::{FunctionKey, FunctionType, FunctionVersion};
-use crate::function::scf_headers;
+use crate::function::set_scf_headers;
 use crate::home::Home;
 use crate::http_front::{error_chain, strip_hop_by_hop, InstanceConnector};
 use crate::sandbox::guest_clock::host_now_us;
@@ -248,13 +246,11 @@ struct Running {
     client: Client<InstanceConnector, OutBody>,
 }
 
-/// Which request a log line belongs to: the invocations of one instance with the times (µs,
-/// realtime clock) they were sent and answered. A line is stamped by the agent when it reads it,
-/// which for a line printed during a request lies between the two: the agent stamps what the
-/// function printed before passing on any response bytes, and a request counts as answered when
-/// its response's last bytes came from the instance, before the caller can see them and send its
-/// next request. The line itself may reach the host later than the response (it travels on
-/// another stream), so arrival order cannot decide.
+/// Which request a log line belongs to: the invocations of one instance with the host's times
+/// (µs) they were sent and answered. The agent names the request each line was read under
+/// ([`LogLine::after_request`](crate::sandbox::LogLine)); that name counts only if it is one of
+/// these (the head it came from may hold a caller's bytes) and the request did not overlap
+/// another on this instance (then the function may have printed for either).
 #[derive(Default)]
 struct Attribution {
     requests: std::collections::VecDeque<Invocation>,
@@ -296,31 +292,15 @@ impl Attribution {
         }
     }
 
-    /// The request a line read at `time_us` was printed during: the one in flight then; if
-    /// none was, the last one before (a line printed after a response, or without its newline
-    /// until later); None before the first request, and None when several requests were in
-    /// flight together (a web instance's concurrency). A tie at one microsecond's boundary goes
-    /// to the earlier request.
-    fn request_at(&self, time_us: u64) -> Option<String> {
-        let during: Vec<&Invocation> = self
-            .requests
-            .iter()
-            .filter(|r| r.sent_us <= time_us && r.answered_us.is_none_or(|a| time_us <= a))
-            .collect();
-        match during.as_slice() {
-            [] => self
-                .requests
-                .iter()
-                .rev()
-                .find(|r| r.sent_us <= time_us)
-                .map(|r| r.request_id.clone()),
-            [only] => Some(only.request_id.clone()),
-            [first, rest @ ..] => {
-                let answered = first.answered_us.unwrap_or(u64::MAX);
-                let overlapping = rest.iter().any(|r| r.sent_us < answered);
-                (!overlapping).then(|| first.request_id.clone())
-            }
-        }
+    /// The request a line belongs to, given the request the agent says it was read under.
+    fn owner(&self, after_request: Option<&str>) -> Option<String> {
+        let id = after_request?;
+        let r = self.requests.iter().rev().find(|r| r.request_id == id)?;
+        let end = r.answered_us.unwrap_or(u64::MAX);
+        let overlapped = self.requests.iter().any(|o| {
+            !std::ptr::eq(o, r) && o.sent_us < end && o.answered_us.is_none_or(|a| a > r.sent_us)
+        });
+        (!overlapped).then(|| r.request_id.clone())
     }
 }
 
@@ -476,11 +456,7 @@ impl Pool {
                 )
                 .map_err(|e| InvokeError::Internal(format!("building the event request: {e}")))?;
             let headers = req.headers_mut();
-            for (name, value) in scf_headers(&version.settings, request_id) {
-                if let Ok(v) = HeaderValue::from_str(&value) {
-                    headers.insert(HeaderName::from_static(name), v);
-                }
-            }
+            set_scf_headers(headers, &version.settings, request_id);
             if timer {
                 headers.insert("x-scf-trigger-src", HeaderValue::from_static("Timer"));
             }
@@ -555,6 +531,11 @@ impl Pool {
         }
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        set_scf_headers(
+            &mut parts.headers,
+            &lease.settings_from.settings,
+            request_id,
+        );
         parts.version = hyper::Version::HTTP_11;
         let mut uri = hyper::Uri::builder()
             .scheme("http")
@@ -1186,7 +1167,7 @@ impl Inner {
                 let request_id = attribution
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .request_at(line.unix_time_us);
+                    .owner(line.after_request.as_deref());
                 logs.append(
                     &key,
                     LogEntry {
@@ -1467,6 +1448,11 @@ async fn tunnel(
     let upgrade = req.headers().get(hyper::header::UPGRADE).cloned();
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    set_scf_headers(
+        &mut parts.headers,
+        &lease.settings_from.settings,
+        &lease.request_id,
+    );
     if let Some(upgrade) = upgrade {
         parts.headers.insert(hyper::header::UPGRADE, upgrade);
         parts.headers.insert(

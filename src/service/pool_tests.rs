@@ -559,54 +559,41 @@ fn a_failure_shows_each_last_line_once() {
     );
 }
 
-#[test]
-fn a_line_belongs_to_the_request_in_flight_when_it_was_read() {
-    let mut a = Attribution::default();
-    a.requests.push_back(Invocation {
-        request_id: "a".into(),
-        sent_us: 100,
-        answered_us: Some(110),
-    });
-    a.requests.push_back(Invocation {
-        request_id: "b".into(),
-        sent_us: 110,
-        answered_us: None,
-    });
-    assert_eq!(a.request_at(99), None);
-    assert_eq!(a.request_at(105).as_deref(), Some("a"));
-    assert_eq!(a.request_at(110).as_deref(), Some("a"));
-    assert_eq!(a.request_at(111).as_deref(), Some("b"));
-    // Read after b was answered, before anything else was sent: b's trailing line.
-    a.requests[1].answered_us = Some(112);
-    assert_eq!(a.request_at(115).as_deref(), Some("b"));
-    a.requests[1].answered_us = None;
-    // Two in flight together (a web instance's concurrency): no single owner.
-    a.requests.push_back(Invocation {
-        request_id: "c".into(),
-        sent_us: 120,
-        answered_us: None,
-    });
-    assert_eq!(a.request_at(125), None);
+fn invocation(request_id: &str, sent_us: u64, answered_us: Option<u64>) -> Invocation {
+    Invocation {
+        request_id: request_id.into(),
+        sent_us,
+        answered_us,
+    }
 }
 
 #[test]
-fn a_request_sent_within_the_millisecond_of_the_last_answer_keeps_its_first_lines() {
-    // A fast caller: b goes out 300 µs after a was answered and prints 200 µs later, all in
-    // the millisecond a was answered in. Millisecond stamps would tie and hand b's first
-    // lines to a (the CI failure that made stamps microseconds).
+fn a_line_belongs_to_the_request_the_agent_read_it_under() {
     let mut a = Attribution::default();
-    a.requests.push_back(Invocation {
-        request_id: "a".into(),
-        sent_us: 1_700_000_000_100_000,
-        answered_us: Some(1_700_000_000_110_100),
-    });
-    a.requests.push_back(Invocation {
-        request_id: "b".into(),
-        sent_us: 1_700_000_000_110_400,
-        answered_us: None,
-    });
-    assert_eq!(a.request_at(1_700_000_000_110_050).as_deref(), Some("a"));
-    assert_eq!(a.request_at(1_700_000_000_110_600).as_deref(), Some("b"));
+    a.requests.push_back(invocation("a", 100, Some(110)));
+    a.requests.push_back(invocation("b", 110, None));
+    // Before any request, or under a name the host never sent (a forged head): nobody's.
+    assert_eq!(a.owner(None), None);
+    assert_eq!(a.owner(Some("forged")), None);
+    // One at a time, back to back within a microsecond: each its own, whatever the clocks.
+    assert_eq!(a.owner(Some("a")).as_deref(), Some("a"));
+    assert_eq!(a.owner(Some("b")).as_deref(), Some("b"));
+    // Read after b was answered, before the next request reached the function: b's.
+    a.requests[1].answered_us = Some(112);
+    assert_eq!(a.owner(Some("b")).as_deref(), Some("b"));
+}
+
+#[test]
+fn lines_of_requests_served_together_have_no_owner() {
+    // A web instance's concurrency: c was sent while b was in flight; the function may have
+    // printed a line for either after c's head went by.
+    let mut a = Attribution::default();
+    a.requests.push_back(invocation("a", 100, Some(110)));
+    a.requests.push_back(invocation("b", 120, None));
+    a.requests.push_back(invocation("c", 125, Some(130)));
+    assert_eq!(a.owner(Some("b")), None);
+    assert_eq!(a.owner(Some("c")), None);
+    assert_eq!(a.owner(Some("a")).as_deref(), Some("a"));
 }
 
 /// A minimal front like the API's on 127.0.0.1: every request goes to `invoke_web` with a new
