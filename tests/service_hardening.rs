@@ -434,6 +434,15 @@ fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
     }
 }
 
+/// Whether the server answered this silent connection already (its refusal) or closed it.
+fn was_refused(s: &TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let answered =
+        !matches!(s.peek(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    s.set_nonblocking(false).unwrap();
+    answered
+}
+
 fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(30)).unwrap();
     s.set_nodelay(true).unwrap();
@@ -623,10 +632,16 @@ fn past_the_connection_cap_health_and_management_keep_a_reserve_and_the_rest_get
             .contains(&format!("max_connections {CAP}")),
         "{body}"
     );
-    // With the reserve taken too, a new connection gets a complete 503 and is closed.
-    let reserve: Vec<TcpStream> = (0..RESERVE).map(|_| connect(serve.addr)).collect();
+    // With the reserve taken too, a new connection gets a complete 503 and is closed. A reserve
+    // place is given back when the server has closed the connection of the exchange before, in
+    // its own time: a reserve connection that came earlier was refused, and is replaced.
+    let mut reserve: Vec<TcpStream> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
+        reserve.retain(|s| !was_refused(s));
+        while reserve.len() < RESERVE {
+            reserve.push(connect(serve.addr));
+        }
         let (s, h, body) = call("GET", &serve.url("/healthz"), &[], None);
         if s == 503 {
             assert_eq!(h["retry-after"], "1");
