@@ -29,7 +29,8 @@
 # model, default EPYC,+svm,+npt minus what TCG lacks), FNVM_NESTED_TIMEOUT (seconds per L1 run, default 3600),
 # FNVM_NESTED_HANG (seconds without L1's heartbeat before it counts as crashed, default 120),
 # FNVM_NESTED_TCG_THREAD (QEMU's TCG threading: multi, or single), FNVM_NESTED_PIN (1: the
-# command runs on L1's last CPU only, the default; 0: on all),
+# command runs on L1's last CPU only, the default; 0: on all), FNVM_NESTED_HOLD (1: two idle
+# KVM VMs are held open in L1 while the command runs, the default; 0: none),
 # FNVM_NESTED_KERNEL_PKG (the L1 kernel package, default linux-image-amd64's dependency).
 set -euo pipefail
 
@@ -50,7 +51,8 @@ installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok
 
 ensure_packages() {
   local need=() p
-  for p in qemu-system-x86 busybox-static cpio; do installed "$p" || need+=("$p"); done
+  # python3: scripts/lib/kvm-hold.py, run inside L1.
+  for p in qemu-system-x86 busybox-static cpio python3; do installed "$p" || need+=("$p"); done
   [ "${#need[@]}" -eq 0 ] && return
   local sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -199,11 +201,20 @@ case "$cpus" in '' | *[!0-9]* | 0) die "FNVM_NESTED_CPUS=$cpus: not a positive n
 pin=""
 if [ "${FNVM_NESTED_PIN:-1}" != 0 ] && [ "$cpus" -gt 1 ]; then pin=$((cpus - 1)); fi
 
+# Two idle KVM VMs stay open in L1 while the command runs (FNVM_NESTED_HOLD=0: none), so the
+# command's VMs never take KVM's VM counts to or from zero. At zero KVM switches SVM off on
+# every CPU by IPI and flips static keys by live text patching; under emulation L1 hung whole
+# there (one CPU in kvm_destroy_vm's on_each_cpu, the other stuck in a text-patching int3).
+# See scripts/lib/kvm-hold.py.
+hold=1
+[ "${FNVM_NESTED_HOLD:-1}" != 0 ] || hold=""
+
 # The command as a shell script: the environment, the directory, the argv.
 {
   echo "# written by scripts/nested.sh"
   export -p | grep -v -E '^declare -x (OLDPWD|PWD|SHLVL|_)(=|$)' | sed 's/^declare -x /export /'
   printf 'cd %q || exit 125\n' "$PWD"
+  [ -z "$hold" ] || printf '/usr/bin/python3 %q </dev/null &\n' "$here/lib/kvm-hold.py"
   printf 'exec'
   [ -z "$pin" ] || printf ' taskset -c %s' "$pin"
   printf ' %q' "$@"
