@@ -1,7 +1,31 @@
 //! Shared helpers for fnvm's benchmarks: each benchmark is a binary in `src/bin/` that prints a
 //! table of medians and ratios against a peer measured in the same run.
 
+use std::process::{Command, Stdio};
 use std::time::Duration;
+
+/// Whether a peer's command can run here (`program args…` exits 0), or why not: a bench whose
+/// peer cannot run says so and still measures fnvm.
+pub fn peer_runs(program: &str, args: &[&str], package: &str) -> Result<(), String> {
+    match Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+    {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => Err(format!(
+            "`{program} {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => Err(format!(
+            "cannot run {program} ({e}; Debian package {package})"
+        )),
+    }
+}
 
 /// The median of `samples` (the mean of the middle two for an even count).
 pub fn median(samples: &[Duration]) -> Duration {
@@ -119,5 +143,18 @@ mod tests {
         let mut t = Table::new(&["what", "median"]);
         t.row(vec!["a".into(), ms(d(5))]);
         assert_eq!(t.render(), "what  median\n------------\na     5.0 ms\n");
+    }
+
+    #[test]
+    fn a_peer_that_cannot_run_says_why() {
+        assert_eq!(peer_runs("true", &[], "coreutils"), Ok(()));
+        let missing = peer_runs("fnvm-no-such-peer", &["--version"], "nothing").unwrap_err();
+        assert!(
+            missing.contains("cannot run fnvm-no-such-peer"),
+            "{missing}"
+        );
+        assert!(missing.contains("Debian package nothing"), "{missing}");
+        let failing = peer_runs("sh", &["-c", "echo broken >&2; exit 3"], "dash").unwrap_err();
+        assert!(failing.contains("broken"), "{failing}");
     }
 }
