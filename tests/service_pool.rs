@@ -6,6 +6,8 @@
 //! out and all succeed; a function past its timeout gets the timeout error and the next call
 //! works; an instance killed mid-request gives a crash error naming it and the next call works;
 //! the logs of one request id hold exactly its lines; idle instances go away after the idle time.
+//! Another serve shows provisioned concurrency: N instances ready before any request, kept past
+//! the idle time, take N calls at once with no cold start on the request path (/metrics).
 
 mod run_support;
 mod service_support;
@@ -330,4 +332,131 @@ fn pool_in(sandbox: &str) {
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "instance directories left: {left:?}");
+}
+
+/// `fnvm_instance_starts_total` of `function` and `kind` in a /metrics text (0 if absent).
+fn starts(metrics: &str, function: &str, kind: &str) -> u64 {
+    let key =
+        format!("fnvm_instance_starts_total{{function=\"{function}\",start_kind=\"{kind}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+fn metrics(serve: &Serve) -> String {
+    http()
+        .get(serve.url("/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+}
+
+#[test]
+fn provisioned_instances_take_as_many_calls_at_once_without_a_cold_start() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: service pool tests need root (the process sandbox)");
+        return;
+    }
+    for sandbox in sandboxes("serve: provisioned concurrency") {
+        provisioned_in(sandbox);
+    }
+}
+
+fn provisioned_in(sandbox: &str) {
+    const N: usize = 3;
+    let _serial = serial();
+    let home = fresh_home(&format!("service-pool-provisioned-{sandbox}"));
+    // Idle instances go after 1 s, unless provisioned.
+    let mut serve = Serve::start_in(
+        sandbox,
+        Path::new(FNVM),
+        &home,
+        agent(),
+        &["--idle-timeout", "1", "--memory-budget", "1024"],
+    );
+    let spec = serde_json::json!({
+        "image": handler_image(), "memory_mb": 64, "timeout_s": 30,
+        "max_instances": N, "provisioned_concurrency": N,
+    });
+    let put = http()
+        .put(serve.url("/v1/namespaces/default/functions/prov"))
+        .header("Content-Type", "application/json")
+        .send(spec.to_string())
+        .unwrap();
+    assert!(put.status().is_success(), "PUT: {}", put.status());
+    // The instances start before any request, and stay past the idle timeout.
+    let ready = |serve: &Serve| {
+        let list = instances(serve, "prov");
+        list.len() == N && list.iter().all(|i| i["state"] == "idle")
+    };
+    wait_for(
+        "the provisioned instances to be ready",
+        Duration::from_secs(300),
+        || ready(&serve),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(ready(&serve), "{:?}", instances(&serve, "prov"));
+    let before: Vec<serde_json::Value> = instances(&serve, "prov")
+        .iter()
+        .map(|i| i["id"].clone())
+        .collect();
+    let m = metrics(&serve);
+    let cold_before = starts(&m, "default/prov", "boot") + starts(&m, "default/prov", "snapshot");
+    assert_eq!(cold_before, N as u64, "{m}");
+
+    // N calls at once, each long enough that they overlap: each gets its own instance, warm.
+    let calls: Vec<_> = (0..N)
+        .map(|_| {
+            let serve_url = serve.url("");
+            std::thread::spawn(move || {
+                let mut resp = http()
+                    .post(format!(
+                        "{serve_url}/v1/namespaces/default/functions/prov/invocations"
+                    ))
+                    .send("sleep 1")
+                    .unwrap();
+                let rid = resp.headers()["x-scf-request-id"]
+                    .to_str()
+                    .unwrap()
+                    .to_string();
+                (
+                    resp.status().as_u16(),
+                    rid,
+                    resp.body_mut().read_to_string().unwrap(),
+                )
+            })
+        })
+        .collect();
+    for call in calls {
+        let (status, rid, body) = call.join().unwrap();
+        assert_eq!((status, body), (200, format!("ok {rid}")));
+    }
+    let m = metrics(&serve);
+    assert_eq!(
+        starts(&m, "default/prov", "boot") + starts(&m, "default/prov", "snapshot"),
+        cold_before,
+        "no cold start on the request path: {m}"
+    );
+    assert_eq!(starts(&m, "default/prov", "warm"), N as u64, "{m}");
+    let after: Vec<serde_json::Value> = instances(&serve, "prov")
+        .iter()
+        .map(|i| i["id"].clone())
+        .collect();
+    assert_eq!(
+        {
+            let mut a = after.clone();
+            a.sort_by_key(|v| v.to_string());
+            a
+        },
+        {
+            let mut b = before.clone();
+            b.sort_by_key(|v| v.to_string());
+            b
+        },
+        "the same instances served the calls"
+    );
+    serve.stop();
 }
