@@ -10,6 +10,8 @@
 //! `fnvm run` has one instance taking every request at once. A last row serves 8 connections
 //! with 4 instances, so requests wait in the pool for a free instance (on 2 cores, 8 busy
 //! instances' processes make the scheduler the tail; 4 show the pool's own queueing).
+//! Then a function's first call, on a provisioned instance and on demand (its cold start on the
+//! request path), five fresh functions each.
 //! Targets on 2 cores: ≥ 5,000 req/s through serve, p99 < 5 ms, serve adding < 20 % to run.
 //!
 //! Needs root and a release build: `cargo build --release -p fnvm && cargo run --release -p
@@ -32,6 +34,8 @@ const CONNECTIONS: usize = 8;
 /// The connection counts measured.
 const LOADS: [usize; 2] = [4, 8];
 const EVENT: &str = r#"{"hello":"bench"}"#;
+/// Fresh functions whose first call is timed, provisioned and on demand.
+const FIRST_CALL_ROUNDS: usize = 5;
 
 fn main() -> Result<()> {
     let sandbox = std::env::args()
@@ -87,6 +91,25 @@ fn main() -> Result<()> {
     let queued_url = format!("{}/invocations", serve.deploy(&image, "bench-half", half)?);
     wrk(&script, &queued_url, CONNECTIONS, Duration::from_secs(2))?;
     let queued = wrk(&script, &queued_url, CONNECTIONS, Duration::from_secs(5))?;
+    serve.remove("bench-half")?;
+    // A function's first call: on a provisioned instance, and on demand (a cold start on the
+    // request path), a fresh function each round.
+    let (mut provisioned, mut on_demand) = (Vec::new(), Vec::new());
+    for round in 0..FIRST_CALL_ROUNDS {
+        for (name, keep, times) in [
+            (format!("first-provisioned-{round}"), 1, &mut provisioned),
+            (format!("first-on-demand-{round}"), 0, &mut on_demand),
+        ] {
+            let url = format!("{}/invocations", serve.deploy_with(&image, &name, 1, keep)?);
+            let t = Instant::now();
+            let mut resp = ureq::post(&url)
+                .send(EVENT)
+                .with_context(|| format!("POST {url}"))?;
+            let _ = resp.body_mut().read_to_string()?;
+            times.push(t.elapsed());
+            serve.remove(&name)?;
+        }
+    }
     drop(serve);
 
     let us = |d: Duration| format!("{:.0} µs", d.as_secs_f64() * 1e6);
@@ -121,6 +144,33 @@ fn main() -> Result<()> {
         "wrk -t2 -d5s POST of a {}-byte event to fnvm-hello\n{}",
         EVENT.len(),
         table.render()
+    );
+    let mut first = Table::new(&[
+        "a function's first call",
+        "p50",
+        "min",
+        "max",
+        "vs provisioned",
+    ]);
+    let base = Some(fnvm_benches::median(&provisioned));
+    for (name, v) in [
+        (format!("provisioned instance ({sandbox})"), &provisioned),
+        (
+            format!("on demand: a cold start on the request path ({sandbox})"),
+            &on_demand,
+        ),
+    ] {
+        first.row(vec![
+            name,
+            fnvm_benches::ms(fnvm_benches::median(v)),
+            fnvm_benches::ms(v.iter().min().copied().unwrap_or_default()),
+            fnvm_benches::ms(v.iter().max().copied().unwrap_or_default()),
+            fnvm_benches::ratio(fnvm_benches::median(v), base),
+        ]);
+    }
+    println!(
+        "{FIRST_CALL_ROUNDS} fresh functions each\n{}",
+        first.render()
     );
     let miss = |ok: bool| if ok { "" } else { "  MISSED" };
     for (i, c) in LOADS.iter().enumerate() {
@@ -266,16 +316,27 @@ impl Serve {
         Ok(serve)
     }
 
-    /// Deploys `image` as event function `bench` and waits until its provisioned instances are
-    /// idle; returns the function's URL.
+    /// Deploys `image` as event function `name` with `instances` provisioned (and at most) and
+    /// waits until they are idle; returns the function's URL.
     fn deploy(&self, image: &str, name: &str, instances: usize) -> Result<String> {
+        self.deploy_with(image, name, instances, instances)
+    }
+
+    /// As [`Serve::deploy`], with `provisioned` of `instances` kept ready (0: started on demand).
+    fn deploy_with(
+        &self,
+        image: &str,
+        name: &str,
+        instances: usize,
+        provisioned: usize,
+    ) -> Result<String> {
         let url = format!("{}/v1/namespaces/default/functions/{name}", self.base);
         let spec = serde_json::json!({
             "image": image,
             "type": "event",
             "memory_mb": 64,
             "max_instances": instances,
-            "provisioned_concurrency": instances,
+            "provisioned_concurrency": provisioned,
         });
         ureq::put(&url)
             .header("Content-Type", "application/json")
@@ -291,11 +352,11 @@ impl Serve {
             if v["state"] == "failed" {
                 bail!("the deploy failed: {v}");
             }
-            if v["state"] == "active" && idle >= instances {
+            if v["state"] == "active" && idle >= provisioned {
                 return Ok(url);
             }
             if Instant::now() > deadline {
-                bail!("the function is not ready with {instances} idle instances: {v}");
+                bail!("the function is not ready with {provisioned} idle instances: {v}");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
