@@ -121,6 +121,28 @@ fn invoke(serve: &Serve, name: &str, event: &str) -> (u16, String, String) {
     (status, rid, resp.body_mut().read_to_string().unwrap())
 }
 
+/// `n` invocations of `name` at once, each on its own thread: what each got back.
+fn invoke_at_once(serve: &Serve, name: &str, event: &str, n: usize) -> Vec<(u16, String, String)> {
+    let calls: Vec<_> = (0..n)
+        .map(|_| {
+            let url = serve.url(&format!(
+                "/v1/namespaces/default/functions/{name}/invocations"
+            ));
+            let event = event.to_string();
+            std::thread::spawn(move || {
+                let mut resp = http().post(url).send(event).unwrap();
+                let rid = resp.headers()["x-scf-request-id"]
+                    .to_str()
+                    .unwrap()
+                    .to_string();
+                let status = resp.status().as_u16();
+                (status, rid, resp.body_mut().read_to_string().unwrap())
+            })
+        })
+        .collect();
+    calls.into_iter().map(|c| c.join().unwrap()).collect()
+}
+
 fn instances(serve: &Serve, name: &str) -> Vec<serde_json::Value> {
     get_json(&serve.url(&format!("/v1/namespaces/default/functions/{name}")))["instances"]
         .as_array()
@@ -209,41 +231,12 @@ fn pool_in(sandbox: &str) {
     );
 
     // 32 concurrent invocations: scale out to several instances (at most 4), all succeed.
-    let calls: Vec<_> = (0..32)
-        .map(|_| {
-            let serve_url = serve.url("");
-            std::thread::spawn(move || {
-                let mut resp = http()
-                    .post(format!(
-                        "{serve_url}/v1/namespaces/default/functions/pool/invocations"
-                    ))
-                    .send("sleep 0.3")
-                    .unwrap();
-                let rid = resp.headers()["x-scf-request-id"]
-                    .to_str()
-                    .unwrap()
-                    .to_string();
-                (
-                    resp.status().as_u16(),
-                    rid,
-                    resp.body_mut().read_to_string().unwrap(),
-                )
-            })
-        })
-        .collect();
-    for call in calls {
-        let (status, rid, body) = call.join().unwrap();
+    for (status, rid, body) in invoke_at_once(&serve, "pool", "sleep 0.3", 32) {
         assert_eq!((status, body), (200, format!("ok {rid}")));
     }
     let scaled = instances(&serve, "pool").len();
     assert!((2..=4).contains(&scaled), "{scaled} instances");
-    let metrics = http()
-        .get(serve.url("/metrics"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = metrics(&serve);
     assert!(
         metrics.contains("fnvm_invocations_total{function=\"default/pool\"} 32"),
         "{metrics}"
@@ -408,30 +401,7 @@ fn provisioned_in(sandbox: &str) {
     assert_eq!(cold_before, N as u64, "{m}");
 
     // N calls at once, each long enough that they overlap: each gets its own instance, warm.
-    let calls: Vec<_> = (0..N)
-        .map(|_| {
-            let serve_url = serve.url("");
-            std::thread::spawn(move || {
-                let mut resp = http()
-                    .post(format!(
-                        "{serve_url}/v1/namespaces/default/functions/prov/invocations"
-                    ))
-                    .send("sleep 1")
-                    .unwrap();
-                let rid = resp.headers()["x-scf-request-id"]
-                    .to_str()
-                    .unwrap()
-                    .to_string();
-                (
-                    resp.status().as_u16(),
-                    rid,
-                    resp.body_mut().read_to_string().unwrap(),
-                )
-            })
-        })
-        .collect();
-    for call in calls {
-        let (status, rid, body) = call.join().unwrap();
+    for (status, rid, body) in invoke_at_once(&serve, "prov", "sleep 1", N) {
         assert_eq!((status, body), (200, format!("ok {rid}")));
     }
     let m = metrics(&serve);
