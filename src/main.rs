@@ -42,6 +42,9 @@ enum Command {
     Run(cli::run::RunArgs),
     /// Build the bundled example function, run it, invoke it and show its reply, logs and timings.
     Demo(cli::demo::DemoArgs),
+    /// Measure a function's cold starts: pull, boot start, snapshot start and warm call, each
+    /// phase as p50/p90/p99 (a table, or --json).
+    Bench(cli::bench::BenchArgs),
     /// The host service: the HTTP API, function store, instance pool, logs, timers, metrics.
     Serve(cli::serve::ServeArgs),
     /// Create or update a function on `fnvm serve` (waits until it is active or failed).
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
         Command::Image(cmd) => cli::image::run(&home, cmd),
         Command::Run(args) => cli::run::run(&home, args),
         Command::Demo(args) => cli::demo::run(&home, args),
+        Command::Bench(args) => cli::bench::run(&home, args),
         Command::Serve(args) => cli::serve::run(&home, args),
         Command::Deploy(args) => cli::client::deploy(args),
         Command::Invoke(args) => cli::client::invoke(args),

@@ -180,11 +180,11 @@ impl Started {
     }
 }
 
-struct Reply {
-    status: u16,
-    request_id: String,
-    body: String,
-    elapsed: Duration,
+pub(super) struct Reply {
+    pub status: u16,
+    pub request_id: String,
+    pub body: String,
+    pub elapsed: Duration,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -229,14 +229,20 @@ fn wait_for_log(logs: &Arc<(Mutex<Vec<String>>, Condvar)>, request_id: &str, lim
 
 /// One event invocation through the front over TCP, as any client would send it.
 fn invoke(addr: SocketAddr, event: &str) -> Result<Reply> {
+    call(addr, "POST", event)
+}
+
+/// One request to the front over TCP (a new connection, closed after the reply), timed from
+/// connecting to the reply's last byte.
+pub(super) fn call(addr: SocketAddr, method: &str, body: &str) -> Result<Reply> {
     let started = Instant::now();
     let mut stream =
         TcpStream::connect(addr).with_context(|| format!("cannot connect to {addr}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     write!(
         stream,
-        "POST / HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{event}",
-        event.len()
+        "{method} / HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )?;
     let mut raw = Vec::new();
     stream

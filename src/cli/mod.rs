@@ -1,5 +1,6 @@
 //! One module per command group.
 
+pub mod bench;
 pub mod client;
 pub mod demo;
 pub mod image;

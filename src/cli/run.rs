@@ -89,23 +89,7 @@ pub struct RegistryArgs {
 /// Pulls `image` through the image pipeline (a cache hit costs a manifest read), printing
 /// progress to stderr.
 pub fn pull_image(home: &Home, image: &str, registry: &RegistryArgs) -> Result<PulledImage> {
-    let reference =
-        reference::parse(image).with_context(|| format!("{image:?} is not an image reference"))?;
-    let mut options = PullOptions::default();
-    if let ImageReference::Registry(r) = &reference {
-        options.registry = RegistryOptions {
-            credentials: fnvm_rootfs_builder::credentials::resolve(
-                registry.registry_user.as_deref(),
-                registry.registry_password.as_deref(),
-                &r.registry,
-            )?,
-            insecure_registries: registry.insecure_registries.clone(),
-            ca_file: registry.registry_ca.clone(),
-            ..RegistryOptions::default()
-        };
-    } else if registry.registry_user.is_some() || registry.registry_password.is_some() {
-        bail!("--registry-user/--registry-password only apply to registry images, not {image}");
-    }
+    let (reference, options) = pull_options(image, registry)?;
     let started = Instant::now();
     let mut progress = |p: Progress| match p {
         Progress::Unpack { index, count, .. } => {
@@ -132,6 +116,28 @@ pub fn pull_image(home: &Home, image: &str, registry: &RegistryArgs) -> Result<P
         }
     );
     Ok(pulled)
+}
+
+/// The parsed reference of `image` and how to pull it (credentials, plain-HTTP registries, CA).
+pub fn pull_options(image: &str, registry: &RegistryArgs) -> Result<(ImageReference, PullOptions)> {
+    let reference =
+        reference::parse(image).with_context(|| format!("{image:?} is not an image reference"))?;
+    let mut options = PullOptions::default();
+    if let ImageReference::Registry(r) = &reference {
+        options.registry = RegistryOptions {
+            credentials: fnvm_rootfs_builder::credentials::resolve(
+                registry.registry_user.as_deref(),
+                registry.registry_password.as_deref(),
+                &r.registry,
+            )?,
+            insecure_registries: registry.insecure_registries.clone(),
+            ca_file: registry.registry_ca.clone(),
+            ..RegistryOptions::default()
+        };
+    } else if registry.registry_user.is_some() || registry.registry_password.is_some() {
+        bail!("--registry-user/--registry-password only apply to registry images, not {image}");
+    }
+    Ok((reference, options))
 }
 
 /// A started function and its front, until [`Session::stop`].

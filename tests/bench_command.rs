@@ -1,0 +1,166 @@
+//! `fnvm bench` end to end: the real binary measuring real images built here from Debian
+//! packages (busybox-static's httpd as a web function, Debian minbase + python3 as an event
+//! function), every kind and phase present in its JSON, and bad input refused by name.
+//! Needs root (the process sandbox).
+
+mod run_support;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::OnceLock;
+
+use run_support::*;
+
+const FNVM: &str = env!("CARGO_BIN_EXE_fnvm");
+
+fn agent() -> &'static Path {
+    static AGENT: OnceLock<PathBuf> = OnceLock::new();
+    AGENT.get_or_init(|| static_binary(Path::new(FNVM), "fnvm-agent", "FNVM_AGENT_BIN"))
+}
+
+fn layouts() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-tests-images")
+}
+
+fn bench(home: &Path, args: &[&str]) -> Output {
+    fnvm_command(Path::new(FNVM), home, agent())
+        .arg("bench")
+        .args(args)
+        .output()
+        .expect("fnvm runs")
+}
+
+fn home(name: &str) -> PathBuf {
+    let home = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&home);
+    std::fs::create_dir_all(&home).unwrap();
+    home
+}
+
+/// The phases of `kind` in a bench's JSON, each checked to hold `runs` positive samples.
+fn phases(report: &serde_json::Value, kind: &str, runs: usize) -> Vec<String> {
+    let phases = report["kinds"][kind]["phases"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{kind} has no phases: {report}"));
+    for (name, p) in phases {
+        let samples = p["samples_ms"].as_array().unwrap();
+        assert_eq!(samples.len(), runs, "{kind}/{name}: {p}");
+        assert!(
+            samples.iter().all(|s| s.as_f64().unwrap() >= 0.0),
+            "{kind}/{name}: {p}"
+        );
+        for q in ["p50_ms", "p90_ms", "p99_ms"] {
+            assert!(p[q].as_f64().is_some(), "{kind}/{name} has no {q}: {p}");
+        }
+        assert!(
+            p["p50_ms"].as_f64() <= p["p99_ms"].as_f64(),
+            "{kind}/{name}: {p}"
+        );
+    }
+    phases.keys().cloned().collect()
+}
+
+#[test]
+fn a_short_bench_of_busybox_and_python3_reports_every_kind_and_phase_as_json() {
+    let images = [
+        (busybox_image(&layouts()), "web"),
+        (python_image(&layouts()), "event"),
+    ];
+    for sandbox in sandboxes("fnvm bench") {
+        let _serial = serial();
+        for (image, function_type) in &images {
+            let home = home(&format!("bench-home-{sandbox}"));
+            let out = bench(
+                &home,
+                &[
+                    image,
+                    "--sandbox",
+                    sandbox,
+                    "--type",
+                    function_type,
+                    "--runs",
+                    "2",
+                    "--json",
+                ],
+            );
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{image}: {stderr}");
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+            assert_eq!(report["sandbox"], *sandbox);
+            assert_eq!(report["type"], *function_type);
+            assert_eq!(report["runs"], 2);
+            assert!(report["digest"].as_str().unwrap().starts_with("sha256:"));
+            for key in ["cpu", "cpus", "kernel", "fnvm", "hardware_virtualization"] {
+                assert!(report["machine"][key].is_string(), "{key}: {report}");
+            }
+            let mut pull = phases(&report, "pull", 2);
+            pull.sort();
+            assert_eq!(
+                pull,
+                ["fetch", "resolve", "rootfs image", "total", "unpack"]
+            );
+            let mut boot = phases(&report, "boot", 2);
+            boot.sort();
+            assert_eq!(boot, ["first reply", "start → ready"]);
+            assert_eq!(phases(&report, "warm", 2), ["reply"]);
+            if sandbox == "vm" {
+                let mut snapshot = phases(&report, "snapshot", 2);
+                snapshot.sort();
+                assert_eq!(
+                    snapshot,
+                    ["VMM start → guest resumed", "first reply", "start → ready"]
+                );
+            } else {
+                let why = report["kinds"]["snapshot"]["not_run"].as_str().unwrap();
+                assert!(why.contains("no snapshots"), "{report}");
+            }
+            // A start that booted and answered takes longer than a warm call.
+            let p50 = |kind: &str, phase: &str| {
+                report["kinds"][kind]["phases"][phase]["p50_ms"]
+                    .as_f64()
+                    .unwrap()
+            };
+            assert!(
+                p50("boot", "start → ready") > p50("warm", "reply"),
+                "{report}"
+            );
+            // The pulls went into stores of their own, all removed.
+            let left: Vec<_> = std::fs::read_dir(home.join("bench"))
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            assert!(left.is_empty(), "pull stores left: {left:?}");
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_refused_with_a_message_naming_what_was_wrong() {
+    let home = home("bench-home-bad");
+    let out = bench(&home, &["oci:/nonexistent/layout:latest", "--runs", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("cannot pull oci:/nonexistent/layout:latest"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "no partial table: {:?}", out.stdout);
+
+    let out = bench(&home, &["oci:/x:latest", "--runs", "0"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--runs"), "{stderr}");
+
+    if !host_has_vmx_or_svm() {
+        // A sandbox that cannot run here: the reason, and no table.
+        let image = busybox_image(&layouts());
+        let out = bench(
+            &home,
+            &[&image, "--sandbox", "vm", "--type", "web", "--runs", "1"],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(stderr.contains("VMX") || stderr.contains("SVM"), "{stderr}");
+        assert!(out.stdout.is_empty(), "no partial table: {:?}", out.stdout);
+    }
+}
