@@ -465,6 +465,7 @@ mod tests {
             crate::sandbox::StartInfo {
                 kind: crate::sandbox::ColdStart::Boot,
                 note: None,
+                phases: Vec::new(),
             }
         }
         fn restore_report(&self) -> Option<crate::sandbox::RestoreReport> {

@@ -37,12 +37,13 @@ fn home(name: &str) -> PathBuf {
     home
 }
 
-/// The phases of `kind` in a bench's JSON, each checked to hold `runs` positive samples.
+/// The phases of `kind` in a bench's JSON, in order, each checked to hold `runs` samples.
 fn phases(report: &serde_json::Value, kind: &str, runs: usize) -> Vec<String> {
     let phases = report["kinds"][kind]["phases"]
-        .as_object()
+        .as_array()
         .unwrap_or_else(|| panic!("{kind} has no phases: {report}"));
-    for (name, p) in phases {
+    for p in phases {
+        let name = p["phase"].as_str().unwrap();
         let samples = p["samples_ms"].as_array().unwrap();
         assert_eq!(samples.len(), runs, "{kind}/{name}: {p}");
         assert!(
@@ -57,7 +58,10 @@ fn phases(report: &serde_json::Value, kind: &str, runs: usize) -> Vec<String> {
             "{kind}/{name}: {p}"
         );
     }
-    phases.keys().cloned().collect()
+    phases
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap().to_string())
+        .collect()
 }
 
 #[test]
@@ -94,22 +98,26 @@ fn a_short_bench_of_busybox_and_python3_reports_every_kind_and_phase_as_json() {
             for key in ["cpu", "cpus", "kernel", "fnvm", "hardware_virtualization"] {
                 assert!(report["machine"][key].is_string(), "{key}: {report}");
             }
-            let mut pull = phases(&report, "pull", 2);
-            pull.sort();
             assert_eq!(
-                pull,
-                ["fetch", "resolve", "rootfs image", "total", "unpack"]
+                phases(&report, "pull", 2),
+                ["resolve", "fetch", "unpack", "rootfs image", "total"]
             );
-            let mut boot = phases(&report, "boot", 2);
-            boot.sort();
-            assert_eq!(boot, ["first reply", "start → ready"]);
+            // In order: the whole start, where the sandbox says it went, the first reply.
+            let boot = phases(&report, "boot", 2);
+            let within: &[&str] = if sandbox == "vm" {
+                &["VMM start → agent answered", "of which guest boot → agent"]
+            } else {
+                &["sandbox set-up → agent answered"]
+            };
+            let mut want = vec!["start → ready"];
+            want.extend_from_slice(within);
+            want.extend(["agent → function listening", "first reply"]);
+            assert_eq!(boot, want, "{report}");
             assert_eq!(phases(&report, "warm", 2), ["reply"]);
             if sandbox == "vm" {
-                let mut snapshot = phases(&report, "snapshot", 2);
-                snapshot.sort();
                 assert_eq!(
-                    snapshot,
-                    ["VMM start → guest resumed", "first reply", "start → ready"]
+                    phases(&report, "snapshot", 2),
+                    ["start → ready", "VMM start → guest resumed", "first reply"]
                 );
             } else {
                 let why = report["kinds"]["snapshot"]["not_run"].as_str().unwrap();
@@ -117,9 +125,13 @@ fn a_short_bench_of_busybox_and_python3_reports_every_kind_and_phase_as_json() {
             }
             // A start that booted and answered takes longer than a warm call.
             let p50 = |kind: &str, phase: &str| {
-                report["kinds"][kind]["phases"][phase]["p50_ms"]
-                    .as_f64()
+                report["kinds"][kind]["phases"]
+                    .as_array()
                     .unwrap()
+                    .iter()
+                    .find(|p| p["phase"] == phase)
+                    .and_then(|p| p["p50_ms"].as_f64())
+                    .unwrap_or_else(|| panic!("{kind}/{phase}: {report}"))
             };
             assert!(
                 p50("boot", "start → ready") > p50("warm", "reply"),

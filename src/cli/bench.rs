@@ -2,7 +2,9 @@
 //! kind of start with its phases, as a table of p50/p90/p99 (or `--json` for dashboards).
 //!
 //! Kinds: a *pull* into an empty store each run (resolve, fetch, unpack, rootfs image), a *boot*
-//! start (start → ready, the first reply), a *snapshot* start (vm sandbox: start → ready, the
+//! start (start → ready and where the sandbox says it went — the sandbox or VMM up to the agent's
+//! answer, the guest's boot to the agent, the function's start to listening — then the first
+//! reply), a *snapshot* start (vm sandbox: start → ready, the
 //! VMM's resume, the first reply; the snapshot is written by one untimed boot first) and a
 //! *warm* call (the second request on a running instance). Every start is a whole `fnvm run`
 //! launch with its front, stopped and cleaned up after its calls. A kind that cannot run here
@@ -65,14 +67,31 @@ pub fn run(home: &Home, args: BenchArgs) -> Result<ExitCode> {
     kinds.push(("pull", Kind::Measured(pulls(home, &args, runs)?)));
     let pulled = run::pull_image(home, &args.image, &args.registry)?;
 
-    let mut boot: Phases = vec![("start → ready", vec![]), ("first reply", vec![])];
+    // start → ready, then where the sandbox says that time went, then the first reply.
+    let (mut ready, mut within, mut first_reply): (Vec<Duration>, Phases, Vec<Duration>) =
+        Default::default();
     let mut warm: Phases = vec![("reply", vec![])];
     for _ in 0..runs {
-        let (start, first, second) = start_and_call(home, &pulled, kind, &args, false)?;
-        boot[0].1.push(start);
-        boot[1].1.push(first);
-        warm[0].1.push(second);
+        let started = start_and_call(home, &pulled, kind, &args, false)?;
+        ready.push(started.start);
+        for (name, d) in started.phases {
+            match within.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, samples)) => samples.push(d),
+                None => within.push((name, vec![d])),
+            }
+        }
+        first_reply.push(started.first);
+        warm[0].1.push(started.second);
     }
+    if let Some((name, samples)) = within.iter().find(|(_, s)| s.len() != runs) {
+        bail!(
+            "the sandbox reported its phase {name:?} for {} of {runs} starts",
+            samples.len()
+        );
+    }
+    let mut boot: Phases = vec![("start → ready", ready)];
+    boot.extend(within);
+    boot.push(("first reply", first_reply));
     kinds.push(("boot", Kind::Measured(boot)));
     let snapshot = if kind == SandboxKind::Vm {
         // One untimed boot writes the snapshot (unless one is there); every timed run restores.
@@ -181,20 +200,36 @@ fn launch(home: &Home, pulled: &PulledImage, opts: LaunchOptions) -> Result<run:
     })
 }
 
-/// One launch: its start time, then two calls' times; stopped afterwards.
+/// One launch as [`start_and_call`] measured it.
+struct Started {
+    /// Asking the sandbox to start → the function listening.
+    start: Duration,
+    /// Where the sandbox says that time went.
+    phases: Vec<(&'static str, Duration)>,
+    first: Duration,
+    second: Duration,
+}
+
+/// One launch: its start time and phases, then two calls' times; stopped afterwards.
 fn start_and_call(
     home: &Home,
     pulled: &PulledImage,
     kind: SandboxKind,
     args: &BenchArgs,
     snapshot: bool,
-) -> Result<(Duration, Duration, Duration)> {
+) -> Result<Started> {
     let session = launch(home, pulled, options(kind, args, snapshot))?;
     let start = session.start_time;
+    let phases = session.instance.start_info().phases;
     let calls = call(&session, args).and_then(|first| Ok((first, call(&session, args)?)));
     session.stop()?;
     let (first, second) = calls?;
-    Ok((start, first, second))
+    Ok(Started {
+        start,
+        phases,
+        first,
+        second,
+    })
 }
 
 /// One snapshot start: start time, first call, and the VMM's resume as the instance measured it.
@@ -305,19 +340,20 @@ fn json(header: &Header, kinds: &[(&'static str, Kind)]) -> serde_json::Value {
     let mut out = serde_json::Map::new();
     for (name, kind) in kinds {
         let value = match kind {
+            // Phases in the order they happen (a list: JSON objects have no order).
             Kind::Measured(phases) => {
-                let mut p = serde_json::Map::new();
-                for (phase, samples) in phases {
-                    p.insert(
-                        (*phase).into(),
+                let p: Vec<serde_json::Value> = phases
+                    .iter()
+                    .map(|(phase, samples)| {
                         serde_json::json!({
+                            "phase": phase,
                             "p50_ms": ms(quantile(samples, 0.5)),
                             "p90_ms": ms(quantile(samples, 0.9)),
                             "p99_ms": ms(quantile(samples, 0.99)),
                             "samples_ms": samples.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
-                        }),
-                    );
-                }
+                        })
+                    })
+                    .collect();
                 serde_json::json!({ "phases": p })
             }
             Kind::NotRun(why) => serde_json::json!({ "not_run": why }),
@@ -347,7 +383,7 @@ fn print_table(header: &Header, kinds: &[(&'static str, Kind)]) {
     );
     println!();
     println!(
-        "{:<10} {:<28} {:>11} {:>11} {:>11}",
+        "{:<10} {:<34} {:>11} {:>11} {:>11}",
         "kind", "phase", "p50", "p90", "p99"
     );
     for (name, kind) in kinds {
@@ -356,7 +392,7 @@ fn print_table(header: &Header, kinds: &[(&'static str, Kind)]) {
                 for (phase, samples) in phases {
                     let cell = |q| format!("{:.2} ms", ms(quantile(samples, q)));
                     println!(
-                        "{name:<10} {phase:<28} {:>11} {:>11} {:>11}",
+                        "{name:<10} {phase:<34} {:>11} {:>11} {:>11}",
                         cell(0.5),
                         cell(0.9),
                         cell(0.99)

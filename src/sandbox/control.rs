@@ -132,15 +132,29 @@ impl ExitState {
 
 /// How a start ended, as the reader thread saw it.
 enum Startup {
-    Ready,
+    /// With the agent's `after_ms` (a start; none for a resume's Refreshed).
+    Ready(Option<u64>),
     Failed(SandboxError),
     /// The control stream ended or broke before any outcome.
     Lost(String),
 }
 
+/// When the agent answered, as its start or resume saw it: the phases of a cold start.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentTimes {
+    /// The host's time when the agent's Hello arrived.
+    pub hello_at: Instant,
+    /// The guest's uptime when the agent answered it (a VM: kernel boot → agent; a process
+    /// sandbox: the host's uptime, meaningless).
+    pub uptime_ms: u64,
+    /// Agent's start of the function → something listening on port 9000 (a start only).
+    pub listening_after_ms: Option<u64>,
+}
+
 /// A started instance's control stream.
 pub struct Control {
     stream: UnixStream,
+    agent: AgentTimes,
     /// Every message to the agent goes through this lock: whole lines, never interleaved.
     writer: Arc<Mutex<UnixStream>>,
     reader: Mutex<Option<JoinHandle<()>>>,
@@ -267,11 +281,18 @@ fn converse(
     // the guest may still be handling the vsock transport reset when the first connection
     // arrives, and that reset can take the new stream with it.
     let deadline = Instant::now() + connect_timeout;
-    let (stream, mut writer, reader) = loop {
+    let (stream, mut writer, reader, agent) = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let stream = connect_control(transport, &exit, dead, left)?;
         match greet(&stream) {
-            Ok((writer, reader)) => break (stream, writer, reader),
+            Ok((writer, reader, uptime_ms)) => {
+                let agent = AgentTimes {
+                    hello_at: Instant::now(),
+                    uptime_ms,
+                    listening_after_ms: None,
+                };
+                break (stream, writer, reader, agent);
+            }
             Err(Greeting::Lost(why)) if Instant::now() < deadline && dead().is_none() => {
                 tracing::debug!("control stream lost before the agent's Hello ({why}); retrying");
                 std::thread::sleep(Duration::from_millis(5));
@@ -306,17 +327,20 @@ fn converse(
         writer: Arc::new(Mutex::new(writer)),
         reader: Mutex::new(Some(reader)),
         pinger: Mutex::new(None),
+        agent,
     };
 
     match rx.recv_timeout(wait) {
         // The host's own clock needs no measuring.
-        Ok(Startup::Ready) if source == ClockSource::Host => Ok(control),
+        Ok(Startup::Ready(after_ms)) if source == ClockSource::Host => {
+            Ok(control.with_listening(after_ms))
+        }
         // Measured in the background: stamps only place lines in time for the reader (which
         // request a line belongs to goes by the agent's Request messages), so the instance is
         // handed out at once.
-        Ok(Startup::Ready) => {
+        Ok(Startup::Ready(after_ms)) => {
             control.start_pinger(clock);
-            Ok(control)
+            Ok(control.with_listening(after_ms))
         }
         // The agent sends StartFailed before Exited: when the function itself ended, report
         // the exit (code, signal) with the agent's words.
@@ -363,7 +387,9 @@ enum Greeting {
 
 /// Hello both ways on a fresh control stream; returns the writing half and the (buffered)
 /// reading half.
-fn greet(stream: &UnixStream) -> Result<(UnixStream, BufReader<UnixStream>), Greeting> {
+/// Says Hello on `stream` and reads the agent's: the writer, the reader, and the guest's
+/// uptime the agent reported.
+fn greet(stream: &UnixStream) -> Result<(UnixStream, BufReader<UnixStream>, u64), Greeting> {
     let setup = |e: std::io::Error| {
         Greeting::Failed(SandboxError::Agent(format!(
             "cannot set up the control stream: {e}"
@@ -397,12 +423,17 @@ fn greet(stream: &UnixStream) -> Result<(UnixStream, BufReader<UnixStream>), Gre
             ))))
         }
     }
-    match protocol::read_message::<_, AgentMessage>(&mut reader) {
-        Ok(Some(AgentMessage::Hello { version, agent, .. })) => {
+    let uptime_ms = match protocol::read_message::<_, AgentMessage>(&mut reader) {
+        Ok(Some(AgentMessage::Hello {
+            version,
+            agent,
+            uptime_ms,
+        })) => {
             protocol::check_version(version).map_err(|e| {
                 Greeting::Failed(SandboxError::Agent(format!("incompatible agent: {e}")))
             })?;
             tracing::debug!("agent {agent} speaks protocol {version}");
+            uptime_ms
         }
         Ok(Some(other)) => {
             return Err(Greeting::Failed(SandboxError::Agent(format!(
@@ -418,10 +449,10 @@ fn greet(stream: &UnixStream) -> Result<(UnixStream, BufReader<UnixStream>), Gre
                 "no Hello from the agent: {e}"
             ))))
         }
-    }
+    };
     // The reader goes on to the read loop: the agent may send queued messages (log lines)
     // right after its Hello, and they may sit in this buffer already.
-    Ok((writer, reader))
+    Ok((writer, reader, uptime_ms))
 }
 
 /// Connects to the control port, retrying while the agent comes up; fails early if the sandbox
@@ -522,7 +553,7 @@ fn read_loop(
             }
             AgentMessage::Ready { after_ms } => {
                 tracing::debug!("function ready after {after_ms} ms");
-                outcome(Startup::Ready);
+                outcome(Startup::Ready(Some(after_ms)));
             }
             AgentMessage::StartFailed {
                 message,
@@ -557,7 +588,7 @@ fn read_loop(
                 outcome(Startup::Failed(SandboxError::Agent(message)));
             }
             // A restored instance is ready again once its agent applied the Refresh.
-            AgentMessage::Refreshed => outcome(Startup::Ready),
+            AgentMessage::Refreshed => outcome(Startup::Ready(None)),
             AgentMessage::Hello { .. } => {
                 tracing::debug!("control message {message:?}");
             }
@@ -572,6 +603,16 @@ impl Drop for Control {
 }
 
 impl Control {
+    /// When the agent answered this start or resume.
+    pub fn agent_times(&self) -> AgentTimes {
+        self.agent
+    }
+
+    fn with_listening(mut self, after_ms: Option<u64>) -> Self {
+        self.agent.listening_after_ms = after_ms;
+        self
+    }
+
     /// Asks the agent to stop the function (SIGTERM, SIGKILL after `grace`) and waits a little
     /// longer than that for its exit; the caller kills the sandbox afterwards either way.
     pub fn stop(&self, exit: &ExitState, grace: Duration) {

@@ -110,6 +110,7 @@ impl Sandbox for ProcessSandbox {
                 spec.instance_dir.display()
             )));
         }
+        let began = std::time::Instant::now();
         let mut parts = Parts::new(spec.instance_dir.clone())?;
         let result = self.start_in(&spec, &socket_dir, &mut parts);
         let exit = match result {
@@ -122,6 +123,14 @@ impl Sandbox for ProcessSandbox {
             }
         };
         let control = parts.control.take();
+        let phases = control.as_ref().map_or_else(Vec::new, |c| {
+            super::start_phases(
+                began,
+                c.agent_times(),
+                "sandbox set-up → agent answered",
+                false,
+            )
+        });
         Ok(Box::new(AgentInstance {
             id: spec.id,
             transport: HostTransport::Unix { dir: socket_dir },
@@ -131,6 +140,7 @@ impl Sandbox for ProcessSandbox {
             start: StartInfo {
                 kind: ColdStart::Boot,
                 note: None,
+                phases,
             },
             restore_probe: None,
             restore_report: Default::default(),

@@ -382,6 +382,7 @@ impl VmSandbox {
             _ => None,
         };
         let standby = restored_standby.is_some();
+        let vmm_started = Instant::now();
         let child = match restored_standby {
             Some(child) => child,
             None => vmm_command(&self.vmm).args(&args).spawn().map_err(|e| {
@@ -434,6 +435,7 @@ impl VmSandbox {
                 let start = StartInfo {
                     kind: ColdStart::Snapshot,
                     note: None,
+                    phases: Vec::new(),
                 };
                 Ok((exit, start, Some(probe)))
             }
@@ -450,6 +452,12 @@ impl VmSandbox {
                     // CAP_MKNOD keep the function off devices there.
                     &|| Ok(()),
                 )?;
+                let phases = super::start_phases(
+                    vmm_started,
+                    control.agent_times(),
+                    "VMM start → agent answered",
+                    true,
+                );
                 parts.control = Some(control);
                 // Snapshot now, while the server is listening and before any request could
                 // leave its data (or a caller's credentials) in guest memory.
@@ -478,6 +486,7 @@ impl VmSandbox {
                 let start = StartInfo {
                     kind: ColdStart::Boot,
                     note,
+                    phases,
                 };
                 Ok((exit, start, None))
             }
