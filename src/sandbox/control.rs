@@ -331,15 +331,13 @@ fn converse(
     };
 
     match rx.recv_timeout(wait) {
-        // The host's own clock needs no measuring.
-        Ok(Startup::Ready(after_ms)) if source == ClockSource::Host => {
-            Ok(control.with_listening(after_ms))
-        }
-        // Measured in the background: stamps only place lines in time for the reader (which
-        // request a line belongs to goes by the agent's Request messages), so the instance is
-        // handed out at once.
+        // A VM's clock is measured in the background (the host's own needs no measuring):
+        // stamps only place lines in time for the reader (which request a line belongs to goes
+        // by the agent's Request messages), so the instance is handed out at once.
         Ok(Startup::Ready(after_ms)) => {
-            control.start_pinger(clock);
+            if source == ClockSource::Own {
+                control.start_pinger(clock);
+            }
             Ok(control.with_listening(after_ms))
         }
         // The agent sends StartFailed before Exited: when the function itself ended, report
@@ -602,6 +600,30 @@ impl Drop for Control {
     }
 }
 
+impl AgentTimes {
+    /// Where a start's time went, `began` being when the sandbox started: up to the agent's
+    /// answer (named `up_to_agent`), of that the guest's boot (a VM), then the function's start
+    /// to its listening.
+    pub fn phases(
+        &self,
+        began: Instant,
+        up_to_agent: &'static str,
+        guest_boot: bool,
+    ) -> Vec<(&'static str, Duration)> {
+        let mut phases = vec![(up_to_agent, self.hello_at.saturating_duration_since(began))];
+        if guest_boot {
+            phases.push((
+                "of which guest boot → agent",
+                Duration::from_millis(self.uptime_ms),
+            ));
+        }
+        if let Some(ms) = self.listening_after_ms {
+            phases.push(("agent → function listening", Duration::from_millis(ms)));
+        }
+        phases
+    }
+}
+
 impl Control {
     /// When the agent answered this start or resume.
     pub fn agent_times(&self) -> AgentTimes {
@@ -731,18 +753,16 @@ mod tests {
                     }
                     _ => false,
                 };
-                {
-                    if now_is_the_time {
-                        protocol::write_message(
-                            &mut writer,
-                            &AgentMessage::Log {
-                                stream: protocol::LogStream::Stdout,
-                                unix_time_us: guest_now(),
-                                line: "printed now".into(),
-                            },
-                        )
-                        .expect("the host reads until it has the line");
-                    }
+                if now_is_the_time {
+                    protocol::write_message(
+                        &mut writer,
+                        &AgentMessage::Log {
+                            stream: protocol::LogStream::Stdout,
+                            unix_time_us: guest_now(),
+                            line: "printed now".into(),
+                        },
+                    )
+                    .expect("the host reads until it has the line");
                 }
             }
         })

@@ -151,30 +151,6 @@ pub struct StartInfo {
     pub phases: Vec<(&'static str, std::time::Duration)>,
 }
 
-/// The phases of a start whose agent answered as `agent` said, `began` being when the sandbox
-/// started; `up_to_agent` names the first phase.
-pub fn start_phases(
-    began: std::time::Instant,
-    agent: control::AgentTimes,
-    up_to_agent: &'static str,
-    guest_boot: bool,
-) -> Vec<(&'static str, std::time::Duration)> {
-    let mut phases = vec![(up_to_agent, agent.hello_at.saturating_duration_since(began))];
-    if guest_boot {
-        phases.push((
-            "of which guest boot → agent",
-            std::time::Duration::from_millis(agent.uptime_ms),
-        ));
-    }
-    if let Some(ms) = agent.listening_after_ms {
-        phases.push((
-            "agent → function listening",
-            std::time::Duration::from_millis(ms),
-        ));
-    }
-    phases
-}
-
 /// How a snapshot start went, measured at the instance's first reply.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RestoreReport {

@@ -124,12 +124,8 @@ impl Sandbox for ProcessSandbox {
         };
         let control = parts.control.take();
         let phases = control.as_ref().map_or_else(Vec::new, |c| {
-            super::start_phases(
-                began,
-                c.agent_times(),
-                "sandbox set-up → agent answered",
-                false,
-            )
+            c.agent_times()
+                .phases(began, "sandbox set-up → agent answered", false)
         });
         Ok(Box::new(AgentInstance {
             id: spec.id,

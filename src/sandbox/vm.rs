@@ -452,12 +452,10 @@ impl VmSandbox {
                     // CAP_MKNOD keep the function off devices there.
                     &|| Ok(()),
                 )?;
-                let phases = super::start_phases(
-                    vmm_started,
-                    control.agent_times(),
-                    "VMM start → agent answered",
-                    true,
-                );
+                let phases =
+                    control
+                        .agent_times()
+                        .phases(vmm_started, "VMM start → agent answered", true);
                 parts.control = Some(control);
                 // Snapshot now, while the server is listening and before any request could
                 // leave its data (or a caller's credentials) in guest memory.
