@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 use fnvm_vmm::arch::x86_64::boot::{detect_kernel_format, KernelFormat};
 use fnvm_vmm::exit::code;
 use fnvm_vmm::host::HostCapabilities;
-use fnvm_vmm::vm::DEFAULT_CMDLINE;
+use fnvm_vmm::vmm::DEFAULT_CMDLINE;
 
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
@@ -101,7 +101,7 @@ fn plan(args: &BootArgs, caps: HostCapabilities) -> Result<VmmInvocation> {
         .context("no kernel: pass --kernel PATH")?;
     require_file(kernel, "kernel")?;
     let format = detect_kernel_format(kernel)?;
-    fnvm_vmm::vm::validate_vcpus(args.vcpus)?;
+    fnvm_vmm::vmm::validate_vcpus(args.vcpus)?;
     fnvm_vmm::memory::validate_size(args.memory)?;
     caps.check_can_boot(format)?;
 

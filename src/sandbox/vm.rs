@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use fnvm_vmm::arch::x86_64::boot::KernelFormat;
 use fnvm_vmm::host::HostCapabilities;
-use fnvm_vmm::vm::DEFAULT_CMDLINE;
+use fnvm_vmm::vmm::DEFAULT_CMDLINE;
 
 use super::child::{ended_reason, SandboxChild};
 use super::cleanup::ProcessId;

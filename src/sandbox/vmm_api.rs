@@ -1,5 +1,5 @@
 //! The host's client of one `fnvm-vmm`'s API socket (`--api-sock`): JSON lines, one request and
-//! one reply per connection ([`fnvm_vmm::control`] defines both). The VM sandbox uses it to
+//! one reply per connection ([`fnvm_vmm::api`] defines both). The VM sandbox uses it to
 //! snapshot a ready instance, to restore a snapshot into a standby VMM and to read how a
 //! restore went.
 
@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use fnvm_vmm::control::{Request, Response};
+use fnvm_vmm::api::{Request, Response};
 
 use super::SandboxError;
 

@@ -7,7 +7,7 @@
 //!
 //! ```no_run
 //! use fnvm_vmm::arch::x86_64::boot::KernelConfig;
-//! use fnvm_vmm::vm::{Vm, VmConfig, DEFAULT_CMDLINE};
+//! use fnvm_vmm::vmm::{Vm, VmConfig, DEFAULT_CMDLINE};
 //!
 //! let mut vm = Vm::new(VmConfig::new(256, 2))?; // MiB, vCPUs; console on stdout
 //! vm.add_disk("rootfs.img".as_ref(), true)?; // /dev/vda, read-only
@@ -19,11 +19,11 @@
 //! })?;
 //! let exit = vm.run()?; // blocks until the guest resets, panics, faults, or is stopped
 //! std::process::exit(exit.exit_code() as i32);
-//! # Ok::<(), fnvm_vmm::vm::VmError>(())
+//! # Ok::<(), fnvm_vmm::vmm::VmError>(())
 //! ```
 
+pub mod api;
 pub mod arch;
-pub mod control;
 pub mod devices;
 pub mod event_loop;
 pub mod exit;
@@ -35,5 +35,5 @@ pub mod standby;
 pub mod state;
 pub mod terminal;
 pub mod tiny_guest;
-pub mod vcpu;
-pub mod vm;
+pub mod vmm;
+pub mod vstate;

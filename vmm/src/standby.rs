@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
 
-use crate::control::{Request, Response};
+use crate::api::{Request, Response};
 use crate::memory::{self, GuestMemory};
 use crate::snapshot::{self, Loaded};
-use crate::vm::{validate_vcpus, KvmVm, RestoreConfig, Vm, VmError};
+use crate::vmm::{validate_vcpus, KvmVm, RestoreConfig, Vm, VmError};
 
 /// How long a client connection may stay silent before the standby VMM drops it.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -71,7 +71,7 @@ impl Standby {
             )));
         }
         snapshot::memory::layout_matches(&state.regions, &self.mem).map_err(VmError::Restore)?;
-        crate::vm::virtio_backing(state, dir, disks, None)?;
+        crate::vmm::virtio_backing(state, dir, disks, None)?;
         for path in disks.values() {
             std::fs::metadata(path)
                 .map_err(|e| VmError::Restore(format!("disk {}: {e}", path.display())))?;

@@ -37,8 +37,8 @@ use crate::event_loop::{Control, EventLoop, Flow, Token};
 use crate::memory::GuestMemory;
 use crate::snapshot::{self, VirtioSlotState, VmState};
 use crate::state::Persist;
-use crate::vcpu::{FirstIo, FirstIoRecord, VcpuControl};
-use crate::vm::VirtioSlot;
+use crate::vstate::vcpu::{FirstIo, FirstIoRecord, VcpuControl};
+use crate::vmm::VirtioSlot;
 
 /// A request to the VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,7 +122,7 @@ impl Response {
 
 type Envelope = (Request, mpsc::Sender<Response>);
 
-/// A handle to control a VM from another thread. Requests are served once [`crate::vm::Vm::run`]
+/// A handle to control a VM from another thread. Requests are served once [`crate::vmm::Vm::run`]
 /// runs; each call waits for the reply.
 #[derive(Clone)]
 pub struct VmController {

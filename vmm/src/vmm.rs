@@ -23,12 +23,12 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::control::{ControlChannel, ControlCore, RestoreMetrics, VmController};
+use crate::api::{ControlChannel, ControlCore, RestoreMetrics, VmController};
 use crate::devices::i8042::I8042State;
 use crate::devices::serial::SerialDeviceState;
 use crate::snapshot::{self, SnapshotError};
 use crate::state::Persist;
-use crate::vcpu::{FirstIo, VcpuControl};
+use crate::vstate::vcpu::{FirstIo, VcpuControl};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::arch::x86_64::boot::{self, BootError, KernelConfig};
@@ -48,7 +48,7 @@ use crate::devices::InterruptTrigger;
 use crate::event_loop::{EventLoop, Flow, Token};
 use crate::exit::VmExit;
 use crate::memory::{self, GuestMemory, MemoryError};
-use crate::vcpu::{ExitSlot, Vcpu, VcpuError, VcpuShared};
+use crate::vstate::vcpu::{ExitSlot, Vcpu, VcpuError, VcpuShared};
 
 /// The kernel command line for fnvm guests: serial console, i8042 reset on reboot (the VM
 /// ends cleanly), reboot one second after a panic (the VMM reports the panic), and an i8042
@@ -528,7 +528,7 @@ impl Vm {
         self.control.as_ref().map(ControlChannel::controller)
     }
 
-    /// Serves the JSON-lines control API (see [`crate::control`]) on a Unix socket at `path`,
+    /// Serves the JSON-lines control API (see [`crate::api`]) on a Unix socket at `path`,
     /// created now (it must not exist) so clients may connect before the VM runs.
     pub fn serve_api(&mut self, path: &Path) -> Result<(), VmError> {
         let listener = UnixListener::bind(path).map_err(|source| VmError::Io {
@@ -985,11 +985,11 @@ impl Vm {
         }));
         self.restore_metrics = restored.as_ref().map(|_| core.clone());
         if let Some(channel) = self.control.take() {
-            crate::control::serve_channel(&mut self.event_loop, channel, core.clone())
+            crate::api::serve_channel(&mut self.event_loop, channel, core.clone())
                 .map_err(io_err("epoll_ctl (control)"))?;
         }
         if let Some(listener) = self.api.take() {
-            crate::control::serve_socket(&mut self.event_loop, listener, core.clone())
+            crate::api::serve_socket(&mut self.event_loop, listener, core.clone())
                 .map_err(io_err("epoll_ctl (API socket)"))?;
         }
         if let Some(f) = &first_io {
@@ -1221,7 +1221,7 @@ pub(crate) fn kick_signal() -> libc::c_int {
 fn install_kick_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        if let Err(e) = register_signal_handler(kick_signal(), crate::vcpu::kick_handler) {
+        if let Err(e) = register_signal_handler(kick_signal(), crate::vstate::vcpu::kick_handler) {
             tracing::error!("cannot install the vCPU kick signal handler: {e}");
         }
     });

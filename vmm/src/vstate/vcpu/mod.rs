@@ -290,7 +290,7 @@ impl VcpuControl {
     fn kick_all(&self, c: &ControlInner) {
         for &t in &c.threads {
             // SAFETY: the thread is alive (removed from the list under the lock before it ends).
-            unsafe { libc::pthread_kill(t, crate::vm::kick_signal()) };
+            unsafe { libc::pthread_kill(t, crate::vmm::kick_signal()) };
         }
     }
 
