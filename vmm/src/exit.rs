@@ -1,6 +1,13 @@
-//! How a VM ended, and the `fnvm-vmm` process exit code for each ending.
+//! How a VM ended, where the first ending is reported ([`ExitSlot`]), and the `fnvm-vmm`
+//! process exit code for each ending.
+
+use std::io;
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::bus::lock;
 
 /// Process exit codes of `fnvm-vmm` (documented in its `--help`).
 pub mod code {
@@ -104,6 +111,52 @@ impl std::fmt::Display for VmExit {
             VmExit::Stopped => write!(f, "stopped by the host"),
         }
     }
+}
+
+/// Where a VM-ending exit is reported: the first report wins, later ones (other vCPUs being
+/// stopped) are ignored, and the event loop is woken through `event`.
+pub struct ExitSlot {
+    status: Mutex<Option<VmExit>>,
+    event: EventFd,
+}
+
+impl ExitSlot {
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            status: Mutex::new(None),
+            event: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    pub fn report(&self, exit: VmExit) {
+        let mut status = lock(&self.status);
+        if status.is_none() {
+            tracing::debug!("VM exit reported: {exit}");
+            *status = Some(exit);
+            let _ = self.event.write(1);
+        }
+    }
+
+    pub fn take(&self) -> Option<VmExit> {
+        lock(&self.status).take()
+    }
+
+    pub fn peek(&self) -> Option<VmExit> {
+        lock(&self.status).clone()
+    }
+
+    pub fn event(&self) -> &EventFd {
+        &self.event
+    }
+}
+
+/// The message of a caught panic, for the exit status that reports it.
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 #[cfg(test)]
