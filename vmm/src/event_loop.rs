@@ -1,6 +1,10 @@
 //! The VMM's one event loop: an epoll set of file descriptors (eventfds for vCPU exits, the
 //! guest's reset request, virtio queue notifications through ioeventfds, stdin, timers), each
 //! with a handler. It blocks in `epoll_wait` with no timeout, so an idle VM costs no CPU.
+//!
+//! The loop runs with a context `C` (the VM's [`crate::machine::Machine`]) that every handler
+//! is given: a handler that answers an API request works on the VM itself, never on a copy,
+//! and never races another handler.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -21,17 +25,19 @@ pub enum Flow {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Token(usize);
 
-/// Lets a handler pause, resume or drop event sources (e.g. stop reading stdin while the
-/// guest's receive FIFO is full, so a level-triggered fd does not spin).
-pub struct Control<'a> {
+/// A handler's view of the loop's event sources: it may pause, resume or drop them (e.g. stop
+/// reading stdin while the guest's receive FIFO is full, so a level-triggered fd does not
+/// spin) and add new ones.
+pub struct Registry<'a, C> {
     epoll: &'a Epoll,
     fds: &'a mut Vec<Option<RawFd>>,
     /// Handlers added by this handler, installed when it returns.
-    added: &'a mut Vec<Handler>,
+    added: &'a mut Vec<Handler<C>>,
     base: usize,
 }
 
-impl Control<'_> {
+impl<C> Registry<'_, C> {
+
     fn set(&mut self, token: Token, events: EventSet) -> io::Result<()> {
         if let Some(Some(fd)) = self.fds.get(token.0) {
             self.epoll.ctl(
@@ -43,7 +49,7 @@ impl Control<'_> {
         Ok(())
     }
 
-    /// Stops delivering events for `token` until [`Control::resume`].
+    /// Stops delivering events for `token` until [`Registry::resume`].
     pub fn pause(&mut self, token: Token) -> io::Result<()> {
         self.set(token, EventSet::empty())
     }
@@ -53,7 +59,7 @@ impl Control<'_> {
     }
 
     /// Registers another fd from inside a handler (e.g. an accepted API connection).
-    pub fn add(&mut self, fd: RawFd, handler: Handler) -> io::Result<Token> {
+    pub fn add(&mut self, fd: RawFd, handler: Handler<C>) -> io::Result<Token> {
         let token = self.base + self.added.len();
         self.epoll.ctl(
             ControlOperation::Add,
@@ -80,22 +86,22 @@ impl Control<'_> {
     }
 }
 
-/// A handler gets the loop's control and the token it was registered with.
-pub type Handler = Box<dyn FnMut(&mut Control<'_>, Token) -> Flow + Send>;
+/// A handler gets the loop's context, its registry and the token it was registered with.
+pub type Handler<C> = Box<dyn FnMut(&mut C, &mut Registry<'_, C>, Token) -> Flow + Send>;
 
-pub struct EventLoop {
+pub struct EventLoop<C> {
     epoll: Epoll,
     fds: Vec<Option<RawFd>>,
-    handlers: Vec<Handler>,
+    handlers: Vec<Handler<C>>,
 }
 
-impl std::fmt::Debug for EventLoop {
+impl<C> std::fmt::Debug for EventLoop<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EventLoop").field("fds", &self.fds).finish()
     }
 }
 
-impl EventLoop {
+impl<C> EventLoop<C> {
     pub fn new() -> io::Result<Self> {
         Ok(Self {
             epoll: Epoll::new()?,
@@ -106,7 +112,7 @@ impl EventLoop {
 
     /// Calls `handler` whenever `fd` is readable. The fd must stay open while registered
     /// (handlers usually own it).
-    pub fn add(&mut self, fd: RawFd, handler: Handler) -> io::Result<Token> {
+    pub fn add(&mut self, fd: RawFd, handler: Handler<C>) -> io::Result<Token> {
         let token = self.handlers.len();
         self.epoll.ctl(
             ControlOperation::Add,
@@ -118,10 +124,10 @@ impl EventLoop {
         Ok(Token(token))
     }
 
-    /// Dispatches events until a handler returns [`Flow::Exit`].
-    pub fn run(&mut self) -> io::Result<VmExit> {
+    /// Dispatches events until a handler returns [`Flow::Exit`]; handlers see `context`.
+    pub fn run(&mut self, context: &mut C) -> io::Result<VmExit> {
         let mut events = vec![EpollEvent::default(); 32];
-        let mut added: Vec<Handler> = Vec::new();
+        let mut added: Vec<Handler<C>> = Vec::new();
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -137,13 +143,13 @@ impl EventLoop {
                 if self.fds[index].is_none() {
                     continue;
                 }
-                let mut control = Control {
+                let mut registry = Registry {
                     epoll: &self.epoll,
                     fds: &mut self.fds,
                     added: &mut added,
                     base,
                 };
-                let flow = handler(&mut control, Token(index));
+                let flow = handler(context, &mut registry, Token(index));
                 self.handlers.append(&mut added);
                 if let Flow::Exit(exit) = flow {
                     return Ok(exit);
@@ -163,7 +169,7 @@ mod tests {
 
     #[test]
     fn handlers_run_until_one_exits() {
-        let mut el = EventLoop::new().unwrap();
+        let mut el = EventLoop::<()>::new().unwrap();
         let a = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let b = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let count = Arc::new(AtomicUsize::new(0));
@@ -171,7 +177,7 @@ mod tests {
             let (a2, b2, count) = (a.clone(), b.clone(), count.clone());
             el.add(
                 a.as_raw_fd(),
-                Box::new(move |_, _| {
+                Box::new(move |_, _, _| {
                     let _ = a2.read();
                     if count.fetch_add(1, Ordering::SeqCst) == 2 {
                         b2.write(1).unwrap();
@@ -186,20 +192,20 @@ mod tests {
         let b2 = b.clone();
         el.add(
             b.as_raw_fd(),
-            Box::new(move |_, _| {
+            Box::new(move |_, _, _| {
                 let _ = b2.read();
                 Flow::Exit(VmExit::GuestReset)
             }),
         )
         .unwrap();
         a.write(1).unwrap();
-        assert_eq!(el.run().unwrap(), VmExit::GuestReset);
+        assert_eq!(el.run(&mut ()).unwrap(), VmExit::GuestReset);
         assert_eq!(count.load(Ordering::SeqCst), 3);
     }
 
     #[test]
     fn paused_sources_are_not_dispatched() {
-        let mut el = EventLoop::new().unwrap();
+        let mut el = EventLoop::<()>::new().unwrap();
         let noisy = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let done = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let calls = Arc::new(AtomicUsize::new(0));
@@ -207,7 +213,7 @@ mod tests {
         // Never drains its eventfd: without pause this would be called forever.
         el.add(
             noisy.as_raw_fd(),
-            Box::new(move |ctl, token| {
+            Box::new(move |_, ctl, token| {
                 c.fetch_add(1, Ordering::SeqCst);
                 ctl.pause(token).unwrap();
                 d.write(1).unwrap();
@@ -217,11 +223,31 @@ mod tests {
         .unwrap();
         el.add(
             done.as_raw_fd(),
-            Box::new(|_, _| Flow::Exit(VmExit::Stopped)),
+            Box::new(|_, _, _| Flow::Exit(VmExit::Stopped)),
         )
         .unwrap();
         noisy.write(1).unwrap();
-        assert_eq!(el.run().unwrap(), VmExit::Stopped);
+        assert_eq!(el.run(&mut ()).unwrap(), VmExit::Stopped);
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn handlers_work_on_the_loop_context() {
+        let mut el = EventLoop::<Vec<u32>>::new().unwrap();
+        let evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let e = evt.clone();
+        el.add(
+            evt.as_raw_fd(),
+            Box::new(move |seen: &mut Vec<u32>, _, _| {
+                let _ = e.read();
+                seen.push(7);
+                Flow::Exit(VmExit::Stopped)
+            }),
+        )
+        .unwrap();
+        evt.write(1).unwrap();
+        let mut seen = Vec::new();
+        assert_eq!(el.run(&mut seen).unwrap(), VmExit::Stopped);
+        assert_eq!(seen, [7]);
     }
 }
