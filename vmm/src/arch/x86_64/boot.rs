@@ -5,7 +5,7 @@
 //! - an ELF64 that carries a "Linux" ELF note (vmlinux): the same 64-bit Linux boot protocol;
 //! - any other ELF64: the PVH boot protocol when it has a `XEN_ELFNOTE_PHYS32_ENTRY` note
 //!   (32-bit protected mode, EBX = `hvm_start_info`), else its ELF entry in 64-bit mode;
-//! - an ELF32 (i386): loaded by [`load_elf32`], entered in 32-bit protected mode at its PVH
+//! - an ELF32 (i386): loaded by [`super::elf`], entered in 32-bit protected mode at its PVH
 //!   entry (or ELF entry) with EBX = `hvm_start_info`.
 
 use std::fs::File;
@@ -17,21 +17,10 @@ use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
+use super::elf::{detect_elf, load_elf32, read_at, ElfError, ElfKernel};
 use super::layout::*;
 use super::regs::{BootEntry, EntryMode};
 use crate::memory::{high_ram, low_ram_end, GuestMemory};
-
-const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
-const ELFCLASS32: u8 = 1;
-const ELFCLASS64: u8 = 2;
-const EM_386: u16 = 3;
-const PT_LOAD: u32 = 1;
-const ELFDATA2LSB: u8 = 1;
-const EM_X86_64: u16 = 62;
-const PT_NOTE: u32 = 4;
-const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
-const MAX_PHDRS: u16 = 256;
-const MAX_NOTE_SEGMENT: u64 = 64 * 1024;
 
 const BZIMAGE_BOOT_FLAG_OFFSET: u64 = 0x1fe;
 const BZIMAGE_HEADER_MAGIC_OFFSET: u64 = 0x202;
@@ -70,45 +59,61 @@ impl KernelFormat {
     }
 }
 
+/// Why a file is not a kernel image fnvm can boot.
+#[derive(Debug, thiserror::Error)]
+pub enum NotAKernel {
+    /// An ELF, but not one fnvm boots.
+    #[error(transparent)]
+    Elf(#[from] ElfError),
+    /// Neither an ELF nor a bzImage.
+    #[error("no ELF magic and no bzImage boot header")]
+    NoHeader,
+}
+
+/// Why a kernel could not be recognised or loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
+    /// The kernel file cannot be opened.
     #[error("cannot open kernel {path}: {source}")]
     OpenKernel {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The file is not a kernel image fnvm boots.
     #[error(
         "{path} is not a kernel fnvm can boot (expected a Linux bzImage or an x86-64 ELF): {why}"
     )]
-    NotAKernel { path: PathBuf, why: String },
+    NotAKernel { path: PathBuf, why: NotAKernel },
+    /// linux-loader refused the image.
     #[error("cannot load kernel {path}: {source}")]
     Load {
         path: PathBuf,
         source: linux_loader::loader::Error,
     },
+    /// The command line is too long or malformed.
     #[error("invalid kernel command line {cmdline:?}: {why}")]
     Cmdline { cmdline: String, why: String },
+    /// The initrd file cannot be opened.
     #[error("cannot open initrd {path}: {source}")]
     OpenInitrd {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The initrd does not fit below the kernel's initrd ceiling.
     #[error("initrd {path} ({size} bytes) does not fit in guest memory below {max:#x}")]
     InitrdTooBig { path: PathBuf, size: u64, max: u64 },
+    /// The initrd could not be copied into guest memory.
     #[error("cannot copy initrd {path} into guest memory: {source}")]
     InitrdCopy {
         path: PathBuf,
         source: vm_memory::GuestMemoryError,
     },
+    /// boot_params, the MP table or the PVH start info could not be written.
     #[error("cannot write boot structures to guest memory: {0}")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
+    /// Guest RAM too small for the boot layout.
     #[error("guest memory of {0} MiB is too small to boot a kernel")]
     TooLittleMemory(u64),
-}
-
-fn read_at(file: &mut File, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-    file.seek(SeekFrom::Start(offset))?;
-    file.read_exact(buf)
 }
 
 /// Decides what kind of kernel `path` is, reading only its headers and ELF notes.
@@ -117,14 +122,17 @@ pub fn detect_kernel_format(path: &Path) -> Result<KernelFormat, BootError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let not_a_kernel = |why: &str| BootError::NotAKernel {
+    let not_a_kernel = |why: NotAKernel| BootError::NotAKernel {
         path: path.to_path_buf(),
-        why: why.to_string(),
+        why,
     };
     let mut ident = [0u8; 64];
     let len = file.read(&mut ident).unwrap_or(0);
     if len >= 4 && &ident[..4] == ELF_MAGIC {
-        return detect_elf(&mut file).map_err(|why| not_a_kernel(&why));
+        return match detect_elf(&mut file).map_err(|e| not_a_kernel(e.into()))? {
+            ElfKernel::Elf64 { linux, pvh_entry } => Ok(KernelFormat::Elf { linux, pvh_entry }),
+            ElfKernel::Elf32 { entry, pvh_entry } => Ok(KernelFormat::Elf32 { entry, pvh_entry }),
+        };
     }
     let mut flag = [0u8; 2];
     let mut magic = [0u8; 4];
@@ -135,205 +143,7 @@ pub fn detect_kernel_format(path: &Path) -> Result<KernelFormat, BootError> {
     {
         return Ok(KernelFormat::BzImage);
     }
-    Err(not_a_kernel("no ELF magic and no bzImage boot header"))
-}
-
-fn le16(b: &[u8], o: usize) -> u16 {
-    u16::from_le_bytes([b[o], b[o + 1]])
-}
-fn le32(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default())
-}
-fn le64(b: &[u8], o: usize) -> u64 {
-    u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default())
-}
-
-/// One program header, widened to 64 bits.
-#[derive(Debug, Clone, Copy)]
-struct Phdr {
-    kind: u32,
-    offset: u64,
-    paddr: u64,
-    filesz: u64,
-    memsz: u64,
-}
-
-/// The ELF header fields fnvm needs, for either class.
-struct ElfInfo {
-    class: u8,
-    entry: u64,
-    phdrs: Vec<Phdr>,
-}
-
-fn read_elf_info(file: &mut File) -> Result<ElfInfo, String> {
-    let mut ehdr = [0u8; 64];
-    read_at(file, 0, &mut ehdr[..52]).map_err(|e| format!("truncated ELF header: {e}"))?;
-    let class = ehdr[4];
-    if ehdr[5] != ELFDATA2LSB {
-        return Err("big-endian ELF".into());
-    }
-    let machine = le16(&ehdr, 18);
-    let (entry, phoff, phentsize, phnum) = match class {
-        ELFCLASS64 => {
-            read_at(file, 0, &mut ehdr).map_err(|e| format!("truncated ELF header: {e}"))?;
-            if machine != EM_X86_64 {
-                return Err("64-bit ELF machine is not x86-64".into());
-            }
-            (
-                le64(&ehdr, 24),
-                le64(&ehdr, 32),
-                le16(&ehdr, 54),
-                le16(&ehdr, 56),
-            )
-        }
-        ELFCLASS32 => {
-            if machine != EM_386 && machine != EM_X86_64 {
-                return Err("32-bit ELF machine is not x86".into());
-            }
-            (
-                le32(&ehdr, 24) as u64,
-                le32(&ehdr, 28) as u64,
-                le16(&ehdr, 42),
-                le16(&ehdr, 44),
-            )
-        }
-        _ => return Err("unknown ELF class".into()),
-    };
-    let expected = if class == ELFCLASS64 { 56 } else { 32 };
-    if phentsize != expected || phnum == 0 || phnum > MAX_PHDRS {
-        return Err("bad ELF program headers".into());
-    }
-    let mut phdrs = Vec::with_capacity(phnum as usize);
-    for i in 0..phnum as u64 {
-        let mut raw = [0u8; 56];
-        let raw = &mut raw[..expected as usize];
-        read_at(file, phoff.saturating_add(i * expected as u64), raw)
-            .map_err(|e| format!("truncated program header: {e}"))?;
-        phdrs.push(if class == ELFCLASS64 {
-            Phdr {
-                kind: le32(raw, 0),
-                offset: le64(raw, 8),
-                paddr: le64(raw, 24),
-                filesz: le64(raw, 32),
-                memsz: le64(raw, 40),
-            }
-        } else {
-            Phdr {
-                kind: le32(raw, 0),
-                offset: le32(raw, 4) as u64,
-                paddr: le32(raw, 12) as u64,
-                filesz: le32(raw, 16) as u64,
-                memsz: le32(raw, 20) as u64,
-            }
-        });
-    }
-    Ok(ElfInfo {
-        class,
-        entry,
-        phdrs,
-    })
-}
-
-fn detect_elf(file: &mut File) -> Result<KernelFormat, String> {
-    let info = read_elf_info(file)?;
-    let mut linux = false;
-    let mut pvh_entry = None;
-    for phdr in info.phdrs.iter().filter(|p| p.kind == PT_NOTE) {
-        let size = phdr.filesz.min(MAX_NOTE_SEGMENT);
-        let mut notes = vec![0u8; size as usize];
-        if read_at(file, phdr.offset, &mut notes).is_err() {
-            return Err("truncated ELF note segment".into());
-        }
-        scan_notes(&notes, &mut linux, &mut pvh_entry);
-    }
-    if info.class == ELFCLASS32 {
-        return Ok(KernelFormat::Elf32 {
-            entry: info.entry,
-            pvh_entry,
-        });
-    }
-    Ok(KernelFormat::Elf { linux, pvh_entry })
-}
-
-/// Loads an ELF32's PT_LOAD segments at their physical addresses (the file part copied, the
-/// rest zeroed), each checked to lie inside guest RAM. Returns the end of the loaded image.
-fn load_elf32(mem: &GuestMemory, file: &mut File, path: &Path) -> Result<u64, BootError> {
-    let not_a_kernel = |why: String| BootError::NotAKernel {
-        path: path.to_path_buf(),
-        why,
-    };
-    let info = read_elf_info(file).map_err(not_a_kernel)?;
-    let mut end = 0u64;
-    for (i, p) in info.phdrs.iter().enumerate() {
-        if p.kind != PT_LOAD || p.memsz == 0 {
-            continue;
-        }
-        let bad = |why: &str| not_a_kernel(format!("segment {i} at {:#x}: {why}", p.paddr));
-        if p.filesz > p.memsz {
-            return Err(bad("file size exceeds memory size"));
-        }
-        let seg_end = p
-            .paddr
-            .checked_add(p.memsz)
-            .ok_or_else(|| bad("wraps around"))?;
-        if p.paddr < HIMEM_START || seg_end > low_ram_end(mem) {
-            return Err(bad(&format!(
-                "outside guest RAM [{HIMEM_START:#x}, {:#x})",
-                low_ram_end(mem)
-            )));
-        }
-        file.seek(SeekFrom::Start(p.offset))
-            .map_err(|_| bad("cannot seek to its data"))?;
-        mem.read_exact_volatile_from(GuestAddress(p.paddr), file, p.filesz as usize)
-            .map_err(|_| bad("cannot read its data from the file"))?;
-        // Zero the bss part in bounded chunks (it was range-checked above).
-        let zeroes = [0u8; 4096];
-        let mut at = p.paddr + p.filesz;
-        while at < seg_end {
-            let n = (seg_end - at).min(zeroes.len() as u64) as usize;
-            mem.write_slice(&zeroes[..n], GuestAddress(at))?;
-            at += n as u64;
-        }
-        end = end.max(seg_end);
-    }
-    if end == 0 {
-        return Err(not_a_kernel("no loadable segment".into()));
-    }
-    Ok(end)
-}
-
-/// Walks one note segment (hostile bytes: every length is checked).
-fn scan_notes(notes: &[u8], linux: &mut bool, pvh_entry: &mut Option<u64>) {
-    let align4 = |n: usize| n.checked_add(3).map(|n| n & !3);
-    let mut pos = 0usize;
-    while pos + 12 <= notes.len() {
-        let namesz = le32(notes, pos) as usize;
-        let descsz = le32(notes, pos + 4) as usize;
-        let kind = le32(notes, pos + 8);
-        let name_start = pos + 12;
-        let Some(desc_start) = align4(namesz).and_then(|n| name_start.checked_add(n)) else {
-            return;
-        };
-        let Some(next) = align4(descsz).and_then(|n| desc_start.checked_add(n)) else {
-            return;
-        };
-        if desc_start > notes.len() || desc_start + descsz > notes.len() {
-            return;
-        }
-        let name = &notes[name_start..name_start + namesz];
-        let desc = &notes[desc_start..desc_start + descsz];
-        if name == b"Linux\0" {
-            *linux = true;
-        }
-        if name == b"Xen\0" && kind == XEN_ELFNOTE_PHYS32_ENTRY {
-            *pvh_entry = match descsz {
-                4 => Some(le32(desc, 0) as u64),
-                8 => Some(le64(desc, 0)),
-                _ => *pvh_entry,
-            };
-        }
-        pos = next;
-    }
+    Err(not_a_kernel(NotAKernel::NoHeader))
 }
 
 /// What to boot.
@@ -468,7 +278,11 @@ pub fn load_kernel(
             })
         }
         KernelFormat::Elf32 { entry, pvh_entry } => {
-            let kernel_end = load_elf32(mem, &mut file, &config.kernel)?;
+            let kernel_end =
+                load_elf32(mem, &mut file).map_err(|e| BootError::NotAKernel {
+                    path: config.kernel.clone(),
+                    why: e.into(),
+                })?;
             let initrd = match &config.initrd {
                 Some(p) => Some(load_initrd(mem, p, kernel_end, DEFAULT_INITRD_ADDR_MAX)?),
                 None => None,
@@ -593,48 +407,8 @@ fn write_pvh_start_info(mem: &GuestMemory, initrd: Option<&LoadedInitrd>) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::arch::x86_64::elf::{ELFCLASS32, ELFDATA2LSB, ELF_MAGIC, EM_386, PT_LOAD};
     use std::io::Write;
-
-    fn note(name: &[u8], kind: u32, desc: &[u8]) -> Vec<u8> {
-        let mut n = Vec::new();
-        n.extend_from_slice(&(name.len() as u32).to_le_bytes());
-        n.extend_from_slice(&(desc.len() as u32).to_le_bytes());
-        n.extend_from_slice(&kind.to_le_bytes());
-        n.extend_from_slice(name);
-        while n.len() % 4 != 0 {
-            n.push(0);
-        }
-        n.extend_from_slice(desc);
-        while n.len() % 4 != 0 {
-            n.push(0);
-        }
-        n
-    }
-
-    #[test]
-    fn notes_reveal_linux_and_pvh() {
-        let mut notes = note(b"GNU\0", 3, &[1, 2, 3, 4, 5]);
-        notes.extend(note(b"Xen\0", 18, &0x10_0000u32.to_le_bytes()));
-        notes.extend(note(b"Linux\0", 0x100, &[0; 4]));
-        let (mut linux, mut pvh) = (false, None);
-        scan_notes(&notes, &mut linux, &mut pvh);
-        assert!(linux);
-        assert_eq!(pvh, Some(0x10_0000));
-    }
-
-    #[test]
-    fn hostile_notes_do_not_panic() {
-        let mut notes = vec![0xffu8; 12];
-        notes.extend_from_slice(&[0; 8]);
-        let (mut linux, mut pvh) = (false, None);
-        scan_notes(&notes, &mut linux, &mut pvh);
-        scan_notes(&[1, 2, 3], &mut linux, &mut pvh);
-        let mut huge = note(b"Xen\0", 18, &[0; 4]);
-        huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
-        scan_notes(&huge, &mut linux, &mut pvh);
-        assert!(!linux);
-        assert_eq!(pvh, None);
-    }
 
     #[test]
     fn text_file_is_not_a_kernel() {
@@ -811,3 +585,4 @@ mod tests {
         );
     }
 }
+

@@ -3,6 +3,7 @@
 
 pub mod boot;
 pub mod cpuid;
+pub mod elf;
 pub mod interrupts;
 pub mod layout;
 pub mod mptable;
