@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::BusDevice;
-use crate::state::Persist;
+use crate::devices::Persist;
 
 /// The controller's port base (data port) and span up to the command/status port 0x64.
 pub const I8042_PORT: u64 = 0x60;

@@ -14,7 +14,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{BusDevice, InterruptTrigger};
-use crate::state::Persist;
+use crate::devices::Persist;
 
 /// COM1's I/O port base and size.
 pub const COM1_PORT: u64 = 0x3f8;

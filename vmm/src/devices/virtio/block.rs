@@ -26,7 +26,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::{read_config_bytes, ActivateError, VirtioDevice, FEATURE_VERSION_1};
 use crate::memory::GuestMemory;
-use crate::state::Persist;
+use crate::devices::Persist;
 
 /// Sector size of the virtio-blk protocol (fixed by the spec, independent of the disk).
 pub const SECTOR_SIZE: u64 = 512;

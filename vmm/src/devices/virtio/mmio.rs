@@ -24,7 +24,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use super::{QueueConfig, VirtioDevice, FEATURE_VERSION_1};
 use crate::devices::{BusDevice, InterruptTrigger};
 use crate::memory::GuestMemory;
-use crate::state::Persist;
+use crate::devices::Persist;
 
 /// Size of the MMIO window of one device (registers + config space).
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;

@@ -92,7 +92,7 @@ pub trait VirtioDevice: Send {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VirtioDeviceState {
     Block(block::BlockState),
-    Vsock(vsock::VsockState),
+    Vsock(vsock::persist::VsockState),
 }
 
 /// Why a device could not be rebuilt from a [`VirtioDeviceState`].
@@ -110,13 +110,13 @@ pub fn restore_device(
     state: &VirtioDeviceState,
     path: Option<std::path::PathBuf>,
 ) -> Result<Box<dyn VirtioDevice>, DeviceRestoreError> {
-    use crate::state::Persist;
+    use crate::devices::Persist;
     Ok(match state {
         VirtioDeviceState::Block(s) => {
             Box::new(block::Block::restore(block::BlockRestoreArgs { path }, s)?)
         }
         VirtioDeviceState::Vsock(s) => Box::new(vsock::Vsock::restore(
-            vsock::VsockRestoreArgs { uds_path: path },
+            vsock::persist::VsockRestoreArgs { uds_path: path },
             s,
         )?),
     })

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress};
 
+use super::persist::{VsockRestoreArgs, VsockState};
 use super::*;
+use crate::devices::Persist;
 use crate::devices::virtio::mmio::{MmioTransport, MmioTransportArgs};
 use crate::devices::virtio::test_utils::*;
 
