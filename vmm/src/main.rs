@@ -11,7 +11,8 @@ use std::time::Instant;
 
 use fnvm_vmm::arch::x86_64::boot::KernelConfig;
 use fnvm_vmm::exit::{code, VmExit};
-use fnvm_vmm::vmm::{RestoreConfig, Vm, VmConfig, DEFAULT_CMDLINE};
+use fnvm_vmm::persist::RestoreConfig;
+use fnvm_vmm::vmm::{Vm, VmConfig, DEFAULT_CMDLINE};
 
 const USAGE: &str = "\
 fnvm-vmm: runs one KVM micro-VM and exits when the guest ends

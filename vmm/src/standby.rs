@@ -21,15 +21,16 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
 
-use crate::api::{Request, Response};
+use crate::api::{decode_request, encode_response, Request, Response, MAX_LINE};
+use crate::error::{RestoreError, VmError};
 use crate::memory::{self, GuestMemory};
+use crate::persist::{virtio_backing, RestoreConfig};
 use crate::snapshot::{self, Loaded};
-use crate::vmm::{validate_vcpus, KvmVm, RestoreConfig, Vm, VmError};
+use crate::vmm::{validate_vcpus, Vm};
+use crate::vstate::vm::KvmVm;
 
 /// How long a client connection may stay silent before the standby VMM drops it.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest request line accepted.
-const MAX_LINE: u64 = 64 * 1024;
 
 /// A VM created ahead of demand, waiting to become a snapshot's VM.
 pub struct Standby {
@@ -59,22 +60,22 @@ impl Standby {
         let loaded = snapshot::load(dir, &here)?;
         let state = &loaded.state;
         if !state.irqchip {
-            return Err(VmError::Restore(
-                "the snapshot's VM has no in-kernel irqchip; a standby VM always has one".into(),
-            ));
+            return Err(RestoreError::NoIrqchip.into());
         }
         if state.vcpus.len() != self.vcpus as usize {
-            return Err(VmError::Restore(format!(
-                "the snapshot has {} vCPUs, this standby VM {}",
-                state.vcpus.len(),
-                self.vcpus
-            )));
+            return Err(RestoreError::VcpuCount {
+                snapshot: state.vcpus.len(),
+                standby: self.vcpus,
+            }
+            .into());
         }
-        snapshot::memory::layout_matches(&state.regions, &self.mem).map_err(VmError::Restore)?;
-        crate::vmm::virtio_backing(state, dir, disks, None)?;
+        snapshot::memory::layout_matches(&state.regions, &self.mem).map_err(RestoreError::from)?;
+        virtio_backing(state, dir, disks, None)?;
         for path in disks.values() {
-            std::fs::metadata(path)
-                .map_err(|e| VmError::Restore(format!("disk {}: {e}", path.display())))?;
+            std::fs::metadata(path).map_err(|source| RestoreError::Disk {
+                path: path.clone(),
+                source,
+            })?;
         }
         Ok(loaded)
     }
@@ -143,8 +144,7 @@ enum Outcome {
 }
 
 fn reply(mut stream: &UnixStream, response: &Response) {
-    let mut out = serde_json::to_vec(response).unwrap_or_default();
-    out.push(b'\n');
+    let out = encode_response(response);
     // A client that went away loses its reply; the standby goes on.
     let _ = stream.write_all(&out);
 }
@@ -159,7 +159,7 @@ fn serve_connection(
     let mut reader = BufReader::new(stream);
     loop {
         let mut line = Vec::new();
-        match (&mut reader).take(MAX_LINE).read_until(b'\n', &mut line) {
+        match (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut line) {
             Ok(0) | Err(_) => return Outcome::Waiting(standby),
             Ok(_) if !line.ends_with(b"\n") => {
                 reply(
@@ -171,25 +171,21 @@ fn serve_connection(
             Ok(_) => {}
         }
         let since = Instant::now();
-        let text = String::from_utf8_lossy(&line);
-        let text = text.trim();
-        if text.is_empty() {
-            continue;
-        }
-        let (dir, disks, vsock) = match serde_json::from_str::<Request>(text) {
-            Ok(Request::Restore { dir, disks, vsock }) => (dir, disks, vsock),
-            Ok(_) => {
+        let (dir, disks, vsock) = match decode_request(&line) {
+            None => continue,
+            Some(Ok(Request::Restore { dir, disks, vsock })) => (dir, disks, vsock),
+            Some(Ok(_)) => {
                 reply(
                     stream,
                     &Response::err("this fnvm-vmm is in standby: the only op is restore"),
                 );
                 continue;
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 reply(
                     stream,
                     &Response::err(format!(
-                        "bad request {text:?}: {e} (in standby: \
+                        "{e} (in standby: \
                          {{\"op\":\"restore\",\"dir\":...,\"disks\":[...],\"vsock\":...}})"
                     )),
                 );
@@ -205,9 +201,7 @@ fn serve_connection(
             }
         };
         let Some(console) = console.take() else {
-            return Outcome::Failed(VmError::Restore(
-                "the console was already given away".into(),
-            ));
+            return Outcome::Failed(RestoreError::ConsoleTaken.into());
         };
         let config = RestoreConfig {
             dir,

@@ -15,7 +15,8 @@ use fnvm_vmm::arch::x86_64::boot::KernelConfig;
 use fnvm_vmm::arch::x86_64::regs::EntryMode;
 use fnvm_vmm::devices::BusDevice;
 use fnvm_vmm::exit::VmExit;
-use fnvm_vmm::vmm::{Vm, VmConfig, VmError};
+use fnvm_vmm::error::VmError;
+use fnvm_vmm::vmm::{Vm, VmConfig};
 use iced_x86::code_asm::*;
 use kvm_ioctls::IoEventAddress;
 
@@ -851,7 +852,7 @@ fn vcpu_state_is_plain_serde_data() {
     assert_eq!(state.regs.rip, 0x10_0000);
     assert_ne!(state.sregs.efer & 0x500, 0, "long mode active");
     let json = serde_json::to_string(&state).unwrap();
-    let back: fnvm_vmm::vstate::vcpu::VcpuState = serde_json::from_str(&json).unwrap();
+    let back: fnvm_vmm::vstate::vcpu::state::VcpuState = serde_json::from_str(&json).unwrap();
     assert_eq!(back.regs.rip, state.regs.rip);
     assert_eq!(back.msrs, state.msrs);
 }

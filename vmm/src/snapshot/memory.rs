@@ -265,20 +265,35 @@ pub unsafe fn map_private_over(
     GuestMemory::from_regions(out).map_err(|e| io::Error::other(e.to_string()))
 }
 
-/// Ok if `regions` are exactly `mem`'s regions (start and length, in order); else a message.
-pub fn layout_matches(regions: &[RegionLayout], mem: &GuestMemory) -> Result<(), String> {
+/// A snapshot's guest RAM layout that is not a VM's.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the snapshot's guest RAM is {} MiB in {} region(s), this VM's {} MiB in {}",
+    .snapshot_bytes >> 20,
+    .snapshot_regions,
+    .vm_bytes >> 20,
+    .vm_regions
+)]
+pub struct LayoutMismatch {
+    pub snapshot_bytes: u64,
+    pub snapshot_regions: usize,
+    pub vm_bytes: u64,
+    pub vm_regions: usize,
+}
+
+/// Ok if `regions` are exactly `mem`'s regions (start and length, in order).
+pub fn layout_matches(regions: &[RegionLayout], mem: &GuestMemory) -> Result<(), LayoutMismatch> {
     let ours: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
     let theirs: Vec<(u64, u64)> = regions.iter().map(|r| (r.guest_addr, r.len)).collect();
     if ours == theirs {
         Ok(())
     } else {
-        Err(format!(
-            "the snapshot's guest RAM is {} MiB in {} region(s), this VM's {} MiB in {}",
-            theirs.iter().map(|r| r.1).sum::<u64>() >> 20,
-            theirs.len(),
-            ours.iter().map(|r| r.1).sum::<u64>() >> 20,
-            ours.len()
-        ))
+        Err(LayoutMismatch {
+            snapshot_bytes: theirs.iter().map(|r| r.1).sum(),
+            snapshot_regions: theirs.len(),
+            vm_bytes: ours.iter().map(|r| r.1).sum(),
+            vm_regions: ours.len(),
+        })
     }
 }
 

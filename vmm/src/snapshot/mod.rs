@@ -22,7 +22,7 @@ use crate::devices::i8042::I8042State;
 use crate::devices::serial::SerialDeviceState;
 use crate::devices::virtio::mmio::MmioTransportState;
 use crate::devices::virtio::VirtioDeviceState;
-use crate::vstate::vcpu::VcpuState;
+use crate::vstate::vcpu::state::VcpuState;
 use format::{FileStamp, FormatError, Header, HostIdentity, MemoryInfo};
 use memory::RegionLayout;
 
