@@ -49,13 +49,13 @@ pub enum DeviceError {
     #[error("virtio device: {0}")]
     Transport(TransportError),
     /// The disk image could not be opened as a virtio-blk device.
-    #[error("virtio device: disk {path}: {source}", path = .path.display())]
+    #[error("virtio device: disk {}: {source}", .path.display())]
     Disk {
         path: std::path::PathBuf,
         source: BlockError,
     },
     /// The vsock device's Unix socket could not be set up.
-    #[error("virtio device: vsock {path}: {source}", path = .path.display())]
+    #[error("virtio device: vsock {}: {source}", .path.display())]
     Vsock {
         path: std::path::PathBuf,
         source: VsockError,

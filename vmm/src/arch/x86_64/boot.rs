@@ -9,7 +9,7 @@
 //!   entry (or ELF entry) with EBX = `hvm_start_info`.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use linux_loader::bootparam::{boot_e820_entry, boot_params, setup_header};
@@ -17,7 +17,7 @@ use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::elf::{detect_elf, load_elf32, read_at, ElfError, ElfKernel};
+use super::elf::{detect_elf, load_elf32, read_at, ElfError, ElfKernel, ELF_MAGIC};
 use super::layout::*;
 use super::regs::{BootEntry, EntryMode};
 use crate::memory::{high_ram, low_ram_end, GuestMemory};

@@ -4,7 +4,7 @@
 use std::os::fd::{AsRawFd, RawFd};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, EpollEvent};
 
 use super::connection::ConnKey;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::persist::{VsockRestoreArgs, VsockState};
+use crate::memory::GuestMemory;
 use super::*;
 use crate::devices::Persist;
 use crate::devices::virtio::mmio::{MmioTransport, MmioTransportArgs};

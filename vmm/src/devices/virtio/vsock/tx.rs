@@ -5,7 +5,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader};
+use virtio_queue::{Queue, QueueT, Reader};
 
 use super::connection::{ConnKey, ConnState, Connection};
 use super::packet::*;
