@@ -20,7 +20,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::launch::{self, Command, Plan};
+use crate::launch::{self, Command, LaunchError, Plan, Spawned};
 use crate::outbox::Outbox;
 use crate::output_drain::LogPipe;
 use crate::{bridge, console, refresh, user};
@@ -148,7 +148,7 @@ impl Supervisor {
         }
         let launched = match &self.setup_error {
             Some(e) => Err(format!("the sandbox could not be set up: {e}")),
-            None => self.launch(&spec),
+            None => self.launch(&spec).map_err(|e| e.to_string()),
         };
         if let Err(message) = launched {
             console::line(&format!("error: {message}"));
@@ -165,13 +165,14 @@ impl Supervisor {
     }
 
     /// Starts the process; Err only when none was created.
-    fn launch(self: &Arc<Self>, spec: &StartSpec) -> Result<(), String> {
+    fn launch(self: &Arc<Self>, spec: &StartSpec) -> Result<(), LaunchError> {
         let passwd = launch::read_in_root(&self.root, "/etc/passwd", MAX_ACCOUNT_FILE)?;
         let group = launch::read_in_root(&self.root, "/etc/group", MAX_ACCOUNT_FILE)?;
         let user = user::resolve(spec.user.as_deref(), passwd.as_deref(), group.as_deref())?;
         let env = launch::final_env(&spec.env, &user.home)?;
-        let pipe =
-            |name| launch::output_pipe().map_err(|e| format!("cannot create the {name} pipe: {e}"));
+        let pipe = |stream| {
+            launch::output_pipe().map_err(|cause| LaunchError::OutputPipe { stream, cause })
+        };
         let (out_read, out_write) = pipe("stdout")?;
         let (err_read, err_write) = pipe("stderr")?;
         let plan = Plan::new(&Command {
@@ -182,9 +183,8 @@ impl Supervisor {
             user: &user,
             stdout: std::os::fd::AsRawFd::as_raw_fd(&out_write),
             stderr: std::os::fd::AsRawFd::as_raw_fd(&err_write),
-        })
-        .map_err(|e| e.0)?;
-        let (pid, exec_error) = launch::spawn(&plan, &self.root).map_err(|e| e.0)?;
+        })?;
+        let Spawned { pid, exec_error } = launch::spawn(&plan, &self.root)?;
         // Only the function holds the write ends now: its exit is the pipes' EOF.
         drop(out_write);
         drop(err_write);
@@ -204,7 +204,7 @@ impl Supervisor {
                 console::line(&format!("error: {error}"));
                 state.failed = true;
                 self.outbox.push(&AgentMessage::StartFailed {
-                    message: error.0,
+                    message: error.to_string(),
                     last_lines: Vec::new(),
                 });
             }
