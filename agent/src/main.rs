@@ -18,13 +18,12 @@ mod bridge;
 mod cmdline;
 mod config;
 mod console;
-mod control;
+mod link;
 mod guest_root;
 mod launch;
 mod lines;
 mod mounts;
 mod net;
-mod outbox;
 mod output_drain;
 mod refresh;
 mod request_head;
@@ -171,7 +170,7 @@ fn run_instance(config: &Config) -> Result<(), String> {
         console::line(&format!("error: {e}"));
     }
 
-    let outbox = outbox::Outbox::new();
+    let outbox = link::outbox::Outbox::new();
     let supervisor = supervisor::Supervisor::new(
         outbox.clone(),
         PathBuf::from(guest_root::FUNCTION_ROOT),
@@ -184,7 +183,7 @@ fn run_instance(config: &Config) -> Result<(), String> {
     })?;
     spawn("control-accept", {
         let (s, o) = (supervisor.clone(), outbox.clone());
-        move || control::serve(control, s, o)
+        move || link::serve(control, s, o)
     })?;
     spawn("bridge-accept", move || bridge::serve(function, outbox))?;
     console::line(&format!(

@@ -21,7 +21,7 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::launch::{self, Command, LaunchError, Plan, Spawned};
-use crate::outbox::Outbox;
+use crate::link::outbox::Outbox;
 use crate::output_drain::LogPipe;
 use crate::{bridge, console, refresh, user};
 
@@ -130,7 +130,7 @@ impl Supervisor {
             }
             HostMessage::Ping { seq } => self.outbox.push(&AgentMessage::Pong {
                 seq,
-                unix_time_us: crate::outbox::unix_time_us(),
+                unix_time_us: crate::link::outbox::unix_time_us(),
             }),
         }
     }

@@ -13,9 +13,11 @@ use fnvm_agent::protocol::{
     PROTOCOL_VERSION,
 };
 
+pub mod outbox;
+
 use crate::console;
-use crate::outbox::Outbox;
 use crate::supervisor::Supervisor;
+use outbox::Outbox;
 use crate::transport::{Listener, Stream};
 
 /// The agent's own version, sent in Hello.
