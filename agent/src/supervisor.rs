@@ -374,7 +374,7 @@ impl Supervisor {
             }
         };
         if let Some(pid) = pid {
-            let (code, signal) = reap(pid);
+            let FunctionExit { code, signal } = reap(pid);
             let threads = {
                 let mut state = self.lock();
                 state.exited = true;
@@ -412,18 +412,35 @@ fn host_duration(ms: u64) -> Duration {
     Duration::from_millis(ms).min(MAX_HOST_DURATION)
 }
 
-/// Waits for `pid` (reaping anything else that ends meanwhile): (exit code, signal).
-fn reap(pid: i32) -> (Option<i32>, Option<i32>) {
+/// How the function's process ended: an exit code, a signal, or neither when waiting failed.
+struct FunctionExit {
+    code: Option<i32>,
+    signal: Option<i32>,
+}
+
+/// Waits for `pid` (reaping anything else that ends meanwhile).
+fn reap(pid: i32) -> FunctionExit {
     loop {
         match waitpid(None, None) {
-            Ok(WaitStatus::Exited(p, code)) if p.as_raw() == pid => return (Some(code), None),
+            Ok(WaitStatus::Exited(p, code)) if p.as_raw() == pid => {
+                return FunctionExit {
+                    code: Some(code),
+                    signal: None,
+                }
+            }
             Ok(WaitStatus::Signaled(p, sig, _)) if p.as_raw() == pid => {
-                return (None, Some(sig as i32))
+                return FunctionExit {
+                    code: None,
+                    signal: Some(sig as i32),
+                }
             }
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => {
                 console::line(&format!("error: waiting for the function failed: {e}"));
-                return (None, None);
+                return FunctionExit {
+                    code: None,
+                    signal: None,
+                };
             }
         }
     }

@@ -2,7 +2,7 @@
 
 use libc::c_ulong;
 
-use super::spawn::errno;
+use super::sys::errno;
 
 /// The capabilities a root function keeps: Docker's default set without MKNOD (Docker keeps
 /// it because its devices cgroup makes nodes harmless; a VM guest has no devices cgroup, and a

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use libc::c_ulong;
 
-use super::plan::{cstring, path_in, Op, Steps};
+use super::steps::{cstring, path_in, Op, Steps};
 use super::LaunchError;
 
 /// Device nodes the function gets, bound from the agent's /dev.

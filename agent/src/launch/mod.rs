@@ -8,11 +8,13 @@
 //! pipe; a successful exec closes that pipe with nothing written.
 //!
 //! - [`plan`]: the steps in their order, and what a failed one means;
+//! - [`steps`]: what one step is, and how they are written down;
 //! - [`filesystems`]: the /proc, /dev and /sys the function sees;
 //! - [`capabilities`]: what a root function keeps;
 //! - [`env`]: the function's environment and where its command is looked up;
 //! - [`image`]: the image's own files, read with every symlink kept inside its root;
-//! - [`spawn`]: clone(2), the child's walk through the plan, and its report back.
+//! - [`spawn`]: clone(2), the child's walk through the plan, and its report back;
+//! - [`sys`]: errno and result checks for the child's system calls.
 
 mod capabilities;
 mod env;
@@ -20,6 +22,8 @@ mod filesystems;
 mod image;
 mod plan;
 mod spawn;
+mod steps;
+mod sys;
 
 use std::io;
 

@@ -8,8 +8,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::path::Path;
 
-use libc::{c_ulong, gid_t, mode_t};
-
+use super::steps::{cstring, Op, Step, Steps};
 use super::{env, filesystems, image, LaunchError};
 use crate::user::ResolvedUser;
 
@@ -28,184 +27,6 @@ pub struct Command<'a> {
     /// Write ends of the stdout/stderr pipes.
     pub stdout: RawFd,
     pub stderr: RawFd,
-}
-
-/// One thing the child does before exec.
-pub(super) enum Op {
-    Umask(mode_t),
-    MakeMountsPrivate,
-    Mount {
-        source: Option<CString>,
-        target: CString,
-        fstype: Option<CString>,
-        flags: c_ulong,
-        data: Option<CString>,
-    },
-    /// mkdir, then chmod to exactly `mode` when it was created; an existing entry is fine.
-    Mkdir {
-        path: CString,
-        mode: mode_t,
-    },
-    /// Creates an empty file to bind a device node over.
-    CreateFile {
-        path: CString,
-    },
-    Symlink {
-        target: CString,
-        link: CString,
-    },
-    /// chdir(new_root); pivot_root(".", "."); detach the old root: nothing of the agent stays
-    /// reachable.
-    PivotRoot {
-        new_root: CString,
-    },
-    Chdir {
-        path: CString,
-    },
-    SetHostname {
-        name: CString,
-    },
-    DropCapabilities,
-    SetGroups {
-        groups: Vec<gid_t>,
-    },
-    SetGid(gid_t),
-    SetUid(libc::uid_t),
-    /// stdin from /dev/null (of the new root), stdout/stderr to the pipes.
-    Stdio {
-        null: CString,
-        stdout: RawFd,
-        stderr: RawFd,
-    },
-    /// Marks every fd above 2 close-on-exec and restores default signal handling.
-    CleanProcess,
-}
-
-/// One step of the plan.
-pub(super) struct Step {
-    pub(super) op: Op,
-    /// For the error message: "mount proc on /proc".
-    pub(super) what: String,
-    /// A missing path (ENOENT) skips the step.
-    pub(super) optional: bool,
-}
-
-/// The steps as they are written down, in the order the child takes them.
-#[derive(Default)]
-pub(super) struct Steps(Vec<Step>);
-
-impl Steps {
-    /// A step whose failure stops the start.
-    pub(super) fn required(&mut self, op: Op, what: impl Into<String>) {
-        self.push(op, what.into(), false);
-    }
-
-    /// A step skipped when its path or file system is missing (ENOENT, ENODEV).
-    pub(super) fn optional(&mut self, op: Op, what: impl Into<String>) {
-        self.push(op, what.into(), true);
-    }
-
-    fn push(&mut self, op: Op, what: String, optional: bool) {
-        self.0.push(Step { op, what, optional });
-    }
-
-    /// No umask while the file systems are made; mounts that stay in this namespace.
-    fn fresh_namespace(&mut self) {
-        self.required(Op::Umask(0), "set the umask");
-        self.required(
-            Op::MakeMountsPrivate,
-            "make the new mount namespace private",
-        );
-    }
-
-    /// pivot_root into the function's root; then /tmp and the hostname. Paths of later steps
-    /// are inside that root.
-    fn enter_root(&mut self, root: &Path) -> Result<(), LaunchError> {
-        self.required(
-            Op::PivotRoot {
-                new_root: cstring(&root.display().to_string())?,
-            },
-            "switch to the function's root (pivot_root)",
-        );
-        self.required(
-            Op::Mkdir {
-                path: cstring("/tmp")?,
-                mode: 0o1777,
-            },
-            "create /tmp",
-        );
-        self.required(
-            Op::SetHostname {
-                name: cstring(HOSTNAME)?,
-            },
-            "set the hostname",
-        );
-        Ok(())
-    }
-
-    /// Like runc: a working directory the image lacks is created, one component at a time.
-    fn enter_working_dir(&mut self, working_dir: &str) -> Result<(), LaunchError> {
-        let working_dir = if working_dir.is_empty() {
-            "/"
-        } else {
-            working_dir
-        };
-        if !working_dir.starts_with('/') {
-            return Err(LaunchError::RelativeWorkingDir(working_dir.into()));
-        }
-        let mut prefix = String::new();
-        for part in working_dir.split('/').filter(|p| !p.is_empty()) {
-            prefix.push('/');
-            prefix.push_str(part);
-            self.required(
-                Op::Mkdir {
-                    path: cstring(&prefix)?,
-                    mode: 0o755,
-                },
-                format!("create the working directory {working_dir}"),
-            );
-        }
-        self.required(
-            Op::Chdir {
-                path: cstring(working_dir)?,
-            },
-            format!("enter the working directory {working_dir}"),
-        );
-        Ok(())
-    }
-
-    /// Only the kept capabilities, then the user's groups, gid and uid (in that order: after
-    /// setuid nothing else could be changed).
-    fn become_user(&mut self, user: &ResolvedUser) {
-        self.required(Op::DropCapabilities, "drop capabilities");
-        self.required(
-            Op::SetGroups {
-                groups: user.groups.clone(),
-            },
-            format!("set the supplementary groups {:?}", user.groups),
-        );
-        self.required(Op::SetGid(user.gid), format!("set gid {}", user.gid));
-        self.required(Op::SetUid(user.uid), format!("set uid {}", user.uid));
-    }
-
-    /// stdin from the new root's /dev/null, stdout and stderr to the agent's pipes.
-    fn connect_stdio(&mut self, stdout: RawFd, stderr: RawFd) -> Result<(), LaunchError> {
-        self.required(
-            Op::Stdio {
-                null: cstring("/dev/null")?,
-                stdout,
-                stderr,
-            },
-            "connect stdin/stdout/stderr",
-        );
-        Ok(())
-    }
-
-    /// The usual umask, default signals, and no descriptor of the agent's across exec.
-    fn clean_process(&mut self) {
-        self.required(Op::Umask(0o022), "set the umask");
-        self.required(Op::CleanProcess, "reset signals and descriptors");
-    }
 }
 
 /// What the child execs once every step is done.
@@ -250,17 +71,6 @@ pub struct Plan {
     pub(super) exec: Exec,
 }
 
-/// A C string of `s`, or why it cannot be one.
-pub(super) fn cstring(s: &str) -> Result<CString, LaunchError> {
-    CString::new(s).map_err(|_| LaunchError::NulByte(s.into()))
-}
-
-/// `inner` under `root`, as the agent sees it before pivot_root.
-pub(super) fn path_in(root: &Path, inner: &str) -> Result<CString, LaunchError> {
-    let joined = format!("{}/{}", root.display(), inner.trim_start_matches('/'));
-    cstring(&joined)
-}
-
 impl Plan {
     /// Prepares every step of `cmd`'s start; Err when the command cannot start at all.
     pub fn new(cmd: &Command) -> Result<Plan, LaunchError> {
@@ -271,17 +81,17 @@ impl Plan {
             .ok_or(LaunchError::EmptyCommand)?
             .clone();
         let mut steps = Steps::default();
-        steps.fresh_namespace();
+        fresh_namespace(&mut steps);
         filesystems::proc(&mut steps, cmd.root)?;
         filesystems::dev(&mut steps, cmd.root)?;
         filesystems::sys(&mut steps, cmd.root)?;
-        steps.enter_root(cmd.root)?;
-        steps.enter_working_dir(cmd.working_dir)?;
-        steps.become_user(cmd.user);
-        steps.connect_stdio(cmd.stdout, cmd.stderr)?;
-        steps.clean_process();
+        enter_root(&mut steps, cmd.root)?;
+        enter_working_dir(&mut steps, cmd.working_dir)?;
+        become_user(&mut steps, cmd.user);
+        connect_stdio(&mut steps, cmd.stdout, cmd.stderr)?;
+        clean_process(&mut steps);
         Ok(Plan {
-            steps: steps.0,
+            steps: steps.into_steps(),
             exec: Exec::new(program, cmd.argv, cmd.env)?,
         })
     }
@@ -302,6 +112,104 @@ impl Plan {
             ),
         }
     }
+}
+
+/// No umask while the file systems are made; mounts that stay in this namespace.
+fn fresh_namespace(steps: &mut Steps) {
+    steps.required(Op::Umask(0), "set the umask");
+    steps.required(
+        Op::MakeMountsPrivate,
+        "make the new mount namespace private",
+    );
+}
+
+/// pivot_root into the function's root; then /tmp and the hostname. Paths of later steps
+/// are inside that root.
+fn enter_root(steps: &mut Steps, root: &Path) -> Result<(), LaunchError> {
+    steps.required(
+        Op::PivotRoot {
+            new_root: cstring(&root.display().to_string())?,
+        },
+        "switch to the function's root (pivot_root)",
+    );
+    steps.required(
+        Op::Mkdir {
+            path: cstring("/tmp")?,
+            mode: 0o1777,
+        },
+        "create /tmp",
+    );
+    steps.required(
+        Op::SetHostname {
+            name: cstring(HOSTNAME)?,
+        },
+        "set the hostname",
+    );
+    Ok(())
+}
+
+/// Like runc: a working directory the image lacks is created, one component at a time.
+fn enter_working_dir(steps: &mut Steps, working_dir: &str) -> Result<(), LaunchError> {
+    let working_dir = if working_dir.is_empty() {
+        "/"
+    } else {
+        working_dir
+    };
+    if !working_dir.starts_with('/') {
+        return Err(LaunchError::RelativeWorkingDir(working_dir.into()));
+    }
+    let mut prefix = String::new();
+    for part in working_dir.split('/').filter(|p| !p.is_empty()) {
+        prefix.push('/');
+        prefix.push_str(part);
+        steps.required(
+            Op::Mkdir {
+                path: cstring(&prefix)?,
+                mode: 0o755,
+            },
+            format!("create the working directory {working_dir}"),
+        );
+    }
+    steps.required(
+        Op::Chdir {
+            path: cstring(working_dir)?,
+        },
+        format!("enter the working directory {working_dir}"),
+    );
+    Ok(())
+}
+
+/// Only the kept capabilities, then the user's groups, gid and uid (in that order: after
+/// setuid nothing else could be changed).
+fn become_user(steps: &mut Steps, user: &ResolvedUser) {
+    steps.required(Op::DropCapabilities, "drop capabilities");
+    steps.required(
+        Op::SetGroups {
+            groups: user.groups.clone(),
+        },
+        format!("set the supplementary groups {:?}", user.groups),
+    );
+    steps.required(Op::SetGid(user.gid), format!("set gid {}", user.gid));
+    steps.required(Op::SetUid(user.uid), format!("set uid {}", user.uid));
+}
+
+/// stdin from the new root's /dev/null, stdout and stderr to the agent's pipes.
+fn connect_stdio(steps: &mut Steps, stdout: RawFd, stderr: RawFd) -> Result<(), LaunchError> {
+    steps.required(
+        Op::Stdio {
+            null: cstring("/dev/null")?,
+            stdout,
+            stderr,
+        },
+        "connect stdin/stdout/stderr",
+    );
+    Ok(())
+}
+
+/// The usual umask, default signals, and no descriptor of the agent's across exec.
+fn clean_process(steps: &mut Steps) {
+    steps.required(Op::Umask(0o022), "set the umask");
+    steps.required(Op::CleanProcess, "reset signals and descriptors");
 }
 
 /// A failed exec, told apart the ways users hit it (as an OCI runtime would say it).

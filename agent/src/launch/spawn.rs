@@ -9,7 +9,9 @@ use std::path::Path;
 use libc::{c_char, c_ulong};
 
 use super::capabilities::drop_capabilities;
-use super::plan::{Op, Plan};
+use super::plan::Plan;
+use super::steps::Op;
+use super::sys::{check, check_syscall, errno, opt_ptr};
 use super::LaunchError;
 
 /// A function process that was created.
@@ -120,12 +122,6 @@ fn child_main(plan: &Plan, argv: &[*const c_char], envp: &[*const c_char], repor
     )
 }
 
-/// This thread's errno.
-pub(super) fn errno() -> i32 {
-    // SAFETY: __errno_location returns this thread's errno slot; reading it is always valid.
-    unsafe { *libc::__errno_location() }
-}
-
 /// Reports step `index` failed with `errno` and exits the child.
 fn fail(report: RawFd, index: usize, errno: i32) -> ! {
     let mut msg = [0u8; 8];
@@ -136,26 +132,6 @@ fn fail(report: RawFd, index: usize, errno: i32) -> ! {
         libc::write(report, msg.as_ptr().cast(), msg.len());
         libc::_exit(127)
     }
-}
-
-fn check(rc: libc::c_int) -> Result<(), i32> {
-    if rc < 0 {
-        Err(errno())
-    } else {
-        Ok(())
-    }
-}
-
-fn check_syscall(rc: libc::c_long) -> Result<(), i32> {
-    if rc < 0 {
-        Err(errno())
-    } else {
-        Ok(())
-    }
-}
-
-fn opt_ptr(s: &Option<std::ffi::CString>) -> *const c_char {
-    s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr())
 }
 
 /// Runs one step in the child. Only async-signal-safe calls; no allocation.
