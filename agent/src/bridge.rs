@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use fnvm_agent::protocol::{AgentMessage, FUNCTION_PORT};
 
-use crate::outbox::Outbox;
+use crate::link::outbox::Outbox;
 use crate::output_drain::drain_output;
 use crate::request_head::RequestHead;
 use crate::transport::{Listener, Stream};
@@ -313,7 +313,7 @@ mod tests {
 
     #[test]
     fn each_request_on_a_kept_alive_stream_is_announced_before_the_function_gets_it() {
-        use crate::outbox::Outbox;
+        use crate::link::outbox::Outbox;
         use fnvm_agent::protocol::{read_message, LogStream};
         use std::io::BufRead;
 

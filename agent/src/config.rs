@@ -28,13 +28,42 @@ pub struct Config {
     pub writable: String,
 }
 
+/// Why the agent's arguments or the kernel command line name no instance to run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// An argument the agent does not take.
+    #[error("unknown argument {0:?}")]
+    UnknownArgument(String),
+    /// A flag at the end, or with an empty value.
+    #[error("{0} needs a value")]
+    NeedsValue(String),
+    /// A flag repeated.
+    #[error("{0} given twice")]
+    GivenTwice(String),
+    /// A sandbox kind other than the process sandbox.
+    #[error(
+        "--sandbox {0:?} is not supported on the command line (only \"process\"; in a VM the \
+         agent takes no arguments)"
+    )]
+    UnsupportedSandbox(String),
+    /// A required flag is missing.
+    #[error("{0} is required")]
+    Missing(&'static str),
+    /// The socket directory must not depend on the working directory.
+    #[error("--socket-dir {} must be an absolute path", .0.display())]
+    RelativeSocketDir(PathBuf),
+    /// A VM's command line names one disk without the other.
+    #[error("the kernel command line needs both fnvm.rootfs=DEV and fnvm.writable=DEV")]
+    PartialDisks,
+}
+
 /// The usage line printed with argument errors.
 pub const USAGE: &str =
     "usage: fnvm-agent --sandbox process --socket-dir DIR --rootfs DEV --writable DEV \
      (no arguments: VM mode, disks from fnvm.rootfs= and fnvm.writable= on the kernel command line)";
 
 /// Parses the process sandbox's arguments (program name excluded).
-pub fn from_args(args: &[String]) -> Result<Config, String> {
+pub fn from_args(args: &[String]) -> Result<Config, ConfigError> {
     let mut sandbox = None;
     let mut socket_dir = None;
     let mut rootfs = None;
@@ -46,43 +75,35 @@ pub fn from_args(args: &[String]) -> Result<Config, String> {
             "--socket-dir" => &mut socket_dir,
             "--rootfs" => &mut rootfs,
             "--writable" => &mut writable,
-            other => return Err(format!("unknown argument {other:?}")),
+            other => return Err(ConfigError::UnknownArgument(other.into())),
         };
         let value = it
             .next()
             .filter(|v| !v.is_empty())
-            .ok_or_else(|| format!("{flag} needs a value"))?;
+            .ok_or_else(|| ConfigError::NeedsValue(flag.clone()))?;
         if slot.replace(value.clone()).is_some() {
-            return Err(format!("{flag} given twice"));
+            return Err(ConfigError::GivenTwice(flag.clone()));
         }
     }
     match sandbox.as_deref() {
         Some("process") => {}
-        Some(other) => {
-            return Err(format!(
-                "--sandbox {other:?} is not supported on the command line (only \"process\"; \
-                 in a VM the agent takes no arguments)"
-            ))
-        }
-        None => return Err("--sandbox process is required".into()),
+        Some(other) => return Err(ConfigError::UnsupportedSandbox(other.into())),
+        None => return Err(ConfigError::Missing("--sandbox process")),
     }
-    let socket_dir = PathBuf::from(socket_dir.ok_or("--socket-dir is required")?);
+    let socket_dir = PathBuf::from(socket_dir.ok_or(ConfigError::Missing("--socket-dir"))?);
     if !socket_dir.is_absolute() {
-        return Err(format!(
-            "--socket-dir {} must be an absolute path",
-            socket_dir.display()
-        ));
+        return Err(ConfigError::RelativeSocketDir(socket_dir));
     }
     Ok(Config {
         sandbox: Sandbox::Process { socket_dir },
-        rootfs: rootfs.ok_or("--rootfs is required")?,
-        writable: writable.ok_or("--writable is required")?,
+        rootfs: rootfs.ok_or(ConfigError::Missing("--rootfs"))?,
+        writable: writable.ok_or(ConfigError::Missing("--writable"))?,
     })
 }
 
 /// The VM's configuration from the kernel command line: None for a test boot (no
 /// `fnvm.rootfs=`), an error when the disks are named only in part.
-pub fn from_cmdline(cmdline: &str) -> Option<Result<Config, String>> {
+pub fn from_cmdline(cmdline: &str) -> Option<Result<Config, ConfigError>> {
     let rootfs = cmdline::value(cmdline, "fnvm.rootfs")?;
     Some(match cmdline::value(cmdline, "fnvm.writable") {
         Some(writable) if !rootfs.is_empty() && !writable.is_empty() => Ok(Config {
@@ -90,7 +111,7 @@ pub fn from_cmdline(cmdline: &str) -> Option<Result<Config, String>> {
             rootfs: rootfs.to_string(),
             writable: writable.to_string(),
         }),
-        _ => Err("the kernel command line needs both fnvm.rootfs=DEV and fnvm.writable=DEV".into()),
+        _ => Err(ConfigError::PartialDisks),
     })
 }
 
@@ -129,7 +150,7 @@ mod tests {
 
     #[test]
     fn bad_arguments_say_what_is_wrong() {
-        let err = |list: &[&str]| from_args(&args(list)).unwrap_err();
+        let err = |list: &[&str]| from_args(&args(list)).unwrap_err().to_string();
         assert!(err(&["--sandbox", "vm"]).contains("\"vm\""));
         assert!(err(&["--rootfs"]).contains("--rootfs needs a value"));
         assert!(err(&["--bogus", "x"]).contains("\"--bogus\""));

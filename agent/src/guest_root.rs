@@ -6,7 +6,7 @@
 //! left in its mount namespace. In it, the rootfs image is mounted read-only, the writable layer
 //! read-write, and an overlay of both at [`FUNCTION_ROOT`] becomes the function's `/`.
 
-use std::io::Read;
+use std::io::{self, Read};
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
@@ -22,19 +22,82 @@ const AGENT_ROOT_OPTIONS: &str = "mode=755,size=1m";
 const EROFS_MAGIC: u32 = 0xE0F5_E1E2;
 const EXT4_MAGIC: u16 = 0xEF53;
 
-fn errno_text(what: &str, e: impl std::fmt::Display) -> String {
-    format!("{what}: {e}")
+/// Why the agent's root or the function's could not be set up (or taken down).
+#[derive(Debug, thiserror::Error)]
+pub enum GuestRootError {
+    /// A disk cannot be opened.
+    #[error("cannot open {device}: {cause}")]
+    OpenDevice { device: String, cause: io::Error },
+    /// A disk's superblock cannot be read.
+    #[error("cannot read the superblock of {device}: {cause}")]
+    ReadSuperblock { device: String, cause: io::Error },
+    /// A disk holds no file system the agent mounts.
+    #[error("{device} holds neither an ext4 nor an erofs file system")]
+    UnknownFileSystem { device: String },
+    /// A mount point cannot be made.
+    #[error("cannot create {path}: {cause}")]
+    CreateDir { path: String, cause: io::Error },
+    /// The kernel refused a mount.
+    #[error("cannot mount {source_name} ({fstype}) on {target}: {cause}")]
+    Mount {
+        /// What is mounted ("-" for none).
+        source_name: String,
+        /// Its type ("bind" for none).
+        fstype: String,
+        target: String,
+        cause: nix::Error,
+    },
+    /// No mount namespace of the agent's own.
+    #[error("cannot create a mount namespace: {0}")]
+    Unshare(nix::Error),
+    /// A disk's device node cannot be looked at.
+    #[error("the {name} device {device}: {cause}")]
+    Device {
+        name: &'static str,
+        device: String,
+        cause: io::Error,
+    },
+    /// A disk's path is no block device.
+    #[error("the {name} device {device} is not a block device")]
+    NotBlockDevice { name: &'static str, device: String },
+    /// The writable layer must be ext4 (overlayfs needs a writable upper layer).
+    #[error("the writable layer {device} holds {found}, not ext4")]
+    WritableNotExt4 { device: String, found: &'static str },
+    /// A directory cannot be entered.
+    #[error("cannot enter {path}: {cause}")]
+    Enter { path: String, cause: io::Error },
+    /// The old root stays attached.
+    #[error("cannot detach the old root: {0}")]
+    DetachOldRoot(nix::Error),
+    /// chroot(2) into the agent root failed (VM).
+    #[error("cannot chroot into the agent root: {0}")]
+    Chroot(nix::Error),
+    /// pivot_root(2) into the agent root failed (process sandbox).
+    #[error("cannot pivot_root into the agent root: {0}")]
+    PivotRoot(nix::Error),
+    /// A mount of the function's could not be taken down at the end.
+    #[error("cannot unmount {target}: {cause}")]
+    Unmount {
+        target: &'static str,
+        cause: nix::Error,
+    },
 }
 
 /// Which file system a block device holds, from its superblock magic.
-pub fn detect_filesystem(device: &str) -> Result<&'static str, String> {
-    let mut file =
-        std::fs::File::open(device).map_err(|e| errno_text(&format!("cannot open {device}"), e))?;
+pub fn detect_filesystem(device: &str) -> Result<&'static str, GuestRootError> {
+    let mut file = std::fs::File::open(device).map_err(|cause| GuestRootError::OpenDevice {
+        device: device.into(),
+        cause,
+    })?;
     let mut head = [0u8; 2048];
     file.read_exact(&mut head)
-        .map_err(|e| errno_text(&format!("cannot read the superblock of {device}"), e))?;
-    filesystem_from_superblock(&head)
-        .ok_or_else(|| format!("{device} holds neither an ext4 nor an erofs file system"))
+        .map_err(|cause| GuestRootError::ReadSuperblock {
+            device: device.into(),
+            cause,
+        })?;
+    filesystem_from_superblock(&head).ok_or_else(|| GuestRootError::UnknownFileSystem {
+        device: device.into(),
+    })
 }
 
 /// Both file systems keep their superblock at byte 1024.
@@ -47,8 +110,11 @@ fn filesystem_from_superblock(head: &[u8; 2048]) -> Option<&'static str> {
     (ext == EXT4_MAGIC).then_some("ext4")
 }
 
-fn mkdir(path: &str) -> Result<(), String> {
-    std::fs::create_dir_all(path).map_err(|e| errno_text(&format!("cannot create {path}"), e))
+fn mkdir(path: &str) -> Result<(), GuestRootError> {
+    std::fs::create_dir_all(path).map_err(|cause| GuestRootError::CreateDir {
+        path: path.into(),
+        cause,
+    })
 }
 
 fn do_mount(
@@ -57,16 +123,12 @@ fn do_mount(
     fstype: Option<&str>,
     flags: MsFlags,
     data: Option<&str>,
-) -> Result<(), String> {
-    mount(source, target, fstype, flags, data).map_err(|e| {
-        errno_text(
-            &format!(
-                "cannot mount {} ({}) on {target}",
-                source.unwrap_or("-"),
-                fstype.unwrap_or("bind")
-            ),
-            e,
-        )
+) -> Result<(), GuestRootError> {
+    mount(source, target, fstype, flags, data).map_err(|cause| GuestRootError::Mount {
+        source_name: source.unwrap_or("-").into(),
+        fstype: fstype.unwrap_or("bind").into(),
+        target: target.into(),
+        cause,
     })
 }
 
@@ -74,16 +136,15 @@ fn do_mount(
 /// own (even if the host forgot CLONE_NEWNS, nothing here can touch the host's), with every
 /// mount private so nothing the agent mounts propagates back (a copied namespace keeps the
 /// host's shared propagation).
-pub fn make_mounts_private() -> Result<(), String> {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
-        .map_err(|e| errno_text("cannot create a mount namespace", e))?;
+pub fn make_mounts_private() -> Result<(), GuestRootError> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(GuestRootError::Unshare)?;
     do_mount(None, "/", None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)
 }
 
 /// Mounts the agent's tmpfs root at `at`, the disks and the overlay inside it, then makes it
 /// the agent's `/` and mounts a fresh /proc. `at` must be an existing directory (its content is
 /// hidden, in this mount namespace only).
-pub fn enter(at: &Path, rootfs: &str, writable: &str) -> Result<(), String> {
+pub fn enter(at: &Path, rootfs: &str, writable: &str) -> Result<(), GuestRootError> {
     let at = at.display().to_string();
     do_mount(
         Some("tmpfs"),
@@ -114,12 +175,18 @@ pub fn enter(at: &Path, rootfs: &str, writable: &str) -> Result<(), String> {
 }
 
 /// rootfs (read-only, ext4 or erofs) + writable layer (ext4) → overlay at `<at>/mnt/root`.
-fn mount_function_root(at: &str, rootfs: &str, writable: &str) -> Result<(), String> {
+fn mount_function_root(at: &str, rootfs: &str, writable: &str) -> Result<(), GuestRootError> {
     for (name, dev) in [("rootfs", rootfs), ("writable layer", writable)] {
-        let meta = std::fs::metadata(dev)
-            .map_err(|e| errno_text(&format!("the {name} device {dev}"), e))?;
+        let meta = std::fs::metadata(dev).map_err(|cause| GuestRootError::Device {
+            name,
+            device: dev.into(),
+            cause,
+        })?;
         if !meta.file_type().is_block_device() {
-            return Err(format!("the {name} device {dev} is not a block device"));
+            return Err(GuestRootError::NotBlockDevice {
+                name,
+                device: dev.into(),
+            });
         }
     }
     let lower = format!("{at}{ROOTFS_MOUNT}");
@@ -136,9 +203,10 @@ fn mount_function_root(at: &str, rootfs: &str, writable: &str) -> Result<(), Str
     match detect_filesystem(writable)? {
         "ext4" => {}
         other => {
-            return Err(format!(
-                "the writable layer {writable} holds {other}, not ext4"
-            ))
+            return Err(GuestRootError::WritableNotExt4 {
+                device: writable.into(),
+                found: other,
+            })
         }
     }
     do_mount(Some(writable), &rw, Some("ext4"), MsFlags::MS_NODEV, None)?;
@@ -162,33 +230,37 @@ fn mount_function_root(at: &str, rootfs: &str, writable: &str) -> Result<(), Str
 /// mounts); an initramfs root cannot be pivoted away from, so the VM moves `at` over `/` and
 /// chroots, as switch_root does — either way `at` then has a parent mount, which the
 /// function's own pivot_root needs.
-fn switch_root(at: &str) -> Result<(), String> {
-    std::env::set_current_dir(at).map_err(|e| errno_text(&format!("cannot enter {at}"), e))?;
+fn switch_root(at: &str) -> Result<(), GuestRootError> {
+    let enter = |path: &str| {
+        std::env::set_current_dir(path).map_err(|cause| GuestRootError::Enter {
+            path: path.into(),
+            cause,
+        })
+    };
+    enter(at)?;
     match nix::unistd::pivot_root(".", ".") {
         Ok(()) => {
-            umount2(".", MntFlags::MNT_DETACH)
-                .map_err(|e| errno_text("cannot detach the old root", e))?;
+            umount2(".", MntFlags::MNT_DETACH).map_err(GuestRootError::DetachOldRoot)?;
         }
         Err(nix::errno::Errno::EINVAL) => {
             do_mount(Some("."), "/", None, MsFlags::MS_MOVE, None)?;
-            nix::unistd::chroot(".")
-                .map_err(|e| errno_text("cannot chroot into the agent root", e))?;
+            nix::unistd::chroot(".").map_err(GuestRootError::Chroot)?;
         }
-        Err(e) => return Err(errno_text("cannot pivot_root into the agent root", e)),
+        Err(e) => return Err(GuestRootError::PivotRoot(e)),
     }
-    std::env::set_current_dir("/").map_err(|e| errno_text("cannot enter /", e))
+    enter("/")
 }
 
 /// Unmounts the function's root and disks (process sandbox, at the end), flushing the
 /// writable layer; errors are reported, not fatal.
-pub fn unmount_all() -> Vec<String> {
+pub fn unmount_all() -> Vec<GuestRootError> {
     nix::unistd::sync();
     let mut errors = Vec::new();
     for target in [FUNCTION_ROOT, WRITABLE_MOUNT, ROOTFS_MOUNT] {
-        if let Err(e) = umount2(target, MntFlags::empty()) {
+        if let Err(cause) = umount2(target, MntFlags::empty()) {
             // Busy only if something still uses it; detach so it goes once that ends.
             let _ = umount2(target, MntFlags::MNT_DETACH);
-            errors.push(format!("cannot unmount {target}: {e}"));
+            errors.push(GuestRootError::Unmount { target, cause });
         }
     }
     errors
@@ -223,7 +295,7 @@ mod tests {
             .status();
         match made {
             Ok(s) if s.success() => {
-                assert_eq!(detect_filesystem(ext4.to_str().unwrap()), Ok("ext4"))
+                assert_eq!(detect_filesystem(ext4.to_str().unwrap()).ok(), Some("ext4"))
             }
             _ => eprintln!("SKIPPED (no mkfs.ext4): real_images_are_recognised ext4"),
         }
@@ -235,15 +307,22 @@ mod tests {
             .status();
         match made {
             Ok(s) if s.success() => {
-                assert_eq!(detect_filesystem(erofs.to_str().unwrap()), Ok("erofs"))
+                assert_eq!(
+                    detect_filesystem(erofs.to_str().unwrap()).ok(),
+                    Some("erofs")
+                )
             }
             _ => eprintln!("SKIPPED (no mkfs.erofs): real_images_are_recognised erofs"),
         }
         let junk = dir.path().join("junk");
         std::fs::write(&junk, vec![7u8; 4096]).unwrap();
-        let err = detect_filesystem(junk.to_str().unwrap()).unwrap_err();
+        let err = detect_filesystem(junk.to_str().unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("neither an ext4 nor an erofs"), "{err}");
-        let err = detect_filesystem("/nonexistent/disk").unwrap_err();
+        let err = detect_filesystem("/nonexistent/disk")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/nonexistent/disk"), "{err}");
     }
 }

@@ -18,13 +18,12 @@ mod bridge;
 mod cmdline;
 mod config;
 mod console;
-mod control;
 mod guest_root;
 mod launch;
 mod lines;
+mod link;
 mod mounts;
 mod net;
-mod outbox;
 mod output_drain;
 mod refresh;
 mod request_head;
@@ -34,13 +33,62 @@ mod test_actions;
 mod transport;
 mod user;
 
+use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use fnvm_agent::protocol::{CONTROL_PORT, FUNCTION_PORT};
 
-use config::{Config, Sandbox};
+use config::{Config, ConfigError, Sandbox};
+use guest_root::GuestRootError;
+use mounts::MountError;
+use net::NetError;
+use test_actions::TestActionError;
 use transport::Transport;
+
+/// Why the agent cannot bring the guest up or run its instance (printed, then the instance
+/// ends). One enum over the modules' own errors: the agent is a static PID 1 with no other
+/// dependencies, and every message here is what the console shows.
+#[derive(Debug, thiserror::Error)]
+enum AgentError {
+    /// The kernel file systems (or a test action's disk) cannot be mounted.
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    /// The kernel command line names no instance to run.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A test action cannot be parsed or did not run.
+    #[error(transparent)]
+    TestAction(#[from] TestActionError),
+    /// The agent's root or the function's cannot be set up.
+    #[error(transparent)]
+    GuestRoot(#[from] GuestRootError),
+    /// Loopback cannot be brought up.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// A /proc file the boot reads cannot be read.
+    #[error("cannot read {path}: {cause}")]
+    ReadProc {
+        path: &'static str,
+        cause: io::Error,
+    },
+    /// /proc/uptime does not start with a number.
+    #[error("/proc/uptime is malformed: {0:?}")]
+    Uptime(String),
+    /// A port the host connects to cannot be listened on.
+    #[error("cannot listen on the {name} port {port}: {cause}")]
+    Listen {
+        name: &'static str,
+        port: u32,
+        cause: io::Error,
+    },
+    /// The directory for the agent's private root cannot be made.
+    #[error("cannot create {}: {cause}", path.display())]
+    CreateDir { path: PathBuf, cause: io::Error },
+    /// A thread of the agent cannot be started.
+    #[error("cannot start the {name} thread: {cause}")]
+    Thread { name: String, cause: io::Error },
+}
 
 /// Whether this agent runs in a VM (a panic reboots) or the process sandbox (a panic exits).
 static IN_VM: AtomicBool = AtomicBool::new(true);
@@ -106,7 +154,7 @@ fn vm_main(ignored: &[String]) -> ! {
     shutdown::reboot();
 }
 
-fn vm_boot(ignored: &[String]) -> Result<(), String> {
+fn vm_boot(ignored: &[String]) -> Result<(), AgentError> {
     mounts::mount_kernel_filesystems()?;
     console::attach();
     console::line(&format!("up after {} s", read_uptime()?));
@@ -117,8 +165,11 @@ fn vm_boot(ignored: &[String]) -> Result<(), String> {
         ));
     }
 
-    let cmdline = std::fs::read_to_string("/proc/cmdline")
-        .map_err(|e| format!("cannot read /proc/cmdline: {e}"))?;
+    let cmdline =
+        std::fs::read_to_string("/proc/cmdline").map_err(|cause| AgentError::ReadProc {
+            path: "/proc/cmdline",
+            cause,
+        })?;
     match config::from_cmdline(&cmdline) {
         Some(config) => run_instance(&config?),
         None => {
@@ -134,7 +185,7 @@ fn vm_boot(ignored: &[String]) -> Result<(), String> {
 /// Runs one function instance to its end. Errors before the listeners exist end the instance
 /// at once (the host sees the agent end); later set-up errors are kept and reported to the
 /// host as the Start's failure.
-fn run_instance(config: &Config) -> Result<(), String> {
+fn run_instance(config: &Config) -> Result<(), AgentError> {
     raise_fd_limit();
     let (transport, private_root_at) = match &config.sandbox {
         Sandbox::Vm => (Transport::Vsock, PathBuf::from("/fnvm")),
@@ -151,31 +202,35 @@ fn run_instance(config: &Config) -> Result<(), String> {
             )
         }
     };
-    let control = transport
-        .listen(CONTROL_PORT)
-        .map_err(|e| format!("cannot listen on the control port {CONTROL_PORT}: {e}"))?;
-    let function = transport
-        .listen(FUNCTION_PORT)
-        .map_err(|e| format!("cannot listen on the function port {FUNCTION_PORT}: {e}"))?;
+    let listen = |name, port| {
+        transport
+            .listen(port)
+            .map_err(|cause| AgentError::Listen { name, port, cause })
+    };
+    let control = listen("control", CONTROL_PORT)?;
+    let function = listen("function", FUNCTION_PORT)?;
 
-    let setup = (|| {
+    let setup = (|| -> Result<(), AgentError> {
         if config.sandbox == Sandbox::Vm {
-            std::fs::create_dir_all(&private_root_at)
-                .map_err(|e| format!("cannot create {}: {e}", private_root_at.display()))?;
+            std::fs::create_dir_all(&private_root_at).map_err(|cause| AgentError::CreateDir {
+                path: private_root_at.clone(),
+                cause,
+            })?;
         }
         guest_root::enter(&private_root_at, &config.rootfs, &config.writable)?;
         net::bring_up_loopback()?;
-        net::prefer_handshake_retries_to_syn_cookies().map(|_| ())
+        net::prefer_handshake_retries_to_syn_cookies()?;
+        Ok(())
     })();
     if let Err(e) = &setup {
         console::line(&format!("error: {e}"));
     }
 
-    let outbox = outbox::Outbox::new();
+    let outbox = link::outbox::Outbox::new();
     let supervisor = supervisor::Supervisor::new(
         outbox.clone(),
         PathBuf::from(guest_root::FUNCTION_ROOT),
-        setup.err(),
+        setup.err().map(|e| e.to_string()),
         config.sandbox == Sandbox::Vm,
     );
     spawn("outbox", {
@@ -184,7 +239,7 @@ fn run_instance(config: &Config) -> Result<(), String> {
     })?;
     spawn("control-accept", {
         let (s, o) = (supervisor.clone(), outbox.clone());
-        move || control::serve(control, s, o)
+        move || link::serve(control, s, o)
     })?;
     spawn("bridge-accept", move || bridge::serve(function, outbox))?;
     console::line(&format!(
@@ -194,12 +249,15 @@ fn run_instance(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), String> {
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), AgentError> {
     std::thread::Builder::new()
         .name(name.into())
         .spawn(f)
         .map(|_| ())
-        .map_err(|e| format!("cannot start the {name} thread: {e}"))
+        .map_err(|cause| AgentError::Thread {
+            name: name.into(),
+            cause,
+        })
 }
 
 /// Each bridged stream holds two sockets and two pipes; the kernel's default soft limit of
@@ -220,11 +278,13 @@ fn raise_fd_limit() {
 }
 
 /// The guest's uptime as the kernel reports it (first field of /proc/uptime, e.g. "0.42").
-fn read_uptime() -> Result<String, String> {
-    let text = std::fs::read_to_string("/proc/uptime")
-        .map_err(|e| format!("cannot read /proc/uptime: {e}"))?;
+fn read_uptime() -> Result<String, AgentError> {
+    let text = std::fs::read_to_string("/proc/uptime").map_err(|cause| AgentError::ReadProc {
+        path: "/proc/uptime",
+        cause,
+    })?;
     text.split_whitespace()
         .next()
         .map(str::to_owned)
-        .ok_or_else(|| format!("/proc/uptime is malformed: {text:?}"))
+        .ok_or_else(|| AgentError::Uptime(text.clone()))
 }

@@ -1,17 +1,35 @@
 //! The guest's network: only loopback, which a fresh network namespace (and a VM's kernel)
 //! starts with down. The function's server and the agent's bridge meet on 127.0.0.1:9000.
 
+use std::io;
 use std::os::fd::AsRawFd;
 
+/// Why the guest's loopback network could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// No socket to configure `lo` through.
+    #[error("cannot open a socket to configure lo: {0}")]
+    Socket(io::Error),
+    /// `lo`'s flags cannot be read.
+    #[error("cannot read lo's flags: {0}")]
+    ReadFlags(io::Error),
+    /// `lo` cannot be brought up.
+    #[error("cannot bring lo up: {0}")]
+    BringUp(io::Error),
+    /// The SYN cookie sysctl cannot be written.
+    #[error("cannot turn SYN cookies off: {0}")]
+    SynCookies(io::Error),
+    /// The namespace's interfaces cannot be listed.
+    #[error("cannot list network interfaces: {0}")]
+    ListInterfaces(io::Error),
+}
+
 /// Brings `lo` up (idempotent).
-pub fn bring_up_loopback() -> Result<(), String> {
+pub fn bring_up_loopback() -> Result<(), NetError> {
     // SAFETY: socket() takes no pointers; a non-negative result is a new fd we own.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
-        return Err(format!(
-            "cannot open a socket to configure lo: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(NetError::Socket(io::Error::last_os_error()));
     }
     // SAFETY: fd is new and owned by nothing else.
     let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
@@ -23,17 +41,11 @@ pub fn bring_up_loopback() -> Result<(), String> {
     // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write one ifreq that lives on this frame.
     unsafe {
         if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) != 0 {
-            return Err(format!(
-                "cannot read lo's flags: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(NetError::ReadFlags(io::Error::last_os_error()));
         }
         req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
         if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) != 0 {
-            return Err(format!(
-                "cannot bring lo up: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(NetError::BringUp(io::Error::last_os_error()));
         }
     }
     Ok(())
@@ -45,25 +57,21 @@ pub fn bring_up_loopback() -> Result<(), String> {
 /// http.server with 5) gets connections reset, while without them the kernel just retries
 /// the handshake. Skipped (false) when the namespace has interfaces besides `lo`: then it is
 /// not a sandbox's own and not the agent's to tune.
-pub fn prefer_handshake_retries_to_syn_cookies() -> Result<bool, String> {
+pub fn prefer_handshake_retries_to_syn_cookies() -> Result<bool, NetError> {
     if interfaces()?.iter().any(|name| name != "lo") {
         return Ok(false);
     }
-    std::fs::write("/proc/sys/net/ipv4/tcp_syncookies", "0")
-        .map_err(|e| format!("cannot turn SYN cookies off: {e}"))?;
+    std::fs::write("/proc/sys/net/ipv4/tcp_syncookies", "0").map_err(NetError::SynCookies)?;
     Ok(true)
 }
 
 /// The names of this network namespace's interfaces.
-fn interfaces() -> Result<Vec<String>, String> {
+fn interfaces() -> Result<Vec<String>, NetError> {
     // SAFETY: if_nameindex allocates a list that we read up to its zero entry and free.
     unsafe {
         let list = libc::if_nameindex();
         if list.is_null() {
-            return Err(format!(
-                "cannot list network interfaces: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(NetError::ListInterfaces(io::Error::last_os_error()));
         }
         let mut names = Vec::new();
         let mut entry = list;

@@ -19,7 +19,7 @@ use std::time::Duration;
 use fnvm_agent::protocol::LogStream;
 
 use crate::lines::LineSplitter;
-use crate::outbox::Outbox;
+use crate::link::outbox::Outbox;
 
 /// One read takes at most this much (a default pipe holds 64 KiB).
 const READ_CHUNK: usize = 64 * 1024;
@@ -292,7 +292,7 @@ mod tests {
         });
         let mut to_function = agent_side;
         let mut host = BufReader::new(host);
-        const REQUESTS: usize = crate::outbox::LAST_LINES;
+        const REQUESTS: usize = crate::link::outbox::LAST_LINES;
         for n in 1..=REQUESTS {
             writeln!(to_function, "{n}").unwrap();
             let mut response = String::new();
@@ -328,7 +328,7 @@ mod tests {
             .spawn()
             .unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while outbox.last_lines().len() < crate::outbox::LAST_LINES {
+        while outbox.last_lines().len() < crate::link::outbox::LAST_LINES {
             assert!(std::time::Instant::now() < deadline, "yes printed nothing");
             drain_output();
         }
@@ -339,7 +339,7 @@ mod tests {
         child.wait().unwrap();
         reader.join().unwrap();
         let last = outbox.last_lines();
-        assert_eq!(last.len(), crate::outbox::LAST_LINES);
+        assert_eq!(last.len(), crate::link::outbox::LAST_LINES);
         assert!(last.iter().all(|l| l == "y"), "{last:?}");
         assert!(!registered(&pipe));
     }

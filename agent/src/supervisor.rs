@@ -20,8 +20,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::launch::{self, Command, Plan};
-use crate::outbox::Outbox;
+use crate::launch::{self, Command, LaunchError, Plan, Spawned};
+use crate::link::outbox::Outbox;
 use crate::output_drain::LogPipe;
 use crate::{bridge, console, refresh, user};
 
@@ -130,7 +130,7 @@ impl Supervisor {
             }
             HostMessage::Ping { seq } => self.outbox.push(&AgentMessage::Pong {
                 seq,
-                unix_time_us: crate::outbox::unix_time_us(),
+                unix_time_us: crate::link::outbox::unix_time_us(),
             }),
         }
     }
@@ -148,7 +148,7 @@ impl Supervisor {
         }
         let launched = match &self.setup_error {
             Some(e) => Err(format!("the sandbox could not be set up: {e}")),
-            None => self.launch(&spec),
+            None => self.launch(&spec).map_err(|e| e.to_string()),
         };
         if let Err(message) = launched {
             console::line(&format!("error: {message}"));
@@ -165,13 +165,14 @@ impl Supervisor {
     }
 
     /// Starts the process; Err only when none was created.
-    fn launch(self: &Arc<Self>, spec: &StartSpec) -> Result<(), String> {
+    fn launch(self: &Arc<Self>, spec: &StartSpec) -> Result<(), LaunchError> {
         let passwd = launch::read_in_root(&self.root, "/etc/passwd", MAX_ACCOUNT_FILE)?;
         let group = launch::read_in_root(&self.root, "/etc/group", MAX_ACCOUNT_FILE)?;
         let user = user::resolve(spec.user.as_deref(), passwd.as_deref(), group.as_deref())?;
         let env = launch::final_env(&spec.env, &user.home)?;
-        let pipe =
-            |name| launch::output_pipe().map_err(|e| format!("cannot create the {name} pipe: {e}"));
+        let pipe = |stream| {
+            launch::output_pipe().map_err(|cause| LaunchError::OutputPipe { stream, cause })
+        };
         let (out_read, out_write) = pipe("stdout")?;
         let (err_read, err_write) = pipe("stderr")?;
         let plan = Plan::new(&Command {
@@ -182,9 +183,8 @@ impl Supervisor {
             user: &user,
             stdout: std::os::fd::AsRawFd::as_raw_fd(&out_write),
             stderr: std::os::fd::AsRawFd::as_raw_fd(&err_write),
-        })
-        .map_err(|e| e.0)?;
-        let (pid, exec_error) = launch::spawn(&plan, &self.root).map_err(|e| e.0)?;
+        })?;
+        let Spawned { pid, exec_error } = launch::spawn(&plan, &self.root)?;
         // Only the function holds the write ends now: its exit is the pipes' EOF.
         drop(out_write);
         drop(err_write);
@@ -204,7 +204,7 @@ impl Supervisor {
                 console::line(&format!("error: {error}"));
                 state.failed = true;
                 self.outbox.push(&AgentMessage::StartFailed {
-                    message: error.0,
+                    message: error.to_string(),
                     last_lines: Vec::new(),
                 });
             }
@@ -374,7 +374,7 @@ impl Supervisor {
             }
         };
         if let Some(pid) = pid {
-            let (code, signal) = reap(pid);
+            let FunctionExit { code, signal } = reap(pid);
             let threads = {
                 let mut state = self.lock();
                 state.exited = true;
@@ -412,18 +412,35 @@ fn host_duration(ms: u64) -> Duration {
     Duration::from_millis(ms).min(MAX_HOST_DURATION)
 }
 
-/// Waits for `pid` (reaping anything else that ends meanwhile): (exit code, signal).
-fn reap(pid: i32) -> (Option<i32>, Option<i32>) {
+/// How the function's process ended: an exit code, a signal, or neither when waiting failed.
+struct FunctionExit {
+    code: Option<i32>,
+    signal: Option<i32>,
+}
+
+/// Waits for `pid` (reaping anything else that ends meanwhile).
+fn reap(pid: i32) -> FunctionExit {
     loop {
         match waitpid(None, None) {
-            Ok(WaitStatus::Exited(p, code)) if p.as_raw() == pid => return (Some(code), None),
+            Ok(WaitStatus::Exited(p, code)) if p.as_raw() == pid => {
+                return FunctionExit {
+                    code: Some(code),
+                    signal: None,
+                }
+            }
             Ok(WaitStatus::Signaled(p, sig, _)) if p.as_raw() == pid => {
-                return (None, Some(sig as i32))
+                return FunctionExit {
+                    code: None,
+                    signal: Some(sig as i32),
+                }
             }
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => {
                 console::line(&format!("error: waiting for the function failed: {e}"));
-                return (None, None);
+                return FunctionExit {
+                    code: None,
+                    signal: None,
+                };
             }
         }
     }

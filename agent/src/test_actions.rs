@@ -10,10 +10,52 @@
 //!   `read-file DEV NAME: TEXT` or `read-file DEV NAME: failed: why`
 //! - `panic` — crash the kernel through /proc/sysrq-trigger
 
-use std::io::Write;
+use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 
-use crate::{console, mounts};
+use crate::console;
+use crate::mounts::{self, MountError};
+
+/// Why a test action could not be parsed or did not do what it says.
+#[derive(Debug, thiserror::Error)]
+pub enum TestActionError {
+    /// A known action with the wrong arguments.
+    #[error("malformed test action {0:?}")]
+    Malformed(String),
+    /// An action the agent does not know.
+    #[error("unknown test action {0:?}")]
+    Unknown(String),
+    /// The online CPU list cannot be read.
+    #[error("cannot read /sys/devices/system/cpu/online: {0}")]
+    ReadCpus(io::Error),
+    /// The online CPU list is not a kernel CPU list.
+    #[error("malformed CPU list {0:?}")]
+    BadCpuList(String),
+    /// A disk cannot be opened for writing.
+    #[error("cannot open {device} for writing: {cause}")]
+    OpenDevice { device: String, cause: io::Error },
+    /// Writing a disk's first block failed.
+    #[error("cannot write {device}: {cause}")]
+    WriteDevice { device: String, cause: io::Error },
+    /// A file on the mounted disk cannot be created.
+    #[error("cannot create {path}: {cause}")]
+    CreateFile { path: String, cause: io::Error },
+    /// A file on the mounted disk cannot be written.
+    #[error("cannot write {path}: {cause}")]
+    WriteFile { path: String, cause: io::Error },
+    /// A file on the mounted disk cannot be read.
+    #[error("cannot read {path}: {cause}")]
+    ReadFile { path: String, cause: io::Error },
+    /// The disk cannot be mounted or unmounted.
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    /// The sysrq trigger cannot be written.
+    #[error("cannot write /proc/sysrq-trigger: {0}")]
+    Sysrq(io::Error),
+    /// A crash was asked for and did not happen.
+    #[error("the kernel survived a sysrq crash")]
+    SurvivedSysrq,
+}
 
 /// Where test actions mount disks.
 const MOUNT_POINT: &str = "/mnt/fnvm-test";
@@ -37,7 +79,7 @@ pub enum Action<'a> {
 }
 
 impl<'a> Action<'a> {
-    pub fn parse(spec: &'a str) -> Result<Self, String> {
+    pub fn parse(spec: &'a str) -> Result<Self, TestActionError> {
         let (verb, rest) = spec.split_once(':').unwrap_or((spec, ""));
         let args: Vec<&str> = if rest.is_empty() {
             Vec::new()
@@ -45,7 +87,7 @@ impl<'a> Action<'a> {
             // TEXT, the last argument of write-file, may itself hold colons.
             rest.splitn(3, ':').collect()
         };
-        let bad = || format!("malformed test action {spec:?}");
+        let bad = || TestActionError::Malformed(spec.into());
         match (verb, args.as_slice()) {
             ("cpus", []) => Ok(Action::Cpus),
             ("panic", []) => Ok(Action::Panic),
@@ -57,7 +99,7 @@ impl<'a> Action<'a> {
                 Ok(Action::ReadFile { device, name })
             }
             ("cpus" | "panic" | "write" | "write-file" | "read-file", _) => Err(bad()),
-            _ => Err(format!("unknown test action {spec:?}")),
+            _ => Err(TestActionError::Unknown(spec.into())),
         }
     }
 }
@@ -67,13 +109,13 @@ fn valid_name(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains('/')
 }
 
-pub fn run(action: &Action) -> Result<(), String> {
+pub fn run(action: &Action) -> Result<(), TestActionError> {
     match action {
         Action::Cpus => {
             let online = std::fs::read_to_string("/sys/devices/system/cpu/online")
-                .map_err(|e| format!("cannot read /sys/devices/system/cpu/online: {e}"))?;
-            let count =
-                count_cpu_list(&online).ok_or_else(|| format!("malformed CPU list {online:?}"))?;
+                .map_err(TestActionError::ReadCpus)?;
+            let count = count_cpu_list(&online)
+                .ok_or_else(|| TestActionError::BadCpuList(online.clone()))?;
             console::line(&format!("cpus online: {count}"));
         }
         Action::Write { device } => {
@@ -83,11 +125,14 @@ pub fn run(action: &Action) -> Result<(), String> {
         Action::WriteFile { device, name, text } => {
             let outcome = with_mounted(device, false, |dir| {
                 let path = format!("{dir}/{name}");
-                let mut file = std::fs::File::create(&path)
-                    .map_err(|e| format!("cannot create {path}: {e}"))?;
+                let mut file =
+                    std::fs::File::create(&path).map_err(|cause| TestActionError::CreateFile {
+                        path: path.clone(),
+                        cause,
+                    })?;
                 file.write_all(text.as_bytes())
                     .and_then(|()| file.sync_all())
-                    .map_err(|e| format!("cannot write {path}: {e}"))
+                    .map_err(|cause| TestActionError::WriteFile { path, cause })
             });
             console::line(&format!(
                 "write-file {device} {name}: {}",
@@ -97,7 +142,8 @@ pub fn run(action: &Action) -> Result<(), String> {
         Action::ReadFile { device, name } => {
             let outcome = with_mounted(device, true, |dir| {
                 let path = format!("{dir}/{name}");
-                std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))
+                std::fs::read_to_string(&path)
+                    .map_err(|cause| TestActionError::ReadFile { path, cause })
             });
             match outcome {
                 Ok(text) => console::line(&format!("read-file {device} {name}: {text}")),
@@ -106,15 +152,14 @@ pub fn run(action: &Action) -> Result<(), String> {
         }
         Action::Panic => {
             console::line("panicking the kernel on request");
-            std::fs::write("/proc/sysrq-trigger", b"c")
-                .map_err(|e| format!("cannot write /proc/sysrq-trigger: {e}"))?;
-            return Err("the kernel survived a sysrq crash".into());
+            std::fs::write("/proc/sysrq-trigger", b"c").map_err(TestActionError::Sysrq)?;
+            return Err(TestActionError::SurvivedSysrq);
         }
     }
     Ok(())
 }
 
-fn describe(outcome: Result<(), String>) -> String {
+fn describe(outcome: Result<(), TestActionError>) -> String {
     match outcome {
         Ok(()) => "ok".into(),
         Err(why) => format!("failed: {why}"),
@@ -122,25 +167,31 @@ fn describe(outcome: Result<(), String>) -> String {
 }
 
 /// Overwrites the first block of `device` and flushes it to the disk.
-fn write_block(device: &str) -> Result<(), String> {
+fn write_block(device: &str) -> Result<(), TestActionError> {
     let file = std::fs::OpenOptions::new()
         .write(true)
         .open(device)
-        .map_err(|e| format!("cannot open {device} for writing: {e}"))?;
+        .map_err(|cause| TestActionError::OpenDevice {
+            device: device.into(),
+            cause,
+        })?;
     let mut block = [0u8; 512];
     let marker = b"fnvm-agent test write\n";
     block[..marker.len()].copy_from_slice(marker);
     file.write_all_at(&block, 0)
         .and_then(|()| file.sync_all())
-        .map_err(|e| format!("cannot write {device}: {e}"))
+        .map_err(|cause| TestActionError::WriteDevice {
+            device: device.into(),
+            cause,
+        })
 }
 
 /// Mounts `device` (ext4) on the test mount point, runs `f` on it, and unmounts it again.
 fn with_mounted<T>(
     device: &str,
     read_only: bool,
-    f: impl FnOnce(&str) -> Result<T, String>,
-) -> Result<T, String> {
+    f: impl FnOnce(&str) -> Result<T, TestActionError>,
+) -> Result<T, TestActionError> {
     mounts::mount_device(device, MOUNT_POINT, "ext4", read_only)?;
     let result = f(MOUNT_POINT);
     let unmounted = mounts::unmount(MOUNT_POINT);
@@ -171,23 +222,23 @@ mod tests {
 
     #[test]
     fn parses_every_action() {
-        assert_eq!(Action::parse("cpus"), Ok(Action::Cpus));
-        assert_eq!(Action::parse("panic"), Ok(Action::Panic));
+        assert_eq!(Action::parse("cpus").ok(), Some(Action::Cpus));
+        assert_eq!(Action::parse("panic").ok(), Some(Action::Panic));
         assert_eq!(
-            Action::parse("write:/dev/vdb"),
-            Ok(Action::Write { device: "/dev/vdb" })
+            Action::parse("write:/dev/vdb").ok(),
+            Some(Action::Write { device: "/dev/vdb" })
         );
         assert_eq!(
-            Action::parse("write-file:/dev/vdb:note:a:b"),
-            Ok(Action::WriteFile {
+            Action::parse("write-file:/dev/vdb:note:a:b").ok(),
+            Some(Action::WriteFile {
                 device: "/dev/vdb",
                 name: "note",
                 text: "a:b"
             })
         );
         assert_eq!(
-            Action::parse("read-file:/dev/vdb:note"),
-            Ok(Action::ReadFile {
+            Action::parse("read-file:/dev/vdb:note").ok(),
+            Some(Action::ReadFile {
                 device: "/dev/vdb",
                 name: "note"
             })
@@ -196,12 +247,19 @@ mod tests {
 
     #[test]
     fn refuses_malformed_and_unknown_actions_by_name() {
-        assert!(Action::parse("write").unwrap_err().contains("malformed"));
-        assert!(Action::parse("cpus:2").unwrap_err().contains("malformed"));
+        assert!(Action::parse("write")
+            .unwrap_err()
+            .to_string()
+            .contains("malformed"));
+        assert!(Action::parse("cpus:2")
+            .unwrap_err()
+            .to_string()
+            .contains("malformed"));
         assert!(Action::parse("read-file:/dev/vdb:../etc/passwd")
             .unwrap_err()
+            .to_string()
             .contains("malformed"));
-        let err = Action::parse("reboot-twice").unwrap_err();
+        let err = Action::parse("reboot-twice").unwrap_err().to_string();
         assert!(
             err.contains("unknown test action \"reboot-twice\""),
             "{err}"

@@ -3,6 +3,20 @@
 //! A numeric uid missing from /etc/passwd is still valid (gid 0, home "/"); a name that is not
 //! there is an error naming it.
 
+/// Why the image's `User` names nobody the function can run as.
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    /// The user name is not in the image's /etc/passwd.
+    #[error("user {0:?} not found in the image's /etc/passwd")]
+    NoSuchUser(String),
+    /// `name:` with nothing after the colon.
+    #[error("user {0:?} names an empty group")]
+    EmptyGroup(String),
+    /// The group name is not in the image's /etc/group.
+    #[error("group {0:?} not found in the image's /etc/group")]
+    NoSuchGroup(String),
+}
+
 /// Who the function's process runs as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolvedUser {
@@ -62,7 +76,7 @@ pub fn resolve(
     spec: Option<&str>,
     passwd: Option<&str>,
     group: Option<&str>,
-) -> Result<ResolvedUser, String> {
+) -> Result<ResolvedUser, UserError> {
     let spec = spec.unwrap_or("").trim();
     let (user_part, group_part) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
@@ -77,9 +91,7 @@ pub fn resolve(
         Err(_) => Some(
             passwd_entries(passwd)
                 .find(|e| e.name == user_part)
-                .ok_or_else(|| {
-                    format!("user {user_part:?} not found in the image's /etc/passwd")
-                })?,
+                .ok_or_else(|| UserError::NoSuchUser(user_part.into()))?,
         ),
     };
     let (uid, mut gid, home, name) = match (&entry, user_part.parse::<u32>()) {
@@ -90,14 +102,14 @@ pub fn resolve(
 
     if let Some(g) = group_part {
         if g.is_empty() {
-            return Err(format!("user {spec:?} names an empty group"));
+            return Err(UserError::EmptyGroup(spec.into()));
         }
         gid = match g.parse::<u32>() {
             Ok(gid) => gid,
             Err(_) => group_entries(group)
                 .find(|e| e.name == g)
                 .map(|e| e.gid)
-                .ok_or_else(|| format!("group {g:?} not found in the image's /etc/group"))?,
+                .ok_or_else(|| UserError::NoSuchGroup(g.into()))?,
         };
     }
 
@@ -136,7 +148,7 @@ mod tests {
         nogroup:x:65534:\n";
 
     fn r(spec: Option<&str>) -> Result<ResolvedUser, String> {
-        resolve(spec, Some(PASSWD), Some(GROUP))
+        resolve(spec, Some(PASSWD), Some(GROUP)).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -191,7 +203,7 @@ mod tests {
         let e = r(Some("app:ghosts")).unwrap_err();
         assert!(e.contains("\"ghosts\"") && e.contains("/etc/group"), "{e}");
         assert!(r(Some("app:")).is_err());
-        let e = resolve(Some("app"), None, None).unwrap_err();
+        let e = resolve(Some("app"), None, None).unwrap_err().to_string();
         assert!(e.contains("\"app\""), "{e}");
     }
 }

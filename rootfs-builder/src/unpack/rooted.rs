@@ -311,3 +311,25 @@ pub(crate) fn list_dir(dir: RawFd) -> io::Result<Vec<CString>> {
     unsafe { libc::closedir(stream) };
     result.map(|()| names)
 }
+
+/// Opens the directory `name` in `dir` for reading, never following a symlink.
+pub(crate) fn openat_dir(dir: RawFd, name: &CStr) -> io::Result<OwnedFd> {
+    openat2(
+        dir,
+        name,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        0,
+        libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS,
+    )
+}
+
+/// Creates the new regular file `name` in `dir` (it must not exist; never follows a link).
+pub(crate) fn openat_new_file(dir: RawFd, name: &CStr, mode: u32) -> io::Result<OwnedFd> {
+    openat2(
+        dir,
+        name,
+        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+        mode,
+        libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS,
+    )
+}

@@ -9,10 +9,11 @@
 //! A cache hit for a registry image is only handed out after the registry has accepted the
 //! caller's credentials for that repository and digest: knowing a digest is not access.
 
+mod cache;
+
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::digest::Digest;
 use crate::layout::{DockerArchive, OciLayout};
@@ -21,8 +22,9 @@ use crate::reference::ImageReference;
 use crate::registry::{RegistryClient, RegistryError, RegistryOptions};
 use crate::rootfs::{build_rootfs_image, RootfsError};
 use crate::source::{BlobSink, ImageSource, ManifestRef, RawManifest};
-use crate::store::{process_alive, BlobStore, StoreError};
+use crate::store::{BlobStore, StoreError};
 use crate::unpack::{unpack_layer, Compression, UnpackError, UnpackOptions};
+use cache::{remove_tree, write_synced, RootfsCache, IMAGE_JSON, ROOTFS_IMAGE};
 
 /// Where in a home the pipeline keeps things.
 #[derive(Debug, Clone)]
@@ -108,8 +110,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
+    /// The registry failed.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// A local image source (OCI layout, docker archive) failed at a step.
     #[error("{source_name}: {step}")]
     Source {
         source_name: String,
@@ -117,10 +121,13 @@ pub enum PullError {
         #[source]
         source: BoxError,
     },
+    /// The manifest or config is unusable.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    /// The blob store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A layer cannot be unpacked.
     #[error("unpacking layer {index} of {count} ({digest})")]
     Unpack {
         index: usize,
@@ -129,14 +136,17 @@ pub enum PullError {
         #[source]
         source: UnpackError,
     },
+    /// The rootfs image cannot be built from the tree.
     #[error("building the rootfs image")]
     Rootfs(#[source] RootfsError),
+    /// The rootfs cache cannot be read or written.
     #[error("rootfs cache {path}")]
     Cache {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
+    /// An index that points at indexes, deeper than any real image.
     #[error("{0}: an image index nests more than {1} levels deep")]
     IndexTooDeep(Digest, usize),
 }
@@ -492,186 +502,4 @@ impl BlobSink for ProgressSink<'_> {
     fn bytes_written(&self) -> u64 {
         self.inner.bytes_written()
     }
-}
-
-const ROOTFS_IMAGE: &str = "rootfs.img";
-const IMAGE_JSON: &str = "image.json";
-const STAGING_PREFIX: &str = ".staging-";
-static STAGING_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// `<home>/rootfs`: finished entries by manifest hex, alias symlinks, staging dirs.
-struct RootfsCache {
-    dir: PathBuf,
-}
-
-struct Staging {
-    path: PathBuf,
-    published: bool,
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.published {
-            let _ = remove_tree(&self.path);
-        }
-    }
-}
-
-impl RootfsCache {
-    fn open(dir: &Path) -> Result<Self, PullError> {
-        fs::create_dir_all(dir).map_err(cache_err(dir))?;
-        let cache = Self {
-            dir: dir.to_owned(),
-        };
-        cache.remove_stale_staging();
-        Ok(cache)
-    }
-
-    /// A complete entry for `digest` (directly or through an alias), if there is one.
-    fn lookup(&self, digest: &Digest) -> Result<Option<PulledImage>, PullError> {
-        let entry = self.dir.join(digest.hex());
-        let json_path = entry.join(IMAGE_JSON);
-        let image_path = entry.join(ROOTFS_IMAGE);
-        let bytes = match fs::read(&json_path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(cache_err(&json_path)(e)),
-        };
-        let image: ImageRecord = match serde_json::from_slice(&bytes) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(path = %json_path.display(), error = %e, "unreadable cache record; rebuilding");
-                return Ok(None);
-            }
-        };
-        if !image_path.is_file() {
-            return Ok(None);
-        }
-        // Resolve an alias so callers get the canonical path.
-        let rootfs_image = self
-            .dir
-            .join(image.manifest_digest.hex())
-            .join(ROOTFS_IMAGE);
-        Ok(Some(PulledImage {
-            image,
-            rootfs_image,
-            cache_hit: true,
-        }))
-    }
-
-    fn staging(&self, digest: &Digest) -> Result<Staging, PullError> {
-        let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = self.dir.join(format!(
-            "{STAGING_PREFIX}{}.{}.{n}",
-            digest.hex(),
-            std::process::id()
-        ));
-        fs::create_dir(&path).map_err(cache_err(&path))?;
-        Ok(Staging {
-            path,
-            published: false,
-        })
-    }
-
-    /// Renames a finished staging dir into place. If a concurrent pull published the same
-    /// digest first, its entry is kept and ours discarded; a broken entry is replaced.
-    fn publish(&self, mut staging: Staging, digest: &Digest) -> Result<(), PullError> {
-        let target = self.dir.join(digest.hex());
-        sync_dir(&staging.path)?;
-        match fs::rename(&staging.path, &target) {
-            Ok(()) => staging.published = true,
-            Err(_) if target.exists() => {
-                if self.lookup(digest)?.is_none() {
-                    remove_tree(&target).map_err(cache_err(&target))?;
-                    fs::rename(&staging.path, &target).map_err(cache_err(&target))?;
-                    staging.published = true;
-                }
-            }
-            Err(e) => return Err(cache_err(&target)(e)),
-        }
-        sync_dir(&self.dir)
-    }
-
-    /// `<index-hex>` → `<manifest-hex>`, created atomically.
-    fn alias(&self, from: &Digest, to: &Digest) -> Result<(), PullError> {
-        if from == to {
-            return Ok(());
-        }
-        let link = self.dir.join(from.hex());
-        let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.dir.join(format!(
-            "{STAGING_PREFIX}link-{}.{}.{n}",
-            from.hex(),
-            std::process::id()
-        ));
-        std::os::unix::fs::symlink(to.hex(), &tmp).map_err(cache_err(&tmp))?;
-        if let Err(e) = fs::rename(&tmp, &link) {
-            let _ = fs::remove_file(&tmp);
-            // A real directory there (the index digest pulled some other way) is fine too.
-            if !link.exists() {
-                return Err(cache_err(&link)(e));
-            }
-        }
-        Ok(())
-    }
-
-    fn remove_stale_staging(&self) {
-        let Ok(entries) = fs::read_dir(&self.dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            let Some(rest) = name.strip_prefix(STAGING_PREFIX) else {
-                continue;
-            };
-            let pid = rest.split('.').nth(1).and_then(|p| p.parse::<i32>().ok());
-            if pid.is_some_and(|p| !process_alive(p)) {
-                tracing::debug!(dir = name, "removing a stale rootfs staging dir");
-                let _ = remove_tree(&entry.path());
-            }
-        }
-    }
-}
-
-/// Removes a file, symlink or directory tree. Unpacked trees can contain read-only
-/// directories; as root that does not matter, otherwise permissions are opened up first.
-fn remove_tree(path: &Path) -> io::Result<()> {
-    match fs::symlink_metadata(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-        Ok(m) if !m.is_dir() => fs::remove_file(path),
-        Ok(_) => match fs::remove_dir_all(path) {
-            Ok(()) => Ok(()),
-            Err(_) => {
-                make_writable(path);
-                fs::remove_dir_all(path)
-            }
-        },
-    }
-}
-
-fn make_writable(dir: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
-    if let Ok(entries) = fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                make_writable(&e.path());
-            }
-        }
-    }
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), PullError> {
-    let mut f = fs::File::create(path).map_err(cache_err(path))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(cache_err(path))
-}
-
-fn sync_dir(dir: &Path) -> Result<(), PullError> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(cache_err(dir))
 }

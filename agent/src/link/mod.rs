@@ -1,4 +1,5 @@
-//! The control port: the host connects (again after a restore or a reconnect: a new
+//! The agent's end of the link, the host ↔ agent message stream on the control port (the
+//! port's name in the protocol): the host connects (again after a restore or a reconnect: a new
 //! connection replaces the old one), both sides say Hello with their protocol version, and the
 //! host's messages go to the [`Supervisor`]. What the agent sends goes through the
 //! [`Outbox`], which switches to the new connection after its Hello.
@@ -13,15 +14,17 @@ use fnvm_agent::protocol::{
     PROTOCOL_VERSION,
 };
 
+pub mod outbox;
+
 use crate::console;
-use crate::outbox::Outbox;
 use crate::supervisor::Supervisor;
 use crate::transport::{Listener, Stream};
+use outbox::Outbox;
 
 /// The agent's own version, sent in Hello.
 pub const AGENT_VERSION: &str = concat!("fnvm-agent ", env!("CARGO_PKG_VERSION"));
 
-/// Accepts control connections forever.
+/// Accepts link connections forever.
 pub fn serve(listener: Box<dyn Listener>, supervisor: Arc<Supervisor>, outbox: Arc<Outbox>) {
     loop {
         match listener.accept() {
@@ -42,7 +45,7 @@ pub fn serve(listener: Box<dyn Listener>, supervisor: Arc<Supervisor>, outbox: A
     }
 }
 
-/// One control connection, from Hello to its end.
+/// One link connection, from Hello to its end.
 fn converse(stream: Arc<Stream>, supervisor: &Arc<Supervisor>, outbox: &Outbox) {
     let mut reader = BufReader::new(&*stream);
     let reply = |message: &AgentMessage| write_message(&mut &*stream, message);
