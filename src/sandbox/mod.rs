@@ -4,38 +4,24 @@
 //!   cgroup, streams over Unix sockets; weaker isolation (shared host kernel).
 //!
 //! Both use the same host-side artifacts (rootfs image, a per-instance writable-layer file, the
-//! agent and its protocol) and the same control flow ([`control`]), so everything above this
+//! agent and its protocol) and the same control flow ([`link`]), so everything above this
 //! module (run, serve, pool, logs) is identical for both.
 
 // Parts of the API serve callers that are wired step by step (run, serve, the pool).
 #![allow(dead_code)]
 
-pub mod cgroup;
-pub mod child;
-pub mod cleanup;
-pub mod control;
-pub mod guest_clock;
-pub mod initramfs;
-mod instance;
-pub mod loopdev;
+pub mod instance;
+pub mod link;
 pub mod process;
-#[cfg(test)]
-mod process_isolation_tests;
-#[cfg(test)]
-pub(crate) mod process_tests;
-pub mod snapshots;
-pub mod standby;
 pub mod transport;
 pub mod vm;
-mod vmm_api;
-pub mod writable_layer;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 // Re-exported for the host service and `fnvm run` (start-up cleanup, instance naming).
 #[allow(unused_imports)]
-pub use cleanup::{cleanup_orphans, instances_root, new_instance_id};
+pub use instance::record::{cleanup_orphans, instances_root, new_instance_id};
 pub use fnvm_agent::protocol::{LogStream, StartSpec};
 
 use crate::home::Home;

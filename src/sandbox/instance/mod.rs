@@ -2,16 +2,20 @@
 //! the sandbox's transport, the exit state fed by the control stream, and a stop that asks the
 //! agent first and then tears down whatever the sandbox set up (`Teardown`).
 
+pub mod child;
+pub mod record;
+pub mod writable_layer;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fnvm_agent::protocol::FUNCTION_PORT;
 
-use super::cleanup::{InstanceRecord, ProcessId};
-use super::control::{Control, ExitState};
-use super::transport::HostTransport;
-use super::writable_layer::WritableLayer;
-use super::{ExitReport, Instance, RestoreReport, SandboxError, StartInfo};
+use record::{InstanceRecord, ProcessId};
+use writable_layer::WritableLayer;
+use crate::sandbox::link::{Control, ExitState};
+use crate::sandbox::transport::HostTransport;
+use crate::sandbox::{ExitReport, Instance, RestoreReport, SandboxError, StartInfo};
 use crate::home::Home;
 
 /// How long the function gets between the agent's SIGTERM and SIGKILL on stop.

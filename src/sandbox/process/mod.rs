@@ -3,6 +3,11 @@
 //! devices, with the rootfs image and the writable layer as loop devices. For hosts without hardware virtualization; the host kernel is shared, so
 //! isolation is weaker than a VM's, and creating the sandbox says so.
 
+pub mod cgroup;
+pub mod loopdev;
+#[cfg(test)]
+pub(crate) mod tests;
+
 use std::ffi::{CString, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
@@ -14,16 +19,17 @@ use std::time::Duration;
 
 use fnvm_agent::protocol::FUNCTION_PORT;
 
-use super::cgroup::{self, Cgroup, Hierarchy, LimitWatch, Limits, V1Extras};
-use super::child::{ended_reason, SandboxChild};
-use super::cleanup::{cgroup_prefix, ProcessId};
-use super::control::{self, Control, ExitState};
-use super::guest_clock::ClockSource;
-use super::instance::{prepare_instance_dir, AgentInstance, Teardown};
-use super::loopdev::LoopDevice;
-use super::transport::{unix_port_path, HostTransport};
-use super::writable_layer::WritableLayer;
-use super::{
+use cgroup::{Cgroup, Hierarchy, LimitWatch, Limits, V1Extras};
+use loopdev::LoopDevice;
+
+use crate::sandbox::instance::child::{ended_reason, SandboxChild};
+use crate::sandbox::instance::record::{cgroup_prefix, ProcessId};
+use crate::sandbox::instance::writable_layer::WritableLayer;
+use crate::sandbox::instance::{prepare_instance_dir, AgentInstance, Teardown};
+use crate::sandbox::link::clock::ClockSource;
+use crate::sandbox::link::{self as control, Control, ExitState};
+use crate::sandbox::transport::{unix_port_path, HostTransport};
+use crate::sandbox::{
     validate_spec, ColdStart, Instance, InstanceSpec, Sandbox, SandboxError, SandboxKind, StartInfo,
 };
 use crate::home::Home;

@@ -9,7 +9,7 @@
 //!
 //! A standby lives in its own directory under the instances root with an instance record, so
 //! the standbys of a crashed service are cleaned up like its instances
-//! ([`super::cleanup_orphans`]). When taken, its API socket moves into the instance's
+//! ([`crate::sandbox::cleanup_orphans`]). When taken, its API socket moves into the instance's
 //! directory (a rename: the VMM keeps listening on it) and the instance takes over its process.
 
 use std::collections::HashMap;
@@ -20,8 +20,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::cleanup::{new_instance_id, InstanceRecord, ProcessId};
-use super::SandboxError;
+use crate::sandbox::instance::child::describe_status;
+use crate::sandbox::instance::record::{new_instance_id, InstanceRecord, ProcessId};
+use crate::sandbox::SandboxError;
 
 /// The API socket's name, in a standby's directory and in an instance's.
 pub const API_SOCKET: &str = "api.sock";
@@ -334,7 +335,7 @@ fn spawn_standby(vmm: &Path, root: &Path, shape: VmShape) -> Result<StandbyVmm, 
             let _ = std::fs::remove_dir_all(&standby.dir);
             return Err(SandboxError::Agent(format!(
                 "fnvm-vmm --standby ended ({}): {}",
-                status.map_or("status unknown".into(), super::child::describe_status),
+                status.map_or("status unknown".into(), describe_status),
                 stderr.trim()
             )));
         }

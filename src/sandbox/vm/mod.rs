@@ -1,14 +1,19 @@
 //! The VM sandbox: one `fnvm-vmm` process per instance, booting fnvm's guest kernel with the
 //! agent as /init of a tiny initramfs, the rootfs image as read-only /dev/vda and the writable
 //! layer as /dev/vdb, and talking to the agent over virtio-vsock (`<instance_dir>/vsock.sock`).
-//! The control flow above the transport is the process sandbox's ([`super::control`]).
+//! The control flow above the transport is the process sandbox's ([`crate::sandbox::link`]).
 //!
 //! Snapshot starts: the first boot start of a function version writes a snapshot of its VM as
-//! soon as the server listens ([`super::snapshots`] keys and keeps it); later starts restore it
+//! soon as the server listens ([`snapshots`] keys and keeps it); later starts restore it
 //! (`fnvm-vmm --restore`, memory mapped copy-on-write, the writable layer copied per instance),
 //! reconnect to the agent (the vsock transport reset dropped the old streams) and refresh the
 //! guest's RNG and clock. In the service, a restore goes into a warm standby VMM when one of
-//! the right shape is ready ([`super::standby`]).
+//! the right shape is ready ([`standby`]).
+
+pub mod initramfs;
+pub mod snapshots;
+pub mod standby;
+mod vmm_api;
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -19,17 +24,18 @@ use fnvm_vmm::arch::x86_64::boot::KernelFormat;
 use fnvm_vmm::host::HostCapabilities;
 use fnvm_vmm::vm::DEFAULT_CMDLINE;
 
-use super::child::{ended_reason, SandboxChild};
-use super::cleanup::ProcessId;
-use super::control::{self, Control, ExitState};
-use super::guest_clock::ClockSource;
-use super::instance::{prepare_instance_dir, AgentInstance, RestoreProbe, Teardown};
-use super::snapshots::{Platform, SnapshotStore, Writing};
-use super::standby::{vmm_command, StandbyVmm, StandbyVmms, VmShape, API_SOCKET};
-use super::transport::HostTransport;
-use super::vmm_api::VmmApi;
-use super::writable_layer::WritableLayer;
-use super::{
+use snapshots::{Platform, SnapshotStore, Writing};
+use standby::{vmm_command, StandbyVmm, StandbyVmms, VmShape, API_SOCKET};
+use vmm_api::VmmApi;
+
+use crate::sandbox::instance::child::{ended_reason, SandboxChild};
+use crate::sandbox::instance::record::ProcessId;
+use crate::sandbox::instance::writable_layer::WritableLayer;
+use crate::sandbox::instance::{prepare_instance_dir, AgentInstance, RestoreProbe, Teardown};
+use crate::sandbox::link::clock::ClockSource;
+use crate::sandbox::link::{self as control, Control, ExitState};
+use crate::sandbox::transport::HostTransport;
+use crate::sandbox::{
     validate_spec, ColdStart, Instance, InstanceSpec, RestoreReport, Sandbox, SandboxError,
     SandboxKind, StartInfo,
 };
@@ -92,7 +98,7 @@ impl VmSandbox {
             .map_err(|e| SandboxError::setup("cannot get the guest kernel", e))?;
         let agent = crate::agent_binary::agent_binary()
             .map_err(|e| SandboxError::setup("cannot find the agent", e))?;
-        let initramfs = super::initramfs::cached(home, &agent)?;
+        let initramfs = initramfs::cached(home, &agent)?;
         let snapshots = Arc::new(SnapshotStore::open(
             home,
             &Platform {
@@ -118,7 +124,7 @@ impl VmSandbox {
             0 => None,
             n => Some(StandbyVmms::new(
                 &self.vmm,
-                &super::instances_root(&self.home)?,
+                &crate::sandbox::instances_root(&self.home)?,
                 n,
             )),
         };
@@ -190,7 +196,7 @@ impl Sandbox for VmSandbox {
         SandboxKind::Vm
     }
 
-    fn discard_snapshot(&self, rootfs_image: &Path, start: &super::StartSpec, memory_mib: u32) {
+    fn discard_snapshot(&self, rootfs_image: &Path, start: &crate::sandbox::StartSpec, memory_mib: u32) {
         match self.snapshots.key_of(rootfs_image, start, memory_mib) {
             Ok(key) if self.snapshots.find(&key).is_some() => {
                 tracing::info!(
@@ -231,7 +237,7 @@ impl VmSandbox {
     fn start_with_snapshots(
         &self,
         spec: InstanceSpec,
-        key: Option<&super::snapshots::SnapshotKey>,
+        key: Option<&snapshots::SnapshotKey>,
     ) -> Result<Box<dyn Instance>, SandboxError> {
         let mut note = None;
         if let Some(snapshot) = key.and_then(|k| self.snapshots.use_snapshot(k)) {
@@ -500,7 +506,7 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(10);
 /// socket moves to `api`, then the restore request. On error the standby is stopped.
 fn restore_in_standby(
     standby: StandbyVmm,
-    record: &mut super::cleanup::InstanceRecord,
+    record: &mut crate::sandbox::instance::record::InstanceRecord,
     dir: &Path,
     api: &VmmApi,
     snapshot: &Path,
@@ -643,7 +649,7 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let home = Home::resolve(Some(dir.path().to_path_buf())).unwrap();
-        let err = super::super::create(SandboxKind::Vm, &home)
+        let err = crate::sandbox::create(SandboxKind::Vm, &home)
             .err()
             .expect("refused");
         assert!(matches!(err, SandboxError::Host(_)), "{err}");
@@ -916,7 +922,7 @@ mod tests {
     /// background, and dropping the set stops it.
     #[test]
     fn a_standby_vmm_becomes_a_restored_instance_and_is_replaced() {
-        use super::super::cleanup::{InstanceRecord, ProcessId};
+        use crate::sandbox::instance::record::{InstanceRecord, ProcessId};
         if !kvm_or_skip("the standby VMM test") {
             return;
         }
@@ -1008,14 +1014,14 @@ mod tests {
     /// service's start-up cleanup, like an instance.
     #[test]
     fn the_standby_of_a_dead_service_is_cleaned_up_like_an_instance() {
-        use super::super::cleanup::{cleanup_orphans, InstanceRecord};
+        use crate::sandbox::instance::record::{cleanup_orphans, InstanceRecord};
         if !kvm_or_skip("the standby cleanup test") {
             return;
         }
         let vmm = test_vmm();
         let tmp = tempfile::tempdir().unwrap();
         let home = Home::resolve(Some(tmp.path().join("home"))).unwrap();
-        let root = super::super::instances_root(&home).unwrap();
+        let root = crate::sandbox::instances_root(&home).unwrap();
         let shape = VmShape {
             memory_mib: 128,
             vcpus: 1,
@@ -1051,7 +1057,7 @@ mod tests {
     /// reason and is stopped: the start then restores in a new VMM instead.
     #[test]
     fn a_standby_of_another_shape_refuses_the_snapshot_and_is_stopped() {
-        use super::super::cleanup::InstanceRecord;
+        use crate::sandbox::instance::record::InstanceRecord;
         if !kvm_or_skip("the standby refusal test") {
             return;
         }

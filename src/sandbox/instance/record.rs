@@ -12,7 +12,8 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{cgroup, loopdev, SandboxError};
+use crate::sandbox::process::{cgroup, loopdev};
+use crate::sandbox::SandboxError;
 use crate::home::Home;
 
 const RECORD: &str = "instance.json";

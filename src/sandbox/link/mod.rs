@@ -4,6 +4,8 @@
 //! ready a pinger that keeps measuring the guest's clock ([`GuestClock`]), so log stamps are
 //! given on the host's time line.
 
+pub mod clock;
+
 use std::collections::VecDeque;
 use std::io::BufReader;
 use std::os::unix::net::UnixStream;
@@ -17,9 +19,10 @@ use fnvm_agent::protocol::{
     PROTOCOL_VERSION,
 };
 
-use super::guest_clock::{host_now_us, ClockSource, GuestClock, PING_INTERVAL};
-use super::transport::HostTransport;
-use super::{ExitReport, LogLine, SandboxError};
+use clock::{host_now_us, ClockSource, GuestClock, PING_INTERVAL};
+use crate::sandbox::instance::child::describe_signal;
+use crate::sandbox::transport::HostTransport;
+use crate::sandbox::{ExitReport, LogLine, SandboxError};
 
 /// How many of the function's last log lines errors and exit reports carry.
 pub const LAST_LINES: usize = 20;
@@ -574,7 +577,7 @@ fn read_loop(
                 let reason = match (code, signal) {
                     (Some(c), _) => format!("the function exited with code {c}"),
                     (None, Some(s)) => {
-                        format!("the function was {}", super::child::describe_signal(s))
+                        format!("the function was {}", describe_signal(s))
                     }
                     (None, None) => "the function ended".to_string(),
                 };
@@ -772,7 +775,7 @@ mod tests {
     /// time line, printed after `log_after_pongs` clock answers.
     fn early_by_of_a_line_from_an_agent_5_s_ahead(log_after_pongs: usize) -> i64 {
         let dir = tempfile::tempdir().unwrap();
-        let listener = UnixListener::bind(super::super::transport::unix_port_path(
+        let listener = UnixListener::bind(crate::sandbox::transport::unix_port_path(
             dir.path(),
             CONTROL_PORT,
         ))

@@ -14,7 +14,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::SandboxError;
+use crate::sandbox::SandboxError;
 
 /// The directory under a hierarchy's root that holds every fnvm instance cgroup.
 pub const PARENT: &str = "fnvm";
