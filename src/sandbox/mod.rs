@@ -12,6 +12,7 @@
 
 pub mod instance;
 pub mod link;
+pub mod orphans;
 pub mod process;
 pub mod transport;
 pub mod vm;
@@ -21,7 +22,8 @@ use std::sync::Arc;
 
 // Re-exported for the host service and `fnvm run` (start-up cleanup, instance naming).
 #[allow(unused_imports)]
-pub use instance::record::{cleanup_orphans, instances_root, new_instance_id};
+pub use instance::record::{instances_root, new_instance_id};
+pub use orphans::cleanup_orphans;
 pub use fnvm_agent::protocol::{LogStream, StartSpec};
 
 use crate::home::Home;

@@ -19,11 +19,11 @@ use std::time::Duration;
 
 use fnvm_agent::protocol::FUNCTION_PORT;
 
-use cgroup::{Cgroup, Hierarchy, LimitWatch, Limits, V1Extras};
+use cgroup::{cgroup_prefix, Cgroup, Hierarchy, LimitWatch, Limits, V1Extras};
 use loopdev::LoopDevice;
 
 use crate::sandbox::instance::child::{ended_reason, SandboxChild};
-use crate::sandbox::instance::record::{cgroup_prefix, ProcessId};
+use crate::sandbox::instance::record::ProcessId;
 use crate::sandbox::instance::writable_layer::WritableLayer;
 use crate::sandbox::instance::{prepare_instance_dir, AgentInstance, Teardown};
 use crate::sandbox::link::clock::ClockSource;

@@ -1014,7 +1014,8 @@ mod tests {
     /// service's start-up cleanup, like an instance.
     #[test]
     fn the_standby_of_a_dead_service_is_cleaned_up_like_an_instance() {
-        use crate::sandbox::instance::record::{cleanup_orphans, InstanceRecord};
+        use crate::sandbox::instance::record::InstanceRecord;
+        use crate::sandbox::orphans::cleanup_orphans;
         if !kvm_or_skip("the standby cleanup test") {
             return;
         }

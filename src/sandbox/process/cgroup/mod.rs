@@ -14,6 +14,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use sha2::{Digest, Sha256};
+
+use crate::home::Home;
 use crate::sandbox::SandboxError;
 
 /// The directory under a hierarchy's root that holds every fnvm instance cgroup.
@@ -475,6 +478,14 @@ pub fn remove(path: &Path) -> Result<(), SandboxError> {
             }
         }
     }
+}
+
+/// The prefix of this home's cgroup names: two homes never touch each other's cgroups.
+pub fn cgroup_prefix(home: &Home) -> String {
+    let canonical =
+        std::fs::canonicalize(home.root()).unwrap_or_else(|_| home.root().to_path_buf());
+    let digest = Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+    hex::encode(&digest[..4])
 }
 
 #[cfg(test)]
