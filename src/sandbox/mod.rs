@@ -10,6 +10,7 @@
 // Parts of the API serve callers that are wired step by step (run, serve, the pool).
 #![allow(dead_code)]
 
+pub mod exit;
 pub mod instance;
 pub mod link;
 pub mod orphans;

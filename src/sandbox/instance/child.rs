@@ -182,35 +182,3 @@ fn spawn_tail_reader(
         }
     })
 }
-
-/// "<what> exited with code 1; it said:\n<tail>".
-pub fn ended_reason(what: &str, status: ExitStatus, tail: &[String]) -> String {
-    let mut reason = format!("{what} {}", describe_status(status));
-    // Blank lines alone say nothing: no "it said:" with nothing after it.
-    let end = tail
-        .iter()
-        .rposition(|l| !l.trim().is_empty())
-        .map_or(0, |i| i + 1);
-    let tail = &tail[..end];
-    if !tail.is_empty() {
-        reason.push_str("; it said:\n");
-        reason.push_str(&tail.join("\n"));
-    }
-    reason
-}
-
-/// "exited with code 3" / "killed by signal 9 (SIGKILL)".
-pub fn describe_status(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exited with code {code}"),
-        (None, Some(sig)) => describe_signal(sig),
-        _ => format!("ended ({status})"),
-    }
-}
-
-pub fn describe_signal(sig: i32) -> String {
-    match nix::sys::signal::Signal::try_from(sig) {
-        Ok(s) => format!("killed by signal {sig} ({})", s.as_str()),
-        Err(_) => format!("killed by signal {sig}"),
-    }
-}

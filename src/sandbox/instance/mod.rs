@@ -13,7 +13,8 @@ use fnvm_agent::protocol::FUNCTION_PORT;
 
 use record::{InstanceRecord, ProcessId};
 use writable_layer::WritableLayer;
-use crate::sandbox::link::{Control, ExitState};
+use crate::sandbox::exit::ExitState;
+use crate::sandbox::link::Control;
 use crate::sandbox::transport::HostTransport;
 use crate::sandbox::{ExitReport, Instance, RestoreReport, SandboxError, StartInfo};
 use crate::home::Home;

@@ -22,12 +22,13 @@ use fnvm_agent::protocol::FUNCTION_PORT;
 use cgroup::{cgroup_prefix, Cgroup, Hierarchy, LimitWatch, Limits, V1Extras};
 use loopdev::LoopDevice;
 
-use crate::sandbox::instance::child::{ended_reason, SandboxChild};
+use crate::sandbox::exit::{ended_reason, ExitState};
+use crate::sandbox::instance::child::SandboxChild;
 use crate::sandbox::instance::record::ProcessId;
 use crate::sandbox::instance::writable_layer::WritableLayer;
 use crate::sandbox::instance::{prepare_instance_dir, AgentInstance, Teardown};
 use crate::sandbox::link::clock::ClockSource;
-use crate::sandbox::link::{self as control, Control, ExitState};
+use crate::sandbox::link::{self as control, Control};
 use crate::sandbox::transport::{unix_port_path, HostTransport};
 use crate::sandbox::{
     validate_spec, ColdStart, Instance, InstanceSpec, Sandbox, SandboxError, SandboxKind, StartInfo,

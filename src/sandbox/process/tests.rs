@@ -274,7 +274,7 @@ fn a_reconnecting_host_refreshes_the_agent_and_gets_the_functions_later_lines() 
     let control = crate::sandbox::link::resume(
         &transport,
         Arc::new(move |line| sink.0.lock().unwrap().push(line)),
-        crate::sandbox::link::ExitState::new(|| None),
+        crate::sandbox::exit::ExitState::new(|| None),
         &|| None,
         Duration::from_secs(10),
     )

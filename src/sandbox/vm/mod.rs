@@ -28,12 +28,13 @@ use snapshots::{Platform, SnapshotStore, Writing};
 use standby::{vmm_command, StandbyVmm, StandbyVmms, VmShape, API_SOCKET};
 use vmm_api::VmmApi;
 
-use crate::sandbox::instance::child::{ended_reason, SandboxChild};
+use crate::sandbox::exit::{ended_reason, ExitState};
+use crate::sandbox::instance::child::SandboxChild;
 use crate::sandbox::instance::record::ProcessId;
 use crate::sandbox::instance::writable_layer::WritableLayer;
 use crate::sandbox::instance::{prepare_instance_dir, AgentInstance, RestoreProbe, Teardown};
 use crate::sandbox::link::clock::ClockSource;
-use crate::sandbox::link::{self as control, Control, ExitState};
+use crate::sandbox::link::{self as control, Control};
 use crate::sandbox::transport::HostTransport;
 use crate::sandbox::{
     validate_spec, ColdStart, Instance, InstanceSpec, RestoreReport, Sandbox, SandboxError,

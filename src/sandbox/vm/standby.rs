@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::sandbox::instance::child::describe_status;
+use crate::sandbox::exit::describe_status;
 use crate::sandbox::instance::record::{new_instance_id, InstanceRecord, ProcessId};
 use crate::sandbox::SandboxError;
 
