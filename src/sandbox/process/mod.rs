@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use fnvm_agent::protocol::FUNCTION_PORT;
 
-use cgroup::{cgroup_prefix, Cgroup, Hierarchy, LimitWatch, Limits, V1Extras};
+use cgroup::watch::LimitWatch;
+use cgroup::{cgroup_prefix, Cgroup, Hierarchy, Limits, V1Extras};
 use loopdev::LoopDevice;
 
 use crate::sandbox::exit::{ended_reason, ExitState};
@@ -78,7 +79,7 @@ impl ProcessSandbox {
         let cgroups = match Hierarchy::probe() {
             Ok(h) => Some(h),
             Err(why) => {
-                eprintln!("fnvm: warning: no memory limit for functions: cgroups are not writable here ({why})");
+                eprintln!("fnvm: warning: no memory limit for functions: cgroups are not writable here ({})", why.sentence());
                 None
             }
         };
