@@ -1,5 +1,5 @@
 //! The host's handle on a running agent, the same for every sandbox: the function's port through
-//! the sandbox's transport, the exit state fed by the control stream, and a stop that asks the
+//! the sandbox's transport, the exit state fed by the agent's link, and a stop that asks the
 //! agent first and then tears down whatever the sandbox set up (`Teardown`).
 
 pub mod child;
@@ -14,7 +14,7 @@ use fnvm_agent::protocol::FUNCTION_PORT;
 use record::{InstanceRecord, ProcessId};
 use writable_layer::WritableLayer;
 use crate::sandbox::exit::ExitState;
-use crate::sandbox::link::Control;
+use crate::sandbox::link::Link;
 use crate::sandbox::transport::HostTransport;
 use crate::sandbox::{ExitReport, Instance, RestoreReport, SandboxError, StartInfo};
 use crate::home::Home;
@@ -59,7 +59,7 @@ pub(super) struct AgentInstance<P: Teardown> {
     pub id: String,
     pub transport: HostTransport,
     pub exit: Arc<ExitState>,
-    pub control: Option<Control>,
+    pub link: Option<Link>,
     pub parts: Mutex<P>,
     pub start: StartInfo,
     /// Snapshot starts only.
@@ -90,8 +90,8 @@ impl<P: Teardown> Instance for AgentInstance<P> {
             return Ok(());
         }
         self.exit.mark_stopping();
-        if let Some(control) = &self.control {
-            control.stop(&self.exit, STOP_GRACE);
+        if let Some(link) = &self.link {
+            link.stop(&self.exit, STOP_GRACE);
         }
         // Recorded before the kill, so waiters learn "stopped", not "killed by signal 9".
         self.exit.record(None, None, "stopped".to_string());

@@ -41,8 +41,8 @@ pub struct AgentTimes {
     pub listening_after_ms: Option<u64>,
 }
 
-/// A started instance's control stream.
-pub struct Control {
+/// A started instance's link to its agent (the agent protocol's control stream).
+pub struct Link {
     stream: UnixStream,
     agent: AgentTimes,
     /// Every message to the agent goes through this lock: whole lines, never interleaved.
@@ -76,7 +76,7 @@ pub fn start(
     dead: Liveness<'_>,
     connect_timeout: Duration,
     before_start: BeforeStart<'_>,
-) -> Result<Control, SandboxError> {
+) -> Result<Link, SandboxError> {
     let wait = Duration::from_millis(spec.ready_timeout_ms) + READY_SLACK;
     converse(
         transport,
@@ -101,7 +101,7 @@ pub fn resume(
     exit: Arc<ExitState>,
     dead: Liveness<'_>,
     connect_timeout: Duration,
-) -> Result<Control, SandboxError> {
+) -> Result<Link, SandboxError> {
     converse(
         transport,
         ClockSource::Own,
@@ -161,7 +161,7 @@ fn converse(
     connect_timeout: Duration,
     wait: Duration,
     before_request: BeforeStart<'_>,
-) -> Result<Control, SandboxError> {
+) -> Result<Link, SandboxError> {
     let agent_error =
         |what: &str, e: &dyn std::fmt::Display| SandboxError::Agent(format!("{what}: {e}"));
     // A stream reset before the agent's Hello is retried until the deadline: after a restore
@@ -209,7 +209,7 @@ fn converse(
         .name("fnvm-control".into())
         .spawn(move || read_loop(reader, on_log, reader_exit, reader_clock, tx))
         .map_err(|e| agent_error("cannot start the control reader", &e))?;
-    let control = Control {
+    let link = Link {
         stream,
         writer: Arc::new(Mutex::new(writer)),
         reader: Mutex::new(Some(reader)),
@@ -223,9 +223,9 @@ fn converse(
         // by the agent's Request messages), so the instance is handed out at once.
         Ok(Startup::Ready(after_ms)) => {
             if source == ClockSource::Own {
-                control.start_pinger(clock);
+                link.start_pinger(clock);
             }
-            Ok(control.with_listening(after_ms))
+            Ok(link.with_listening(after_ms))
         }
         // The agent sends StartFailed before Exited: when the function itself ended, report
         // the exit (code, signal) with the agent's words.
@@ -263,7 +263,7 @@ fn converse(
     }
 }
 
-impl Drop for Control {
+impl Drop for Link {
     fn drop(&mut self) {
         self.close();
     }
@@ -293,7 +293,7 @@ impl AgentTimes {
     }
 }
 
-impl Control {
+impl Link {
     /// When the agent answered this start or resume.
     pub fn agent_times(&self) -> AgentTimes {
         self.agent

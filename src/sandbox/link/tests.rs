@@ -78,7 +78,7 @@ fn early_by_of_a_line_from_an_agent_5_s_ahead(log_after_pongs: usize) -> i64 {
     let on_log: Arc<dyn Fn(LogLine) + Send + Sync> = Arc::new(move |line: LogLine| {
         let _ = tx.lock().unwrap().send((line, host_now_us()));
     });
-    let control = start(
+    let link = start(
         &HostTransport::Unix {
             dir: dir.path().to_path_buf(),
         },
@@ -102,7 +102,7 @@ fn early_by_of_a_line_from_an_agent_5_s_ahead(log_after_pongs: usize) -> i64 {
         .recv_timeout(Duration::from_secs(10))
         .expect("the scripted agent's line");
     assert_eq!(line.line, "printed now");
-    control.close();
+    link.close();
     agent.join().unwrap();
     received_us as i64 - line.unix_time_us as i64
 }

@@ -29,7 +29,7 @@ use crate::sandbox::instance::record::ProcessId;
 use crate::sandbox::instance::writable_layer::WritableLayer;
 use crate::sandbox::instance::{prepare_instance_dir, AgentInstance, Teardown};
 use crate::sandbox::link::clock::ClockSource;
-use crate::sandbox::link::{self as control, Control};
+use crate::sandbox::link::{self, Link};
 use crate::sandbox::transport::{unix_port_path, HostTransport};
 use crate::sandbox::{
     validate_spec, ColdStart, Instance, InstanceSpec, Sandbox, SandboxError, SandboxKind, StartInfo,
@@ -130,8 +130,8 @@ impl Sandbox for ProcessSandbox {
                 return Err(err);
             }
         };
-        let control = parts.control.take();
-        let phases = control.as_ref().map_or_else(Vec::new, |c| {
+        let link = parts.link.take();
+        let phases = link.as_ref().map_or_else(Vec::new, |c| {
             c.agent_times()
                 .phases(began, "sandbox set-up → agent answered", false)
         });
@@ -139,7 +139,7 @@ impl Sandbox for ProcessSandbox {
             id: spec.id,
             transport: HostTransport::Unix { dir: socket_dir },
             exit,
-            control,
+            link,
             parts: Mutex::new(parts),
             start: StartInfo {
                 kind: ColdStart::Boot,
@@ -247,7 +247,7 @@ impl ProcessSandbox {
         };
         let child_ref: &SandboxChild = child;
         // The waiter records the ending (with the process's last words) before the status is
-        // visible, so the control flow finds that record first.
+        // visible, so the link finds that record first.
         let dead = || {
             child_ref.status().map(|s| {
                 (
@@ -259,7 +259,7 @@ impl ProcessSandbox {
         };
         let cgroup_ref = parts.cgroup.as_ref();
         let revoke_disks = || cgroup_ref.map_or(Ok(()), |c| c.revoke_agent_disks());
-        let control = control::start(
+        let link = link::start(
             &transport,
             ClockSource::Host,
             &spec.start,
@@ -273,7 +273,7 @@ impl ProcessSandbox {
             Some(watch) => with_limit_hits(e, watch),
             None => e,
         })?;
-        parts.control = Some(control);
+        parts.link = Some(link);
         parts.exit = Some(exit.clone());
         Ok(exit)
     }
@@ -286,7 +286,7 @@ struct Parts {
     loops: Vec<LoopDevice>,
     cgroup: Option<Cgroup>,
     child: Option<SandboxChild>,
-    control: Option<Control>,
+    link: Option<Link>,
     exit: Option<Arc<ExitState>>,
     torn_down: bool,
 }
@@ -324,7 +324,7 @@ impl Parts {
             loops: Vec::new(),
             cgroup: None,
             child: None,
-            control: None,
+            link: None,
             exit: None,
             torn_down: false,
         })
@@ -343,8 +343,8 @@ impl Teardown for Parts {
         }
         self.torn_down = true;
         let mut first_err = None;
-        if let Some(control) = self.control.take() {
-            control.close();
+        if let Some(link) = self.link.take() {
+            link.close();
         }
         if let Some(child) = self.child.take() {
             // SIGKILL to the pid namespace's init kills every process in it; the kernel reaps

@@ -247,7 +247,7 @@ fn process_sandbox_serves_busybox_httpd_and_forwards_its_logs() {
 }
 
 /// What the host does after a snapshot restore (whose vsock reset dropped its streams): a new
-/// control connection, Hello, Refresh. The agent answers Refreshed, its messages (the function's
+/// link connection, Hello, Refresh. The agent answers Refreshed, its messages (the function's
 /// later log lines) follow the new connection, and the function keeps serving. In the process
 /// sandbox Refresh leaves the clock and RNG alone (they are the host's).
 #[test]
@@ -271,7 +271,7 @@ fn a_reconnecting_host_refreshes_the_agent_and_gets_the_functions_later_lines() 
     let transport = crate::sandbox::transport::HostTransport::Unix {
         dir: spec.instance_dir.join("sock"),
     };
-    let control = crate::sandbox::link::resume(
+    let link = crate::sandbox::link::resume(
         &transport,
         Arc::new(move |line| sink.0.lock().unwrap().push(line)),
         crate::sandbox::exit::ExitState::new(|| None),
@@ -299,7 +299,7 @@ fn a_reconnecting_host_refreshes_the_agent_and_gets_the_functions_later_lines() 
     assert!(first_new > last_old, "{first_new} after {last_old}");
     let reply = http_get(instance.as_ref(), "/index.html");
     assert!(reply.ends_with("hello from busybox\n"), "{reply}");
-    control.close();
+    link.close();
     instance.stop().unwrap();
     world.assert_nothing_left(&spec);
 }

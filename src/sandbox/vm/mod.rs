@@ -41,7 +41,7 @@ use crate::sandbox::instance::child::SandboxChild;
 use crate::sandbox::instance::record::ProcessId;
 use crate::sandbox::instance::{prepare_instance_dir, AgentInstance, RestoreProbe, Teardown};
 use crate::sandbox::link::clock::ClockSource;
-use crate::sandbox::link as control;
+use crate::sandbox::link;
 use crate::sandbox::transport::HostTransport;
 use crate::sandbox::{
     validate_spec, ColdStart, Instance, InstanceSpec, RestoreReport, Sandbox, SandboxError,
@@ -249,17 +249,17 @@ impl VmSandbox {
             dir,
             layer: None,
             child: None,
-            control: None,
+            link: None,
             torn_down: false,
         };
         match self.start_in(spec, &vsock, launch, &mut parts) {
             Ok((exit, start, restore_probe)) => {
-                let control = parts.control.take();
+                let link = parts.link.take();
                 Ok(Box::new(AgentInstance {
                     id: spec.id.clone(),
                     transport: HostTransport::Vsock { uds: vsock },
                     exit,
-                    control,
+                    link,
                     parts: Mutex::new(parts),
                     start,
                     restore_probe,
@@ -345,7 +345,7 @@ impl VmSandbox {
 
         let child_ref: &SandboxChild = child;
         // The waiter records the ending (with the process's last words) before the status is
-        // visible, so the control flow finds that record first.
+        // visible, so the link finds that record first.
         let dead = || {
             child_ref.status().map(|s| {
                 (
@@ -360,14 +360,14 @@ impl VmSandbox {
         };
         match launch {
             Launch::Restore { snapshot, .. } => {
-                let control = control::resume(
+                let link = link::resume(
                     &transport,
                     spec.on_log.clone(),
                     exit.clone(),
                     &dead,
                     RESTORE_TIMEOUT,
                 )?;
-                parts.control = Some(control);
+                parts.link = Some(link);
                 let memory = snapshot.join(fnvm_vmm::snapshot::MEMORY_FILE);
                 let probe: RestoreProbe =
                     Box::new(move || restore_report(vmm_pid, &api, &memory, standby));
@@ -379,7 +379,7 @@ impl VmSandbox {
                 Ok((exit, start, Some(probe)))
             }
             Launch::Boot { write } => {
-                let control = control::start(
+                let link = link::start(
                     &transport,
                     ClockSource::Own,
                     &spec.start,
@@ -392,10 +392,10 @@ impl VmSandbox {
                     &|| Ok(()),
                 )?;
                 let phases =
-                    control
+                    link
                         .agent_times()
                         .phases(vmm_started, "VMM start → agent answered", true);
-                parts.control = Some(control);
+                parts.link = Some(link);
                 // Snapshot now, while the server is listening and before any request could
                 // leave its data (or a caller's credentials) in guest memory.
                 let note = write.map(|write| {

@@ -6,14 +6,14 @@ use std::path::PathBuf;
 use crate::sandbox::instance::child::SandboxChild;
 use crate::sandbox::instance::writable_layer::WritableLayer;
 use crate::sandbox::instance::Teardown;
-use crate::sandbox::link::Control;
+use crate::sandbox::link::Link;
 use crate::sandbox::SandboxError;
 
 pub(super) struct VmParts {
     pub(super) dir: PathBuf,
     pub(super) layer: Option<WritableLayer>,
     pub(super) child: Option<SandboxChild>,
-    pub(super) control: Option<Control>,
+    pub(super) link: Option<Link>,
     pub(super) torn_down: bool,
 }
 
@@ -27,8 +27,8 @@ impl Teardown for VmParts {
             return Ok(());
         }
         self.torn_down = true;
-        if let Some(control) = self.control.take() {
-            control.close();
+        if let Some(link) = self.link.take() {
+            link.close();
         }
         if let Some(child) = self.child.take() {
             child.kill_and_reap();
