@@ -114,8 +114,9 @@ impl ExitState {
     }
 }
 
-/// Whether the sandbox is still alive: `Some(why not)` once it has died.
-pub type Liveness<'a> = &'a dyn Fn() -> Option<(Option<i32>, Option<i32>, String)>;
+/// Whether the sandbox's own process is still alive: `Some(how it ended)` once it has died
+/// (a sentence for the exit report; the function's code and signal are the agent's to say).
+pub type Liveness<'a> = &'a dyn Fn() -> Option<String>;
 
 /// The error for a sandbox that ended before Ready, with the best reason we can get: the
 /// agent's Exited record, else the sandbox process's status (waiting briefly for it).
@@ -125,8 +126,8 @@ pub fn ended_before_ready(exit: &ExitState, dead: Liveness<'_>, fallback: &str) 
     }
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
-        if let Some((code, signal, reason)) = dead() {
-            return SandboxError::Exited(exit.record(code, signal, reason));
+        if let Some(reason) = dead() {
+            return SandboxError::Exited(exit.record(None, None, reason));
         }
         std::thread::sleep(Duration::from_millis(5));
     }

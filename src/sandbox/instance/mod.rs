@@ -22,6 +22,13 @@ use crate::home::Home;
 /// How long the function gets between the agent's SIGTERM and SIGKILL on stop.
 const STOP_GRACE: Duration = Duration::from_millis(500);
 
+/// An instance directory ready for its sandbox: the record (for the sandbox to complete) and
+/// the instance's writable layer.
+pub(super) struct PreparedDir {
+    pub record: InstanceRecord,
+    pub layer: WritableLayer,
+}
+
 /// The first steps of every start: the instance directory records its owner (so orphan
 /// clean-up can tell a live instance from one left by a crashed fnvm), then the instance's
 /// writable layer is created in it: a fresh one, or a copy of `layer_from` (a snapshot's). The
@@ -30,7 +37,7 @@ pub(super) fn prepare_instance_dir(
     home: &Home,
     dir: &std::path::Path,
     layer_from: Option<&std::path::Path>,
-) -> Result<(InstanceRecord, WritableLayer), SandboxError> {
+) -> Result<PreparedDir, SandboxError> {
     let record = InstanceRecord {
         owner: Some(ProcessId::current()),
         ..Default::default()
@@ -41,7 +48,7 @@ pub(super) fn prepare_instance_dir(
         Some(source) => WritableLayer::copy_of(source, &path)?,
         None => WritableLayer::create(home, &path)?,
     };
-    Ok((record, layer))
+    Ok(PreparedDir { record, layer })
 }
 
 /// What a sandbox removes when its instance stops: processes, mounts, devices, files.

@@ -14,6 +14,16 @@ use crate::sandbox::SandboxError;
 /// How long the agent may take to answer after its stream accepted: it answers at once.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A stream the agent has said Hello on.
+pub(super) struct Greeted {
+    /// The writing half.
+    pub writer: UnixStream,
+    /// The reading half, buffered: it may hold messages the agent sent right after its Hello.
+    pub reader: BufReader<UnixStream>,
+    /// The guest's uptime the agent reported in its Hello.
+    pub uptime_ms: u64,
+}
+
 /// Why a greeting did not complete.
 pub(super) enum Greeting {
     /// The stream ended or was reset: worth another connection while the sandbox lives.
@@ -25,7 +35,7 @@ pub(super) enum Greeting {
 /// reading half.
 /// Says Hello on `stream` and reads the agent's: the writer, the reader, and the guest's
 /// uptime the agent reported.
-pub(super) fn greet(stream: &UnixStream) -> Result<(UnixStream, BufReader<UnixStream>, u64), Greeting> {
+pub(super) fn greet(stream: &UnixStream) -> Result<Greeted, Greeting> {
     let setup = |e: std::io::Error| {
         Greeting::Failed(SandboxError::Agent(format!(
             "cannot set up the control stream: {e}"
@@ -88,7 +98,11 @@ pub(super) fn greet(stream: &UnixStream) -> Result<(UnixStream, BufReader<UnixSt
     };
     // The reader goes on to the read loop: the agent may send queued messages (log lines)
     // right after its Hello, and they may sit in this buffer already.
-    Ok((writer, reader, uptime_ms))
+    Ok(Greeted {
+        writer,
+        reader,
+        uptime_ms,
+    })
 }
 
 /// Connects to the control port, retrying while the agent comes up; fails early if the sandbox

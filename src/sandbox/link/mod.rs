@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use fnvm_agent::protocol::{self, HostMessage, StartSpec};
 
 use clock::{host_now_us, ClockSource, GuestClock, PING_INTERVAL};
-use greeting::{connect_control, greet, Greeting};
+use greeting::{connect_control, greet, Greeted, Greeting};
 use reader::{read_loop, Startup};
 
 use crate::sandbox::exit::{ended_before_ready, ExitState, Liveness};
@@ -48,14 +48,21 @@ pub struct Link {
     /// Every message to the agent goes through this lock: whole lines, never interleaved.
     writer: Arc<Mutex<UnixStream>>,
     reader: Mutex<Option<JoinHandle<()>>>,
-    /// Dropping the sender stops the pinger.
-    pinger: Mutex<Option<(mpsc::Sender<()>, JoinHandle<()>)>>,
+    /// The clock pinger, once the function is ready (a VM's link only).
+    pinger: Mutex<Option<Pinger>>,
 }
 
 /// How long a restored agent may take to answer Refresh: it is running already.
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Host entropy sent to a restored guest.
 const REFRESH_ENTROPY_BYTES: usize = 64;
+
+/// The thread that keeps measuring the guest's clock.
+struct Pinger {
+    /// Dropping the sender stops the thread.
+    stop: mpsc::Sender<()>,
+    thread: JoinHandle<()>,
+}
 
 /// What the host does between the agent's Hello and its Start. The agent accepts the control
 /// stream only once its set-up (mounting the disks) is done, so this runs after the agent's
@@ -172,7 +179,11 @@ fn converse(
         let left = deadline.saturating_duration_since(Instant::now());
         let stream = connect_control(transport, &exit, dead, left)?;
         match greet(&stream) {
-            Ok((writer, reader, uptime_ms)) => {
+            Ok(Greeted {
+                writer,
+                reader,
+                uptime_ms,
+            }) => {
                 let agent = AgentTimes {
                     hello_at: Instant::now(),
                     uptime_ms,
@@ -349,7 +360,10 @@ impl Link {
             });
         match spawned {
             Ok(thread) => {
-                *self.pinger.lock().unwrap_or_else(|p| p.into_inner()) = Some((stop_tx, thread))
+                *self.pinger.lock().unwrap_or_else(|p| p.into_inner()) = Some(Pinger {
+                    stop: stop_tx,
+                    thread,
+                })
             }
             Err(e) => tracing::warn!(
                 "cannot start the clock pinger; log stamps stay on the guest's clock: {e}"
@@ -359,9 +373,9 @@ impl Link {
 
     /// Closes the stream and joins the reader.
     pub fn close(&self) {
-        if let Some((stop, thread)) = self.pinger.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            drop(stop);
-            let _ = thread.join();
+        if let Some(pinger) = self.pinger.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            drop(pinger.stop);
+            let _ = pinger.thread.join();
         }
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
         if let Some(reader) = self.reader.lock().unwrap_or_else(|p| p.into_inner()).take() {

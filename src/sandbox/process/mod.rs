@@ -27,7 +27,7 @@ use crate::sandbox::exit::{ended_reason, ExitState};
 use crate::sandbox::instance::child::SandboxChild;
 use crate::sandbox::instance::record::ProcessId;
 use crate::sandbox::instance::writable_layer::WritableLayer;
-use crate::sandbox::instance::{prepare_instance_dir, AgentInstance, Teardown};
+use crate::sandbox::instance::{prepare_instance_dir, AgentInstance, PreparedDir, Teardown};
 use crate::sandbox::link::clock::ClockSource;
 use crate::sandbox::link::{self, Link};
 use crate::sandbox::transport::{unix_port_path, HostTransport};
@@ -160,7 +160,7 @@ impl ProcessSandbox {
         parts: &mut Parts,
     ) -> Result<Arc<ExitState>, SandboxError> {
         let dir = &spec.instance_dir;
-        let (mut record, layer) = prepare_instance_dir(&self.home, dir, None)?;
+        let PreparedDir { mut record, layer } = prepare_instance_dir(&self.home, dir, None)?;
         let layer = parts.layer.insert(layer);
         let writable_path = layer.path().to_path_buf();
         let rootfs = parts
@@ -249,13 +249,9 @@ impl ProcessSandbox {
         // The waiter records the ending (with the process's last words) before the status is
         // visible, so the link finds that record first.
         let dead = || {
-            child_ref.status().map(|s| {
-                (
-                    None,
-                    None,
-                    ended_reason("the sandbox ended: its agent", s, &child_ref.tail()),
-                )
-            })
+            child_ref
+                .status()
+                .map(|s| ended_reason("the sandbox ended: its agent", s, &child_ref.tail()))
         };
         let cgroup_ref = parts.cgroup.as_ref();
         let revoke_disks = || cgroup_ref.map_or(Ok(()), |c| c.revoke_agent_disks());

@@ -39,7 +39,9 @@ use vmm_api::VmmApi;
 use crate::sandbox::exit::{ended_reason, ExitState};
 use crate::sandbox::instance::child::SandboxChild;
 use crate::sandbox::instance::record::ProcessId;
-use crate::sandbox::instance::{prepare_instance_dir, AgentInstance, RestoreProbe, Teardown};
+use crate::sandbox::instance::{
+    prepare_instance_dir, AgentInstance, PreparedDir, RestoreProbe, Teardown,
+};
 use crate::sandbox::link::clock::ClockSource;
 use crate::sandbox::link;
 use crate::sandbox::transport::HostTransport;
@@ -213,6 +215,14 @@ impl VmSandbox {
     }
 }
 
+/// What a start attempt hands its instance: how it will learn the instance's end, how it
+/// started, and (a snapshot start) how to measure the restore.
+struct Started {
+    exit: Arc<ExitState>,
+    start: StartInfo,
+    restore_probe: Option<RestoreProbe>,
+}
+
 /// A started VM instance.
 type VmInstance = AgentInstance<VmParts>;
 
@@ -253,7 +263,11 @@ impl VmSandbox {
             torn_down: false,
         };
         match self.start_in(spec, &vsock, launch, &mut parts) {
-            Ok((exit, start, restore_probe)) => {
+            Ok(Started {
+                exit,
+                start,
+                restore_probe,
+            }) => {
                 let link = parts.link.take();
                 Ok(Box::new(AgentInstance {
                     id: spec.id.clone(),
@@ -279,7 +293,7 @@ impl VmSandbox {
         vsock: &Path,
         mut launch: Launch<'_>,
         parts: &mut VmParts,
-    ) -> Result<(Arc<ExitState>, StartInfo, Option<RestoreProbe>), SandboxError> {
+    ) -> Result<Started, SandboxError> {
         let dir = &spec.instance_dir;
         let api = VmmApi::new(&dir.join(API_SOCKET));
         let (layer_from, standby) = match &mut launch {
@@ -288,7 +302,7 @@ impl VmSandbox {
             }
             Launch::Boot { .. } => (None, None),
         };
-        let (mut record, layer) = prepare_instance_dir(&self.home, dir, layer_from.as_deref())?;
+        let PreparedDir { mut record, layer } = prepare_instance_dir(&self.home, dir, layer_from.as_deref())?;
         let layer = parts.layer.insert(layer);
         let mut args = match &launch {
             Launch::Boot { .. } => self.vmm_args(spec, layer.path(), vsock),
@@ -347,13 +361,9 @@ impl VmSandbox {
         // The waiter records the ending (with the process's last words) before the status is
         // visible, so the link finds that record first.
         let dead = || {
-            child_ref.status().map(|s| {
-                (
-                    None,
-                    None,
-                    ended_reason("the VM ended: fnvm-vmm", s, &child_ref.tail()),
-                )
-            })
+            child_ref
+                .status()
+                .map(|s| ended_reason("the VM ended: fnvm-vmm", s, &child_ref.tail()))
         };
         let transport = HostTransport::Vsock {
             uds: vsock.to_path_buf(),
@@ -376,7 +386,11 @@ impl VmSandbox {
                     note: None,
                     phases: Vec::new(),
                 };
-                Ok((exit, start, Some(probe)))
+                Ok(Started {
+                    exit,
+                    start,
+                    restore_probe: Some(probe),
+                })
             }
             Launch::Boot { write } => {
                 let link = link::start(
@@ -425,7 +439,11 @@ impl VmSandbox {
                     note,
                     phases,
                 };
-                Ok((exit, start, None))
+                Ok(Started {
+                    exit,
+                    start,
+                    restore_probe: None,
+                })
             }
         }
     }
