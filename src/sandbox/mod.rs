@@ -4,8 +4,15 @@
 //!   cgroup, streams over Unix sockets; weaker isolation (shared host kernel).
 //!
 //! Both use the same host-side artifacts (rootfs image, a per-instance writable-layer file, the
-//! agent and its protocol) and the same control flow ([`link`]), so everything above this
-//! module (run, serve, pool, logs) is identical for both.
+//! agent and its protocol) and the same conversation with the agent ([`link`]), so everything
+//! above this module (run, serve, pool, logs) is identical for both.
+//!
+//! Where things are: this file holds the interface ([`Sandbox`], [`Instance`], [`InstanceSpec`],
+//! [`SandboxError`]); [`vm`] and [`process`] each hold one sandbox and everything only it uses;
+//! the rest is shared by both: [`instance`] (the handle on a running agent, instance records,
+//! the sandbox's process, the writable layer), [`link`] (the host end of the agent's link and
+//! the guest clock measured over it), [`transport`] (streams to guest ports), [`exit`] (how an
+//! instance ended) and [`orphans`] (clean-up after a crashed fnvm).
 
 // Parts of the API serve callers that are wired step by step (run, serve, the pool).
 #![allow(dead_code)]

@@ -20,7 +20,7 @@ use std::time::Duration;
 use fnvm_agent::protocol::FUNCTION_PORT;
 
 use cgroup::watch::LimitWatch;
-use cgroup::{cgroup_prefix, Cgroup, Hierarchy, Limits, V1Extras};
+use cgroup::{cgroup_prefix, AgentDisk, Cgroup, Hierarchy, Limits, V1Extras};
 use loopdev::LoopDevice;
 
 use crate::sandbox::exit::{ended_reason, ExitState};
@@ -373,20 +373,17 @@ impl Teardown for Parts {
     }
 }
 
-/// (major, minor, access) of the block device at `path`, for the devices allow-list.
-fn device_numbers(
-    path: &Path,
-    access: &'static str,
-) -> Result<(u32, u32, &'static str), SandboxError> {
+/// The block device at `path` with `access`, for the devices allow-list.
+fn device_numbers(path: &Path, access: &'static str) -> Result<AgentDisk, SandboxError> {
     use std::os::unix::fs::MetadataExt;
     let rdev = std::fs::metadata(path)
         .map_err(|e| SandboxError::setup(format!("cannot stat {}", path.display()), e))?
         .rdev();
-    Ok((
-        nix::sys::stat::major(rdev) as u32,
-        nix::sys::stat::minor(rdev) as u32,
+    Ok(AgentDisk {
+        major: nix::sys::stat::major(rdev) as u32,
+        minor: nix::sys::stat::minor(rdev) as u32,
         access,
-    ))
+    })
 }
 
 /// A failed start with the limits it hit said, unless its report says so already: a fork bomb

@@ -31,8 +31,17 @@ pub struct Limits {
     /// The most processes (and threads) the instance may have, agent included.
     pub pids_max: u32,
     /// Block devices the agent itself opens while it sets up (its rootfs and writable layer),
-    /// allowed until [`Cgroup::revoke_agent_disks`]; (major, minor, access).
-    pub agent_disks: Vec<(u32, u32, &'static str)>,
+    /// allowed until [`Cgroup::revoke_agent_disks`].
+    pub agent_disks: Vec<AgentDisk>,
+}
+
+/// A block device the agent opens while it sets up, as the devices allow-list names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentDisk {
+    pub major: u32,
+    pub minor: u32,
+    /// The access allowed: "r" or "rw".
+    pub access: &'static str,
 }
 
 /// The character devices a function may open (Docker's default list, without mknod): null,
@@ -57,7 +66,7 @@ pub struct Cgroup {
     devices: Option<PathBuf>,
     v2: bool,
     removed: bool,
-    agent_disks: Vec<(u32, u32)>,
+    agent_disks: Vec<AgentDisk>,
 }
 
 impl Cgroup {
@@ -76,7 +85,7 @@ impl Cgroup {
             devices: None,
             v2,
             removed: false,
-            agent_disks: limits.agent_disks.iter().map(|d| (d.0, d.1)).collect(),
+            agent_disks: limits.agent_disks.clone(),
         };
         let bytes = (u64::from(limits.memory_mib) << 20).to_string();
         let pids_max = limits.pids_max.to_string();
@@ -101,7 +110,12 @@ impl Cgroup {
                 for rule in STANDARD_DEVICES {
                     write(dir, "devices.allow", rule, true)?;
                 }
-                for (major, minor, access) in &limits.agent_disks {
+                for AgentDisk {
+                    major,
+                    minor,
+                    access,
+                } in &limits.agent_disks
+                {
                     write(
                         dir,
                         "devices.allow",
@@ -121,7 +135,7 @@ impl Cgroup {
         let Some(dir) = &self.devices else {
             return Ok(());
         };
-        for (major, minor) in &self.agent_disks {
+        for AgentDisk { major, minor, .. } in &self.agent_disks {
             write(dir, "devices.deny", &format!("b {major}:{minor} rwm"), true)?;
         }
         Ok(())
@@ -318,7 +332,7 @@ mod tests {
         }
     }
 
-    fn limits(pids_max: u32, agent_disks: Vec<(u32, u32, &'static str)>) -> Limits {
+    fn limits(pids_max: u32, agent_disks: Vec<AgentDisk>) -> Limits {
         Limits {
             memory_mib: 64,
             pids_max,
@@ -416,7 +430,14 @@ mod tests {
         };
         let disk = disk.to_str().unwrap().to_string();
         let name = format!("test-devices-{}", std::process::id());
-        let limits = limits(64, vec![(major, minor, "r")]);
+        let limits = limits(
+            64,
+            vec![AgentDisk {
+                major,
+                minor,
+                access: "r",
+            }],
+        );
         let mut cgroup = Cgroup::create(&hierarchy, &extras, &name, &limits).unwrap();
         let devices = [
             "/dev/null",
