@@ -314,7 +314,7 @@ pub fn create_for_service(
 ) -> Result<Box<dyn Sandbox>, SandboxError> {
     match kind {
         SandboxKind::Vm => {
-            let per_shape = standby::per_shape_from_env()?;
+            let per_shape = vm::standby::per_shape_from_env()?;
             Ok(Box::new(
                 vm::VmSandbox::new(home)?.with_standby_vmms(per_shape)?,
             ))

@@ -22,6 +22,9 @@ pub(super) enum Startup {
     Lost(String),
 }
 
+/// Reads the agent's messages until the link closes or breaks: the first outcome of the start
+/// (or resume) goes to `startup`, log lines to `on_log` stamped on the host's time line, the
+/// function's exit into `exit`.
 pub(super) fn read_loop(
     mut reader: BufReader<UnixStream>,
     on_log: Arc<dyn Fn(LogLine) + Send + Sync>,

@@ -1,7 +1,10 @@
 //! The VM sandbox: one `fnvm-vmm` process per instance, booting fnvm's guest kernel with the
 //! agent as /init of a tiny initramfs, the rootfs image as read-only /dev/vda and the writable
 //! layer as /dev/vdb, and talking to the agent over virtio-vsock (`<instance_dir>/vsock.sock`).
-//! The control flow above the transport is the process sandbox's ([`crate::sandbox::link`]).
+//! Above the transport the conversation with the agent is the process sandbox's
+//! ([`crate::sandbox::link`]). Here: the sandbox and its start policy; beside it how a VMM is
+//! launched ([`launch`]), what an instance holds ([`teardown`]), the snapshot store, standby
+//! VMMs, the VMM's API client, the initramfs and the restore's measurements.
 //!
 //! Snapshot starts: the first boot start of a function version writes a snapshot of its VM as
 //! soon as the server listens ([`snapshots`] keys and keeps it); later starts restore it
@@ -46,7 +49,7 @@ use crate::sandbox::link::clock::ClockSource;
 use crate::sandbox::link;
 use crate::sandbox::transport::HostTransport;
 use crate::sandbox::{
-    validate_spec, ColdStart, Instance, InstanceSpec, RestoreReport, Sandbox, SandboxError,
+    validate_spec, ColdStart, Instance, InstanceSpec, Sandbox, SandboxError,
     SandboxKind, StartInfo,
 };
 use crate::home::Home;
@@ -54,6 +57,8 @@ use crate::home::Home;
 /// How long the guest may take to boot and answer on its control port.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Starts VM instances of one home: the binaries and kernel they boot, the snapshot store and
+/// (in the service) the standby VMMs.
 pub struct VmSandbox {
     home: Home,
     vmm: PathBuf,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-pub use hierarchy::{Hierarchy, HierarchyError, V1Extras, PARENT};
+pub use hierarchy::{Hierarchy, V1Extras};
 
 use crate::home::Home;
 use crate::sandbox::SandboxError;
