@@ -4,38 +4,34 @@
 //!   cgroup, streams over Unix sockets; weaker isolation (shared host kernel).
 //!
 //! Both use the same host-side artifacts (rootfs image, a per-instance writable-layer file, the
-//! agent and its protocol) and the same control flow ([`control`]), so everything above this
-//! module (run, serve, pool, logs) is identical for both.
+//! agent and its protocol) and the same conversation with the agent ([`link`]), so everything
+//! above this module (run, serve, pool, logs) is identical for both.
+//!
+//! Where things are: this file holds the interface ([`Sandbox`], [`Instance`], [`InstanceSpec`],
+//! [`SandboxError`]); [`vm`] and [`process`] each hold one sandbox and everything only it uses;
+//! the rest is shared by both: [`instance`] (the handle on a running agent, instance records,
+//! the sandbox's process, the writable layer), [`link`] (the host end of the agent's link and
+//! the guest clock measured over it), [`transport`] (streams to guest ports), [`exit`] (how an
+//! instance ended) and [`orphans`] (clean-up after a crashed fnvm).
 
 // Parts of the API serve callers that are wired step by step (run, serve, the pool).
 #![allow(dead_code)]
 
-pub mod cgroup;
-pub mod child;
-pub mod cleanup;
-pub mod control;
-pub mod guest_clock;
-pub mod initramfs;
-mod instance;
-pub mod loopdev;
+pub mod exit;
+pub mod instance;
+pub mod link;
+pub mod orphans;
 pub mod process;
-#[cfg(test)]
-mod process_isolation_tests;
-#[cfg(test)]
-pub(crate) mod process_tests;
-pub mod snapshots;
-pub mod standby;
 pub mod transport;
 pub mod vm;
-mod vmm_api;
-pub mod writable_layer;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 // Re-exported for the host service and `fnvm run` (start-up cleanup, instance naming).
 #[allow(unused_imports)]
-pub use cleanup::{cleanup_orphans, instances_root, new_instance_id};
+pub use instance::record::{instances_root, new_instance_id};
+pub use orphans::cleanup_orphans;
 pub use fnvm_agent::protocol::{LogStream, StartSpec};
 
 use crate::home::Home;
@@ -318,7 +314,7 @@ pub fn create_for_service(
 ) -> Result<Box<dyn Sandbox>, SandboxError> {
     match kind {
         SandboxKind::Vm => {
-            let per_shape = standby::per_shape_from_env()?;
+            let per_shape = vm::standby::per_shape_from_env()?;
             Ok(Box::new(
                 vm::VmSandbox::new(home)?.with_standby_vmms(per_shape)?,
             ))

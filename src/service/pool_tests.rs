@@ -58,7 +58,7 @@ fn is_root() -> bool {
     false
 }
 
-use crate::sandbox::process_tests::{agent, workspace};
+use crate::sandbox::process::tests::{agent, workspace};
 
 /// The busybox rootfs with the handler, built once per test run (ext4 via mkfs.ext4 -d).
 fn rootfs() -> PathBuf {

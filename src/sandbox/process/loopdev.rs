@@ -13,7 +13,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::SandboxError;
+use crate::sandbox::SandboxError;
 
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;

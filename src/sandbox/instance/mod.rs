@@ -1,21 +1,33 @@
 //! The host's handle on a running agent, the same for every sandbox: the function's port through
-//! the sandbox's transport, the exit state fed by the control stream, and a stop that asks the
+//! the sandbox's transport, the exit state fed by the agent's link, and a stop that asks the
 //! agent first and then tears down whatever the sandbox set up (`Teardown`).
+
+pub mod child;
+pub mod record;
+pub mod writable_layer;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fnvm_agent::protocol::FUNCTION_PORT;
 
-use super::cleanup::{InstanceRecord, ProcessId};
-use super::control::{Control, ExitState};
-use super::transport::HostTransport;
-use super::writable_layer::WritableLayer;
-use super::{ExitReport, Instance, RestoreReport, SandboxError, StartInfo};
+use record::{InstanceRecord, ProcessId};
+use writable_layer::WritableLayer;
+use crate::sandbox::exit::ExitState;
+use crate::sandbox::link::Link;
+use crate::sandbox::transport::HostTransport;
+use crate::sandbox::{ExitReport, Instance, RestoreReport, SandboxError, StartInfo};
 use crate::home::Home;
 
 /// How long the function gets between the agent's SIGTERM and SIGKILL on stop.
 const STOP_GRACE: Duration = Duration::from_millis(500);
+
+/// An instance directory ready for its sandbox: the record (for the sandbox to complete) and
+/// the instance's writable layer.
+pub(super) struct PreparedDir {
+    pub record: InstanceRecord,
+    pub layer: WritableLayer,
+}
 
 /// The first steps of every start: the instance directory records its owner (so orphan
 /// clean-up can tell a live instance from one left by a crashed fnvm), then the instance's
@@ -25,7 +37,7 @@ pub(super) fn prepare_instance_dir(
     home: &Home,
     dir: &std::path::Path,
     layer_from: Option<&std::path::Path>,
-) -> Result<(InstanceRecord, WritableLayer), SandboxError> {
+) -> Result<PreparedDir, SandboxError> {
     let record = InstanceRecord {
         owner: Some(ProcessId::current()),
         ..Default::default()
@@ -36,7 +48,7 @@ pub(super) fn prepare_instance_dir(
         Some(source) => WritableLayer::copy_of(source, &path)?,
         None => WritableLayer::create(home, &path)?,
     };
-    Ok((record, layer))
+    Ok(PreparedDir { record, layer })
 }
 
 /// What a sandbox removes when its instance stops: processes, mounts, devices, files.
@@ -54,7 +66,7 @@ pub(super) struct AgentInstance<P: Teardown> {
     pub id: String,
     pub transport: HostTransport,
     pub exit: Arc<ExitState>,
-    pub control: Option<Control>,
+    pub link: Option<Link>,
     pub parts: Mutex<P>,
     pub start: StartInfo,
     /// Snapshot starts only.
@@ -85,8 +97,8 @@ impl<P: Teardown> Instance for AgentInstance<P> {
             return Ok(());
         }
         self.exit.mark_stopping();
-        if let Some(control) = &self.control {
-            control.stop(&self.exit, STOP_GRACE);
+        if let Some(link) = &self.link {
+            link.stop(&self.exit, STOP_GRACE);
         }
         // Recorded before the kill, so waiters learn "stopped", not "killed by signal 9".
         self.exit.record(None, None, "stopped".to_string());

@@ -9,7 +9,7 @@
 //!
 //! A standby lives in its own directory under the instances root with an instance record, so
 //! the standbys of a crashed service are cleaned up like its instances
-//! ([`super::cleanup_orphans`]). When taken, its API socket moves into the instance's
+//! ([`crate::sandbox::cleanup_orphans`]). When taken, its API socket moves into the instance's
 //! directory (a rename: the VMM keeps listening on it) and the instance takes over its process.
 
 use std::collections::HashMap;
@@ -20,8 +20,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::cleanup::{new_instance_id, InstanceRecord, ProcessId};
-use super::SandboxError;
+use super::vmm_api::VmmApi;
+use crate::sandbox::exit::describe_status;
+use crate::sandbox::instance::record::{new_instance_id, InstanceRecord, ProcessId};
+use crate::sandbox::SandboxError;
 
 /// The API socket's name, in a standby's directory and in an instance's.
 pub const API_SOCKET: &str = "api.sock";
@@ -334,7 +336,7 @@ fn spawn_standby(vmm: &Path, root: &Path, shape: VmShape) -> Result<StandbyVmm, 
             let _ = std::fs::remove_dir_all(&standby.dir);
             return Err(SandboxError::Agent(format!(
                 "fnvm-vmm --standby ended ({}): {}",
-                status.map_or("status unknown".into(), super::child::describe_status),
+                status.map_or("status unknown".into(), describe_status),
                 stderr.trim()
             )));
         }
@@ -347,4 +349,40 @@ fn spawn_standby(vmm: &Path, root: &Path, shape: VmShape) -> Result<StandbyVmm, 
         std::thread::sleep(Duration::from_millis(1));
     }
     Ok(standby)
+}
+
+/// Restores the snapshot into a warm standby VMM, which becomes the instance's VMM: its
+/// process goes into the instance record first (a crash leaves nothing behind), then its API
+/// socket moves to `api`, then the restore request. On error the standby is stopped.
+pub(super) fn restore_in_standby(
+    standby: StandbyVmm,
+    record: &mut InstanceRecord,
+    dir: &Path,
+    api: &VmmApi,
+    snapshot: &Path,
+    disks: &[PathBuf],
+    vsock: &Path,
+) -> Result<std::process::Child, SandboxError> {
+    record.sandbox = ProcessId::of(standby.pid());
+    record.save(dir)?;
+    let mut child = standby.into_instance(api.path()).map_err(|e| {
+        SandboxError::setup(
+            format!(
+                "cannot move the standby's API socket to {}",
+                api.path().display()
+            ),
+            e,
+        )
+    })?;
+    match api.restore(snapshot, disks, vsock) {
+        Ok(ms) => {
+            tracing::debug!("restored into a standby VMM in {ms:.2} ms");
+            Ok(child)
+        }
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+    }
 }

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{InstanceSpec, SandboxError, StartSpec};
+use crate::sandbox::{InstanceSpec, SandboxError, StartSpec};
 use crate::home::Home;
 
 /// The `fnvm-vmm` snapshot directory inside an entry.

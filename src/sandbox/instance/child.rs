@@ -14,12 +14,19 @@ use std::time::Duration;
 /// How many lines of the child's own output are kept.
 const TAIL_LINES: usize = 40;
 
+/// The child's exit status once the waiter has reaped it, and the wake-up of its waits.
+#[derive(Default)]
+struct Reaped {
+    status: Mutex<Option<ExitStatus>>,
+    done: Condvar,
+}
+
 /// A running sandbox process.
 pub struct SandboxChild {
     name: &'static str,
     pid: i32,
     pidfd: OwnedFd,
-    status: Arc<(Mutex<Option<ExitStatus>>, Condvar)>,
+    reaped: Arc<Reaped>,
     tail: Arc<Mutex<VecDeque<String>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -53,8 +60,8 @@ impl SandboxChild {
         if let Some(err) = child.stderr.take() {
             readers.push(spawn_tail_reader(name, err, tail.clone()));
         }
-        let status = Arc::new((Mutex::new(None), Condvar::new()));
-        let waiter_status = status.clone();
+        let reaped = Arc::new(Reaped::default());
+        let waiter_reaped = reaped.clone();
         let waiter_tail = tail.clone();
         let waiter = std::thread::spawn(move || {
             let result = child.wait();
@@ -70,15 +77,17 @@ impl SandboxChild {
                 .cloned()
                 .collect();
             on_exit(exit, lines);
-            let (lock, cond) = &*waiter_status;
-            *lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(exit);
-            cond.notify_all();
+            *waiter_reaped
+                .status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(exit);
+            waiter_reaped.done.notify_all();
         });
         Ok(SandboxChild {
             name,
             pid,
             pidfd,
-            status,
+            reaped,
             tail,
             threads: Mutex::new(vec![waiter]),
         })
@@ -105,14 +114,15 @@ impl SandboxChild {
 
     /// The exit status once reaped.
     pub fn status(&self) -> Option<ExitStatus> {
-        *self.status.0.lock().unwrap_or_else(|p| p.into_inner())
+        *self.reaped.status.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Waits up to `timeout` for the process to be reaped.
     pub fn wait_timeout(&self, timeout: Duration) -> Option<ExitStatus> {
-        let (lock, cond) = &*self.status;
-        let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
-        let (guard, _) = cond
+        let guard = self.reaped.status.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = self
+            .reaped
+            .done
             .wait_timeout_while(guard, timeout, |s| s.is_none())
             .unwrap_or_else(|p| p.into_inner());
         *guard
@@ -181,36 +191,4 @@ fn spawn_tail_reader(
             tail.push_back(line);
         }
     })
-}
-
-/// "<what> exited with code 1; it said:\n<tail>".
-pub fn ended_reason(what: &str, status: ExitStatus, tail: &[String]) -> String {
-    let mut reason = format!("{what} {}", describe_status(status));
-    // Blank lines alone say nothing: no "it said:" with nothing after it.
-    let end = tail
-        .iter()
-        .rposition(|l| !l.trim().is_empty())
-        .map_or(0, |i| i + 1);
-    let tail = &tail[..end];
-    if !tail.is_empty() {
-        reason.push_str("; it said:\n");
-        reason.push_str(&tail.join("\n"));
-    }
-    reason
-}
-
-/// "exited with code 3" / "killed by signal 9 (SIGKILL)".
-pub fn describe_status(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exited with code {code}"),
-        (None, Some(sig)) => describe_signal(sig),
-        _ => format!("ended ({status})"),
-    }
-}
-
-pub fn describe_signal(sig: i32) -> String {
-    match nix::sys::signal::Signal::try_from(sig) {
-        Ok(s) => format!("killed by signal {sig} ({})", s.as_str()),
-        Err(_) => format!("killed by signal {sig}"),
-    }
 }

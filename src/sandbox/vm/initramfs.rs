@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::SandboxError;
+use crate::sandbox::SandboxError;
 use crate::home::Home;
 
 /// Bumped when the archive's layout changes, so cached archives are rebuilt.

@@ -15,7 +15,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use super::SandboxError;
+use crate::sandbox::SandboxError;
 use crate::home::Home;
 
 /// The writable layer's size: the function's whole disk budget.

@@ -3,6 +3,11 @@
 //! devices, with the rootfs image and the writable layer as loop devices. For hosts without hardware virtualization; the host kernel is shared, so
 //! isolation is weaker than a VM's, and creating the sandbox says so.
 
+pub mod cgroup;
+pub mod loopdev;
+#[cfg(test)]
+pub(crate) mod tests;
+
 use std::ffi::{CString, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
@@ -14,16 +19,19 @@ use std::time::Duration;
 
 use fnvm_agent::protocol::FUNCTION_PORT;
 
-use super::cgroup::{self, Cgroup, Hierarchy, LimitWatch, Limits, V1Extras};
-use super::child::{ended_reason, SandboxChild};
-use super::cleanup::{cgroup_prefix, ProcessId};
-use super::control::{self, Control, ExitState};
-use super::guest_clock::ClockSource;
-use super::instance::{prepare_instance_dir, AgentInstance, Teardown};
-use super::loopdev::LoopDevice;
-use super::transport::{unix_port_path, HostTransport};
-use super::writable_layer::WritableLayer;
-use super::{
+use cgroup::watch::LimitWatch;
+use cgroup::{cgroup_prefix, AgentDisk, Cgroup, Hierarchy, Limits, V1Extras};
+use loopdev::LoopDevice;
+
+use crate::sandbox::exit::{ended_reason, ExitState};
+use crate::sandbox::instance::child::SandboxChild;
+use crate::sandbox::instance::record::ProcessId;
+use crate::sandbox::instance::writable_layer::WritableLayer;
+use crate::sandbox::instance::{prepare_instance_dir, AgentInstance, PreparedDir, Teardown};
+use crate::sandbox::link::clock::ClockSource;
+use crate::sandbox::link::{self, Link};
+use crate::sandbox::transport::{unix_port_path, HostTransport};
+use crate::sandbox::{
     validate_spec, ColdStart, Instance, InstanceSpec, Sandbox, SandboxError, SandboxKind, StartInfo,
 };
 use crate::home::Home;
@@ -71,7 +79,7 @@ impl ProcessSandbox {
         let cgroups = match Hierarchy::probe() {
             Ok(h) => Some(h),
             Err(why) => {
-                eprintln!("fnvm: warning: no memory limit for functions: cgroups are not writable here ({why})");
+                eprintln!("fnvm: warning: no memory limit for functions: cgroups are not writable here ({})", why.sentence());
                 None
             }
         };
@@ -122,8 +130,8 @@ impl Sandbox for ProcessSandbox {
                 return Err(err);
             }
         };
-        let control = parts.control.take();
-        let phases = control.as_ref().map_or_else(Vec::new, |c| {
+        let link = parts.link.take();
+        let phases = link.as_ref().map_or_else(Vec::new, |c| {
             c.agent_times()
                 .phases(began, "sandbox set-up → agent answered", false)
         });
@@ -131,7 +139,7 @@ impl Sandbox for ProcessSandbox {
             id: spec.id,
             transport: HostTransport::Unix { dir: socket_dir },
             exit,
-            control,
+            link,
             parts: Mutex::new(parts),
             start: StartInfo {
                 kind: ColdStart::Boot,
@@ -152,7 +160,7 @@ impl ProcessSandbox {
         parts: &mut Parts,
     ) -> Result<Arc<ExitState>, SandboxError> {
         let dir = &spec.instance_dir;
-        let (mut record, layer) = prepare_instance_dir(&self.home, dir, None)?;
+        let PreparedDir { mut record, layer } = prepare_instance_dir(&self.home, dir, None)?;
         let layer = parts.layer.insert(layer);
         let writable_path = layer.path().to_path_buf();
         let rootfs = parts
@@ -239,19 +247,15 @@ impl ProcessSandbox {
         };
         let child_ref: &SandboxChild = child;
         // The waiter records the ending (with the process's last words) before the status is
-        // visible, so the control flow finds that record first.
+        // visible, so the link finds that record first.
         let dead = || {
-            child_ref.status().map(|s| {
-                (
-                    None,
-                    None,
-                    ended_reason("the sandbox ended: its agent", s, &child_ref.tail()),
-                )
-            })
+            child_ref
+                .status()
+                .map(|s| ended_reason("the sandbox ended: its agent", s, &child_ref.tail()))
         };
         let cgroup_ref = parts.cgroup.as_ref();
         let revoke_disks = || cgroup_ref.map_or(Ok(()), |c| c.revoke_agent_disks());
-        let control = control::start(
+        let link = link::start(
             &transport,
             ClockSource::Host,
             &spec.start,
@@ -265,7 +269,7 @@ impl ProcessSandbox {
             Some(watch) => with_limit_hits(e, watch),
             None => e,
         })?;
-        parts.control = Some(control);
+        parts.link = Some(link);
         parts.exit = Some(exit.clone());
         Ok(exit)
     }
@@ -278,7 +282,7 @@ struct Parts {
     loops: Vec<LoopDevice>,
     cgroup: Option<Cgroup>,
     child: Option<SandboxChild>,
-    control: Option<Control>,
+    link: Option<Link>,
     exit: Option<Arc<ExitState>>,
     torn_down: bool,
 }
@@ -316,7 +320,7 @@ impl Parts {
             loops: Vec::new(),
             cgroup: None,
             child: None,
-            control: None,
+            link: None,
             exit: None,
             torn_down: false,
         })
@@ -335,8 +339,8 @@ impl Teardown for Parts {
         }
         self.torn_down = true;
         let mut first_err = None;
-        if let Some(control) = self.control.take() {
-            control.close();
+        if let Some(link) = self.link.take() {
+            link.close();
         }
         if let Some(child) = self.child.take() {
             // SIGKILL to the pid namespace's init kills every process in it; the kernel reaps
@@ -369,20 +373,17 @@ impl Teardown for Parts {
     }
 }
 
-/// (major, minor, access) of the block device at `path`, for the devices allow-list.
-fn device_numbers(
-    path: &Path,
-    access: &'static str,
-) -> Result<(u32, u32, &'static str), SandboxError> {
+/// The block device at `path` with `access`, for the devices allow-list.
+fn device_numbers(path: &Path, access: &'static str) -> Result<AgentDisk, SandboxError> {
     use std::os::unix::fs::MetadataExt;
     let rdev = std::fs::metadata(path)
         .map_err(|e| SandboxError::setup(format!("cannot stat {}", path.display()), e))?
         .rdev();
-    Ok((
-        nix::sys::stat::major(rdev) as u32,
-        nix::sys::stat::minor(rdev) as u32,
+    Ok(AgentDisk {
+        major: nix::sys::stat::major(rdev) as u32,
+        minor: nix::sys::stat::minor(rdev) as u32,
         access,
-    ))
+    })
 }
 
 /// A failed start with the limits it hit said, unless its report says so already: a fork bomb

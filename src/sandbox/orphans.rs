@@ -1,120 +1,19 @@
-//! Instance directories and the record that lets a later fnvm clean up after a crashed one.
-//!
-//! Each instance directory holds `instance.json`: which fnvm process owns it, the sandbox's
-//! process and cgroup. Processes are named by pid *and* start time, so a recycled pid is never
-//! mistaken for them. [`cleanup_orphans`] removes whatever a dead owner left: its sandbox
-//! processes, cgroups, loop devices and files.
+//! Clean-up after crashed fnvm processes: whatever instances (and standby VMMs) of a dead owner
+//! left in this home, found through their records ([`InstanceRecord`]): sandbox processes,
+//! cgroups, loop devices and files. Both sandboxes' leftovers are removed in one pass, so a
+//! service that restarts with the other sandbox kind still cleans up after the first.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::path::Path;
+use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-
-use super::{cgroup, loopdev, SandboxError};
 use crate::home::Home;
+use crate::sandbox::instance::record::{instances_root, InstanceRecord, ProcessId};
+use crate::sandbox::process::{cgroup, loopdev};
+use crate::sandbox::SandboxError;
 
-const RECORD: &str = "instance.json";
 /// An instance directory without a record this old is an orphan (the record is written right
 /// after the directory is made; a younger one may be an instance being created).
 const UNRECORDED_GRACE: Duration = Duration::from_secs(60);
-
-/// The directory that holds this home's instance directories.
-pub fn instances_root(home: &Home) -> Result<PathBuf, SandboxError> {
-    home.dir("instances")
-        .map_err(|e| SandboxError::setup("cannot create the instances directory", e))
-}
-
-/// A fresh instance id, unique in this home: time, pid and a counter.
-pub fn new_instance_id() -> String {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let ms = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    format!(
-        "{ms:x}-{:x}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// A process named so that a recycled pid does not match: pid + start time (clock ticks).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessId {
-    pub pid: i32,
-    pub start_time: u64,
-}
-
-impl ProcessId {
-    pub fn of(pid: i32) -> Option<Self> {
-        start_time(pid).map(|start_time| ProcessId { pid, start_time })
-    }
-
-    pub fn current() -> Self {
-        let pid = std::process::id() as i32;
-        ProcessId::of(pid).unwrap_or(ProcessId { pid, start_time: 0 })
-    }
-
-    pub fn is_alive(&self) -> bool {
-        start_time(self.pid) == Some(self.start_time)
-    }
-}
-
-/// Field 22 of /proc/<pid>/stat (after the parenthesised command, which may hold anything).
-fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 1..];
-    // Fields after ")" start at field 3 (state); start time is field 22.
-    let state = after.split_whitespace().next()?;
-    if state == "Z" || state == "X" {
-        return None; // a zombie is gone for our purposes
-    }
-    after.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// What an instance directory says about its resources.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct InstanceRecord {
-    pub owner: Option<ProcessId>,
-    pub sandbox: Option<ProcessId>,
-    pub cgroup: Option<PathBuf>,
-    pub cgroup_v2: bool,
-    /// cgroup v1 only: the instance's cgroups in the pids and devices hierarchies.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub v1_cgroups: Vec<PathBuf>,
-}
-
-impl InstanceRecord {
-    /// Writes the record into `dir` (temp file + rename: never half a record).
-    pub fn save(&self, dir: &Path) -> Result<(), SandboxError> {
-        let tmp = dir.join(".instance.json.tmp");
-        let text = serde_json::to_vec_pretty(self)
-            .map_err(|e| SandboxError::setup("cannot encode the instance record", e))?;
-        std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::rename(&tmp, dir.join(RECORD)))
-            .map_err(|e| {
-                SandboxError::setup(
-                    format!("cannot write the instance record in {}", dir.display()),
-                    e,
-                )
-            })
-    }
-
-    pub fn load(dir: &Path) -> Option<Self> {
-        let text = std::fs::read(dir.join(RECORD)).ok()?;
-        serde_json::from_slice(&text).ok()
-    }
-}
-
-/// The prefix of this home's cgroup names: two homes never touch each other's cgroups.
-pub fn cgroup_prefix(home: &Home) -> String {
-    let canonical =
-        std::fs::canonicalize(home.root()).unwrap_or_else(|_| home.root().to_path_buf());
-    let digest = Sha256::digest(canonical.as_os_str().as_encoded_bytes());
-    hex::encode(&digest[..4])
-}
 
 /// What [`cleanup_orphans`] removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -184,7 +83,7 @@ pub fn cleanup_orphans(home: &Home) -> Result<CleanupReport, SandboxError> {
     }
     // Cgroups of this home with no live instance (e.g. the directory was removed by hand).
     if let Ok(hierarchy) = cgroup::Hierarchy::probe() {
-        let prefix = format!("{}-", cgroup_prefix(home));
+        let prefix = format!("{}-", cgroup::cgroup_prefix(home));
         let v2 = matches!(hierarchy, cgroup::Hierarchy::V2 { .. });
         let extras = if v2 {
             cgroup::V1Extras::default()
@@ -236,35 +135,7 @@ fn wait_gone(process: ProcessId) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn process_ids_survive_only_as_long_as_the_process() {
-        let me = ProcessId::current();
-        assert!(me.is_alive());
-        assert!(!ProcessId {
-            start_time: me.start_time + 1,
-            ..me
-        }
-        .is_alive());
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let pid = child.id() as i32;
-        let id = ProcessId::of(pid);
-        child.wait().unwrap();
-        if let Some(id) = id {
-            assert!(!id.is_alive());
-        }
-    }
-
-    #[test]
-    fn ids_are_unique_and_valid_names() {
-        let a = new_instance_id();
-        let b = new_instance_id();
-        assert_ne!(a, b);
-        assert!(
-            a.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-'),
-            "{a}"
-        );
-    }
+    use crate::sandbox::instance::record::RECORD;
 
     #[test]
     fn orphans_are_removed_and_live_instances_kept() {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use fnvm_vmm::api::{Request, Response};
 
-use super::SandboxError;
+use crate::sandbox::SandboxError;
 
 /// Snapshots write guest memory: allow for a large, mostly touched VM on a slow disk.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);

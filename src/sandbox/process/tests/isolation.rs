@@ -5,8 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::process_tests::{busybox_rootfs, is_root, World};
-use super::{loopdev, Instance, LogStream, Sandbox, SandboxError};
+use super::{busybox_rootfs, is_root, World};
+use crate::sandbox::process::loopdev;
+use crate::sandbox::{Instance, LogStream, Sandbox, SandboxError};
 
 /// Written by the victim into its writable layer; the attacker must never read it.
 const MARKER: &str = "fnvm-victim-marker-5b1e0c";
@@ -222,5 +223,5 @@ fn a_function_allocating_past_its_memory_is_reported_as_out_of_memory() {
 
 /// The instance answers HTTP: it really ran its whole script.
 fn serves(instance: &dyn Instance) -> bool {
-    super::process_tests::http_get(instance, "/").contains("hello from busybox")
+    super::http_get(instance, "/").contains("hello from busybox")
 }

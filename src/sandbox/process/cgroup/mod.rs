@@ -10,141 +10,19 @@
 //! not load: there (and in a VM, where the guest kernel has no devices controller) what keeps a
 //! function off devices is the agent's side: no CAP_MKNOD and every mount it can write `nodev`.
 
+mod hierarchy;
+pub mod watch;
+
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::SandboxError;
+use sha2::{Digest, Sha256};
 
-/// The directory under a hierarchy's root that holds every fnvm instance cgroup.
-pub const PARENT: &str = "fnvm";
+pub use hierarchy::{Hierarchy, V1Extras};
 
-/// A cgroup hierarchy with a usable memory controller, and fnvm's parent cgroup in it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Hierarchy {
-    /// cgroup v2; `parent` is `<mount>/fnvm` with +memory in its subtree_control.
-    V2 { parent: PathBuf },
-    /// cgroup v1 memory controller; `parent` is `<mount>/fnvm`.
-    V1Memory { parent: PathBuf },
-}
-
-impl Hierarchy {
-    /// Finds the memory controller and prepares fnvm's parent cgroup; Err says why there is
-    /// none (one line, for the warning).
-    pub fn probe() -> Result<Self, String> {
-        let pure = Path::new("/sys/fs/cgroup");
-        let unified = Path::new("/sys/fs/cgroup/unified");
-        for root in [pure, unified] {
-            let controllers = root.join("cgroup.controllers");
-            if let Ok(list) = std::fs::read_to_string(&controllers) {
-                if list.split_whitespace().any(|c| c == "memory") {
-                    return prepare_v2(root).map(|parent| Hierarchy::V2 { parent });
-                }
-            }
-        }
-        let v1 = Path::new("/sys/fs/cgroup/memory");
-        if v1.join("memory.limit_in_bytes").is_file() {
-            let parent = v1.join(PARENT);
-            return match std::fs::create_dir_all(&parent) {
-                Ok(()) => Ok(Hierarchy::V1Memory { parent }),
-                Err(e) => Err(format!("cannot create {}: {e}", parent.display())),
-            };
-        }
-        Err("no cgroup memory controller found under /sys/fs/cgroup".into())
-    }
-
-    pub fn parent(&self) -> &Path {
-        match self {
-            Hierarchy::V2 { parent } | Hierarchy::V1Memory { parent } => parent,
-        }
-    }
-}
-
-/// Creates `<root>/fnvm` and delegates the memory controller to its children.
-fn prepare_v2(root: &Path) -> Result<PathBuf, String> {
-    let parent = root.join(PARENT);
-    std::fs::create_dir_all(&parent)
-        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-    for dir in [root, parent.as_path()] {
-        let control = dir.join("cgroup.subtree_control");
-        let enabled = std::fs::read_to_string(&control).unwrap_or_default();
-        if enabled.split_whitespace().any(|c| c == "memory") {
-            continue;
-        }
-        std::fs::write(&control, "+memory").map_err(|e| {
-            format!(
-                "cannot enable the memory controller in {}: {e}",
-                control.display()
-            )
-        })?;
-    }
-    // Process limits where the kernel has the pids controller (best effort: the memory limit
-    // is the one that must hold, and its absence is reported by the caller).
-    let available = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
-    if available.split_whitespace().any(|c| c == "pids") {
-        for dir in [root, parent.as_path()] {
-            let control = dir.join("cgroup.subtree_control");
-            let enabled = std::fs::read_to_string(&control).unwrap_or_default();
-            if !enabled.split_whitespace().any(|c| c == "pids") {
-                let _ = std::fs::write(&control, "+pids");
-            }
-        }
-    }
-    Ok(parent)
-}
-
-/// The v1 hierarchies of the other controllers fnvm uses, where the memory controller is on v1
-/// too (hybrid layout); on v2 the pids controller sits in the memory cgroup itself.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct V1Extras {
-    /// `<pids mount>/fnvm`.
-    pub pids: Option<PathBuf>,
-    /// `<devices mount>/fnvm`.
-    pub devices: Option<PathBuf>,
-}
-
-impl V1Extras {
-    /// The pids and devices v1 hierarchies' fnvm parents that can be made here; each missing one
-    /// comes with a line saying why (for the warning).
-    pub fn probe() -> (Self, Vec<String>) {
-        let mut why = Vec::new();
-        let mut parent_of = |controller: &str, probe_file: &str| {
-            let mount = Path::new("/sys/fs/cgroup").join(controller);
-            if !mount.join(probe_file).is_file() && !mount.join("cgroup.procs").is_file() {
-                why.push(format!(
-                    "no cgroup v1 {controller} controller at {}",
-                    mount.display()
-                ));
-                return None;
-            }
-            let parent = mount.join(PARENT);
-            match std::fs::create_dir_all(&parent) {
-                Ok(()) if parent.join(probe_file).is_file() => Some(parent),
-                Ok(()) => {
-                    why.push(format!("{} has no {probe_file}", parent.display()));
-                    None
-                }
-                Err(e) => {
-                    why.push(format!("cannot create {}: {e}", parent.display()));
-                    None
-                }
-            }
-        };
-        let extras = V1Extras {
-            pids: parent_of("pids", "pids.max"),
-            devices: parent_of("devices", "devices.allow"),
-        };
-        (extras, why)
-    }
-
-    /// Every parent present, for clean-up.
-    pub fn parents(&self) -> impl Iterator<Item = &Path> {
-        self.pids
-            .iter()
-            .chain(self.devices.iter())
-            .map(PathBuf::as_path)
-    }
-}
+use crate::home::Home;
+use crate::sandbox::SandboxError;
 
 /// What one instance's cgroup enforces.
 #[derive(Debug, Clone)]
@@ -153,8 +31,17 @@ pub struct Limits {
     /// The most processes (and threads) the instance may have, agent included.
     pub pids_max: u32,
     /// Block devices the agent itself opens while it sets up (its rootfs and writable layer),
-    /// allowed until [`Cgroup::revoke_agent_disks`]; (major, minor, access).
-    pub agent_disks: Vec<(u32, u32, &'static str)>,
+    /// allowed until [`Cgroup::revoke_agent_disks`].
+    pub agent_disks: Vec<AgentDisk>,
+}
+
+/// A block device the agent opens while it sets up, as the devices allow-list names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentDisk {
+    pub major: u32,
+    pub minor: u32,
+    /// The access allowed: "r" or "rw".
+    pub access: &'static str,
 }
 
 /// The character devices a function may open (Docker's default list, without mknod): null,
@@ -179,7 +66,7 @@ pub struct Cgroup {
     devices: Option<PathBuf>,
     v2: bool,
     removed: bool,
-    agent_disks: Vec<(u32, u32)>,
+    agent_disks: Vec<AgentDisk>,
 }
 
 impl Cgroup {
@@ -198,7 +85,7 @@ impl Cgroup {
             devices: None,
             v2,
             removed: false,
-            agent_disks: limits.agent_disks.iter().map(|d| (d.0, d.1)).collect(),
+            agent_disks: limits.agent_disks.clone(),
         };
         let bytes = (u64::from(limits.memory_mib) << 20).to_string();
         let pids_max = limits.pids_max.to_string();
@@ -223,7 +110,12 @@ impl Cgroup {
                 for rule in STANDARD_DEVICES {
                     write(dir, "devices.allow", rule, true)?;
                 }
-                for (major, minor, access) in &limits.agent_disks {
+                for AgentDisk {
+                    major,
+                    minor,
+                    access,
+                } in &limits.agent_disks
+                {
                     write(
                         dir,
                         "devices.allow",
@@ -243,7 +135,7 @@ impl Cgroup {
         let Some(dir) = &self.devices else {
             return Ok(());
         };
-        for (major, minor) in &self.agent_disks {
+        for AgentDisk { major, minor, .. } in &self.agent_disks {
             write(dir, "devices.deny", &format!("b {major}:{minor} rwm"), true)?;
         }
         Ok(())
@@ -333,74 +225,6 @@ fn write(dir: &Path, file: &str, value: &str, required: bool) -> Result<(), Sand
     }
 }
 
-/// How many times the kernel's OOM killer killed a process of the cgroup at `path`
-/// (`oom_kill` in v2's memory.events or v1's memory.oom_control).
-pub fn oom_kills(path: &Path) -> u64 {
-    ["memory.events", "memory.oom_control"]
-        .iter()
-        .filter_map(|f| std::fs::read_to_string(path.join(f)).ok())
-        .find_map(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// How many forks the pids limit of the cgroup at `path` refused (`max` in pids.events).
-pub fn forks_refused(path: &Path) -> u64 {
-    std::fs::read_to_string(path.join("pids.events"))
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix("max ")?.trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// Reads what an instance's limits did, for the report of its end or failed start: a function
-/// or agent killed by the OOM killer, or a fork bomb held at its pids limit, is said to be so.
-#[derive(Debug, Clone)]
-pub struct LimitWatch {
-    memory: PathBuf,
-    memory_mib: u32,
-    pids: Option<PathBuf>,
-    pids_max: u32,
-}
-
-impl LimitWatch {
-    pub fn of(cgroup: &Cgroup, limits: &Limits) -> Self {
-        LimitWatch {
-            memory: cgroup.path().to_path_buf(),
-            memory_mib: limits.memory_mib,
-            pids: cgroup.pids_path().map(Path::to_path_buf),
-            pids_max: limits.pids_max,
-        }
-    }
-
-    /// The limits hit so far, as one clause ("the function ran out of memory (limit 128 MiB)
-    /// ..."), or None when none was.
-    pub fn hits(&self) -> Option<String> {
-        let mut said = Vec::new();
-        let kills = oom_kills(&self.memory);
-        if kills > 0 {
-            said.push(format!(
-                "the function ran out of memory (limit {} MiB): the kernel's OOM killer killed \
-                 {kills} of its processes",
-                self.memory_mib
-            ));
-        }
-        let refused = self.pids.as_deref().map(forks_refused).unwrap_or(0);
-        if refused > 0 {
-            said.push(format!(
-                "the function reached its process limit ({} processes and threads, \
-                 {PIDS_MAX_ENV}): {refused} fork(s) refused",
-                self.pids_max
-            ));
-        }
-        (!said.is_empty()).then(|| said.join("; "))
-    }
-}
-
 /// The environment variable that sets the process sandbox's pids limit per instance.
 pub const PIDS_MAX_ENV: &str = "FNVM_PIDS_MAX";
 /// Processes and threads per instance when [`PIDS_MAX_ENV`] is unset: plenty for a server
@@ -477,8 +301,17 @@ pub fn remove(path: &Path) -> Result<(), SandboxError> {
     }
 }
 
+/// The prefix of this home's cgroup names: two homes never touch each other's cgroups.
+pub fn cgroup_prefix(home: &Home) -> String {
+    let canonical =
+        std::fs::canonicalize(home.root()).unwrap_or_else(|_| home.root().to_path_buf());
+    let digest = Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+    hex::encode(&digest[..4])
+}
+
 #[cfg(test)]
 mod tests {
+    use super::watch::LimitWatch;
     use super::*;
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::FileTypeExt;
@@ -499,7 +332,7 @@ mod tests {
         }
     }
 
-    fn limits(pids_max: u32, agent_disks: Vec<(u32, u32, &'static str)>) -> Limits {
+    fn limits(pids_max: u32, agent_disks: Vec<AgentDisk>) -> Limits {
         Limits {
             memory_mib: 64,
             pids_max,
@@ -597,7 +430,14 @@ mod tests {
         };
         let disk = disk.to_str().unwrap().to_string();
         let name = format!("test-devices-{}", std::process::id());
-        let limits = limits(64, vec![(major, minor, "r")]);
+        let limits = limits(
+            64,
+            vec![AgentDisk {
+                major,
+                minor,
+                access: "r",
+            }],
+        );
         let mut cgroup = Cgroup::create(&hierarchy, &extras, &name, &limits).unwrap();
         let devices = [
             "/dev/null",

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use fnvm_agent::protocol::{StartSpec, NOT_LISTENING_MESSAGE};
 
-use super::process::ProcessSandbox;
-use super::writable_layer::WRITABLE_LAYER_BYTES;
-use super::{
-    cgroup, instances_root, loopdev, Instance, InstanceSpec, LogLine, LogStream, Sandbox,
+use super::{cgroup, loopdev, ProcessSandbox};
+use crate::sandbox::instance::writable_layer::WRITABLE_LAYER_BYTES;
+use crate::sandbox::{
+    instances_root, Instance, InstanceSpec, LogLine, LogStream, Sandbox,
     SandboxError,
 };
 use crate::home::Home;
@@ -247,7 +247,7 @@ fn process_sandbox_serves_busybox_httpd_and_forwards_its_logs() {
 }
 
 /// What the host does after a snapshot restore (whose vsock reset dropped its streams): a new
-/// control connection, Hello, Refresh. The agent answers Refreshed, its messages (the function's
+/// link connection, Hello, Refresh. The agent answers Refreshed, its messages (the function's
 /// later log lines) follow the new connection, and the function keeps serving. In the process
 /// sandbox Refresh leaves the clock and RNG alone (they are the host's).
 #[test]
@@ -268,13 +268,13 @@ fn a_reconnecting_host_refreshes_the_agent_and_gets_the_functions_later_lines() 
         .expect("the instance starts");
     let new_logs = Logs::default();
     let sink = new_logs.clone();
-    let transport = super::transport::HostTransport::Unix {
+    let transport = crate::sandbox::transport::HostTransport::Unix {
         dir: spec.instance_dir.join("sock"),
     };
-    let control = super::control::resume(
+    let link = crate::sandbox::link::resume(
         &transport,
         Arc::new(move |line| sink.0.lock().unwrap().push(line)),
-        super::control::ExitState::new(|| None),
+        crate::sandbox::exit::ExitState::new(|| None),
         &|| None,
         Duration::from_secs(10),
     )
@@ -299,7 +299,7 @@ fn a_reconnecting_host_refreshes_the_agent_and_gets_the_functions_later_lines() 
     assert!(first_new > last_old, "{first_new} after {last_old}");
     let reply = http_get(instance.as_ref(), "/index.html");
     assert!(reply.ends_with("hello from busybox\n"), "{reply}");
-    control.close();
+    link.close();
     instance.stop().unwrap();
     world.assert_nothing_left(&spec);
 }
@@ -471,3 +471,5 @@ fn process_sandbox_has_its_own_namespaces_and_memory_limit() {
     instance.stop().unwrap();
     world.assert_nothing_left(&spec);
 }
+
+mod isolation;

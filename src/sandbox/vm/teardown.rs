@@ -1,0 +1,45 @@
+//! What a VM instance holds for its life (its directory, writable layer, VMM process and link)
+//! and removes, in order, when it stops.
+
+use std::path::PathBuf;
+
+use crate::sandbox::instance::child::SandboxChild;
+use crate::sandbox::instance::writable_layer::WritableLayer;
+use crate::sandbox::instance::Teardown;
+use crate::sandbox::link::Link;
+use crate::sandbox::SandboxError;
+
+pub(super) struct VmParts {
+    pub(super) dir: PathBuf,
+    pub(super) layer: Option<WritableLayer>,
+    pub(super) child: Option<SandboxChild>,
+    pub(super) link: Option<Link>,
+    pub(super) torn_down: bool,
+}
+
+impl Teardown for VmParts {
+    fn is_torn_down(&self) -> bool {
+        self.torn_down
+    }
+
+    fn teardown(&mut self) -> Result<(), SandboxError> {
+        if self.torn_down {
+            return Ok(());
+        }
+        self.torn_down = true;
+        if let Some(link) = self.link.take() {
+            link.close();
+        }
+        if let Some(child) = self.child.take() {
+            child.kill_and_reap();
+        }
+        self.layer.take();
+        match std::fs::remove_dir_all(&self.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(SandboxError::setup(
+                format!("cannot remove {}", self.dir.display()),
+                e,
+            )),
+            _ => Ok(()),
+        }
+    }
+}
