@@ -12,6 +12,7 @@ mod function;
 mod home;
 mod http_front;
 mod http_server;
+mod invoke;
 mod kernel;
 mod sandbox;
 mod service;
