@@ -10,7 +10,6 @@ mod cli;
 mod example_image;
 mod function;
 mod home;
-mod http_front;
 mod http_server;
 mod invoke;
 mod kernel;

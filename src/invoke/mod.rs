@@ -13,6 +13,7 @@
 //! `fnvm serve`); what happens to the request does not.
 
 pub mod connector;
+pub mod front;
 pub mod proxy;
 pub mod request;
 pub mod tunnel;

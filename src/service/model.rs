@@ -45,11 +45,11 @@ pub enum FunctionType {
     Web,
 }
 
-impl From<FunctionType> for crate::http_front::FunctionType {
+impl From<FunctionType> for crate::invoke::front::FunctionType {
     fn from(t: FunctionType) -> Self {
         match t {
-            FunctionType::Event => crate::http_front::FunctionType::Event,
-            FunctionType::Web => crate::http_front::FunctionType::Web,
+            FunctionType::Event => crate::invoke::front::FunctionType::Event,
+            FunctionType::Web => crate::invoke::front::FunctionType::Web,
         }
     }
 }

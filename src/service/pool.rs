@@ -46,7 +46,7 @@ use super::metrics::{InstanceCounts, Metrics, StartKind};
 use super::model::{FunctionKey, FunctionType, FunctionVersion};
 use crate::function::set_scf_headers;
 use crate::home::Home;
-use crate::http_front::{error_chain, strip_hop_by_hop, InstanceConnector};
+use crate::invoke::front::{error_chain, strip_hop_by_hop, InstanceConnector};
 use crate::sandbox::guest_clock::host_now_us;
 use crate::sandbox::{
     instances_root, new_instance_id, Instance, InstanceSpec, LogStream, Sandbox, SandboxError,
