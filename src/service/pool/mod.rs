@@ -1547,5 +1547,4 @@ async fn tunnel(
 const POOL_AUTHORITY: &str = "function";
 
 #[cfg(test)]
-#[path = "pool_tests.rs"]
 mod tests;
