@@ -26,12 +26,10 @@ use hyper::{Method, Request, Response, StatusCode};
 use super::connector::{self, InstanceClient};
 use super::proxy::{self, error_response, FirstReply, ForwardError};
 use super::request::{event_request, web_request, EventHead};
-use super::{new_request_id, set_request_id, Body, OutBody};
+use super::{new_request_id, set_request_id, Body, FunctionType, OutBody};
 use crate::function::FunctionSettings;
 use crate::http_server::ConnectionLimits;
 use crate::sandbox::Instance;
-
-pub use super::FunctionType;
 
 /// Called after each invocation.
 pub type InvocationHook = Arc<dyn Fn(&InvocationRecord) + Send + Sync>;
@@ -552,5 +550,4 @@ mod tests {
         }
         assert_eq!(closed, Ok(()), "the idle keep-alive connection stayed open");
     }
-
 }

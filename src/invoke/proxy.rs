@@ -38,16 +38,6 @@ pub enum ForwardError {
 }
 
 impl ForwardError {
-    /// The underlying error's chain, without this error's own sentence.
-    pub fn cause(&self) -> String {
-        match self {
-            ForwardError::Timeout { .. } => self.to_string(),
-            ForwardError::Unreachable(c) | ForwardError::Broken(c) | ForwardError::Target(c) => {
-                c.clone()
-            }
-        }
-    }
-
     fn of_client(e: &hyper_util::client::legacy::Error) -> Self {
         if e.is_connect() {
             ForwardError::Unreachable(error_chain(e))
@@ -155,7 +145,9 @@ impl FirstReply {
             return None;
         }
         let instance = Arc::clone(instance);
-        Some(tokio::task::spawn_blocking(move || instance.restore_report()))
+        Some(tokio::task::spawn_blocking(move || {
+            instance.restore_report()
+        }))
     }
 }
 

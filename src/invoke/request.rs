@@ -55,7 +55,11 @@ pub fn event_request<B>(
 
 /// The client's request as it is, but for its hop-by-hop headers, with the invocation's
 /// `X-Scf-*` headers.
-pub fn web_request<B>(req: Request<B>, settings: &FunctionSettings, request_id: &str) -> Request<B> {
+pub fn web_request<B>(
+    req: Request<B>,
+    settings: &FunctionSettings,
+    request_id: &str,
+) -> Request<B> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     set_scf_headers(&mut parts.headers, settings, request_id);

@@ -85,7 +85,7 @@ impl Handshake {
     /// The client's response. If the function switched protocols, a task joins the two
     /// upgraded connections, holding `hold` until either side closes; if it declined, its
     /// ordinary response is handed on, holding `hold` until the body is read or dropped.
-    pub fn join<H: Send + 'static>(self, hold: H, instance_id: &str) -> Response<Body> {
+    pub fn join<H: Send + Sync + 'static>(self, hold: H, instance_id: &str) -> Response<Body> {
         let Handshake {
             mut response,
             client_side,
