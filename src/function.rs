@@ -66,30 +66,47 @@ pub const DEFAULT_UIN: &str = "100000000001";
 /// Why a function cannot be started as configured.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FunctionError {
+    /// Neither the image nor the function says what to run.
     #[error("nothing to run: the image has no Entrypoint or Cmd and no --command was given")]
     NoCommand,
+    /// The name cannot be a function's name (it ends up in headers and the environment).
     #[error("function name {0:?}: use 1-60 letters, digits, '-' or '_', starting with a letter")]
     BadName(String),
+    /// A setting that travels in an `X-Scf-*` header is not a valid header value.
     #[error("{what} {value:?} cannot be sent as an HTTP header value")]
     BadHeaderValue { what: &'static str, value: String },
 }
 
+/// Why a `NAME=VALUE` assignment is refused (`--env`, a spec's `env`).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EnvError {
+    /// There is no `=` between a name and a value.
+    #[error("{0:?} is not NAME=VALUE")]
+    NotAnAssignment(String),
+    /// The name is not a portable environment variable name.
+    #[error(
+        "{0:?} is not a valid environment variable name (letters, digits and '_', not \
+         starting with a digit)"
+    )]
+    BadName(String),
+    /// The value holds a NUL byte, which no environment can carry.
+    #[error("the value of {0} contains a NUL byte")]
+    NulInValue(String),
+}
+
 /// Parses `NAME=VALUE` (for `--env`). The name must be a portable environment variable name.
-pub fn parse_env_assignment(s: &str) -> Result<(String, String), String> {
+pub fn parse_env_assignment(s: &str) -> Result<(String, String), EnvError> {
     let (name, value) = s
         .split_once('=')
-        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))?;
+        .ok_or_else(|| EnvError::NotAnAssignment(s.to_string()))?;
     let valid = !name.is_empty()
         && !name.as_bytes()[0].is_ascii_digit()
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if !valid {
-        return Err(format!(
-            "{name:?} is not a valid environment variable name (letters, digits and '_', not \
-             starting with a digit)"
-        ));
+        return Err(EnvError::BadName(name.to_string()));
     }
     if value.contains('\0') {
-        return Err(format!("the value of {name} contains a NUL byte"));
+        return Err(EnvError::NulInValue(name.to_string()));
     }
     Ok((name.to_string(), value.to_string()))
 }

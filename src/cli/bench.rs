@@ -24,7 +24,7 @@ use super::demo::{self, Reply};
 use super::run::{self, LaunchOptions, RegistryArgs};
 use crate::function::FunctionSettings;
 use crate::home::Home;
-use crate::http_front::FunctionType;
+use crate::invoke::FunctionType;
 use crate::sandbox::{self, LogLine, SandboxKind};
 
 #[derive(Debug, Args)]

@@ -18,7 +18,7 @@ use super::run::{self, LaunchOptions, RegistryArgs};
 use crate::example_image;
 use crate::function::FunctionSettings;
 use crate::home::Home;
-use crate::http_front::FunctionType;
+use crate::invoke::FunctionType;
 use crate::sandbox::{self, LogLine, SandboxKind};
 
 #[derive(Debug, Args)]

@@ -1,7 +1,7 @@
 //! `fnvm run IMAGE`: one function in the foreground, like a local emulator.
 //!
 //! Pull (or find cached) the image → merge its config with the function's settings → start an
-//! instance in a sandbox → serve invocations on a host address through [`crate::http_front`],
+//! instance in a sandbox → serve invocations on a host address through [`crate::invoke::front`],
 //! streaming the function's stdout/stderr to the terminal → on Ctrl-C (or SIGTERM) or when the
 //! function exits, stop the instance, which removes every trace of it (writable layer included).
 //!
@@ -23,7 +23,8 @@ use fnvm_rootfs_builder::registry::RegistryOptions;
 
 use crate::function::{self, FunctionSettings};
 use crate::home::Home;
-use crate::http_front::{self, Front, FunctionType, InvocationHook, InvocationRecord};
+use crate::invoke::front::{self, Front, InvocationHook, InvocationRecord};
+use crate::invoke::FunctionType;
 use crate::sandbox::{self, Instance, InstanceSpec, LogLine, LogStream, SandboxError, SandboxKind};
 
 #[derive(Debug, Args)]
@@ -196,8 +197,8 @@ pub fn launch(
     let start = function::start_spec(&image.image.config, &opts.settings)
         .context("the function cannot be started as configured")?;
     // Bind first: a busy port should fail before a slow start, not after.
-    let listener = http_front::bind(opts.listen)
-        .with_context(|| format!("cannot listen on {}", opts.listen))?;
+    let listener =
+        front::bind(opts.listen).with_context(|| format!("cannot listen on {}", opts.listen))?;
     let addr = listener.local_addr().context("the front's address")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

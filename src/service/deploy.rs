@@ -23,6 +23,53 @@ pub struct PullAccess {
     pub ca_file: Option<PathBuf>,
 }
 
+/// Why a deploy (or a restart's rebuild of a deployed version) has no version to run. The
+/// message is the reason shown as `Failed { reason }`: it names the registry and repository
+/// but never the credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    /// The image's config and the function's settings make no start spec.
+    #[error("the function cannot be started as configured: {0}")]
+    NotStartable(#[source] function::FunctionError),
+    /// The spec's `image` does not parse as an image reference.
+    #[error("{image:?} is not an image reference: {source}")]
+    BadReference {
+        image: String,
+        source: fnvm_rootfs_builder::reference::ReferenceError,
+    },
+    /// Credentials came with an image that is not pulled from a registry.
+    #[error("registry credentials only apply to registry images, not {image}")]
+    CredentialsWithoutRegistry { image: String },
+    /// The pull failed; `reason` is its whole error chain.
+    #[error("cannot pull {image}: {reason}")]
+    Pull { image: String, reason: String },
+    /// The store holds a digest that is not `sha256:<64 hex digits>`.
+    #[error("stored image digest {digest:?} is malformed")]
+    MalformedDigest { digest: String },
+    /// The deployed version's image record is gone from the rootfs cache.
+    #[error(
+        "the rootfs of {digest} is no longer cached ({}: {source}); deploy the function again",
+        path.display()
+    )]
+    NotCached {
+        digest: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The cached image record does not parse.
+    #[error("{}: not a valid image record: {source}", path.display())]
+    BadRecord {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    /// The cached rootfs image is gone while its record stayed.
+    #[error("{} is missing; deploy the function again", path.display())]
+    MissingRootfs { path: PathBuf },
+    /// The blocking task running the pull ended without a result (it panicked or was cancelled).
+    #[error("the deploy task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// The function's settings as the guest sees them.
 pub fn settings_of(key: &FunctionKey, spec: &FunctionSpec) -> FunctionSettings {
     let mut s = FunctionSettings::local(key.name.clone());
@@ -44,10 +91,10 @@ fn version_of(
     spec: &FunctionSpec,
     image: &ImageRecord,
     rootfs_image: PathBuf,
-) -> Result<FunctionVersion, String> {
+) -> Result<FunctionVersion, DeployError> {
     let settings = settings_of(key, spec);
-    let start = function::start_spec(&image.config, &settings)
-        .map_err(|e| format!("the function cannot be started as configured: {e}"))?;
+    let start =
+        function::start_spec(&image.config, &settings).map_err(DeployError::NotStartable)?;
     let image_digest = image.manifest_digest.to_string();
     Ok(FunctionVersion {
         key: key.clone(),
@@ -68,9 +115,11 @@ pub fn pull_version(
     key: &FunctionKey,
     spec: &FunctionSpec,
     access: &PullAccess,
-) -> Result<FunctionVersion, String> {
-    let reference = reference::parse(&spec.image)
-        .map_err(|e| format!("{:?} is not an image reference: {e}", spec.image))?;
+) -> Result<FunctionVersion, DeployError> {
+    let reference = reference::parse(&spec.image).map_err(|source| DeployError::BadReference {
+        image: spec.image.clone(),
+        source,
+    })?;
     let mut options = PullOptions::default();
     if let ImageReference::Registry(_) = &reference {
         options.registry = RegistryOptions {
@@ -80,13 +129,15 @@ pub fn pull_version(
             ..RegistryOptions::default()
         };
     } else if access.credentials.is_some() {
-        return Err(format!(
-            "registry credentials only apply to registry images, not {}",
-            spec.image
-        ));
+        return Err(DeployError::CredentialsWithoutRegistry {
+            image: spec.image.clone(),
+        });
     }
     let pulled = pipeline::pull(&reference, &HomeDirs::under(home), &options, &mut |_| {})
-        .map_err(|e| format!("cannot pull {}: {}", spec.image, error_chain(&e)))?;
+        .map_err(|e| DeployError::Pull {
+            image: spec.image.clone(),
+            reason: error_chain(&e),
+        })?;
     tracing::info!(function = %key, digest = %pulled.image.manifest_digest, cache_hit = pulled.cache_hit, "image ready");
     version_of(key, spec, &pulled.image, pulled.rootfs_image)
 }
@@ -96,34 +147,29 @@ pub fn cached_version(
     home: &Path,
     key: &FunctionKey,
     deployed: &DeployedVersion,
-) -> Result<FunctionVersion, String> {
+) -> Result<FunctionVersion, DeployError> {
     let hex = deployed
         .image_digest
         .strip_prefix("sha256:")
         .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-        .ok_or_else(|| {
-            format!(
-                "stored image digest {:?} is malformed",
-                deployed.image_digest
-            )
+        .ok_or_else(|| DeployError::MalformedDigest {
+            digest: deployed.image_digest.clone(),
         })?;
     let dir = HomeDirs::under(home).rootfs.join(hex);
     let record_path = dir.join("image.json");
-    let bytes = std::fs::read(&record_path).map_err(|e| {
-        format!(
-            "the rootfs of {} is no longer cached ({}: {e}); deploy the function again",
-            deployed.image_digest,
-            record_path.display()
-        )
+    let bytes = std::fs::read(&record_path).map_err(|source| DeployError::NotCached {
+        digest: deployed.image_digest.clone(),
+        path: record_path.clone(),
+        source,
     })?;
-    let record: ImageRecord = serde_json::from_slice(&bytes)
-        .map_err(|e| format!("{}: not a valid image record: {e}", record_path.display()))?;
+    let record: ImageRecord =
+        serde_json::from_slice(&bytes).map_err(|source| DeployError::BadRecord {
+            path: record_path.clone(),
+            source,
+        })?;
     let rootfs = dir.join("rootfs.img");
     if !rootfs.is_file() {
-        return Err(format!(
-            "{} is missing; deploy the function again",
-            rootfs.display()
-        ));
+        return Err(DeployError::MissingRootfs { path: rootfs });
     }
     version_of(key, &deployed.spec, &record, rootfs)
 }

@@ -34,25 +34,7 @@ impl std::fmt::Display for FunctionKey {
     }
 }
 
-/// How the function is invoked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FunctionType {
-    /// Invocations become `POST /event-invoke` with the `X-Scf-*` headers.
-    #[default]
-    Event,
-    /// HTTP requests pass through unchanged.
-    Web,
-}
-
-impl From<FunctionType> for crate::http_front::FunctionType {
-    fn from(t: FunctionType) -> Self {
-        match t {
-            FunctionType::Event => crate::http_front::FunctionType::Event,
-            FunctionType::Web => crate::http_front::FunctionType::Web,
-        }
-    }
-}
+pub use crate::invoke::FunctionType;
 
 fn default_memory() -> u32 {
     128

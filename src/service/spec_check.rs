@@ -162,7 +162,8 @@ pub fn check_spec(key: &FunctionKey, spec: &FunctionSpec) -> Result<(), SpecErro
     let env_bytes: usize = spec.env.iter().map(|(k, v)| k.len() + v.len()).sum();
     at_most("env", "bytes", env_bytes, MAX_ENV_BYTES)?;
     for (k, v) in &spec.env {
-        function::parse_env_assignment(&format!("{k}={v}")).map_err(|e| refuse("env", e))?;
+        function::parse_env_assignment(&format!("{k}={v}"))
+            .map_err(|e| refuse("env", e.to_string()))?;
     }
     at_most(
         "schedules",

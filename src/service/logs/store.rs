@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::model::FunctionKey;
+use crate::service::model::FunctionKey;
 
 /// One stored line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,12 +14,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use fnvm_agent::protocol::{StartSpec, READY_TIMEOUT_MS};
 use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
 
 use super::*;
 use crate::function::FunctionSettings;
 use crate::sandbox::process::ProcessSandbox;
 use crate::service::logs::LogQuery;
 use crate::service::model::FunctionSpec;
+
+mod fake;
 
 const HANDLER: &str = r#"#!/bin/sh
 read -r request_line
@@ -141,6 +144,15 @@ fn world(cfg: PoolConfig) -> World {
 
 /// A version of the handler function with `spec_json` merged into the defaults.
 fn version(name: &str, spec_json: serde_json::Value) -> Arc<FunctionVersion> {
+    version_on(name, spec_json, rootfs())
+}
+
+/// As [`version`], on the rootfs image `rootfs_image`.
+fn version_on(
+    name: &str,
+    spec_json: serde_json::Value,
+    rootfs_image: PathBuf,
+) -> Arc<FunctionVersion> {
     let mut spec = serde_json::json!({"image": "test/handler@sha256:00", "memory_mb": 64});
     spec.as_object_mut()
         .unwrap()
@@ -153,7 +165,7 @@ fn version(name: &str, spec_json: serde_json::Value) -> Arc<FunctionVersion> {
         key: FunctionKey::new("default", name),
         version: "v1".into(),
         image_digest: "sha256:00".into(),
-        rootfs_image: rootfs(),
+        rootfs_image,
         settings,
         start: StartSpec {
             argv: ["/bin/nc", "-ll", "-p", "9000", "-e", "/handler"]
@@ -557,43 +569,6 @@ fn a_failure_shows_each_last_line_once() {
             .ends_with("last lines:\nabout to exit\nlast words"),
         "{e}"
     );
-}
-
-fn invocation(request_id: &str, sent_us: u64, answered_us: Option<u64>) -> Invocation {
-    Invocation {
-        request_id: request_id.into(),
-        sent_us,
-        answered_us,
-    }
-}
-
-#[test]
-fn a_line_belongs_to_the_request_the_agent_read_it_under() {
-    let mut a = Attribution::default();
-    a.requests.push_back(invocation("a", 100, Some(110)));
-    a.requests.push_back(invocation("b", 110, None));
-    // Before any request, or under a name the host never sent (a forged head): nobody's.
-    assert_eq!(a.owner(None), None);
-    assert_eq!(a.owner(Some("forged")), None);
-    // One at a time, back to back within a microsecond: each its own, whatever the clocks.
-    assert_eq!(a.owner(Some("a")).as_deref(), Some("a"));
-    assert_eq!(a.owner(Some("b")).as_deref(), Some("b"));
-    // Read after b was answered, before the next request reached the function: b's.
-    a.requests[1].answered_us = Some(112);
-    assert_eq!(a.owner(Some("b")).as_deref(), Some("b"));
-}
-
-#[test]
-fn lines_of_requests_served_together_have_no_owner() {
-    // A web instance's concurrency: c was sent while b was in flight; the function may have
-    // printed a line for either after c's head went by.
-    let mut a = Attribution::default();
-    a.requests.push_back(invocation("a", 100, Some(110)));
-    a.requests.push_back(invocation("b", 120, None));
-    a.requests.push_back(invocation("c", 125, Some(130)));
-    assert_eq!(a.owner(Some("b")), None);
-    assert_eq!(a.owner(Some("c")), None);
-    assert_eq!(a.owner(Some("a")).as_deref(), Some("a"));
 }
 
 /// A minimal front like the API's on 127.0.0.1: every request goes to `invoke_web` with a new

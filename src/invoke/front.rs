@@ -2,7 +2,8 @@
 //!
 //! Every request a client sends to the front's address is one HTTP/1.1 exchange on a stream to
 //! the function's port 9000 ([`Instance::connect`]); idle keep-alive streams are reused, a new
-//! one is opened whenever none is free:
+//! one is opened whenever none is free. The request is built and forwarded by the same steps
+//! as in the service's pool ([`super::request`], [`super::proxy`]):
 //! - **event** functions: any POST is delivered as `POST /event-invoke` with the client's body
 //!   and the `X-Scf-*` headers of the contract (a fresh request id each time, returned to the
 //!   caller as `X-Scf-Request-Id`);
@@ -17,42 +18,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::header::HeaderValue;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use crate::function::{set_scf_headers, FunctionSettings};
+use super::connector::{self, InstanceClient};
+use super::proxy::{self, error_response, FirstReply, ForwardError};
+use super::request::{event_request, web_request, EventHead};
+use super::{new_request_id, set_request_id, Body, FunctionType, OutBody};
+use crate::function::FunctionSettings;
 use crate::http_server::ConnectionLimits;
 use crate::sandbox::Instance;
-
-/// How the function is invoked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum FunctionType {
-    /// POSTs become `POST /event-invoke` with the `X-Scf-*` headers.
-    Event,
-    /// HTTP requests pass through unchanged.
-    Web,
-}
-
-impl std::fmt::Display for FunctionType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            FunctionType::Event => "event",
-            FunctionType::Web => "web",
-        })
-    }
-}
-
-/// The path event invocations are delivered to.
-pub const EVENT_PATH: &str = "/event-invoke";
-/// The response header carrying the invocation's request id.
-pub const REQUEST_ID_HEADER: &str = "x-scf-request-id";
-
-type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Called after each invocation.
 pub type InvocationHook = Arc<dyn Fn(&InvocationRecord) + Send + Sync>;
@@ -74,15 +51,34 @@ pub struct InvocationRecord {
 /// The front of one function instance.
 pub struct Front {
     instance: Arc<dyn Instance>,
-    /// Keep-alive HTTP/1.1 streams to the function, reused while idle (a new stream is opened
-    /// whenever none is free), so a warm request costs no stream set-up in the agent's bridge
-    /// nor a new connection in the function's server.
-    client: Client<InstanceConnector, Incoming>,
+    /// Keep-alive HTTP/1.1 streams to the function, reused while idle.
+    client: InstanceClient,
     settings: FunctionSettings,
     function_type: FunctionType,
     on_invocation: Option<InvocationHook>,
     /// Set by the first reply: the restore is measured once, at that point.
-    first_reply_seen: std::sync::atomic::AtomicBool,
+    first_reply: FirstReply,
+}
+
+/// A reply the front makes itself instead of the function's: status, error code, message.
+struct FrontError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl From<ForwardError> for FrontError {
+    fn from(e: ForwardError) -> Self {
+        let (status, code) = match e {
+            ForwardError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "FunctionTimeout"),
+            _ => (StatusCode::BAD_GATEWAY, "FunctionUnavailable"),
+        };
+        FrontError {
+            status,
+            code,
+            message: e.to_string(),
+        }
+    }
 }
 
 impl Front {
@@ -91,20 +87,14 @@ impl Front {
         settings: FunctionSettings,
         function_type: FunctionType,
     ) -> Self {
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(POOL_MAX_IDLE)
-            .build(InstanceConnector {
-                instance: Arc::clone(&instance),
-            });
+        let client = connector::client(Arc::clone(&instance));
         Self {
             instance,
             client,
             settings,
             function_type,
             on_invocation: None,
-            first_reply_seen: Default::default(),
+            first_reply: FirstReply::default(),
         }
     }
 
@@ -135,40 +125,30 @@ impl Front {
 
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
-        let request_id = uuid::Uuid::new_v4().to_string();
+        let request_id = new_request_id();
         let method = req.method().clone();
         let path = req
             .uri()
             .path_and_query()
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| "/".into());
-        let outbound = match self.function_type {
-            FunctionType::Event => self.event_request(req, &request_id),
-            FunctionType::Web => Ok(self.web_request(req, &request_id)),
+        let mut response = match self.invoke(req, &request_id).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                let mut resp = error_response(e.status, e.code, &e.message, &request_id);
+                if e.status == StatusCode::METHOD_NOT_ALLOWED {
+                    resp.headers_mut()
+                        .insert(hyper::header::ALLOW, HeaderValue::from_static("POST"));
+                }
+                resp
+            }
         };
-        let mut response = match outbound {
-            Ok(outbound) => match self.forward(outbound).await {
-                Ok(resp) => resp,
-                Err((status, code, message)) => error_response(status, code, &message, &request_id),
-            },
-            Err(resp) => *resp,
-        };
-        if let Ok(v) = HeaderValue::from_str(&request_id) {
-            response.headers_mut().insert(REQUEST_ID_HEADER, v);
-        }
+        set_request_id(&mut response, &request_id);
         let duration = started.elapsed();
-        let restore = if self
-            .first_reply_seen
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            None
-        } else {
-            // Reads /proc and asks the VMM: off the async workers. Logged by the instance.
-            let instance = Arc::clone(&self.instance);
-            tokio::task::spawn_blocking(move || instance.restore_report())
-                .await
-                .ok()
-                .flatten()
+        let restore = match self.first_reply.probe(&self.instance) {
+            // Logged by the instance.
+            Some(probe) => probe.await.ok().flatten(),
+            None => None,
         };
         if let Some(report) = &self.on_invocation {
             report(&InvocationRecord {
@@ -183,219 +163,44 @@ impl Front {
         response
     }
 
-    /// The client's POST as the contract's event invocation.
-    fn event_request(
+    /// The client's request as the function's invocation, sent to the instance.
+    async fn invoke(
         &self,
         req: Request<Incoming>,
         request_id: &str,
-    ) -> Result<Request<Incoming>, Box<Response<Body>>> {
-        if req.method() != Method::POST {
-            let mut resp = error_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "MethodNotAllowed",
-                &format!(
-                    "an event function is invoked with POST, not {}",
-                    req.method()
-                ),
-                request_id,
-            );
-            resp.headers_mut()
-                .insert(hyper::header::ALLOW, HeaderValue::from_static("POST"));
-            return Err(Box::new(resp));
-        }
-        let (parts, body) = req.into_parts();
-        let mut out = Request::builder()
-            .method(Method::POST)
-            .uri(EVENT_PATH)
-            .body(body)
-            .expect("a static method and path make a valid request");
-        let headers = out.headers_mut();
-        headers.insert(
-            hyper::header::HOST,
-            HeaderValue::from_static("127.0.0.1:9000"),
-        );
-        let content_type = parts
-            .headers
-            .get(hyper::header::CONTENT_TYPE)
-            .cloned()
-            .unwrap_or_else(|| HeaderValue::from_static("application/json"));
-        headers.insert(hyper::header::CONTENT_TYPE, content_type);
-        if let Some(len) = parts.headers.get(hyper::header::CONTENT_LENGTH) {
-            headers.insert(hyper::header::CONTENT_LENGTH, len.clone());
-        }
-        // Values were validated when the settings were made; a bad one is skipped, not sent.
-        set_scf_headers(headers, &self.settings, request_id);
-        Ok(out)
-    }
-
-    /// The client's request as it is, but for its hop-by-hop headers, with the invocation's
-    /// `X-Scf-*` headers.
-    fn web_request(&self, req: Request<Incoming>, request_id: &str) -> Request<Incoming> {
-        let (mut parts, body) = req.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        set_scf_headers(&mut parts.headers, &self.settings, request_id);
-        // The client spoke to the front over HTTP/1.x; the stream to the function is HTTP/1.1.
-        parts.version = hyper::Version::HTTP_11;
-        Request::from_parts(parts, body)
-    }
-
-    /// Sends `req` over a fresh stream to the function and hands back its response, whose body
-    /// keeps streaming from the function as the client reads it.
-    async fn forward(
-        &self,
-        req: Request<Incoming>,
-    ) -> Result<Response<Body>, (StatusCode, &'static str, String)> {
-        let unavailable = |what: String| (StatusCode::BAD_GATEWAY, "FunctionUnavailable", what);
-        if let Some(report) = self.instance.exited() {
-            return Err(unavailable(format!(
-                "the function is not running: {}",
-                report.reason
-            )));
-        }
-        let timeout = Duration::from_secs(u64::from(self.settings.timeout_s.max(1)));
-        let (mut parts, body) = req.into_parts();
-        let mut uri = hyper::Uri::builder()
-            .scheme("http")
-            .authority(POOL_AUTHORITY);
-        if let Some(pq) = parts.uri.path_and_query() {
-            uri = uri.path_and_query(pq.clone());
-        }
-        parts.uri = uri
-            .build()
-            .map_err(|e| unavailable(format!("request target: {e}")))?;
-        let req = Request::from_parts(parts, body);
-        let response = match tokio::time::timeout(timeout, self.client.request(req)).await {
-            Err(_) => {
-                return Err((
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "FunctionTimeout",
-                    format!(
-                        "the function did not answer within its timeout of {} s",
-                        self.settings.timeout_s
-                    ),
-                ))
+    ) -> Result<Response<Body>, FrontError> {
+        let outbound: Request<OutBody> = match self.function_type {
+            FunctionType::Event => {
+                if req.method() != Method::POST {
+                    return Err(FrontError {
+                        status: StatusCode::METHOD_NOT_ALLOWED,
+                        code: "MethodNotAllowed",
+                        message: format!(
+                            "an event function is invoked with POST, not {}",
+                            req.method()
+                        ),
+                    });
+                }
+                let (parts, body) = req.into_parts();
+                let head = EventHead {
+                    content_type: parts.headers.get(hyper::header::CONTENT_TYPE).cloned(),
+                    content_length: parts.headers.get(hyper::header::CONTENT_LENGTH).cloned(),
+                    timer: false,
+                };
+                event_request(body.boxed(), head, &self.settings, request_id)
             }
-            Ok(Err(e)) if e.is_connect() => {
-                return Err(unavailable(format!(
-                    "cannot reach the function's port 9000: {}",
-                    error_chain(&e)
-                )))
-            }
-            Ok(Err(e)) => {
-                return Err(unavailable(format!(
-                    "the function closed the connection without a complete answer: {}",
-                    error_chain(&e)
-                )))
-            }
-            Ok(Ok(resp)) => resp,
+            FunctionType::Web => web_request(req, &self.settings, request_id).map(BodyExt::boxed),
         };
-        let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, body.boxed()))
+        if let Some(report) = self.instance.exited() {
+            return Err(FrontError {
+                status: StatusCode::BAD_GATEWAY,
+                code: "FunctionUnavailable",
+                message: format!("the function is not running: {}", report.reason),
+            });
+        }
+        let response = proxy::forward(&self.client, outbound, self.settings.timeout_s).await?;
+        Ok(proxy::streamed(response))
     }
-}
-
-/// Removes the headers that describe one connection, not the message (RFC 9110 §7.6.1): each
-/// hop frames bodies and manages connections itself.
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(hyper::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
-    }
-    for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        headers.remove(name);
-    }
-}
-
-/// The pool key of every stream to the function (the streams all lead to the same port 9000).
-const POOL_AUTHORITY: &str = "function";
-/// Idle streams to the function are closed after this long.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// At most this many idle streams are kept.
-const POOL_MAX_IDLE: usize = 64;
-
-/// Opens streams to the function's port 9000 for a pooled hyper client (`fnvm run` here, one
-/// client per instance in the service's pool).
-#[derive(Clone)]
-pub(crate) struct InstanceConnector {
-    pub(crate) instance: Arc<dyn Instance>,
-}
-
-impl tower_service::Service<hyper::Uri> for InstanceConnector {
-    type Response = TokioIo<tokio::net::UnixStream>;
-    type Error = std::io::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: hyper::Uri) -> Self::Future {
-        let instance = Arc::clone(&self.instance);
-        Box::pin(async move {
-            // A Unix connect (process sandbox) or a connect plus the vsock `CONNECT` exchange
-            // with the local VMM (vm): short, but blocking, so off the async workers.
-            let stream = tokio::task::spawn_blocking(move || instance.connect())
-                .await
-                .map_err(std::io::Error::other)??;
-            stream.set_nonblocking(true)?;
-            Ok(TokioIo::new(tokio::net::UnixStream::from_std(stream)?))
-        })
-    }
-}
-
-/// An error and its causes, one level each.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
-/// The design's error body: `{"error": {"code", "message", "request_id"}}`.
-fn error_response(
-    status: StatusCode,
-    code: &str,
-    message: &str,
-    request_id: &str,
-) -> Response<Body> {
-    let body = serde_json::json!({
-        "error": { "code": code, "message": message, "request_id": request_id }
-    });
-    let mut bytes = serde_json::to_vec(&body).expect("a JSON value serializes");
-    bytes.push(b'\n');
-    Response::builder()
-        .status(status)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(
-            Full::new(Bytes::from(bytes))
-                .map_err(|never| match never {})
-                .boxed(),
-        )
-        .expect("a valid status and header make a valid response")
 }
 
 /// Binds the front's address; `127.0.0.1:0` picks a free port (see [`std::net::TcpListener::local_addr`]).
@@ -408,36 +213,6 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_and_the_ones_connection_names_are_dropped() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "connection",
-            HeaderValue::from_static("keep-alive, x-private"),
-        );
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
-        h.insert("x-private", HeaderValue::from_static("1"));
-        h.insert("x-custom", HeaderValue::from_static("kept"));
-        h.insert("content-length", HeaderValue::from_static("3"));
-        h.insert("host", HeaderValue::from_static("example"));
-        strip_hop_by_hop(&mut h);
-        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-        names.sort();
-        assert_eq!(names, ["content-length", "host", "x-custom"]);
-    }
-
-    #[test]
-    fn errors_have_the_designs_json_shape() {
-        let resp = error_response(StatusCode::BAD_GATEWAY, "FunctionUnavailable", "gone", "r1");
-        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
-        let body = futures_body(resp);
-        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(v["error"]["code"], "FunctionUnavailable");
-        assert_eq!(v["error"]["message"], "gone");
-        assert_eq!(v["error"]["request_id"], "r1");
-    }
 
     /// Stands in for a sandbox: streams to a real HTTP/1.1 server on a Unix socket, as the
     /// agent's bridge delivers them. The server echoes what it received.
@@ -774,12 +549,5 @@ mod tests {
             }
         }
         assert_eq!(closed, Ok(()), "the idle keep-alive connection stayed open");
-    }
-
-    fn futures_body(resp: Response<Body>) -> Bytes {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(async { resp.into_body().collect().await.unwrap().to_bytes() })
     }
 }
