@@ -5,9 +5,7 @@
 //! into place, so a cached layout is complete or absent. Tar entries carry fixed owners and
 //! times, so the same inputs give the same digests (and hit the rootfs cache).
 //!
-//! This file only uses std and external crates (no `crate::` paths) so tests and benchmarks can
-//! include it with `#[path]`.
-#![allow(dead_code)]
+//! The tests and benchmarks write their images with it through `fnvm-testkit`.
 
 use std::fs;
 use std::io::{self, Read, Write};

@@ -6,7 +6,6 @@
 //! shows VMX/SVM (one loud SKIPPED line per test elsewhere). Needs root (namespaces, loop
 //! devices, cgroups).
 
-mod run_support;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -14,50 +13,37 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use run_support::*;
+use fnvm_testkit::*;
 
-const FNVM: &str = env!("CARGO_BIN_EXE_fnvm");
+const HERE: Here = fnvm_testkit::here!();
 const START_LIMIT: Duration = Duration::from_secs(120);
 /// The contract's message for a server that never listens (DEVELOPERS.md).
 const NOT_LISTENING: &str = "The request timed out in 30000ms.Please confirm your http server have enabled listening on port 9000.";
-
-fn fnvm() -> &'static Path {
-    Path::new(FNVM)
-}
-
-fn agent() -> &'static Path {
-    static AGENT: OnceLock<PathBuf> = OnceLock::new();
-    AGENT.get_or_init(|| static_binary(fnvm(), "fnvm-agent", "FNVM_AGENT_BIN"))
-}
 
 /// The home shared by the serialized tests (images are pulled and built once per build dir).
 fn home() -> &'static Path {
     static HOME: OnceLock<PathBuf> = OnceLock::new();
     HOME.get_or_init(|| {
-        let home = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("run-tests-home");
+        let home = HERE.tmp().join("run-tests-home");
         std::fs::create_dir_all(&home).unwrap();
         home
     })
 }
 
-fn layouts() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("run-tests-images")
-}
-
 fn busybox() -> &'static str {
     static IMAGE: OnceLock<String> = OnceLock::new();
-    IMAGE.get_or_init(|| busybox_image(&layouts()))
+    IMAGE.get_or_init(|| busybox_image(&HERE.layouts()))
 }
 
 fn python() -> &'static str {
     static IMAGE: OnceLock<String> = OnceLock::new();
-    IMAGE.get_or_init(|| python_image(&layouts()))
+    IMAGE.get_or_init(|| python_image(&HERE.layouts()))
 }
 
 fn start(sandbox: &str, image: &str, args: &[&str]) -> FnvmRun {
     let mut all = vec!["--sandbox", sandbox];
     all.extend_from_slice(args);
-    FnvmRun::start(fnvm(), home(), agent(), image, &all, START_LIMIT)
+    FnvmRun::start(HERE.fnvm(), home(), HERE.agent(), image, &all, START_LIMIT)
 }
 
 /// Stops fnvm like Ctrl-C does and checks it exits cleanly and leaves nothing behind.
@@ -326,7 +312,7 @@ fn python_web_passthrough_keeps_method_path_query_headers_and_body_and_serves_64
                 let url = url.clone();
                 std::thread::spawn(move || {
                     let body = format!("request {i}");
-                    let mut resp = run_support::http().post(&url).send(body.clone()).unwrap();
+                    let mut resp = fnvm_testkit::http().post(&url).send(body.clone()).unwrap();
                     assert_eq!(resp.status(), 200, "request {i}");
                     let echo = json(&mut resp);
                     assert_eq!(
@@ -520,13 +506,13 @@ fn a_server_that_never_listens_fails_with_the_exact_message_after_30_s_and_leave
     for sandbox in sandboxes("never listening") {
         let home = tempfile::Builder::new()
             .prefix("fnvm-never-listens-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .tempdir_in(HERE.tmp)
             .unwrap();
         let started = Instant::now();
         let mut run = FnvmRun::start(
-            fnvm(),
+            HERE.fnvm(),
             home.path(),
-            agent(),
+            HERE.agent(),
             busybox(),
             &[
                 "--sandbox",
@@ -603,8 +589,8 @@ fn bad_input_is_refused_with_a_message_naming_what_was_wrong() {
         (&["run", image, "--listen", &busy_addr], "cannot listen on"),
     ];
     for (args, expected) in cases {
-        let out = std::process::Command::new(FNVM)
-            .env("FNVM_AGENT_BIN", agent())
+        let out = std::process::Command::new(HERE.fnvm)
+            .env("FNVM_AGENT_BIN", HERE.agent())
             .arg("--home")
             .arg(home())
             .args(args)
