@@ -11,5 +11,6 @@ pub mod home;
 pub mod http_front;
 pub mod http_server;
 pub mod kernel;
+pub mod oci_layout;
 pub mod sandbox;
 pub mod service;

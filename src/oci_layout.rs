@@ -1,11 +1,10 @@
-//! OCI image layouts built by fnvm itself: the bundled example function's image (`fnvm demo`)
-//! and, through the same writer, the images the whole-system tests and benchmarks build.
+//! Writes OCI image layouts from layers built in memory or tar files on disk: the bundled
+//! example function's image (`fnvm demo`, [`crate::example_image`]) and the images the
+//! whole-system tests and benchmarks build (through `fnvm-testkit`).
 //!
 //! The layout is written whole into a temporary directory beside its final place and renamed
 //! into place, so a cached layout is complete or absent. Tar entries carry fixed owners and
 //! times, so the same inputs give the same digests (and hit the rootfs cache).
-//!
-//! The tests and benchmarks write their images with it through `fnvm-testkit`.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -59,57 +58,105 @@ const MEDIA_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const MEDIA_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 const MEDIA_TAR_GZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
+/// Why a layout could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    /// The layout's directory has no parent directory to stage it in.
+    #[error("{} has no parent directory to stage the layout in", dir.display())]
+    NoParent { dir: PathBuf },
+    /// The layout's directory has no name usable in a staging directory's name.
+    #[error("{} has no usable name (not UTF-8)", dir.display())]
+    NoName { dir: PathBuf },
+    /// A layer's tar file could not be read.
+    #[error("cannot read the layer tar file {}", path.display())]
+    ReadLayer {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Writing the layout (or staging it) failed.
+    #[error("cannot write the OCI layout {}", dir.display())]
+    Write {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
 /// Writes an OCI image layout at `dir` unless one is already there; returns the reference
 /// (`oci:DIR:latest`) to pull it by.
-pub fn ensure_layout(dir: &Path, layers: &[Layer], config: &RunConfigSpec) -> io::Result<String> {
+pub fn ensure_layout(
+    dir: &Path,
+    layers: &[Layer],
+    config: &RunConfigSpec,
+) -> Result<String, LayoutError> {
     let reference = format!("oci:{}:{TAG}", dir.display());
     if dir.join("index.json").is_file() {
         return Ok(reference);
     }
-    let parent = dir
-        .parent()
-        .ok_or_else(|| io::Error::other(format!("{} has no parent directory", dir.display())))?;
-    fs::create_dir_all(parent)?;
+    let write = |source| LayoutError::Write {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let parent = dir.parent().ok_or_else(|| LayoutError::NoParent {
+        dir: dir.to_path_buf(),
+    })?;
+    fs::create_dir_all(parent).map_err(write)?;
     let name = dir
         .file_name()
         .and_then(|n| n.to_str())
-        .ok_or_else(|| io::Error::other(format!("{} has no usable name", dir.display())))?;
+        .ok_or_else(|| LayoutError::NoName {
+            dir: dir.to_path_buf(),
+        })?;
     // Unique per call, not just per process: two threads of one test binary that write the
     // same layout at once must not remove each other's staging directory.
     static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let staging = parent.join(format!(".{name}.tmp-{}-{call}", std::process::id()));
     let _ = fs::remove_dir_all(&staging);
-    let result = write_layout(&staging, layers, config).and_then(|()| {
+    let result = write_layout(&staging, dir, layers, config).and_then(|()| {
         match fs::rename(&staging, dir) {
             Ok(()) => Ok(()),
             // Someone else finished the same layout first: theirs is as good as ours.
             Err(_) if dir.join("index.json").is_file() => Ok(()),
-            Err(e) => Err(e),
+            Err(e) => Err(write(e)),
         }
     });
     let _ = fs::remove_dir_all(&staging);
     result.map(|()| reference)
 }
 
-fn write_layout(dir: &Path, layers: &[Layer], config: &RunConfigSpec) -> io::Result<()> {
-    let blobs = dir.join("blobs/sha256");
-    fs::create_dir_all(&blobs)?;
+/// Writes the layout into `staging` (errors name `dir`, where it is meant to end up).
+fn write_layout(
+    staging: &Path,
+    dir: &Path,
+    layers: &[Layer],
+    config: &RunConfigSpec,
+) -> Result<(), LayoutError> {
+    let write = |source| LayoutError::Write {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let blobs = staging.join("blobs/sha256");
+    fs::create_dir_all(&blobs).map_err(write)?;
     let mut layer_descriptors = Vec::new();
     let mut diff_ids = Vec::new();
     for layer in layers {
         let (descriptor, diff_id) = match layer {
             Layer::Entries(entries) => {
-                let tar = pack_entries(entries)?;
+                let tar = pack_entries(entries).map_err(write)?;
                 let diff_id = sha256_hex(&tar);
                 let mut gz =
                     flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-                gz.write_all(&tar)?;
-                let compressed = gz.finish()?;
-                (put_blob(&blobs, MEDIA_TAR_GZ, &compressed)?, diff_id)
+                gz.write_all(&tar).map_err(write)?;
+                let compressed = gz.finish().map_err(write)?;
+                (
+                    put_blob(&blobs, MEDIA_TAR_GZ, &compressed).map_err(write)?,
+                    diff_id,
+                )
             }
             Layer::TarFile(path) => {
-                let (digest, size) = copy_blob(&blobs, path)?;
+                let (digest, size) = copy_blob(&blobs, path, dir)?;
                 let descriptor = serde_json::json!({
                     "mediaType": MEDIA_TAR, "digest": format!("sha256:{digest}"), "size": size
                 });
@@ -142,14 +189,15 @@ fn write_layout(dir: &Path, layers: &[Layer], config: &RunConfigSpec) -> io::Res
         "config": run_config,
         "rootfs": { "type": "layers", "diff_ids": diff_ids },
     });
-    let config_descriptor = put_blob(&blobs, MEDIA_CONFIG, &to_json(&image_config))?;
+    let config_descriptor = put_blob(&blobs, MEDIA_CONFIG, &to_json(&image_config)).map_err(write)?;
     let manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": MEDIA_MANIFEST,
         "config": config_descriptor,
         "layers": layer_descriptors,
     });
-    let mut manifest_descriptor = put_blob(&blobs, MEDIA_MANIFEST, &to_json(&manifest))?;
+    let mut manifest_descriptor =
+        put_blob(&blobs, MEDIA_MANIFEST, &to_json(&manifest)).map_err(write)?;
     manifest_descriptor["annotations"] =
         serde_json::json!({ "org.opencontainers.image.ref.name": TAG });
     manifest_descriptor["platform"] = serde_json::json!({ "architecture": "amd64", "os": "linux" });
@@ -158,8 +206,12 @@ fn write_layout(dir: &Path, layers: &[Layer], config: &RunConfigSpec) -> io::Res
         "mediaType": MEDIA_INDEX,
         "manifests": [manifest_descriptor],
     });
-    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    fs::write(dir.join("index.json"), to_json(&index))?;
+    fs::write(
+        staging.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .map_err(write)?;
+    fs::write(staging.join("index.json"), to_json(&index)).map_err(write)?;
     Ok(())
 }
 
@@ -180,26 +232,35 @@ fn put_blob(blobs: &Path, media_type: &str, bytes: &[u8]) -> io::Result<serde_js
     }))
 }
 
-/// Copies a file into the blobs while hashing it; returns (hex digest, size).
-fn copy_blob(blobs: &Path, src: &Path) -> io::Result<(String, u64)> {
+/// Copies a layer's tar file into the blobs while hashing it; returns (hex digest, size).
+/// Errors name the tar file when reading fails, else the layout `dir`.
+fn copy_blob(blobs: &Path, src: &Path, dir: &Path) -> Result<(String, u64), LayoutError> {
+    let read = |source| LayoutError::ReadLayer {
+        path: src.to_path_buf(),
+        source,
+    };
+    let write = |source| LayoutError::Write {
+        dir: dir.to_path_buf(),
+        source,
+    };
     let tmp = blobs.join(".incoming");
-    let mut input = fs::File::open(src)?;
-    let mut output = fs::File::create(&tmp)?;
+    let mut input = fs::File::open(src).map_err(read)?;
+    let mut output = fs::File::create(&tmp).map_err(write)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
-        let n = input.read(&mut buf)?;
+        let n = input.read(&mut buf).map_err(read)?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
-        output.write_all(&buf[..n])?;
+        output.write_all(&buf[..n]).map_err(write)?;
         size += n as u64;
     }
-    output.sync_all()?;
+    output.sync_all().map_err(write)?;
     let hex = hex::encode(hasher.finalize());
-    fs::rename(&tmp, blobs.join(&hex))?;
+    fs::rename(&tmp, blobs.join(&hex)).map_err(write)?;
     Ok((hex, size))
 }
 
@@ -260,61 +321,6 @@ pub fn base_dirs() -> Vec<Entry> {
             data: b"root:x:0:\nqcloud:x:1000:\n".to_vec(),
         },
     ]
-}
-
-/// The command that builds the example function's static binary.
-pub const HELLO_BUILD_COMMAND: &str = "RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p fnvm-hello --target x86_64-unknown-linux-gnu";
-
-/// Bumped whenever the example image's recipe below changes.
-const EXAMPLE_RECIPE: &str = "fnvm-hello image v1";
-
-/// Builds (once per binary content) the example function's OCI layout under `cache_dir` from
-/// the static `fnvm-hello` at `binary_path` and returns the reference to pull it by.
-pub fn ensure_example_image(cache_dir: &Path, binary_path: &Path) -> io::Result<String> {
-    let binary = fs::read(binary_path)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", binary_path.display())))?;
-    if binary.get(..4) != Some(b"\x7fELF".as_slice()) {
-        return Err(io::Error::other(format!(
-            "{} is not an ELF executable",
-            binary_path.display()
-        )));
-    }
-    let mut key = Sha256::new();
-    key.update(EXAMPLE_RECIPE.as_bytes());
-    key.update(&binary);
-    let key = hex::encode(key.finalize());
-    let mut entries = base_dirs();
-    entries.extend([
-        Entry::Dir {
-            path: "usr".into(),
-            mode: 0o755,
-        },
-        Entry::Dir {
-            path: "usr/local".into(),
-            mode: 0o755,
-        },
-        Entry::Dir {
-            path: "usr/local/bin".into(),
-            mode: 0o755,
-        },
-        Entry::File {
-            path: "usr/local/bin/fnvm-hello".into(),
-            mode: 0o755,
-            data: binary,
-        },
-    ]);
-    let config = RunConfigSpec {
-        entrypoint: vec!["/usr/local/bin/fnvm-hello".into()],
-        cmd: vec![],
-        env: vec!["PATH=/usr/local/bin:/usr/bin:/bin".into()],
-        working_dir: Some("/var/user".into()),
-        user: None,
-    };
-    ensure_layout(
-        &cache_dir.join(format!("hello-{}", &key[..16])),
-        &[Layer::Entries(entries)],
-        &config,
-    )
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::OnceLock;
 
 use fnvm_testkit::*;
 

@@ -3,7 +3,6 @@
 //! the start timing, then leaves nothing behind, in each sandbox the level runs. Needs root.
 
 
-use std::path::Path;
 use std::process::Command;
 
 use fnvm_testkit::Here;

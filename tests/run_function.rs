@@ -7,7 +7,6 @@
 //! devices, cgroups).
 
 
-use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -66,45 +65,6 @@ fn body_string(resp: &mut ureq::http::Response<ureq::Body>) -> String {
 fn json(resp: &mut ureq::http::Response<ureq::Body>) -> serde_json::Value {
     let text = body_string(resp);
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
-}
-
-fn header_map(echo: &serde_json::Value) -> HashMap<String, String> {
-    echo["headers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|kv| {
-            (
-                kv[0].as_str().unwrap().to_ascii_lowercase(),
-                kv[1].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
-fn b64_decode(s: &str) -> Vec<u8> {
-    // A small decoder keeps the tests free of another dependency.
-    let table = |c: u8| -> u32 {
-        match c {
-            b'A'..=b'Z' => (c - b'A') as u32,
-            b'a'..=b'z' => (c - b'a' + 26) as u32,
-            b'0'..=b'9' => (c - b'0' + 52) as u32,
-            b'+' => 62,
-            b'/' => 63,
-            _ => panic!("bad base64"),
-        }
-    };
-    let clean: Vec<u8> = s.bytes().filter(|&c| c != b'=').collect();
-    let mut out = Vec::new();
-    for chunk in clean.chunks(4) {
-        let mut acc = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            acc |= table(c) << (18 - 6 * i);
-        }
-        let bytes = acc.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    out
 }
 
 #[test]
@@ -212,8 +172,8 @@ fn python_event_invocations_carry_the_body_and_every_scf_header() {
             let echo = json(&mut resp);
             assert_eq!(echo["method"], "POST");
             assert_eq!(echo["path"], "/event-invoke");
-            assert_eq!(b64_decode(echo["body_b64"].as_str().unwrap()), event);
-            let h = header_map(&echo);
+            assert_eq!(Echo::parse(&echo).body, event);
+            let h = Echo::parse(&echo).header_map();
             assert_eq!(h["x-scf-request-id"], returned_id);
             assert_eq!(h["x-scf-memory"], "256");
             assert_eq!(h["x-scf-timeout"], "9");
@@ -271,10 +231,10 @@ fn python_web_passthrough_keeps_method_path_query_headers_and_body_and_serves_64
             assert_eq!(echo["method"], method);
             assert_eq!(echo["path"], "/some/path%20x?a=1&b=two&a=3");
             assert_eq!(
-                b64_decode(echo["body_b64"].as_str().unwrap()),
+                Echo::parse(&echo).body,
                 body.as_bytes()
             );
-            let h = header_map(&echo);
+            let h = Echo::parse(&echo).header_map();
             assert_eq!(h["x-custom"], "kept as is");
             assert_eq!(h["cookie"], "k=v; k2=v2");
             // Unchanged but for the contract's X-Scf-* headers, as an event function gets them.
@@ -316,7 +276,7 @@ fn python_web_passthrough_keeps_method_path_query_headers_and_body_and_serves_64
                     assert_eq!(resp.status(), 200, "request {i}");
                     let echo = json(&mut resp);
                     assert_eq!(
-                        b64_decode(echo["body_b64"].as_str().unwrap()),
+                        Echo::parse(&echo).body,
                         body.as_bytes()
                     );
                 })

@@ -8,12 +8,11 @@
 
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use fnvm_testkit::oci::Layer;
+use fnvm::oci_layout::Layer;
 use fnvm_testkit::{
-    assert_nothing_left, busybox_image_with, rootfs_image_of, sandboxes, serial, static_binary,
+    assert_nothing_left, busybox_image_with, rootfs_image_of, sandboxes, serial,
     FnvmRun,
 };
 

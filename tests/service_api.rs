@@ -8,11 +8,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use fnvm_testkit::{http, python_image, sandboxes, serial, static_binary};
+use fnvm_testkit::{http, python_image, sandboxes, serial, Echo};
 use fnvm_testkit::registry::{Registry, PASSWORD, USER};
 use fnvm_testkit::Serve;
 
@@ -65,44 +64,6 @@ fn wait_settled(serve: &Serve, name: &str, token: Option<&str>) -> serde_json::V
         }
         assert!(Instant::now() < deadline, "{name} still pending: {v}");
         std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// The echo server's view of a request: method, path, headers (lower-cased names), body.
-struct Echo {
-    method: String,
-    path: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-fn echo(v: &serde_json::Value) -> Echo {
-    Echo {
-        method: v["method"].as_str().unwrap().into(),
-        path: v["path"].as_str().unwrap().into(),
-        headers: v["headers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| {
-                (
-                    h[0].as_str().unwrap().to_ascii_lowercase(),
-                    h[1].as_str().unwrap().to_string(),
-                )
-            })
-            .collect(),
-        body: base64::engine::general_purpose::STANDARD
-            .decode(v["body_b64"].as_str().unwrap())
-            .unwrap(),
-    }
-}
-
-impl Echo {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -198,7 +159,7 @@ fn deploy_invoke_and_restart_in(sandbox: &str) {
             .get_version_num(),
         4
     );
-    let e = echo(&serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap());
+    let e = Echo::parse(&serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap());
     assert_eq!(
         (e.method.as_str(), e.path.as_str()),
         ("POST", "/event-invoke")
@@ -223,7 +184,7 @@ fn deploy_invoke_and_restart_in(sandbox: &str) {
         serve.stderr()
     );
     assert!(r.headers().contains_key("x-scf-request-id"));
-    let e = echo(&serde_json::from_str(&body).unwrap());
+    let e = Echo::parse(&serde_json::from_str(&body).unwrap());
     assert_eq!(e.method, "PUT");
     assert_eq!(e.path, "/some/path?x=1&y=two");
     assert_eq!(e.body, b"the body");
@@ -321,7 +282,7 @@ fn deploy_invoke_and_restart_in(sandbox: &str) {
     let out = cli(&serve, &["invoke", "echo", "--data", r#"{"from":"cli"}"#]);
     assert!(out.status.success(), "{}", text(&out));
     let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(echo(&reply).body, br#"{"from":"cli"}"#);
+    assert_eq!(Echo::parse(&reply).body, br#"{"from":"cli"}"#);
     assert!(String::from_utf8_lossy(&out.stderr).contains("fnvm: request id "));
     let out = cli(&serve, &["ls"]);
     let stdout = String::from_utf8_lossy(&out.stdout);

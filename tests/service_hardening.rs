@@ -8,11 +8,9 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use fnvm_testkit::{busybox_image, http, python_image, serial, static_binary};
+use fnvm_testkit::{busybox_image, echoed_headers, http, python_image, serial};
 use fnvm_testkit::registry::{Registry, PASSWORD, USER};
 use fnvm_testkit::Serve;
 
@@ -92,21 +90,6 @@ fn deploy(
     }
 }
 
-/// The python echo server's view of the request headers (lower-cased names).
-fn echoed_headers(body: &str) -> Vec<(String, String)> {
-    json(body)["headers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| {
-            (
-                h[0].as_str().unwrap().to_ascii_lowercase(),
-                h[1].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
 fn cli(serve: &Serve, args: &[&str]) -> std::process::Output {
     std::process::Command::new(HERE.fnvm)
         .args(args)
@@ -150,7 +133,7 @@ fn with_a_token_web_functions_never_see_it_and_errors_say_what_happened() {
         None,
     );
     assert_eq!(s, 200, "{body}");
-    let seen = echoed_headers(&body);
+    let seen = echoed_headers(&json(&body));
     let header = |name: &str| {
         seen.iter()
             .find(|(k, _)| k == name)
@@ -179,7 +162,7 @@ fn with_a_token_web_functions_never_see_it_and_errors_say_what_happened() {
         "the function saw the admin token: {body}"
     );
     assert_eq!(
-        echoed_headers(&body)
+        echoed_headers(&json(&body))
             .iter()
             .filter(|(k, _)| k == "authorization")
             .count(),

@@ -10,12 +10,11 @@
 //! the idle time, take N calls at once with no cold start on the request path (/metrics).
 
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use fnvm_testkit::oci::{self, Entry, Layer, RunConfigSpec};
-use fnvm_testkit::{http, sandboxes, serial, static_binary};
+use fnvm::oci_layout::{self as oci, Entry, Layer, RunConfigSpec};
+use fnvm_testkit::{http, sandboxes, serial};
 use fnvm_testkit::Serve;
 
 use fnvm_testkit::Here;

@@ -3,13 +3,12 @@
 //! and never answers. Instances would run in the process sandbox; needs root.
 
 
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, Once, OnceLock};
+use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use fnvm_testkit::{fnvm_command, serial, static_binary};
+use fnvm_testkit::{fnvm_command, serial};
+use fnvm_testkit::registry::SilentRegistry;
 use fnvm_testkit::Serve;
 
 use fnvm_testkit::Here;
@@ -110,27 +109,14 @@ fn one_serve_per_home_and_a_killed_serves_leftovers_are_cleaned_at_the_next_star
     next.stop();
 }
 
-/// Accepts every connection and holds it open without a byte.
-fn silent_registry() -> (String, Arc<Mutex<Vec<TcpStream>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let host = listener.local_addr().unwrap().to_string();
-    let held = Arc::new(Mutex::new(Vec::new()));
-    let keep = Arc::clone(&held);
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            keep.lock().unwrap().push(stream);
-        }
-    });
-    (host, held)
-}
-
 #[test]
 fn a_deploy_from_a_silent_registry_fails_at_the_read_deadline_with_a_clear_message() {
     let _serial = setup();
     if !is_root() {
         return;
     }
-    let (host, held) = silent_registry();
+    let registry = SilentRegistry::start();
+    let host = registry.host.clone();
     let home = HERE.fresh_home("service-resilience-silent");
     let mut serve = Serve::start(HERE.fnvm(), &home, HERE.agent(), &[]);
     let mut deploy = Command::new(HERE.fnvm);
@@ -153,6 +139,6 @@ fn a_deploy_from_a_silent_registry_fails_at_the_read_deadline_with_a_clear_messa
             && text.contains("FNVM_REGISTRY_READ_TIMEOUT_S"),
         "{text}"
     );
-    assert!(!held.lock().unwrap().is_empty(), "the registry was reached");
+    assert!(registry.connections() >= 1, "the registry was reached");
     serve.stop();
 }

@@ -11,7 +11,6 @@
 
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use fnvm_testkit::*;

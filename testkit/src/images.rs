@@ -1,12 +1,12 @@
 //! The function images the whole-system tests and benchmarks run, written as OCI layouts by
-//! fnvm's own layout writer ([`fnvm::example_image`]): busybox httpd with CGI scripts, and a
+//! fnvm's own layout writer ([`fnvm::oci_layout`]): busybox httpd with CGI scripts, and a
 //! Debian + python3 test server. Each layout is cached under a key of everything in it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use fnvm::example_image::{self as oci, Entry, Layer, RunConfigSpec};
+use fnvm::oci_layout::{self as oci, Entry, Layer, RunConfigSpec};
 
 use crate::build::cache_dir;
 

@@ -6,6 +6,7 @@
 //! [`registry`]), because rootfs-builder's tests use it too and must not depend on fnvm.
 
 pub mod build;
+pub mod echo;
 pub mod fixtures;
 pub mod images;
 pub mod leaks;
@@ -13,10 +14,10 @@ pub mod level;
 pub mod run;
 pub mod serve;
 
-pub use fnvm::example_image as oci;
 pub use fnvm_testkit_registry as registry;
 
 pub use build::{cache_dir, static_binary, target_dir, workspace};
+pub use echo::{echoed_headers, Echo};
 pub use fixtures::{http, serial, Here};
 pub use images::{busybox_image, busybox_image_with, debian_python_tarball, python_image, PYTHON_SERVER};
 pub use serve::Serve;

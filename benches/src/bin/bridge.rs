@@ -34,7 +34,7 @@ fn main() -> Result<()> {
     std::env::set_var("FNVM_HELLO_BIN", &hello);
     let work = fnvm_testkit::target_dir(&fnvm).join("bench-bridge");
     std::fs::create_dir_all(&work)?;
-    let image = fnvm_testkit::oci::ensure_example_image(&work.join("images"), &hello)?;
+    let image = fnvm::example_image::ensure_example_image(&work.join("images"), &hello)?;
     let home = work.join("home");
 
     // The same server binary on host loopback.

@@ -45,7 +45,7 @@ fn main() -> Result<()> {
     std::env::set_var("FNVM_HELLO_BIN", &hello);
     let work = fnvm_testkit::target_dir(&fnvm).join("bench-invoke");
     std::fs::create_dir_all(&work)?;
-    let image = fnvm_testkit::oci::ensure_example_image(&work.join("images"), &hello)?;
+    let image = fnvm::example_image::ensure_example_image(&work.join("images"), &hello)?;
     let script = work.join("post.lua");
     std::fs::write(
         &script,

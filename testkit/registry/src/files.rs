@@ -1,18 +1,11 @@
 //! What the tests look at on disk: unfinished writes, a built rootfs image's files, a tree as
 //! a comparable listing.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
-use base64::Engine as _;
 use fnvm_rootfs_builder::digest::Digest;
-
-use crate::*;
 
 /// Every file under `dir` whose name marks an unfinished write.
 pub fn temp_files(dir: &Path) -> Vec<PathBuf> {

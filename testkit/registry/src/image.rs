@@ -1,15 +1,9 @@
 //! Images the tests build themselves: gzip'd tar layers, OCI configs, manifests and indexes,
 //! written as OCI layouts or `docker save` archives too.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::io::Read;
+use std::path::Path;
 
-use base64::Engine as _;
 use fnvm_rootfs_builder::digest::Digest;
 
 use crate::*;

@@ -12,6 +12,7 @@ mod files;
 mod image;
 mod proxy;
 mod server;
+mod silent;
 mod tiny_http;
 mod token;
 
@@ -19,6 +20,7 @@ pub use files::{extract_rootfs_image, temp_files, tree_listing};
 pub use image::*;
 pub use proxy::CuttingProxy;
 pub use server::{free_port, Registry, RegistryConfig, Tls};
+pub use silent::SilentRegistry;
 pub use tiny_http::{Reply, SeenRequest, TinyHttp};
 pub use token::{TokenServer, TOKEN_ISSUER, TOKEN_SERVICE};
 

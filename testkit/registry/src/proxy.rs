@@ -2,16 +2,9 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use base64::Engine as _;
-use fnvm_rootfs_builder::digest::Digest;
-
-use crate::*;
+use std::time::Duration;
 
 /// A loopback TCP proxy in front of the registry. Each connection whose server→client
 /// stream passes `cut_after` bytes is cut there, for the first `cuts` such connections.

@@ -1,11 +1,9 @@
 //! A real `docker-registry` (distribution 2.8) on 127.0.0.1: plain or TLS, open, htpasswd or
 //! token auth, and the distribution API calls the tests push with.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -1,17 +1,10 @@
 //! A one-response-per-connection HTTP server for behaviour the real registry cannot show.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use base64::Engine as _;
-use fnvm_rootfs_builder::digest::Digest;
-
-use crate::*;
+use std::time::Duration;
 
 /// A request as a [`TinyHttp`] handler sees it.
 pub struct SeenRequest {

@@ -1,15 +1,13 @@
 //! A minimal token service for the registry's `auth: token` mode (ES256 JWTs).
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
-use fnvm_rootfs_builder::digest::Digest;
 
 use crate::*;
 
@@ -31,7 +29,7 @@ pub struct TokenServer {
 }
 
 impl TokenServer {
-    fn start(dir: &Path) -> Self {
+    pub(crate) fn start(dir: &Path) -> Self {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(vec!["token-signer".to_owned()]).unwrap();
         params
