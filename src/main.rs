@@ -1,20 +1,18 @@
-//! `fnvm`: the command line of the function platform.
+//! `fnvm`: the command line of the function platform. It parses the command and hands it to
+//! `cli/`; everything the commands run lives in the library (`src/lib.rs`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod agent_binary;
 mod cli;
-mod example_image;
-mod function;
-mod home;
-mod http_server;
-mod invoke;
-mod kernel;
-mod sandbox;
-mod service;
+
+// The library's modules under their old names at the binary's root, so `cli/` keeps naming
+// them `crate::home`, `crate::sandbox`, ... as it did before the library existed.
+use fnvm::{
+    agent_binary, example_image, function, home, http_server, invoke, kernel, sandbox, service,
+};
 
 /// Runs OCI container images as serverless functions, each in its own KVM micro-VM.
 #[derive(Debug, Parser)]

@@ -3,38 +3,24 @@
 //! function), every kind and phase present in its JSON, and bad input refused by name.
 //! Needs root (the process sandbox).
 
-mod run_support;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::OnceLock;
 
-use run_support::*;
+use fnvm_testkit::*;
 
-const FNVM: &str = env!("CARGO_BIN_EXE_fnvm");
-
-fn agent() -> &'static Path {
-    static AGENT: OnceLock<PathBuf> = OnceLock::new();
-    AGENT.get_or_init(|| static_binary(Path::new(FNVM), "fnvm-agent", "FNVM_AGENT_BIN"))
-}
+const HERE: Here = fnvm_testkit::here!();
 
 fn layouts() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-tests-images")
+    HERE.tmp().join("bench-tests-images")
 }
 
 fn bench(home: &Path, args: &[&str]) -> Output {
-    fnvm_command(Path::new(FNVM), home, agent())
+    fnvm_command(HERE.fnvm(), home, HERE.agent())
         .arg("bench")
         .args(args)
         .output()
         .expect("fnvm runs")
-}
-
-fn home(name: &str) -> PathBuf {
-    let home = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_dir_all(&home);
-    std::fs::create_dir_all(&home).unwrap();
-    home
 }
 
 /// The phases of `kind` in a bench's JSON, in order, each checked to hold `runs` samples.
@@ -73,7 +59,7 @@ fn a_short_bench_of_busybox_and_python3_reports_every_kind_and_phase_as_json() {
     for sandbox in sandboxes("fnvm bench") {
         let _serial = serial();
         for (image, function_type) in &images {
-            let home = home(&format!("bench-home-{sandbox}"));
+            let home = HERE.fresh_home(&format!("bench-home-{sandbox}"));
             let out = bench(
                 &home,
                 &[
@@ -148,7 +134,7 @@ fn a_short_bench_of_busybox_and_python3_reports_every_kind_and_phase_as_json() {
 
 #[test]
 fn bad_input_is_refused_with_a_message_naming_what_was_wrong() {
-    let home = home("bench-home-bad");
+    let home = HERE.fresh_home("bench-home-bad");
     let out = bench(&home, &["oci:/nonexistent/layout:latest", "--runs", "1"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());

@@ -4,11 +4,11 @@
 //!
 //! A stock Linux guest needs hardware virtualization: where /proc/cpuinfo shows no vmx/svm (e.g.
 //! KVM-PVM) each boot test prints one `SKIPPED (...)` line to stderr and returns, and
-//! scripts/test.sh runs them at the nested level (FNVM_TEST_SANDBOXES, tests/level_support). The
+//! scripts/test.sh runs them at the nested level (FNVM_TEST_SANDBOXES, fnvm_testkit::level). The
 //! refusal test runs exactly where they cannot.
 //!
 //! The kernel comes from guest-kernel/build.sh with its default cache (built once per machine,
-//! minutes the first time); the agent from $FNVM_AGENT_BIN or a static cargo build.
+//! minutes the first time); the agent from $FNVM_AGENT_BIN or a static cargo build (in the profile of `fnvm`).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -16,37 +16,19 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-const FNVM: &str = env!("CARGO_BIN_EXE_fnvm");
+use fnvm_testkit::level::{self, host_has_vmx_or_svm, loud};
+use fnvm_testkit::{workspace, Here};
+
 /// A hang guard, not a speed target: a Linux boot to the agent takes well under a second.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Appended to fnvm's default command line (`fnvm vm boot --rootfs` adds `root=/dev/vda ro`).
 const EXTRA_CMDLINE: &str = "rootfstype=ext4";
 
-#[path = "level_support/mod.rs"]
-mod level;
-
-use level::host_has_vmx_or_svm;
-
-/// One loud line straight to the process's stderr: `eprintln!` would be captured (hidden) by
-/// the test harness, and a skip must never look like a silent pass.
-fn loud(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "{line}");
-}
+const HERE: Here = fnvm_testkit::here!();
 
 /// True (after one loud line on stderr) when Linux guests do not run here.
 fn skip_without_hardware_virtualization(test: &str) -> bool {
     !level::linux_guests_run_here(test)
-}
-
-fn workspace() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"))
 }
 
 /// fnvm's guest kernel, built (or found in the cache) once per test process.
@@ -68,37 +50,12 @@ fn kernel() -> &'static Path {
     })
 }
 
-/// The static agent binary, built once per test process unless FNVM_AGENT_BIN names it.
-fn agent() -> &'static Path {
-    static AGENT: OnceLock<PathBuf> = OnceLock::new();
-    AGENT.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("FNVM_AGENT_BIN") {
-            return PathBuf::from(bin);
-        }
-        let status = Command::new(option_env!("CARGO").unwrap_or("cargo"))
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "fnvm-agent",
-                "--target",
-                "x86_64-unknown-linux-gnu",
-            ])
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .current_dir(workspace())
-            .status()
-            .expect("cannot run cargo to build the agent");
-        assert!(status.success(), "building the static agent failed");
-        target_dir().join("x86_64-unknown-linux-gnu/release/fnvm-agent")
-    })
-}
-
 /// `fnvm vm boot` runs the `fnvm-vmm` next to `fnvm`; `cargo test -p fnvm` alone builds only
 /// fnvm's own binaries, so build the VMM in the same profile when it is missing.
 fn ensure_vmm_beside_fnvm() {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let fnvm = Path::new(FNVM);
+        let fnvm = HERE.fnvm();
         if fnvm.with_file_name("fnvm-vmm").is_file() {
             return;
         }
@@ -139,7 +96,7 @@ fn rootfs(dir: &Path) -> PathBuf {
     for sub in ["sbin", "proc", "sys", "dev", "tmp", "mnt/fnvm-test"] {
         std::fs::create_dir_all(root.join(sub)).unwrap();
     }
-    std::fs::copy(agent(), root.join("sbin/init")).unwrap();
+    std::fs::copy(HERE.agent(), root.join("sbin/init")).unwrap();
     let image = dir.join("rootfs.ext4");
     mkfs_ext4(&image, "32M", Some(&root));
     image
@@ -160,7 +117,7 @@ fn boot(home: &Path, rootfs: &Path, disks: &[String], vcpus: u8, actions: &[&str
         cmdline.push_str(action);
     }
     ensure_vmm_beside_fnvm();
-    let mut cmd = Command::new(FNVM);
+    let mut cmd = Command::new(HERE.fnvm);
     cmd.arg("--home")
         .arg(home)
         .args(["vm", "boot", "--kernel"])
@@ -419,7 +376,7 @@ fn linux_is_refused_at_once_without_hardware_virtualization() {
     let kernel = dir.path().join("bzImage");
     std::fs::write(&kernel, bzimage).unwrap();
 
-    let mut cmd = Command::new(FNVM);
+    let mut cmd = Command::new(HERE.fnvm);
     cmd.arg("--home")
         .arg(dir.path().join("home"))
         .args(["vm", "boot", "--kernel"])

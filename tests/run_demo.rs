@@ -2,27 +2,27 @@
 //! build), runs it in the default sandbox, invokes it and prints the reply, its log lines and
 //! the start timing, then leaves nothing behind, in each sandbox the level runs. Needs root.
 
-mod run_support;
 
-use std::path::Path;
 use std::process::Command;
 
-const FNVM: &str = env!("CARGO_BIN_EXE_fnvm");
+use fnvm_testkit::Here;
+
+const HERE: Here = fnvm_testkit::here!();
 
 #[test]
 fn the_demo_invokes_the_example_function_and_shows_reply_logs_and_timings() {
-    for sandbox in run_support::sandboxes("the demo") {
+    for sandbox in fnvm_testkit::sandboxes("the demo") {
         demo_in(sandbox);
     }
 }
 
 fn demo_in(sandbox: &str) {
-    let fnvm = Path::new(FNVM);
-    let agent = run_support::static_binary(fnvm, "fnvm-agent", "FNVM_AGENT_BIN");
-    let hello = run_support::static_binary(fnvm, "fnvm-hello", "FNVM_HELLO_BIN");
+    let fnvm = HERE.fnvm();
+    let agent = fnvm_testkit::static_binary(fnvm, "fnvm-agent", "FNVM_AGENT_BIN");
+    let hello = fnvm_testkit::static_binary(fnvm, "fnvm-hello", "FNVM_HELLO_BIN");
     let home = tempfile::Builder::new()
         .prefix("fnvm-demo-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .tempdir_in(HERE.tmp)
         .unwrap();
     let out = Command::new(fnvm)
         .env("FNVM_AGENT_BIN", &agent)

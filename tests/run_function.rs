@@ -6,58 +6,43 @@
 //! shows VMX/SVM (one loud SKIPPED line per test elsewhere). Needs root (namespaces, loop
 //! devices, cgroups).
 
-mod run_support;
 
-use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use run_support::*;
+use fnvm_testkit::*;
 
-const FNVM: &str = env!("CARGO_BIN_EXE_fnvm");
+const HERE: Here = fnvm_testkit::here!();
 const START_LIMIT: Duration = Duration::from_secs(120);
 /// The contract's message for a server that never listens (DEVELOPERS.md).
 const NOT_LISTENING: &str = "The request timed out in 30000ms.Please confirm your http server have enabled listening on port 9000.";
-
-fn fnvm() -> &'static Path {
-    Path::new(FNVM)
-}
-
-fn agent() -> &'static Path {
-    static AGENT: OnceLock<PathBuf> = OnceLock::new();
-    AGENT.get_or_init(|| static_binary(fnvm(), "fnvm-agent", "FNVM_AGENT_BIN"))
-}
 
 /// The home shared by the serialized tests (images are pulled and built once per build dir).
 fn home() -> &'static Path {
     static HOME: OnceLock<PathBuf> = OnceLock::new();
     HOME.get_or_init(|| {
-        let home = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("run-tests-home");
+        let home = HERE.tmp().join("run-tests-home");
         std::fs::create_dir_all(&home).unwrap();
         home
     })
 }
 
-fn layouts() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("run-tests-images")
-}
-
 fn busybox() -> &'static str {
     static IMAGE: OnceLock<String> = OnceLock::new();
-    IMAGE.get_or_init(|| busybox_image(&layouts()))
+    IMAGE.get_or_init(|| busybox_image(&HERE.layouts()))
 }
 
 fn python() -> &'static str {
     static IMAGE: OnceLock<String> = OnceLock::new();
-    IMAGE.get_or_init(|| python_image(&layouts()))
+    IMAGE.get_or_init(|| python_image(&HERE.layouts()))
 }
 
 fn start(sandbox: &str, image: &str, args: &[&str]) -> FnvmRun {
     let mut all = vec!["--sandbox", sandbox];
     all.extend_from_slice(args);
-    FnvmRun::start(fnvm(), home(), agent(), image, &all, START_LIMIT)
+    FnvmRun::start(HERE.fnvm(), home(), HERE.agent(), image, &all, START_LIMIT)
 }
 
 /// Stops fnvm like Ctrl-C does and checks it exits cleanly and leaves nothing behind.
@@ -80,45 +65,6 @@ fn body_string(resp: &mut ureq::http::Response<ureq::Body>) -> String {
 fn json(resp: &mut ureq::http::Response<ureq::Body>) -> serde_json::Value {
     let text = body_string(resp);
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
-}
-
-fn header_map(echo: &serde_json::Value) -> HashMap<String, String> {
-    echo["headers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|kv| {
-            (
-                kv[0].as_str().unwrap().to_ascii_lowercase(),
-                kv[1].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
-fn b64_decode(s: &str) -> Vec<u8> {
-    // A small decoder keeps the tests free of another dependency.
-    let table = |c: u8| -> u32 {
-        match c {
-            b'A'..=b'Z' => (c - b'A') as u32,
-            b'a'..=b'z' => (c - b'a' + 26) as u32,
-            b'0'..=b'9' => (c - b'0' + 52) as u32,
-            b'+' => 62,
-            b'/' => 63,
-            _ => panic!("bad base64"),
-        }
-    };
-    let clean: Vec<u8> = s.bytes().filter(|&c| c != b'=').collect();
-    let mut out = Vec::new();
-    for chunk in clean.chunks(4) {
-        let mut acc = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            acc |= table(c) << (18 - 6 * i);
-        }
-        let bytes = acc.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    out
 }
 
 #[test]
@@ -226,8 +172,8 @@ fn python_event_invocations_carry_the_body_and_every_scf_header() {
             let echo = json(&mut resp);
             assert_eq!(echo["method"], "POST");
             assert_eq!(echo["path"], "/event-invoke");
-            assert_eq!(b64_decode(echo["body_b64"].as_str().unwrap()), event);
-            let h = header_map(&echo);
+            assert_eq!(Echo::parse(&echo).body, event);
+            let h = Echo::parse(&echo).header_map();
             assert_eq!(h["x-scf-request-id"], returned_id);
             assert_eq!(h["x-scf-memory"], "256");
             assert_eq!(h["x-scf-timeout"], "9");
@@ -285,10 +231,10 @@ fn python_web_passthrough_keeps_method_path_query_headers_and_body_and_serves_64
             assert_eq!(echo["method"], method);
             assert_eq!(echo["path"], "/some/path%20x?a=1&b=two&a=3");
             assert_eq!(
-                b64_decode(echo["body_b64"].as_str().unwrap()),
+                Echo::parse(&echo).body,
                 body.as_bytes()
             );
-            let h = header_map(&echo);
+            let h = Echo::parse(&echo).header_map();
             assert_eq!(h["x-custom"], "kept as is");
             assert_eq!(h["cookie"], "k=v; k2=v2");
             // Unchanged but for the contract's X-Scf-* headers, as an event function gets them.
@@ -326,11 +272,11 @@ fn python_web_passthrough_keeps_method_path_query_headers_and_body_and_serves_64
                 let url = url.clone();
                 std::thread::spawn(move || {
                     let body = format!("request {i}");
-                    let mut resp = run_support::http().post(&url).send(body.clone()).unwrap();
+                    let mut resp = fnvm_testkit::http().post(&url).send(body.clone()).unwrap();
                     assert_eq!(resp.status(), 200, "request {i}");
                     let echo = json(&mut resp);
                     assert_eq!(
-                        b64_decode(echo["body_b64"].as_str().unwrap()),
+                        Echo::parse(&echo).body,
                         body.as_bytes()
                     );
                 })
@@ -520,13 +466,13 @@ fn a_server_that_never_listens_fails_with_the_exact_message_after_30_s_and_leave
     for sandbox in sandboxes("never listening") {
         let home = tempfile::Builder::new()
             .prefix("fnvm-never-listens-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .tempdir_in(HERE.tmp)
             .unwrap();
         let started = Instant::now();
         let mut run = FnvmRun::start(
-            fnvm(),
+            HERE.fnvm(),
             home.path(),
-            agent(),
+            HERE.agent(),
             busybox(),
             &[
                 "--sandbox",
@@ -603,8 +549,8 @@ fn bad_input_is_refused_with_a_message_naming_what_was_wrong() {
         (&["run", image, "--listen", &busy_addr], "cannot listen on"),
     ];
     for (args, expected) in cases {
-        let out = std::process::Command::new(FNVM)
-            .env("FNVM_AGENT_BIN", agent())
+        let out = std::process::Command::new(HERE.fnvm)
+            .env("FNVM_AGENT_BIN", HERE.agent())
             .arg("--home")
             .arg(home())
             .args(args)

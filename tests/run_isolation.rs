@@ -6,38 +6,25 @@
 //! VM guest the agent is the one that sets this up (nodev mounts, no CAP_MKNOD, devices cgroup).
 //! Needs root.
 
-mod run_support;
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use run_support::oci::Layer;
-use run_support::{
-    assert_nothing_left, busybox_image_with, rootfs_image_of, sandboxes, serial, static_binary,
+use fnvm::oci_layout::Layer;
+use fnvm_testkit::{
+    assert_nothing_left, busybox_image_with, rootfs_image_of, sandboxes, serial,
     FnvmRun,
 };
 
-const FNVM: &str = env!("CARGO_BIN_EXE_fnvm");
+use fnvm_testkit::Here;
+
+const HERE: Here = fnvm_testkit::here!();
 /// Generous: a vm start at the nested level is emulated.
 const START_LIMIT: Duration = Duration::from_secs(120);
 /// Written by the victim into its writable layer; the attacker must never read it.
 const VICTIM_MARKER: &str = "fnvm-victim-marker-93d2a7";
 /// Written by the attacker into its own writable layer: raw access to its own disk would find it.
 const OWN_MARKER: &str = "fnvm-attacker-own-marker-41c6e8";
-
-fn fnvm() -> &'static Path {
-    Path::new(FNVM)
-}
-
-fn agent() -> &'static Path {
-    static AGENT: OnceLock<PathBuf> = OnceLock::new();
-    AGENT.get_or_init(|| static_binary(fnvm(), "fnvm-agent", "FNVM_AGENT_BIN"))
-}
-
-fn tmp() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-}
 
 /// The device nodes the attacker's image carries in /disk: (name, block?, major, minor).
 fn nodes() -> Vec<(String, bool, u32, u32)> {
@@ -63,7 +50,7 @@ fn nodes() -> Vec<(String, bool, u32, u32)> {
 
 /// An uncompressed tar layer holding the nodes under /disk (made by the image, not at run time).
 fn nodes_layer() -> PathBuf {
-    let path = tmp().join("isolation-nodes-layer.tar");
+    let path = HERE.tmp().join("isolation-nodes-layer.tar");
     let mut tar = tar::Builder::new(Vec::new());
     let mut dir = tar::Header::new_gnu();
     dir.set_entry_type(tar::EntryType::Directory);
@@ -88,7 +75,7 @@ fn nodes_layer() -> PathBuf {
             .unwrap();
     }
     let bytes = tar.into_inner().unwrap();
-    let staging = tmp().join(format!("isolation-nodes-layer.{}.tar", std::process::id()));
+    let staging = HERE.tmp().join(format!("isolation-nodes-layer.{}.tar", std::process::id()));
     std::fs::write(&staging, bytes).unwrap();
     std::fs::rename(&staging, &path).unwrap();
     path
@@ -118,7 +105,7 @@ fn attack_script() -> String {
 
 fn image(name: &str, extra: &[Layer], script: &str) -> String {
     busybox_image_with(
-        &tmp().join("run-tests-images"),
+        &HERE.layouts(),
         name,
         extra,
         Some(vec!["/bin/sh".into(), "-c".into(), script.into()]),
@@ -149,12 +136,12 @@ fn a_function_opens_no_disk_and_no_kernel_device_whatever_it_mknods_but_has_the_
     );
     for sandbox in sandboxes("device isolation") {
         let _serial = serial();
-        let home = tmp().join(format!("isolation-home-{sandbox}"));
+        let home = HERE.tmp().join(format!("isolation-home-{sandbox}"));
         std::fs::create_dir_all(&home).unwrap();
         let args = ["--sandbox", sandbox, "--type", "web"];
-        let victim = FnvmRun::start(fnvm(), &home, agent(), &victim_image, &args, START_LIMIT);
+        let victim = FnvmRun::start(HERE.fnvm(), &home, HERE.agent(), &victim_image, &args, START_LIMIT);
         victim.expect_serving();
-        let attacker = FnvmRun::start(fnvm(), &home, agent(), &attacker_image, &args, START_LIMIT);
+        let attacker = FnvmRun::start(HERE.fnvm(), &home, HERE.agent(), &attacker_image, &args, START_LIMIT);
         attacker.expect_serving();
         attacker
             .stdout
@@ -190,7 +177,7 @@ fn a_function_opens_no_disk_and_no_kernel_device_whatever_it_mknods_but_has_the_
         }
         // Both still serve: the attempts cost neither of them anything.
         for run in [&attacker, &victim] {
-            let body = run_support::http()
+            let body = fnvm_testkit::http()
                 .get(run.url("/index.html"))
                 .call()
                 .unwrap()

@@ -5,43 +5,23 @@
 //! level, scripts/test.sh); the rest use the process sandbox: the API and pool paths they test are
 //! the same in both. Needs root.
 
-mod run_support;
-mod service_support;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use run_support::{http, python_image, sandboxes, serial, static_binary};
-use service_support::{Registry, Serve, PASSWORD, USER};
+use fnvm_testkit::{http, python_image, sandboxes, serial, Echo};
+use fnvm_testkit::registry::{Registry, PASSWORD, USER};
+use fnvm_testkit::Serve;
 
-const FNVM: &str = env!("CARGO_BIN_EXE_fnvm");
+use fnvm_testkit::Here;
 
-fn fnvm() -> &'static Path {
-    Path::new(FNVM)
-}
-
-fn agent() -> &'static Path {
-    static AGENT: OnceLock<PathBuf> = OnceLock::new();
-    AGENT.get_or_init(|| static_binary(fnvm(), "fnvm-agent", "FNVM_AGENT_BIN"))
-}
-
-fn layouts() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("run-tests-images")
-}
-
-fn fresh_home(name: &str) -> PathBuf {
-    let home = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_dir_all(&home);
-    std::fs::create_dir_all(&home).unwrap();
-    home
-}
+const HERE: Here = fnvm_testkit::here!();
 
 /// Runs a CLI client of `serve`.
 fn cli(serve: &Serve, args: &[&str]) -> Output {
-    std::process::Command::new(FNVM)
+    std::process::Command::new(HERE.fnvm)
         .args(args)
         .args(["--server", &serve.url("")])
         .env_remove("FNVM_API_TOKEN")
@@ -87,44 +67,6 @@ fn wait_settled(serve: &Serve, name: &str, token: Option<&str>) -> serde_json::V
     }
 }
 
-/// The echo server's view of a request: method, path, headers (lower-cased names), body.
-struct Echo {
-    method: String,
-    path: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-fn echo(v: &serde_json::Value) -> Echo {
-    Echo {
-        method: v["method"].as_str().unwrap().into(),
-        path: v["path"].as_str().unwrap().into(),
-        headers: v["headers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| {
-                (
-                    h[0].as_str().unwrap().to_ascii_lowercase(),
-                    h[1].as_str().unwrap().to_string(),
-                )
-            })
-            .collect(),
-        body: base64::engine::general_purpose::STANDARD
-            .decode(v["body_b64"].as_str().unwrap())
-            .unwrap(),
-    }
-}
-
-impl Echo {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
 fn logs_of(serve: &Serve, name: &str, request_id: &str) -> Vec<serde_json::Value> {
     let (status, v) = get_json(&serve.url(&format!(
         "/v1/namespaces/default/functions/{name}/logs?request_id={request_id}"
@@ -142,11 +84,11 @@ fn deploy_by_digest_with_credentials_invoke_web_logs_and_restart() {
 
 fn deploy_invoke_and_restart_in(sandbox: &str) {
     let _serial = serial();
-    let registry = Registry::start();
-    let digest = registry.push_layout("fn/python", &python_image(&layouts()));
+    let registry = Registry::start_with_auth();
+    let digest = registry.push_layout("fn/python", &python_image(&HERE.layouts()));
     let image = format!("{}/fn/python@{digest}", registry.host());
-    let home = fresh_home(&format!("service-api-home-{sandbox}"));
-    let mut serve = Serve::start_in(sandbox, fnvm(), &home, agent(), &[]);
+    let home = HERE.fresh_home(&format!("service-api-home-{sandbox}"));
+    let mut serve = Serve::start_in(sandbox, HERE.fnvm(), &home, HERE.agent(), &[]);
 
     // Deploy by digest with credentials, through the CLI (it waits until active).
     let out = cli(
@@ -217,7 +159,7 @@ fn deploy_invoke_and_restart_in(sandbox: &str) {
             .get_version_num(),
         4
     );
-    let e = echo(&serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap());
+    let e = Echo::parse(&serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap());
     assert_eq!(
         (e.method.as_str(), e.path.as_str()),
         ("POST", "/event-invoke")
@@ -242,7 +184,7 @@ fn deploy_invoke_and_restart_in(sandbox: &str) {
         serve.stderr()
     );
     assert!(r.headers().contains_key("x-scf-request-id"));
-    let e = echo(&serde_json::from_str(&body).unwrap());
+    let e = Echo::parse(&serde_json::from_str(&body).unwrap());
     assert_eq!(e.method, "PUT");
     assert_eq!(e.path, "/some/path?x=1&y=two");
     assert_eq!(e.body, b"the body");
@@ -295,7 +237,7 @@ fn deploy_invoke_and_restart_in(sandbox: &str) {
     );
 
     // `fnvm logs --follow` prints new lines as they come.
-    let mut follow = std::process::Command::new(FNVM)
+    let mut follow = std::process::Command::new(HERE.fnvm)
         .args([
             "logs",
             "web",
@@ -340,7 +282,7 @@ fn deploy_invoke_and_restart_in(sandbox: &str) {
     let out = cli(&serve, &["invoke", "echo", "--data", r#"{"from":"cli"}"#]);
     assert!(out.status.success(), "{}", text(&out));
     let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(echo(&reply).body, br#"{"from":"cli"}"#);
+    assert_eq!(Echo::parse(&reply).body, br#"{"from":"cli"}"#);
     assert!(String::from_utf8_lossy(&out.stderr).contains("fnvm: request id "));
     let out = cli(&serve, &["ls"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -352,7 +294,7 @@ fn deploy_invoke_and_restart_in(sandbox: &str) {
     // A restarted service still has every function, and they still answer (no credentials
     // needed: the version is rebuilt from the rootfs cache).
     serve.stop();
-    let serve = Serve::start_in(sandbox, fnvm(), &home, agent(), &[]);
+    let serve = Serve::start_in(sandbox, HERE.fnvm(), &home, HERE.agent(), &[]);
     let (_, list) = get_json(&serve.url("/v1/namespaces/default/functions"));
     let names: Vec<&str> = list["functions"]
         .as_array()
@@ -430,9 +372,9 @@ fn put(
 #[test]
 fn bad_requests_are_clear_4xx_and_failed_deploys_say_why() {
     let _serial = serial();
-    let registry = Registry::start();
-    let home = fresh_home("service-api-errors-home");
-    let serve = Serve::start(fnvm(), &home, agent(), &[]);
+    let registry = Registry::start_with_auth();
+    let home = HERE.fresh_home("service-api-errors-home");
+    let serve = Serve::start(HERE.fnvm(), &home, HERE.agent(), &[]);
     let host = registry.host();
 
     // Bad JSON, unknown fields, memory out of range, an unknown function.
@@ -523,7 +465,7 @@ fn bad_requests_are_clear_4xx_and_failed_deploys_say_why() {
         ),
         (
             "unreachable",
-            format!("127.0.0.1:{}/fn/small@{good}", service_support::free_port()),
+            format!("127.0.0.1:{}/fn/small@{good}", fnvm_testkit::registry::free_port()),
             auth(USER, PASSWORD),
             "failed",
         ),
@@ -580,8 +522,8 @@ fn bad_requests_are_clear_4xx_and_failed_deploys_say_why() {
 #[test]
 fn with_a_token_calls_without_it_get_401() {
     let _serial = serial();
-    let home = fresh_home("service-api-token-home");
-    let serve = Serve::start(fnvm(), &home, agent(), &["--api-token", "tok-123"]);
+    let home = HERE.fresh_home("service-api-token-home");
+    let serve = Serve::start(HERE.fnvm(), &home, HERE.agent(), &["--api-token", "tok-123"]);
     let (s, v) = get_json(&serve.url("/v1/namespaces/default/functions"));
     assert_eq!(
         (s, v["error"]["code"].as_str()),

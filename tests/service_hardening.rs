@@ -5,40 +5,19 @@
 //! The real binary, a real docker-registry on loopback, real images, real HTTP clients and raw
 //! TCP sockets (127.0.0.1 only, bounded in count and time). Needs root (process sandbox).
 
-mod run_support;
-mod service_support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use run_support::{busybox_image, http, python_image, serial, static_binary};
-use service_support::{Registry, Serve, PASSWORD, USER};
+use fnvm_testkit::{busybox_image, echoed_headers, http, python_image, serial};
+use fnvm_testkit::registry::{Registry, PASSWORD, USER};
+use fnvm_testkit::Serve;
 
-const FNVM: &str = env!("CARGO_BIN_EXE_fnvm");
+use fnvm_testkit::Here;
+
+const HERE: Here = fnvm_testkit::here!();
 const TOKEN: &str = "admin-tok-9f3c1e";
-
-fn fnvm() -> &'static Path {
-    Path::new(FNVM)
-}
-
-fn agent() -> &'static Path {
-    static AGENT: OnceLock<PathBuf> = OnceLock::new();
-    AGENT.get_or_init(|| static_binary(fnvm(), "fnvm-agent", "FNVM_AGENT_BIN"))
-}
-
-fn layouts() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("run-tests-images")
-}
-
-fn fresh_home(name: &str) -> PathBuf {
-    let home = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_dir_all(&home);
-    std::fs::create_dir_all(&home).unwrap();
-    home
-}
 
 fn bearer(token: &str) -> String {
     format!("Bearer {token}")
@@ -111,23 +90,8 @@ fn deploy(
     }
 }
 
-/// The python echo server's view of the request headers (lower-cased names).
-fn echoed_headers(body: &str) -> Vec<(String, String)> {
-    json(body)["headers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| {
-            (
-                h[0].as_str().unwrap().to_ascii_lowercase(),
-                h[1].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
 fn cli(serve: &Serve, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(FNVM)
+    std::process::Command::new(HERE.fnvm)
         .args(args)
         .args(["--server", &serve.url(""), "--api-token", TOKEN])
         .env_remove("FNVM_API_TOKEN")
@@ -138,14 +102,14 @@ fn cli(serve: &Serve, args: &[&str]) -> std::process::Output {
 #[test]
 fn with_a_token_web_functions_never_see_it_and_errors_say_what_happened() {
     let _serial = serial();
-    let registry = Registry::start();
-    let digest = registry.push_layout("fn/python", &python_image(&layouts()));
+    let registry = Registry::start_with_auth();
+    let digest = registry.push_layout("fn/python", &python_image(&HERE.layouts()));
     let image = format!("{}/fn/python@{digest}", registry.host());
-    let home = fresh_home("service-hardening-token-home");
+    let home = HERE.fresh_home("service-hardening-token-home");
     let serve = Serve::start(
-        fnvm(),
+        HERE.fnvm(),
         &home,
-        agent(),
+        HERE.agent(),
         &["--api-token", TOKEN, "--queue-timeout", "1"],
     );
     let v = deploy(
@@ -169,7 +133,7 @@ fn with_a_token_web_functions_never_see_it_and_errors_say_what_happened() {
         None,
     );
     assert_eq!(s, 200, "{body}");
-    let seen = echoed_headers(&body);
+    let seen = echoed_headers(&json(&body));
     let header = |name: &str| {
         seen.iter()
             .find(|(k, _)| k == name)
@@ -198,7 +162,7 @@ fn with_a_token_web_functions_never_see_it_and_errors_say_what_happened() {
         "the function saw the admin token: {body}"
     );
     assert_eq!(
-        echoed_headers(&body)
+        echoed_headers(&json(&body))
             .iter()
             .filter(|(k, _)| k == "authorization")
             .count(),
@@ -364,7 +328,7 @@ fn with_a_token_web_functions_never_see_it_and_errors_say_what_happened() {
     // `fnvm ls` stays a table with a long failure reason; `fnvm ls NAME` shows it whole.
     let unreachable = format!(
         "127.0.0.1:{}/fn/nothing-listens-here/{}end@{digest}",
-        service_support::free_port(),
+        fnvm_testkit::registry::free_port(),
         "deep/".repeat(12)
     );
     let v = deploy(
@@ -455,13 +419,13 @@ fn idle_and_slowloris_connections_starve_nothing_and_are_closed_after_their_time
     const IDLE: usize = 2000;
     const SLOW: usize = 500;
     raise_own_nofile(8192);
-    let registry = Registry::start();
-    let digest = registry.push_layout("fn/busybox", &busybox_image(&layouts()));
-    let home = fresh_home("service-hardening-conns-home");
+    let registry = Registry::start_with_auth();
+    let digest = registry.push_layout("fn/busybox", &busybox_image(&HERE.layouts()));
+    let home = HERE.fresh_home("service-hardening-conns-home");
     let serve = Serve::start(
-        fnvm(),
+        HERE.fnvm(),
         &home,
-        agent(),
+        HERE.agent(),
         &[
             "--api-token",
             TOKEN,
@@ -575,11 +539,11 @@ fn past_the_connection_cap_health_and_management_keep_a_reserve_and_the_rest_get
     const CAP: usize = 100;
     const RESERVE: usize = 4;
     raise_own_nofile(4096);
-    let home = fresh_home("service-hardening-cap-home");
+    let home = HERE.fresh_home("service-hardening-cap-home");
     let serve = Serve::start(
-        fnvm(),
+        HERE.fnvm(),
         &home,
-        agent(),
+        HERE.agent(),
         &[
             "--max-connections",
             &CAP.to_string(),
@@ -699,11 +663,11 @@ fn a_huge_log_is_streamed_to_many_readers_in_flat_memory() {
     let _serial = serial();
     const LINES: usize = 300_000;
     const READERS: usize = 16;
-    let registry = Registry::start();
+    let registry = Registry::start_with_auth();
     let digest = registry.push_small("fn/small", "amd64", None);
-    let home = fresh_home("service-hardening-logs-home");
+    let home = HERE.fresh_home("service-hardening-logs-home");
     let args = ["--api-token", TOKEN, "--log-retention-bytes", "268435456"];
-    let mut serve = Serve::start(fnvm(), &home, agent(), &args);
+    let mut serve = Serve::start(HERE.fnvm(), &home, HERE.agent(), &args);
     let image = format!("{}/fn/small@{digest}", registry.host());
     let v = deploy(
         &serve,
@@ -721,7 +685,7 @@ fn a_huge_log_is_streamed_to_many_readers_in_flat_memory() {
         writeln!(file, "{}", log_line(i)).unwrap();
     }
     file.into_inner().unwrap().sync_all().unwrap();
-    let serve = Serve::start(fnvm(), &home, agent(), &args);
+    let serve = Serve::start(HERE.fnvm(), &home, HERE.agent(), &args);
     let pid = serve.child.id();
     let url = serve.url("/v1/namespaces/default/functions/chatty/logs");
     let token = bearer(TOKEN);

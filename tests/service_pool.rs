@@ -9,18 +9,17 @@
 //! Another serve shows provisioned concurrency: N instances ready before any request, kept past
 //! the idle time, take N calls at once with no cold start on the request path (/metrics).
 
-mod run_support;
-mod service_support;
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use run_support::oci::{self, Entry, Layer, RunConfigSpec};
-use run_support::{http, sandboxes, serial, static_binary};
-use service_support::Serve;
+use fnvm::oci_layout::{self as oci, Entry, Layer, RunConfigSpec};
+use fnvm_testkit::{http, sandboxes, serial};
+use fnvm_testkit::Serve;
 
-const FNVM: &str = env!("CARGO_BIN_EXE_fnvm");
+use fnvm_testkit::Here;
+
+const HERE: Here = fnvm_testkit::here!();
 
 /// The function: the event body is a command (`sleep S`, `log N`); it answers `ok <request id>`.
 const HANDLER: &str = r#"#!/bin/sh
@@ -43,11 +42,6 @@ esac
 out="ok $rid"
 printf 'HTTP/1.1 200 OK\r\nContent-Length: %s\r\nConnection: close\r\n\r\n%s' "${#out}" "$out"
 "#;
-
-fn agent() -> &'static Path {
-    static AGENT: OnceLock<PathBuf> = OnceLock::new();
-    AGENT.get_or_init(|| static_binary(Path::new(FNVM), "fnvm-agent", "FNVM_AGENT_BIN"))
-}
 
 /// The handler image as an OCI layout (`oci:DIR:latest`), built once.
 fn handler_image() -> String {
@@ -81,16 +75,9 @@ fn handler_image() -> String {
         env: vec!["PATH=/bin".into()],
         ..RunConfigSpec::default()
     };
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("service-pool-images/handler-v1");
+    let dir = HERE.tmp().join("service-pool-images/handler-v1");
     oci::ensure_layout(&dir, &[Layer::Entries(entries)], &config)
         .expect("cannot write the handler image")
-}
-
-fn fresh_home(name: &str) -> PathBuf {
-    let home = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_dir_all(&home);
-    std::fs::create_dir_all(&home).unwrap();
-    home
 }
 
 fn get_json(url: &str) -> serde_json::Value {
@@ -191,12 +178,12 @@ fn the_pool_scales_times_out_recovers_attributes_logs_and_reclaims_idle_instance
 
 fn pool_in(sandbox: &str) {
     let _serial = serial();
-    let home = fresh_home(&format!("service-pool-home-{sandbox}"));
+    let home = HERE.fresh_home(&format!("service-pool-home-{sandbox}"));
     let mut serve = Serve::start_in(
         sandbox,
-        Path::new(FNVM),
+        HERE.fnvm(),
         &home,
-        agent(),
+        HERE.agent(),
         // A queue wait long enough for 32 calls on 4 instances even when those start by
         // restores under emulation (the nested level): the test is about scaling, not 429s.
         &[
@@ -361,13 +348,13 @@ fn provisioned_instances_take_as_many_calls_at_once_without_a_cold_start() {
 fn provisioned_in(sandbox: &str) {
     const N: usize = 3;
     let _serial = serial();
-    let home = fresh_home(&format!("service-pool-provisioned-{sandbox}"));
+    let home = HERE.fresh_home(&format!("service-pool-provisioned-{sandbox}"));
     // Idle instances go after 1 s, unless provisioned.
     let mut serve = Serve::start_in(
         sandbox,
-        Path::new(FNVM),
+        HERE.fnvm(),
         &home,
-        agent(),
+        HERE.agent(),
         &["--idle-timeout", "1", "--memory-budget", "1024"],
     );
     let spec = serde_json::json!({

@@ -2,30 +2,20 @@
 //! on the same home, a serve killed with SIGKILL mid-way, a registry that accepts connections
 //! and never answers. Instances would run in the process sandbox; needs root.
 
-mod run_support;
-mod service_support;
 
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, Once, OnceLock};
+use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use run_support::{fnvm_command, serial, static_binary};
-use service_support::Serve;
+use fnvm_testkit::{fnvm_command, serial};
+use fnvm_testkit::registry::SilentRegistry;
+use fnvm_testkit::Serve;
 
-const FNVM: &str = env!("CARGO_BIN_EXE_fnvm");
+use fnvm_testkit::Here;
+
+const HERE: Here = fnvm_testkit::here!();
 /// The registry read deadline every serve of this file gets (seconds).
 const READ_DEADLINE_S: &str = "2";
-
-fn fnvm() -> &'static Path {
-    Path::new(FNVM)
-}
-
-fn agent() -> &'static Path {
-    static AGENT: OnceLock<PathBuf> = OnceLock::new();
-    AGENT.get_or_init(|| static_binary(fnvm(), "fnvm-agent", "FNVM_AGENT_BIN"))
-}
 
 /// Every test starts here: serialised, and the registry deadline set before any child exists.
 fn setup() -> std::sync::MutexGuard<'static, ()> {
@@ -41,13 +31,6 @@ fn is_root() -> bool {
     }
     eprintln!("SKIPPED (needs root for the process sandbox)");
     false
-}
-
-fn fresh_home(name: &str) -> PathBuf {
-    let home = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_dir_all(&home);
-    std::fs::create_dir_all(&home).unwrap();
-    home
 }
 
 /// Runs `cmd` to its end, killing it (and failing) after `limit`.
@@ -94,12 +77,12 @@ fn one_serve_per_home_and_a_killed_serves_leftovers_are_cleaned_at_the_next_star
     if !is_root() {
         return;
     }
-    let home = fresh_home("service-resilience-lock");
-    let mut first = Serve::start(fnvm(), &home, agent(), &[]);
+    let home = HERE.fresh_home("service-resilience-lock");
+    let mut first = Serve::start(HERE.fnvm(), &home, HERE.agent(), &[]);
     let first_pid = first.child.id();
 
     // A second serve on the same home refuses at once and names the first.
-    let mut second = fnvm_command(fnvm(), &home, agent());
+    let mut second = fnvm_command(HERE.fnvm(), &home, HERE.agent());
     second.args(["serve", "--listen", "127.0.0.1:0", "--sandbox", "process"]);
     let (status, text, _) = output_within(second, Duration::from_secs(60));
     assert!(!status.success(), "{text}");
@@ -120,24 +103,10 @@ fn one_serve_per_home_and_a_killed_serves_leftovers_are_cleaned_at_the_next_star
     let partial_blob = home.join(format!("blobs/sha256/.ingest-{}.{dead}.0", "b".repeat(64)));
     std::fs::create_dir_all(partial_blob.parent().unwrap()).unwrap();
     std::fs::write(&partial_blob, b"half a layer").unwrap();
-    let mut next = Serve::start(fnvm(), &home, agent(), &[]);
+    let mut next = Serve::start(HERE.fnvm(), &home, HERE.agent(), &[]);
     assert!(!staging.exists(), "{} is left", staging.display());
     assert!(!partial_blob.exists(), "{} is left", partial_blob.display());
     next.stop();
-}
-
-/// Accepts every connection and holds it open without a byte.
-fn silent_registry() -> (String, Arc<Mutex<Vec<TcpStream>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let host = listener.local_addr().unwrap().to_string();
-    let held = Arc::new(Mutex::new(Vec::new()));
-    let keep = Arc::clone(&held);
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            keep.lock().unwrap().push(stream);
-        }
-    });
-    (host, held)
 }
 
 #[test]
@@ -146,10 +115,11 @@ fn a_deploy_from_a_silent_registry_fails_at_the_read_deadline_with_a_clear_messa
     if !is_root() {
         return;
     }
-    let (host, held) = silent_registry();
-    let home = fresh_home("service-resilience-silent");
-    let mut serve = Serve::start(fnvm(), &home, agent(), &[]);
-    let mut deploy = Command::new(FNVM);
+    let registry = SilentRegistry::start();
+    let host = registry.host.clone();
+    let home = HERE.fresh_home("service-resilience-silent");
+    let mut serve = Serve::start(HERE.fnvm(), &home, HERE.agent(), &[]);
+    let mut deploy = Command::new(HERE.fnvm);
     deploy
         .args([
             "deploy",
@@ -169,6 +139,6 @@ fn a_deploy_from_a_silent_registry_fails_at_the_read_deadline_with_a_clear_messa
             && text.contains("FNVM_REGISTRY_READ_TIMEOUT_S"),
         "{text}"
     );
-    assert!(!held.lock().unwrap().is_empty(), "the registry was reached");
+    assert!(registry.connections() >= 1, "the registry was reached");
     serve.stop();
 }

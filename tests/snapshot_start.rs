@@ -9,36 +9,18 @@
 //! each VM test prints one loud SKIPPED line and returns. What runs everywhere: `--snapshot`
 //! outside the VM sandbox is refused with a clear message. Needs root.
 
-mod run_support;
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use run_support::*;
+use fnvm_testkit::*;
 
-const FNVM: &str = env!("CARGO_BIN_EXE_fnvm");
+const HERE: Here = fnvm_testkit::here!();
 const START_LIMIT: Duration = Duration::from_secs(120);
-
-fn fnvm() -> &'static Path {
-    Path::new(FNVM)
-}
-
-fn agent() -> &'static Path {
-    static AGENT: OnceLock<PathBuf> = OnceLock::new();
-    AGENT.get_or_init(|| static_binary(fnvm(), "fnvm-agent", "FNVM_AGENT_BIN"))
-}
-
-fn layouts() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("run-tests-images")
-}
 
 /// A home of its own per test: snapshots of one test never serve another.
 fn fresh_home(name: &str) -> PathBuf {
-    let home = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("snapshot-{name}"));
-    let _ = std::fs::remove_dir_all(&home);
-    std::fs::create_dir_all(&home).unwrap();
-    home
+    HERE.fresh_home(&format!("snapshot-{name}"))
 }
 
 fn skip_without_vmx_or_svm(test: &str) -> bool {
@@ -47,9 +29,9 @@ fn skip_without_vmx_or_svm(test: &str) -> bool {
 
 fn run_python(home: &Path, image: &str) -> FnvmRun {
     FnvmRun::start(
-        fnvm(),
+        HERE.fnvm(),
         home,
-        agent(),
+        HERE.agent(),
         image,
         &["--sandbox", "vm", "--snapshot", "--type", "web"],
         START_LIMIT,
@@ -110,7 +92,7 @@ fn restored_python_functions_answer_keep_their_files_apart_and_draw_their_own_ra
         return;
     }
     let home = fresh_home("restore");
-    let image = python_image(&layouts());
+    let image = python_image(&HERE.layouts());
     let token = boot_and_snapshot(&home, &image);
 
     let a = run_python(&home, &image);
@@ -176,7 +158,7 @@ fn a_snapshot_that_cannot_be_restored_is_replaced_by_a_boot_start() {
         return;
     }
     let home = fresh_home("corrupt");
-    let image = python_image(&layouts());
+    let image = python_image(&HERE.layouts());
     boot_and_snapshot(&home, &image);
     // Flip one byte of guest memory in the snapshot.
     let entries: Vec<PathBuf> = std::fs::read_dir(home.join("snapshots"))
@@ -214,7 +196,7 @@ fn a_snapshot_that_cannot_be_restored_is_replaced_by_a_boot_start() {
 #[test]
 fn snapshot_starts_outside_the_vm_sandbox_are_refused_with_the_reason() {
     let home = fresh_home("process");
-    let out = fnvm_command(fnvm(), &home, agent())
+    let out = fnvm_command(HERE.fnvm(), &home, HERE.agent())
         .args([
             "run",
             "oci:/nonexistent-image",

@@ -1,8 +1,5 @@
 //! The pull pipeline against a real registry (Debian's docker-registry on 127.0.0.1) with
-//! images the tests build and push themselves.
-
-#[path = "support/registry.rs"]
-mod registry_support;
+//! images the tests build and push themselves (fixture: `fnvm-testkit-registry`).
 
 use std::path::Path;
 
@@ -13,7 +10,7 @@ use fnvm_rootfs_builder::pipeline::{
 };
 use fnvm_rootfs_builder::reference::{self, ImageReference};
 use fnvm_rootfs_builder::registry::RegistryOptions;
-use registry_support::*;
+use fnvm_testkit_registry::*;
 
 fn options(reg_host: &str, creds: Option<(&str, &str)>) -> PullOptions {
     PullOptions {

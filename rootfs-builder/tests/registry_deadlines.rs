@@ -2,39 +2,13 @@
 //! that holds every connection open, silent): the pull fails in bounded time with a message
 //! naming the registry and the deadline that ran out.
 
-use std::net::{TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fnvm_rootfs_builder::pipeline::{pull, HomeDirs, PullOptions};
 use fnvm_rootfs_builder::reference;
 use fnvm_rootfs_builder::registry::deadlines::{RegistryDeadlines, PULL_ENV, READ_ENV};
 use fnvm_rootfs_builder::registry::RegistryOptions;
-
-/// Accepts every connection and keeps it open without a byte, until dropped.
-struct SilentRegistry {
-    host: String,
-    held: Arc<Mutex<Vec<TcpStream>>>,
-}
-
-impl SilentRegistry {
-    fn start() -> SilentRegistry {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let host = listener.local_addr().unwrap().to_string();
-        let held = Arc::new(Mutex::new(Vec::new()));
-        let keep = Arc::clone(&held);
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                keep.lock().unwrap().push(stream);
-            }
-        });
-        SilentRegistry { host, held }
-    }
-
-    fn connections(&self) -> usize {
-        self.held.lock().unwrap().len()
-    }
-}
+use fnvm_testkit_registry::SilentRegistry;
 
 fn options(host: &str, deadlines: RegistryDeadlines) -> PullOptions {
     PullOptions {

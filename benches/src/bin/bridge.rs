@@ -11,9 +11,6 @@
 //! Needs root and a release build: `cargo build --release -p fnvm && cargo run --release -p
 //! fnvm-benches --bin bridge`.
 
-#[path = "../../../tests/run_support/mod.rs"]
-mod run_support;
-
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -32,12 +29,12 @@ fn main() -> Result<()> {
         .nth(1)
         .unwrap_or_else(|| "process".into());
     let fnvm = fnvm_binary()?;
-    let agent = run_support::static_binary(&fnvm, "fnvm-agent", "FNVM_AGENT_BIN");
-    let hello = run_support::static_binary(&fnvm, "fnvm-hello", "FNVM_HELLO_BIN");
+    let agent = fnvm_testkit::static_binary(&fnvm, "fnvm-agent", "FNVM_AGENT_BIN");
+    let hello = fnvm_testkit::static_binary(&fnvm, "fnvm-hello", "FNVM_HELLO_BIN");
     std::env::set_var("FNVM_HELLO_BIN", &hello);
-    let work = run_support::target_dir(&fnvm).join("bench-bridge");
+    let work = fnvm_testkit::target_dir(&fnvm).join("bench-bridge");
     std::fs::create_dir_all(&work)?;
-    let image = run_support::oci::ensure_example_image(&work.join("images"), &hello)?;
+    let image = fnvm::example_image::ensure_example_image(&work.join("images"), &hello)?;
     let home = work.join("home");
 
     // The same server binary on host loopback.
@@ -50,7 +47,7 @@ fn main() -> Result<()> {
         .context("starting fnvm-hello on loopback")?;
     wait_ready(loopback_addr)?;
 
-    let run = run_support::FnvmRun::start(
+    let run = fnvm_testkit::FnvmRun::start(
         &fnvm,
         &home,
         &agent,
@@ -128,10 +125,7 @@ fn main() -> Result<()> {
 
 /// `target/release/fnvm` (benchmarks measure release builds).
 fn fnvm_binary() -> Result<PathBuf> {
-    let path = run_support::workspace()
-        .parent()
-        .map(|w| w.join("target/release/fnvm"))
-        .context("workspace")?;
+    let path = fnvm_testkit::workspace().join("target/release/fnvm");
     if !path.is_file() {
         bail!(
             "{} is missing: run `cargo build --release -p fnvm` first",

@@ -17,9 +17,6 @@
 //! Needs root and a release build: `cargo build --release -p fnvm && cargo run --release -p
 //! fnvm-benches --bin invoke`.
 
-#[path = "../../../tests/run_support/mod.rs"]
-mod run_support;
-
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -43,12 +40,12 @@ fn main() -> Result<()> {
         .nth(1)
         .unwrap_or_else(|| "process".into());
     let fnvm = fnvm_binary()?;
-    let agent = run_support::static_binary(&fnvm, "fnvm-agent", "FNVM_AGENT_BIN");
-    let hello = run_support::static_binary(&fnvm, "fnvm-hello", "FNVM_HELLO_BIN");
+    let agent = fnvm_testkit::static_binary(&fnvm, "fnvm-agent", "FNVM_AGENT_BIN");
+    let hello = fnvm_testkit::static_binary(&fnvm, "fnvm-hello", "FNVM_HELLO_BIN");
     std::env::set_var("FNVM_HELLO_BIN", &hello);
-    let work = run_support::target_dir(&fnvm).join("bench-invoke");
+    let work = fnvm_testkit::target_dir(&fnvm).join("bench-invoke");
     std::fs::create_dir_all(&work)?;
-    let image = run_support::oci::ensure_example_image(&work.join("images"), &hello)?;
+    let image = fnvm::example_image::ensure_example_image(&work.join("images"), &hello)?;
     let script = work.join("post.lua");
     std::fs::write(
         &script,
@@ -59,7 +56,7 @@ fn main() -> Result<()> {
     )?;
 
     // fnvm run: one instance, its front on a free port.
-    let run = run_support::FnvmRun::start(
+    let run = fnvm_testkit::FnvmRun::start(
         &fnvm,
         &work.join("home-run"),
         &agent,
@@ -193,10 +190,7 @@ fn main() -> Result<()> {
 
 /// `target/release/fnvm` (benchmarks measure release builds).
 fn fnvm_binary() -> Result<PathBuf> {
-    let path = run_support::workspace()
-        .parent()
-        .map(|w| w.join("target/release/fnvm"))
-        .context("workspace")?;
+    let path = fnvm_testkit::workspace().join("target/release/fnvm");
     if !path.is_file() {
         bail!(
             "{} is missing: run `cargo build --release -p fnvm` first",

@@ -10,9 +10,6 @@
 //! Needs root and a release build: `cargo build --release -p fnvm && cargo run --release -p
 //! fnvm-benches --bin start`.
 
-#[path = "../../../tests/run_support/mod.rs"]
-mod run_support;
-
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -38,25 +35,22 @@ fn main() -> Result<()> {
         .skip_while(|a| a != "--sandbox")
         .nth(1)
         .unwrap_or_else(|| "process".into());
-    let fnvm = run_support::workspace()
-        .parent()
-        .context("workspace")?
-        .join("target/release/fnvm");
+    let fnvm = fnvm_testkit::workspace().join("target/release/fnvm");
     if !fnvm.is_file() {
         bail!(
             "{} is missing: run `cargo build --release -p fnvm` first",
             fnvm.display()
         );
     }
-    let agent = run_support::static_binary(&fnvm, "fnvm-agent", "FNVM_AGENT_BIN");
-    let work = run_support::target_dir(&fnvm).join("bench-start");
+    let agent = fnvm_testkit::static_binary(&fnvm, "fnvm-agent", "FNVM_AGENT_BIN");
+    let work = fnvm_testkit::target_dir(&fnvm).join("bench-start");
     let layouts = work.join("images");
     let home = work.join("home");
     std::fs::create_dir_all(&home)?;
     let cases = [
         Case {
             name: "busybox httpd",
-            image: run_support::busybox_image(&layouts),
+            image: fnvm_testkit::busybox_image(&layouts),
             probe: "/index.html",
             floor_argv: |port| {
                 [
@@ -74,7 +68,7 @@ fn main() -> Result<()> {
         },
         Case {
             name: "python3 (Debian minbase)",
-            image: run_support::python_image(&layouts),
+            image: fnvm_testkit::python_image(&layouts),
             probe: "/env",
             floor_argv: |_| {
                 ["python3", "-u", "/srv/server.py"]
@@ -133,7 +127,7 @@ fn main() -> Result<()> {
 /// Where the host has VMX/SVM: first-reply latency of a boot start, a snapshot start and a
 /// warm request, per image (the issue's goal: snapshot start ≥ 10× faster than boot start).
 fn vm_start_kinds(fnvm: &Path, home: &Path, agent: &Path, cases: &[Case]) -> Result<()> {
-    if !run_support::host_has_vmx_or_svm() {
+    if !fnvm_testkit::host_has_vmx_or_svm() {
         println!(
             "\nboot vs snapshot vs warm start (vm sandbox): SKIPPED, this host has no VMX/SVM \
              (Linux guests cannot run on it)"
@@ -184,7 +178,7 @@ fn start_with(
     args: &[&str],
 ) -> Result<(Duration, Duration)> {
     let t = Instant::now();
-    let mut run = run_support::FnvmRun::start(
+    let mut run = fnvm_testkit::FnvmRun::start(
         fnvm,
         home,
         agent,
@@ -214,7 +208,7 @@ fn start_once(
     case: &Case,
 ) -> Result<(Duration, Duration, Option<PathBuf>)> {
     let t = Instant::now();
-    let mut run = run_support::FnvmRun::start(
+    let mut run = fnvm_testkit::FnvmRun::start(
         fnvm,
         home,
         agent,
@@ -225,7 +219,7 @@ fn start_once(
     let addr = run.expect_serving();
     first_ok(addr, case.probe, Duration::from_secs(60))?;
     let elapsed = t.elapsed();
-    let rootfs = run_support::rootfs_image_of(&run);
+    let rootfs = fnvm_testkit::rootfs_image_of(&run);
     let reported = run
         .stderr
         .snapshot()

@@ -2,7 +2,6 @@
 //! runs the process-sandbox rows on the host and, where the host has no VMX/SVM, the vm-sandbox
 //! rows inside the nested level (scripts/nested.sh: an L1 Linux with emulated SVM), telling
 //! each level what to run in `FNVM_TEST_SANDBOXES`.
-#![allow(dead_code)]
 
 /// The variable scripts/test.sh sets per level: `process`, `vm` or `process,vm`.
 pub const SANDBOXES_VAR: &str = "FNVM_TEST_SANDBOXES";
@@ -20,7 +19,7 @@ pub fn host_has_vmx_or_svm() -> bool {
 
 /// One line straight to the process's stderr (`eprintln!` is captured by the test harness, and
 /// a skip must never look like a silent pass).
-fn loud(line: &str) {
+pub fn loud(line: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }

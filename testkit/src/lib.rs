@@ -1,0 +1,26 @@
+//! Shared fixtures of fnvm's whole-system tests and benchmarks: the real `fnvm` binary as a
+//! child process (`fnvm run`, `fnvm serve`), the images they run, where Linux guests run, and
+//! the leak check. One crate instead of source files included with `#[path]`.
+//!
+//! The registry fixture lives in its own crate, `fnvm-testkit-registry` (re-exported here as
+//! [`registry`]), because rootfs-builder's tests use it too and must not depend on fnvm.
+
+pub mod build;
+pub mod echo;
+pub mod fixtures;
+pub mod images;
+pub mod leaks;
+pub mod level;
+pub mod run;
+pub mod serve;
+
+pub use fnvm_testkit_registry as registry;
+
+pub use build::{cache_dir, static_binary, target_dir, workspace};
+pub use echo::{echoed_headers, Echo};
+pub use fixtures::{http, serial, Here};
+pub use images::{busybox_image, busybox_image_with, debian_python_tarball, python_image, PYTHON_SERVER};
+pub use serve::Serve;
+pub use leaks::{assert_nothing_left, rootfs_image_of};
+pub use level::{host_has_vmx_or_svm, linux_guests_run_here, sandboxes};
+pub use run::{fnvm_command, FnvmRun, Lines};
