@@ -29,10 +29,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 // Re-exported for the host service and `fnvm run` (start-up cleanup, instance naming).
+pub use fnvm_agent::protocol::{LogStream, StartSpec};
 #[allow(unused_imports)]
 pub use instance::record::{instances_root, new_instance_id};
 pub use orphans::cleanup_orphans;
-pub use fnvm_agent::protocol::{LogStream, StartSpec};
 
 use crate::home::Home;
 

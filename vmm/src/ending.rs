@@ -112,4 +112,3 @@ pub(crate) fn add_ending_events<C>(
     }
     Ok(())
 }
-

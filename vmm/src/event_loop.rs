@@ -37,7 +37,6 @@ pub struct Registry<'a, C> {
 }
 
 impl<C> Registry<'_, C> {
-
     fn set(&mut self, token: Token, events: EventSet) -> io::Result<()> {
         if let Some(Some(fd)) = self.fds.get(token.0) {
             self.epoll.ctl(

@@ -13,11 +13,11 @@ use std::time::Instant;
 use kvm_ioctls::Kvm;
 
 use crate::device_manager::legacy::LegacyState;
+use crate::device_manager::DeviceError;
 use crate::devices::bus::lock;
 use crate::devices::virtio::mmio::{MmioTransport, MmioTransportArgs};
 use crate::devices::virtio::{restore_device, VirtioDeviceState};
 use crate::devices::{InterruptTrigger, Persist};
-use crate::device_manager::DeviceError;
 use crate::error::{io_err, RestoreError, VmError};
 use crate::machine::{Machine, Restored};
 use crate::memory::GuestMemory;

@@ -159,7 +159,10 @@ fn serve_connection(
     let mut reader = BufReader::new(stream);
     loop {
         let mut line = Vec::new();
-        match (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut line) {
+        match (&mut reader)
+            .take(MAX_LINE as u64)
+            .read_until(b'\n', &mut line)
+        {
             Ok(0) | Err(_) => return Outcome::Waiting(standby),
             Ok(_) if !line.ends_with(b"\n") => {
                 reply(

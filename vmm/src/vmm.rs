@@ -185,7 +185,13 @@ impl Vm {
         let (mut devices, events) = DeviceManager::new(&fd, config.irqchip, console, legacy)?;
 
         let mut event_loop = EventLoop::new().map_err(io_err("epoll"))?;
-        ending::add_ending_events(&mut event_loop, &exit, &stop_evt, &events.reset, &console_watch)?;
+        ending::add_ending_events(
+            &mut event_loop,
+            &exit,
+            &stop_evt,
+            &events.reset,
+            &console_watch,
+        )?;
         if let Some(input) = config.console_input {
             devices.add_console_input(&mut event_loop, input, events.serial_ready)?;
         }
@@ -312,8 +318,7 @@ impl Vm {
         handler: Box<dyn FnMut() + Send>,
     ) -> Result<(), VmError> {
         let m = &mut self.machine;
-        Ok(m
-            .devices
+        Ok(m.devices
             .add_ioevent(&m.fd, &mut self.event_loop, addr, datamatch, handler)?)
     }
 
@@ -484,10 +489,12 @@ impl Vm {
             r.first_io.clone()
         });
         if let Some(channel) = self.api_channel.take() {
-            serve_channel(&mut self.event_loop, channel).map_err(io_err("epoll_ctl (API channel)"))?;
+            serve_channel(&mut self.event_loop, channel)
+                .map_err(io_err("epoll_ctl (API channel)"))?;
         }
         if let Some(listener) = self.api_listener.take() {
-            serve_socket(&mut self.event_loop, listener).map_err(io_err("epoll_ctl (API socket)"))?;
+            serve_socket(&mut self.event_loop, listener)
+                .map_err(io_err("epoll_ctl (API socket)"))?;
         }
         if let Some(f) = &first_io {
             f.rebase();

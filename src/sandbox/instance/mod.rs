@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use fnvm_agent::protocol::FUNCTION_PORT;
 
-use record::{InstanceRecord, ProcessId};
-use writable_layer::WritableLayer;
+use crate::home::Home;
 use crate::sandbox::exit::ExitState;
 use crate::sandbox::link::Link;
 use crate::sandbox::transport::HostTransport;
 use crate::sandbox::{ExitReport, Instance, RestoreReport, SandboxError, StartInfo};
-use crate::home::Home;
+use record::{InstanceRecord, ProcessId};
+use writable_layer::WritableLayer;
 
 /// How long the function gets between the agent's SIGTERM and SIGKILL on stop.
 const STOP_GRACE: Duration = Duration::from_millis(500);

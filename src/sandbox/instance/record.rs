@@ -12,8 +12,8 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::sandbox::SandboxError;
 use crate::home::Home;
+use crate::sandbox::SandboxError;
 
 /// The record's file name in an instance directory.
 pub(crate) const RECORD: &str = "instance.json";
@@ -138,5 +138,4 @@ mod tests {
             "{a}"
         );
     }
-
 }

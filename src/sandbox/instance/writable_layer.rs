@@ -15,8 +15,8 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use crate::sandbox::SandboxError;
 use crate::home::Home;
+use crate::sandbox::SandboxError;
 
 /// The writable layer's size: the function's whole disk budget.
 pub const WRITABLE_LAYER_BYTES: u64 = 512 * 1024 * 1024;

@@ -23,6 +23,7 @@ use cgroup::watch::LimitWatch;
 use cgroup::{cgroup_prefix, AgentDisk, Cgroup, Hierarchy, Limits, V1Extras};
 use loopdev::LoopDevice;
 
+use crate::home::Home;
 use crate::sandbox::exit::{ended_reason, ExitState};
 use crate::sandbox::instance::child::SandboxChild;
 use crate::sandbox::instance::record::ProcessId;
@@ -34,7 +35,6 @@ use crate::sandbox::transport::{unix_port_path, HostTransport};
 use crate::sandbox::{
     validate_spec, ColdStart, Instance, InstanceSpec, Sandbox, SandboxError, SandboxKind, StartInfo,
 };
-use crate::home::Home;
 
 /// The one line said when a process sandbox is created.
 pub const ISOLATION_WARNING: &str = "fnvm: warning: the process sandbox shares the host kernel \

@@ -11,12 +11,11 @@ use std::time::Duration;
 use fnvm_agent::protocol::{StartSpec, NOT_LISTENING_MESSAGE};
 
 use super::{cgroup, loopdev, ProcessSandbox};
+use crate::home::Home;
 use crate::sandbox::instance::writable_layer::WRITABLE_LAYER_BYTES;
 use crate::sandbox::{
-    instances_root, Instance, InstanceSpec, LogLine, LogStream, Sandbox,
-    SandboxError,
+    instances_root, Instance, InstanceSpec, LogLine, LogStream, Sandbox, SandboxError,
 };
-use crate::home::Home;
 
 pub(super) fn is_root() -> bool {
     if nix::unistd::geteuid().is_root() {

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::sandbox::SandboxError;
 use crate::home::Home;
+use crate::sandbox::SandboxError;
 
 /// Bumped when the archive's layout changes, so cached archives are rebuilt.
 const LAYOUT_VERSION: u32 = 1;

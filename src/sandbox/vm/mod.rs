@@ -31,28 +31,27 @@ use std::time::{Duration, Instant};
 use fnvm_vmm::arch::x86_64::boot::KernelFormat;
 use fnvm_vmm::host::HostCapabilities;
 
-pub use launch::{guest_cmdline, vcpus_for};
 use launch::{disk_args, shape_of, snapshot_layer, vmm_binary, Launch};
+pub use launch::{guest_cmdline, vcpus_for};
 use restore_report::restore_report;
 use snapshots::{Platform, SnapshotStore};
 use standby::{restore_in_standby, vmm_command, StandbyVmms, API_SOCKET};
 use teardown::VmParts;
 use vmm_api::VmmApi;
 
+use crate::home::Home;
 use crate::sandbox::exit::{ended_reason, ExitState};
 use crate::sandbox::instance::child::SandboxChild;
 use crate::sandbox::instance::record::ProcessId;
 use crate::sandbox::instance::{
     prepare_instance_dir, AgentInstance, PreparedDir, RestoreProbe, Teardown,
 };
-use crate::sandbox::link::clock::ClockSource;
 use crate::sandbox::link;
+use crate::sandbox::link::clock::ClockSource;
 use crate::sandbox::transport::HostTransport;
 use crate::sandbox::{
-    validate_spec, ColdStart, Instance, InstanceSpec, Sandbox, SandboxError,
-    SandboxKind, StartInfo,
+    validate_spec, ColdStart, Instance, InstanceSpec, Sandbox, SandboxError, SandboxKind, StartInfo,
 };
-use crate::home::Home;
 
 /// How long the guest may take to boot and answer on its control port.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -136,7 +135,12 @@ impl Sandbox for VmSandbox {
         SandboxKind::Vm
     }
 
-    fn discard_snapshot(&self, rootfs_image: &Path, start: &crate::sandbox::StartSpec, memory_mib: u32) {
+    fn discard_snapshot(
+        &self,
+        rootfs_image: &Path,
+        start: &crate::sandbox::StartSpec,
+        memory_mib: u32,
+    ) {
         match self.snapshots.key_of(rootfs_image, start, memory_mib) {
             Ok(key) if self.snapshots.find(&key).is_some() => {
                 tracing::info!(
@@ -307,7 +311,8 @@ impl VmSandbox {
             }
             Launch::Boot { .. } => (None, None),
         };
-        let PreparedDir { mut record, layer } = prepare_instance_dir(&self.home, dir, layer_from.as_deref())?;
+        let PreparedDir { mut record, layer } =
+            prepare_instance_dir(&self.home, dir, layer_from.as_deref())?;
         let layer = parts.layer.insert(layer);
         let mut args = match &launch {
             Launch::Boot { .. } => self.vmm_args(spec, layer.path(), vsock),
@@ -411,8 +416,7 @@ impl VmSandbox {
                     &|| Ok(()),
                 )?;
                 let phases =
-                    link
-                        .agent_times()
+                    link.agent_times()
                         .phases(vmm_started, "VMM start → agent answered", true);
                 parts.link = Some(link);
                 // Snapshot now, while the server is listening and before any request could

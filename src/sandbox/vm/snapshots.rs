@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::sandbox::{InstanceSpec, SandboxError, StartSpec};
 use crate::home::Home;
+use crate::sandbox::{InstanceSpec, SandboxError, StartSpec};
 
 /// The `fnvm-vmm` snapshot directory inside an entry.
 const VM_DIR: &str = "vm";

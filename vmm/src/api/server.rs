@@ -13,7 +13,11 @@ use crate::event_loop::{EventLoop, Flow, Handler, Registry};
 use crate::machine::Machine;
 
 /// Answers one request on the VM's machine.
-pub fn answer(machine: &mut Machine, sources: &mut Registry<'_, Machine>, req: Request) -> Response {
+pub fn answer(
+    machine: &mut Machine,
+    sources: &mut Registry<'_, Machine>,
+    req: Request,
+) -> Response {
     match req {
         Request::Pause => match machine.pause(sources) {
             Ok(()) => Response::ok(),

@@ -13,8 +13,7 @@ use super::{io_err, new_eventfd, DeviceError, DeviceManager};
 use crate::devices::bus::{lock, Bus, SharedDevice};
 use crate::devices::i8042::{I8042State, LegacySink, I8042, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::serial::{
-    ConsoleWriter, SerialArgs, SerialDevice, SerialDeviceState, COM1_IRQ, COM1_PORT,
-    COM1_PORT_LEN,
+    ConsoleWriter, SerialArgs, SerialDevice, SerialDeviceState, COM1_IRQ, COM1_PORT, COM1_PORT_LEN,
 };
 use crate::devices::{InterruptTrigger, Persist};
 use crate::event_loop::{EventLoop, Flow, Registry, Token};
@@ -171,7 +170,9 @@ impl DeviceManager {
         let token: Token = match event_loop.add(input, handler) {
             Ok(t) => t,
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                tracing::debug!("console input is not pollable (regular file or /dev/null): ignored");
+                tracing::debug!(
+                    "console input is not pollable (regular file or /dev/null): ignored"
+                );
                 return Ok(());
             }
             Err(e) => {

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::layout::{VIRTIO_IRQ_END, VIRTIO_IRQ_START};
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::i8042::{I8042RestoreError, I8042};
 use crate::devices::serial::{SerialDevice, SerialRestoreError};
@@ -21,7 +22,6 @@ use crate::devices::virtio::mmio::TransportError;
 use crate::devices::virtio::vsock::VsockError;
 use crate::devices::virtio::DeviceRestoreError;
 use crate::event_loop::{EventLoop, Flow, Token};
-use crate::arch::x86_64::layout::{VIRTIO_IRQ_END, VIRTIO_IRQ_START};
 use virtio::VirtioSlot;
 
 /// Why a device could not be created, placed or wired.
@@ -129,8 +129,7 @@ impl DeviceManager {
     /// An interrupt line to the guest: an eventfd registered as KVM irqfd for `gsi`.
     pub fn irq_line(&mut self, fd: &VmFd, gsi: u32) -> Result<Arc<EventFd>, DeviceError> {
         let evt = Arc::new(new_eventfd("irq eventfd")?);
-        fd.register_irqfd(&evt, gsi)
-            .map_err(kvm_err("KVM_IRQFD"))?;
+        fd.register_irqfd(&evt, gsi).map_err(kvm_err("KVM_IRQFD"))?;
         self.irq_lines.push(evt.clone());
         Ok(evt)
     }

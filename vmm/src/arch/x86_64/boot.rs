@@ -278,11 +278,10 @@ pub fn load_kernel(
             })
         }
         KernelFormat::Elf32 { entry, pvh_entry } => {
-            let kernel_end =
-                load_elf32(mem, &mut file).map_err(|e| BootError::NotAKernel {
-                    path: config.kernel.clone(),
-                    why: e.into(),
-                })?;
+            let kernel_end = load_elf32(mem, &mut file).map_err(|e| BootError::NotAKernel {
+                path: config.kernel.clone(),
+                why: e.into(),
+            })?;
             let initrd = match &config.initrd {
                 Some(p) => Some(load_initrd(mem, p, kernel_end, DEFAULT_INITRD_ADDR_MAX)?),
                 None => None,
@@ -585,4 +584,3 @@ mod tests {
         );
     }
 }
-

@@ -22,7 +22,6 @@ pub(crate) const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 pub(crate) const MAX_PHDRS: u16 = 256;
 pub(crate) const MAX_NOTE_SEGMENT: u64 = 64 * 1024;
 
-
 /// Why a file is not an ELF image fnvm can boot.
 #[derive(Debug, thiserror::Error)]
 pub enum ElfError {
@@ -86,7 +85,6 @@ pub(crate) fn read_at(file: &mut File, offset: u64, buf: &mut [u8]) -> std::io::
     file.seek(SeekFrom::Start(offset))?;
     file.read_exact(buf)
 }
-
 
 fn le16(b: &[u8], o: usize) -> u16 {
     u16::from_le_bytes([b[o], b[o + 1]])

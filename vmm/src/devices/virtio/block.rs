@@ -25,8 +25,8 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::{read_config_bytes, ActivateError, VirtioDevice, FEATURE_VERSION_1};
-use crate::memory::GuestMemory;
 use crate::devices::Persist;
+use crate::memory::GuestMemory;
 
 /// Sector size of the virtio-blk protocol (fixed by the spec, independent of the disk).
 pub const SECTOR_SIZE: u64 = 512;

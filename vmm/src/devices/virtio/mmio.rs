@@ -22,9 +22,9 @@ use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING
 use virtio_queue::{Queue, QueueState, QueueT};
 
 use super::{QueueConfig, VirtioDevice, FEATURE_VERSION_1};
+use crate::devices::Persist;
 use crate::devices::{BusDevice, InterruptTrigger};
 use crate::memory::GuestMemory;
-use crate::devices::Persist;
 
 /// Size of the MMIO window of one device (registers + config space).
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;

@@ -42,7 +42,6 @@ pub struct VcpuState {
     pub tsc_khz: Option<u32>,
 }
 
-
 /// The MSRs KVM lists as saveable (KVM_GET_MSR_INDEX_LIST), read once per process.
 fn msr_index_list() -> &'static [u32] {
     static LIST: OnceLock<Vec<u32>> = OnceLock::new();

@@ -11,7 +11,9 @@ use super::connection::ConnKey;
 use super::packet::*;
 use super::rx::write_chain;
 use super::{Vsock, EVENT_QUEUE, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
-use crate::devices::virtio::{read_config_bytes, ActivateError, VirtioDevice, VirtioDeviceState, FEATURE_VERSION_1};
+use crate::devices::virtio::{
+    read_config_bytes, ActivateError, VirtioDevice, VirtioDeviceState, FEATURE_VERSION_1,
+};
 use crate::devices::Persist;
 use crate::memory::GuestMemory;
 

@@ -143,7 +143,11 @@ impl Vsock {
 
 /// Writes `parts` into the device-writable buffers of `chain`; returns the used length, 0 if
 /// the chain is too small or not inside guest memory (the buffer is then returned empty).
-pub(super) fn write_chain(mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>, parts: &[&[u8]]) -> u32 {
+pub(super) fn write_chain(
+    mem: &GuestMemory,
+    chain: DescriptorChain<&GuestMemory>,
+    parts: &[&[u8]],
+) -> u32 {
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let Ok(mut writer) = Writer::new(mem, chain) else {
         tracing::warn!("vsock rx buffer outside guest memory");

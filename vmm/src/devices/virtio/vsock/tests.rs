@@ -9,11 +9,11 @@ use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::persist::{VsockRestoreArgs, VsockState};
-use crate::memory::GuestMemory;
 use super::*;
-use crate::devices::Persist;
 use crate::devices::virtio::mmio::{MmioTransport, MmioTransportArgs};
 use crate::devices::virtio::test_utils::*;
+use crate::devices::Persist;
+use crate::memory::GuestMemory;
 
 const GUEST_CID: u64 = 3;
 const RX_BUFS: usize = 64;

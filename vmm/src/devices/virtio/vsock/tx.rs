@@ -10,7 +10,7 @@ use virtio_queue::{Queue, QueueT, Reader};
 use super::connection::{ConnKey, ConnState, Connection};
 use super::packet::*;
 use super::unix::connect_nonblocking;
-use super::{Token, Vsock, CONN_BUF_SIZE, MAX_CONNECTIONS, MAX_QUEUED_OPS, MAX_PKT_PAYLOAD};
+use super::{Token, Vsock, CONN_BUF_SIZE, MAX_CONNECTIONS, MAX_PKT_PAYLOAD, MAX_QUEUED_OPS};
 use crate::memory::GuestMemory;
 
 impl Vsock {

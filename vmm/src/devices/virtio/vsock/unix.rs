@@ -167,7 +167,6 @@ impl Vsock {
             }
         }
     }
-
 }
 
 /// Connects to a Unix socket without blocking: a listener with a full backlog is a refusal,
