@@ -15,7 +15,6 @@
 //! instance ended) and [`orphans`] (clean-up after a crashed fnvm).
 
 // Parts of the API serve callers that are wired step by step (run, serve, the pool).
-#![allow(dead_code)]
 
 pub mod exit;
 pub mod instance;

@@ -136,7 +136,7 @@ fn fail(report: RawFd, index: usize, errno: i32) -> ! {
 
 /// Runs one step in the child. Only async-signal-safe calls; no allocation.
 fn run_op(op: &Op) -> Result<(), i32> {
-    // SAFETY (whole function): each call is a plain system call on NUL-terminated strings and
+    // SAFETY: (the whole block) each call is a plain system call on NUL-terminated strings and
     // fixed buffers owned by the plan, which outlives the child's use of it.
     unsafe {
         match op {

@@ -472,7 +472,7 @@ fn enter_sandbox(cgroup_procs: &[CString]) -> std::io::Result<()> {
             Ok(r)
         }
     };
-    // SAFETY (whole function): plain system calls on NUL-terminated static or pre-built strings
+    // SAFETY: (the whole block) plain system calls on NUL-terminated static or pre-built strings
     // and stack buffers; nothing here allocates or takes locks.
     unsafe {
         for procs in cgroup_procs {
@@ -507,23 +507,27 @@ fn enter_sandbox(cgroup_procs: &[CString]) -> std::io::Result<()> {
 /// # Safety
 /// Async-signal-safe system calls only; callable between fork and exec.
 unsafe fn loopback_up() -> std::io::Result<()> {
-    let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-    if sock < 0 {
-        return Err(std::io::Error::last_os_error());
+    // SAFETY: a socket, an ifreq zeroed on the stack (all-zero is a valid ifreq) naming "lo",
+    // and two ioctls on it; the union field written is the one SIOCGIFFLAGS filled in.
+    unsafe {
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if sock < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+            *dst = *src as libc::c_char;
+        }
+        let mut result = libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req);
+        if result == 0 {
+            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            result = libc::ioctl(sock, libc::SIOCSIFFLAGS, &req);
+        }
+        let err = std::io::Error::last_os_error();
+        libc::close(sock);
+        if result < 0 {
+            return Err(err);
+        }
+        Ok(())
     }
-    let mut req: libc::ifreq = std::mem::zeroed();
-    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
-    }
-    let mut result = libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req);
-    if result == 0 {
-        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-        result = libc::ioctl(sock, libc::SIOCSIFFLAGS, &req);
-    }
-    let err = std::io::Error::last_os_error();
-    libc::close(sock);
-    if result < 0 {
-        return Err(err);
-    }
-    Ok(())
 }
