@@ -85,4 +85,3 @@ pub fn ensure_example_image(
         &config,
     )?)
 }
-

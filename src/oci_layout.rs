@@ -189,7 +189,8 @@ fn write_layout(
         "config": run_config,
         "rootfs": { "type": "layers", "diff_ids": diff_ids },
     });
-    let config_descriptor = put_blob(&blobs, MEDIA_CONFIG, &to_json(&image_config)).map_err(write)?;
+    let config_descriptor =
+        put_blob(&blobs, MEDIA_CONFIG, &to_json(&image_config)).map_err(write)?;
     let manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": MEDIA_MANIFEST,

@@ -3,7 +3,6 @@
 //! function), every kind and phase present in its JSON, and bad input refused by name.
 //! Needs root (the process sandbox).
 
-
 use std::path::{Path, PathBuf};
 use std::process::Output;
 

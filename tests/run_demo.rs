@@ -2,7 +2,6 @@
 //! build), runs it in the default sandbox, invokes it and prints the reply, its log lines and
 //! the start timing, then leaves nothing behind, in each sandbox the level runs. Needs root.
 
-
 use std::process::Command;
 
 use fnvm_testkit::Here;

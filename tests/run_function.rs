@@ -6,7 +6,6 @@
 //! shows VMX/SVM (one loud SKIPPED line per test elsewhere). Needs root (namespaces, loop
 //! devices, cgroups).
 
-
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -230,10 +229,7 @@ fn python_web_passthrough_keeps_method_path_query_headers_and_body_and_serves_64
             let echo = json(&mut resp);
             assert_eq!(echo["method"], method);
             assert_eq!(echo["path"], "/some/path%20x?a=1&b=two&a=3");
-            assert_eq!(
-                Echo::parse(&echo).body,
-                body.as_bytes()
-            );
+            assert_eq!(Echo::parse(&echo).body, body.as_bytes());
             let h = Echo::parse(&echo).header_map();
             assert_eq!(h["x-custom"], "kept as is");
             assert_eq!(h["cookie"], "k=v; k2=v2");
@@ -275,10 +271,7 @@ fn python_web_passthrough_keeps_method_path_query_headers_and_body_and_serves_64
                     let mut resp = fnvm_testkit::http().post(&url).send(body.clone()).unwrap();
                     assert_eq!(resp.status(), 200, "request {i}");
                     let echo = json(&mut resp);
-                    assert_eq!(
-                        Echo::parse(&echo).body,
-                        body.as_bytes()
-                    );
+                    assert_eq!(Echo::parse(&echo).body, body.as_bytes());
                 })
             })
             .collect();

@@ -6,14 +6,12 @@
 //! VM guest the agent is the one that sets this up (nodev mounts, no CAP_MKNOD, devices cgroup).
 //! Needs root.
 
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fnvm::oci_layout::Layer;
 use fnvm_testkit::{
-    assert_nothing_left, busybox_image_with, rootfs_image_of, sandboxes, serial,
-    FnvmRun,
+    assert_nothing_left, busybox_image_with, rootfs_image_of, sandboxes, serial, FnvmRun,
 };
 
 use fnvm_testkit::Here;
@@ -75,7 +73,9 @@ fn nodes_layer() -> PathBuf {
             .unwrap();
     }
     let bytes = tar.into_inner().unwrap();
-    let staging = HERE.tmp().join(format!("isolation-nodes-layer.{}.tar", std::process::id()));
+    let staging = HERE
+        .tmp()
+        .join(format!("isolation-nodes-layer.{}.tar", std::process::id()));
     std::fs::write(&staging, bytes).unwrap();
     std::fs::rename(&staging, &path).unwrap();
     path
@@ -139,9 +139,23 @@ fn a_function_opens_no_disk_and_no_kernel_device_whatever_it_mknods_but_has_the_
         let home = HERE.tmp().join(format!("isolation-home-{sandbox}"));
         std::fs::create_dir_all(&home).unwrap();
         let args = ["--sandbox", sandbox, "--type", "web"];
-        let victim = FnvmRun::start(HERE.fnvm(), &home, HERE.agent(), &victim_image, &args, START_LIMIT);
+        let victim = FnvmRun::start(
+            HERE.fnvm(),
+            &home,
+            HERE.agent(),
+            &victim_image,
+            &args,
+            START_LIMIT,
+        );
         victim.expect_serving();
-        let attacker = FnvmRun::start(HERE.fnvm(), &home, HERE.agent(), &attacker_image, &args, START_LIMIT);
+        let attacker = FnvmRun::start(
+            HERE.fnvm(),
+            &home,
+            HERE.agent(),
+            &attacker_image,
+            &args,
+            START_LIMIT,
+        );
         attacker.expect_serving();
         attacker
             .stdout

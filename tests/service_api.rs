@@ -5,15 +5,14 @@
 //! level, scripts/test.sh); the rest use the process sandbox: the API and pool paths they test are
 //! the same in both. Needs root.
 
-
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use fnvm_testkit::{http, python_image, sandboxes, serial, Echo};
 use fnvm_testkit::registry::{Registry, PASSWORD, USER};
 use fnvm_testkit::Serve;
+use fnvm_testkit::{http, python_image, sandboxes, serial, Echo};
 
 use fnvm_testkit::Here;
 
@@ -465,7 +464,10 @@ fn bad_requests_are_clear_4xx_and_failed_deploys_say_why() {
         ),
         (
             "unreachable",
-            format!("127.0.0.1:{}/fn/small@{good}", fnvm_testkit::registry::free_port()),
+            format!(
+                "127.0.0.1:{}/fn/small@{good}",
+                fnvm_testkit::registry::free_port()
+            ),
             auth(USER, PASSWORD),
             "failed",
         ),
@@ -523,7 +525,12 @@ fn bad_requests_are_clear_4xx_and_failed_deploys_say_why() {
 fn with_a_token_calls_without_it_get_401() {
     let _serial = serial();
     let home = HERE.fresh_home("service-api-token-home");
-    let serve = Serve::start(HERE.fnvm(), &home, HERE.agent(), &["--api-token", "tok-123"]);
+    let serve = Serve::start(
+        HERE.fnvm(),
+        &home,
+        HERE.agent(),
+        &["--api-token", "tok-123"],
+    );
     let (s, v) = get_json(&serve.url("/v1/namespaces/default/functions"));
     assert_eq!(
         (s, v["error"]["code"].as_str()),

@@ -5,14 +5,13 @@
 //! The real binary, a real docker-registry on loopback, real images, real HTTP clients and raw
 //! TCP sockets (127.0.0.1 only, bounded in count and time). Needs root (process sandbox).
 
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use fnvm_testkit::{busybox_image, echoed_headers, http, python_image, serial};
 use fnvm_testkit::registry::{Registry, PASSWORD, USER};
 use fnvm_testkit::Serve;
+use fnvm_testkit::{busybox_image, echoed_headers, http, python_image, serial};
 
 use fnvm_testkit::Here;
 

@@ -9,13 +9,12 @@
 //! Another serve shows provisioned concurrency: N instances ready before any request, kept past
 //! the idle time, take N calls at once with no cold start on the request path (/metrics).
 
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use fnvm::oci_layout::{self as oci, Entry, Layer, RunConfigSpec};
-use fnvm_testkit::{http, sandboxes, serial};
 use fnvm_testkit::Serve;
+use fnvm_testkit::{http, sandboxes, serial};
 
 use fnvm_testkit::Here;
 

@@ -2,14 +2,13 @@
 //! on the same home, a serve killed with SIGKILL mid-way, a registry that accepts connections
 //! and never answers. Instances would run in the process sandbox; needs root.
 
-
 use std::process::{Command, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use fnvm_testkit::{fnvm_command, serial};
 use fnvm_testkit::registry::SilentRegistry;
 use fnvm_testkit::Serve;
+use fnvm_testkit::{fnvm_command, serial};
 
 use fnvm_testkit::Here;
 

@@ -9,7 +9,6 @@
 //! each VM test prints one loud SKIPPED line and returns. What runs everywhere: `--snapshot`
 //! outside the VM sandbox is refused with a clear message. Needs root.
 
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

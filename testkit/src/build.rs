@@ -50,7 +50,6 @@ pub fn static_binary(fnvm: &Path, package: &str, env_override: &str) -> PathBuf 
         .join(package)
 }
 
-
 /// The user's cache for test inputs that are slow to make (`~/.cache/fnvm/test-images`).
 pub fn cache_dir() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
@@ -61,4 +60,3 @@ pub fn cache_dir() -> PathBuf {
     std::fs::create_dir_all(&dir).expect("cannot create the test image cache");
     dir
 }
-

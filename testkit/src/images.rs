@@ -318,4 +318,3 @@ pub fn python_image(layouts: &Path) -> String {
     )
     .expect("cannot write the python image layout")
 }
-

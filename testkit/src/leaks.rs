@@ -97,4 +97,3 @@ pub fn rootfs_image_of(run: &FnvmRun) -> Option<PathBuf> {
         .to_string();
     std::fs::canonicalize(run.home.join("rootfs").join(digest).join("rootfs.img")).ok()
 }
-

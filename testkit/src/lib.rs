@@ -19,8 +19,10 @@ pub use fnvm_testkit_registry as registry;
 pub use build::{cache_dir, static_binary, target_dir, workspace};
 pub use echo::{echoed_headers, Echo};
 pub use fixtures::{http, serial, Here};
-pub use images::{busybox_image, busybox_image_with, debian_python_tarball, python_image, PYTHON_SERVER};
-pub use serve::Serve;
+pub use images::{
+    busybox_image, busybox_image_with, debian_python_tarball, python_image, PYTHON_SERVER,
+};
 pub use leaks::{assert_nothing_left, rootfs_image_of};
 pub use level::{host_has_vmx_or_svm, linux_guests_run_here, sandboxes};
 pub use run::{fnvm_command, FnvmRun, Lines};
+pub use serve::Serve;

@@ -31,4 +31,3 @@ impl SilentRegistry {
         self.held.lock().unwrap().len()
     }
 }
-
