@@ -8,6 +8,9 @@ pub mod clock;
 mod greeting;
 mod reader;
 
+#[cfg(test)]
+mod tests;
+
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};

@@ -10,11 +10,7 @@ use super::*;
 /// The other end of a control stream, speaking the protocol by hand with a clock `ahead_us`
 /// ahead of the host's (a VM whose clock drifted). It prints "printed now" after answering
 /// `log_after_pongs` pings (0: right after Ready, before any ping).
-fn scripted_agent(
-    listener: UnixListener,
-    ahead_us: u64,
-    log_after_pongs: usize,
-) -> JoinHandle<()> {
+fn scripted_agent(listener: UnixListener, ahead_us: u64, log_after_pongs: usize) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
         let mut reader = BufReader::new(stream.try_clone().unwrap());
