@@ -19,6 +19,25 @@ use crate::sandbox::{ExitReport, Instance, RestoreReport, SandboxError, StartInf
 use record::{InstanceRecord, ProcessId};
 use writable_layer::WritableLayer;
 
+/// Creates an instance's private directory (mode 0700; its parent as needed). It must not exist
+/// yet: an instance id is used once, and a leftover directory is another instance's.
+pub(crate) fn create_instance_dir(dir: &std::path::Path) -> Result<(), SandboxError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| SandboxError::setup(format!("cannot create {}", parent.display()), e))?;
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| {
+            SandboxError::setup(
+                format!("cannot create the instance directory {}", dir.display()),
+                e,
+            )
+        })
+}
+
 /// How long the function gets between the agent's SIGTERM and SIGKILL on stop.
 const STOP_GRACE: Duration = Duration::from_millis(500);
 

@@ -28,7 +28,9 @@ use crate::sandbox::exit::{ended_reason, ExitState};
 use crate::sandbox::instance::child::SandboxChild;
 use crate::sandbox::instance::record::ProcessId;
 use crate::sandbox::instance::writable_layer::WritableLayer;
-use crate::sandbox::instance::{prepare_instance_dir, AgentInstance, PreparedDir, Teardown};
+use crate::sandbox::instance::{
+    create_instance_dir, prepare_instance_dir, AgentInstance, PreparedDir, Teardown,
+};
 use crate::sandbox::link::clock::ClockSource;
 use crate::sandbox::link::{self, Link};
 use crate::sandbox::transport::{unix_port_path, HostTransport};
@@ -300,20 +302,7 @@ impl<T> PushGet<T> for Vec<T> {
 
 impl Parts {
     fn new(dir: PathBuf) -> Result<Self, SandboxError> {
-        if let Some(parent) = dir.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                SandboxError::setup(format!("cannot create {}", parent.display()), e)
-            })?;
-        }
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| {
-                SandboxError::setup(
-                    format!("cannot create the instance directory {}", dir.display()),
-                    e,
-                )
-            })?;
+        create_instance_dir(&dir)?;
         Ok(Parts {
             dir,
             layer: None,

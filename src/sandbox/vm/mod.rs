@@ -23,7 +23,6 @@ mod teardown;
 mod tests;
 mod vmm_api;
 
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,7 +43,7 @@ use crate::sandbox::exit::{ended_reason, ExitState};
 use crate::sandbox::instance::child::SandboxChild;
 use crate::sandbox::instance::record::ProcessId;
 use crate::sandbox::instance::{
-    prepare_instance_dir, AgentInstance, PreparedDir, RestoreProbe, Teardown,
+    create_instance_dir, prepare_instance_dir, AgentInstance, PreparedDir, RestoreProbe, Teardown,
 };
 use crate::sandbox::link;
 use crate::sandbox::link::clock::ClockSource;
@@ -250,20 +249,7 @@ impl VmSandbox {
                 dir.display()
             )));
         }
-        if let Some(parent) = dir.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                SandboxError::setup(format!("cannot create {}", parent.display()), e)
-            })?;
-        }
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| {
-                SandboxError::setup(
-                    format!("cannot create the instance directory {}", dir.display()),
-                    e,
-                )
-            })?;
+        create_instance_dir(&dir)?;
         let mut parts = VmParts {
             dir,
             layer: None,
