@@ -14,13 +14,77 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
-
 /// The command that builds the agent where this module looks for it.
 pub const BUILD_COMMAND: &str = "RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p fnvm-agent --target x86_64-unknown-linux-gnu";
 
+/// Why a static binary for the sandboxes cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum BinaryError {
+    /// The variable that names the binary names an unusable one.
+    #[error("{env_var} does not name a usable {name}: {source}")]
+    BadVariable {
+        env_var: String,
+        name: String,
+        #[source]
+        source: Box<BinaryError>,
+    },
+    /// The running fnvm's own path is unknown, so nothing beside it can be found.
+    #[error("cannot find the running fnvm binary: {0}")]
+    CurrentExe(#[source] std::io::Error),
+    /// The binary was looked for everywhere and is nowhere.
+    #[error(
+        "{name} was not found (looked at ${env_var}, {looked}); build it with `{build_command}` \
+         or set {env_var}"
+    )]
+    NotFound {
+        name: String,
+        env_var: String,
+        looked: String,
+        build_command: String,
+    },
+    /// The file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not an x86-64 ELF executable.
+    #[error("{path} is not an x86-64 ELF executable: {why}")]
+    NotElf { path: PathBuf, why: ElfError },
+    /// The file is dynamically linked: it would fail inside the guest.
+    #[error(
+        "{path} is dynamically linked (interpreter {interpreter}); the guest needs a static \
+         agent: build it with `{BUILD_COMMAND}`"
+    )]
+    Dynamic { path: PathBuf, interpreter: String },
+}
+
+/// What is wrong with an ELF image's headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ElfError {
+    /// A header field lies beyond the end of the file.
+    #[error("truncated")]
+    Truncated,
+    /// The file does not start with the ELF magic.
+    #[error("no ELF magic")]
+    NoMagic,
+    /// The image is not little-endian ELF64.
+    #[error("not a little-endian 64-bit ELF")]
+    NotElf64,
+    /// The image is for another machine.
+    #[error("not built for x86-64")]
+    NotX86_64,
+    /// The program headers are not where or what they claim to be.
+    #[error("bad program header table")]
+    BadProgramHeaders,
+    /// The PT_INTERP entry points outside the file.
+    #[error("interpreter path out of bounds")]
+    BadInterpreter,
+}
+
 /// The static agent binary to put into guests as /sbin/init.
-pub fn agent_binary() -> Result<PathBuf> {
+pub fn agent_binary() -> Result<PathBuf, BinaryError> {
     static_binary("fnvm-agent", "FNVM_AGENT_BIN", BUILD_COMMAND)
 }
 
@@ -28,32 +92,43 @@ pub fn agent_binary() -> Result<PathBuf> {
 /// function): `$env_var`, else `name` beside the running fnvm, else in the static build's
 /// target directory. A plain `cargo build` leaves a dynamically linked `name` next to fnvm:
 /// that one is skipped for the static build, and named only if nothing usable is found.
-pub fn static_binary(name: &str, env_var: &str, build_command: &str) -> Result<PathBuf> {
+pub fn static_binary(
+    name: &str,
+    env_var: &str,
+    build_command: &str,
+) -> Result<PathBuf, BinaryError> {
     if let Some(explicit) = std::env::var_os(env_var) {
         let path = PathBuf::from(explicit);
-        check_static(&path).with_context(|| format!("{env_var} does not name a usable {name}"))?;
+        check_static(&path).map_err(|e| BinaryError::BadVariable {
+            env_var: env_var.to_string(),
+            name: name.to_string(),
+            source: Box::new(e),
+        })?;
         return Ok(path);
     }
-    let exe = std::env::current_exe().context("cannot find the running fnvm binary")?;
+    let exe = std::env::current_exe().map_err(BinaryError::CurrentExe)?;
     let candidates = candidates_beside(&exe, name);
-    let mut unusable = Vec::new();
+    let mut first_unusable = None;
     for candidate in &candidates {
         if candidate.is_file() {
             match check_static(candidate) {
                 Ok(()) => return Ok(candidate.clone()),
-                Err(e) => unusable.push(format!("{e:#}")),
+                Err(e) => {
+                    first_unusable.get_or_insert(e);
+                }
             }
         }
     }
-    if let Some(first) = unusable.first() {
-        bail!("{first}");
+    if let Some(first) = first_unusable {
+        return Err(first);
     }
     let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
-    bail!(
-        "{name} was not found (looked at ${env_var}, {}); build it with `{build_command}` or set \
-         {env_var}",
-        looked.join(", ")
-    )
+    Err(BinaryError::NotFound {
+        name: name.to_string(),
+        env_var: env_var.to_string(),
+        looked: looked.join(", "),
+        build_command: build_command.to_string(),
+    })
 }
 
 /// Where `name` may sit relative to the `fnvm` binary `exe`.
@@ -76,73 +151,71 @@ fn candidates_beside(exe: &Path, name: &str) -> Vec<PathBuf> {
 }
 
 /// Fails unless `path` is a 64-bit x86-64 ELF executable without a program interpreter.
-pub fn check_static(path: &Path) -> Result<()> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+pub fn check_static(path: &Path) -> Result<(), BinaryError> {
+    let bytes = std::fs::read(path).map_err(|source| BinaryError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     match elf_interpreter(&bytes) {
-        Err(why) => bail!("{} is not an x86-64 ELF executable: {why}", path.display()),
-        Ok(Some(interp)) => bail!(
-            "{} is dynamically linked (interpreter {interp}); the guest needs a static agent: \
-             build it with `{BUILD_COMMAND}`",
-            path.display()
-        ),
+        Err(why) => Err(BinaryError::NotElf {
+            path: path.to_path_buf(),
+            why,
+        }),
+        Ok(Some(interpreter)) => Err(BinaryError::Dynamic {
+            path: path.to_path_buf(),
+            interpreter,
+        }),
         Ok(None) => Ok(()),
     }
 }
 
 /// The PT_INTERP path of an x86-64 ELF64 image, or None for a static one. Bounds-checked: the
 /// file is whatever happens to be at that path.
-fn elf_interpreter(elf: &[u8]) -> Result<Option<String>, String> {
+fn elf_interpreter(elf: &[u8]) -> Result<Option<String>, ElfError> {
     const PT_INTERP: u32 = 3;
     const EM_X86_64: u16 = 62;
-    let u16_at = |off: usize| -> Result<u16, String> {
-        off.checked_add(2)
+    fn field<const N: usize>(elf: &[u8], off: usize) -> Result<[u8; N], ElfError> {
+        off.checked_add(N)
             .and_then(|end| elf.get(off..end))
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-            .ok_or_else(|| "truncated".to_string())
-    };
-    let u32_at = |off: usize| -> Result<u32, String> {
-        off.checked_add(4)
-            .and_then(|end| elf.get(off..end))
-            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
-            .ok_or_else(|| "truncated".to_string())
-    };
-    let u64_at = |off: usize| -> Result<u64, String> {
-        off.checked_add(8)
-            .and_then(|end| elf.get(off..end))
-            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-            .ok_or_else(|| "truncated".to_string())
+            .and_then(|b| b.try_into().ok())
+            .ok_or(ElfError::Truncated)
+    }
+    let u16_at = |off| field(elf, off).map(u16::from_le_bytes);
+    let u32_at = |off| field(elf, off).map(u32::from_le_bytes);
+    let usize_at = |off| {
+        field(elf, off)
+            .map(u64::from_le_bytes)
+            .and_then(|v| usize::try_from(v).map_err(|_| ElfError::BadProgramHeaders))
     };
     if elf.get(..4) != Some(b"\x7fELF".as_slice()) {
-        return Err("no ELF magic".into());
+        return Err(ElfError::NoMagic);
     }
     if elf.get(4) != Some(&2) || elf.get(5) != Some(&1) {
-        return Err("not a little-endian 64-bit ELF".into());
+        return Err(ElfError::NotElf64);
     }
     if u16_at(18)? != EM_X86_64 {
-        return Err("not built for x86-64".into());
+        return Err(ElfError::NotX86_64);
     }
-    let phoff = usize::try_from(u64_at(32)?).map_err(|_| "bad program header offset")?;
+    let phoff = usize_at(32)?;
     let phentsize = usize::from(u16_at(54)?);
     let phnum = usize::from(u16_at(56)?);
     if phentsize < 56 {
-        return Err("bad program header size".into());
+        return Err(ElfError::BadProgramHeaders);
     }
     for i in 0..phnum {
         let ph = phentsize
             .checked_mul(i)
             .and_then(|o| o.checked_add(phoff))
-            .ok_or("bad program header offset")?;
+            .ok_or(ElfError::BadProgramHeaders)?;
         if u32_at(ph)? != PT_INTERP {
             continue;
         }
-        let off =
-            usize::try_from(u64_at(ph.saturating_add(8))?).map_err(|_| "bad interpreter offset")?;
-        let len =
-            usize::try_from(u64_at(ph.saturating_add(32))?).map_err(|_| "bad interpreter size")?;
+        let off = usize_at(ph.saturating_add(8)).map_err(|_| ElfError::BadInterpreter)?;
+        let len = usize_at(ph.saturating_add(32)).map_err(|_| ElfError::BadInterpreter)?;
         let raw = off
             .checked_add(len)
             .and_then(|end| elf.get(off..end))
-            .ok_or("interpreter path out of bounds")?;
+            .ok_or(ElfError::BadInterpreter)?;
         let text = String::from_utf8_lossy(raw);
         return Ok(Some(text.trim_end_matches('\0').to_string()));
     }

@@ -4,11 +4,47 @@
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
 use nix::fcntl::{Flock, FlockArg};
 
 /// The lock file `fnvm serve` holds in its home for as long as it runs.
 const SERVICE_LOCK: &str = "serve.lock";
+
+/// Why the home cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum HomeError {
+    /// No home was given and there is no default: neither XDG_DATA_HOME nor HOME is set.
+    #[error("neither XDG_DATA_HOME nor HOME is set; pass --home DIR")]
+    NoDefault,
+    /// A directory of the home (or the home itself) cannot be created.
+    #[error("cannot create {what} {path}: {source}")]
+    Create {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The home's path cannot be made absolute.
+    #[error("cannot resolve the fnvm home {path}: {source}")]
+    Resolve {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The service lock file cannot be opened, locked or written.
+    #[error("cannot {what} the service lock {path}: {source}")]
+    Lock {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another `fnvm serve` holds this home.
+    #[error(
+        "another fnvm serve ({holder}) is using the home {home}: stop it, or give this one \
+         another --home/FNVM_HOME"
+    )]
+    Busy { holder: String, home: PathBuf },
+}
 
 /// A resolved, existing home directory and the layout inside it.
 #[derive(Debug, Clone)]
@@ -19,7 +55,7 @@ pub struct Home {
 impl Home {
     /// `--home`/`FNVM_HOME` if given; else `/var/lib/fnvm` for root, else `$XDG_DATA_HOME/fnvm`
     /// (`~/.local/share/fnvm`). Created if missing.
-    pub fn resolve(explicit: Option<PathBuf>) -> Result<Self> {
+    pub fn resolve(explicit: Option<PathBuf>) -> Result<Self, HomeError> {
         let root = match explicit {
             Some(p) => p,
             None if nix::unistd::geteuid().is_root() => PathBuf::from("/var/lib/fnvm"),
@@ -29,16 +65,21 @@ impl Home {
                     .or_else(|| {
                         std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share"))
                     })
-                    .context("neither XDG_DATA_HOME nor HOME is set; pass --home DIR")?;
+                    .ok_or(HomeError::NoDefault)?;
                 data.join("fnvm")
             }
         };
-        std::fs::create_dir_all(&root)
-            .with_context(|| format!("cannot create the fnvm home {}", root.display()))?;
+        std::fs::create_dir_all(&root).map_err(|source| HomeError::Create {
+            what: "the fnvm home",
+            path: root.clone(),
+            source,
+        })?;
         // Absolute from here on: paths under the home are handed to sandboxes and VMMs that run
         // in other working directories.
-        let root = std::fs::canonicalize(&root)
-            .with_context(|| format!("cannot resolve the fnvm home {}", root.display()))?;
+        let root = std::fs::canonicalize(&root).map_err(|source| HomeError::Resolve {
+            path: root.clone(),
+            source,
+        })?;
         Ok(Self { root })
     }
 
@@ -50,7 +91,7 @@ impl Home {
     /// up and stop each other's instances. The lock (flock) goes with the process however it
     /// ends, so a crashed serve never blocks the next; the file names the holder's pid for the
     /// error a second serve gets.
-    pub fn lock_for_service(&self) -> Result<ServiceLock> {
+    pub fn lock_for_service(&self) -> Result<ServiceLock, HomeError> {
         let path = self.root.join(SERVICE_LOCK);
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -58,7 +99,11 @@ impl Home {
             .create(true)
             .truncate(false)
             .open(&path)
-            .with_context(|| format!("cannot open the service lock {}", path.display()))?;
+            .map_err(|source| HomeError::Lock {
+                what: "open",
+                path: path.clone(),
+                source,
+            })?;
         let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => lock,
             Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
@@ -68,29 +113,39 @@ impl Home {
                     "" => "a process that has not written its pid yet".to_string(),
                     pid => format!("pid {pid}"),
                 };
-                anyhow::bail!(
-                    "another fnvm serve ({holder}) is using the home {}: stop it, or give this \
-                     one another --home/FNVM_HOME",
-                    self.root.display()
-                );
+                return Err(HomeError::Busy {
+                    holder,
+                    home: self.root.clone(),
+                });
             }
             Err((_, e)) => {
-                return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+                return Err(HomeError::Lock {
+                    what: "take",
+                    path,
+                    source: e.into(),
+                });
             }
         };
         lock.set_len(0)
             .and_then(|()| lock.rewind())
             .and_then(|()| writeln!(lock, "{}", std::process::id()))
             .and_then(|()| lock.sync_data())
-            .with_context(|| format!("cannot write this pid into {}", path.display()))?;
+            .map_err(|source| HomeError::Lock {
+                what: "write this pid into",
+                path,
+                source,
+            })?;
         Ok(ServiceLock { _lock: lock })
     }
 
     /// A subdirectory of the home, created on first use.
-    pub fn dir(&self, name: &str) -> Result<PathBuf> {
+    pub fn dir(&self, name: &str) -> Result<PathBuf, HomeError> {
         let dir = self.root.join(name);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(|source| HomeError::Create {
+            what: "the home's directory",
+            path: dir.clone(),
+            source,
+        })?;
         Ok(dir)
     }
 }

@@ -12,8 +12,6 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use anyhow::{bail, Context, Result};
-
 /// `guest-kernel/build.sh`, compiled in: cache lookup, lock, progress, publication.
 const BUILD_SCRIPT: &str = include_str!("../guest-kernel/build.sh");
 /// `guest-kernel/recipe.sh`, compiled in: the build steps (one of the kernel's inputs).
@@ -24,10 +22,38 @@ const CONFIG_FRAGMENT: &str = include_str!("../guest-kernel/fnvm.config");
 /// The exit status of `build.sh --cached` when the kernel is not in the cache.
 const NOT_CACHED: i32 = 3;
 
+/// Why the guest kernel cannot be had.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// The build files cannot be written into a scratch directory.
+    #[error("cannot write the kernel build files into {path}: {source}")]
+    Scratch {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The build script cannot be run or its output read.
+    #[error("cannot {what} the guest kernel build: {source}")]
+    Script {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The build script failed; its messages went to stderr.
+    #[error("the guest kernel build failed ({0}); its messages are above")]
+    Failed(std::process::ExitStatus),
+    /// The build script ended without printing where the kernel is.
+    #[error("the guest kernel build printed no vmlinux path")]
+    NoPath,
+    /// The build script printed a path that is not a file.
+    #[error("the guest kernel build reported {0} but there is no such file")]
+    Missing(PathBuf),
+}
+
 /// The path of fnvm's guest kernel (`vmlinux`), building it first if this machine has none yet.
 /// A build is announced up front (it takes minutes, once per machine and kernel config) with
 /// how to prebuild it; its progress goes to stderr.
-pub fn default_kernel() -> Result<PathBuf> {
+pub fn default_kernel() -> Result<PathBuf, KernelError> {
     let scripts = ScratchDir::create()?;
     let script = write_build_files(scripts.path())?;
     if let Some(cached) = run_script(&script, true)? {
@@ -37,12 +63,12 @@ pub fn default_kernel() -> Result<PathBuf> {
         "fnvm: the guest kernel is not built on this machine yet; building it now (once per \
          machine and kernel config; `fnvm vm kernel` or guest-kernel/build.sh prebuilds it)"
     );
-    run_script(&script, false)?.context("the guest kernel build printed no vmlinux path")
+    run_script(&script, false)?.ok_or(KernelError::NoPath)
 }
 
 /// Runs the build script (`--cached`: only look). Returns the vmlinux path it printed, or None
 /// when only looking and the kernel is not cached.
-fn run_script(script: &Path, only_look: bool) -> Result<Option<PathBuf>> {
+fn run_script(script: &Path, only_look: bool) -> Result<Option<PathBuf>, KernelError> {
     let mut command = Command::new("bash");
     command.arg(script);
     if only_look {
@@ -53,47 +79,48 @@ fn run_script(script: &Path, only_look: bool) -> Result<Option<PathBuf>> {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .context("cannot start bash to build the guest kernel")?;
+        .map_err(|source| KernelError::Script {
+            what: "start bash for",
+            source,
+        })?;
     // The script prints only the vmlinux path on stdout (last line); pass anything else through.
     let mut last_line = None;
-    let stdout = child
-        .stdout
-        .take()
-        .context("no stdout from the kernel build")?;
+    let stdout = child.stdout.take().ok_or(KernelError::NoPath)?;
     for line in BufReader::new(stdout).lines() {
-        let line = line.context("cannot read the kernel build's output")?;
+        let line = line.map_err(|source| KernelError::Script {
+            what: "read the output of",
+            source,
+        })?;
         if let Some(previous) = last_line.replace(line) {
             eprintln!("{previous}");
         }
     }
-    let status = child.wait().context("cannot wait for the kernel build")?;
+    let status = child.wait().map_err(|source| KernelError::Script {
+        what: "wait for",
+        source,
+    })?;
     if only_look && status.code() == Some(NOT_CACHED) {
         return Ok(None);
     }
     if !status.success() {
-        bail!("the guest kernel build failed ({status}); its messages are above");
+        return Err(KernelError::Failed(status));
     }
-    let vmlinux = last_line
-        .map(PathBuf::from)
-        .context("the guest kernel build printed no vmlinux path")?;
+    let vmlinux = last_line.map(PathBuf::from).ok_or(KernelError::NoPath)?;
     if !vmlinux.is_file() {
-        bail!(
-            "the guest kernel build reported {} but there is no such file",
-            vmlinux.display()
-        );
+        return Err(KernelError::Missing(vmlinux));
     }
     Ok(Some(vmlinux))
 }
 
 /// Writes the build script, its recipe and config fragment into `dir`; returns the script's path.
-fn write_build_files(dir: &Path) -> Result<PathBuf> {
+fn write_build_files(dir: &Path) -> Result<PathBuf, KernelError> {
     let script = dir.join("build.sh");
     for (path, text) in [
         (script.clone(), BUILD_SCRIPT),
         (dir.join("recipe.sh"), RECIPE),
         (dir.join("fnvm.config"), CONFIG_FRAGMENT),
     ] {
-        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(&path, text).map_err(|source| KernelError::Scratch { path, source })?;
     }
     Ok(script)
 }
@@ -102,12 +129,15 @@ fn write_build_files(dir: &Path) -> Result<PathBuf> {
 struct ScratchDir(tempfile::TempDir);
 
 impl ScratchDir {
-    fn create() -> Result<Self> {
+    fn create() -> Result<Self, KernelError> {
         tempfile::Builder::new()
             .prefix("fnvm-kernel-build-")
             .tempdir()
             .map(Self)
-            .context("cannot create a scratch directory for the kernel build script")
+            .map_err(|source| KernelError::Scratch {
+                path: std::env::temp_dir(),
+                source,
+            })
     }
 
     fn path(&self) -> &Path {

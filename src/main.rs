@@ -67,19 +67,21 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
-    let result = home::Home::resolve(cli.home).and_then(|home| match cli.command {
-        Command::Vm(cmd) => cli::vm::run(cmd),
-        Command::Image(cmd) => cli::image::run(&home, cmd),
-        Command::Run(args) => cli::run::run(&home, args),
-        Command::Demo(args) => cli::demo::run(&home, args),
-        Command::Bench(args) => cli::bench::run(&home, args),
-        Command::Serve(args) => cli::serve::run(&home, args),
-        Command::Deploy(args) => cli::client::deploy(args),
-        Command::Invoke(args) => cli::client::invoke(args),
-        Command::Logs(args) => cli::client::logs(args),
-        Command::Ls(args) => cli::client::ls(args),
-        Command::Rm(args) => cli::client::rm(args),
-    });
+    let result = home::Home::resolve(cli.home)
+        .map_err(anyhow::Error::from)
+        .and_then(|home| match cli.command {
+            Command::Vm(cmd) => cli::vm::run(cmd),
+            Command::Image(cmd) => cli::image::run(&home, cmd),
+            Command::Run(args) => cli::run::run(&home, args),
+            Command::Demo(args) => cli::demo::run(&home, args),
+            Command::Bench(args) => cli::bench::run(&home, args),
+            Command::Serve(args) => cli::serve::run(&home, args),
+            Command::Deploy(args) => cli::client::deploy(args),
+            Command::Invoke(args) => cli::client::invoke(args),
+            Command::Logs(args) => cli::client::logs(args),
+            Command::Ls(args) => cli::client::ls(args),
+            Command::Rm(args) => cli::client::rm(args),
+        });
     match result {
         Ok(code) => code,
         Err(err) => {

@@ -30,7 +30,7 @@ use super::logs::LogStore;
 use super::metrics::Metrics;
 use super::model::{FunctionKey, FunctionRecord, FunctionState};
 use super::pool::Pool;
-use super::store::{DeployedVersion, Store, StoredFunction};
+use super::store::{DeployedVersion, Store, StoreError, StoredFunction};
 use crate::home::Home;
 use crate::http_server::Admission;
 
@@ -112,10 +112,10 @@ impl Service {
         logs: Arc<LogStore>,
         metrics: Arc<Metrics>,
         config: ApiConfig,
-    ) -> anyhow::Result<Arc<Self>> {
-        use anyhow::Context as _;
-        let store = Store::open(home.root()).context("cannot open the function store")?;
-        let stored = store.load_all().context("cannot load the function store")?;
+    ) -> Result<Arc<Self>, StoreError> {
+        // A StoreError names the store's path and what failed there.
+        let store = Store::open(home.root())?;
+        let stored = store.load_all()?;
         let mut functions = BTreeMap::new();
         for s in stored {
             let state = match s.state {
