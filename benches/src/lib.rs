@@ -4,9 +4,29 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+/// Why a peer cannot run here.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The peer's program is not installed or cannot be started.
+    #[error("cannot run {program} ({source}; Debian package {package})")]
+    Missing {
+        program: String,
+        package: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer's check command ran and failed.
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+}
+
 /// Whether a peer's command can run here (`program args…` exits 0), or why not: a bench whose
 /// peer cannot run says so and still measures fnvm.
-pub fn peer_runs(program: &str, args: &[&str], package: &str) -> Result<(), String> {
+pub fn peer_runs(program: &str, args: &[&str], package: &str) -> Result<(), PeerError> {
     match Command::new(program)
         .args(args)
         .stdin(Stdio::null())
@@ -15,15 +35,16 @@ pub fn peer_runs(program: &str, args: &[&str], package: &str) -> Result<(), Stri
         .output()
     {
         Ok(out) if out.status.success() => Ok(()),
-        Ok(out) => Err(format!(
-            "`{program} {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-        Err(e) => Err(format!(
-            "cannot run {program} ({e}; Debian package {package})"
-        )),
+        Ok(out) => Err(PeerError::Failed {
+            command: format!("{program} {}", args.join(" ")),
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        }),
+        Err(source) => Err(PeerError::Missing {
+            program: program.to_string(),
+            package: package.to_string(),
+            source,
+        }),
     }
 }
 
@@ -147,14 +168,18 @@ mod tests {
 
     #[test]
     fn a_peer_that_cannot_run_says_why() {
-        assert_eq!(peer_runs("true", &[], "coreutils"), Ok(()));
-        let missing = peer_runs("fnvm-no-such-peer", &["--version"], "nothing").unwrap_err();
+        peer_runs("true", &[], "coreutils").unwrap();
+        let missing = peer_runs("fnvm-no-such-peer", &["--version"], "nothing")
+            .unwrap_err()
+            .to_string();
         assert!(
             missing.contains("cannot run fnvm-no-such-peer"),
             "{missing}"
         );
         assert!(missing.contains("Debian package nothing"), "{missing}");
-        let failing = peer_runs("sh", &["-c", "echo broken >&2; exit 3"], "dash").unwrap_err();
+        let failing = peer_runs("sh", &["-c", "echo broken >&2; exit 3"], "dash")
+            .unwrap_err()
+            .to_string();
         assert!(failing.contains("broken"), "{failing}");
     }
 }

@@ -13,7 +13,7 @@
 //! erofs-utils; the cold-read comparison needs root (loop mounts, dropping the page cache).
 
 use std::fs::{self, File};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -24,7 +24,14 @@ use fnvm_rootfs_builder::pipeline::{pull, HomeDirs, PullOptions};
 use fnvm_rootfs_builder::reference;
 use fnvm_rootfs_builder::rootfs::{build_rootfs_image_with, RootfsFormat, RootfsOptions};
 use fnvm_rootfs_builder::unpack::{unpack_layer, Compression, Ownership, UnpackOptions};
-use sha2::{Digest as _, Sha256};
+
+use self::formats::formats;
+use self::image::{cache_dir, ensure_base_tar, ensure_layout, LayerBlob};
+use self::parity::{compare, listing};
+
+mod formats;
+mod image;
+mod parity;
 
 const DEFAULT_RUNS: usize = 5;
 /// The unprivileged user the non-root build path runs as.
@@ -90,170 +97,6 @@ fn parse_args() -> Result<usize> {
         }
     }
     Ok(runs)
-}
-
-fn cache_dir() -> Result<PathBuf> {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .context("neither XDG_CACHE_HOME nor HOME is set")?;
-    let dir = base.join("fnvm/bench");
-    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    Ok(dir)
-}
-
-/// The Debian rootfs tarball, made once with mmdebstrap.
-fn ensure_base_tar(cache: &Path) -> Result<PathBuf> {
-    let tar = cache.join(BASE_TAR);
-    if tar.exists() {
-        return Ok(tar);
-    }
-    eprintln!("building {} with mmdebstrap (once) ...", tar.display());
-    let tmp = cache.join(format!("{BASE_TAR}.partial"));
-    let status = Command::new("mmdebstrap")
-        .args([
-            "--quiet",
-            "--format=tar",
-            "--variant=minbase",
-            "--include=python3",
-            "bookworm",
-        ])
-        .arg(&tmp)
-        .arg("http://deb.debian.org/debian")
-        .status()
-        .context("cannot run mmdebstrap (Debian package mmdebstrap)")?;
-    if !status.success() {
-        bail!("mmdebstrap failed ({status})");
-    }
-    fs::rename(&tmp, &tar)?;
-    Ok(tar)
-}
-
-/// Which of the three layers an entry of the base tarball goes to.
-fn layer_of(path: &str, kind: tar::EntryType) -> usize {
-    let path = path.trim_start_matches("./");
-    if kind == tar::EntryType::Link {
-        2
-    } else if kind.is_dir() {
-        0
-    } else if path.starts_with("usr/share/") || path.starts_with("usr/lib/python3") {
-        1
-    } else {
-        0
-    }
-}
-
-struct LayerBlob {
-    path: PathBuf,
-}
-
-/// Splits the base tarball into three gzip layers and writes an OCI layout (tag `latest`).
-fn ensure_layout(base: &Path, layout: &Path) -> Result<Vec<LayerBlob>> {
-    let blobs = layout.join("blobs/sha256");
-    let index_path = layout.join("index.json");
-    if !index_path.exists() {
-        eprintln!("writing the OCI layout {} (once) ...", layout.display());
-        let partial = layout.with_extension("partial");
-        remove(&partial);
-        fs::create_dir_all(partial.join("blobs/sha256"))?;
-        let mut builders: Vec<tar::Builder<Vec<u8>>> =
-            (0..3).map(|_| tar::Builder::new(Vec::new())).collect();
-        let mut archive = tar::Archive::new(BufReader::new(File::open(base)?));
-        for entry in archive.entries()? {
-            let mut entry = entry?;
-            let path = entry.path()?.into_owned();
-            let kind = entry.header().entry_type();
-            let mut header = entry.header().clone();
-            let b = &mut builders[layer_of(&path.to_string_lossy(), kind)];
-            if kind == tar::EntryType::Link || kind == tar::EntryType::Symlink {
-                let target = entry
-                    .link_name()?
-                    .context("link without target")?
-                    .into_owned();
-                b.append_link(&mut header, &path, &target)?;
-            } else {
-                b.append_data(&mut header, &path, &mut entry)?;
-            }
-        }
-        // The top layer also deletes something the lower ones made.
-        let mut wh = tar::Header::new_gnu();
-        wh.set_entry_type(tar::EntryType::Regular);
-        wh.set_size(0);
-        wh.set_mode(0o600);
-        builders[2].append_data(&mut wh, "usr/share/.wh.doc", io::empty())?;
-        let mut layer_descs = Vec::new();
-        let mut diff_ids = Vec::new();
-        for b in builders {
-            let tar = b.into_inner()?;
-            diff_ids.push(format!("sha256:{}", hex::encode(Sha256::digest(&tar))));
-            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-            gz.write_all(&tar)?;
-            let gz = gz.finish()?;
-            let digest = hex::encode(Sha256::digest(&gz));
-            fs::write(partial.join("blobs/sha256").join(&digest), &gz)?;
-            layer_descs.push(serde_json::json!({
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                "digest": format!("sha256:{digest}"),
-                "size": gz.len(),
-            }));
-        }
-        let config = serde_json::to_vec(&serde_json::json!({
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {"Cmd": ["/usr/bin/python3", "-m", "http.server", "9000"]},
-            "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        }))?;
-        let config_digest = put(&partial, &config)?;
-        let manifest = serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
-            "layers": layer_descs,
-        }))?;
-        let manifest_digest = put(&partial, &manifest)?;
-        fs::write(
-            partial.join("oci-layout"),
-            r#"{"imageLayoutVersion":"1.0.0"}"#,
-        )?;
-        fs::write(
-            partial.join("index.json"),
-            serde_json::to_vec(&serde_json::json!({
-                "schemaVersion": 2,
-                "manifests": [{
-                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                    "digest": manifest_digest,
-                    "size": manifest.len(),
-                    "annotations": {"org.opencontainers.image.ref.name": "latest"},
-                }],
-            }))?,
-        )?;
-        remove(layout);
-        fs::rename(&partial, layout)?;
-    }
-    // The layers in order, from the manifest.
-    let index: serde_json::Value = serde_json::from_slice(&fs::read(&index_path)?)?;
-    let manifest_digest = index["manifests"][0]["digest"]
-        .as_str()
-        .context("index.json")?;
-    let hex = manifest_digest.trim_start_matches("sha256:");
-    let manifest: serde_json::Value = serde_json::from_slice(&fs::read(blobs.join(hex))?)?;
-    manifest["layers"]
-        .as_array()
-        .context("manifest layers")?
-        .iter()
-        .map(|l| {
-            let d = l["digest"].as_str().context("layer digest")?;
-            Ok(LayerBlob {
-                path: blobs.join(d.trim_start_matches("sha256:")),
-            })
-        })
-        .collect()
-}
-
-fn put(layout: &Path, bytes: &[u8]) -> Result<String> {
-    let digest = hex::encode(Sha256::digest(bytes));
-    fs::write(layout.join("blobs/sha256").join(&digest), bytes)?;
-    Ok(format!("sha256:{digest}"))
 }
 
 fn remove(path: &Path) {
@@ -342,7 +185,7 @@ fn run(runs: usize, layout: &Path, layers: &[LayerBlob], scratch: &Path) -> Resu
         io::copy(&mut File::open(&l.path)?, &mut io::sink())?;
     }
     let mut s = Samples::default();
-    let mut parity: Option<Result<usize, String>> = None;
+    let mut parity: Option<Result<usize>> = None;
     // Copies of the layers that nobody can read, for the unprivileged runs.
     let unprivileged = if root {
         let dir = scratch.join("unprivileged");
@@ -440,10 +283,7 @@ fn run(runs: usize, layout: &Path, layers: &[LayerBlob], scratch: &Path) -> Resu
                         let _ = Command::new("umount").arg(&mnt).status();
                         let mut image = listed?;
                         image.remove("lost+found");
-                        parity = Some(
-                            compare(&image, &theirs)
-                                .map_err(|d| format!("image built as nobody:\n{d}")),
-                        );
+                        parity = Some(compare(&image, &theirs).context("image built as nobody"));
                         remove(&out);
                     }
                     remove(&tree);
@@ -496,7 +336,7 @@ fn run(runs: usize, layout: &Path, layers: &[LayerBlob], scratch: &Path) -> Resu
 
     match (parity, &umoci) {
         (Some(Ok(n)), _) => println!("parity: fnvm's tree (as root) and its ext4 image built as nobody both equal umoci's rootfs ({n} entries: type, mode, owner, size, link target, mtime)"),
-        (Some(Err(diff)), _) => bail!("fnvm's tree differs from umoci's rootfs:\n{diff}"),
+        (Some(Err(diff)), _) => bail!("fnvm's tree differs from umoci's rootfs:\n{diff:#}"),
         (None, Err(why)) => println!("umoci (the peer) could not run, so its rows and the parity check are missing: {why}"),
         (None, Ok(())) => println!("parity with umoci not checked (needs root)"),
     }
@@ -542,183 +382,7 @@ fn run(runs: usize, layout: &Path, layers: &[LayerBlob], scratch: &Path) -> Resu
     formats(runs.min(3), layers, scratch, root)
 }
 
-/// Builds ext4, EROFS and lz4hc EROFS from one tree: build time, size, cold read time.
-fn formats(runs: usize, layers: &[LayerBlob], scratch: &Path, root: bool) -> Result<()> {
-    let tree = scratch.join("fmt-tree");
-    fnvm_unpack(layers, &tree, Ownership::Auto)?;
-    let tree_bytes = du(&tree)?;
-    let mut t = Table::new(&[
-        "image format",
-        "build median",
-        "image size",
-        "allocated",
-        "cold read all files",
-    ]);
-    for (name, format, compress) in [
-        ("ext4 (mkfs.ext4 -d)", RootfsFormat::Ext4, false),
-        ("EROFS uncompressed", RootfsFormat::Erofs, false),
-        ("EROFS lz4hc", RootfsFormat::Erofs, true),
-    ] {
-        let image = scratch.join("fmt.img");
-        let mut times = Vec::new();
-        let mut size = 0;
-        for _ in 0..runs {
-            remove(&image);
-            let (d, s) = timed(|| build(&tree, &image, format, compress))?;
-            times.push(d);
-            size = s;
-        }
-        let allocated = {
-            use std::os::unix::fs::MetadataExt;
-            fs::metadata(&image)?.blocks() * 512
-        };
-        let read = if root {
-            cold_read(&image, scratch)?
-        } else {
-            "- (needs root)".to_owned()
-        };
-        t.row(vec![
-            name.to_owned(),
-            ms(median(&times)),
-            format!("{:.1} MB", size as f64 / 1e6),
-            format!("{:.1} MB", allocated as f64 / 1e6),
-            read,
-        ]);
-        remove(&image);
-    }
-    remove(&tree);
-    println!(
-        "\nrootfs image formats, same tree ({:.1} MB of files), {runs} builds each\n",
-        tree_bytes as f64 / 1e6
-    );
-    t.print();
-    Ok(())
-}
-
-/// Loop-mounts `image` read-only, drops the page cache and reads every file.
-fn cold_read(image: &Path, scratch: &Path) -> Result<String> {
-    let mnt = scratch.join("mnt");
-    fs::create_dir_all(&mnt)?;
-    sh(
-        Command::new("mount")
-            .args(["-o", "ro,loop"])
-            .arg(image)
-            .arg(&mnt),
-        "mount",
-    )?;
-    let result = (|| {
-        let _ = Command::new("sync").status();
-        fs::write("/proc/sys/vm/drop_caches", "3").context("dropping the page cache")?;
-        let (d, bytes) = timed(|| read_all(&mnt))?;
-        Ok(format!(
-            "{} ({:.0} MB/s)",
-            ms(d),
-            bytes as f64 / 1e6 / d.as_secs_f64()
-        ))
-    })();
-    let _ = Command::new("umount").arg(&mnt).status();
-    result
-}
-
-fn read_all(dir: &Path) -> Result<u64> {
-    let mut total = 0;
-    let mut buf = vec![0u8; 1 << 20];
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let ft = entry.file_type()?;
-        if ft.is_dir() {
-            total += read_all(&entry.path())?;
-        } else if ft.is_file() {
-            let mut f = File::open(entry.path())?;
-            loop {
-                let n = f.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                total += n as u64;
-            }
-        }
-    }
-    Ok(total)
-}
-
-fn du(dir: &Path) -> Result<u64> {
-    let mut total = 0;
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let meta = entry.metadata()?;
-        if meta.is_dir() {
-            total += du(&entry.path())?;
-        } else if meta.is_file() {
-            total += meta.len();
-        }
-    }
-    Ok(total)
-}
-
-fn nix_is_root() -> bool {
+pub(crate) fn nix_is_root() -> bool {
     // SAFETY: geteuid has no failure mode.
     unsafe { libc::geteuid() == 0 }
-}
-
-/// Every entry below `root`: type, mode, owner, size (files), link target, mtime.
-fn listing(root: &Path) -> Result<std::collections::BTreeMap<String, String>> {
-    use std::os::unix::fs::MetadataExt;
-    let mut out = std::collections::BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(&dir)? {
-            let path = entry?.path();
-            let m = fs::symlink_metadata(&path)?;
-            let ft = m.file_type();
-            let what = if ft.is_dir() {
-                stack.push(path.clone());
-                "dir".to_owned()
-            } else if ft.is_symlink() {
-                format!("link {}", fs::read_link(&path)?.display())
-            } else if ft.is_file() {
-                format!("file {}", m.len())
-            } else {
-                format!("special {:x}", m.rdev())
-            };
-            let rel = path.strip_prefix(root)?.display().to_string();
-            out.insert(
-                rel,
-                format!(
-                    "{what} {:o} {}:{} {}",
-                    m.mode(),
-                    m.uid(),
-                    m.gid(),
-                    m.mtime()
-                ),
-            );
-        }
-    }
-    Ok(out)
-}
-
-/// Ok(entries) when equal, else the first differences.
-fn compare(
-    ours: &std::collections::BTreeMap<String, String>,
-    theirs: &std::collections::BTreeMap<String, String>,
-) -> Result<usize, String> {
-    let mut diff = Vec::new();
-    for (k, v) in ours {
-        match theirs.get(k) {
-            Some(t) if t == v => {}
-            Some(t) => diff.push(format!("  {k}: fnvm {v} / umoci {t}")),
-            None => diff.push(format!("  {k}: only in fnvm ({v})")),
-        }
-    }
-    for (k, t) in theirs {
-        if !ours.contains_key(k) {
-            diff.push(format!("  {k}: only in umoci ({t})"));
-        }
-    }
-    if diff.is_empty() {
-        Ok(ours.len())
-    } else {
-        diff.truncate(20);
-        Err(diff.join("\n"))
-    }
 }
