@@ -111,35 +111,49 @@ fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Fields drop in order: the pool (stopping its instances) before the temporary home goes.
-struct World {
+/// A pool on a sandbox made for a fresh temporary home. Fields drop in order: the pool
+/// (stopping its instances) before the temporary home goes.
+struct World<S = ProcessSandbox> {
     pool: Arc<Pool>,
+    sandbox: Arc<S>,
     logs: Arc<LogStore>,
     metrics: Arc<Metrics>,
     home: Home,
     _tmp: tempfile::TempDir,
 }
 
-fn world(cfg: PoolConfig) -> World {
+/// A pool on the sandbox `make` builds for the new home (and a scratch directory beside it).
+fn world_on<S: Sandbox + 'static>(
+    cfg: PoolConfig,
+    make: impl FnOnce(&Home, &std::path::Path) -> Arc<S>,
+) -> World<S> {
     let tmp = tempfile::tempdir().unwrap();
     let home = Home::resolve(Some(tmp.path().join("home"))).unwrap();
-    let sandbox = Arc::new(ProcessSandbox::with_agent(&home, agent()).unwrap());
+    let sandbox = make(&home, tmp.path());
     let logs = LogStore::open(tmp.path().join("logs"), 1 << 20).unwrap();
     let metrics = Arc::new(Metrics::new());
     let pool = Pool::new(
-        sandbox,
+        Arc::clone(&sandbox) as Arc<dyn Sandbox>,
         home.clone(),
         cfg,
         Arc::clone(&logs),
         Arc::clone(&metrics),
     );
     World {
-        _tmp: tmp,
-        home,
         pool,
+        sandbox,
         logs,
         metrics,
+        home,
+        _tmp: tmp,
     }
+}
+
+/// A pool on the real process sandbox running the freshly built agent.
+fn world(cfg: PoolConfig) -> World {
+    world_on(cfg, |home, _| {
+        Arc::new(ProcessSandbox::with_agent(home, agent()).unwrap())
+    })
 }
 
 /// A version of the handler function with `spec_json` merged into the defaults.

@@ -19,15 +19,15 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::StatusCode;
 
-use crate::home::Home;
 use crate::sandbox::{
     ColdStart, ExitReport, Instance, InstanceSpec, LogLine, LogStream, RestoreReport, Sandbox,
     SandboxError, SandboxKind, StartInfo,
 };
-use crate::service::logs::{LogQuery, LogStore};
-use crate::service::metrics::Metrics;
+use crate::service::logs::LogQuery;
 use crate::service::model::{FunctionKey, FunctionVersion};
 use crate::service::pool::{InvokeError, Limit, Pool, PoolConfig};
+
+use super::{world_on, World};
 
 /// What a fake instance and its sandbox share.
 struct Shared {
@@ -252,32 +252,11 @@ impl Instance for FakeInstance {
     }
 }
 
-/// A pool on a fake sandbox. Fields drop in order: the pool before the directory goes.
-struct FakeWorld {
-    pool: Arc<Pool>,
-    sandbox: Arc<FakeSandbox>,
-    logs: Arc<LogStore>,
-    _tmp: tempfile::TempDir,
-}
+/// A pool on a fake sandbox.
+type FakeWorld = World<FakeSandbox>;
 
 fn fake_world(cfg: PoolConfig) -> FakeWorld {
-    let tmp = tempfile::tempdir().unwrap();
-    let home = Home::resolve(Some(tmp.path().join("home"))).unwrap();
-    let sandbox = FakeSandbox::new(tmp.path().to_path_buf());
-    let logs = LogStore::open(tmp.path().join("logs"), 1 << 20).unwrap();
-    let pool = Pool::new(
-        Arc::clone(&sandbox) as Arc<dyn Sandbox>,
-        home,
-        cfg,
-        Arc::clone(&logs),
-        Arc::new(Metrics::new()),
-    );
-    FakeWorld {
-        pool,
-        sandbox,
-        logs,
-        _tmp: tmp,
-    }
+    world_on(cfg, |_, scratch| FakeSandbox::new(scratch.to_path_buf()))
 }
 
 /// A function version for the fake (its image and start spec are never looked at).
