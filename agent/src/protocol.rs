@@ -118,15 +118,19 @@ pub enum AgentMessage {
 /// Why a message could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
+    /// Reading or writing the control stream failed.
     #[error("control stream I/O failed: {0}")]
     Io(#[from] io::Error),
+    /// A control message is longer than the protocol allows.
     #[error("control message longer than {MAX_MESSAGE_BYTES} bytes")]
     TooLong,
+    /// A control message does not parse as a message of the protocol.
     #[error("malformed control message {line:?}: {source}")]
     Malformed {
         line: String,
         source: serde_json::Error,
     },
+    /// The other side speaks a different protocol version.
     #[error("peer speaks protocol version {peer}, this side speaks {PROTOCOL_VERSION}")]
     Version { peer: u32 },
 }

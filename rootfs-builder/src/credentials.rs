@@ -54,20 +54,24 @@ impl fmt::Debug for Credentials {
 /// Why credentials could not be determined.
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
+    /// A registry user was given without a password, or a password without a user.
     #[error("{0} given without {1}: pass both or neither")]
     Incomplete(&'static str, &'static str),
+    /// The registry auth file cannot be read.
     #[error("cannot read registry auth file {path}")]
     ReadAuthFile {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    /// The registry auth file is not valid JSON.
     #[error("registry auth file {path} is not valid JSON")]
     ParseAuthFile {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
     },
+    /// A registry's entry in the auth file has an `auth` value that is not base64 `user:password`.
     #[error(
         "registry auth file {path}: entry for {registry:?} has an \"auth\" value that is not \
          base64 of user:password"

@@ -8,10 +8,13 @@ use sha2::{Digest as _, Sha256};
 /// Why a string is not a digest we accept.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DigestError {
+    /// The digest does not start with an algorithm name (such as `sha256:`).
     #[error("digest {0:?} does not name an algorithm (expected sha256:<64 hex digits>)")]
     MissingAlgorithm(String),
+    /// The digest uses an algorithm other than sha256.
     #[error("digest {0:?} uses algorithm {1:?}; only sha256 is supported")]
     UnsupportedAlgorithm(String, String),
+    /// The part after `sha256:` is not 64 lowercase hex digits.
     #[error("digest {0:?} is not 64 lowercase hex digits after sha256:")]
     BadHex(String),
 }

@@ -32,19 +32,23 @@ pub const MAX_IMAGE_BYTES: u64 = 1 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
+    /// The manifest is not valid JSON of the kind its media type says.
     #[error("manifest {digest} ({media_type}) is not valid JSON of its kind: {reason}")]
     Malformed {
         digest: Digest,
         media_type: String,
         reason: String,
     },
+    /// The manifest is a deprecated Docker schema1 manifest, which fnvm does not support.
     #[error(
         "manifest {digest} is a Docker schema1 manifest; these are deprecated and not supported \
          (re-push the image with a current docker/buildah/skopeo)"
     )]
     Schema1 { digest: Digest },
+    /// The manifest has a media type fnvm does not support.
     #[error("manifest {digest} has unsupported media type {media_type:?}")]
     UnsupportedMediaType { digest: Digest, media_type: String },
+    /// The manifest refers to a blob or manifest by a digest that is not valid.
     #[error("manifest {digest}: bad descriptor digest {value:?}")]
     BadDescriptorDigest {
         digest: Digest,
@@ -52,8 +56,10 @@ pub enum ManifestError {
         #[source]
         source: DigestError,
     },
+    /// The image has no linux/amd64 variant, the only platform fnvm runs.
     #[error("{}", no_amd64_message(.platforms))]
     NoAmd64 { platforms: Vec<String> },
+    /// The image config says the image is for a platform other than linux/amd64.
     #[error(
         "image config says {os}/{architecture}{}; fnvm runs x86-64 (linux/amd64) images",
         .variant.as_deref().map(|v| format!("/{v}")).unwrap_or_default()
@@ -63,12 +69,14 @@ pub enum ManifestError {
         architecture: String,
         variant: Option<String>,
     },
+    /// The image's layers and config together are larger than the 1 GiB limit.
     #[error(
         "image is too large: its layers and config declare {total} bytes ({:.1} MiB); images \
          must be smaller than {limit} bytes (1 GiB)",
         *.total as f64 / 1048576.0
     )]
     TooLarge { total: u64, limit: u64 },
+    /// The image config is too large or is not valid JSON.
     #[error("image config {digest} is not valid JSON: {reason}")]
     BadConfig { digest: Digest, reason: String },
 }

@@ -13,15 +13,19 @@ use crate::source::ManifestRef;
 /// Why an image reference was refused. Each message names the offending part.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ReferenceError {
+    /// The image reference is empty.
     #[error("empty image reference")]
     Empty,
+    /// The image reference does not start with a registry host.
     #[error(
         "image reference {0:?} has no registry host; write REGISTRY/REPO:TAG or \
          REGISTRY/REPO@sha256:HEX (e.g. registry.example.com/team/app:1.0)"
     )]
     MissingRegistry(String),
+    /// The registry part of the image reference is not a valid host[:port].
     #[error("image reference {reference:?}: registry {registry:?} is not a valid host[:port]")]
     BadRegistry { reference: String, registry: String },
+    /// A component of the repository name has characters or separators that are not allowed.
     #[error(
         "image reference {reference:?}: repository component {component:?} is invalid \
          (lowercase letters, digits and single '.', '_', '__' or '-' separators only)"
@@ -30,19 +34,23 @@ pub enum ReferenceError {
         reference: String,
         component: String,
     },
+    /// The repository name is longer than 255 characters.
     #[error("image reference {reference:?}: repository name is longer than 255 characters")]
     RepositoryTooLong { reference: String },
+    /// The tag is too long or has characters that are not allowed.
     #[error(
         "image reference {reference:?}: tag {tag:?} is invalid (1-128 characters of letters, \
          digits, '_', '.', '-', not starting with '.' or '-')"
     )]
     BadTag { reference: String, tag: String },
+    /// The digest in the image reference is not a valid digest.
     #[error("image reference {reference:?} has a bad digest")]
     BadDigest {
         reference: String,
         #[source]
         source: DigestError,
     },
+    /// An `oci:` or `docker-archive:` reference has no path after its colon.
     #[error("image reference {0:?}: {1} needs a path after the colon")]
     MissingPath(String, &'static str),
 }

@@ -83,12 +83,14 @@ pub struct RootfsImageInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
+    /// The unpacked tree cannot be read.
     #[error("reading the unpacked tree at {path}: {source}")]
     Tree {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
+    /// A tool needed to build the image cannot be run (its Debian package may be missing).
     #[error("cannot run {tool} (Debian package {package}): {source}")]
     ToolMissing {
         tool: &'static str,
@@ -96,6 +98,7 @@ pub enum RootfsError {
         #[source]
         source: io::Error,
     },
+    /// A tool building the image exited with an error.
     #[error("{tool} failed ({status}) building {image}: {stderr}")]
     ToolFailed {
         tool: &'static str,
@@ -103,14 +106,17 @@ pub enum RootfsError {
         image: PathBuf,
         stderr: String,
     },
+    /// The image file cannot be written.
     #[error("writing the image {path}: {source}")]
     Output {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
+    /// A path in the tree contains a newline, which a debugfs command cannot name.
     #[error("path {0:?} in the tree cannot be named in a debugfs command (newline)")]
     UnrepresentablePath(String),
+    /// The tree needs ownership or device fixes that only an ext4 image can carry.
     #[error("the tree at {0} has ownership/device records that only the ext4 format can apply (unpack as root for EROFS)")]
     NeedsExt4(PathBuf),
 }

@@ -23,6 +23,7 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// A file or directory of the blob store cannot be read or written.
     #[error("blob store: cannot {op} {path}")]
     Io {
         op: &'static str,
@@ -30,8 +31,10 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    /// A blob's bytes do not hash to its digest.
     #[error("blob {expected} failed verification: its bytes hash to {actual}")]
     DigestMismatch { expected: Digest, actual: Digest },
+    /// A blob's size differs from the size its descriptor says.
     #[error("blob {digest} is {actual} bytes, but its descriptor says {expected}")]
     SizeMismatch {
         digest: Digest,

@@ -21,18 +21,21 @@ use super::model::{FunctionKey, FunctionSpec, FunctionState};
 /// Why the store could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// A file of the function store cannot be read or written.
     #[error("function store {path}: {source}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    /// A record in the function store does not parse.
     #[error("function store {path}: not a valid record: {source}")]
     Corrupt {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
     },
+    /// A namespace or function name has characters, or a length, that are not allowed.
     #[error("{what} {value:?}: use 1-60 letters, digits, '-' or '_', starting with a letter")]
     BadName { what: &'static str, value: String },
 }

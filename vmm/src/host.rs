@@ -17,8 +17,10 @@ pub struct HostCapabilities {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HostError {
+    /// The host has no /dev/kvm, so it cannot run micro-VMs.
     #[error("/dev/kvm does not exist: this host cannot run micro-VMs (load the kvm module, or use the process sandbox)")]
     NoKvm,
+    /// The host's KVM has no hardware virtualization, so stock Linux guest kernels cannot run.
     #[error(
         "this host's /dev/kvm has no hardware virtualization (no vmx/svm flag in /proc/cpuinfo; \
          e.g. KVM-PVM, or nested virtualization without VMX/SVM), so stock Linux guest kernels \

@@ -19,15 +19,19 @@ const MIB: u64 = 1 << 20;
 /// Why guest memory could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
+    /// The guest memory size is zero.
     #[error("guest memory size must be at least 1 MiB, got 0")]
     Zero,
+    /// The guest memory asked for is more than the host's total memory.
     #[error(
         "guest memory of {requested_mib} MiB is more than this host's total memory \
          ({host_mib} MiB)"
     )]
     MoreThanHost { requested_mib: u64, host_mib: u64 },
+    /// The host's total memory cannot be read from /proc/meminfo.
     #[error("cannot read the host's total memory from /proc/meminfo: {0}")]
     HostMemInfo(String),
+    /// The guest memory cannot be mapped.
     #[error("cannot map {mib} MiB of guest memory: {source}")]
     Mmap {
         mib: u64,

@@ -21,8 +21,10 @@ pub enum Challenge {
 /// Why a challenge header could not be understood.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ChallengeError {
+    /// The registry's `WWW-Authenticate` header does not parse.
     #[error("WWW-Authenticate header {0:?} is malformed: {1}")]
     Malformed(String, &'static str),
+    /// The registry's Bearer challenge does not say where to get a token (no realm).
     #[error("WWW-Authenticate Bearer challenge {0:?} has no realm")]
     BearerWithoutRealm(String),
 }

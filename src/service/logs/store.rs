@@ -53,6 +53,7 @@ impl LogEntry {
 /// Why the log store cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
+    /// The log directory cannot be created.
     #[error("cannot create the log directory {path}: {source}")]
     Dir {
         path: PathBuf,

@@ -13,8 +13,10 @@ pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
+    /// A device's bus range is empty or wraps around the end of the address space.
     #[error("bus range {base:#x}+{len:#x} is empty or wraps around")]
     BadRange { base: u64, len: u64 },
+    /// A device's bus range overlaps another device's.
     #[error("bus range {base:#x}+{len:#x} overlaps the device at {other_base:#x}+{other_len:#x}")]
     Overlap {
         base: u64,

@@ -25,25 +25,34 @@ pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Why a snapshot's state file was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FormatError {
+    /// The state file is not an fnvm snapshot.
     #[error("not an fnvm snapshot (the state file does not start with {MAGIC:?})")]
     NotASnapshot,
+    /// The snapshot uses a format version this fnvm-vmm does not read.
     #[error("snapshot format version {found}; this fnvm-vmm reads version {FORMAT_VERSION} only")]
     FormatVersion { found: String },
+    /// The state file ends too early.
     #[error("snapshot state file is truncated ({0})")]
     Truncated(&'static str),
+    /// The snapshot header is corrupted (its checksum does not match).
     #[error("snapshot header is corrupted (its checksum does not match)")]
     HeaderChecksum,
+    /// The snapshot header does not parse.
     #[error("snapshot header is unreadable: {0}")]
     HeaderParse(String),
+    /// The snapshot was made by another fnvm-vmm version, and only that version restores it.
     #[error(
         "snapshot was made by fnvm-vmm {found}; this is fnvm-vmm {VMM_VERSION} \
          (snapshots are only restored by the version that made them)"
     )]
     VmmVersion { found: String },
+    /// The snapshot was made on a host that differs from this one.
     #[error("snapshot was made on another host: {0}")]
     HostMismatch(String),
+    /// The snapshot state's length differs from the length its header says.
     #[error("snapshot state is {actual} bytes, its header says {expected}")]
     StateLength { expected: u64, actual: u64 },
+    /// The snapshot state is corrupted (its sha256 differs from its header's).
     #[error("snapshot state is corrupted (sha256 {actual}, its header says {expected})")]
     StateChecksum { expected: String, actual: String },
 }

@@ -36,15 +36,19 @@ pub const VERIFIED_FILE: &str = "memory.verified";
 /// Why a snapshot could not be written or loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
+    /// A file of the snapshot cannot be read or written.
     #[error("snapshot {path}: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The snapshot's state file was refused.
     #[error("snapshot {path}: {source}")]
     Format { path: PathBuf, source: FormatError },
+    /// The snapshot's state does not parse.
     #[error("snapshot {path}: the state does not parse: {reason}")]
     State { path: PathBuf, reason: String },
+    /// The snapshot's memory file has a different size than the snapshot says.
     #[error(
         "snapshot {path}: the memory file is {actual} bytes, the snapshot says {expected} \
          (truncated or replaced)"
@@ -54,10 +58,13 @@ pub enum SnapshotError {
         expected: u64,
         actual: u64,
     },
+    /// The snapshot's memory file is corrupted.
     #[error("snapshot {path}: the memory file is corrupted (sha256 of its pages differs)")]
     MemoryChecksum { path: PathBuf },
+    /// A snapshot already exists at the path (snapshots are never overwritten).
     #[error("snapshot {0} already exists (snapshots are never overwritten)")]
     Exists(PathBuf),
+    /// This host's identity (its CPU and kernel release) cannot be read.
     #[error("cannot identify this host: {0}")]
     Host(String),
 }

@@ -25,8 +25,10 @@ const INT_TYPE_EXTINT: u8 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MptableError {
+    /// The VM has more vCPUs than the MP table can describe.
     #[error("{0} vCPUs do not fit in the MP table (at most {MAX_VCPUS})")]
     TooManyVcpus(u8),
+    /// The MP table cannot be written to guest memory.
     #[error("cannot write the MP table to guest memory: {0}")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
 }

@@ -31,10 +31,13 @@ pub struct BootEntry {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegsError {
+    /// The boot GDT, IDT or page tables cannot be written to guest memory.
     #[error("cannot write the boot GDT/IDT or page tables to guest memory: {0}")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
+    /// The kernel's real-mode entry point is not below 64 KiB.
     #[error("real-mode entry {0:#x} is not below 64 KiB")]
     RealModeEntry(u64),
+    /// Guest memory is too small (under 64 KiB) for the boot page tables.
     #[error("the boot page tables need at least 64 KiB of guest memory")]
     TooLittleMemory,
 }

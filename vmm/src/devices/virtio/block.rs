@@ -44,16 +44,20 @@ const HEADER_LEN: u32 = 16;
 /// Why a disk could not be opened or restored.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
+    /// The disk image cannot be opened.
     #[error("cannot open disk image {path} ({mode}): {source}")]
     Open {
         path: PathBuf,
         mode: &'static str,
         source: io::Error,
     },
+    /// The disk image's metadata cannot be read.
     #[error("cannot stat disk image {path}: {source}")]
     Metadata { path: PathBuf, source: io::Error },
+    /// The disk image is neither a regular file nor a block device.
     #[error("disk image {path} is not a regular file or block device")]
     NotAFile { path: PathBuf },
+    /// The disk image's size differs from the size the snapshot was made with.
     #[error("disk image {path} is {actual} sectors long, the snapshot expects {expected}")]
     CapacityChanged {
         path: PathBuf,

@@ -78,18 +78,24 @@ const S_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
 /// Why a transport could not be built or restored.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
+    /// The device offers a queue whose maximum size is not a power of two up to 32768.
     #[error(
         "device offers queue {index} with maximum size {size}, not a power of two in 1..=32768"
     )]
     InvalidQueueMaxSize { index: usize, size: u16 },
+    /// The device does not offer VIRTIO_F_VERSION_1, which the modern-only transport needs.
     #[error("device does not offer VIRTIO_F_VERSION_1, which this modern-only transport requires")]
     NoVersion1,
+    /// The saved transport state belongs to a different device type.
     #[error("saved transport belongs to device type {saved}, not {actual}")]
     DeviceTypeMismatch { saved: u32, actual: u32 },
+    /// The saved transport state has a different number of queues than the device.
     #[error("saved transport has {saved} queues, the device has {actual}")]
     QueueCountMismatch { saved: usize, actual: usize },
+    /// A saved queue's state is not valid.
     #[error("saved queue {index} is invalid: {reason}")]
     InvalidSavedQueue { index: usize, reason: String },
+    /// The restored device could not be re-activated.
     #[error("re-activating the restored device failed: {0}")]
     Activate(#[from] super::ActivateError),
 }

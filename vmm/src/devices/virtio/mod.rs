@@ -27,8 +27,10 @@ pub const FEATURE_VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
 /// Why a device refused to start with the queues the driver configured.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
+    /// The transport has a different number of queues than the device expects.
     #[error("device expects {expected} queues, the transport has {actual}")]
     QueueCount { expected: usize, actual: usize },
+    /// The device failed to start.
     #[error("device activation failed: {0}")]
     Device(String),
 }
@@ -98,8 +100,10 @@ pub enum VirtioDeviceState {
 /// Why a device could not be rebuilt from a [`VirtioDeviceState`].
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceRestoreError {
+    /// The virtio-blk device could not be restored.
     #[error("restoring virtio-blk: {0}")]
     Block(#[from] block::BlockError),
+    /// The virtio-vsock device could not be restored.
     #[error("restoring virtio-vsock: {0}")]
     Vsock(#[from] vsock::VsockError),
 }
