@@ -571,5 +571,4 @@ impl Persist for Block {
 }
 
 #[cfg(test)]
-#[path = "block_tests.rs"]
 mod tests;
