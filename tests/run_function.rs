@@ -196,6 +196,87 @@ fn python_event_invocations_carry_the_body_and_every_scf_header() {
     }
 }
 
+/// One event invocation on a new client connection (`Connection: close`, as curl makes):
+/// how long until the whole response was read.
+fn call_on_a_new_connection(addr: std::net::SocketAddr) -> Duration {
+    use std::io::Write;
+    let started = Instant::now();
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.write_all(
+        b"POST / HTTP/1.1\r\nHost: fnvm\r\nContent-Type: application/json\r\n\
+          Content-Length: 2\r\nConnection: close\r\n\r\n{}",
+    )
+    .unwrap();
+    let mut reply = Vec::new();
+    conn.read_to_end(&mut reply).unwrap();
+    let took = started.elapsed();
+    assert!(
+        reply.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    took
+}
+
+fn median_of(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+/// Python's `http.server` writes a response's head and body in two `write`s with Nagle on, as
+/// most users' servers do: with the agent's pooled connection delaying its ACKs, every warm
+/// call waited ~40 ms for the delayed-ACK timer (the body held back until the head was ACKed).
+#[test]
+fn python_warm_calls_answer_without_waiting_for_a_delayed_ack() {
+    for sandbox in sandboxes("python warm calls") {
+        let _serial = serial();
+        let run = start(sandbox, python(), &[]);
+        let addr = run.expect_serving();
+        let http = http();
+        // The first call opens the pooled stream; the rest reuse it.
+        call_on_a_new_connection(addr);
+        let fresh: Vec<Duration> = (0..15).map(|_| call_on_a_new_connection(addr)).collect();
+        let kept: Vec<Duration> = (0..15)
+            .map(|_| {
+                let started = Instant::now();
+                let mut resp = http.post(run.url("/")).send(&b"{}"[..]).unwrap();
+                assert_eq!(resp.status(), 200);
+                json(&mut resp);
+                started.elapsed()
+            })
+            .collect();
+        let (fresh, kept) = (median_of(fresh), median_of(kept));
+        // Emulated (the nested level's L1 is a VM itself): functional only, no timing claim.
+        let emulated = sandbox == "vm" && cpu_flag("hypervisor");
+        loud(&format!(
+            "python warm calls, {sandbox} sandbox{}: median {fresh:?} on a new client \
+             connection each, {kept:?} kept alive",
+            if emulated { " (nested emulation)" } else { "" }
+        ));
+        if !emulated {
+            // The stall is the delayed-ACK timer, at least 40 ms; a warm call takes ~2 ms here.
+            for (how, median) in [("new connections", fresh), ("keep-alive", kept)] {
+                assert!(
+                    median < Duration::from_millis(20),
+                    "warm calls over {how} take {median:?} (median): a stall"
+                );
+            }
+        }
+        stop_and_check(run);
+    }
+}
+
+/// Whether /proc/cpuinfo lists `flag` for the first CPU.
+fn cpu_flag(flag: &str) -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| {
+            c.lines()
+                .find(|l| l.starts_with("flags"))
+                .is_some_and(|l| l.split_whitespace().any(|f| f == flag))
+        })
+        .unwrap_or(false)
+}
+
 #[test]
 fn python_web_passthrough_keeps_method_path_query_headers_and_body_and_serves_64_at_once() {
     for sandbox in sandboxes("python web passthrough") {
