@@ -213,6 +213,10 @@ async fn serve_connection<S, B>(
     };
     let mut builder = http1::Builder::new();
     builder
+        // Each request's header spelling is recorded (the proxies pass it on to the function)
+        // and responses keep the function's; fnvm's own headers go out in Title-Case.
+        .preserve_header_case(true)
+        .title_case_headers(true)
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         // A reserved place is given back after one exchange.

@@ -25,12 +25,28 @@ const POOL_MAX_IDLE: usize = 64;
 pub type InstanceClient = Client<InstanceConnector, OutBody>;
 
 /// The pooled client of `instance`.
+///
+/// Header names go out as the client spelled them ([`crate::http_server`] records each
+/// request's spelling) and, where nobody spelled them, in Title-Case: the contract's
+/// `X-Scf-Request-Id`, not `x-scf-request-id`. HTTP names are case-insensitive, but user code
+/// that compares raw names must see them as documented. The function's own spelling of its
+/// response headers is kept the same way on the way back.
 pub fn client(instance: Arc<dyn Instance>) -> InstanceClient {
     Client::builder(TokioExecutor::new())
+        .http1_title_case_headers(true)
+        .http1_preserve_header_case(true)
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_max_idle_per_host(POOL_MAX_IDLE)
         .build(InstanceConnector { instance })
+}
+
+/// The HTTP/1.1 connection settings of a single stream to a function (upgrades), spelling
+/// header names as [`client`] does.
+pub fn http1_to_function() -> hyper::client::conn::http1::Builder {
+    let mut builder = hyper::client::conn::http1::Builder::new();
+    builder.title_case_headers(true).preserve_header_case(true);
+    builder
 }
 
 /// A fresh non-blocking stream to the instance's port 9000.

@@ -413,10 +413,10 @@ mod tests {
         );
         // The contract's headers, as for an event function, and none of the caller's.
         assert!(
-            head.contains(&format!("x-scf-request-id: {rid}").as_str()),
+            head.contains(&format!("X-Scf-Request-Id: {rid}").as_str()),
             "{head:?}"
         );
-        assert!(head.contains(&"x-scf-name: front-test"), "{head:?}");
+        assert!(head.contains(&"X-Scf-Name: front-test"), "{head:?}");
         let scf: Vec<&&str> = head
             .iter()
             .filter(|h| h.to_ascii_lowercase().starts_with("x-scf-"))
@@ -440,6 +440,67 @@ mod tests {
             total += n as u64;
         }
         assert_eq!(total, 64 << 20);
+    }
+
+    /// The function sees the contract's spelling of every `X-Scf-*` name and the client's own
+    /// spelling of its headers; the client sees the function's spelling of the response's.
+    #[test]
+    fn header_names_keep_the_clients_and_the_contracts_spelling() {
+        use std::io::{Read, Write};
+        for function_type in [FunctionType::Web, FunctionType::Event] {
+            let (addr, _rt, _dir) = front(function_type);
+            let mut conn = std::net::TcpStream::connect(addr).unwrap();
+            conn.write_all(
+                b"POST /path HTTP/1.1\r\nHost: front\r\nx-MiXeD-case: one\r\n\
+                  CONTENT-type: text/plain\r\ncontent-length: 2\r\nConnection: close\r\n\r\nhi",
+            )
+            .unwrap();
+            let mut reply = String::new();
+            conn.read_to_string(&mut reply).unwrap();
+            let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+            // The echo server's spelling of its own response headers, and fnvm's.
+            assert!(
+                head.contains("\r\nContent-Type: application/json\r\n"),
+                "{head}"
+            );
+            assert!(head.contains("\r\nX-Scf-Request-Id: "), "{head}");
+            let echo: serde_json::Value = serde_json::from_str(body).unwrap();
+            let seen: Vec<&str> = echo["head"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            for name in [
+                "X-Scf-Request-Id",
+                "X-Scf-Memory",
+                "X-Scf-Timeout",
+                "X-Scf-Version",
+                "X-Scf-Name",
+                "X-Scf-Namespace",
+                "X-Scf-Region",
+                "X-Scf-Appid",
+                "X-Scf-Uin",
+                "X-Scf-Session-Token",
+                "X-Scf-Secret-Id",
+                "X-Scf-Secret-Key",
+            ] {
+                assert!(
+                    seen.iter().any(|h| h.starts_with(&format!("{name}:"))),
+                    "{function_type:?}: {name} not spelled so: {seen:?}"
+                );
+            }
+            match function_type {
+                FunctionType::Web => {
+                    assert!(seen.contains(&"x-MiXeD-case: one"), "{seen:?}");
+                    assert!(seen.contains(&"CONTENT-type: text/plain"), "{seen:?}");
+                }
+                // An event invocation is a request of fnvm's own making.
+                FunctionType::Event => {
+                    assert!(seen.contains(&"Content-Type: text/plain"), "{seen:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -62,6 +62,17 @@ pub fn web_request<B>(
 ) -> Request<B> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    // hyper keeps the client's spelling of each header name in the request's extensions and
+    // would write the platform's values under a forged header's spelling; a request that
+    // forges `X-Scf-*` headers loses its spellings (all names then go out in Title-Case). The
+    // extensions hold nothing else the function needs (an upgrade is taken out before).
+    if parts
+        .headers
+        .keys()
+        .any(|name| name.as_str().starts_with("x-scf-"))
+    {
+        parts.extensions.clear();
+    }
     set_scf_headers(&mut parts.headers, settings, request_id);
     // The client spoke HTTP/1.x; the stream to the function is HTTP/1.1.
     parts.version = hyper::Version::HTTP_11;

@@ -57,7 +57,8 @@ pub async fn handshake(
         let stream = connector::connect(instance)
             .await
             .map_err(|e| ForwardError::Unreachable(e.to_string()))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let (mut sender, conn) = connector::http1_to_function()
+            .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ForwardError::Broken(error_chain(&e)))?;
         tokio::spawn(async move {
