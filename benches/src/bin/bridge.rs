@@ -8,6 +8,11 @@
 //! round trip. Throughput: wrk (Debian package `wrk`), 2 threads, 16 connections, 5 s.
 //! Targets: added p50 < 100 µs; fnvm throughput ≥ 70 % of loopback.
 //!
+//! Then the same for a Python `http.server` (the test image's server: HTTP/1.1, head and body
+//! written in two `write`s, Nagle on, as most users' servers are), run by the host's python3
+//! on loopback and through `fnvm run`: a new client connection per call (as curl makes) and
+//! keep-alive calls, p50/p99, and wrk. Target: a warm call adds < 0.5 ms at p50.
+//!
 //! Needs root and a release build: `cargo build --release -p fnvm && cargo run --release -p
 //! fnvm-benches --bin bridge`.
 
@@ -22,6 +27,9 @@ use fnvm_benches::{quantile, Table};
 
 const WARMUP: usize = 500;
 const SAMPLES: usize = 5000;
+/// Python answers in ~1 ms: fewer samples keep its rows to seconds.
+const PYTHON_WARMUP: usize = 20;
+const PYTHON_SAMPLES: usize = 300;
 
 fn main() -> Result<()> {
     let sandbox = std::env::args()
@@ -57,17 +65,17 @@ fn main() -> Result<()> {
     );
     let fnvm_addr = run.expect_serving();
 
-    let loop_lat = latencies(loopback_addr)?;
-    let fnvm_lat = latencies(fnvm_addr)?;
+    let loop_lat = latencies(loopback_addr, WARMUP, SAMPLES)?;
+    let fnvm_lat = latencies(fnvm_addr, WARMUP, SAMPLES)?;
     let loop_rps = wrk(loopback_addr);
     // Where the CPU goes on the fnvm path: fnvm itself, and the agent (the sandbox's PID 1).
     let fnvm_pid = run.child.id() as i32;
-    let agent = run.instance_id.as_deref().and_then(agent_pid);
-    let cpu_before = (cpu_ticks(fnvm_pid), agent.map(cpu_ticks));
+    let agent_process = run.instance_id.as_deref().and_then(agent_pid);
+    let cpu_before = (cpu_ticks(fnvm_pid), agent_process.map(cpu_ticks));
     let wrk_started = Instant::now();
     let fnvm_rps = wrk(fnvm_addr);
     let wrk_secs = wrk_started.elapsed().as_secs_f64();
-    let cpu_after = (cpu_ticks(fnvm_pid), agent.map(cpu_ticks));
+    let cpu_after = (cpu_ticks(fnvm_pid), agent_process.map(cpu_ticks));
     let _ = direct.kill();
     let _ = direct.wait();
     drop(run);
@@ -120,7 +128,128 @@ fn main() -> Result<()> {
             if ratio >= 0.7 { "" } else { "  MISSED" }
         );
     }
+    python_rows(&fnvm, &work, &agent, &sandbox)
+}
+
+/// The Python server reached directly and through `fnvm run`.
+fn python_rows(
+    fnvm: &std::path::Path,
+    work: &std::path::Path,
+    agent: &std::path::Path,
+    sandbox: &str,
+) -> Result<()> {
+    let image = fnvm_testkit::python_image(&work.join("images"));
+    let port = free_port()?;
+    let direct_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let direct = Command::new("python3")
+        .arg("-c")
+        .arg(fnvm_testkit::PYTHON_SERVER)
+        .env("PORT", port.to_string())
+        .stdout(Stdio::null())
+        .spawn();
+    let mut direct = match direct {
+        Ok(child) => Some(child),
+        Err(e) => {
+            println!("\nthe host's python3 cannot run ({e}): the direct rows are missing");
+            None
+        }
+    };
+    if direct.is_some() {
+        wait_ready(direct_addr)?;
+    }
+    let run = fnvm_testkit::FnvmRun::start(
+        fnvm,
+        &work.join("home"),
+        agent,
+        &image,
+        &["--sandbox", sandbox, "--type", "web"],
+        Duration::from_secs(60),
+    );
+    let fnvm_addr = run.expect_serving();
+    let mut rows = Vec::new();
+    for (name, addr) in [
+        ("python3 on loopback", direct.as_ref().map(|_| direct_addr)),
+        ("fnvm run → python3", Some(fnvm_addr)),
+    ] {
+        let Some(addr) = addr else { continue };
+        let fresh = new_connection_latencies(addr, PYTHON_WARMUP, PYTHON_SAMPLES)?;
+        let kept = latencies(addr, PYTHON_WARMUP, PYTHON_SAMPLES)?;
+        rows.push((name, fresh, kept, wrk(addr)));
+    }
+    if let Some(child) = direct.as_mut() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    drop(run);
+
+    let ms = |d: Duration| format!("{:.2} ms", d.as_secs_f64() * 1e3);
+    let rps = |r: Option<f64>| r.map(|r| format!("{r:.0}/s")).unwrap_or_else(|| "-".into());
+    let mut table = Table::new(&[
+        "python http.server (Nagle on)",
+        "new conn p50",
+        "new conn p99",
+        "keep-alive p50",
+        "keep-alive p99",
+        "wrk -t2 -c16",
+    ]);
+    for (name, fresh, kept, r) in &rows {
+        table.row(vec![
+            (*name).into(),
+            ms(quantile(fresh, 0.5)),
+            ms(quantile(fresh, 0.99)),
+            ms(quantile(kept, 0.5)),
+            ms(quantile(kept, 0.99)),
+            rps(*r),
+        ]);
+    }
+    println!("\n{}", table.render());
+    if let [direct, through] = &rows[..] {
+        for (how, d, t) in [
+            ("new connection", &direct.1, &through.1),
+            ("keep-alive", &direct.2, &through.2),
+        ] {
+            let added = quantile(t, 0.5).saturating_sub(quantile(d, 0.5));
+            println!(
+                "python, {how}: fnvm adds {} at p50 (target < 0.5 ms){}",
+                ms(added),
+                if added < Duration::from_micros(500) {
+                    ""
+                } else {
+                    "  MISSED"
+                }
+            );
+        }
+    }
     Ok(())
+}
+
+/// `GET /` on a new connection each (`Connection: close`), until the reply has ended.
+fn new_connection_latencies(
+    addr: SocketAddr,
+    warmup: usize,
+    samples: usize,
+) -> Result<Vec<Duration>> {
+    use std::io::Read;
+    let request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut out = Vec::with_capacity(samples);
+    let mut reply = Vec::new();
+    for i in 0..warmup + samples {
+        let t = Instant::now();
+        let mut stream = TcpStream::connect(addr)?;
+        stream.write_all(request.as_bytes())?;
+        reply.clear();
+        stream.read_to_end(&mut reply)?;
+        if !reply.starts_with(b"HTTP/1.1 200") {
+            bail!(
+                "unexpected response from {addr}: {:?}",
+                String::from_utf8_lossy(&reply[..reply.len().min(80)])
+            );
+        }
+        if i >= warmup {
+            out.push(t.elapsed());
+        }
+    }
+    Ok(out)
 }
 
 /// `target/release/fnvm` (benchmarks measure release builds).
@@ -153,22 +282,22 @@ fn wait_ready(addr: SocketAddr) -> Result<()> {
 }
 
 /// Round trips of `GET /` on one keep-alive connection.
-fn latencies(addr: SocketAddr) -> Result<Vec<Duration>> {
+fn latencies(addr: SocketAddr, warmup: usize, samples: usize) -> Result<Vec<Duration>> {
     let stream = TcpStream::connect(addr)?;
     stream.set_nodelay(true)?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     let request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n");
-    let mut samples = Vec::with_capacity(SAMPLES);
-    for i in 0..WARMUP + SAMPLES {
+    let mut out = Vec::with_capacity(samples);
+    for i in 0..warmup + samples {
         let t = Instant::now();
         writer.write_all(request.as_bytes())?;
         read_response(&mut reader)?;
-        if i >= WARMUP {
-            samples.push(t.elapsed());
+        if i >= warmup {
+            out.push(t.elapsed());
         }
     }
-    Ok(samples)
+    Ok(out)
 }
 
 /// Reads one response with a Content-Length body.
