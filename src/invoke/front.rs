@@ -24,6 +24,7 @@ use hyper::header::HeaderValue;
 use hyper::{Method, Request, Response, StatusCode};
 
 use super::connector::{self, InstanceClient};
+use super::idle::IdleLimit;
 use super::proxy::{self, error_response, FirstReply, ForwardError};
 use super::request::{event_request, web_request, EventHead};
 use super::{new_request_id, set_request_id, Body, FunctionType, OutBody};
@@ -198,8 +199,18 @@ impl Front {
                 message: format!("the function is not running: {}", report.reason),
             });
         }
-        let response = proxy::forward(&self.client, outbound, self.settings.timeout_s).await?;
-        Ok(proxy::streamed(response))
+        let timeout_s = self.settings.timeout_s;
+        match self.function_type {
+            // As in the service: an event's answer is complete, within the timeout, before it
+            // is handed on (a body that never ends is a 504, not a hung caller).
+            FunctionType::Event => {
+                Ok(proxy::forward_whole(&self.client, outbound, timeout_s).await?)
+            }
+            FunctionType::Web => {
+                let response = proxy::forward(&self.client, outbound, timeout_s).await?;
+                Ok(response.map(|body| IdleLimit::new(body, timeout_s).boxed()))
+            }
+        }
     }
 }
 
@@ -310,12 +321,23 @@ mod tests {
         function_type: FunctionType,
         limits: ConnectionLimits,
     ) -> (SocketAddr, tokio::runtime::Runtime, tempfile::TempDir) {
+        front_on(function_type, limits, 3, echo_server)
+    }
+
+    /// A front for `function_type` with a timeout of `timeout_s`, backed by `server`.
+    fn front_on(
+        function_type: FunctionType,
+        limits: ConnectionLimits,
+        timeout_s: u32,
+        server: fn(std::os::unix::net::UnixListener),
+    ) -> (SocketAddr, tokio::runtime::Runtime, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("9000.sock");
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        std::thread::spawn(move || echo_server(listener));
+        std::thread::spawn(move || server(listener));
         let mut settings = FunctionSettings::local("front-test");
         settings.memory_mib = 192;
+        settings.timeout_s = timeout_s;
         let front = Arc::new(Front::new(
             Arc::new(UnixInstance { path }),
             settings,
@@ -499,6 +521,178 @@ mod tests {
                 FunctionType::Event => {
                     assert!(seen.contains(&"Content-Type: text/plain"), "{seen:?}");
                 }
+            }
+        }
+    }
+
+    /// A function that misbehaves as the request's path (web) or body (event) asks, on
+    /// keep-alive connections: `malformed` (not HTTP), `twice` (a second answer nobody asked
+    /// for), `never-ends` (10 of 100 bytes, then silence), `slow-big` (1 MiB pieces for a while);
+    /// anything else is answered `ok` with the number of the request.
+    fn misbehaving_server(listener: std::os::unix::net::UnixListener) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static SERVED: AtomicUsize = AtomicUsize::new(0);
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut out = conn;
+                loop {
+                    let mut head = Vec::new();
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push(line.trim_end().to_ascii_lowercase());
+                    }
+                    let len = head
+                        .iter()
+                        .find_map(|h| h.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                    let mut body = vec![0; len];
+                    if reader.read_exact(&mut body).is_err() {
+                        // The caller went away mid-request.
+                        return;
+                    }
+                    let path = head[0].split(' ').nth(1).unwrap_or("/").to_string();
+                    let what = if path == "/event-invoke" {
+                        String::from_utf8_lossy(&body).into_owned()
+                    } else {
+                        path.trim_start_matches('/').to_string()
+                    };
+                    let ok = |out: &mut std::os::unix::net::UnixStream, text: &str| {
+                        write!(
+                            out,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
+                            text.len()
+                        )
+                    };
+                    let written = match what.as_str() {
+                        "malformed" => out.write_all(b"HTTP/1.1 abc garbage\r\n\r\n"),
+                        "twice" => ok(&mut out, "first").and_then(|()| ok(&mut out, "second")),
+                        "never-ends" => {
+                            let _ = out.write_all(
+                                b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789",
+                            );
+                            std::thread::sleep(Duration::from_secs(30));
+                            return;
+                        }
+                        "slow-big" => {
+                            let _ = write!(
+                                out,
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                                64 << 20
+                            );
+                            let chunk = vec![b'z'; 1 << 20];
+                            for _ in 0..64 {
+                                if out.write_all(&chunk).is_err() {
+                                    return;
+                                }
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                            Ok(())
+                        }
+                        _ => {
+                            let n = SERVED.fetch_add(1, Ordering::SeqCst);
+                            ok(&mut out, &format!("ok {n}"))
+                        }
+                    };
+                    if written.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+
+    /// One call of what the misbehaving function is asked for: status and body (or the read
+    /// error's kind, when the answer broke off).
+    fn call(addr: SocketAddr, function_type: FunctionType, what: &str) -> (u16, String) {
+        let url = match function_type {
+            FunctionType::Web => format!("http://{addr}/{what}"),
+            FunctionType::Event => format!("http://{addr}/"),
+        };
+        let mut resp = agent().post(url).send(what).unwrap();
+        let status = resp.status().as_u16();
+        let body = match resp.body_mut().read_to_string() {
+            Ok(text) => text,
+            Err(e) => format!("broken: {e}"),
+        };
+        (status, body)
+    }
+
+    /// Bad answers are the caller's clear error, never the next caller's problem.
+    #[test]
+    fn a_misbehaving_function_gets_its_caller_a_clear_error_and_the_next_call_is_served() {
+        use std::io::{Read, Write};
+        for function_type in [FunctionType::Event, FunctionType::Web] {
+            let (addr, _rt, _dir) = front_on(
+                function_type,
+                ConnectionLimits::default(),
+                1,
+                misbehaving_server,
+            );
+            let served = |(status, body): (u16, String)| {
+                assert_eq!(status, 200, "{function_type:?}: {body}");
+                assert!(body.starts_with("ok "), "{function_type:?}: {body}");
+            };
+            served(call(addr, function_type, "hello"));
+
+            // Not HTTP: a 502 in the design's shape.
+            let (status, body) = call(addr, function_type, "malformed");
+            assert_eq!(status, 502, "{function_type:?}: {body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["error"]["code"], "FunctionUnavailable", "{v}");
+            served(call(addr, function_type, "hello"));
+
+            // A second answer nobody asked for never reaches the next caller.
+            assert_eq!(call(addr, function_type, "twice"), (200, "first".into()));
+            for _ in 0..3 {
+                served(call(addr, function_type, "hello"));
+            }
+
+            // A body that never ends: an event's caller gets a 504 at the timeout; a web
+            // caller, who already has the head, sees its answer cut after the timeout's gap.
+            let started = Instant::now();
+            let (status, body) = call(addr, function_type, "never-ends");
+            match function_type {
+                FunctionType::Event => {
+                    assert_eq!(status, 504, "{body}");
+                    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                    assert_eq!(v["error"]["code"], "FunctionTimeout", "{v}");
+                }
+                FunctionType::Web => {
+                    assert_eq!(status, 200);
+                    assert!(body.starts_with("broken"), "{body}");
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{:?}",
+                started.elapsed()
+            );
+            served(call(addr, function_type, "hello"));
+
+            // A caller that goes away mid-request, and one that goes away mid-answer.
+            let mut gone = std::net::TcpStream::connect(addr).unwrap();
+            gone.write_all(b"POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123")
+                .unwrap();
+            drop(gone);
+            served(call(addr, function_type, "hello"));
+            if function_type == FunctionType::Web {
+                let mut reader = std::net::TcpStream::connect(addr).unwrap();
+                reader
+                    .write_all(b"GET /slow-big HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .unwrap();
+                let mut some = [0u8; 4096];
+                reader.read_exact(&mut some).unwrap();
+                drop(reader);
+                served(call(addr, function_type, "hello"));
             }
         }
     }

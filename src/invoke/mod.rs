@@ -7,13 +7,15 @@
 //! - [`proxy`]: sending one to an instance within the function's timeout, the first-reply probe
 //!   and the design's JSON error shape;
 //! - [`tunnel`]: upgrades (WebSocket or any protocol) joined byte for byte;
-//! - [`connector`]: streams to an instance for a pooled hyper client.
+//! - [`connector`]: streams to an instance for a pooled hyper client;
+//! - [`idle`]: the limit on a streamed answer's gaps (a body that stalls is cut).
 //!
 //! What picks the instance differs (one instance for `fnvm run`, the service's pool for
 //! `fnvm serve`); what happens to the request does not.
 
 pub mod connector;
 pub mod front;
+pub mod idle;
 pub mod proxy;
 pub mod request;
 pub mod tunnel;

@@ -55,6 +55,7 @@ use super::metrics::{InstanceCounts, Metrics};
 use super::model::{FunctionKey, FunctionVersion};
 use crate::home::Home;
 use crate::invoke::connector::InstanceClient;
+use crate::invoke::idle::IdleLimit;
 use crate::invoke::proxy::{self, FirstReply, ForwardError};
 use crate::invoke::request::{event_request, is_upgrade, web_request, EventHead};
 use crate::invoke::{tunnel, Body};
@@ -479,9 +480,9 @@ impl Pool {
             Err(e) => return Err(lease.failed(e).await),
         };
         let (parts, body) = resp.into_parts();
-        let body = LeasedBody::new(body, lease)
-            .map_err(std::io::Error::other)
-            .boxed();
+        // A web answer streams as long as it likes, but one that stalls for the function's
+        // timeout is cut and its slot freed (see invoke::idle).
+        let body = LeasedBody::new(IdleLimit::new(body, secs), lease).boxed();
         Ok(Response::from_parts(parts, body))
     }
 
