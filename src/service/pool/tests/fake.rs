@@ -4,8 +4,10 @@
 //! and lets a test crash an instance or fail the next start.
 //!
 //! The responder reads the event body as a command: `sleep MS` waits before answering, `crash`
-//! ends the instance mid-request (exit report, streams cut); it prints a line naming the
-//! request id (as the agent reports a function's line) and answers `ok <request id>`.
+//! ends the instance mid-request (exit report, streams cut), `malformed`, `twice` and
+//! `never-ends` answer badly (not HTTP; a second answer nobody asked for; 10 of 100 bytes, then
+//! silence); it prints a line naming the request id (as the agent reports a function's line)
+//! and answers `ok <request id>`.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -187,6 +189,28 @@ fn respond(conn: UnixStream, instance: &Shared, on_log: &(dyn Fn(LogLine) + Send
         if body == "crash" {
             instance.end("killed by signal 9", vec![format!("dying in {rid}")]);
             return;
+        }
+        // Bad answers of a live function (the instance does not end).
+        let bad: Option<&[u8]> = match body.as_str() {
+            "malformed" => Some(b"HTTP/1.1 abc garbage\r\n\r\n"),
+            "never-ends" => Some(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789"),
+            "twice" => Some(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst\
+                  HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond",
+            ),
+            _ => None,
+        };
+        if let Some(bytes) = bad {
+            if conn.write_all(bytes).is_err() {
+                return;
+            }
+            if body == "never-ends" {
+                // Keeps the stream open, silent, until the pool gives up on it.
+                let mut rest = Vec::new();
+                let _ = reader.read_to_end(&mut rest);
+                return;
+            }
+            continue;
         }
         let out = format!("ok {rid}");
         let reply = format!(
@@ -665,6 +689,48 @@ fn a_timed_out_request_destroys_its_instance() {
         })
         .await;
         call(&w.pool, &key, "hi").await.unwrap();
+        w.pool.shutdown().await;
+    });
+}
+
+/// Bad answers of a live function fail their own caller with the design's error, and never
+/// the other callers (busy on another instance meanwhile) or the next one.
+#[test]
+fn a_bad_answer_fails_only_its_own_caller() {
+    runtime().block_on(async {
+        let w = fake_world(config(4096, 5000));
+        let v = fake_version(
+            "sloppy",
+            serde_json::json!({"max_instances": 2, "timeout_s": 1}),
+        );
+        let key = v.key.clone();
+        w.pool.activate(v);
+        for (what, status) in [
+            ("malformed", StatusCode::BAD_GATEWAY),
+            ("never-ends", StatusCode::GATEWAY_TIMEOUT),
+        ] {
+            // Another caller, served meanwhile on the other instance.
+            let other = at_once(&w.pool, &key, 1, "sleep 300");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let started = Instant::now();
+            let err = call(&w.pool, &key, what).await.unwrap_err();
+            assert_eq!(err.status(), status, "{what}: {err:?}");
+            assert!(started.elapsed() < Duration::from_secs(5), "{what}");
+            all_ok(other).await;
+            call(&w.pool, &key, "hi").await.unwrap();
+        }
+        // The answer nobody asked for never reaches the next caller of that instance.
+        let rid = uuid::Uuid::new_v4().to_string();
+        let resp = w
+            .pool
+            .invoke_event(&key, &rid, Bytes::from_static(b"twice"), false)
+            .await
+            .unwrap();
+        let text = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(text, "first");
+        for _ in 0..4 {
+            call(&w.pool, &key, "hi").await.unwrap();
+        }
         w.pool.shutdown().await;
     });
 }
