@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fnvm_agent::protocol::{AgentMessage, FUNCTION_PORT};
+use fnvm_agent::protocol::FUNCTION_PORT;
 
 use crate::link::outbox::Outbox;
 use crate::output_drain::drain_output;
@@ -108,7 +108,7 @@ impl Relay for Requests<'_> {
         if let Some(id) = bytes.and_then(|b| self.head.feed(b)) {
             // What the function printed until now belongs to the requests before this one.
             drain_output();
-            self.outbox.push(&AgentMessage::Request { id });
+            self.outbox.announce_request(id);
         }
     }
 }
@@ -344,7 +344,7 @@ mod tests {
     #[test]
     fn each_request_on_a_kept_alive_stream_is_announced_before_the_function_gets_it() {
         use crate::link::outbox::Outbox;
-        use fnvm_agent::protocol::{read_message, LogStream};
+        use fnvm_agent::protocol::{read_message, AgentMessage, LogStream};
         use std::io::BufRead;
 
         let outbox = Outbox::new();

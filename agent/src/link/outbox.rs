@@ -44,6 +44,9 @@ struct State {
     conn: Option<Connection>,
     next_id: u64,
     last_lines: VecDeque<String>,
+    /// The request the function serves now, not told to the host yet: see
+    /// [`Outbox::announce_request`].
+    unannounced: Option<Vec<u8>>,
 }
 
 pub struct Outbox {
@@ -73,7 +76,19 @@ impl Outbox {
         self.changed.notify_all();
     }
 
-    /// Queues one line of the function's output, stamped now.
+    /// Notes that the function is about to serve request `id`. The host attributes each line
+    /// to the request announced last, so the announcement only has to precede the first line
+    /// printed after it: it is queued then ([`Outbox::push_log`]), and a request that prints
+    /// nothing costs no message, no wake-up here and none on the host — the warm path of most
+    /// calls. The caller drains the function's output first, so every earlier line is queued
+    /// (under the earlier announcement) before this one is noted.
+    pub fn announce_request(&self, id: String) {
+        let bytes = encode(&AgentMessage::Request { id });
+        self.lock().unannounced = Some(bytes);
+    }
+
+    /// Queues one line of the function's output, stamped now (after the announcement of the
+    /// request it belongs to, if that is still to be sent).
     pub fn push_log(&self, stream: LogStream, line: String) {
         let remembered = truncate(&line, LAST_LINE_BYTES);
         let bytes = encode(&AgentMessage::Log {
@@ -82,6 +97,12 @@ impl Outbox {
             line,
         });
         let mut state = self.lock();
+        if let Some(request) = state.unannounced.take() {
+            state.queue.push_back(Entry {
+                bytes: request,
+                is_log: false,
+            });
+        }
         if state.last_lines.len() == LAST_LINES {
             state.last_lines.pop_front();
         }
@@ -317,6 +338,44 @@ mod tests {
         assert_eq!(got[1], AgentMessage::Ready { after_ms: 5 });
         assert!(matches!(&got[2], AgentMessage::Log { line, .. } if line == "two"));
         assert_eq!(outbox.last_lines(), ["one", "two"]);
+    }
+
+    /// The host hears of a request just before its first line, and not at all of requests
+    /// that printed nothing: it attributes every line exactly as if each had been announced.
+    #[test]
+    fn a_request_is_announced_before_its_first_line_and_a_silent_one_not_at_all() {
+        let outbox = Outbox::new();
+        let sender = outbox.clone();
+        std::thread::spawn(move || sender.run_sender());
+        outbox.announce_request("silent".into());
+        outbox.announce_request("r1".into());
+        outbox.push_log(LogStream::Stdout, "one of r1".into());
+        outbox.push_log(LogStream::Stderr, "two of r1".into());
+        outbox.announce_request("also-silent".into());
+        outbox.announce_request("r2".into());
+        outbox.push_log(LogStream::Stdout, "one of r2".into());
+        let (agent_end, host) = pair();
+        outbox.attach(outbox.ticket(), agent_end);
+        assert!(outbox.drain(Duration::from_secs(5)));
+        outbox.close(Duration::from_millis(10));
+        let got: Vec<String> = read_all(host)
+            .into_iter()
+            .map(|m| match m {
+                AgentMessage::Request { id } => format!("request {id}"),
+                AgentMessage::Log { line, .. } => line,
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "request r1",
+                "one of r1",
+                "two of r1",
+                "request r2",
+                "one of r2"
+            ]
+        );
     }
 
     #[test]
