@@ -463,6 +463,48 @@ fn the_logs_of_one_request_hold_exactly_its_lines() {
     });
 }
 
+/// The same with both cores kept busy by other work, and silent requests between the chatty
+/// ones (the agent announces a request only once it prints): scheduling delays of the agent's
+/// or the host's reader threads must not move a line to another request.
+#[test]
+fn under_full_cpu_load_each_request_still_holds_exactly_its_lines() {
+    if !is_root() {
+        return;
+    }
+    let _serial = serial();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hogs: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            })
+        })
+        .collect();
+    runtime().block_on(async {
+        let w = world(PoolConfig::default());
+        let v = version("loaded", serde_json::json!({}));
+        let key = v.key.clone();
+        w.pool.activate(v);
+        let mut rids = Vec::new();
+        for i in 0..24 {
+            rids.push(invoke(&w.pool, &key, "log 3").await.unwrap().0);
+            if i % 3 == 0 {
+                invoke(&w.pool, &key, "quiet").await.unwrap();
+            }
+        }
+        assert_each_request_has_exactly_its_lines(&w, &key, &rids).await;
+        w.pool.shutdown().await;
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in hogs {
+        h.join().unwrap();
+    }
+}
+
 #[test]
 fn requests_beyond_the_limits_wait_then_get_overloaded() {
     if !is_root() {
