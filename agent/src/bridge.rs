@@ -10,9 +10,10 @@
 //! function printed before its response is then queued before the host gets the response.
 //! Host → function, the head of each request (the first bytes of a stream, and the first after
 //! the function answered) is copied out of the pipe and scanned for its `X-Scf-Request-Id`
-//! ([`RequestHead`]); the agent drains the output and tells the host that request comes next
-//! before passing it on. So every line the host receives between two such messages belongs
-//! to the first of them.
+//! ([`RequestHead`]); the agent drains the output and notes that request as the current one
+//! before passing it on (the host hears of it just before its first line, see
+//! [`Outbox::announce_request`]). So every line the host receives between two announcements
+//! belongs to the first of them.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
