@@ -247,7 +247,7 @@ fn python_warm_calls_answer_without_waiting_for_a_delayed_ack() {
             .collect();
         let (fresh, kept) = (median_of(fresh), median_of(kept));
         // Emulated (the nested level's L1 is a VM itself): functional only, no timing claim.
-        let emulated = sandbox == "vm" && cpu_flag("hypervisor");
+        let emulated = sandbox == "vm" && cpu_has_flag("hypervisor");
         loud(&format!(
             "python warm calls, {sandbox} sandbox{}: median {fresh:?} on a new client \
              connection each, {kept:?} kept alive",
@@ -264,17 +264,6 @@ fn python_warm_calls_answer_without_waiting_for_a_delayed_ack() {
         }
         stop_and_check(run);
     }
-}
-
-/// Whether /proc/cpuinfo lists `flag` for the first CPU.
-fn cpu_flag(flag: &str) -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|c| {
-            c.lines()
-                .find(|l| l.starts_with("flags"))
-                .is_some_and(|l| l.split_whitespace().any(|f| f == flag))
-        })
-        .unwrap_or(false)
 }
 
 #[test]

@@ -259,33 +259,42 @@ mod tests {
         }
     }
 
+    /// One request from `reader`: its head lines as sent and its `Content-Length` body; None
+    /// once the stream ends, also mid-request (the caller went away).
+    fn read_request(reader: &mut impl std::io::BufRead) -> Option<(Vec<String>, Vec<u8>)> {
+        let mut head = Vec::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return None;
+            }
+            if line == "\r\n" {
+                break;
+            }
+            head.push(line.trim_end().to_string());
+        }
+        let len = head
+            .iter()
+            .find_map(|h| {
+                h.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().unwrap())
+            })
+            .unwrap_or(0);
+        let mut body = vec![0; len];
+        reader.read_exact(&mut body).ok()?;
+        Some((head, body))
+    }
+
     fn echo_server(listener: std::os::unix::net::UnixListener) {
-        use std::io::{BufRead, BufReader, Read, Write};
+        use std::io::{BufReader, Write};
         for conn in listener.incoming() {
             let Ok(conn) = conn else { return };
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(conn.try_clone().unwrap());
-                let mut head = Vec::new();
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap() == 0 {
-                        return;
-                    }
-                    if line == "\r\n" {
-                        break;
-                    }
-                    head.push(line.trim_end().to_string());
-                }
-                let len = head
-                    .iter()
-                    .find_map(|h| {
-                        h.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse::<usize>().unwrap())
-                    })
-                    .unwrap_or(0);
-                let mut body = vec![0; len];
-                reader.read_exact(&mut body).unwrap();
+                let Some((head, body)) = read_request(&mut reader) else {
+                    return;
+                };
                 if head[0].starts_with("GET /big ") {
                     let mut conn = conn;
                     write!(
@@ -530,7 +539,7 @@ mod tests {
     /// for), `never-ends` (10 of 100 bytes, then silence), `slow-big` (1 MiB pieces for a while);
     /// anything else is answered `ok` with the number of the request.
     fn misbehaving_server(listener: std::os::unix::net::UnixListener) {
-        use std::io::{BufRead, BufReader, Read, Write};
+        use std::io::{BufReader, Write};
         use std::sync::atomic::{AtomicUsize, Ordering};
         static SERVED: AtomicUsize = AtomicUsize::new(0);
         for conn in listener.incoming() {
@@ -538,27 +547,8 @@ mod tests {
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(conn.try_clone().unwrap());
                 let mut out = conn;
-                loop {
-                    let mut head = Vec::new();
-                    loop {
-                        let mut line = String::new();
-                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        head.push(line.trim_end().to_ascii_lowercase());
-                    }
-                    let len = head
-                        .iter()
-                        .find_map(|h| h.strip_prefix("content-length:"))
-                        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
-                    let mut body = vec![0; len];
-                    if reader.read_exact(&mut body).is_err() {
-                        // The caller went away mid-request.
-                        return;
-                    }
+                // Until the stream ends, or the caller goes away mid-request.
+                while let Some((head, body)) = read_request(&mut reader) {
                     let path = head[0].split(' ').nth(1).unwrap_or("/").to_string();
                     let what = if path == "/event-invoke" {
                         String::from_utf8_lossy(&body).into_owned()

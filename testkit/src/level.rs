@@ -8,11 +8,16 @@ pub const SANDBOXES_VAR: &str = "FNVM_TEST_SANDBOXES";
 
 /// True where /proc/cpuinfo shows VMX (Intel VT-x) or SVM (AMD-V) on any CPU.
 pub fn host_has_vmx_or_svm() -> bool {
+    cpu_has_flag("vmx") || cpu_has_flag("svm")
+}
+
+/// True where /proc/cpuinfo lists `flag` for any CPU (`hypervisor`: this host is a VM itself).
+pub fn cpu_has_flag(flag: &str) -> bool {
     std::fs::read_to_string("/proc/cpuinfo")
         .map(|c| {
             c.lines()
                 .filter(|l| l.starts_with("flags"))
-                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+                .any(|l| l.split_whitespace().any(|f| f == flag))
         })
         .unwrap_or(false)
 }

@@ -23,6 +23,6 @@ pub use images::{
     busybox_image, busybox_image_with, debian_python_tarball, python_image, PYTHON_SERVER,
 };
 pub use leaks::{assert_nothing_left, rootfs_image_of};
-pub use level::{host_has_vmx_or_svm, linux_guests_run_here, loud, sandboxes};
+pub use level::{cpu_has_flag, host_has_vmx_or_svm, linux_guests_run_here, loud, sandboxes};
 pub use run::{fnvm_command, FnvmRun, Lines};
 pub use serve::Serve;
