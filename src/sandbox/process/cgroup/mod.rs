@@ -1,10 +1,13 @@
 //! The process sandbox's limits: one cgroup per instance under a `fnvm` cgroup, with the
-//! function's memory and no swap, a cap on its processes, and (cgroup v1) a device allow-list.
+//! function's memory and no swap, a cap on its processes, (cgroup v1) a device allow-list, and
+//! its own CPU scheduling group (fair shares between instances, and no autogroup, see
+//! [`V1Extras::cpu`]).
 //!
 //! cgroup v2 is the normal case: memory and pids in one cgroup. Hosts still on the hybrid
 //! layout with the controllers on cgroup v1 (like our CI machines) get the v1 equivalents
-//! (memory.limit_in_bytes and memory.memsw.limit_in_bytes, pids.max and the devices
-//! controller's allow-list in their own hierarchies, a cgroup of the same name in each) rather
+//! (memory.limit_in_bytes and memory.memsw.limit_in_bytes, pids.max, the devices
+//! controller's allow-list and the cpu controller in their own hierarchies, a cgroup of the
+//! same name in each) rather
 //! than no limit at all. Where a controller is not writable the sandbox runs without that
 //! limit and says so once. cgroup v2 has no devices file, only a BPF program, which fnvm does
 //! not load: there (and in a VM, where the guest kernel has no devices controller) what keeps a
@@ -57,13 +60,14 @@ pub const STANDARD_DEVICES: &[&str] = &[
     "c 136:* rw",
 ];
 
-/// One instance's cgroup: the memory cgroup (on v2 also pids), and on v1 a cgroup of the same
-/// name in the pids and devices hierarchies.
+/// One instance's cgroup: the memory cgroup (on v2 also pids and cpu), and on v1 a cgroup of
+/// the same name in the pids, devices and cpu hierarchies.
 #[derive(Debug)]
 pub struct Cgroup {
     path: PathBuf,
     pids: Option<PathBuf>,
     devices: Option<PathBuf>,
+    cpu: Option<PathBuf>,
     v2: bool,
     removed: bool,
     agent_disks: Vec<AgentDisk>,
@@ -83,6 +87,7 @@ impl Cgroup {
             path,
             pids: None,
             devices: None,
+            cpu: None,
             v2,
             removed: false,
             agent_disks: limits.agent_disks.clone(),
@@ -124,6 +129,10 @@ impl Cgroup {
                     )?;
                 }
             }
+            if let Some(parent) = &extras.cpu {
+                // Default shares: the group is what matters, not its weight.
+                cgroup.cpu = Some(make_dir(parent, name)?);
+            }
         }
         Ok(cgroup)
     }
@@ -155,7 +164,7 @@ impl Cgroup {
         self.pids.as_deref()
     }
 
-    /// The v1 cgroups besides the memory one (pids, devices), for the instance record.
+    /// The v1 cgroups besides the memory one (pids, devices, cpu), for the instance record.
     pub fn v1_extras(&self) -> Vec<PathBuf> {
         if self.v2 {
             return Vec::new();
@@ -163,6 +172,7 @@ impl Cgroup {
         self.pids
             .iter()
             .chain(self.devices.iter())
+            .chain(self.cpu.iter())
             .cloned()
             .collect()
     }
@@ -501,6 +511,45 @@ mod tests {
             "{said}"
         );
         cgroup.kill_and_remove().unwrap();
+    }
+
+    #[test]
+    fn each_instance_is_scheduled_as_its_own_cpu_group() {
+        // Not the root cpu group: there each instance (its own session) would be an autogroup,
+        // and a saturated host left its threads waiting for hundreds of milliseconds.
+        let Some((hierarchy, extras)) = host() else {
+            return;
+        };
+        let name = format!("test-cpu-{}", std::process::id());
+        let mut cgroup = Cgroup::create(&hierarchy, &extras, &name, &limits(64, vec![])).unwrap();
+        let out = sh_in(&cgroup, "cat /proc/self/cgroup", &[]);
+        let membership = String::from_utf8_lossy(&out.stdout).into_owned();
+        let cpu_group = if cgroup.is_v2() {
+            let controllers =
+                std::fs::read_to_string(cgroup.path().join("cgroup.controllers")).unwrap();
+            if !controllers.split_whitespace().any(|c| c == "cpu") {
+                eprintln!("SKIP: the cpu controller cannot be delegated here: {controllers}");
+                return;
+            }
+            membership.lines().find(|l| l.starts_with("0::"))
+        } else {
+            if extras.cpu.is_none() {
+                eprintln!("SKIP: no cgroup v1 cpu controller on this host");
+                return;
+            }
+            membership.lines().find(|l| {
+                l.split(':')
+                    .nth(1)
+                    .is_some_and(|list| list.split(',').any(|c| c == "cpu"))
+            })
+        };
+        let cpu_group = cpu_group.unwrap_or_else(|| panic!("no cpu line in:\n{membership}"));
+        assert!(
+            cpu_group.ends_with(&format!("/fnvm/{name}")),
+            "the shell runs in {cpu_group:?}, not in the instance's cpu group"
+        );
+        cgroup.kill_and_remove().unwrap();
+        assert!(extras.cpu.iter().all(|parent| !parent.join(&name).exists()));
     }
 
     #[test]
