@@ -53,9 +53,19 @@ impl Inner {
         let function = key.to_string();
         let asked = Instant::now();
         loop {
+            // Both registered before the state is looked at, so no wake-up falls in between.
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            let freed = self
+                .lock()
+                .functions
+                .get(key)
+                .map(|f| Arc::clone(&f.freed))
+                .ok_or(InvokeError::NotActive)?;
+            let slot_freed = freed.notified();
+            tokio::pin!(slot_freed);
+            slot_freed.as_mut().enable();
             let to_start = {
                 let mut st = self.lock();
                 if st.shutting_down {
@@ -128,7 +138,13 @@ impl Inner {
             // Blocked by the budget (not by its own cap): others releasing instances give way.
             let waiting_for_memory = !matches!(limit, Limit::MaxInstances(_));
             let _registered = waiting_for_memory.then(|| MemoryWaiter::new(self, key));
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            let woken = async {
+                tokio::select! {
+                    () = notified => {}
+                    () = slot_freed => {}
+                }
+            };
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
                 return Err(InvokeError::Overloaded {
                     limit,
                     queue_timeout: self.cfg.queue_timeout,

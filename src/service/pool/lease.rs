@@ -199,8 +199,15 @@ impl Drop for Lease {
             self.inner.retire(&mut st, key, &self.slot.id);
         }
         self.inner.publish(&st);
+        // A freed slot is for the next request of this function; only a retired instance, or
+        // an idle one that a request waiting for memory could reclaim, concerns the others.
+        let everyone = retire || (idle_now && !st.memory_waiters.is_empty());
+        let freed = st.functions.get(key).map(|f| Arc::clone(&f.freed));
         drop(st);
-        self.inner.changed.notify_waiters();
+        match freed {
+            Some(freed) if !everyone => freed.notify_one(),
+            _ => self.inner.changed.notify_waiters(),
+        }
     }
 }
 

@@ -371,6 +371,39 @@ fn concurrent_invocations_scale_out_to_max_instances_and_no_further() {
 }
 
 #[test]
+fn requests_waiting_for_a_busy_function_are_served_in_the_order_they_came() {
+    runtime().block_on(async {
+        let w = fake_world(config(4096, 10_000));
+        let v = fake_version("single", serde_json::json!({"max_instances": 1}));
+        let key = v.key.clone();
+        w.pool.activate(v);
+        let busy = at_once(&w.pool, &key, 1, "sleep 300");
+        eventually("the instance is busy", || {
+            w.pool.instances(&key).iter().any(|i| i.in_flight == 1)
+        })
+        .await;
+        // Eight callers queue up one after the other while the instance is busy.
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let mut waiting = Vec::new();
+        for n in 0..8 {
+            let (pool, key, served) = (Arc::clone(&w.pool), key.clone(), Arc::clone(&served));
+            waiting.push(tokio::spawn(async move {
+                call(&pool, &key, "sleep 5").await.unwrap();
+                served.lock().unwrap().push(n);
+            }));
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+        all_ok(busy).await;
+        for t in waiting {
+            t.await.unwrap();
+        }
+        assert_eq!(*served.lock().unwrap(), (0..8).collect::<Vec<_>>());
+        assert_eq!(w.sandbox.starts(), 1);
+        w.pool.shutdown().await;
+    });
+}
+
+#[test]
 fn a_warm_idle_instance_is_reused_rather_than_a_new_one_started() {
     runtime().block_on(async {
         let w = fake_world(config(4096, 5000));
