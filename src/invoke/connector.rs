@@ -51,8 +51,19 @@ pub fn http1_to_function() -> hyper::client::conn::http1::Builder {
 
 /// A fresh non-blocking stream to the instance's port 9000.
 pub async fn connect(instance: Arc<dyn Instance>) -> std::io::Result<tokio::net::UnixStream> {
-    // A Unix connect (process sandbox) or a connect plus the vsock `CONNECT` exchange with the
-    // local VMM (vm): short, but blocking, so off the async workers.
+    if let Some(path) = instance.port_socket() {
+        return tokio::net::UnixStream::connect(&path).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot connect to the function's port at {}: {e}",
+                    path.display()
+                ),
+            )
+        });
+    }
+    // A connect plus the vsock `CONNECT` exchange with the local VMM (vm): short, but
+    // blocking, so off the async workers.
     let stream = tokio::task::spawn_blocking(move || instance.connect())
         .await
         .map_err(std::io::Error::other)??;

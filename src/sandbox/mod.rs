@@ -198,6 +198,13 @@ pub trait Instance: Send + Sync {
     fn id(&self) -> &str;
     /// A fresh byte stream to the function's port 9000 (the caller speaks HTTP/1.1 on it).
     fn connect(&self) -> std::io::Result<std::os::unix::net::UnixStream>;
+    /// The Unix socket that is itself the function's port 9000, when a stream needs no
+    /// handshake (the process sandbox's agent listens on it): the host then connects from its
+    /// async workers instead of handing [`Instance::connect`] to a blocking thread, which cost
+    /// two thread wake-ups per new stream.
+    fn port_socket(&self) -> Option<std::path::PathBuf> {
+        None
+    }
     /// Blocks until the function's process exits or the sandbox dies (may be called from
     /// another thread than the one that stops the instance).
     fn wait_exit(&self) -> ExitReport;

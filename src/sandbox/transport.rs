@@ -57,6 +57,16 @@ impl HostTransport {
     }
 }
 
+impl HostTransport {
+    /// The Unix socket that is guest port `port` with no handshake (process sandbox), if any.
+    pub fn port_socket(&self, port: u32) -> Option<PathBuf> {
+        match self {
+            HostTransport::Unix { dir } => Some(unix_port_path(dir, port)),
+            HostTransport::Vsock { .. } => None,
+        }
+    }
+}
+
 /// The socket on which the agent of a process sandbox listens for guest port `port`.
 pub fn unix_port_path(dir: &Path, port: u32) -> PathBuf {
     dir.join(format!("{port}.sock"))

@@ -102,6 +102,10 @@ impl<P: Teardown> Instance for AgentInstance<P> {
         self.transport.connect(FUNCTION_PORT)
     }
 
+    fn port_socket(&self) -> Option<std::path::PathBuf> {
+        self.transport.port_socket(FUNCTION_PORT)
+    }
+
     fn wait_exit(&self) -> ExitReport {
         self.exit.wait()
     }
