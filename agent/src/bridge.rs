@@ -2,9 +2,10 @@
 //! connection to 127.0.0.1:9000 in the guest and copied both ways until each side is done,
 //! half-close included (an EOF from one side becomes shutdown(SHUT_WR) on the other).
 //!
-//! Two small threads per stream, each moving data with splice(2) through its own pipe: bytes go
-//! kernel to kernel, and memory per stream is fixed (one pipe buffer) however large the body.
-//! A transport that cannot splice falls back to a fixed 64 KiB buffer.
+//! Two small threads per stream (parked ones reused, see [`Threads`]), each moving data with
+//! splice(2) through its own pipe: bytes go kernel to kernel, and memory per stream is fixed
+//! (one pipe buffer) however large the body. A transport that cannot splice falls back to a
+//! fixed 64 KiB buffer.
 //!
 //! Function → host, each chunk waits for [`drain_output`] before it goes on: whatever the
 //! function printed before its response is then queued before the host gets the response.
@@ -27,6 +28,7 @@ use fnvm_agent::protocol::FUNCTION_PORT;
 use crate::link::outbox::Outbox;
 use crate::output_drain::drain_output;
 use crate::request_head::RequestHead;
+use crate::threads::Threads;
 use crate::transport::{Listener, Stream};
 
 /// Where the function's server listens inside the guest.
@@ -34,17 +36,18 @@ pub const FUNCTION_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], FUNCTION_PORT as u16)
 /// Each bridging thread's stack: they only shuffle fds.
 const THREAD_STACK: usize = 64 * 1024;
 const CHUNK: usize = 64 * 1024;
+/// A bridging thread parked this long with no stream to serve exits.
+const THREAD_KEEP: Duration = Duration::from_secs(30);
 
 /// Accepts host streams forever, one bridge per stream; `outbox` hears of each request.
 pub fn serve(listener: Box<dyn Listener>, outbox: Arc<Outbox>) {
+    let threads = Threads::new("bridge", THREAD_STACK, THREAD_KEEP);
     loop {
         match listener.accept() {
             Ok(host) => {
                 let outbox = outbox.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("bridge".into())
-                    .stack_size(THREAD_STACK)
-                    .spawn(move || bridge(host, &outbox));
+                let pumps = Arc::clone(&threads);
+                let spawned = threads.run(Box::new(move || bridge(host, outbox, &pumps)));
                 if let Err(e) = spawned {
                     crate::console::line(&format!("error: cannot start a bridge thread: {e}"));
                 }
@@ -121,8 +124,9 @@ impl<F: FnMut()> Relay for F {
     }
 }
 
-/// One host stream ⇄ one guest TCP connection.
-fn bridge(host: Stream, outbox: &Outbox) {
+/// One host stream ⇄ one guest TCP connection: function → host on this thread, host →
+/// function on another of `threads`. The sockets close when both directions are done.
+fn bridge(host: Stream, outbox: Arc<Outbox>, threads: &Arc<Threads>) {
     let guest = match TcpStream::connect(std::net::SocketAddr::from(FUNCTION_ADDR)) {
         Ok(g) => g,
         // Nothing listens (any more): closing the stream tells the host at once.
@@ -135,30 +139,29 @@ fn bridge(host: Stream, outbox: &Outbox) {
     let host = Arc::new(host);
     let guest = Arc::new(guest);
     let answered = Arc::new(AtomicBool::new(false));
-    let mut requests = Requests {
-        answered: answered.clone(),
-        head: RequestHead::new(),
-        outbox,
+    let upstream = {
+        let (host, guest, answered) = (host.clone(), guest.clone(), answered.clone());
+        move || {
+            let mut requests = Requests {
+                answered,
+                head: RequestHead::new(),
+                outbox: &outbox,
+            };
+            pump(host.as_fd(), guest.as_fd(), &mut requests);
+            finish(&*guest);
+        }
     };
+    if let Err(e) = threads.run(Box::new(upstream)) {
+        // Dropping both sockets ends the stream: the host sees it closed.
+        crate::console::line(&format!("error: cannot start a bridge thread: {e}"));
+        return;
+    }
     let mut responses = Responses {
         answered,
         guest: guest.as_fd(),
     };
-    // Scoped: the upstream thread borrows the outbox and is joined before the bridge returns.
-    std::thread::scope(|scope| {
-        let upstream = std::thread::Builder::new()
-            .name("bridge-up".into())
-            .stack_size(THREAD_STACK)
-            .spawn_scoped(scope, || {
-                pump(host.as_fd(), guest.as_fd(), &mut requests);
-                finish(&*guest);
-            });
-        pump(guest.as_fd(), host.as_fd(), &mut responses);
-        finish(&*host);
-        if let Ok(t) = upstream {
-            let _ = t.join();
-        }
-    });
+    pump(guest.as_fd(), host.as_fd(), &mut responses);
+    finish(&*host);
 }
 
 /// Sends the ACK for what was just read from the function now, not up to 40 ms later.

@@ -30,6 +30,7 @@ mod request_head;
 mod shutdown;
 mod supervisor;
 mod test_actions;
+mod threads;
 mod transport;
 mod user;
 
