@@ -204,6 +204,30 @@ class Handler(BaseHTTPRequestHandler):
                     if ahead > 0:
                         time.sleep(ahead)
             return self.reply({"lines": n, "seconds": time.monotonic() - start})
+        # Response habits of servers users write, each in small writes with Nagle on.
+        if p == "/habit/chunked":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for piece in (b"hello ", b"chunked"):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        if p == "/habit/close":
+            data = b"closing"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        if p == "/habit/http10":
+            # No length: the body ends where the connection does.
+            self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+            self.wfile.write(b"until close")
+            self.close_connection = True
+            return
         if p == "/random":
             return self.reply({"hex": os.urandom(32).hex(), "time": time.time()})
         if p == "/file":
