@@ -13,7 +13,8 @@ for purpose in "$@"; do
   case "$purpose" in
     tests) packages+=(docker-registry apache2-utils mmdebstrap jq) ;;
     demo) ;;
-    bench) packages+=(docker-registry apache2-utils umoci mmdebstrap qemu-system-x86 wrk) ;;
+    bench) packages+=(docker-registry apache2-utils umoci mmdebstrap qemu-system-x86 wrk
+                      libpcre2-8-0 libssl3 zlib1g libcrypt1) ;;
     *) log "unknown purpose '$purpose' (expected tests, demo or bench)"; exit 2 ;;
   esac
 done
@@ -30,6 +31,32 @@ if [ "${#missing[@]}" -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+# The bridge bench's peer proxy: Debian's nginx binary, extracted, never installed (the
+# package would start a system nginx on port 80). Its libraries are the packages above.
+if [[ " $* " == *" bench "* ]]; then
+  cache="${FNVM_BENCH_CACHE:-/var/cache/fnvm/bench}"
+  version="$(apt-cache policy nginx 2>/dev/null | awk '/Candidate:/ {print $2}')"
+  if [ -z "$version" ] || [ "$version" = "(none)" ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    version="$(apt-cache policy nginx | awk '/Candidate:/ {print $2}')"
+  fi
+  dir="$cache/nginx-${version//:/_}"
+  if [ ! -x "$dir/usr/sbin/nginx" ]; then
+    log "extracting nginx $version into $dir (the bridge bench's peer proxy)"
+    mkdir -p "$cache"
+    tmp="$(mktemp -d "$cache/.nginx.XXXXXX")"
+    if (cd "$tmp" && apt-get download -qq "nginx=$version" 2>/dev/null) \
+      && dpkg-deb -x "$tmp"/nginx_*.deb "$tmp/root"; then
+      rm -rf "$dir" && mv "$tmp/root" "$dir"
+    else
+      log "cannot download nginx $version: the bridge bench will run without its peer proxy"
+    fi
+    rm -rf "$tmp"
+  fi
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then
