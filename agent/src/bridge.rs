@@ -29,7 +29,7 @@ use crate::link::outbox::Outbox;
 use crate::output_drain::drain_output;
 use crate::request_head::RequestHead;
 use crate::threads::Threads;
-use crate::transport::{Listener, Stream};
+use crate::transport::{wait_readable, Listener, Stream};
 
 /// Where the function's server listens inside the guest.
 pub const FUNCTION_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], FUNCTION_PORT as u16);
@@ -216,6 +216,7 @@ fn splice_copy(src: BorrowedFd, dst: BorrowedFd, relay: &mut impl Relay) -> io::
     let mut total = 0u64;
     let mut seen = Vec::new();
     loop {
+        wait_readable(src)?;
         let n = match splice(src.as_raw_fd(), pipe_write.as_raw_fd(), CHUNK) {
             Ok(0) => return Ok(total),
             Ok(n) => n,
@@ -328,6 +329,7 @@ fn buffered_copy(src: BorrowedFd, dst: BorrowedFd, relay: &mut impl Relay) -> io
     let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
     loop {
+        wait_readable(src.as_fd())?;
         let n = (&src).read(&mut buf)?;
         if n == 0 {
             return Ok(total);

@@ -77,8 +77,13 @@ impl LogPipe {
     /// registry.
     pub fn forward(self: Arc<Self>) {
         let fd = self.lock().pipe.as_raw_fd();
+        // SAFETY: the pipe belongs to this drain's reader, which lives as long as `self`.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
         loop {
-            wait_readable(fd);
+            if crate::transport::wait_readable(fd).is_err() {
+                // Out of memory or the like: look again shortly instead of spinning.
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let mut reader = self.lock();
             if reader.ended {
                 break;
@@ -190,29 +195,6 @@ fn bytes_in_pipe(pipe: &File) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(n.max(0) as usize)
-}
-
-/// Blocks until `fd` is readable or hung up (or an error says to look anyway).
-fn wait_readable(fd: i32) {
-    let mut pollfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    loop {
-        // SAFETY: poll reads and writes one pollfd, which lives on this frame.
-        let n = unsafe { libc::poll(&mut pollfd, 1, -1) };
-        if n > 0 {
-            return;
-        }
-        let err = io::Error::last_os_error();
-        if n < 0 && err.kind() == io::ErrorKind::Interrupted {
-            continue;
-        }
-        // Out of memory or the like: look again shortly instead of spinning.
-        std::thread::sleep(Duration::from_millis(10));
-        return;
-    }
 }
 
 #[cfg(test)]
