@@ -50,6 +50,22 @@ pub fn peer_runs(program: &str, args: &[&str], package: &str) -> Result<(), Peer
     }
 }
 
+/// Stops a server the bench started: SIGTERM, so it can stop what it runs itself, then
+/// SIGKILL if it has not exited within `grace`.
+pub fn stop(child: &mut std::process::Child, grace: Duration) {
+    // SAFETY: kill(2) on our own child's pid; no memory involved.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// The median of `samples` (the mean of the middle two for an even count).
 pub fn median(samples: &[Duration]) -> Duration {
     let mut s = samples.to_vec();
