@@ -1,6 +1,7 @@
 //! `fnvm bench` end to end: the real binary measuring real images built here from Debian
 //! packages (busybox-static's httpd as a web function, Debian minbase + python3 as an event
-//! function), every kind and phase present in its JSON, and bad input refused by name.
+//! function), every kind and phase present in its JSON, and bad input (an image that cannot be
+//! pulled, one that never listens, a sandbox that cannot run here) refused by name.
 //! Needs root (the process sandbox).
 
 use std::path::{Path, PathBuf};
@@ -159,5 +160,35 @@ fn bad_input_is_refused_with_a_message_naming_what_was_wrong() {
         assert!(!out.status.success(), "{stderr}");
         assert!(stderr.contains("VMX") || stderr.contains("SVM"), "{stderr}");
         assert!(out.stdout.is_empty(), "no partial table: {:?}", out.stdout);
+    }
+}
+
+#[test]
+fn an_image_that_never_listens_ends_the_bench_with_the_contracts_message_and_no_table() {
+    // busybox whose entrypoint only sleeps: nothing ever listens on port 9000.
+    let image = busybox_image_with(
+        &layouts(),
+        "busybox-never-listens",
+        &[],
+        Some(vec!["/bin/busybox".into(), "sleep".into(), "3600".into()]),
+    );
+    for sandbox in sandboxes("fnvm bench of an image that never listens") {
+        let _serial = serial();
+        let home = HERE.fresh_home(&format!("bench-home-silent-{sandbox}"));
+        let out = bench(
+            &home,
+            &[&image, "--sandbox", sandbox, "--runs", "1", "--json"],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{sandbox}: {stderr}");
+        assert!(
+            stderr.contains(fnvm_agent::protocol::NOT_LISTENING_MESSAGE),
+            "{sandbox}: the bench's error does not say the server never listened:\n{stderr}"
+        );
+        assert!(
+            out.stdout.is_empty(),
+            "{sandbox}: no partial report: {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
 }
