@@ -4,8 +4,9 @@
 //!
 //! Formatting costs a mkfs process (~6 ms here); copying a formatted template costs a few hole-aware
 //! copies of ~400 KiB (well under a millisecond), or one reflink where the file system has them.
-//! So mkfs runs once per home (and mkfs version) into a cached template, and each instance gets a
-//! sparse copy. The file's size is fixed at 512 MiB: the guest's file system cannot grow it, so the
+//! So mkfs runs once per home (and mkfs binary) into a cached template, and each instance gets a
+//! sparse copy. Which mkfs binary is told by its file (path, size, change time), not by running
+//! `mkfs.ext4 -V`: that was a process per start (~4 ms), paid by every `fnvm run`. The file's size is fixed at 512 MiB: the guest's file system cannot grow it, so the
 //! host file never holds more than 512 MiB whatever the guest writes.
 
 use std::fs::File;
@@ -102,9 +103,9 @@ fn template(home: &Home) -> Result<PathBuf, SandboxError> {
     let dir = home
         .dir("writable-layer")
         .map_err(|e| SandboxError::setup("cannot create the writable-layer cache", e))?;
-    let version = mkfs_version()?;
+    let mkfs = mkfs_identity()?;
     let mut key = Sha256::new();
-    key.update(version.as_bytes());
+    key.update(mkfs.as_bytes());
     key.update(MKFS_ARGS.join(" ").as_bytes());
     key.update(WRITABLE_LAYER_BYTES.to_le_bytes());
     let path = dir.join(format!(
@@ -130,15 +131,32 @@ fn template(home: &Home) -> Result<PathBuf, SandboxError> {
     result.map(|()| path)
 }
 
-/// `mkfs.ext4 -V`'s first line, e.g. "mke2fs 1.47.0 (5-Feb-2023)".
-fn mkfs_version() -> Result<String, SandboxError> {
-    let out = fnvm_rootfs_builder::tool::die_with_parent(&mut Command::new("mkfs.ext4"))
-        .arg("-V")
-        .output()
-        .map_err(|e| SandboxError::setup(missing_mkfs(), e))?;
-    let text =
-        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    Ok(text.lines().next().unwrap_or_default().to_string())
+/// The `mkfs.ext4` that would run, as its resolved path, size and change time: a new
+/// e2fsprogs (a new binary) makes a new template.
+fn mkfs_identity() -> Result<String, SandboxError> {
+    use std::os::unix::fs::MetadataExt;
+    let found = std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("mkfs.ext4"))
+        .find_map(|candidate| {
+            let meta = std::fs::metadata(&candidate).ok()?;
+            (meta.is_file() && meta.mode() & 0o111 != 0).then_some((candidate, meta))
+        });
+    let Some((path, meta)) = found else {
+        return Err(SandboxError::setup(
+            missing_mkfs(),
+            io::Error::new(io::ErrorKind::NotFound, "mkfs.ext4 is not on the PATH"),
+        ));
+    };
+    let resolved = std::fs::canonicalize(&path).unwrap_or(path);
+    Ok(format!(
+        "{} {} {}.{}",
+        resolved.display(),
+        meta.len(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    ))
 }
 
 fn missing_mkfs() -> String {
