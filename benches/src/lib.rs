@@ -50,6 +50,15 @@ pub fn peer_runs(program: &str, args: &[&str], package: &str) -> Result<(), Peer
     }
 }
 
+/// The mark after a figure that misses its target ("" when it is met).
+pub fn missed(met: bool) -> &'static str {
+    if met {
+        ""
+    } else {
+        "  MISSED"
+    }
+}
+
 /// Stops a server the bench started: SIGTERM, so it can stop what it runs itself, then
 /// SIGKILL if it has not exited within `grace`.
 pub fn stop(child: &mut std::process::Child, grace: Duration) {

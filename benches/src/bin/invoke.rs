@@ -169,7 +169,7 @@ fn main() -> Result<()> {
         "{FIRST_CALL_ROUNDS} fresh functions each\n{}",
         first.render()
     );
-    let miss = |ok: bool| if ok { "" } else { "  MISSED" };
+    let miss = fnvm_benches::missed;
     for (i, c) in LOADS.iter().enumerate() {
         let (serve, run) = (&serve_results[i], &run_results[i]);
         let ratio = serve.rps / run.rps;
