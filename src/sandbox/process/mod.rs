@@ -219,7 +219,7 @@ impl ProcessSandbox {
         let procs = parts
             .cgroup
             .as_ref()
-            .map(|c| c.procs_files())
+            .map(|c| c.join_files())
             .unwrap_or_default();
         let child = spawn_in_namespaces(&self.agent, &args, &procs).map_err(|e| {
             SandboxError::setup(
