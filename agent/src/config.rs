@@ -3,7 +3,10 @@
 //! - VM: no arguments; the kernel command line names the disks (`fnvm.rootfs=DEV`,
 //!   `fnvm.writable=DEV`). Without `fnvm.rootfs=` the boot is a test boot (`fnvm.test=`
 //!   actions only), as fnvm's Linux-guest tests use it.
-//! - Process sandbox: `--sandbox process --socket-dir DIR --rootfs DEV --writable DEV`.
+//! - Process sandbox: `--sandbox process --socket-dir DIR --rootfs DEV --writable DEV
+//!   [--control-fd N]`. With `--control-fd` the host has bound the control port's socket
+//!   itself and passes it listening (socket activation): its connection is queued from the
+//!   first instant instead of being retried until the agent has bound one.
 
 use std::path::PathBuf;
 
@@ -14,8 +17,12 @@ use crate::cmdline;
 pub enum Sandbox {
     /// PID 1 of a micro-VM; streams over vsock.
     Vm,
-    /// PID 1 of fresh namespaces on the host; streams over Unix sockets in `socket_dir`.
-    Process { socket_dir: PathBuf },
+    /// PID 1 of fresh namespaces on the host; streams over Unix sockets in `socket_dir`, the
+    /// control port's already listening on `control_fd` when the host bound it.
+    Process {
+        socket_dir: PathBuf,
+        control_fd: Option<i32>,
+    },
 }
 
 /// A function instance's configuration.
@@ -52,6 +59,9 @@ pub enum ConfigError {
     /// The socket directory must not depend on the working directory.
     #[error("--socket-dir {} must be an absolute path", .0.display())]
     RelativeSocketDir(PathBuf),
+    /// An inherited descriptor that cannot be one the host passed (0–2 are stdio).
+    #[error("--control-fd {0:?} is not a descriptor number above 2")]
+    BadControlFd(String),
     /// A VM's command line names one disk without the other.
     #[error("the kernel command line needs both fnvm.rootfs=DEV and fnvm.writable=DEV")]
     PartialDisks,
@@ -60,7 +70,7 @@ pub enum ConfigError {
 /// The usage line printed with argument errors.
 pub const USAGE: &str =
     "usage: fnvm-agent --sandbox process --socket-dir DIR --rootfs DEV --writable DEV \
-     (no arguments: VM mode, disks from fnvm.rootfs= and fnvm.writable= on the kernel command line)";
+     [--control-fd N] (no arguments: VM mode, disks from fnvm.rootfs= and fnvm.writable= on the kernel command line)";
 
 /// Parses the process sandbox's arguments (program name excluded).
 pub fn from_args(args: &[String]) -> Result<Config, ConfigError> {
@@ -68,6 +78,7 @@ pub fn from_args(args: &[String]) -> Result<Config, ConfigError> {
     let mut socket_dir = None;
     let mut rootfs = None;
     let mut writable = None;
+    let mut control_fd = None;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let slot = match flag.as_str() {
@@ -75,6 +86,7 @@ pub fn from_args(args: &[String]) -> Result<Config, ConfigError> {
             "--socket-dir" => &mut socket_dir,
             "--rootfs" => &mut rootfs,
             "--writable" => &mut writable,
+            "--control-fd" => &mut control_fd,
             other => return Err(ConfigError::UnknownArgument(other.into())),
         };
         let value = it
@@ -94,8 +106,17 @@ pub fn from_args(args: &[String]) -> Result<Config, ConfigError> {
     if !socket_dir.is_absolute() {
         return Err(ConfigError::RelativeSocketDir(socket_dir));
     }
+    let control_fd = control_fd
+        .map(|n| match n.parse::<i32>() {
+            Ok(fd) if fd > 2 => Ok(fd),
+            _ => Err(ConfigError::BadControlFd(n)),
+        })
+        .transpose()?;
     Ok(Config {
-        sandbox: Sandbox::Process { socket_dir },
+        sandbox: Sandbox::Process {
+            socket_dir,
+            control_fd,
+        },
         rootfs: rootfs.ok_or(ConfigError::Missing("--rootfs"))?,
         writable: writable.ok_or(ConfigError::Missing("--writable"))?,
     })
@@ -134,13 +155,16 @@ mod tests {
             "/dev/loop3",
             "--writable",
             "/dev/loop4",
+            "--control-fd",
+            "3",
         ]))
         .unwrap();
         assert_eq!(
             config,
             Config {
                 sandbox: Sandbox::Process {
-                    socket_dir: "/run/i/sock".into()
+                    socket_dir: "/run/i/sock".into(),
+                    control_fd: Some(3),
                 },
                 rootfs: "/dev/loop3".into(),
                 writable: "/dev/loop4".into(),
@@ -170,6 +194,22 @@ mod tests {
             "b"
         ])
         .contains("absolute"));
+        let with_fd = |fd: &str| {
+            err(&[
+                "--sandbox",
+                "process",
+                "--socket-dir",
+                "/s",
+                "--rootfs",
+                "a",
+                "--writable",
+                "b",
+                "--control-fd",
+                fd,
+            ])
+        };
+        assert!(with_fd("1").contains("--control-fd \"1\" is not a descriptor number above 2"));
+        assert!(with_fd("x").contains("\"x\""));
     }
 
     #[test]

@@ -190,7 +190,7 @@ fn run_instance(config: &Config) -> Result<(), AgentError> {
     raise_fd_limit();
     let (transport, private_root_at) = match &config.sandbox {
         Sandbox::Vm => (Transport::Vsock, PathBuf::from("/fnvm")),
-        Sandbox::Process { socket_dir } => {
+        Sandbox::Process { socket_dir, .. } => {
             guest_root::make_mounts_private()?;
             (
                 Transport::Unix {
@@ -208,7 +208,19 @@ fn run_instance(config: &Config) -> Result<(), AgentError> {
             .listen(port)
             .map_err(|cause| AgentError::Listen { name, port, cause })
     };
-    let control = listen("control", CONTROL_PORT)?;
+    let control = match &config.sandbox {
+        Sandbox::Process {
+            socket_dir,
+            control_fd: Some(fd),
+        } => transport::UnixSocketListener::inherit(*fd, socket_dir, CONTROL_PORT)
+            .map(|l| Box::new(l) as Box<dyn transport::Listener>)
+            .map_err(|cause| AgentError::Listen {
+                name: "control",
+                port: CONTROL_PORT,
+                cause,
+            })?,
+        _ => listen("control", CONTROL_PORT)?,
+    };
     let function = listen("function", FUNCTION_PORT)?;
 
     let setup = (|| -> Result<(), AgentError> {

@@ -236,6 +236,7 @@ impl Listener for VsockListener {
 }
 
 /// A listening Unix stream socket `<dir>/<port>.sock`.
+#[derive(Debug)]
 pub struct UnixSocketListener {
     inner: UnixListener,
     path: PathBuf,
@@ -260,6 +261,54 @@ impl UnixSocketListener {
         unsafe { libc::listen(inner.as_raw_fd(), BACKLOG) };
         Ok(UnixSocketListener { inner, path })
     }
+
+    /// Takes over the listening socket the host bound for `port` and passed as `fd` (socket
+    /// activation); anything but a listening Unix stream socket there is refused.
+    pub fn inherit(fd: i32, dir: &Path, port: u32) -> io::Result<Self> {
+        let path = socket_path(dir, port);
+        let int_option = |level, name| {
+            let mut value: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt writes at most `len` bytes into `value`, an int on the stack;
+            // on a descriptor that is not a socket it fails with ENOTSOCK, writing nothing.
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd,
+                    level,
+                    name,
+                    (&mut value as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            if rc == 0 {
+                Ok(value)
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        };
+        let not_ours = |what: String| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("descriptor {fd} passed for {}: {what}", path.display()),
+            )
+        };
+        let domain = int_option(libc::SOL_SOCKET, libc::SO_DOMAIN)
+            .map_err(|e| not_ours(format!("not a socket ({e})")))?;
+        let kind =
+            int_option(libc::SOL_SOCKET, libc::SO_TYPE).map_err(|e| not_ours(e.to_string()))?;
+        let listening = int_option(libc::SOL_SOCKET, libc::SO_ACCEPTCONN)
+            .map_err(|e| not_ours(e.to_string()))?;
+        if domain != libc::AF_UNIX || kind != libc::SOCK_STREAM || listening != 1 {
+            return Err(not_ours("not a listening Unix stream socket".into()));
+        }
+        // SAFETY: `fd` is a listening socket (checked above) the host passed to this process for
+        // it alone; nothing else in the agent refers to it, so owning it here is sound.
+        let inner = unsafe { UnixListener::from_raw_fd(fd) };
+        // The host's copy is gone after exec; not inherited further by the function.
+        // SAFETY: fcntl on the descriptor `inner` owns; no memory involved.
+        unsafe { libc::fcntl(inner.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+        Ok(UnixSocketListener { inner, path })
+    }
 }
 
 impl Listener for UnixSocketListener {
@@ -281,6 +330,7 @@ pub fn socket_path(dir: &Path, port: u32) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::IntoRawFd;
     use std::os::unix::net::UnixStream;
 
     #[test]
@@ -304,6 +354,32 @@ mod tests {
         let mut reply = Vec::new();
         client.read_to_end(&mut reply).unwrap();
         assert_eq!(reply, b"pong");
+    }
+
+    #[test]
+    fn a_socket_the_host_bound_is_taken_over_and_anything_else_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = UnixListener::bind(dir.path().join("1024.sock")).unwrap();
+        // The connection is queued before the agent takes the listener over.
+        let mut client = UnixStream::connect(dir.path().join("1024.sock")).unwrap();
+        let fd = host.into_raw_fd();
+        let listener = UnixSocketListener::inherit(fd, dir.path(), 1024).unwrap();
+        let server = listener.accept().unwrap();
+        client.write_all(b"hi").unwrap();
+        let mut got = [0u8; 2];
+        (&server).read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hi");
+
+        let file = std::fs::File::open(dir.path()).unwrap();
+        let err = UnixSocketListener::inherit(file.as_raw_fd(), dir.path(), 1024).unwrap_err();
+        assert!(err.to_string().contains("not a socket"), "{err}");
+        let (a, _b) = UnixStream::pair().unwrap();
+        let err = UnixSocketListener::inherit(a.as_raw_fd(), dir.path(), 1024).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("not a listening Unix stream socket"),
+            "{err}"
+        );
     }
 
     #[test]

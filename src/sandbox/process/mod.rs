@@ -9,6 +9,7 @@ pub mod loopdev;
 pub(crate) mod tests;
 
 use std::ffi::{CString, OsString};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
@@ -17,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fnvm_agent::protocol::FUNCTION_PORT;
+use fnvm_agent::protocol::{CONTROL_PORT, FUNCTION_PORT};
 
 use cgroup::watch::LimitWatch;
 use cgroup::{cgroup_prefix, AgentDisk, Cgroup, Hierarchy, Limits, V1Extras};
@@ -203,6 +204,12 @@ impl ProcessSandbox {
                 SandboxError::setup(format!("cannot create {}", socket_dir.display()), e)
             })?;
 
+        // Socket activation: the control port listens before the agent exists, so the link's
+        // connection is queued at once instead of retried at growing intervals while the agent
+        // comes up (each retry interval was time lost after the agent was ready). The host
+        // keeps no copy: if the agent dies, the queued connection is reset, not left hanging.
+        let control = listen_for_agent(&unix_port_path(socket_dir, CONTROL_PORT))?;
+
         let explain = watch.clone();
         let exit = ExitState::new(move || explain.as_ref()?.hits());
 
@@ -215,13 +222,15 @@ impl ProcessSandbox {
             rootfs_dev.into(),
             "--writable".into(),
             writable_dev.into(),
+            "--control-fd".into(),
+            control.as_raw_fd().to_string().into(),
         ];
         let procs = parts
             .cgroup
             .as_ref()
             .map(|c| c.join_files())
             .unwrap_or_default();
-        let child = spawn_in_namespaces(&self.agent, &args, &procs).map_err(|e| {
+        let child = spawn_in_namespaces(&self.agent, &args, &procs, control).map_err(|e| {
             SandboxError::setup(
                 format!(
                     "cannot start the agent {} in new namespaces",
@@ -409,7 +418,8 @@ fn with_limit_hits(err: SandboxError, watch: &LimitWatch) -> SandboxError {
 }
 
 /// Starts `program` as PID 1 of new pid, mount, uts, ipc and network namespaces, in the cgroups
-/// whose `cgroup.procs` files are given, in its own session, stdout/stderr piped.
+/// whose join files are given, in its own session, stdout/stderr piped, `control` inherited
+/// under its own number (closed here once the child has it).
 ///
 /// A new pid namespace applies to the *children* of whoever unshares it, so a short-lived thread
 /// unshares CLONE_NEWPID and spawns; the other namespaces are unshared by the child itself
@@ -418,7 +428,9 @@ fn spawn_in_namespaces(
     program: &Path,
     args: &[OsString],
     cgroup_procs: &[PathBuf],
+    control: std::os::fd::OwnedFd,
 ) -> std::io::Result<std::process::Child> {
+    let control_fd = control.as_raw_fd();
     let procs = cgroup_procs
         .iter()
         .map(|p| CString::new(p.as_os_str().as_bytes()))
@@ -435,7 +447,10 @@ fn spawn_in_namespaces(
     // SAFETY: the closure runs in the forked child before exec and only makes system calls on
     // memory prepared before the fork (`procs`, static strings); it allocates nothing.
     unsafe {
-        command.pre_exec(move || enter_sandbox(&procs));
+        command.pre_exec(move || {
+            enter_sandbox(&procs)?;
+            keep_across_exec(control_fd)
+        });
     }
     std::thread::scope(|scope| {
         scope
@@ -449,6 +464,31 @@ fn spawn_in_namespaces(
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("the spawning thread panicked")))
     })
+}
+
+/// In the child, before exec: lets `fd` survive exec (its number is the child's too: the
+/// parent holds it open across the fork, so nothing else in the child can have that number).
+fn keep_across_exec(fd: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: fcntl on a descriptor number; no memory involved.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A listening Unix socket at `path` for the agent to inherit, on a descriptor above stdio
+/// (the child's stdio set-up would overwrite 0–2), close-on-exec in this process.
+fn listen_for_agent(path: &Path) -> Result<std::os::fd::OwnedFd, SandboxError> {
+    let cannot = |e| SandboxError::setup(format!("cannot listen on {}", path.display()), e);
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(cannot)?;
+    // SAFETY: F_DUPFD_CLOEXEC on the descriptor `listener` owns returns a new descriptor
+    // (≥ 3) owned by nothing else, or fails with -1.
+    let raw = unsafe { libc::fcntl(listener.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if raw < 0 {
+        return Err(cannot(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `raw` was just returned by fcntl and is owned by nothing else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
 }
 
 /// In the child, before exec: join the cgroup, new session, new namespaces, private mounts,
