@@ -11,6 +11,7 @@
 //! either complete or absent.
 
 pub mod format;
+pub mod kvm_hex;
 pub mod memory;
 
 use std::path::{Path, PathBuf};
@@ -94,10 +95,15 @@ pub struct VmState {
     pub regions: Vec<RegionLayout>,
     pub irqchip: bool,
     pub vcpus: Vec<VcpuState>,
+    #[serde(with = "kvm_hex::option")]
     pub pic_master: Option<kvm_irqchip>,
+    #[serde(with = "kvm_hex::option")]
     pub pic_slave: Option<kvm_irqchip>,
+    #[serde(with = "kvm_hex::option")]
     pub ioapic: Option<kvm_irqchip>,
+    #[serde(with = "kvm_hex::option")]
     pub pit: Option<kvm_pit_state2>,
+    #[serde(with = "kvm_hex::option")]
     pub clock: Option<kvm_clock_data>,
     pub serial: SerialDeviceState,
     pub i8042: I8042State,

@@ -11,31 +11,38 @@ use serde::{Deserialize, Serialize};
 
 use super::{Vcpu, VcpuError};
 use crate::arch::x86_64::msr;
+use crate::snapshot::kvm_hex;
 
 /// A vCPU's architectural state as plain data (for snapshots).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VcpuState {
     pub id: u8,
+    #[serde(with = "kvm_hex")]
     pub regs: kvm_regs,
+    #[serde(with = "kvm_hex")]
     pub sregs: kvm_sregs,
     /// Legacy FPU/SSE state (KVM_GET_FPU) as raw bytes of `kvm_fpu`; `xsave` supersedes it
     /// and is restored after it.
-    #[serde(default)]
+    #[serde(default, with = "kvm_hex::bytes")]
     pub fpu: Vec<u8>,
     /// FPU/SSE/AVX state (XSAVE area; a superset of KVM_GET_FPU).
+    #[serde(with = "kvm_hex")]
     pub xsave: kvm_xsave,
-    #[serde(default)]
+    #[serde(default, with = "kvm_hex::option")]
     pub xcrs: Option<kvm_xcrs>,
-    #[serde(default)]
+    #[serde(default, with = "kvm_hex::option")]
     pub debug_regs: Option<kvm_debugregs>,
+    #[serde(with = "kvm_hex")]
     pub lapic: kvm_lapic_state,
+    #[serde(with = "kvm_hex")]
     pub mp_state: kvm_mp_state,
+    #[serde(with = "kvm_hex")]
     pub vcpu_events: kvm_vcpu_events,
     /// `(index, value)` of every MSR KVM lists (KVM_GET_MSR_INDEX_LIST) that it would read
     /// for this vCPU, TSC and kvm-clock included.
     pub msrs: Vec<(u32, u64)>,
     /// The CPUID the vCPU ran with (KVM_GET_CPUID2).
-    #[serde(default)]
+    #[serde(default, with = "kvm_hex::vec")]
     pub cpuid: Vec<kvm_cpuid_entry2>,
     /// The guest TSC frequency, where KVM reports it.
     #[serde(default)]
