@@ -44,8 +44,10 @@ loud() {
   printf 'nested: ********************************************************************\n' >&2
 }
 
-# The modules L1 needs; their dependencies are resolved from modules.dep.
-modules=(virtio_pci 9pnet_virtio 9p overlay kvm_amd)
+# The modules L1 needs; their dependencies are resolved from modules.dep. loop and ext4: the
+# process sandbox's tests run in L1 too, for its cgroup v2 (Debian's default hierarchy); crc32c_generic:
+# ext4's metadata checksums (without it mount fails with ENOENT).
+modules=(virtio_pci 9pnet_virtio 9p overlay kvm_amd loop ext4 crc32c_generic)
 
 installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
 

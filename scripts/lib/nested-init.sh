@@ -70,6 +70,7 @@ modprobe -a virtio_pci 9pnet_virtio 9p overlay || init_error "cannot load the 9p
 opts=trans=virtio,version=9p2000.L,msize=524288
 mount -t 9p -o "$opts" run /share || init_error "cannot mount the run share"
 modprobe kvm_amd || init_error "cannot load kvm_amd (does the CPU model have +svm?)"
+modprobe -a loop ext4 crc32c_generic || init_error "cannot load the loop and ext4 modules (the process sandbox's disks)"
 [ -c /dev/kvm ] || init_error "kvm_amd loaded but there is no /dev/kvm"
 
 mount -t 9p -o "$opts,ro,cache=loose" hostroot /lower || init_error "cannot mount the host root"

@@ -21,6 +21,15 @@ struct Reaped {
     done: Condvar,
 }
 
+/// A process fnvm started itself (not through `std::process`), not yet reaped: its pid, a pidfd
+/// for it and its piped stdout and stderr.
+pub struct Spawned {
+    pub pid: i32,
+    pub pidfd: OwnedFd,
+    pub stdout: std::fs::File,
+    pub stderr: std::fs::File,
+}
+
 /// A running sandbox process.
 pub struct SandboxChild {
     name: &'static str,
@@ -42,7 +51,7 @@ impl SandboxChild {
     ) -> std::io::Result<Self> {
         let pid = child.id() as i32;
         // SAFETY: pidfd_open takes a pid and flags; the child is ours and not yet reaped (only
-        // the waiter thread below reaps it), so the pid names it.
+        // the waiter thread reaps it), so the pid names it.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
         if fd < 0 {
             let err = std::io::Error::last_os_error();
@@ -52,19 +61,76 @@ impl SandboxChild {
         }
         // SAFETY: the syscall returned a new fd that nothing else owns.
         let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let outputs: Vec<Box<dyn Read + Send>> = [
+            child
+                .stdout
+                .take()
+                .map(|o| Box::new(o) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|e| Box::new(e) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        Ok(Self::watch(
+            name,
+            pid,
+            pidfd,
+            outputs,
+            move || child.wait(),
+            on_exit,
+        ))
+    }
+
+    /// As [`Self::adopt`], for a process fnvm spawned itself.
+    pub fn adopt_spawned(
+        name: &'static str,
+        spawned: Spawned,
+        on_exit: impl FnOnce(ExitStatus, Vec<String>) + Send + 'static,
+    ) -> Self {
+        let Spawned {
+            pid,
+            pidfd,
+            stdout,
+            stderr,
+        } = spawned;
+        let wait = move || loop {
+            let mut status = 0;
+            // SAFETY: waitpid on our own, not yet reaped child (only this waiter reaps it),
+            // writing its status into a stack int.
+            if unsafe { libc::waitpid(pid, &mut status, 0) } == pid {
+                return Ok(ExitStatus::from_raw(status));
+            }
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        };
+        let outputs: Vec<Box<dyn Read + Send>> = vec![Box::new(stdout), Box::new(stderr)];
+        Self::watch(name, pid, pidfd, outputs, wait, on_exit)
+    }
+
+    /// Starts the tail readers of `outputs` and the waiter thread that reaps through `wait`.
+    fn watch(
+        name: &'static str,
+        pid: i32,
+        pidfd: OwnedFd,
+        outputs: Vec<Box<dyn Read + Send>>,
+        wait: impl FnOnce() -> std::io::Result<ExitStatus> + Send + 'static,
+        on_exit: impl FnOnce(ExitStatus, Vec<String>) + Send + 'static,
+    ) -> Self {
         let tail = Arc::new(Mutex::new(VecDeque::new()));
-        let mut readers = Vec::new();
-        if let Some(out) = child.stdout.take() {
-            readers.push(spawn_tail_reader(name, out, tail.clone()));
-        }
-        if let Some(err) = child.stderr.take() {
-            readers.push(spawn_tail_reader(name, err, tail.clone()));
-        }
+        let readers: Vec<_> = outputs
+            .into_iter()
+            .map(|out| spawn_tail_reader(name, out, tail.clone()))
+            .collect();
         let reaped = Arc::new(Reaped::default());
         let waiter_reaped = reaped.clone();
         let waiter_tail = tail.clone();
         let waiter = std::thread::spawn(move || {
-            let result = child.wait();
+            let result = wait();
             let exit = result.unwrap_or_else(|_| ExitStatus::from_raw(libc::SIGKILL));
             // The pipes close when the last process holding them is gone (the whole sandbox).
             for reader in readers {
@@ -83,14 +149,14 @@ impl SandboxChild {
                 .unwrap_or_else(|p| p.into_inner()) = Some(exit);
             waiter_reaped.done.notify_all();
         });
-        Ok(SandboxChild {
+        SandboxChild {
             name,
             pid,
             pidfd,
             reaped,
             tail,
             threads: Mutex::new(vec![waiter]),
-        })
+        }
     }
 
     /// The host pid.

@@ -5,16 +5,14 @@
 
 pub mod cgroup;
 pub mod loopdev;
+pub mod spawn;
 #[cfg(test)]
 pub(crate) mod tests;
 
-use std::ffi::{CString, OsString};
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::ffi::OsString;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +21,7 @@ use fnvm_agent::protocol::{CONTROL_PORT, FUNCTION_PORT};
 use cgroup::watch::LimitWatch;
 use cgroup::{cgroup_prefix, AgentDisk, Cgroup, Hierarchy, Limits, V1Extras};
 use loopdev::LoopDevice;
+use spawn::{listen_for_agent, spawn_in_namespaces};
 
 use crate::home::Home;
 use crate::sandbox::exit::{ended_reason, ExitState};
@@ -225,31 +224,29 @@ impl ProcessSandbox {
             "--control-fd".into(),
             control.as_raw_fd().to_string().into(),
         ];
-        let procs = parts
-            .cgroup
-            .as_ref()
-            .map(|c| c.join_files())
-            .unwrap_or_default();
-        let child = spawn_in_namespaces(&self.agent, &args, &procs, control).map_err(|e| {
-            SandboxError::setup(
-                format!(
-                    "cannot start the agent {} in new namespaces",
-                    self.agent.display()
-                ),
-                e,
-            )
-        })?;
+        let child = spawn_in_namespaces(&self.agent, &args, parts.cgroup.as_ref(), control.as_fd())
+            .map_err(|e| {
+                SandboxError::setup(
+                    format!(
+                        "cannot start the agent {} in new namespaces",
+                        self.agent.display()
+                    ),
+                    e,
+                )
+            })?;
+        drop(control);
         let exit_for_child = exit.clone();
-        let child = parts.child.insert(
-            SandboxChild::adopt("agent", child, move |status, tail| {
+        let child = parts.child.insert(SandboxChild::adopt_spawned(
+            "agent",
+            child,
+            move |status, tail| {
                 exit_for_child.record(
                     None,
                     None,
                     ended_reason("the sandbox ended: its agent", status, &tail),
                 );
-            })
-            .map_err(|e| SandboxError::setup("cannot watch the agent process", e))?,
-        );
+            },
+        ));
         record.sandbox = ProcessId::of(child.pid());
         record.save(dir)?;
 
@@ -414,149 +411,5 @@ fn with_limit_hits(err: SandboxError, watch: &LimitWatch) -> SandboxError {
             SandboxError::Agent(format!("{message}; {hits}"))
         }
         other => other,
-    }
-}
-
-/// Starts `program` as PID 1 of new pid, mount, uts, ipc and network namespaces, in the cgroups
-/// whose join files are given, in its own session, stdout/stderr piped, `control` inherited
-/// under its own number (closed here once the child has it).
-///
-/// A new pid namespace applies to the *children* of whoever unshares it, so a short-lived thread
-/// unshares CLONE_NEWPID and spawns; the other namespaces are unshared by the child itself
-/// before exec, where only async-signal-safe system calls run (no allocation).
-fn spawn_in_namespaces(
-    program: &Path,
-    args: &[OsString],
-    cgroup_procs: &[PathBuf],
-    control: std::os::fd::OwnedFd,
-) -> std::io::Result<std::process::Child> {
-    let control_fd = control.as_raw_fd();
-    let procs = cgroup_procs
-        .iter()
-        .map(|p| CString::new(p.as_os_str().as_bytes()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in cgroup path"))?;
-    let mut command = Command::new(program);
-    command
-        .args(args)
-        .env_clear()
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: the closure runs in the forked child before exec and only makes system calls on
-    // memory prepared before the fork (`procs`, static strings); it allocates nothing.
-    unsafe {
-        command.pre_exec(move || {
-            enter_sandbox(&procs)?;
-            keep_across_exec(control_fd)
-        });
-    }
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: unshare only changes this thread's namespace for its future children.
-                if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                command.spawn()
-            })
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("the spawning thread panicked")))
-    })
-}
-
-/// In the child, before exec: lets `fd` survive exec (its number is the child's too: the
-/// parent holds it open across the fork, so nothing else in the child can have that number).
-fn keep_across_exec(fd: libc::c_int) -> std::io::Result<()> {
-    // SAFETY: fcntl on a descriptor number; no memory involved.
-    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// A listening Unix socket at `path` for the agent to inherit, on a descriptor above stdio
-/// (the child's stdio set-up would overwrite 0–2), close-on-exec in this process.
-fn listen_for_agent(path: &Path) -> Result<std::os::fd::OwnedFd, SandboxError> {
-    let cannot = |e| SandboxError::setup(format!("cannot listen on {}", path.display()), e);
-    let listener = std::os::unix::net::UnixListener::bind(path).map_err(cannot)?;
-    // SAFETY: F_DUPFD_CLOEXEC on the descriptor `listener` owns returns a new descriptor
-    // (≥ 3) owned by nothing else, or fails with -1.
-    let raw = unsafe { libc::fcntl(listener.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
-    if raw < 0 {
-        return Err(cannot(std::io::Error::last_os_error()));
-    }
-    // SAFETY: `raw` was just returned by fcntl and is owned by nothing else.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
-}
-
-/// In the child, before exec: join the cgroup, new session, new namespaces, private mounts,
-/// hostname, loopback up.
-fn enter_sandbox(cgroup_procs: &[CString]) -> std::io::Result<()> {
-    let check = |r: libc::c_int| {
-        if r < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(r)
-        }
-    };
-    // SAFETY: (the whole block) plain system calls on NUL-terminated static or pre-built strings
-    // and stack buffers; nothing here allocates or takes locks.
-    unsafe {
-        for procs in cgroup_procs {
-            let fd = check(libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC))?;
-            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-            libc::close(fd);
-            if written != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        check(libc::setsid())?;
-        check(libc::unshare(
-            libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWNET,
-        ))?;
-        // Nothing mounted in here propagates to the host, and nothing from the host comes in.
-        check(libc::mount(
-            std::ptr::null(),
-            c"/".as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        ))?;
-        let hostname = b"fnvm";
-        check(libc::sethostname(hostname.as_ptr().cast(), hostname.len()))?;
-        loopback_up()?;
-    }
-    Ok(())
-}
-
-/// Sets IFF_UP on "lo" in the (new) network namespace.
-///
-/// # Safety
-/// Async-signal-safe system calls only; callable between fork and exec.
-unsafe fn loopback_up() -> std::io::Result<()> {
-    // SAFETY: a socket, an ifreq zeroed on the stack (all-zero is a valid ifreq) naming "lo",
-    // and two ioctls on it; the union field written is the one SIOCGIFFLAGS filled in.
-    unsafe {
-        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if sock < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let mut req: libc::ifreq = std::mem::zeroed();
-        for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-            *dst = *src as libc::c_char;
-        }
-        let mut result = libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req);
-        if result == 0 {
-            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-            result = libc::ioctl(sock, libc::SIOCSIFFLAGS, &req);
-        }
-        let err = std::io::Error::last_os_error();
-        libc::close(sock);
-        if result < 0 {
-            return Err(err);
-        }
-        Ok(())
     }
 }

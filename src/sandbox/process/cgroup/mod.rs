@@ -178,14 +178,14 @@ impl Cgroup {
     }
 
     /// The files a process writes "0" into, before it starts any thread, to move itself into
-    /// every cgroup of the instance.
+    /// every cgroup of the instance (where it cannot be born in it, see [`super::spawn`]).
     ///
     /// On cgroup v1 that is `tasks`, not `cgroup.procs`: both move a single-threaded process,
     /// but a write to `cgroup.procs` takes the kernel's threadgroup lock for writing, which waits
-    /// for an RCU grace period — 6–10 ms on this host for the first migration after a quiet
+    /// for an RCU grace period — 6–10 ms on the CI host for the first migration after a quiet
     /// while, ~40 % of a process-sandbox start — while moving the calling thread alone
-    /// (`tasks`, "0") skips that lock (Linux ≥ 6.0): 0.1 ms. cgroup v2 moves threads only
-    /// within a domain, so there it stays `cgroup.procs`.
+    /// (`tasks`, "0") skips that lock on current kernels: 0.1 ms. cgroup v2 moves threads only
+    /// within a domain, so there it is `cgroup.procs`.
     pub fn join_files(&self) -> Vec<PathBuf> {
         let file = if self.v2 { "cgroup.procs" } else { "tasks" };
         std::iter::once(&self.path)
@@ -332,9 +332,8 @@ pub fn cgroup_prefix(home: &Home) -> String {
 mod tests {
     use super::watch::LimitWatch;
     use super::*;
-    use std::os::unix::ffi::OsStrExt;
+    use std::os::fd::AsFd;
     use std::os::unix::fs::FileTypeExt;
-    use std::os::unix::process::CommandExt;
 
     /// The host's hierarchies, or None (said why) where this host cannot run the test.
     fn host() -> Option<(Hierarchy, V1Extras)> {
@@ -359,30 +358,13 @@ mod tests {
         }
     }
 
-    /// `sh -c script` started inside every cgroup of `cgroup` (it joins before exec).
+    /// `sh -c script` started in `cgroup` the way the agent is (born in it on cgroup v2, moved
+    /// through `tasks` on v1), as PID 1 of its own namespaces.
     fn sh_in(cgroup: &Cgroup, script: &str, args: &[&str]) -> std::process::Output {
-        let procs: Vec<std::ffi::CString> = cgroup
-            .join_files()
-            .iter()
-            .map(|p| std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap())
-            .collect();
-        let mut command = std::process::Command::new("sh");
-        command.arg("-c").arg(script).arg("sh").args(args);
-        // SAFETY: between fork and exec the closure only opens, writes and closes files whose
-        // names were built before the fork; nothing allocates.
-        unsafe {
-            command.pre_exec(move || {
-                for file in &procs {
-                    let fd = libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    libc::close(fd);
-                }
-                Ok(())
-            });
-        }
-        command.output().expect("sh runs")
+        let keep = std::fs::File::open("/dev/null").unwrap();
+        let mut argv = vec!["-c", script, "sh"];
+        argv.extend_from_slice(args);
+        super::super::spawn::tests::run("/bin/sh", &argv, Some(cgroup), keep.as_fd())
     }
 
     /// A block device node of this host and its numbers.
