@@ -245,6 +245,46 @@ fn process_sandbox_serves_busybox_httpd_and_forwards_its_logs() {
     world.assert_nothing_left(&spec);
 }
 
+/// Two instances of one image mount one loop device (one ext4 superblock, so the second finds
+/// the files the first read in the kernel's caches); it goes when the last of them stops.
+#[test]
+fn instances_of_one_image_share_its_loop_device_until_the_last_stops() {
+    if !is_root() {
+        return;
+    }
+    let world = World::new();
+    let rootfs_loops = || {
+        loopdev::attached()
+            .into_iter()
+            .filter(|(_, backing)| backing == &world.rootfs)
+            .count()
+    };
+    let (first_spec, _) = world.spec("first", "exec httpd -f -p 9000 -h /www", 30_000);
+    let (second_spec, _) = world.spec("second", "exec httpd -f -p 9000 -h /www", 30_000);
+    let first = world
+        .sandbox
+        .start(first_spec.clone())
+        .expect("the first starts");
+    let second = world
+        .sandbox
+        .start(second_spec.clone())
+        .expect("the second starts");
+    assert_eq!(rootfs_loops(), 1, "one loop device for the image");
+    for instance in [&first, &second] {
+        let reply = http_get(instance.as_ref(), "/index.html");
+        assert!(reply.ends_with("hello from busybox\n"), "{reply}");
+    }
+    first.stop().unwrap();
+    first.wait_exit();
+    assert_eq!(rootfs_loops(), 1, "still there for the second instance");
+    let reply = http_get(second.as_ref(), "/index.html");
+    assert!(reply.ends_with("hello from busybox\n"), "{reply}");
+    second.stop().unwrap();
+    second.wait_exit();
+    world.assert_nothing_left(&first_spec);
+    world.assert_nothing_left(&second_spec);
+}
+
 /// What the host does after a snapshot restore (whose vsock reset dropped its streams): a new
 /// link connection, Hello, Refresh. The agent answers Refreshed, its messages (the function's
 /// later log lines) follow the new connection, and the function keeps serving. In the process
