@@ -8,6 +8,8 @@
 //! `/usr/share` and the Python library; hard links plus a whiteout of `/usr/share/doc`) and
 //! written as an OCI layout there too.
 //!
+//! The trees are written to a fresh ext4 made for the run (see [`scratch`]).
+//!
 //! Usage: `cargo run --release -p fnvm-benches --bin unpack [-- --runs N]` (default 5).
 //! Needs mmdebstrap (first run only, Debian mirror access), umoci, tar, e2fsprogs,
 //! erofs-utils; the cold-read comparison needs root (loop mounts, dropping the page cache).
@@ -28,10 +30,12 @@ use fnvm_rootfs_builder::unpack::{unpack_layer, Compression, Ownership, UnpackOp
 use self::formats::formats;
 use self::image::{cache_dir, ensure_base_tar, ensure_layout, LayerBlob};
 use self::parity::{compare, listing};
+use self::scratch::Scratch;
 
 mod formats;
 mod image;
 mod parity;
+mod scratch;
 
 const DEFAULT_RUNS: usize = 5;
 /// The unprivileged user the non-root build path runs as.
@@ -73,11 +77,9 @@ fn main() -> Result<()> {
     let base = ensure_base_tar(&cache)?;
     let layout = cache.join(LAYOUT);
     let layers = ensure_layout(&base, &layout)?;
-    let scratch = std::env::temp_dir().join(format!("fnvm-bench-unpack-{}", std::process::id()));
-    fs::create_dir_all(&scratch)?;
-    let result = run(runs, &layout, &layers, &scratch);
-    remove(&scratch);
-    result
+    let scratch = Scratch::new(nix_is_root())?;
+    println!("{}", scratch.about);
+    run(runs, &layout, &layers, scratch.path())
 }
 
 fn parse_args() -> Result<usize> {
