@@ -644,17 +644,7 @@ fn throughput(vmm: &Path, snap: &Path, parallel: usize, total: usize) -> Result<
         }
         Ok(())
     })();
-    let elapsed = t.elapsed();
-    drop(killer);
-    for i in in_flight {
-        reaper.reap(i);
-    }
-    let cpu = reaper.finish();
-    result?;
-    Ok(Rate {
-        per_second: total as f64 / elapsed.as_secs_f64(),
-        cpu_per_instance: cpu,
-    })
+    rate(t.elapsed(), killer, in_flight, reaper, result, total)
 }
 
 /// Restores per second through standby VMMs, `parallel` restores in flight (restore request
@@ -736,9 +726,22 @@ fn standby_throughput(
         }
         Ok(())
     })();
-    let elapsed = t.elapsed();
+    let left: Vec<Instance> = in_flight.into_iter().chain(ready).collect();
+    rate(t.elapsed(), killer, left, reaper, result, total)
+}
+
+/// A rate row's end: the killer stopped, the instances still alive reaped, the CPU they used
+/// summed, and `total` restores over `elapsed` — unless the run failed.
+fn rate(
+    elapsed: Duration,
+    killer: Killer,
+    left: Vec<Instance>,
+    reaper: Reaper,
+    result: Result<()>,
+    total: usize,
+) -> Result<Rate> {
     drop(killer);
-    for i in in_flight.into_iter().chain(ready) {
+    for i in left {
         reaper.reap(i);
     }
     let cpu = reaper.finish();
