@@ -285,20 +285,25 @@ impl Drop for Link {
 
 impl AgentTimes {
     /// Where a start's time went, `began` being when the sandbox started: up to the agent's
-    /// answer (named `up_to_agent`), of that the guest's boot (a VM), then the function's start
-    /// to its listening.
+    /// answer (named `up_to_agent`), of that the VMM's set-up and the guest's boot (a VM), then
+    /// the function's start to its listening.
     pub fn phases(
         &self,
         began: Instant,
         up_to_agent: &'static str,
         guest_boot: bool,
     ) -> Vec<(&'static str, Duration)> {
-        let mut phases = vec![(up_to_agent, self.hello_at.saturating_duration_since(began))];
+        let up = self.hello_at.saturating_duration_since(began);
+        let mut phases = vec![(up_to_agent, up)];
         if guest_boot {
+            // The guest's uptime counts from its clock's start, so what comes before it is the
+            // VMM's own set-up (and the kernel's first steps before timekeeping).
+            let boot = Duration::from_millis(self.uptime_ms);
             phases.push((
-                "of which guest boot → agent",
-                Duration::from_millis(self.uptime_ms),
+                "of which VMM set-up → guest clock start",
+                up.saturating_sub(boot),
             ));
+            phases.push(("of which guest boot → agent", boot));
         }
         if let Some(ms) = self.listening_after_ms {
             phases.push(("agent → function listening", Duration::from_millis(ms)));
