@@ -90,8 +90,15 @@ pub enum AgentMessage {
         unix_time_us: u64,
         line: String,
     },
-    /// Something accepts connections on port 9000: the instance can serve.
-    Ready { after_ms: u64 },
+    /// Something accepts connections on port 9000: the instance can serve, `after_ms` after the
+    /// function was started, and the same in `after_us` (a start phase of a few milliseconds
+    /// wants more than whole milliseconds; an older agent, such as one in an older snapshot,
+    /// sends none).
+    Ready {
+        after_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after_us: Option<u64>,
+    },
     /// A request carrying this `X-Scf-Request-Id` is about to reach the function. Everything
     /// the function printed before is sent ahead of this message; every line after it, until
     /// the next one, was read while this was the latest request. With requests one at a time
@@ -286,7 +293,14 @@ mod tests {
             }
         }
         let mut wire = Vec::new();
-        write_message(&mut wire, &AgentMessage::Ready { after_ms: 7 }).unwrap();
+        write_message(
+            &mut wire,
+            &AgentMessage::Ready {
+                after_ms: 7,
+                after_us: Some(7_250),
+            },
+        )
+        .unwrap();
         let mut input = io::BufReader::with_capacity(
             4,
             Interrupting {
@@ -296,7 +310,10 @@ mod tests {
         );
         assert_eq!(
             read_message::<_, AgentMessage>(&mut input).unwrap(),
-            Some(AgentMessage::Ready { after_ms: 7 })
+            Some(AgentMessage::Ready {
+                after_ms: 7,
+                after_us: Some(7_250)
+            })
         );
         assert!(read_message::<_, AgentMessage>(&mut input)
             .unwrap()

@@ -282,8 +282,12 @@ impl Supervisor {
                 let mut state = self.lock();
                 if !state.exited && !state.failed {
                     state.ready = true;
-                    let after_ms = started.elapsed().as_millis() as u64;
-                    self.outbox.push(&AgentMessage::Ready { after_ms });
+                    let after = started.elapsed();
+                    let after_ms = after.as_millis() as u64;
+                    self.outbox.push(&AgentMessage::Ready {
+                        after_ms,
+                        after_us: Some(after.as_micros() as u64),
+                    });
                     console::line(&format!("function ready after {after_ms} ms"));
                 }
                 return;

@@ -324,7 +324,10 @@ mod tests {
         let sender = outbox.clone();
         std::thread::spawn(move || sender.run_sender());
         outbox.push_log(LogStream::Stdout, "one".into());
-        outbox.push(&AgentMessage::Ready { after_ms: 5 });
+        outbox.push(&AgentMessage::Ready {
+            after_ms: 5,
+            after_us: None,
+        });
         outbox.push_log(LogStream::Stderr, "two".into());
         let (agent_end, host) = pair();
         outbox.attach(outbox.ticket(), agent_end);
@@ -335,7 +338,13 @@ mod tests {
         assert!(
             matches!(&got[0], AgentMessage::Log { line, stream: LogStream::Stdout, .. } if line == "one")
         );
-        assert_eq!(got[1], AgentMessage::Ready { after_ms: 5 });
+        assert_eq!(
+            got[1],
+            AgentMessage::Ready {
+                after_ms: 5,
+                after_us: None
+            }
+        );
         assert!(matches!(&got[2], AgentMessage::Log { line, .. } if line == "two"));
         assert_eq!(outbox.last_lines(), ["one", "two"]);
     }

@@ -41,7 +41,7 @@ pub struct AgentTimes {
     /// sandbox: the host's uptime, meaningless).
     pub uptime_ms: u64,
     /// Agent's start of the function → something listening on port 9000 (a start only).
-    pub listening_after_ms: Option<u64>,
+    pub listening_after: Option<Duration>,
 }
 
 /// A started instance's link to its agent (the agent protocol's control stream).
@@ -190,7 +190,7 @@ fn converse(
                 let agent = AgentTimes {
                     hello_at: Instant::now(),
                     uptime_ms,
-                    listening_after_ms: None,
+                    listening_after: None,
                 };
                 break (stream, writer, reader, agent);
             }
@@ -235,11 +235,11 @@ fn converse(
         // A VM's clock is measured in the background (the host's own needs no measuring):
         // stamps only place lines in time for the reader (which request a line belongs to goes
         // by the agent's Request messages), so the instance is handed out at once.
-        Ok(Startup::Ready(after_ms)) => {
+        Ok(Startup::Ready(after)) => {
             if source == ClockSource::Own {
                 link.start_pinger(clock);
             }
-            Ok(link.with_listening(after_ms))
+            Ok(link.with_listening(after))
         }
         // The agent sends StartFailed before Exited: when the function itself ended, report
         // the exit (code, signal) with the agent's words.
@@ -305,8 +305,8 @@ impl AgentTimes {
             ));
             phases.push(("of which guest boot → agent", boot));
         }
-        if let Some(ms) = self.listening_after_ms {
-            phases.push(("agent → function listening", Duration::from_millis(ms)));
+        if let Some(after) = self.listening_after {
+            phases.push(("agent → function listening", after));
         }
         phases
     }
@@ -318,8 +318,8 @@ impl Link {
         self.agent
     }
 
-    fn with_listening(mut self, after_ms: Option<u64>) -> Self {
-        self.agent.listening_after_ms = after_ms;
+    fn with_listening(mut self, after: Option<Duration>) -> Self {
+        self.agent.listening_after = after;
         self
     }
 

@@ -6,6 +6,7 @@ use std::io::BufReader;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
+use std::time::Duration;
 
 use fnvm_agent::protocol::{self, AgentMessage, NOT_LISTENING_MESSAGE};
 
@@ -15,8 +16,8 @@ use crate::sandbox::{LogLine, SandboxError};
 
 /// How a start ended, as the reader thread saw it.
 pub(super) enum Startup {
-    /// With the agent's `after_ms` (a start; none for a resume's Refreshed).
-    Ready(Option<u64>),
+    /// With the agent's start → listening time (a start; none for a resume's Refreshed).
+    Ready(Option<Duration>),
     Failed(SandboxError),
     /// The control stream ended or broke before any outcome.
     Lost(String),
@@ -71,9 +72,10 @@ pub(super) fn read_loop(
             AgentMessage::Pong { seq, unix_time_us } => {
                 clock.pong(seq, unix_time_us, host_now_us());
             }
-            AgentMessage::Ready { after_ms } => {
+            AgentMessage::Ready { after_ms, after_us } => {
                 tracing::debug!("function ready after {after_ms} ms");
-                outcome(Startup::Ready(Some(after_ms)));
+                let after = after_us.map_or(Duration::from_millis(after_ms), Duration::from_micros);
+                outcome(Startup::Ready(Some(after)));
             }
             AgentMessage::StartFailed {
                 message,

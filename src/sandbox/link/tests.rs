@@ -24,7 +24,10 @@ fn scripted_agent(listener: UnixListener, ahead_us: u64, log_after_pongs: usize)
                     agent: "scripted".into(),
                     uptime_ms: 1,
                 },
-                HostMessage::Start(_) => AgentMessage::Ready { after_ms: 1 },
+                HostMessage::Start(_) => AgentMessage::Ready {
+                    after_ms: 1,
+                    after_us: Some(1_200),
+                },
                 HostMessage::Ping { seq } => AgentMessage::Pong {
                     seq,
                     unix_time_us: guest_now(),
@@ -94,6 +97,11 @@ fn early_by_of_a_line_from_an_agent_5_s_ahead(log_after_pongs: usize) -> i64 {
         &|| Ok(()),
     )
     .expect("the scripted agent starts");
+    // The agent's start → listening time keeps its microseconds (it said 1,200 µs).
+    assert_eq!(
+        link.agent_times().listening_after,
+        Some(Duration::from_micros(1_200))
+    );
     let (line, received_us) = rx
         .recv_timeout(Duration::from_secs(10))
         .expect("the scripted agent's line");
