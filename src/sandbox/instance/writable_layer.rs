@@ -51,7 +51,7 @@ impl WritableLayer {
     /// Creates `path` as a fresh, empty 512 MiB ext4 file system (sparse).
     pub fn create(home: &Home, path: &Path) -> Result<Self, SandboxError> {
         let template = template(home)?;
-        fnvm_vmm::sparse_copy::copy_sparse(&template, path).map_err(|e| {
+        fnvm_vmm::sparse_copy::copy_sparse_unsynced(&template, path).map_err(|e| {
             SandboxError::setup(
                 format!("cannot create the writable layer {}", path.display()),
                 e,
@@ -65,7 +65,7 @@ impl WritableLayer {
     /// Creates `path` as this instance's own copy of `source`, the writable layer a snapshot
     /// was taken with (a reflink or a sparse copy of its data, never a full 512 MiB copy).
     pub fn copy_of(source: &Path, path: &Path) -> Result<Self, SandboxError> {
-        fnvm_vmm::sparse_copy::copy_sparse(source, path).map_err(|e| {
+        fnvm_vmm::sparse_copy::copy_sparse_unsynced(source, path).map_err(|e| {
             SandboxError::setup(
                 format!(
                     "cannot copy the snapshot's writable layer {} to {}",
