@@ -50,8 +50,8 @@ enum Placement<'a> {
 }
 
 /// Starts `program` with `args` and an empty environment as PID 1 of new pid, mount, uts, ipc
-/// and network namespaces, in `cgroup` (if any), in its own session, with stdin from /dev/null,
-/// stdout and stderr piped, and `keep` inherited under its own number.
+/// and network namespaces, in `cgroup` (if any), in its own session, working in `/`, with stdin
+/// from /dev/null, stdout and stderr piped, and `keep` inherited under its own number.
 pub fn spawn_in_namespaces(
     program: &Path,
     args: &[OsString],
@@ -203,6 +203,11 @@ unsafe fn child_main(
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
         enter_sandbox(join)?;
+        // As std's spawn did with current_dir("/"): no working directory in fnvm's tree.
+        // SAFETY: chdir with a static NUL-terminated path.
+        if unsafe { libc::chdir(c"/".as_ptr()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
         close_others(fds.keep);
         keep_across_exec(fds.keep)?;
         // SAFETY: NUL-terminated program and argument strings and null-terminated pointer
@@ -450,13 +455,13 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn the_first_process_is_pid_1_with_an_empty_environment_and_only_stdio_and_the_kept_descriptor()
-    {
+    fn the_first_process_is_pid_1_in_slash_with_an_empty_environment_and_only_stdio_and_the_kept_descriptor(
+    ) {
         if !root() {
             return;
         }
         let keep = File::open("/dev/null").unwrap();
-        let script = "echo pid=$$ host=$(hostname) env=$(env | wc -l); ls /proc/self/fd | sort -n | tr '\\n' ' '";
+        let script = "echo pid=$$ host=$(hostname) env=$(env | wc -l); ls /proc/self/fd | sort -n | tr '\\n' ' '; echo; pwd";
         let out = run("/bin/sh", &["-c", script], None, keep.as_fd());
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{out:?}");
@@ -483,5 +488,6 @@ pub(crate) mod tests {
             fds.len() <= 5,
             "descriptors leaked into the sandbox: {fds:?}"
         );
+        assert_eq!(text.lines().nth(2), Some("/"), "not working in /: {text}");
     }
 }
