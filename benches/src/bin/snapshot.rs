@@ -358,16 +358,22 @@ fn restore_once(vmm: &Path, snap: &Path) -> Result<Restore> {
     })
 }
 
+/// `fnvm-vmm --standby` for `mib` MiB on the API socket `sock`, its console on a pipe.
+fn standby_vmm(vmm: &Path, mib: u64, sock: &Path) -> Command {
+    let mut cmd = Command::new(vmm);
+    cmd.args(["--standby", "--memory", &mib.to_string(), "--api-sock"])
+        .arg(sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    cmd
+}
+
 /// A standby VMM for `mib` MiB: spawned and ready (its API socket accepts), then timed from
 /// the restore request to the guest's first serial byte.
 fn standby_once(vmm: &Path, snap: &Path, mib: u64, dir: &Path) -> Result<Restore> {
     let sock = dir.join(format!("standby-{mib}.sock"));
     let _ = std::fs::remove_file(&sock);
-    let mut child = Command::new(vmm)
-        .args(["--standby", "--memory", &mib.to_string(), "--api-sock"])
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+    let mut child = standby_vmm(vmm, mib, &sock)
         .stderr(Stdio::piped())
         .spawn()?;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -676,13 +682,7 @@ fn standby_throughput(
             while ready.len() < parallel && spawned < total {
                 let sock = dir.join(format!("rate-{mib}-{spawned}.sock"));
                 let _ = std::fs::remove_file(&sock);
-                let child = Command::new(vmm)
-                    .args(["--standby", "--memory", &mib.to_string(), "--api-sock"])
-                    .arg(&sock)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::null())
-                    .spawn()?;
+                let child = standby_vmm(vmm, mib, &sock).stderr(Stdio::null()).spawn()?;
                 ready.push_back(Instance {
                     child,
                     sock: Some(sock),

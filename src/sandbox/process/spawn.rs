@@ -390,6 +390,7 @@ fn reap(pid: i32) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::sandbox::process::tests::is_root;
     use std::io::Read;
     use std::os::unix::process::ExitStatusExt;
 
@@ -425,17 +426,9 @@ pub(crate) mod tests {
         }
     }
 
-    fn root() -> bool {
-        let root = nix::unistd::geteuid().is_root();
-        if !root {
-            eprintln!("SKIP: namespaces need root");
-        }
-        root
-    }
-
     #[test]
     fn a_program_that_cannot_run_is_an_error_with_the_reason_of_its_exec() {
-        if !root() {
+        if !is_root() {
             return;
         }
         let keep = File::open("/dev/null").unwrap();
@@ -457,7 +450,7 @@ pub(crate) mod tests {
     #[test]
     fn the_first_process_is_pid_1_in_slash_with_an_empty_environment_and_only_stdio_and_the_kept_descriptor(
     ) {
-        if !root() {
+        if !is_root() {
             return;
         }
         let keep = File::open("/dev/null").unwrap();
