@@ -3,12 +3,15 @@
 //! - VM: no arguments; the kernel command line names the disks (`fnvm.rootfs=DEV`,
 //!   `fnvm.writable=DEV`). Without `fnvm.rootfs=` the boot is a test boot (`fnvm.test=`
 //!   actions only), as fnvm's Linux-guest tests use it.
-//! - Process sandbox: `--sandbox process --socket-dir DIR --rootfs DEV --writable DEV
-//!   [--control-fd N]`. With `--control-fd` the host has bound the control port's socket
-//!   itself and passes it listening (socket activation): its connection is queued from the
-//!   first instant instead of being retried until the agent has bound one.
+//! - Process sandbox: `--sandbox process --socket-dir DIR [--control-fd N]`, and the disks
+//!   on standard input ([`fnvm_agent::protocol::Placement`]), so the host can start the agent
+//!   before it has chosen them. With `--control-fd` the host has bound the control port's
+//!   socket itself and passes it listening (socket activation): its connection is queued from
+//!   the first instant instead of being retried until the agent has bound one.
 
 use std::path::PathBuf;
+
+use fnvm_agent::protocol::{read_message, Placement};
 
 use crate::cmdline;
 
@@ -29,6 +32,13 @@ pub enum Sandbox {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub sandbox: Sandbox,
+    /// The disks; in the process sandbox they come on standard input once the ports listen.
+    pub disks: Option<Disks>,
+}
+
+/// A function instance's two disks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disks {
     /// The read-only rootfs image's block device (ext4 or erofs).
     pub rootfs: String,
     /// The writable layer's block device (ext4).
@@ -65,27 +75,30 @@ pub enum ConfigError {
     /// A VM's command line names one disk without the other.
     #[error("the kernel command line needs both fnvm.rootfs=DEV and fnvm.writable=DEV")]
     PartialDisks,
+    /// Standard input ended before the host placed the instance (it gave the sandbox up).
+    #[error("standard input ended before the host named the disks")]
+    NoPlacement,
+    /// The host's placement line cannot be read or parsed.
+    #[error("the disks on standard input cannot be read: {0}")]
+    BadPlacement(String),
 }
 
 /// The usage line printed with argument errors.
 pub const USAGE: &str =
-    "usage: fnvm-agent --sandbox process --socket-dir DIR --rootfs DEV --writable DEV \
-     [--control-fd N] (no arguments: VM mode, disks from fnvm.rootfs= and fnvm.writable= on the kernel command line)";
+    "usage: fnvm-agent --sandbox process --socket-dir DIR [--control-fd N] (the disks then come \
+     on standard input: one JSON line {\"rootfs\":DEV,\"writable\":DEV,\"socket_dir\":DIR}; \
+     no arguments: VM mode, disks from fnvm.rootfs= and fnvm.writable= on the kernel command line)";
 
 /// Parses the process sandbox's arguments (program name excluded).
 pub fn from_args(args: &[String]) -> Result<Config, ConfigError> {
     let mut sandbox = None;
     let mut socket_dir = None;
-    let mut rootfs = None;
-    let mut writable = None;
     let mut control_fd = None;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let slot = match flag.as_str() {
             "--sandbox" => &mut sandbox,
             "--socket-dir" => &mut socket_dir,
-            "--rootfs" => &mut rootfs,
-            "--writable" => &mut writable,
             "--control-fd" => &mut control_fd,
             other => return Err(ConfigError::UnknownArgument(other.into())),
         };
@@ -117,9 +130,31 @@ pub fn from_args(args: &[String]) -> Result<Config, ConfigError> {
             socket_dir,
             control_fd,
         },
-        rootfs: rootfs.ok_or(ConfigError::Missing("--rootfs"))?,
-        writable: writable.ok_or(ConfigError::Missing("--writable"))?,
+        disks: None,
     })
+}
+
+/// Reads the host's [`Placement`] line from `input` (the agent's standard input): the disks
+/// and the socket directory's path now.
+pub fn read_placement(input: &mut impl std::io::BufRead) -> Result<(Disks, PathBuf), ConfigError> {
+    let placement: Placement = match read_message(input) {
+        Ok(Some(p)) => p,
+        Ok(None) => return Err(ConfigError::NoPlacement),
+        Err(e) => return Err(ConfigError::BadPlacement(e.to_string())),
+    };
+    if !placement.socket_dir.is_absolute() {
+        return Err(ConfigError::RelativeSocketDir(placement.socket_dir));
+    }
+    if placement.rootfs.is_empty() || placement.writable.is_empty() {
+        return Err(ConfigError::BadPlacement("a disk is named \"\"".into()));
+    }
+    Ok((
+        Disks {
+            rootfs: placement.rootfs,
+            writable: placement.writable,
+        },
+        placement.socket_dir,
+    ))
 }
 
 /// The VM's configuration from the kernel command line: None for a test boot (no
@@ -129,8 +164,10 @@ pub fn from_cmdline(cmdline: &str) -> Option<Result<Config, ConfigError>> {
     Some(match cmdline::value(cmdline, "fnvm.writable") {
         Some(writable) if !rootfs.is_empty() && !writable.is_empty() => Ok(Config {
             sandbox: Sandbox::Vm,
-            rootfs: rootfs.to_string(),
-            writable: writable.to_string(),
+            disks: Some(Disks {
+                rootfs: rootfs.to_string(),
+                writable: writable.to_string(),
+            }),
         }),
         _ => Err(ConfigError::PartialDisks),
     })
@@ -151,10 +188,6 @@ mod tests {
             "process",
             "--socket-dir",
             "/run/i/sock",
-            "--rootfs",
-            "/dev/loop3",
-            "--writable",
-            "/dev/loop4",
             "--control-fd",
             "3",
         ]))
@@ -166,8 +199,7 @@ mod tests {
                     socket_dir: "/run/i/sock".into(),
                     control_fd: Some(3),
                 },
-                rootfs: "/dev/loop3".into(),
-                writable: "/dev/loop4".into(),
+                disks: None,
             }
         );
     }
@@ -176,40 +208,59 @@ mod tests {
     fn bad_arguments_say_what_is_wrong() {
         let err = |list: &[&str]| from_args(&args(list)).unwrap_err().to_string();
         assert!(err(&["--sandbox", "vm"]).contains("\"vm\""));
-        assert!(err(&["--rootfs"]).contains("--rootfs needs a value"));
+        assert!(err(&["--socket-dir"]).contains("--socket-dir needs a value"));
+        assert!(err(&["--rootfs", "/dev/loop0"]).contains("unknown argument \"--rootfs\""));
         assert!(err(&["--bogus", "x"]).contains("\"--bogus\""));
         assert!(err(&["--sandbox", "process", "--sandbox", "process"]).contains("twice"));
-        assert!(
-            err(&["--sandbox", "process", "--rootfs", "a", "--writable", "b"])
-                .contains("--socket-dir is required")
-        );
-        assert!(err(&[
-            "--sandbox",
-            "process",
-            "--socket-dir",
-            "rel",
-            "--rootfs",
-            "a",
-            "--writable",
-            "b"
-        ])
-        .contains("absolute"));
+        assert!(err(&["--sandbox", "process"]).contains("--socket-dir is required"));
+        assert!(err(&["--sandbox", "process", "--socket-dir", "rel"]).contains("absolute"));
         let with_fd = |fd: &str| {
             err(&[
                 "--sandbox",
                 "process",
                 "--socket-dir",
                 "/s",
-                "--rootfs",
-                "a",
-                "--writable",
-                "b",
                 "--control-fd",
                 fd,
             ])
         };
         assert!(with_fd("1").contains("--control-fd \"1\" is not a descriptor number above 2"));
         assert!(with_fd("x").contains("\"x\""));
+    }
+
+    #[test]
+    fn the_placement_on_standard_input_names_the_disks_and_the_directory() {
+        let mut line: &[u8] =
+            b"{\"rootfs\":\"/dev/loop3\",\"writable\":\"/dev/loop4\",\"socket_dir\":\"/i/sock\"}\n";
+        let (disks, dir) = read_placement(&mut line).unwrap();
+        assert_eq!(
+            disks,
+            Disks {
+                rootfs: "/dev/loop3".into(),
+                writable: "/dev/loop4".into(),
+            }
+        );
+        assert_eq!(dir, PathBuf::from("/i/sock"));
+
+        let err = |text: &str| {
+            read_placement(&mut text.as_bytes())
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err(""),
+            "standard input ended before the host named the disks"
+        );
+        assert!(err("{\"rootfs\":\"/dev/loop3\"}\n").contains("cannot be read"));
+        assert!(
+            err("{\"rootfs\":\"a\",\"writable\":\"b\",\"socket_dir\":\"rel\"}\n")
+                .contains("absolute")
+        );
+        assert!(
+            err("{\"rootfs\":\"\",\"writable\":\"b\",\"socket_dir\":\"/s\"}\n")
+                .contains("named \"\"")
+        );
+        assert!(err("not json\n").contains("cannot be read"));
     }
 
     #[test]
@@ -220,8 +271,10 @@ mod tests {
             from_cmdline(cmdline),
             Some(Ok(Config {
                 sandbox: Sandbox::Vm,
-                rootfs: "/dev/vda".into(),
-                writable: "/dev/vdb".into(),
+                disks: Some(Disks {
+                    rootfs: "/dev/vda".into(),
+                    writable: "/dev/vdb".into(),
+                }),
             }))
         );
         assert_eq!(from_cmdline("console=ttyS0 fnvm.test=cpus"), None);

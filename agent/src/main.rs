@@ -4,7 +4,7 @@
 //!   `fnvm-agent: up after <uptime> s`, and reads the kernel command line: with
 //!   `fnvm.rootfs=DEV fnvm.writable=DEV` it runs a function instance; without them it runs the
 //!   `fnvm.test=` actions of fnvm's Linux-guest tests. Either way the VM then ends (sync, reboot).
-//! - In the process sandbox (`--sandbox process --socket-dir DIR --rootfs DEV --writable DEV`)
+//! - In the process sandbox (`--sandbox process --socket-dir DIR`, the disks on standard input)
 //!   it is PID 1 of fresh namespaces on the host and runs a function instance, then exits.
 //!
 //! A function instance: the agent's private root with the overlay of the two disks, listeners
@@ -188,19 +188,13 @@ fn vm_boot(ignored: &[String]) -> Result<(), AgentError> {
 /// host as the Start's failure.
 fn run_instance(config: &Config) -> Result<(), AgentError> {
     raise_fd_limit();
-    let (transport, private_root_at) = match &config.sandbox {
-        Sandbox::Vm => (Transport::Vsock, PathBuf::from("/fnvm")),
+    let transport = match &config.sandbox {
+        Sandbox::Vm => Transport::Vsock,
         Sandbox::Process { socket_dir, .. } => {
             guest_root::make_mounts_private()?;
-            (
-                Transport::Unix {
-                    dir: socket_dir.clone(),
-                },
-                // Any existing directory works; the socket directory surely exists, and the
-                // tmpfs over it is seen only in this mount namespace (the host keeps seeing
-                // the sockets bound below).
-                socket_dir.clone(),
-            )
+            Transport::Unix {
+                dir: socket_dir.clone(),
+            }
         }
     };
     let listen = |name, port| {
@@ -222,6 +216,16 @@ fn run_instance(config: &Config) -> Result<(), AgentError> {
         _ => listen("control", CONTROL_PORT)?,
     };
     let function = listen("function", FUNCTION_PORT)?;
+    // The process sandbox's disks come once the ports listen: the host picks them while the
+    // agent starts, or keeps the agent as a standby until a function needs it.
+    let (disks, private_root_at) = match &config.disks {
+        Some(disks) => (disks.clone(), PathBuf::from("/fnvm")),
+        // Any existing directory works for the private root; the socket directory surely
+        // exists, and the tmpfs over it is seen only in this mount namespace (the host keeps
+        // seeing the sockets bound above). Its path is the placement's: a standby's directory
+        // may have been renamed since.
+        None => config::read_placement(&mut io::stdin().lock())?,
+    };
 
     let setup = (|| -> Result<(), AgentError> {
         if config.sandbox == Sandbox::Vm {
@@ -230,7 +234,7 @@ fn run_instance(config: &Config) -> Result<(), AgentError> {
                 cause,
             })?;
         }
-        guest_root::enter(&private_root_at, &config.rootfs, &config.writable)?;
+        guest_root::enter(&private_root_at, &disks.rootfs, &disks.writable)?;
         net::bring_up_loopback()?;
         net::prefer_handshake_retries_to_syn_cookies()?;
         Ok(())

@@ -140,14 +140,23 @@ impl Sandbox {
             .arg(AGENT)
             .args(["--sandbox", "process", "--socket-dir"])
             .arg(&socket_dir)
-            .args(["--rootfs", &rootfs_loop, "--writable", &writable_loop])
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             // Its own process group, so a failed test can kill everything it started.
             .process_group(0)
             .spawn()
             .expect("cannot run unshare (util-linux)");
+        // The disks come on standard input once the agent listens (what fnvm does too).
+        let mut agent = agent;
+        let placement = fnvm_agent::protocol::Placement {
+            rootfs: rootfs_loop.clone(),
+            writable: writable_loop.clone(),
+            socket_dir: socket_dir.clone(),
+        };
+        let mut stdin = agent.stdin.take().unwrap();
+        fnvm_agent::protocol::write_message(&mut stdin, &placement).unwrap();
+        drop(stdin);
         Sandbox {
             dir,
             socket_dir,

@@ -325,7 +325,10 @@ pub fn create_for_service(
                 vm::VmSandbox::new(home)?.with_standby_vmms(per_shape)?,
             ))
         }
-        SandboxKind::Process => create(kind, home),
+        SandboxKind::Process => Ok(Box::new(
+            process::ProcessSandbox::new(home)?
+                .with_standby_sandboxes(process::standby_count_from_env()?)?,
+        )),
     }
 }
 

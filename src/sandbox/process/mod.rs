@@ -1,42 +1,53 @@
 //! The process sandbox: the agent as PID 1 of fresh pid, mount, uts, ipc and network
 //! namespaces (loopback only), in a cgroup limiting its memory, processes and (cgroup v1)
-//! devices, with the rootfs image and the writable layer as loop devices. For hosts without hardware virtualization; the host kernel is shared, so
-//! isolation is weaker than a VM's, and creating the sandbox says so.
+//! devices, with the rootfs image and the writable layer as loop devices. For hosts without
+//! hardware virtualization; the host kernel is shared, so isolation is weaker than a VM's, and
+//! creating the sandbox says so.
+//!
+//! A start has two halves. [`Setup::prepare`] does everything that does not depend on the
+//! function — instance directory, writable layer, cgroup, control socket, the agent spawned in
+//! its namespaces — and [`ProcessSandbox::place`] the rest: the rootfs device, the device
+//! allow-list and memory limit, the disks written on the agent's standard input, the link. The
+//! agent comes up while the host attaches the disks; and the service keeps [`standby`]
+//! sandboxes prepared ahead of demand, so its cold starts pay only the second half.
 
 pub mod cgroup;
 pub mod loopdev;
+mod parts;
 pub mod spawn;
+mod standby;
 #[cfg(test)]
 pub(crate) mod tests;
 
-use std::collections::HashMap;
 use std::ffi::OsString;
+use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use fnvm_agent::protocol::{CONTROL_PORT, FUNCTION_PORT};
+use fnvm_agent::protocol::{self, Placement, CONTROL_PORT, FUNCTION_PORT};
 
 use cgroup::watch::LimitWatch;
-use cgroup::{cgroup_prefix, AgentDisk, Cgroup, Hierarchy, Limits, V1Extras};
+use cgroup::{cgroup_prefix, Cgroup, Hierarchy, Limits, V1Extras};
 use loopdev::LoopDevice;
+use parts::{device_numbers, Parts, SharedRootfs};
 use spawn::{listen_for_agent, spawn_in_namespaces};
+use standby::Standbys;
+pub use standby::{standby_count_from_env, DEFAULT_STANDBYS, STANDBYS_ENV};
 
 use crate::home::Home;
 use crate::sandbox::exit::{ended_reason, ExitState};
 use crate::sandbox::instance::child::SandboxChild;
 use crate::sandbox::instance::record::ProcessId;
-use crate::sandbox::instance::writable_layer::WritableLayer;
-use crate::sandbox::instance::{
-    create_instance_dir, prepare_instance_dir, AgentInstance, PreparedDir, Teardown,
-};
+use crate::sandbox::instance::{prepare_instance_dir, AgentInstance, PreparedDir, Teardown};
 use crate::sandbox::link::clock::ClockSource;
 use crate::sandbox::link::{self, Link};
 use crate::sandbox::transport::{unix_port_path, HostTransport};
 use crate::sandbox::{
-    validate_spec, ColdStart, Instance, InstanceSpec, Sandbox, SandboxError, SandboxKind, StartInfo,
+    instances_root, validate_spec, ColdStart, Instance, InstanceSpec, Sandbox, SandboxError,
+    SandboxKind, StartInfo,
 };
 
 /// The one line said when a process sandbox is created.
@@ -45,8 +56,18 @@ pub const ISOLATION_WARNING: &str = "fnvm: warning: the process sandbox shares t
 
 /// How long the agent may take to listen on its control socket.
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The socket directory's name in an instance directory.
+const SOCKET_DIR: &str = "sock";
 
 pub struct ProcessSandbox {
+    setup: Arc<Setup>,
+    rootfs: SharedRootfs,
+    /// The service's standby sandboxes (none for `fnvm run`).
+    standbys: Option<Standbys>,
+}
+
+/// What every sandbox of this host is made with.
+struct Setup {
     home: Home,
     agent: PathBuf,
     cgroups: Option<Hierarchy>,
@@ -54,7 +75,8 @@ pub struct ProcessSandbox {
     extras: V1Extras,
     /// Processes and threads per instance ([`cgroup::PIDS_MAX_ENV`]).
     pids_max: u32,
-    rootfs: SharedRootfs,
+    /// This home's cgroup name prefix.
+    cgroup_prefix: String,
 }
 
 impl ProcessSandbox {
@@ -98,13 +120,34 @@ impl ProcessSandbox {
             _ => V1Extras::default(),
         };
         Ok(ProcessSandbox {
-            home: home.clone(),
-            agent,
-            cgroups,
-            extras,
-            pids_max,
+            setup: Arc::new(Setup {
+                home: home.clone(),
+                agent,
+                cgroups,
+                extras,
+                pids_max,
+                cgroup_prefix: cgroup_prefix(home),
+            }),
             rootfs: SharedRootfs::default(),
+            standbys: None,
         })
+    }
+
+    /// Keeps `count` standby sandboxes prepared for cold starts (a long-running service; a
+    /// one-shot `fnvm run` gains nothing): the first is prepared now, in the background.
+    pub fn with_standby_sandboxes(mut self, count: usize) -> Result<Self, SandboxError> {
+        if count > 0 {
+            let root = instances_root(&self.setup.home)?;
+            let standbys = Standbys::new(Arc::clone(&self.setup), root, count);
+            standbys.want();
+            self.standbys = Some(standbys);
+        }
+        Ok(self)
+    }
+
+    /// How many standby sandboxes are ready now.
+    pub fn standbys_ready(&self) -> usize {
+        self.standbys.as_ref().map_or(0, Standbys::ready)
     }
 }
 
@@ -115,7 +158,7 @@ impl Sandbox for ProcessSandbox {
 
     fn start(&self, spec: InstanceSpec) -> Result<Box<dyn Instance>, SandboxError> {
         validate_spec(&spec)?;
-        let socket_dir = spec.instance_dir.join("sock");
+        let socket_dir = spec.instance_dir.join(SOCKET_DIR);
         let longest = unix_port_path(&socket_dir, FUNCTION_PORT);
         if longest.as_os_str().len() >= 108 {
             return Err(SandboxError::BadSpec(format!(
@@ -124,22 +167,38 @@ impl Sandbox for ProcessSandbox {
             )));
         }
         let began = std::time::Instant::now();
-        let mut parts = Parts::new(spec.instance_dir.clone())?;
-        let result = self.start_in(&spec, &socket_dir, &mut parts);
-        let exit = match result {
-            Ok(exit) => exit,
-            Err(err) => {
-                if let Err(cleanup) = parts.teardown() {
-                    tracing::warn!("after a failed start of {}: {cleanup}", spec.id);
-                }
-                return Err(err);
+        let standby = self.standbys.as_ref().and_then(Standbys::take);
+        let from_standby = standby.is_some();
+        let mut prepared = match standby {
+            Some(prepared) => prepared,
+            None => {
+                self.setup
+                    .prepare(spec.instance_dir.clone(), &spec.id, spec.memory_mib, false)?
             }
         };
+        let result = self.place(&mut prepared, &spec);
+        // The replacement comes after this start, so the two do not compete for the CPU.
+        if let Some(standbys) = &self.standbys {
+            standbys.want();
+        }
+        let Prepared {
+            mut parts, exit, ..
+        } = prepared;
+        if let Err(err) = result {
+            if let Err(cleanup) = parts.teardown() {
+                tracing::warn!("after a failed start of {}: {cleanup}", spec.id);
+            }
+            return Err(err);
+        }
         let link = parts.link.take();
-        let phases = link.as_ref().map_or_else(Vec::new, |c| {
-            c.agent_times()
-                .phases(began, "sandbox set-up → agent answered", false)
-        });
+        let label = if from_standby {
+            "standby sandbox placed → agent answered"
+        } else {
+            "sandbox set-up → agent answered"
+        };
+        let phases = link
+            .as_ref()
+            .map_or_else(Vec::new, |c| c.agent_times().phases(began, label, false));
         Ok(Box::new(AgentInstance {
             id: spec.id,
             transport: HostTransport::Unix { dir: socket_dir },
@@ -148,7 +207,7 @@ impl Sandbox for ProcessSandbox {
             parts: Mutex::new(parts),
             start: StartInfo {
                 kind: ColdStart::Boot,
-                note: None,
+                note: from_standby.then(|| "from a standby sandbox".to_string()),
                 phases,
             },
             restore_probe: None,
@@ -157,36 +216,53 @@ impl Sandbox for ProcessSandbox {
     }
 }
 
-impl ProcessSandbox {
-    fn start_in(
-        &self,
-        spec: &InstanceSpec,
-        socket_dir: &Path,
-        parts: &mut Parts,
-    ) -> Result<Arc<ExitState>, SandboxError> {
-        let dir = &spec.instance_dir;
-        let PreparedDir { mut record, layer } = prepare_instance_dir(&self.home, dir, None)?;
-        let layer = parts.layer.insert(layer);
-        let writable_path = layer.path().to_path_buf();
-        let rootfs = parts.rootfs.insert(self.rootfs.device(&spec.rootfs_image)?);
-        let rootfs_dev = rootfs.path().to_path_buf();
-        let writable_dev = parts
-            .loops
-            .push_get(LoopDevice::attach(&writable_path, false)?)
-            .path()
-            .to_path_buf();
+/// A sandbox whose agent is up (or coming up) and waiting for its disks: everything of a
+/// start that does not depend on the function.
+struct Prepared {
+    parts: Parts,
+    /// The write end of the agent's standard input, where its [`Placement`] goes.
+    placement: Option<File>,
+    exit: Arc<ExitState>,
+    /// What the limits did, for the reports; known once the memory limit is.
+    watch: Arc<OnceLock<LimitWatch>>,
+}
 
-        let limits = Limits {
-            memory_mib: spec.memory_mib,
-            pids_max: self.pids_max,
-            agent_disks: vec![
-                device_numbers(&rootfs_dev, "r")?,
-                device_numbers(&writable_dev, "rw")?,
-            ],
-        };
-        let mut watch = None;
+impl Prepared {
+    /// The agent has not ended.
+    fn is_waiting(&self) -> bool {
+        self.parts
+            .child
+            .as_ref()
+            .is_some_and(|c| c.status().is_none())
+    }
+}
+
+impl Setup {
+    /// Prepares a sandbox in `dir` (which must not exist) named `id`, with a memory limit of
+    /// `memory_mib`; `attach_writable` attaches the writable layer's loop device now (a
+    /// standby's) instead of while the agent comes up. On error nothing is left.
+    fn prepare(
+        &self,
+        dir: PathBuf,
+        id: &str,
+        memory_mib: u32,
+        attach_writable: bool,
+    ) -> Result<Prepared, SandboxError> {
+        // On an error below, dropping `parts` releases whatever was made.
+        let mut parts = Parts::new(dir)?;
+        let dir = parts.dir.clone();
+        let PreparedDir { mut record, layer } = prepare_instance_dir(&self.home, &dir, None)?;
+        let layer = parts.layer.insert(layer);
+        if attach_writable {
+            parts.loops.push(LoopDevice::attach(layer.path(), false)?);
+        }
         if let Some(hierarchy) = &self.cgroups {
-            let name = format!("{}-{}", cgroup_prefix(&self.home), spec.id);
+            let limits = Limits {
+                memory_mib,
+                pids_max: self.pids_max,
+                agent_disks: Vec::new(),
+            };
+            let name = format!("{}-{id}", self.cgroup_prefix);
             let cgroup =
                 parts
                     .cgroup
@@ -194,12 +270,12 @@ impl ProcessSandbox {
             record.cgroup = Some(cgroup.path().to_path_buf());
             record.cgroup_v2 = cgroup.is_v2();
             record.v1_cgroups = cgroup.v1_extras();
-            record.save(dir)?;
-            watch = Some(LimitWatch::of(cgroup, &limits));
+            record.save(&dir)?;
         }
+        let socket_dir = dir.join(SOCKET_DIR);
         std::fs::DirBuilder::new()
             .mode(0o700)
-            .create(socket_dir)
+            .create(&socket_dir)
             .map_err(|e| {
                 SandboxError::setup(format!("cannot create {}", socket_dir.display()), e)
             })?;
@@ -208,34 +284,39 @@ impl ProcessSandbox {
         // connection is queued at once instead of retried at growing intervals while the agent
         // comes up (each retry interval was time lost after the agent was ready). The host
         // keeps no copy: if the agent dies, the queued connection is reset, not left hanging.
-        let control = listen_for_agent(&unix_port_path(socket_dir, CONTROL_PORT))?;
+        let control = listen_for_agent(&unix_port_path(&socket_dir, CONTROL_PORT))?;
+        let (placement_r, placement_w) = spawn::pipe()
+            .map_err(|e| SandboxError::setup("cannot make the agent's input pipe", e))?;
 
-        let explain = watch.clone();
-        let exit = ExitState::new(move || explain.as_ref()?.hits());
+        let watch: Arc<OnceLock<LimitWatch>> = Arc::default();
+        let explain = Arc::clone(&watch);
+        let exit = ExitState::new(move || explain.get()?.hits());
 
         let args: Vec<OsString> = vec![
             "--sandbox".into(),
             "process".into(),
             "--socket-dir".into(),
             socket_dir.into(),
-            "--rootfs".into(),
-            rootfs_dev.into(),
-            "--writable".into(),
-            writable_dev.into(),
             "--control-fd".into(),
             control.as_raw_fd().to_string().into(),
         ];
-        let child = spawn_in_namespaces(&self.agent, &args, parts.cgroup.as_ref(), control.as_fd())
-            .map_err(|e| {
-                SandboxError::setup(
-                    format!(
-                        "cannot start the agent {} in new namespaces",
-                        self.agent.display()
-                    ),
-                    e,
-                )
-            })?;
-        drop(control);
+        let child = spawn_in_namespaces(
+            &self.agent,
+            &args,
+            parts.cgroup.as_ref(),
+            control.as_fd(),
+            Some(placement_r.as_fd()),
+        )
+        .map_err(|e| {
+            SandboxError::setup(
+                format!(
+                    "cannot start the agent {} in new namespaces",
+                    self.agent.display()
+                ),
+                e,
+            )
+        })?;
+        drop((control, placement_r));
         let exit_for_child = exit.clone();
         let child = parts.child.insert(SandboxChild::adopt_spawned(
             "agent",
@@ -249,12 +330,72 @@ impl ProcessSandbox {
             },
         ));
         record.sandbox = ProcessId::of(child.pid());
-        record.save(dir)?;
+        record.save(&dir)?;
+        Ok(Prepared {
+            parts,
+            placement: Some(File::from(placement_w)),
+            exit,
+            watch,
+        })
+    }
+}
 
-        let transport = HostTransport::Unix {
-            dir: socket_dir.to_path_buf(),
+impl ProcessSandbox {
+    /// Gives a prepared sandbox its function: the instance directory's name, the rootfs and
+    /// writable layer devices (allowed to the agent until it has mounted them), the memory
+    /// limit, then the link's Hello and Start.
+    fn place(&self, prepared: &mut Prepared, spec: &InstanceSpec) -> Result<(), SandboxError> {
+        let parts = &mut prepared.parts;
+        if parts.dir != spec.instance_dir {
+            // A standby: one rename moves its sockets (the agent keeps listening on them), its
+            // record and its writable layer to the instance's directory.
+            rename_dir(&parts.dir, &spec.instance_dir)?;
+            parts.dir = spec.instance_dir.clone();
+        }
+        let socket_dir = parts.dir.join(SOCKET_DIR);
+        let rootfs_dev = parts
+            .rootfs
+            .insert(self.rootfs.device(&spec.rootfs_image)?)
+            .path()
+            .to_path_buf();
+        if parts.loops.is_empty() {
+            let layer = parts
+                .layer
+                .as_ref()
+                .expect("a prepared sandbox has its layer");
+            parts.loops.push(LoopDevice::attach(layer.path(), false)?);
+        }
+        let writable_dev = parts.loops[0].path().to_path_buf();
+        let disks = [
+            device_numbers(&rootfs_dev, "r")?,
+            device_numbers(&writable_dev, "rw")?,
+        ];
+        if let Some(cgroup) = parts.cgroup.as_mut() {
+            cgroup.allow_agent_disks(&disks)?;
+            cgroup.set_memory_limit(spec.memory_mib)?;
+            let limits = Limits {
+                memory_mib: spec.memory_mib,
+                pids_max: self.setup.pids_max,
+                agent_disks: Vec::new(),
+            };
+            let _ = prepared.watch.set(LimitWatch::of(cgroup, &limits));
+        }
+        let placement = Placement {
+            rootfs: rootfs_dev.display().to_string(),
+            writable: writable_dev.display().to_string(),
+            socket_dir: socket_dir.clone(),
         };
-        let child_ref: &SandboxChild = child;
+        let mut input = prepared.placement.take().expect("placed once");
+        protocol::write_message(&mut input, &placement).map_err(|e| {
+            SandboxError::setup("cannot give the agent its disks on its standard input", e)
+        })?;
+        drop(input);
+
+        let transport = HostTransport::Unix { dir: socket_dir };
+        let child_ref: &SandboxChild = parts
+            .child
+            .as_ref()
+            .expect("a prepared sandbox has its agent");
         // The waiter records the ending (with the process's last words) before the status is
         // visible, so the link finds that record first.
         let dead = || {
@@ -264,7 +405,9 @@ impl ProcessSandbox {
         };
         let cgroup_ref = parts.cgroup.as_ref();
         let revoke_disks = || cgroup_ref.map_or(Ok(()), |c| c.revoke_agent_disks());
-        let link = link::start(
+        let exit = &prepared.exit;
+        let watch = prepared.watch.get();
+        let link: Link = link::start(
             &transport,
             ClockSource::Host,
             &spec.start,
@@ -274,148 +417,27 @@ impl ProcessSandbox {
             AGENT_CONNECT_TIMEOUT,
             &revoke_disks,
         )
-        .map_err(|e| match &watch {
+        .map_err(|e| match watch {
             Some(watch) => with_limit_hits(e, watch),
             None => e,
         })?;
         parts.link = Some(link);
         parts.exit = Some(exit.clone());
-        Ok(exit)
+        Ok(())
     }
 }
 
-/// One read-only loop device per rootfs image for all its running instances. Instances that
-/// mount the same block device share one ext4 superblock, so the second and later instances of
-/// a function find its files in the dentry, inode and page caches the first one filled: a
-/// python3 start read 194 blocks through a fresh loop device and 31 through a shared one.
-#[derive(Default)]
-struct SharedRootfs {
-    devices: Mutex<HashMap<(u64, u64), Weak<LoopDevice>>>,
-}
-
-impl SharedRootfs {
-    /// The loop device of `image` (told by its device and inode: a file replaced at the same
-    /// path gets a device of its own), attached if no running instance has it.
-    fn device(&self, image: &Path) -> Result<Arc<LoopDevice>, SandboxError> {
-        use std::os::unix::fs::MetadataExt;
-        let meta = std::fs::metadata(image).map_err(|e| {
-            SandboxError::setup(
-                format!("cannot read the rootfs image {}", image.display()),
-                e,
-            )
-        })?;
-        let key = (meta.dev(), meta.ino());
-        let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
-        devices.retain(|_, device| device.strong_count() > 0);
-        if let Some(device) = devices.get(&key).and_then(Weak::upgrade) {
-            return Ok(device);
-        }
-        let device = Arc::new(LoopDevice::attach(image, true)?);
-        devices.insert(key, Arc::downgrade(&device));
-        Ok(device)
+/// Renames a standby's directory to its instance's (creating the parent as needed).
+fn rename_dir(from: &Path, to: &Path) -> Result<(), SandboxError> {
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| SandboxError::setup(format!("cannot create {}", parent.display()), e))?;
     }
-}
-
-/// Everything an instance holds, released in reverse order by [`Parts::teardown`].
-struct Parts {
-    dir: PathBuf,
-    layer: Option<WritableLayer>,
-    /// The rootfs image's read-only loop device, shared with the other instances of the image.
-    rootfs: Option<Arc<LoopDevice>>,
-    loops: Vec<LoopDevice>,
-    cgroup: Option<Cgroup>,
-    child: Option<SandboxChild>,
-    link: Option<Link>,
-    exit: Option<Arc<ExitState>>,
-    torn_down: bool,
-}
-
-trait PushGet<T> {
-    fn push_get(&mut self, item: T) -> &mut T;
-}
-
-impl<T> PushGet<T> for Vec<T> {
-    fn push_get(&mut self, item: T) -> &mut T {
-        self.push(item);
-        self.last_mut().expect("just pushed")
-    }
-}
-
-impl Parts {
-    fn new(dir: PathBuf) -> Result<Self, SandboxError> {
-        create_instance_dir(&dir)?;
-        Ok(Parts {
-            dir,
-            layer: None,
-            rootfs: None,
-            loops: Vec::new(),
-            cgroup: None,
-            child: None,
-            link: None,
-            exit: None,
-            torn_down: false,
-        })
-    }
-}
-
-impl Teardown for Parts {
-    fn is_torn_down(&self) -> bool {
-        self.torn_down
-    }
-
-    /// Kills the sandbox and removes every trace; the first error is returned after trying all.
-    fn teardown(&mut self) -> Result<(), SandboxError> {
-        if self.torn_down {
-            return Ok(());
-        }
-        self.torn_down = true;
-        let mut first_err = None;
-        if let Some(link) = self.link.take() {
-            link.close();
-        }
-        if let Some(child) = self.child.take() {
-            // SIGKILL to the pid namespace's init kills every process in it; the kernel reaps
-            // them all before init's own exit is reported.
-            child.kill_and_reap();
-        }
-        if let Some(mut cgroup) = self.cgroup.take() {
-            if let Err(e) = cgroup.kill_and_remove() {
-                first_err.get_or_insert(e);
-            }
-        }
-        for mut device in self.loops.drain(..).rev() {
-            if let Err(e) = device.release() {
-                first_err.get_or_insert(e);
-            }
-        }
-        // Detached (warned about if that fails) when the last instance of its image lets go.
-        self.rootfs.take();
-        self.layer.take();
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                first_err.get_or_insert(SandboxError::setup(
-                    format!("cannot remove {}", self.dir.display()),
-                    e,
-                ));
-            }
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-}
-
-/// The block device at `path` with `access`, for the devices allow-list.
-fn device_numbers(path: &Path, access: &'static str) -> Result<AgentDisk, SandboxError> {
-    use std::os::unix::fs::MetadataExt;
-    let rdev = std::fs::metadata(path)
-        .map_err(|e| SandboxError::setup(format!("cannot stat {}", path.display()), e))?
-        .rdev();
-    Ok(AgentDisk {
-        major: nix::sys::stat::major(rdev) as u32,
-        minor: nix::sys::stat::minor(rdev) as u32,
-        access,
+    std::fs::rename(from, to).map_err(|e| {
+        SandboxError::setup(
+            format!("cannot move {} to {}", from.display(), to.display()),
+            e,
+        )
     })
 }
 

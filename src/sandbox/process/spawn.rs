@@ -51,25 +51,33 @@ enum Placement<'a> {
 
 /// Starts `program` with `args` and an empty environment as PID 1 of new pid, mount, uts, ipc
 /// and network namespaces, in `cgroup` (if any), in its own session, working in `/`, with stdin
-/// from /dev/null, stdout and stderr piped, and `keep` inherited under its own number.
+/// from `stdin` (None: /dev/null), stdout and stderr piped, and `keep` inherited under its own
+/// number.
 pub fn spawn_in_namespaces(
     program: &Path,
     args: &[OsString],
     cgroup: Option<&Cgroup>,
     keep: BorrowedFd<'_>,
+    stdin: Option<BorrowedFd<'_>>,
 ) -> io::Result<Spawned> {
+    let stdin = match stdin {
+        Some(fd) => above_stdio(fd.try_clone_to_owned()?)?,
+        None => above_stdio(open_dev_null()?)?,
+    };
     let Some(cgroup) = cgroup else {
-        return spawn_once(program, args, &Placement::Join(&[]), keep);
+        return spawn_once(program, args, &Placement::Join(&[]), keep, &stdin);
     };
     if !cgroup.is_v2() {
-        return spawn_once(program, args, &Placement::Join(&cgroup.join_files()), keep);
+        let join = cgroup.join_files();
+        return spawn_once(program, args, &Placement::Join(&join), keep, &stdin);
     }
     let dir = File::open(cgroup.path())?;
-    match spawn_once(program, args, &Placement::Into(dir.as_fd()), keep) {
+    match spawn_once(program, args, &Placement::Into(dir.as_fd()), keep, &stdin) {
         // A kernel before 5.7 (EINVAL: unknown flag; E2BIG: struct too big) cannot clone into a
         // cgroup: the child moves itself instead, through cgroup.procs.
         Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::E2BIG)) => {
-            spawn_once(program, args, &Placement::Join(&cgroup.join_files()), keep)
+            let join = cgroup.join_files();
+            spawn_once(program, args, &Placement::Join(&join), keep, &stdin)
         }
         other => other,
     }
@@ -80,6 +88,7 @@ fn spawn_once(
     args: &[OsString],
     placement: &Placement<'_>,
     keep: BorrowedFd<'_>,
+    stdin: &OwnedFd,
 ) -> io::Result<Spawned> {
     let nul = |_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in an argument");
     let program_c = CString::new(program.as_os_str().as_bytes()).map_err(nul)?;
@@ -100,7 +109,6 @@ fn spawn_once(
         Placement::Into(_) => Vec::new(),
     };
 
-    let stdin = above_stdio(open_dev_null()?)?;
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     // The child reports a failed set-up or exec as its errno here; exec closes it (CLOEXEC),
@@ -146,7 +154,7 @@ fn spawn_once(
     let pid = pid as i32;
     // SAFETY: CLONE_PIDFD stored a new descriptor for the child in `pidfd`; nothing else owns it.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    drop((stdin, out_w, err_w, report_w));
+    drop((out_w, err_w, report_w));
 
     let mut errno = [0u8; 4];
     let got = read_full(report_r.as_raw_fd(), &mut errno);
@@ -351,8 +359,8 @@ fn open_dev_null() -> io::Result<OwnedFd> {
     Ok(OwnedFd::from(File::open("/dev/null")?))
 }
 
-/// A close-on-exec pipe, both ends above stdio.
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+/// A close-on-exec pipe, both ends above stdio: (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: pipe2 writes two descriptors into the array on success.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -408,7 +416,7 @@ pub(crate) mod tests {
             pidfd: _pidfd,
             mut stdout,
             mut stderr,
-        } = spawn_in_namespaces(Path::new(program), &args, cgroup, keep).expect("spawns");
+        } = spawn_in_namespaces(Path::new(program), &args, cgroup, keep, None).expect("spawns");
         let errors = std::thread::spawn(move || {
             let mut buf = Vec::new();
             let _ = stderr.read_to_end(&mut buf);
@@ -432,7 +440,13 @@ pub(crate) mod tests {
             return;
         }
         let keep = File::open("/dev/null").unwrap();
-        let missing = spawn_in_namespaces(Path::new("/nonexistent/agent"), &[], None, keep.as_fd());
+        let missing = spawn_in_namespaces(
+            Path::new("/nonexistent/agent"),
+            &[],
+            None,
+            keep.as_fd(),
+            None,
+        );
         assert_eq!(
             missing.err().map(|e| e.kind()),
             Some(io::ErrorKind::NotFound)
@@ -440,7 +454,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let plain = dir.path().join("agent");
         std::fs::write(&plain, "not a program").unwrap();
-        let not_executable = spawn_in_namespaces(&plain, &[], None, keep.as_fd());
+        let not_executable = spawn_in_namespaces(&plain, &[], None, keep.as_fd(), None);
         assert_eq!(
             not_executable.err().map(|e| e.kind()),
             Some(io::ErrorKind::PermissionDenied)

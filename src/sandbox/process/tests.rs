@@ -512,3 +512,4 @@ fn process_sandbox_has_its_own_namespaces_and_memory_limit() {
 }
 
 mod isolation;
+mod standby;

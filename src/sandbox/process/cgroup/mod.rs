@@ -71,6 +71,8 @@ pub struct Cgroup {
     v2: bool,
     removed: bool,
     agent_disks: Vec<AgentDisk>,
+    /// The memory limit written last.
+    memory_mib: u32,
 }
 
 impl Cgroup {
@@ -90,7 +92,8 @@ impl Cgroup {
             cpu: None,
             v2,
             removed: false,
-            agent_disks: limits.agent_disks.clone(),
+            agent_disks: Vec::new(),
+            memory_mib: limits.memory_mib,
         };
         let bytes = (u64::from(limits.memory_mib) << 20).to_string();
         let pids_max = limits.pids_max.to_string();
@@ -115,26 +118,56 @@ impl Cgroup {
                 for rule in STANDARD_DEVICES {
                     write(dir, "devices.allow", rule, true)?;
                 }
-                for AgentDisk {
-                    major,
-                    minor,
-                    access,
-                } in &limits.agent_disks
-                {
-                    write(
-                        dir,
-                        "devices.allow",
-                        &format!("b {major}:{minor} {access}"),
-                        true,
-                    )?;
-                }
             }
             if let Some(parent) = &extras.cpu {
                 // Default shares: the group is what matters, not its weight.
                 cgroup.cpu = Some(make_dir(parent, name)?);
             }
         }
+        cgroup.allow_agent_disks(&limits.agent_disks)?;
         Ok(cgroup)
+    }
+
+    /// Adds `disks` to the devices allow-list (cgroup v1; v2 has none) until
+    /// [`Self::revoke_agent_disks`]: a standby sandbox learns its rootfs only when it is taken.
+    pub fn allow_agent_disks(&mut self, disks: &[AgentDisk]) -> Result<(), SandboxError> {
+        if let Some(dir) = &self.devices {
+            for AgentDisk {
+                major,
+                minor,
+                access,
+            } in disks
+            {
+                write(
+                    dir,
+                    "devices.allow",
+                    &format!("b {major}:{minor} {access}"),
+                    true,
+                )?;
+            }
+        }
+        self.agent_disks.extend_from_slice(disks);
+        Ok(())
+    }
+
+    /// Changes the memory limit (and, on v1, the memory+swap limit beside it, which must never
+    /// be below the memory limit: raised first when growing, lowered last when shrinking).
+    pub fn set_memory_limit(&mut self, mib: u32) -> Result<(), SandboxError> {
+        if mib == self.memory_mib {
+            return Ok(());
+        }
+        let bytes = (u64::from(mib) << 20).to_string();
+        if self.v2 {
+            write(&self.path, "memory.max", &bytes, true)?;
+        } else if mib > self.memory_mib {
+            write(&self.path, "memory.memsw.limit_in_bytes", &bytes, false)?;
+            write(&self.path, "memory.limit_in_bytes", &bytes, true)?;
+        } else {
+            write(&self.path, "memory.limit_in_bytes", &bytes, true)?;
+            write(&self.path, "memory.memsw.limit_in_bytes", &bytes, false)?;
+        }
+        self.memory_mib = mib;
+        Ok(())
     }
 
     /// Takes the agent's disks off the allow-list once it has mounted them: nothing in the
@@ -414,6 +447,38 @@ mod tests {
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(status.signal(), Some(libc::SIGKILL));
         assert!(!path.exists());
+    }
+
+    /// A standby's cgroup gets its function's memory limit when it is taken: raised or
+    /// lowered, with v1's memory+swap limit (never below the memory limit) kept beside it.
+    #[test]
+    fn the_memory_limit_can_be_raised_and_lowered() {
+        let Some((hierarchy, extras)) = host() else {
+            return;
+        };
+        let name = format!("test-limit-{}", std::process::id());
+        let mut cgroup = Cgroup::create(&hierarchy, &extras, &name, &limits(64, vec![])).unwrap();
+        let v2 = matches!(hierarchy, Hierarchy::V2 { .. });
+        let dir = cgroup.path().to_path_buf();
+        let read = |file: &str| {
+            std::fs::read_to_string(dir.join(file))
+                .ok()
+                .map(|t| t.trim().to_string())
+        };
+        for mib in [512u32, 128, 1024, 64] {
+            cgroup.set_memory_limit(mib).unwrap();
+            let bytes = (u64::from(mib) << 20).to_string();
+            let (memory, swap) = if v2 {
+                ("memory.max", None)
+            } else {
+                ("memory.limit_in_bytes", Some("memory.memsw.limit_in_bytes"))
+            };
+            assert_eq!(read(memory).as_deref(), Some(bytes.as_str()), "{mib} MiB");
+            if let Some(value) = swap.and_then(&read) {
+                assert_eq!(value, bytes, "memory+swap at {mib} MiB");
+            }
+        }
+        cgroup.kill_and_remove().unwrap();
     }
 
     #[test]

@@ -1,0 +1,192 @@
+//! Standby sandboxes for the service's cold starts.
+//!
+//! Most of a process-sandbox start does not depend on the function: the instance directory
+//! and its writable layer with its loop device, the cgroup, the control socket, the agent
+//! spawned in its namespaces with its ports bound. A standby has done all that before the
+//! request comes; the start only names the directory, allows and hands over the disks and sets
+//! the memory limit ([`super::ProcessSandbox::place`]). A long-running service keeps
+//! [`DEFAULT_STANDBYS`] of them and prepares a replacement after each start it serves from one.
+//!
+//! A standby lives in its own directory under the instances root with an instance record, so a
+//! crashed service's standbys are cleaned up like its instances
+//! ([`crate::sandbox::cleanup_orphans`]); its agent waits on its standard input, which ends
+//! with the service, and then exits.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::{Prepared, Setup};
+use crate::sandbox::instance::record::new_instance_id;
+use crate::sandbox::SandboxError;
+
+/// The environment variable that sets how many standby sandboxes a service keeps.
+pub const STANDBYS_ENV: &str = "FNVM_STANDBY_SANDBOXES";
+/// How many a service keeps unless [`STANDBYS_ENV`] says otherwise (0: none).
+pub const DEFAULT_STANDBYS: usize = 1;
+/// The most [`STANDBYS_ENV`] may ask for.
+const MAX_STANDBYS: usize = 16;
+/// After a standby failed to come up, no new one is prepared for this long: a host that cannot
+/// make them is not asked again at every start.
+const FAILURE_BACKOFF: Duration = Duration::from_secs(30);
+/// A standby's cgroup limit until it is taken: the smallest a function may have.
+const STANDBY_MEMORY_MIB: u32 = *crate::sandbox::MEMORY_MIB_RANGE.start();
+
+/// How many standby sandboxes [`STANDBYS_ENV`] asks for; a bad value is an error naming it.
+pub fn standby_count_from_env() -> Result<usize, SandboxError> {
+    match std::env::var(STANDBYS_ENV) {
+        Err(_) => Ok(DEFAULT_STANDBYS),
+        Ok(text) => parse_count(&text),
+    }
+}
+
+fn parse_count(text: &str) -> Result<usize, SandboxError> {
+    text.trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|n| *n <= MAX_STANDBYS)
+        .ok_or_else(|| {
+            SandboxError::BadSpec(format!(
+                "{STANDBYS_ENV}={text:?} is not a number of standby sandboxes (0 to {MAX_STANDBYS})"
+            ))
+        })
+}
+
+/// The standby sandboxes of one service.
+pub(super) struct Standbys {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    setup: Arc<Setup>,
+    /// The instances root: standby directories sit beside instance directories.
+    root: std::path::PathBuf,
+    count: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    ready: Vec<Prepared>,
+    preparing: usize,
+    no_prepare_until: Option<Instant>,
+    closed: bool,
+}
+
+impl Standbys {
+    pub fn new(setup: Arc<Setup>, root: std::path::PathBuf, count: usize) -> Self {
+        Standbys {
+            shared: Arc::new(Shared {
+                setup,
+                root,
+                count,
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+
+    /// A ready standby, if there is one. Its replacement comes with the next [`Self::want`]:
+    /// the caller asks once its start is done, so the two do not compete.
+    pub fn take(&self) -> Option<Prepared> {
+        let mut stale = Vec::new();
+        let taken = {
+            let mut st = self.shared.lock();
+            loop {
+                match st.ready.pop() {
+                    Some(standby) if standby.is_waiting() => break Some(standby),
+                    Some(standby) => {
+                        tracing::warn!(
+                            dir = %standby.parts.dir.display(),
+                            "a standby sandbox's agent ended while waiting"
+                        );
+                        stale.push(standby);
+                    }
+                    None => break None,
+                }
+            }
+        };
+        // Torn down outside the lock (dropping their parts releases them).
+        drop(stale);
+        taken
+    }
+
+    /// Prepares, in the background, the standbys that are missing.
+    pub fn want(&self) {
+        let mut st = self.shared.lock();
+        if st.closed || st.no_prepare_until.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        while st.ready.len() + st.preparing < self.shared.count {
+            st.preparing += 1;
+            let shared = Arc::clone(&self.shared);
+            let spawned = std::thread::Builder::new()
+                .name("standby-sandbox".into())
+                .spawn(move || shared.prepare_one());
+            if let Err(e) = spawned {
+                st.preparing -= 1;
+                tracing::warn!("cannot start a thread for a standby sandbox: {e}");
+                break;
+            }
+        }
+    }
+
+    /// How many standbys are ready now.
+    pub fn ready(&self) -> usize {
+        self.shared.lock().ready.len()
+    }
+}
+
+impl Drop for Standbys {
+    /// Releases every ready standby; one still being prepared is released when it is done.
+    fn drop(&mut self) {
+        let ready = {
+            let mut st = self.shared.lock();
+            st.closed = true;
+            std::mem::take(&mut st.ready)
+        };
+        drop(ready);
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn prepare_one(&self) {
+        let id = format!("standby-{}", new_instance_id());
+        let result = self
+            .setup
+            .prepare(self.root.join(&id), &id, STANDBY_MEMORY_MIB, true);
+        let mut st = self.lock();
+        st.preparing -= 1;
+        match result {
+            Ok(standby) if !st.closed => st.ready.push(standby),
+            Ok(standby) => {
+                drop(st);
+                drop(standby);
+            }
+            Err(e) => {
+                st.no_prepare_until = Some(Instant::now() + FAILURE_BACKOFF);
+                tracing::warn!("cannot prepare a standby sandbox: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_standby_count_is_a_small_number() {
+        assert_eq!(parse_count("0").unwrap(), 0);
+        assert_eq!(parse_count(" 2 ").unwrap(), 2);
+        for bad in ["17", "-1", "two", ""] {
+            let err = parse_count(bad).unwrap_err().to_string();
+            assert!(
+                err.contains(STANDBYS_ENV) && err.contains("0 to 16"),
+                "{err}"
+            );
+        }
+    }
+}

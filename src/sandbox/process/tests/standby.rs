@@ -1,0 +1,206 @@
+//! Standby sandboxes: a service's cold start placed into a sandbox prepared before the
+//! request, with the function's own directory, memory limit and disks; and nothing of a
+//! standby left once the sandbox is gone.
+
+use std::time::{Duration, Instant};
+
+use super::super::ProcessSandbox;
+use super::{agent, cgroup, http_get, is_root, loopdev, World};
+use crate::sandbox::{instances_root, Sandbox};
+
+/// Waits until `sandbox` has `n` standbys ready.
+fn wait_ready(sandbox: &ProcessSandbox, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sandbox.standbys_ready() < n {
+        assert!(Instant::now() < deadline, "no standby sandbox came up");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The cgroups of this home's standbys (their names end in their directory's).
+fn standby_cgroups() -> Vec<std::path::PathBuf> {
+    let Ok(h) = cgroup::Hierarchy::probe() else {
+        return Vec::new();
+    };
+    std::fs::read_dir(h.parent())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains("-standby-"))
+        .collect()
+}
+
+#[test]
+fn a_start_from_a_standby_serves_with_its_own_directory_and_memory_limit_and_a_new_standby_follows()
+{
+    if !is_root() {
+        return;
+    }
+    let mut world = World::new();
+    world.sandbox = ProcessSandbox::with_agent(&world.home, agent())
+        .unwrap()
+        .with_standby_sandboxes(1)
+        .unwrap();
+    wait_ready(&world.sandbox, 1);
+    let root = instances_root(&world.home).unwrap();
+    let standby_dir = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("standby-")
+        })
+        .expect("the standby has its directory under the instances root");
+    let before = standby_cgroups();
+
+    let (spec, logs) = world.spec(
+        "placed",
+        "echo pid=$$; exec httpd -f -p 9000 -h /www",
+        30_000,
+    );
+    let instance = world
+        .sandbox
+        .start(spec.clone())
+        .expect("the instance starts");
+    let info = instance.start_info();
+    assert_eq!(
+        info.note.as_deref(),
+        Some("from a standby sandbox"),
+        "{info:?}"
+    );
+    assert!(
+        info.phases
+            .iter()
+            .any(|(name, _)| name.starts_with("standby sandbox placed")),
+        "{info:?}"
+    );
+    let reply = http_get(instance.as_ref(), "/index.html");
+    assert!(reply.ends_with("hello from busybox\n"), "{reply}");
+    assert!(
+        logs.lines(crate::sandbox::LogStream::Stdout)
+            .iter()
+            .any(|l| l == "pid=1"),
+        "the function is PID 1 of its own namespace: {:?}",
+        logs.lines(crate::sandbox::LogStream::Stdout)
+    );
+    // The standby's directory became the instance's.
+    assert!(!standby_dir.exists(), "{} is left", standby_dir.display());
+    assert!(spec.instance_dir.join("sock/9000.sock").exists());
+    // Its cgroup now has the function's limit (256 MiB), not the standby's.
+    for dir in &before {
+        let limit = ["memory.max", "memory.limit_in_bytes"]
+            .iter()
+            .find_map(|f| std::fs::read_to_string(dir.join(f)).ok());
+        if let Some(limit) = limit {
+            assert_eq!(
+                limit.trim(),
+                (256u64 << 20).to_string(),
+                "{}",
+                dir.display()
+            );
+        }
+    }
+    // A replacement is prepared after the start.
+    wait_ready(&world.sandbox, 1);
+
+    instance.stop().unwrap();
+    instance.wait_exit();
+    assert!(!spec.instance_dir.exists());
+    for dir in &before {
+        assert!(
+            !dir.exists(),
+            "the taken standby's cgroup {} is left",
+            dir.display()
+        );
+    }
+
+    // Dropping the sandbox releases the waiting standby: directory, cgroup, loop device, agent.
+    let home = world.home.root().to_path_buf();
+    let waiting = standby_cgroups();
+    drop(std::mem::replace(
+        &mut world.sandbox,
+        ProcessSandbox::with_agent(&world.home, agent()).unwrap(),
+    ));
+    let left: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left under the instances root: {left:?}");
+    for dir in &waiting {
+        assert!(
+            !dir.exists(),
+            "the standby's cgroup {} is left",
+            dir.display()
+        );
+    }
+    let loops: Vec<_> = loopdev::attached()
+        .into_iter()
+        .filter(|(_, backing)| backing.starts_with(&home))
+        .collect();
+    assert!(loops.is_empty(), "loop devices left: {loops:?}");
+    let needle = home.to_string_lossy().into_owned();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(!cmdline.contains(&needle), "process left: {cmdline}");
+    }
+}
+
+/// A standby whose agent died while waiting is not used: the start prepares a sandbox of its
+/// own and succeeds.
+#[test]
+fn a_standby_whose_agent_died_is_passed_over() {
+    if !is_root() {
+        return;
+    }
+    let mut world = World::new();
+    world.sandbox = ProcessSandbox::with_agent(&world.home, agent())
+        .unwrap()
+        .with_standby_sandboxes(1)
+        .unwrap();
+    wait_ready(&world.sandbox, 1);
+    let root = instances_root(&world.home).unwrap();
+    let standby_dir = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .next()
+        .unwrap();
+    let record = crate::sandbox::instance::record::InstanceRecord::load(&standby_dir).unwrap();
+    let pid = record.sandbox.expect("the standby names its agent").pid;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}/stat")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+    {
+        assert!(Instant::now() < deadline, "the agent did not die");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+
+    let (spec, _) = world.spec("fallback", "exec httpd -f -p 9000 -h /www", 30_000);
+    let instance = world
+        .sandbox
+        .start(spec.clone())
+        .expect("the instance starts");
+    assert_eq!(
+        instance.start_info().note,
+        None,
+        "not from the dead standby"
+    );
+    let reply = http_get(instance.as_ref(), "/index.html");
+    assert!(reply.ends_with("hello from busybox\n"), "{reply}");
+    assert!(!standby_dir.exists(), "the dead standby was released");
+    instance.stop().unwrap();
+    world.assert_nothing_left(&spec);
+}
