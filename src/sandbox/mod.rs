@@ -327,6 +327,7 @@ pub fn create_for_service(
         }
         SandboxKind::Process => Ok(Box::new(
             process::ProcessSandbox::new(home)?
+                .keeping_rootfs_devices(process::KEPT_ROOTFS_DEVICES)
                 .with_standby_sandboxes(process::standby_count_from_env()?)?,
         )),
     }

@@ -4,6 +4,12 @@
 //! plain `unshare --pid --mount --uts --ipc --fork chroot` of the same rootfs (the same rootfs
 //! image, loop-mounted read-only), running the same server.
 //!
+//! Then the service's cold starts: `fnvm serve` in the same sandbox, a freshly deployed
+//! function's first request through the API (request → reply, the instance started on the
+//! request path), with the service's standby sandbox (`FNVM_STANDBY_SANDBOXES=1`, the default:
+//! namespaces, cgroup, writable layer and agent prepared before the request) and without one
+//! (`=0`), against the same floor.
+//!
 //! Where the host has VMX/SVM it also compares, in the VM sandbox, a boot start, a snapshot
 //! start (`fnvm run --snapshot` once the snapshot exists) and a warm request.
 //!
@@ -87,6 +93,13 @@ fn main() -> Result<()> {
         "ratio",
     ]);
     let mut floor_missing = Vec::new();
+    let mut served = Table::new(&[
+        "image",
+        &format!("fnvm serve ({sandbox}), standby p50"),
+        "no standby p50",
+        "unshare+chroot p50",
+        "ratio (standby)",
+    ]);
     for case in &cases {
         // One untimed run pulls and builds the rootfs (cached afterwards).
         let first = start_once(&fnvm, &home, &agent, &sandbox, case)?;
@@ -115,13 +128,89 @@ fn main() -> Result<()> {
             "{}: fnvm {:?}  floor {:?}",
             case.name, fnvm_times, floor_times
         );
+        let standby = serve_first_requests(&fnvm, &work, &agent, &sandbox, case, 1)?;
+        let plain = serve_first_requests(&fnvm, &work, &agent, &sandbox, case, 0)?;
+        let s = median(&standby);
+        served.row(vec![
+            case.name.into(),
+            ms(s),
+            ms(median(&plain)),
+            b.map_or_else(|| "not run".to_owned(), ms),
+            ratio(s, b),
+        ]);
+        eprintln!(
+            "{}: serve first request, standby {standby:?}  none {plain:?}",
+            case.name
+        );
     }
     println!("start → first successful reply, median of {RUNS}");
     println!("{}", table.render());
+    println!(
+        "\na fresh function's first request through fnvm serve (request → reply, a cold start \
+         on the request path), median of {RUNS}"
+    );
+    println!("{}", served.render());
     for why in &floor_missing {
         println!("the unshare+chroot floor could not run for {why}");
     }
     vm_start_kinds(&fnvm, &home, &agent, &cases)
+}
+
+/// `fnvm serve` with `standbys` standby sandboxes: RUNS times, a function deployed afresh and
+/// its first request timed (request → reply), then removed.
+fn serve_first_requests(
+    fnvm: &Path,
+    work: &Path,
+    agent: &Path,
+    sandbox: &str,
+    case: &Case,
+    standbys: usize,
+) -> Result<Vec<Duration>> {
+    let home = work.join(format!("home-serve-{standbys}"));
+    std::fs::create_dir_all(&home)?;
+    std::env::set_var("FNVM_STANDBY_SANDBOXES", standbys.to_string());
+    let mut serve = fnvm_testkit::Serve::start_in(sandbox, fnvm, &home, agent, &[]);
+    let result = (|| {
+        let mut times = Vec::new();
+        // One untimed round pulls the image and builds its rootfs in this home.
+        for round in 0..=RUNS {
+            let name = format!("first-{round}");
+            let url = serve.url(&format!("/v1/namespaces/default/functions/{name}"));
+            let spec = serde_json::json!({"image": case.image, "type": "web", "memory_mb": 128});
+            ureq::put(&url)
+                .header("Content-Type", "application/json")
+                .send(serde_json::to_vec(&spec)?)
+                .with_context(|| format!("PUT {url}"))?;
+            let deadline = Instant::now() + Duration::from_secs(300);
+            loop {
+                let v: serde_json::Value =
+                    serde_json::from_str(&ureq::get(&url).call()?.body_mut().read_to_string()?)?;
+                match v["state"].as_str() {
+                    Some("active") => break,
+                    Some("failed") => bail!("the deploy of {} failed: {v}", case.image),
+                    _ if Instant::now() > deadline => bail!("{} is not active: {v}", case.image),
+                    _ => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+            // The standby taken by the last start is back by now.
+            std::thread::sleep(Duration::from_millis(300));
+            let web = format!("{url}/web{}", case.probe);
+            let t = Instant::now();
+            let mut reply = ureq::get(&web)
+                .call()
+                .with_context(|| format!("GET {web}"))?;
+            let _ = reply.body_mut().read_to_string()?;
+            if round > 0 {
+                times.push(t.elapsed());
+            }
+            ureq::delete(&url)
+                .call()
+                .with_context(|| format!("DELETE {url}"))?;
+        }
+        Ok(times)
+    })();
+    serve.stop();
+    result
 }
 
 /// Where the host has VMX/SVM: first-reply latency of a boot start, a snapshot start and a

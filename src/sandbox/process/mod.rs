@@ -58,6 +58,8 @@ pub const ISOLATION_WARNING: &str = "fnvm: warning: the process sandbox shares t
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The socket directory's name in an instance directory.
 const SOCKET_DIR: &str = "sock";
+/// How many rootfs images' loop devices a service keeps attached beyond their instances.
+pub const KEPT_ROOTFS_DEVICES: usize = 8;
 
 pub struct ProcessSandbox {
     setup: Arc<Setup>,
@@ -143,6 +145,13 @@ impl ProcessSandbox {
             self.standbys = Some(standbys);
         }
         Ok(self)
+    }
+
+    /// Keeps the loop devices of the `count` most recently started rootfs images attached
+    /// after their last instance stops (a long-running service), for a while.
+    pub fn keeping_rootfs_devices(mut self, count: usize) -> Self {
+        self.rootfs = SharedRootfs::keeping(count);
+        self
     }
 
     /// How many standby sandboxes are ready now.

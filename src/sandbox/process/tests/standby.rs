@@ -17,16 +17,17 @@ fn wait_ready(sandbox: &ProcessSandbox, n: usize) {
     }
 }
 
-/// The cgroups of this home's standbys (their names end in their directory's).
-fn standby_cgroups() -> Vec<std::path::PathBuf> {
+/// The cgroups of `home`'s standbys (named after their directories).
+fn standby_cgroups(home: &crate::home::Home) -> Vec<std::path::PathBuf> {
     let Ok(h) = cgroup::Hierarchy::probe() else {
         return Vec::new();
     };
+    let prefix = format!("{}-standby-", cgroup::cgroup_prefix(home));
     std::fs::read_dir(h.parent())
         .unwrap()
         .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
         .map(|e| e.path())
-        .filter(|p| p.to_string_lossy().contains("-standby-"))
         .collect()
 }
 
@@ -54,7 +55,7 @@ fn a_start_from_a_standby_serves_with_its_own_directory_and_memory_limit_and_a_n
                 .starts_with("standby-")
         })
         .expect("the standby has its directory under the instances root");
-    let before = standby_cgroups();
+    let before = standby_cgroups(&world.home);
 
     let (spec, logs) = world.spec(
         "placed",
@@ -119,7 +120,7 @@ fn a_start_from_a_standby_serves_with_its_own_directory_and_memory_limit_and_a_n
 
     // Dropping the sandbox releases the waiting standby: directory, cgroup, loop device, agent.
     let home = world.home.root().to_path_buf();
-    let waiting = standby_cgroups();
+    let waiting = standby_cgroups(&world.home);
     drop(std::mem::replace(
         &mut world.sandbox,
         ProcessSandbox::with_agent(&world.home, agent()).unwrap(),
@@ -203,4 +204,46 @@ fn a_standby_whose_agent_died_is_passed_over() {
     assert!(!standby_dir.exists(), "the dead standby was released");
     instance.stop().unwrap();
     world.assert_nothing_left(&spec);
+}
+
+/// A service's sandbox keeps an image's rootfs device after its last instance, and the next
+/// instance of the image uses the same one; dropping the sandbox detaches it.
+#[test]
+fn a_service_keeps_the_rootfs_device_for_the_next_instance() {
+    if !is_root() {
+        return;
+    }
+    let mut world = World::new();
+    world.sandbox = ProcessSandbox::with_agent(&world.home, agent())
+        .unwrap()
+        .keeping_rootfs_devices(2);
+    let rootfs_loops = |world: &World| {
+        loopdev::attached()
+            .into_iter()
+            .filter(|(_, backing)| backing == &world.rootfs)
+            .map(|(device, _)| device)
+            .collect::<Vec<_>>()
+    };
+    let mut seen = Vec::new();
+    for id in ["kept-1", "kept-2"] {
+        let (spec, _) = world.spec(id, "exec httpd -f -p 9000 -h /www", 30_000);
+        let instance = world
+            .sandbox
+            .start(spec.clone())
+            .expect("the instance starts");
+        let reply = http_get(instance.as_ref(), "/index.html");
+        assert!(reply.ends_with("hello from busybox\n"), "{reply}");
+        instance.stop().unwrap();
+        instance.wait_exit();
+        assert!(!spec.instance_dir.exists());
+        seen.push(rootfs_loops(&world));
+    }
+    assert_eq!(seen[0].len(), 1, "kept after the first instance: {seen:?}");
+    assert_eq!(seen[0], seen[1], "the second instance used the same device");
+    assert_eq!(world.sandbox.rootfs.kept(), 1);
+    drop(std::mem::replace(
+        &mut world.sandbox,
+        ProcessSandbox::with_agent(&world.home, agent()).unwrap(),
+    ));
+    assert!(rootfs_loops(&world).is_empty(), "detached with the sandbox");
 }
