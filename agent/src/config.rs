@@ -25,6 +25,9 @@ pub enum Sandbox {
     Process {
         socket_dir: PathBuf,
         control_fd: Option<i32>,
+        /// The writable layer's device when the command line names it (a standby sandbox's
+        /// agent mounts it before the rootfs is known); else it comes with the placement.
+        writable: Option<String>,
     },
 }
 
@@ -85,21 +88,24 @@ pub enum ConfigError {
 
 /// The usage line printed with argument errors.
 pub const USAGE: &str =
-    "usage: fnvm-agent --sandbox process --socket-dir DIR [--control-fd N] (the disks then come \
-     on standard input: one JSON line {\"rootfs\":DEV,\"writable\":DEV,\"socket_dir\":DIR}; \
-     no arguments: VM mode, disks from fnvm.rootfs= and fnvm.writable= on the kernel command line)";
+    "usage: fnvm-agent --sandbox process --socket-dir DIR [--control-fd N] [--writable DEV] (the \
+     disks then come on standard input: one JSON line {\"rootfs\":DEV,\"writable\":DEV}, \
+     without writable if given here; no arguments: VM mode, disks from fnvm.rootfs= and \
+     fnvm.writable= on the kernel command line)";
 
 /// Parses the process sandbox's arguments (program name excluded).
 pub fn from_args(args: &[String]) -> Result<Config, ConfigError> {
     let mut sandbox = None;
     let mut socket_dir = None;
     let mut control_fd = None;
+    let mut writable = None;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let slot = match flag.as_str() {
             "--sandbox" => &mut sandbox,
             "--socket-dir" => &mut socket_dir,
             "--control-fd" => &mut control_fd,
+            "--writable" => &mut writable,
             other => return Err(ConfigError::UnknownArgument(other.into())),
         };
         let value = it
@@ -129,32 +135,44 @@ pub fn from_args(args: &[String]) -> Result<Config, ConfigError> {
         sandbox: Sandbox::Process {
             socket_dir,
             control_fd,
+            writable,
         },
         disks: None,
     })
 }
 
-/// Reads the host's [`Placement`] line from `input` (the agent's standard input): the disks
-/// and the socket directory's path now.
-pub fn read_placement(input: &mut impl std::io::BufRead) -> Result<(Disks, PathBuf), ConfigError> {
+/// Reads the host's [`Placement`] line from `input` (the agent's standard input). The writable
+/// layer is named either on the command line (`writable`) or in the placement, not both.
+pub fn read_placement(
+    input: &mut impl std::io::BufRead,
+    writable: Option<&str>,
+) -> Result<Disks, ConfigError> {
     let placement: Placement = match read_message(input) {
         Ok(Some(p)) => p,
         Ok(None) => return Err(ConfigError::NoPlacement),
         Err(e) => return Err(ConfigError::BadPlacement(e.to_string())),
     };
-    if !placement.socket_dir.is_absolute() {
-        return Err(ConfigError::RelativeSocketDir(placement.socket_dir));
-    }
-    if placement.rootfs.is_empty() || placement.writable.is_empty() {
+    let writable = match (writable, placement.writable) {
+        (Some(given), None) => given.to_string(),
+        (None, Some(placed)) => placed,
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::BadPlacement(
+                "the writable layer is named on the command line already".into(),
+            ))
+        }
+        (None, None) => {
+            return Err(ConfigError::BadPlacement(
+                "it names no writable layer".into(),
+            ))
+        }
+    };
+    if placement.rootfs.is_empty() || writable.is_empty() {
         return Err(ConfigError::BadPlacement("a disk is named \"\"".into()));
     }
-    Ok((
-        Disks {
-            rootfs: placement.rootfs,
-            writable: placement.writable,
-        },
-        placement.socket_dir,
-    ))
+    Ok(Disks {
+        rootfs: placement.rootfs,
+        writable,
+    })
 }
 
 /// The VM's configuration from the kernel command line: None for a test boot (no
@@ -198,6 +216,7 @@ mod tests {
                 sandbox: Sandbox::Process {
                     socket_dir: "/run/i/sock".into(),
                     control_fd: Some(3),
+                    writable: None,
                 },
                 disks: None,
             }
@@ -229,21 +248,17 @@ mod tests {
     }
 
     #[test]
-    fn the_placement_on_standard_input_names_the_disks_and_the_directory() {
-        let mut line: &[u8] =
-            b"{\"rootfs\":\"/dev/loop3\",\"writable\":\"/dev/loop4\",\"socket_dir\":\"/i/sock\"}\n";
-        let (disks, dir) = read_placement(&mut line).unwrap();
+    fn the_placement_on_standard_input_names_the_disks() {
+        let mut line: &[u8] = b"{\"rootfs\":\"/dev/loop3\",\"writable\":\"/dev/loop4\"}\n";
         assert_eq!(
-            disks,
+            read_placement(&mut line, None).unwrap(),
             Disks {
                 rootfs: "/dev/loop3".into(),
                 writable: "/dev/loop4".into(),
             }
         );
-        assert_eq!(dir, PathBuf::from("/i/sock"));
-
         let err = |text: &str| {
-            read_placement(&mut text.as_bytes())
+            read_placement(&mut text.as_bytes(), None)
                 .unwrap_err()
                 .to_string()
         };
@@ -251,16 +266,22 @@ mod tests {
             err(""),
             "standard input ended before the host named the disks"
         );
-        assert!(err("{\"rootfs\":\"/dev/loop3\"}\n").contains("cannot be read"));
-        assert!(
-            err("{\"rootfs\":\"a\",\"writable\":\"b\",\"socket_dir\":\"rel\"}\n")
-                .contains("absolute")
-        );
-        assert!(
-            err("{\"rootfs\":\"\",\"writable\":\"b\",\"socket_dir\":\"/s\"}\n")
-                .contains("named \"\"")
-        );
+        assert!(err("{\"writable\":\"/dev/loop3\"}\n").contains("cannot be read"));
+        assert!(err("{\"rootfs\":\"\",\"writable\":\"b\"}\n").contains("named \"\""));
+        assert!(err("{\"rootfs\":\"a\",\"extra\":1}\n").contains("cannot be read"));
         assert!(err("not json\n").contains("cannot be read"));
+        assert!(err("{\"rootfs\":\"a\"}\n").contains("no writable layer"));
+
+        // A standby's writable layer came on the command line; the placement names the rootfs.
+        let mut line: &[u8] = b"{\"rootfs\":\"/dev/loop3\"}\n";
+        let disks = read_placement(&mut line, Some("/dev/loop9")).unwrap();
+        assert_eq!(disks.writable, "/dev/loop9");
+        let mut line: &[u8] = b"{\"rootfs\":\"a\",\"writable\":\"b\"}\n";
+        let twice = read_placement(&mut line, Some("/dev/loop9")).unwrap_err();
+        assert!(
+            twice.to_string().contains("command line already"),
+            "{twice}"
+        );
     }
 
     #[test]

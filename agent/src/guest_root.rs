@@ -145,6 +145,14 @@ pub fn make_mounts_private() -> Result<(), GuestRootError> {
 /// the agent's `/` and mounts a fresh /proc. `at` must be an existing directory (its content is
 /// hidden, in this mount namespace only).
 pub fn enter(at: &Path, rootfs: &str, writable: &str) -> Result<(), GuestRootError> {
+    prepare(at, writable)?;
+    finish(at, rootfs)
+}
+
+/// The first half of [`enter`], which needs no rootfs: the tmpfs root at `at`, its mount
+/// points, /dev, and the writable layer mounted. A standby sandbox's agent does this before
+/// the host has chosen its function.
+pub fn prepare(at: &Path, writable: &str) -> Result<(), GuestRootError> {
     let at = at.display().to_string();
     do_mount(
         Some("tmpfs"),
@@ -163,7 +171,14 @@ pub fn enter(at: &Path, rootfs: &str, writable: &str) -> Result<(), GuestRootErr
         MsFlags::MS_BIND,
         None,
     )?;
-    mount_function_root(&at, rootfs, writable)?;
+    mount_writable(&at, writable)
+}
+
+/// The second half of [`enter`]: the rootfs and the overlay in the root [`prepare`] made at
+/// `at`, then the switch into it.
+pub fn finish(at: &Path, rootfs: &str) -> Result<(), GuestRootError> {
+    let at = at.display().to_string();
+    mount_function_root(&at, rootfs)?;
     switch_root(&at)?;
     do_mount(
         Some("proc"),
@@ -174,21 +189,43 @@ pub fn enter(at: &Path, rootfs: &str, writable: &str) -> Result<(), GuestRootErr
     )
 }
 
-/// rootfs (read-only, ext4 or erofs) + writable layer (ext4) → overlay at `<at>/mnt/root`.
-fn mount_function_root(at: &str, rootfs: &str, writable: &str) -> Result<(), GuestRootError> {
-    for (name, dev) in [("rootfs", rootfs), ("writable layer", writable)] {
-        let meta = std::fs::metadata(dev).map_err(|cause| GuestRootError::Device {
+/// Checks that `dev` is a block device (`name` says which disk, for the error).
+fn check_block_device(name: &'static str, dev: &str) -> Result<(), GuestRootError> {
+    let meta = std::fs::metadata(dev).map_err(|cause| GuestRootError::Device {
+        name,
+        device: dev.into(),
+        cause,
+    })?;
+    if !meta.file_type().is_block_device() {
+        return Err(GuestRootError::NotBlockDevice {
             name,
             device: dev.into(),
-            cause,
-        })?;
-        if !meta.file_type().is_block_device() {
-            return Err(GuestRootError::NotBlockDevice {
-                name,
-                device: dev.into(),
-            });
+        });
+    }
+    Ok(())
+}
+
+/// The writable layer (ext4) at `<at>/mnt/writable`, with the overlay's upper and work dirs.
+fn mount_writable(at: &str, writable: &str) -> Result<(), GuestRootError> {
+    check_block_device("writable layer", writable)?;
+    match detect_filesystem(writable)? {
+        "ext4" => {}
+        other => {
+            return Err(GuestRootError::WritableNotExt4 {
+                device: writable.into(),
+                found: other,
+            })
         }
     }
+    let rw = format!("{at}{WRITABLE_MOUNT}");
+    do_mount(Some(writable), &rw, Some("ext4"), MsFlags::MS_NODEV, None)?;
+    mkdir(&format!("{rw}/upper"))?;
+    mkdir(&format!("{rw}/work"))
+}
+
+/// rootfs (read-only, ext4 or erofs) + the mounted writable layer → overlay at `<at>/mnt/root`.
+fn mount_function_root(at: &str, rootfs: &str) -> Result<(), GuestRootError> {
+    check_block_device("rootfs", rootfs)?;
     let lower = format!("{at}{ROOTFS_MOUNT}");
     let rw = format!("{at}{WRITABLE_MOUNT}");
     let merged = format!("{at}{FUNCTION_ROOT}");
@@ -200,21 +237,7 @@ fn mount_function_root(at: &str, rootfs: &str, writable: &str) -> Result<(), Gue
         MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
         None,
     )?;
-    match detect_filesystem(writable)? {
-        "ext4" => {}
-        other => {
-            return Err(GuestRootError::WritableNotExt4 {
-                device: writable.into(),
-                found: other,
-            })
-        }
-    }
-    do_mount(Some(writable), &rw, Some("ext4"), MsFlags::MS_NODEV, None)?;
-    let upper = format!("{rw}/upper");
-    let work = format!("{rw}/work");
-    mkdir(&upper)?;
-    mkdir(&work)?;
-    let options = format!("lowerdir={lower},upperdir={upper},workdir={work}");
+    let options = format!("lowerdir={lower},upperdir={rw}/upper,workdir={rw}/work");
     // nodev: a device node in the image or made on the writable layer opens nothing; the
     // function's /dev is its own small tmpfs with the standard nodes (see launch).
     do_mount(

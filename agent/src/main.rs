@@ -206,6 +206,7 @@ fn run_instance(config: &Config) -> Result<(), AgentError> {
         Sandbox::Process {
             socket_dir,
             control_fd: Some(fd),
+            ..
         } => transport::UnixSocketListener::inherit(*fd, socket_dir, CONTROL_PORT)
             .map(|l| Box::new(l) as Box<dyn transport::Listener>)
             .map_err(|cause| AgentError::Listen {
@@ -218,13 +219,27 @@ fn run_instance(config: &Config) -> Result<(), AgentError> {
     let function = listen("function", FUNCTION_PORT)?;
     // The process sandbox's disks come once the ports listen: the host picks them while the
     // agent starts, or keeps the agent as a standby until a function needs it.
-    let (disks, private_root_at) = match &config.disks {
-        Some(disks) => (disks.clone(), PathBuf::from("/fnvm")),
-        // Any existing directory works for the private root; the socket directory surely
-        // exists, and the tmpfs over it is seen only in this mount namespace (the host keeps
-        // seeing the sockets bound above). Its path is the placement's: a standby's directory
-        // may have been renamed since.
-        None => config::read_placement(&mut io::stdin().lock())?,
+    // Any existing directory works for the private root; in the process sandbox the socket
+    // directory surely exists, and the tmpfs over it is seen only in this mount namespace (the
+    // host keeps seeing the sockets bound above).
+    let (disks, private_root_at, prepared) = match (&config.disks, &config.sandbox) {
+        (Some(disks), _) => (disks.clone(), PathBuf::from("/fnvm"), false),
+        (
+            None,
+            Sandbox::Process {
+                socket_dir,
+                writable,
+                ..
+            },
+        ) => {
+            // A standby: the half of the root that needs no function is made while it waits.
+            if let Some(writable) = writable {
+                guest_root::prepare(socket_dir, writable)?;
+            }
+            let disks = config::read_placement(&mut io::stdin().lock(), writable.as_deref())?;
+            (disks, socket_dir.clone(), writable.is_some())
+        }
+        (None, Sandbox::Vm) => return Err(ConfigError::PartialDisks.into()),
     };
 
     let setup = (|| -> Result<(), AgentError> {
@@ -234,7 +249,11 @@ fn run_instance(config: &Config) -> Result<(), AgentError> {
                 cause,
             })?;
         }
-        guest_root::enter(&private_root_at, &disks.rootfs, &disks.writable)?;
+        if prepared {
+            guest_root::finish(&private_root_at, &disks.rootfs)?;
+        } else {
+            guest_root::enter(&private_root_at, &disks.rootfs, &disks.writable)?;
+        }
         net::bring_up_loopback()?;
         net::prefer_handshake_retries_to_syn_cookies()?;
         Ok(())

@@ -62,20 +62,18 @@ pub struct StartSpec {
     pub ready_timeout_ms: u64,
 }
 
-/// Where a process-sandbox agent's instance lives: one JSON line the host writes on the
-/// agent's standard input, then closes. The agent binds its ports and waits for it before it
-/// mounts anything, so the host can start the agent first and pick the disks while it comes up
-/// (or keep a standby sandbox whose function is not known yet). The socket directory is named
-/// again because a standby's directory is renamed to its instance's when it is taken.
+/// A process-sandbox agent's disks: one JSON line the host writes on the agent's standard
+/// input, then closes. The agent binds its ports and waits for it before it mounts the rootfs,
+/// so the host can start the agent first and pick the disks while it comes up (or keep a
+/// standby sandbox whose function is not known yet).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Placement {
     /// The read-only rootfs image's block device (ext4 or erofs).
     pub rootfs: String,
-    /// The writable layer's block device (ext4).
-    pub writable: String,
-    /// The socket directory's path now (absolute).
-    pub socket_dir: std::path::PathBuf,
+    /// The writable layer's block device (ext4), unless the agent's command line named it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writable: Option<String>,
 }
 
 /// Which output stream a log line came from.

@@ -151,8 +151,7 @@ impl Sandbox {
         let mut agent = agent;
         let placement = fnvm_agent::protocol::Placement {
             rootfs: rootfs_loop.clone(),
-            writable: writable_loop.clone(),
-            socket_dir: socket_dir.clone(),
+            writable: Some(writable_loop.clone()),
         };
         let mut stdin = agent.stdin.take().unwrap();
         fnvm_agent::protocol::write_message(&mut stdin, &placement).unwrap();

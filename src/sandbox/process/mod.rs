@@ -23,7 +23,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -193,6 +193,7 @@ impl Sandbox for ProcessSandbox {
         let Prepared {
             mut parts, exit, ..
         } = prepared;
+        let socket_dir = parts.dir.join(SOCKET_DIR);
         if let Err(err) = result {
             if let Err(cleanup) = parts.teardown() {
                 tracing::warn!("after a failed start of {}: {cleanup}", spec.id);
@@ -262,9 +263,15 @@ impl Setup {
         let dir = parts.dir.clone();
         let PreparedDir { mut record, layer } = prepare_instance_dir(&self.home, &dir, None)?;
         let layer = parts.layer.insert(layer);
-        if attach_writable {
-            parts.loops.push(LoopDevice::attach(layer.path(), false)?);
-        }
+        // A standby's agent mounts its writable layer while it waits.
+        let writable = if attach_writable {
+            let device = LoopDevice::attach(layer.path(), false)?;
+            let path = device.path().to_path_buf();
+            parts.loops.push(device);
+            Some(path)
+        } else {
+            None
+        };
         if let Some(hierarchy) = &self.cgroups {
             let limits = Limits {
                 memory_mib,
@@ -280,6 +287,9 @@ impl Setup {
             record.cgroup_v2 = cgroup.is_v2();
             record.v1_cgroups = cgroup.v1_extras();
             record.save(&dir)?;
+            if let Some(writable) = &writable {
+                cgroup.allow_agent_disks(&[device_numbers(writable, "rw")?])?;
+            }
         }
         let socket_dir = dir.join(SOCKET_DIR);
         std::fs::DirBuilder::new()
@@ -301,7 +311,7 @@ impl Setup {
         let explain = Arc::clone(&watch);
         let exit = ExitState::new(move || explain.get()?.hits());
 
-        let args: Vec<OsString> = vec![
+        let mut args: Vec<OsString> = vec![
             "--sandbox".into(),
             "process".into(),
             "--socket-dir".into(),
@@ -309,6 +319,9 @@ impl Setup {
             "--control-fd".into(),
             control.as_raw_fd().to_string().into(),
         ];
+        if let Some(writable) = &writable {
+            args.extend(["--writable".into(), writable.into()]);
+        }
         let child = spawn_in_namespaces(
             &self.agent,
             &args,
@@ -350,24 +363,21 @@ impl Setup {
 }
 
 impl ProcessSandbox {
-    /// Gives a prepared sandbox its function: the instance directory's name, the rootfs and
-    /// writable layer devices (allowed to the agent until it has mounted them), the memory
+    /// Gives a prepared sandbox its function: the rootfs and writable layer devices (allowed to the agent until it has mounted them), the memory
     /// limit, then the link's Hello and Start.
     fn place(&self, prepared: &mut Prepared, spec: &InstanceSpec) -> Result<(), SandboxError> {
         let parts = &mut prepared.parts;
-        if parts.dir != spec.instance_dir {
-            // A standby: one rename moves its sockets (the agent keeps listening on them), its
-            // record and its writable layer to the instance's directory.
-            rename_dir(&parts.dir, &spec.instance_dir)?;
-            parts.dir = spec.instance_dir.clone();
-        }
+        // A standby keeps its own directory (beside the spec's, under the instances root): its
+        // agent uses paths in it from its first instant, so it never moves.
         let socket_dir = parts.dir.join(SOCKET_DIR);
         let rootfs_dev = parts
             .rootfs
             .insert(self.rootfs.device(&spec.rootfs_image)?)
             .path()
             .to_path_buf();
-        if parts.loops.is_empty() {
+        // Attached now unless the agent has it already (a standby's).
+        let attach_writable = parts.loops.is_empty();
+        if attach_writable {
             let layer = parts
                 .layer
                 .as_ref()
@@ -375,10 +385,10 @@ impl ProcessSandbox {
             parts.loops.push(LoopDevice::attach(layer.path(), false)?);
         }
         let writable_dev = parts.loops[0].path().to_path_buf();
-        let disks = [
-            device_numbers(&rootfs_dev, "r")?,
-            device_numbers(&writable_dev, "rw")?,
-        ];
+        let mut disks = vec![device_numbers(&rootfs_dev, "r")?];
+        if attach_writable {
+            disks.push(device_numbers(&writable_dev, "rw")?);
+        }
         if let Some(cgroup) = parts.cgroup.as_mut() {
             cgroup.allow_agent_disks(&disks)?;
             cgroup.set_memory_limit(spec.memory_mib)?;
@@ -391,8 +401,7 @@ impl ProcessSandbox {
         }
         let placement = Placement {
             rootfs: rootfs_dev.display().to_string(),
-            writable: writable_dev.display().to_string(),
-            socket_dir: socket_dir.clone(),
+            writable: attach_writable.then(|| writable_dev.display().to_string()),
         };
         let mut input = prepared.placement.take().expect("placed once");
         protocol::write_message(&mut input, &placement).map_err(|e| {
@@ -434,20 +443,6 @@ impl ProcessSandbox {
         parts.exit = Some(exit.clone());
         Ok(())
     }
-}
-
-/// Renames a standby's directory to its instance's (creating the parent as needed).
-fn rename_dir(from: &Path, to: &Path) -> Result<(), SandboxError> {
-    if let Some(parent) = to.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| SandboxError::setup(format!("cannot create {}", parent.display()), e))?;
-    }
-    std::fs::rename(from, to).map_err(|e| {
-        SandboxError::setup(
-            format!("cannot move {} to {}", from.display(), to.display()),
-            e,
-        )
-    })
 }
 
 /// A failed start with the limits it hit said, unless its report says so already: a fork bomb

@@ -2,15 +2,17 @@
 //!
 //! Most of a process-sandbox start does not depend on the function: the instance directory
 //! and its writable layer with its loop device, the cgroup, the control socket, the agent
-//! spawned in its namespaces with its ports bound. A standby has done all that before the
-//! request comes; the start only names the directory, allows and hands over the disks and sets
-//! the memory limit ([`super::ProcessSandbox::place`]). A long-running service keeps
+//! spawned in its namespaces with its ports bound and its writable layer mounted. A standby has
+//! done all that before the request comes; the start only allows and hands over the rootfs and
+//! sets the memory limit ([`super::ProcessSandbox::place`]). A long-running service keeps
 //! [`DEFAULT_STANDBYS`] of them and prepares a replacement after each start it serves from one.
 //!
 //! A standby lives in its own directory under the instances root with an instance record, so a
 //! crashed service's standbys are cleaned up like its instances
 //! ([`crate::sandbox::cleanup_orphans`]); its agent waits on its standard input, which ends
-//! with the service, and then exits.
+//! with the service, and then exits. Taken, the directory becomes its instance's as it is (the
+//! agent uses paths in it from its first instant, so it never moves), beside the directory the
+//! spec names.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};

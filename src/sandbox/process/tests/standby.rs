@@ -56,6 +56,19 @@ fn a_start_from_a_standby_serves_with_its_own_directory_and_memory_limit_and_a_n
         })
         .expect("the standby has its directory under the instances root");
     let before = standby_cgroups(&world.home);
+    // While it waits, its agent has mounted the writable layer (not yet any rootfs).
+    let record = crate::sandbox::instance::record::InstanceRecord::load(&standby_dir).unwrap();
+    let agent_pid = record.sandbox.expect("the standby names its agent").pid;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mounts = loop {
+        let mounts = std::fs::read_to_string(format!("/proc/{agent_pid}/mountinfo")).unwrap();
+        if mounts.contains("/mnt/writable ") || Instant::now() > deadline {
+            break mounts;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(mounts.contains("/mnt/writable "), "{mounts}");
+    assert!(!mounts.contains("/mnt/rootfs "), "{mounts}");
 
     let (spec, logs) = world.spec(
         "placed",
@@ -87,9 +100,9 @@ fn a_start_from_a_standby_serves_with_its_own_directory_and_memory_limit_and_a_n
         "the function is PID 1 of its own namespace: {:?}",
         logs.lines(crate::sandbox::LogStream::Stdout)
     );
-    // The standby's directory became the instance's.
-    assert!(!standby_dir.exists(), "{} is left", standby_dir.display());
-    assert!(spec.instance_dir.join("sock/9000.sock").exists());
+    // The standby's directory is the instance's.
+    assert!(standby_dir.join("sock/9000.sock").exists());
+    assert!(!spec.instance_dir.exists());
     // Its cgroup now has the function's limit (256 MiB), not the standby's.
     for dir in &before {
         let limit = ["memory.max", "memory.limit_in_bytes"]
@@ -109,7 +122,7 @@ fn a_start_from_a_standby_serves_with_its_own_directory_and_memory_limit_and_a_n
 
     instance.stop().unwrap();
     instance.wait_exit();
-    assert!(!spec.instance_dir.exists());
+    assert!(!standby_dir.exists(), "{} is left", standby_dir.display());
     for dir in &before {
         assert!(
             !dir.exists(),
