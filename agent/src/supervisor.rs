@@ -25,12 +25,17 @@ use crate::link::outbox::Outbox;
 use crate::output_drain::LogPipe;
 use crate::{bridge, console, refresh, user};
 
-/// How long the prober waits after the function's start before its first connection attempt
-/// (then twice as long each time, up to [`MAX_PROBE_INTERVAL`]): busybox httpd, which listens
-/// about a millisecond after its start, was seen at 1.31–1.32 ms with a first wait of 1 ms and
-/// at 1.12–1.14 ms with 0.25 ms (`fnvm bench`, p50 of 10, twice each). A refused loopback
-/// connect costs ~10 µs.
+/// How long the prober waits between connection attempts during the first
+/// [`STEADY_PROBING`] of a start (then twice as long each time, up to [`MAX_PROBE_INTERVAL`]).
+/// busybox httpd listens about a millisecond after its start: with a first wait of 1 ms,
+/// doubling, it was seen at 1.31–1.32 ms; with 0.25 ms, doubling, at 1.12–1.14 ms (`fnvm bench`,
+/// p50 of 10, twice each) — doubling from the start lets a server that listens just after a
+/// probe wait up to one interval more. A refused loopback connect costs ~10 µs, so 80 probes in
+/// the first 20 ms cost under a millisecond of CPU.
 const FIRST_PROBE_INTERVAL: Duration = Duration::from_micros(250);
+/// How long the prober keeps probing every [`FIRST_PROBE_INTERVAL`]: most servers that start
+/// fast listen within it.
+const STEADY_PROBING: Duration = Duration::from_millis(20);
 /// How long the prober waits at most between two connection attempts.
 const MAX_PROBE_INTERVAL: Duration = Duration::from_millis(10);
 /// How long one probe connection may take (loopback: refused or accepted at once).
@@ -266,9 +271,9 @@ impl Supervisor {
         }
     }
 
-    /// Polls 127.0.0.1:9000 (0.25 ms, doubling to 10 ms between tries) until it accepts, the
-    /// function exits, or `timeout` passes — then the start has failed and the function's whole
-    /// pid namespace is killed.
+    /// Polls 127.0.0.1:9000 (every 0.25 ms for 20 ms, then doubling to 10 ms between tries)
+    /// until it accepts, the function exits, or `timeout` passes — then the start has failed
+    /// and the function's whole pid namespace is killed.
     fn wait_until_ready(&self, pid: i32, timeout: Duration) {
         let started = self.lock().started_at.unwrap_or_else(Instant::now);
         let deadline = started + timeout;
@@ -321,7 +326,9 @@ impl Supervisor {
                 .changed
                 .wait_timeout(state, interval.min(deadline - now))
                 .unwrap_or_else(|p| p.into_inner());
-            interval = (interval * 2).min(MAX_PROBE_INTERVAL);
+            if started.elapsed() > STEADY_PROBING {
+                interval = (interval * 2).min(MAX_PROBE_INTERVAL);
+            }
         }
     }
 
