@@ -236,6 +236,8 @@ pub(crate) fn virtio_backing(
                 }
             },
             VirtioDeviceState::Vsock(_) => vsock.cloned(),
+            // Reconnects to the saved passt socket.
+            VirtioDeviceState::Net(_) => None,
         });
     }
     Ok(out)

@@ -18,8 +18,9 @@ use sha2::{Digest, Sha256};
 /// The first bytes of every snapshot state file.
 pub const MAGIC: &str = "fnvm-snapshot";
 /// Bumped whenever the layout or the meaning of the state changes.
-/// (3: KVM's plain-data structs are hex strings, see [`super::kvm_hex`].)
-pub const FORMAT_VERSION: u32 = 3;
+/// (3: KVM's plain-data structs are hex strings, see [`super::kvm_hex`]; 4: virtio-net
+/// devices, [`crate::devices::virtio::net::persist::NetState`].)
+pub const FORMAT_VERSION: u32 = 4;
 /// The vmm build that writes and accepts snapshots.
 pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
 

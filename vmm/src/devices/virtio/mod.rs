@@ -9,6 +9,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 use std::os::fd::RawFd;
@@ -95,6 +96,7 @@ pub trait VirtioDevice: Send {
 pub enum VirtioDeviceState {
     Block(block::BlockState),
     Vsock(vsock::persist::VsockState),
+    Net(net::persist::NetState),
 }
 
 /// Why a device could not be rebuilt from a [`VirtioDeviceState`].
@@ -106,10 +108,14 @@ pub enum DeviceRestoreError {
     /// The virtio-vsock device could not be restored.
     #[error("restoring virtio-vsock: {0}")]
     Vsock(#[from] vsock::VsockError),
+    /// The virtio-net device could not be restored.
+    #[error("restoring virtio-net: {0}")]
+    Net(#[from] net::NetError),
 }
 
 /// Rebuilds a device model from its saved state. `path` replaces the saved host path if given:
-/// the backing file of a disk, the Unix listener of a vsock.
+/// the backing file of a disk, the Unix listener of a vsock, the passt socket of a network
+/// device.
 pub fn restore_device(
     state: &VirtioDeviceState,
     path: Option<std::path::PathBuf>,
@@ -121,6 +127,10 @@ pub fn restore_device(
         }
         VirtioDeviceState::Vsock(s) => Box::new(vsock::Vsock::restore(
             vsock::persist::VsockRestoreArgs { uds_path: path },
+            s,
+        )?),
+        VirtioDeviceState::Net(s) => Box::new(net::Net::restore(
+            net::persist::NetRestoreArgs { socket_path: path },
             s,
         )?),
     })
