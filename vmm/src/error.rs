@@ -112,6 +112,9 @@ pub enum RestoreError {
     /// A disk given for the restore is not there.
     #[error("disk {}: {source}", .path.display())]
     Disk { path: PathBuf, source: io::Error },
+    /// The passt socket given for the restore is not there.
+    #[error("passt socket {}: {source}", .path.display())]
+    NetSocket { path: PathBuf, source: io::Error },
     /// A standby VMM has one console to give, to its one restored VM.
     #[error("the console was already given away")]
     ConsoleTaken,

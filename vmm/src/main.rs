@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Instant;
 
 use fnvm_vmm::arch::x86_64::boot::KernelConfig;
+use fnvm_vmm::devices::virtio::net::{MacAddr, DEFAULT_MAC};
 use fnvm_vmm::exit::{code, VmExit};
 use fnvm_vmm::persist::RestoreConfig;
 use fnvm_vmm::vmm::{Vm, VmConfig, DEFAULT_CMDLINE};
@@ -19,8 +20,9 @@ fnvm-vmm: runs one KVM micro-VM and exits when the guest ends
 
 usage: fnvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MiB]
                 [--vcpus N] [--disk PATH[:ro]]... [--vsock PATH [--vsock-cid N]]
+                [--net PATH[,mac=MAC]] [--api-sock PATH]
+       fnvm-vmm --restore DIR [--disk PATH[:ro]]... [--vsock PATH] [--net PATH]
                 [--api-sock PATH]
-       fnvm-vmm --restore DIR [--disk PATH[:ro]]... [--vsock PATH] [--api-sock PATH]
        fnvm-vmm --standby [--memory MiB] [--vcpus N] --api-sock PATH
 
   --kernel PATH      Linux bzImage or vmlinux (64-bit Linux boot protocol); any other
@@ -39,6 +41,14 @@ usage: fnvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MiB]
                      and send `CONNECT <port>\\n`; guest connections to host port P go to
                      PATH_P. PATH must not exist; it is removed on exit
   --vsock-cid N      the guest's vsock CID (default 3)
+  --net PATH[,mac=MAC]
+                     a virtio-net device (eth0 in the guest) connected to passt listening
+                     on the Unix socket PATH (`passt --socket PATH`: QEMU's stream protocol,
+                     each frame after its 32-bit big-endian length); PATH must exist. The
+                     guest sees an MTU of 65520 and a link that is up; its address comes from
+                     the command line (ip=ADDR::GW:MASK::eth0:off) or DHCP. MAC defaults to
+                     02:66:6e:76:6d:00. If passt goes away the guest keeps running without
+                     network (its frames are dropped)
   --api-sock PATH    serve the control API on the Unix socket PATH (must not exist; removed
                      on exit): one JSON request per line, one JSON reply per line:
                      {\"op\":\"pause\"}, {\"op\":\"resume\"}, {\"op\":\"snapshot\",\"dir\":\"DIR\"} (DIR must
@@ -48,14 +58,17 @@ usage: fnvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MiB]
                      mapped copy-on-write from DIR/memory. With --restore, --disk gives the
                      backing files of the snapshot's disks in order (required for writable
                      disks: each instance needs its own copy, e.g. a reflink or sparse copy
-                     of DIR/disk-N.img); --vsock gives the vsock device a new socket path.
+                     of DIR/disk-N.img); --vsock gives the vsock device a new socket path;
+                     --net PATH connects the network device to a new passt (the guest keeps
+                     its MAC; frames in flight at the snapshot are lost, TCP retransmits).
                      A snapshot from another fnvm-vmm version, CPU or kernel, or a corrupted
                      or truncated one, is refused (exit code 2). On exit, a second stderr
                      line reports the restore: `fnvm-vmm: restored, resumed at X ms; first
                      guest I/O at Y ms after N minor + M major page faults`
   --standby          create the VM (guest RAM, vCPUs, irqchip) now and wait on the API
                      socket for {\"op\":\"restore\",\"dir\":\"DIR\",\"disks\":[\"PATH\",...],
-                     \"vsock\":\"PATH\"} (disks and vsock as --disk and --vsock of --restore);
+                     \"vsock\":\"PATH\",\"net\":\"PATH\"} (disks, vsock and net as --disk,
+                     --vsock and --net of --restore);
                      the snapshot's memory file is then mapped over the standby's RAM and
                      the guest continues. The snapshot must have --memory MiB of RAM and
                      --vcpus vCPUs; one that does not fit is refused ({\"ok\":false,...}) and
@@ -72,7 +85,7 @@ process start.
 exit codes:
   0  the guest shut down or rebooted itself (clean)
   1  VMM error at run time
-  2  bad input (arguments, kernel, memory, vCPUs, disk, vsock); no VM was run
+  2  bad input (arguments, kernel, memory, vCPUs, disk, vsock, net); no VM was run
   3  guest kernel panic
   4  triple fault
   5  KVM internal error, unhandled exit or KVM_RUN failure
@@ -93,6 +106,23 @@ struct Args {
     disks: Vec<(PathBuf, bool)>,
     vsock: Option<PathBuf>,
     vsock_cid: u64,
+    /// `--net PATH[,mac=MAC]`: the passt socket and the MAC if one was given.
+    net: Option<(PathBuf, Option<MacAddr>)>,
+}
+
+/// Parses `PATH[,mac=MAC]`.
+fn parse_net(v: &str) -> Result<(PathBuf, Option<MacAddr>), String> {
+    let (path, mac) = match v.rsplit_once(",mac=") {
+        Some((path, mac)) => (
+            path,
+            Some(mac.parse::<MacAddr>().map_err(|e| e.to_string())?),
+        ),
+        None => (v, None),
+    };
+    if path.is_empty() {
+        return Err("--net needs a passt socket path".into());
+    }
+    Ok((PathBuf::from(path), mac))
 }
 
 fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
@@ -104,6 +134,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
     let mut disks = Vec::new();
     let mut vsock = None;
     let mut vsock_cid = 3u64;
+    let mut net = None;
     let mut restore = None;
     let mut standby = false;
     let mut api_sock = None;
@@ -162,6 +193,12 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
                 disks.push((PathBuf::from(path), ro));
             }
             "--vsock" => vsock = Some(PathBuf::from(value()?)),
+            "--net" => {
+                if net.is_some() {
+                    return Err("--net can be given once (one network device)".into());
+                }
+                net = Some(parse_net(&value()?)?);
+            }
             "--vsock-cid" => {
                 let v = value()?;
                 vsock_cid = v
@@ -177,6 +214,11 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
                 "{flag} cannot be used with --restore (the snapshot defines the VM)"
             ));
         }
+        if matches!(net, Some((_, Some(_)))) {
+            return Err(
+                "--net ...,mac= cannot be used with --restore (the guest keeps its MAC)".into(),
+            );
+        }
     }
     if standby {
         let not_with_standby = ["--restore", "--kernel", "--initrd", "--cmdline"];
@@ -191,10 +233,14 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
                 "{flag} cannot be used with --standby (the restore request names the snapshot)"
             ));
         }
-        if !disks.is_empty() || vsock.is_some() || boot_only.iter().any(|f| f == "--vsock-cid") {
+        if !disks.is_empty()
+            || vsock.is_some()
+            || net.is_some()
+            || boot_only.iter().any(|f| f == "--vsock-cid")
+        {
             return Err(
-                "--disk, --vsock and --vsock-cid cannot be used with --standby (the restore \
-                 request gives disks and vsock)"
+                "--disk, --vsock, --vsock-cid and --net cannot be used with --standby (the \
+                 restore request gives disks, vsock and net)"
                     .into(),
             );
         }
@@ -219,6 +265,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
         disks,
         vsock,
         vsock_cid,
+        net,
     }))
 }
 
@@ -301,6 +348,10 @@ fn run(args: &Args, slot: &mut Option<Vm>) -> Result<VmExit, (String, u8)> {
     if let Some(path) = &args.vsock {
         vm.add_vsock(args.vsock_cid, path).map_err(|e| bad(&e))?;
     }
+    if let Some((path, mac)) = &args.net {
+        vm.add_net(path, mac.unwrap_or(DEFAULT_MAC))
+            .map_err(|e| bad(&e))?;
+    }
     vm.load_kernel(&KernelConfig {
         kernel: args.kernel.clone(),
         initrd: args.initrd.clone(),
@@ -313,7 +364,8 @@ fn run(args: &Args, slot: &mut Option<Vm>) -> Result<VmExit, (String, u8)> {
     run_vm(vm)
 }
 
-/// `--restore DIR`: the snapshot's VM with this invocation's disks, vsock path and console.
+/// `--restore DIR`: the snapshot's VM with this invocation's disks, vsock path, passt socket
+/// and console.
 fn restore(
     args: &Args,
     dir: &std::path::Path,
@@ -322,7 +374,7 @@ fn restore(
 ) -> Result<VmExit, (String, u8)> {
     let bad = |e: &dyn std::fmt::Display| (format!("bad input: {e}"), code::BAD_INPUT);
     // --disk PATH in order replaces the snapshot's disks (virtio slots in order, skipping
-    // the vsock, which the snapshot places after the disks).
+    // the vsock and the network device, which the snapshot places after the disks).
     let disks = args
         .disks
         .iter()
@@ -336,6 +388,7 @@ fn restore(
             console_input: Some(libc::STDIN_FILENO),
             disks,
             vsock: args.vsock.clone(),
+            net: args.net.as_ref().map(|(path, _)| path.clone()),
             since: start,
         })
         .map_err(|e| bad(&e))?,
@@ -398,5 +451,34 @@ mod tests {
             );
             assert!(help.contains(&word), "the help does not show {word:?}");
         }
+    }
+
+    fn args(list: &[&str]) -> Result<Option<Args>, String> {
+        parse_args(list.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn net_takes_a_socket_and_an_optional_mac() {
+        let a = args(&["--kernel", "k", "--net", "/run/p.sock"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.net, Some((PathBuf::from("/run/p.sock"), None)));
+        let a = args(&["--kernel", "k", "--net=/run/p,x.sock,mac=02:00:00:00:00:07"])
+            .unwrap()
+            .unwrap();
+        let (path, mac) = a.net.unwrap();
+        assert_eq!(path, PathBuf::from("/run/p,x.sock"));
+        assert_eq!(mac.unwrap().to_string(), "02:00:00:00:00:07");
+        for bad in [
+            &["--kernel", "k", "--net", "/p,mac=02:00"][..],
+            &["--kernel", "k", "--net", ",mac=02:00:00:00:00:07"],
+            &["--kernel", "k", "--net", "/a", "--net", "/b"],
+            &["--restore", "d", "--net", "/p,mac=02:00:00:00:00:07"],
+            &["--standby", "--api-sock", "/a", "--net", "/p"],
+        ] {
+            assert!(args(bad).is_err(), "{bad:?} accepted");
+        }
+        let a = args(&["--restore", "d", "--net", "/p"]).unwrap().unwrap();
+        assert_eq!(a.net, Some((PathBuf::from("/p"), None)));
     }
 }

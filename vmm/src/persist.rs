@@ -98,6 +98,9 @@ pub struct RestoreConfig {
     pub disks: HashMap<usize, PathBuf>,
     /// A new Unix socket path for the vsock device (the saved one belongs to the original VM).
     pub vsock: Option<PathBuf>,
+    /// The passt socket for the network device (each restored VM needs its own passt; the
+    /// saved path is the original VM's).
+    pub net: Option<PathBuf>,
     /// The instant restore metrics are measured from (the VMM process start).
     pub since: Instant,
 }
@@ -141,7 +144,13 @@ impl Vm {
         };
         let mut vm = Self::build_with(kvm_vm, vm_config, mem, Some(legacy))?;
         vm.backing = backing;
-        let backing = virtio_backing(state, &config.dir, &config.disks, config.vsock.as_ref())?;
+        let backing = virtio_backing(
+            state,
+            &config.dir,
+            &config.disks,
+            config.vsock.as_ref(),
+            config.net.as_ref(),
+        )?;
         for ((index, slot), path) in state.virtio.iter().enumerate().zip(backing) {
             vm.restore_virtio_slot(index, slot, path)?;
         }
@@ -215,12 +224,14 @@ impl Vm {
 
 /// What each of the snapshot's virtio devices runs on in the restored VM: the given disk
 /// backing file by slot index (a read-only disk may keep its saved path), the vsock's new
-/// socket path. A writable disk without its own copy is an error.
+/// socket path, the network device's passt socket. A writable disk without its own copy is an
+/// error.
 pub(crate) fn virtio_backing(
     state: &VmState,
     dir: &Path,
     disks: &HashMap<usize, PathBuf>,
     vsock: Option<&PathBuf>,
+    net: Option<&PathBuf>,
 ) -> Result<Vec<Option<PathBuf>>, RestoreError> {
     let mut out = Vec::with_capacity(state.virtio.len());
     for (index, slot) in state.virtio.iter().enumerate() {
@@ -236,8 +247,7 @@ pub(crate) fn virtio_backing(
                 }
             },
             VirtioDeviceState::Vsock(_) => vsock.cloned(),
-            // Reconnects to the saved passt socket.
-            VirtioDeviceState::Net(_) => None,
+            VirtioDeviceState::Net(_) => net.cloned(),
         });
     }
     Ok(out)

@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
 
-use crate::api::{decode_request, encode_response, Request, Response, MAX_LINE};
+use crate::api::{
+    decode_request, decode_restore_net, encode_response, Request, Response, MAX_LINE,
+};
 use crate::error::{RestoreError, VmError};
 use crate::memory::{self, GuestMemory};
 use crate::persist::{virtio_backing, RestoreConfig};
@@ -63,9 +65,14 @@ impl Standby {
 
     /// Reads and checks the snapshot in `dir` for this VM (format, host, checksums, RAM
     /// layout, vCPU count) and the disks given for it (every writable disk has its own copy,
-    /// every given file exists). Nothing changes on error: the standby can take another
-    /// request.
-    pub fn check(&self, dir: &Path, disks: &HashMap<usize, PathBuf>) -> Result<Loaded, VmError> {
+    /// every given file exists), and that the passt socket `net`, if given, exists. Nothing
+    /// changes on error: the standby can take another request.
+    pub fn check(
+        &self,
+        dir: &Path,
+        disks: &HashMap<usize, PathBuf>,
+        net: Option<&Path>,
+    ) -> Result<Loaded, VmError> {
         let loaded = snapshot::load(dir, &self.here)?;
         let state = &loaded.state;
         if !state.irqchip {
@@ -79,10 +86,16 @@ impl Standby {
             .into());
         }
         snapshot::memory::layout_matches(&state.regions, &self.mem).map_err(RestoreError::from)?;
-        virtio_backing(state, dir, disks, None)?;
+        virtio_backing(state, dir, disks, None, None)?;
         for path in disks.values() {
             std::fs::metadata(path).map_err(|source| RestoreError::Disk {
                 path: path.clone(),
+                source,
+            })?;
+        }
+        if let Some(path) = net {
+            std::fs::metadata(path).map_err(|source| RestoreError::NetSocket {
+                path: path.to_path_buf(),
                 source,
             })?;
         }
@@ -198,14 +211,22 @@ fn serve_connection(
                     stream,
                     &Response::err(format!(
                         "{e} (in standby: \
-                         {{\"op\":\"restore\",\"dir\":...,\"disks\":[...],\"vsock\":...}})"
+                         {{\"op\":\"restore\",\"dir\":...,\"disks\":[...],\"vsock\":...,\
+                         \"net\":...}})"
                     )),
                 );
                 continue;
             }
         };
+        let net = match decode_restore_net(&line) {
+            Ok(net) => net,
+            Err(e) => {
+                reply(stream, &Response::err(e));
+                continue;
+            }
+        };
         let disks: HashMap<usize, PathBuf> = disks.into_iter().enumerate().collect();
-        let loaded = match standby.check(&dir, &disks) {
+        let loaded = match standby.check(&dir, &disks, net.as_deref()) {
             Ok(l) => l,
             Err(e) => {
                 reply(stream, &Response::err(e));
@@ -221,6 +242,7 @@ fn serve_connection(
             console_input: console.input,
             disks,
             vsock,
+            net,
             since,
         };
         return match standby.restore(&loaded, config) {

@@ -2,7 +2,8 @@
 //! PIT, guest memory, the legacy and virtio devices), loads what the guest runs, spawns the
 //! vCPU threads and runs the event loop with the machine until the guest ends.
 //!
-//! Use: [`Vm::new`] → optional [`Vm::add_disk`] / [`Vm::add_virtio_device`] → one of
+//! Use: [`Vm::new`] → optional [`Vm::add_disk`] / [`Vm::add_vsock`] / [`Vm::add_net`] /
+//! [`Vm::add_virtio_device`] → one of
 //! [`Vm::load_kernel`] or [`Vm::load_program`] → [`Vm::run`]. [`Vm::restore`]
 //! ([`crate::persist`]) builds a VM from a snapshot instead.
 
@@ -33,6 +34,7 @@ use crate::device_manager::DeviceManager;
 use crate::devices::bus::SharedDevice;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{ConsoleWatch, ConsoleWriter, SerialDevice};
+use crate::devices::virtio::net::MacAddr;
 use crate::devices::virtio::VirtioDevice;
 use crate::ending;
 use crate::error::{io_err, timer_err, VmError};
@@ -364,6 +366,17 @@ impl Vm {
             guest_cid,
             uds_path,
         )?)
+    }
+
+    /// Attaches a virtio-net device (eth0 in the guest) with MAC `mac`, connected to a passt
+    /// already listening on the Unix socket `socket` (`passt --socket PATH`; QEMU's stream
+    /// protocol). The guest sees a 65520-byte MTU and an always-up link; its address comes
+    /// from the kernel command line (`ip=`) or a DHCP client.
+    pub fn add_net(&mut self, socket: &Path, mac: MacAddr) -> Result<VirtioSlot, VmError> {
+        self.check_not_loaded()?;
+        let m = &mut self.machine;
+        Ok(m.devices
+            .add_net(&m.fd, m.irqchip, &m.mem, &mut self.event_loop, socket, mac)?)
     }
 
     fn check_not_loaded(&self) -> Result<(), VmError> {

@@ -8,8 +8,8 @@
 //! → {"op":"snapshot","dir":"/x/snap"}  ← {"ok":true,"snapshot_ms":12.3}
 //! → {"op":"resume"}                    ← {"ok":true}
 //! → {"op":"metrics"}                   ← {"ok":true,"paused":false,"restore":{...}}
-//! → {"op":"restore","dir":"/x/snap","disks":["/x/copy.img"],"vsock":"/x/v.sock"}
-//!                                      ← {"ok":true,"restore_ms":0.4} (standby VMM only)
+//! → {"op":"restore","dir":"/x/snap","disks":["/x/copy.img"],"vsock":"/x/v.sock",
+//!    "net":"/x/passt.sock"}            ← {"ok":true,"restore_ms":0.4} (standby VMM only)
 //! anything else                        ← {"ok":false,"error":"..."}
 //! ```
 //! `snapshot` on a running VM pauses it for the snapshot and resumes it afterwards.
@@ -38,7 +38,9 @@ pub enum Request {
     Metrics,
     /// Only for a standby VMM (`fnvm-vmm --standby`, see [`crate::standby`]): become the VM
     /// saved in `dir`, with `disks` as the backing files of its disks in slot order and
-    /// `vsock` as its vsock device's new socket path.
+    /// `vsock` as its vsock device's new socket path. The line may also name the network
+    /// device's passt socket, `"net":"PATH"`: see [`decode_restore_net`] and
+    /// [`encode_restore`].
     Restore {
         dir: PathBuf,
         #[serde(default)]
@@ -122,6 +124,42 @@ pub fn decode_request(line: &[u8]) -> Option<Result<Request, DecodeError>> {
     )
 }
 
+/// The passt socket a `restore` request line names (`"net":"PATH"`), `None` if it names none.
+///
+/// `net` is read from the line beside [`Request::Restore`] rather than being one of its
+/// fields, so that code building that variant compiles unchanged; [`encode_restore`] writes a
+/// line with it.
+pub fn decode_restore_net(line: &[u8]) -> Result<Option<PathBuf>, DecodeError> {
+    #[derive(Deserialize)]
+    struct Net {
+        #[serde(default)]
+        net: Option<PathBuf>,
+    }
+    let text = String::from_utf8_lossy(line);
+    let text = text.trim();
+    serde_json::from_str::<Net>(text)
+        .map(|n| n.net)
+        .map_err(|source| DecodeError {
+            line: text.to_string(),
+            source,
+        })
+}
+
+/// `request` as one line, with `"net":PATH` added when `net` is given (for a
+/// [`Request::Restore`]; see [`decode_restore_net`]).
+pub fn encode_restore(request: &Request, net: Option<&std::path::Path>) -> Vec<u8> {
+    let mut value = serde_json::to_value(request).unwrap_or_default();
+    if let (Some(net), Some(map)) = (net, value.as_object_mut()) {
+        map.insert(
+            "net".into(),
+            serde_json::Value::String(net.to_string_lossy().into_owned()),
+        );
+    }
+    let mut out = serde_json::to_vec(&value).unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
 /// A request line that is not a request.
 #[derive(Debug, thiserror::Error)]
 #[error("bad request {line:?}: {source}")]
@@ -136,4 +174,25 @@ pub fn encode_response(response: &Response) -> Vec<u8> {
     let mut out = serde_json::to_vec(response).unwrap_or_default();
     out.push(b'\n');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restore_line_carries_the_passt_socket_beside_the_request() {
+        let request = Request::Restore {
+            dir: "/s".into(),
+            disks: vec!["/d".into()],
+            vsock: Some("/v".into()),
+        };
+        let line = encode_restore(&request, Some(std::path::Path::new("/n.sock")));
+        assert!(line.ends_with(b"\n"));
+        assert_eq!(decode_request(&line).unwrap().unwrap(), request);
+        assert_eq!(decode_restore_net(&line).unwrap(), Some("/n.sock".into()));
+        let without = encode_restore(&request, None);
+        assert_eq!(decode_restore_net(&without).unwrap(), None);
+        assert!(decode_restore_net(br#"{"op":"restore","dir":"/s","net":5}"#).is_err());
+    }
 }

@@ -19,6 +19,7 @@ use crate::devices::i8042::{I8042RestoreError, I8042};
 use crate::devices::serial::{SerialDevice, SerialRestoreError};
 use crate::devices::virtio::block::BlockError;
 use crate::devices::virtio::mmio::TransportError;
+use crate::devices::virtio::net::NetError;
 use crate::devices::virtio::vsock::VsockError;
 use crate::devices::virtio::DeviceRestoreError;
 use crate::event_loop::{EventLoop, Flow, Token};
@@ -59,6 +60,12 @@ pub enum DeviceError {
     Vsock {
         path: std::path::PathBuf,
         source: VsockError,
+    },
+    /// The network device could not connect to its passt socket.
+    #[error("virtio device: net {}: {source}", .path.display())]
+    Net {
+        path: std::path::PathBuf,
+        source: NetError,
     },
     /// The saved serial port state does not fit the device model.
     #[error("cannot restore the snapshot: {0}")]

@@ -15,6 +15,7 @@ use crate::arch::x86_64::layout::{
 use crate::devices::bus::lock;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::{MacAddr, Net};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::InterruptTrigger;
@@ -91,6 +92,23 @@ impl DeviceManager {
             source,
         })?;
         self.add_virtio_device(fd, irqchip, mem, event_loop, Box::new(vsock))
+    }
+
+    /// Attaches a virtio-net device with MAC `mac`, connected to the passt socket `socket`.
+    pub fn add_net<C>(
+        &mut self,
+        fd: &VmFd,
+        irqchip: bool,
+        mem: &GuestMemory,
+        event_loop: &mut EventLoop<C>,
+        socket: &Path,
+        mac: MacAddr,
+    ) -> Result<VirtioSlot, DeviceError> {
+        let net = Net::connect(socket, mac).map_err(|source| DeviceError::Net {
+            path: socket.to_path_buf(),
+            source,
+        })?;
+        self.add_virtio_device(fd, irqchip, mem, event_loop, Box::new(net))
     }
 
     /// The next virtio-mmio window, its IRQ and that IRQ's line.
