@@ -187,8 +187,9 @@ pub struct Net {
     socket_path: PathBuf,
     /// `None` once the backend hung up, failed, or broke the protocol.
     backend: Option<PasstStream>,
-    /// The device's own epoll over the backend socket (edge-triggered, in and out), watched by
-    /// the VMM event loop through [`Net::host_event_fd`](crate::devices::virtio::VirtioDevice).
+    /// The device's own epoll over the backend socket (edge-triggered, in and out): the fd the
+    /// VMM event loop watches for this device (`VirtioDevice::host_event_fd`), so EPOLLOUT
+    /// reaches the device although the loop itself only polls for readability.
     epoll: Epoll,
     /// Rx descriptor chains taken off the queue but not yet filled: a frame waits here until
     /// enough buffers for all of it arrived.
@@ -201,7 +202,8 @@ pub struct Net {
 
 impl Net {
     /// A device with MAC `mac` connected to the passt socket at `path` (which must exist:
-    /// passt was started first, e.g. `passt --socket PATH`).
+    /// passt was started first, e.g. `passt --socket PATH`). The connect itself blocks, as a
+    /// Unix connect does only while the listener's backlog is full.
     pub fn connect(path: impl AsRef<Path>, mac: MacAddr) -> Result<Net, NetError> {
         let path = path.as_ref().to_path_buf();
         let stream = UnixStream::connect(&path).map_err(|source| NetError::Connect {
