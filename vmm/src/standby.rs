@@ -21,9 +21,7 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
 
-use crate::api::{
-    decode_request, decode_restore_net, encode_response, Request, Response, MAX_LINE,
-};
+use crate::api::{decode_request, encode_response, Request, Response, MAX_LINE};
 use crate::error::{RestoreError, VmError};
 use crate::memory::{self, GuestMemory};
 use crate::persist::{virtio_backing, RestoreConfig};
@@ -196,9 +194,14 @@ fn serve_connection(
             Ok(_) => {}
         }
         let since = Instant::now();
-        let (dir, disks, vsock) = match decode_request(&line) {
+        let (dir, disks, vsock, net) = match decode_request(&line) {
             None => continue,
-            Some(Ok(Request::Restore { dir, disks, vsock })) => (dir, disks, vsock),
+            Some(Ok(Request::Restore {
+                dir,
+                disks,
+                vsock,
+                net,
+            })) => (dir, disks, vsock, net),
             Some(Ok(_)) => {
                 reply(
                     stream,
@@ -215,13 +218,6 @@ fn serve_connection(
                          \"net\":...}})"
                     )),
                 );
-                continue;
-            }
-        };
-        let net = match decode_restore_net(&line) {
-            Ok(net) => net,
-            Err(e) => {
-                reply(stream, &Response::err(e));
                 continue;
             }
         };

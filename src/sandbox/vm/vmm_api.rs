@@ -63,6 +63,7 @@ impl VmmApi {
                 dir: dir.to_path_buf(),
                 disks: disks.to_vec(),
                 vsock: Some(vsock.to_path_buf()),
+                net: None,
             },
             RESTORE_TIMEOUT,
         )?;

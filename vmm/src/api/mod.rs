@@ -38,15 +38,16 @@ pub enum Request {
     Metrics,
     /// Only for a standby VMM (`fnvm-vmm --standby`, see [`crate::standby`]): become the VM
     /// saved in `dir`, with `disks` as the backing files of its disks in slot order and
-    /// `vsock` as its vsock device's new socket path. The line may also name the network
-    /// device's passt socket, `"net":"PATH"`: see [`decode_restore_net`] and
-    /// [`encode_restore`].
+    /// `vsock` as its vsock device's new socket path, `net` as its network device's new passt
+    /// socket.
     Restore {
         dir: PathBuf,
         #[serde(default)]
         disks: Vec<PathBuf>,
         #[serde(default)]
         vsock: Option<PathBuf>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        net: Option<PathBuf>,
     },
 }
 
@@ -124,42 +125,6 @@ pub fn decode_request(line: &[u8]) -> Option<Result<Request, DecodeError>> {
     )
 }
 
-/// The passt socket a `restore` request line names (`"net":"PATH"`), `None` if it names none.
-///
-/// `net` is read from the line beside [`Request::Restore`] rather than being one of its
-/// fields, so that code building that variant compiles unchanged; [`encode_restore`] writes a
-/// line with it.
-pub fn decode_restore_net(line: &[u8]) -> Result<Option<PathBuf>, DecodeError> {
-    #[derive(Deserialize)]
-    struct Net {
-        #[serde(default)]
-        net: Option<PathBuf>,
-    }
-    let text = String::from_utf8_lossy(line);
-    let text = text.trim();
-    serde_json::from_str::<Net>(text)
-        .map(|n| n.net)
-        .map_err(|source| DecodeError {
-            line: text.to_string(),
-            source,
-        })
-}
-
-/// `request` as one line, with `"net":PATH` added when `net` is given (for a
-/// [`Request::Restore`]; see [`decode_restore_net`]).
-pub fn encode_restore(request: &Request, net: Option<&std::path::Path>) -> Vec<u8> {
-    let mut value = serde_json::to_value(request).unwrap_or_default();
-    if let (Some(net), Some(map)) = (net, value.as_object_mut()) {
-        map.insert(
-            "net".into(),
-            serde_json::Value::String(net.to_string_lossy().into_owned()),
-        );
-    }
-    let mut out = serde_json::to_vec(&value).unwrap_or_default();
-    out.push(b'\n');
-    out
-}
-
 /// A request line that is not a request.
 #[derive(Debug, thiserror::Error)]
 #[error("bad request {line:?}: {source}")]
@@ -181,18 +146,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_restore_line_carries_the_passt_socket_beside_the_request() {
+    fn a_restore_line_may_name_the_passt_socket() {
         let request = Request::Restore {
             dir: "/s".into(),
             disks: vec!["/d".into()],
             vsock: Some("/v".into()),
+            net: Some("/n.sock".into()),
         };
-        let line = encode_restore(&request, Some(std::path::Path::new("/n.sock")));
-        assert!(line.ends_with(b"\n"));
-        assert_eq!(decode_request(&line).unwrap().unwrap(), request);
-        assert_eq!(decode_restore_net(&line).unwrap(), Some("/n.sock".into()));
-        let without = encode_restore(&request, None);
-        assert_eq!(decode_restore_net(&without).unwrap(), None);
-        assert!(decode_restore_net(br#"{"op":"restore","dir":"/s","net":5}"#).is_err());
+        let line = serde_json::to_string(&request).unwrap();
+        assert!(line.contains(r#""net":"/n.sock""#), "{line}");
+        assert_eq!(decode_request(line.as_bytes()).unwrap().unwrap(), request);
+        let without = br#"{"op":"restore","dir":"/s"}"#;
+        assert!(matches!(
+            decode_request(without).unwrap().unwrap(),
+            Request::Restore { net: None, .. }
+        ));
+        assert!(decode_request(br#"{"op":"restore","dir":"/s","net":5}"#)
+            .unwrap()
+            .is_err());
     }
 }
