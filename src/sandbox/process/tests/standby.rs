@@ -31,12 +31,9 @@ fn standby_cgroups(home: &crate::home::Home) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
-#[test]
-fn a_start_from_a_standby_serves_with_its_own_directory_and_memory_limit_and_a_new_standby_follows()
-{
-    if !is_root() {
-        return;
-    }
+/// A world whose sandbox keeps one standby, once it is ready: the world, the instances root,
+/// the standby's directory and its agent's pid.
+fn world_with_a_standby() -> (World, std::path::PathBuf, std::path::PathBuf, i32) {
     let mut world = World::new();
     world.sandbox = ProcessSandbox::with_agent(&world.home, agent())
         .unwrap()
@@ -55,10 +52,20 @@ fn a_start_from_a_standby_serves_with_its_own_directory_and_memory_limit_and_a_n
                 .starts_with("standby-")
         })
         .expect("the standby has its directory under the instances root");
+    let record = crate::sandbox::instance::record::InstanceRecord::load(&standby_dir).unwrap();
+    let pid = record.sandbox.expect("the standby names its agent").pid;
+    (world, root, standby_dir, pid)
+}
+
+#[test]
+fn a_start_from_a_standby_serves_with_its_own_directory_and_memory_limit_and_a_new_standby_follows()
+{
+    if !is_root() {
+        return;
+    }
+    let (mut world, root, standby_dir, agent_pid) = world_with_a_standby();
     let before = standby_cgroups(&world.home);
     // While it waits, its agent has mounted the writable layer (not yet any rootfs).
-    let record = crate::sandbox::instance::record::InstanceRecord::load(&standby_dir).unwrap();
-    let agent_pid = record.sandbox.expect("the standby names its agent").pid;
     let deadline = Instant::now() + Duration::from_secs(10);
     let mounts = loop {
         let mounts = std::fs::read_to_string(format!("/proc/{agent_pid}/mountinfo")).unwrap();
@@ -171,21 +178,7 @@ fn a_standby_whose_agent_died_is_passed_over() {
     if !is_root() {
         return;
     }
-    let mut world = World::new();
-    world.sandbox = ProcessSandbox::with_agent(&world.home, agent())
-        .unwrap()
-        .with_standby_sandboxes(1)
-        .unwrap();
-    wait_ready(&world.sandbox, 1);
-    let root = instances_root(&world.home).unwrap();
-    let standby_dir = std::fs::read_dir(&root)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .next()
-        .unwrap();
-    let record = crate::sandbox::instance::record::InstanceRecord::load(&standby_dir).unwrap();
-    let pid = record.sandbox.expect("the standby names its agent").pid;
+    let (world, _root, standby_dir, pid) = world_with_a_standby();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
