@@ -91,6 +91,10 @@ enum AgentError {
     Thread { name: String, cause: io::Error },
 }
 
+/// Where the agent's private root is mounted in the process sandbox: a directory every host
+/// has (its content is hidden in the agent's mount namespace only).
+const PROCESS_ROOT_AT: &str = "/tmp";
+
 /// Whether this agent runs in a VM (a panic reboots) or the process sandbox (a panic exits).
 static IN_VM: AtomicBool = AtomicBool::new(true);
 
@@ -191,6 +195,17 @@ fn run_instance(config: &Config) -> Result<(), AgentError> {
     let transport = match &config.sandbox {
         Sandbox::Vm => Transport::Vsock,
         Sandbox::Process { socket_dir, .. } => {
+            // What the host passed (the control socket; a standby's socket directory, named as
+            // /proc/self/fd/N) is the agent's alone: nothing it execs inherits it.
+            // SAFETY: close_range with CLOSE_RANGE_CLOEXEC marks descriptors; no memory involved.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_close_range,
+                    3u32,
+                    u32::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+                );
+            }
             guest_root::make_mounts_private()?;
             Transport::Unix {
                 dir: socket_dir.clone(),
@@ -219,25 +234,20 @@ fn run_instance(config: &Config) -> Result<(), AgentError> {
     let function = listen("function", FUNCTION_PORT)?;
     // The process sandbox's disks come once the ports listen: the host picks them while the
     // agent starts, or keeps the agent as a standby until a function needs it.
-    // Any existing directory works for the private root; in the process sandbox the socket
-    // directory surely exists, and the tmpfs over it is seen only in this mount namespace (the
-    // host keeps seeing the sockets bound above).
+    // Any existing directory works for the private root in the process sandbox: the tmpfs
+    // over it is seen only in this mount namespace. Not the socket directory: a standby's is
+    // renamed when it is taken and reached through a descriptor of the host's mount
+    // namespace, which nothing can be mounted on here.
     let (disks, private_root_at, prepared) = match (&config.disks, &config.sandbox) {
         (Some(disks), _) => (disks.clone(), PathBuf::from("/fnvm"), false),
-        (
-            None,
-            Sandbox::Process {
-                socket_dir,
-                writable,
-                ..
-            },
-        ) => {
+        (None, Sandbox::Process { writable, .. }) => {
+            let at = PathBuf::from(PROCESS_ROOT_AT);
             // A standby: the half of the root that needs no function is made while it waits.
             if let Some(writable) = writable {
-                guest_root::prepare(socket_dir, writable)?;
+                guest_root::prepare(&at, writable)?;
             }
             let disks = config::read_placement(&mut io::stdin().lock(), writable.as_deref())?;
-            (disks, socket_dir.clone(), writable.is_some())
+            (disks, at, writable.is_some())
         }
         (None, Sandbox::Vm) => return Err(ConfigError::PartialDisks.into()),
     };

@@ -78,8 +78,7 @@ pub struct InstanceSpec {
     /// 64..=3072: the VM's memory / the process sandbox's cgroup limit.
     pub memory_mib: u32,
     /// Per-instance scratch directory: created by the sandbox, removed on stop. Put it under
-    /// [`instances_root`] so [`cleanup_orphans`] finds it after a crash. (A process sandbox's
-    /// standby brings a directory of its own, beside it under the same root.)
+    /// [`instances_root`] so [`cleanup_orphans`] finds it after a crash.
     pub instance_dir: PathBuf,
     /// VM sandbox: start from this function version's snapshot when there is one; otherwise
     /// boot, and snapshot the instance once its server is ready (before it serves anything),

@@ -304,6 +304,15 @@ impl Setup {
         // comes up (each retry interval was time lost after the agent was ready). The host
         // keeps no copy: if the agent dies, the queued connection is reset, not left hanging.
         let control = listen_for_agent(&unix_port_path(&socket_dir, CONTROL_PORT))?;
+        // A standby's directory is renamed to its instance's when it is taken, at any moment of
+        // its agent's set-up: the agent reaches its socket directory through a descriptor
+        // (`/proc/self/fd/N`), which follows the rename, not through a path, which would not.
+        let socket_dir_fd = match writable {
+            Some(_) => Some(spawn::open_dir(&socket_dir).map_err(|e| {
+                SandboxError::setup(format!("cannot open {}", socket_dir.display()), e)
+            })?),
+            None => None,
+        };
         let (placement_r, placement_w) = spawn::pipe()
             .map_err(|e| SandboxError::setup("cannot make the agent's input pipe", e))?;
 
@@ -311,11 +320,15 @@ impl Setup {
         let explain = Arc::clone(&watch);
         let exit = ExitState::new(move || explain.get()?.hits());
 
+        let agent_socket_dir: OsString = match &socket_dir_fd {
+            Some(fd) => format!("/proc/self/fd/{}", fd.as_raw_fd()).into(),
+            None => socket_dir.into(),
+        };
         let mut args: Vec<OsString> = vec![
             "--sandbox".into(),
             "process".into(),
             "--socket-dir".into(),
-            socket_dir.into(),
+            agent_socket_dir,
             "--control-fd".into(),
             control.as_raw_fd().to_string().into(),
         ];
@@ -326,7 +339,13 @@ impl Setup {
             &self.agent,
             &args,
             parts.cgroup.as_ref(),
-            control.as_fd(),
+            &[
+                Some(control.as_fd()),
+                socket_dir_fd.as_ref().map(|fd| fd.as_fd()),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>(),
             Some(placement_r.as_fd()),
         )
         .map_err(|e| {
@@ -338,7 +357,7 @@ impl Setup {
                 e,
             )
         })?;
-        drop((control, placement_r));
+        drop((control, placement_r, socket_dir_fd));
         let exit_for_child = exit.clone();
         let child = parts.child.insert(SandboxChild::adopt_spawned(
             "agent",
@@ -367,8 +386,12 @@ impl ProcessSandbox {
     /// limit, then the link's Hello and Start.
     fn place(&self, prepared: &mut Prepared, spec: &InstanceSpec) -> Result<(), SandboxError> {
         let parts = &mut prepared.parts;
-        // A standby keeps its own directory (beside the spec's, under the instances root): its
-        // agent uses paths in it from its first instant, so it never moves.
+        if parts.dir != spec.instance_dir {
+            // A standby: one rename moves its sockets (the agent keeps listening on them), its
+            // record and its writable layer to the instance's directory.
+            rename_dir(&parts.dir, &spec.instance_dir)?;
+            parts.dir = spec.instance_dir.clone();
+        }
         let socket_dir = parts.dir.join(SOCKET_DIR);
         let rootfs_dev = parts
             .rootfs
@@ -443,6 +466,20 @@ impl ProcessSandbox {
         parts.exit = Some(exit.clone());
         Ok(())
     }
+}
+
+/// Renames a standby's directory to its instance's (creating the parent as needed).
+fn rename_dir(from: &std::path::Path, to: &std::path::Path) -> Result<(), SandboxError> {
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| SandboxError::setup(format!("cannot create {}", parent.display()), e))?;
+    }
+    std::fs::rename(from, to).map_err(|e| {
+        SandboxError::setup(
+            format!("cannot move {} to {}", from.display(), to.display()),
+            e,
+        )
+    })
 }
 
 /// A failed start with the limits it hit said, unless its report says so already: a fork bomb

@@ -51,15 +51,21 @@ enum Placement<'a> {
 
 /// Starts `program` with `args` and an empty environment as PID 1 of new pid, mount, uts, ipc
 /// and network namespaces, in `cgroup` (if any), in its own session, working in `/`, with stdin
-/// from `stdin` (None: /dev/null), stdout and stderr piped, and `keep` inherited under its own
-/// number.
+/// from `stdin` (None: /dev/null), stdout and stderr piped, and the descriptors in `keep` (at
+/// most [`MAX_KEPT`]) inherited under their own numbers.
 pub fn spawn_in_namespaces(
     program: &Path,
     args: &[OsString],
     cgroup: Option<&Cgroup>,
-    keep: BorrowedFd<'_>,
+    keep: &[BorrowedFd<'_>],
     stdin: Option<BorrowedFd<'_>>,
 ) -> io::Result<Spawned> {
+    if keep.len() > MAX_KEPT {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("at most {MAX_KEPT} descriptors can be kept"),
+        ));
+    }
     let stdin = match stdin {
         Some(fd) => above_stdio(fd.try_clone_to_owned()?)?,
         None => above_stdio(open_dev_null()?)?,
@@ -87,7 +93,7 @@ fn spawn_once(
     program: &Path,
     args: &[OsString],
     placement: &Placement<'_>,
-    keep: BorrowedFd<'_>,
+    keep: &[BorrowedFd<'_>],
     stdin: &OwnedFd,
 ) -> io::Result<Spawned> {
     let nul = |_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in an argument");
@@ -131,7 +137,7 @@ fn spawn_once(
         stdout: out_w.as_raw_fd(),
         stderr: err_w.as_raw_fd(),
         report: report_w.as_raw_fd(),
-        keep: keep.as_raw_fd(),
+        keep: kept_numbers(keep),
     };
     // SAFETY: clone3 reads `size_of::<CloneArgs>()` bytes of `clone`, which lives across the
     // call, and writes the pidfd into `pidfd`. Without CLONE_VM the child runs on a copy of
@@ -181,7 +187,21 @@ struct ChildFds {
     stdout: RawFd,
     stderr: RawFd,
     report: RawFd,
-    keep: RawFd,
+    /// The kept descriptors in ascending order, -1 for none.
+    keep: [RawFd; MAX_KEPT],
+}
+
+/// How many descriptors a spawn can keep (the control socket, a directory).
+pub const MAX_KEPT: usize = 2;
+
+/// `keep`'s numbers, ascending, padded with -1 (built before the clone: no allocation after).
+fn kept_numbers(keep: &[BorrowedFd<'_>]) -> [RawFd; MAX_KEPT] {
+    let mut numbers = [-1; MAX_KEPT];
+    for (slot, fd) in numbers.iter_mut().zip(keep) {
+        *slot = fd.as_raw_fd();
+    }
+    numbers.sort_unstable_by_key(|n| if *n < 0 { RawFd::MAX } else { *n });
+    numbers
 }
 
 /// In the child: stdio, the sandbox, exec; on any failure the errno goes to the report pipe.
@@ -216,8 +236,10 @@ unsafe fn child_main(
         if unsafe { libc::chdir(c"/".as_ptr()) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        close_others(fds.keep);
-        keep_across_exec(fds.keep)?;
+        close_others(&fds.keep);
+        for fd in fds.keep.iter().filter(|fd| **fd >= 0) {
+            keep_across_exec(*fd)?;
+        }
         // SAFETY: NUL-terminated program and argument strings and null-terminated pointer
         // arrays, all alive (this process only ends by exec or _exit).
         unsafe { libc::execve(program.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
@@ -304,20 +326,28 @@ unsafe fn loopback_up() -> io::Result<()> {
     }
 }
 
-/// In the child, before exec: closes every descriptor above stdio but `keep` and the report
-/// pipe's (close-on-exec) end — fnvm may hold descriptors it inherited without close-on-exec
-/// (a jobserver, a socket from its own parent), and none of them belongs in a sandbox.
-fn close_others(keep: RawFd) {
+/// In the child, before exec: closes every descriptor above stdio but those in `keep`
+/// (ascending, -1 for none) and the report pipe's (close-on-exec) end — fnvm may hold
+/// descriptors it inherited without close-on-exec (a jobserver, a socket from its own parent),
+/// and none of them belongs in a sandbox.
+fn close_others(keep: &[RawFd]) {
     // SAFETY: close_range on descriptor numbers of this (child) process; no memory involved.
     // CLOSE_RANGE_CLOEXEC marks rather than closes, so the report pipe still works until exec.
     // On kernels before 5.11 (no CLOSE_RANGE_CLOEXEC) nothing is marked: the descriptors fnvm
     // opened itself are close-on-exec anyway.
     unsafe {
         let cloexec = libc::CLOSE_RANGE_CLOEXEC as libc::c_int;
-        if keep > 3 {
-            libc::syscall(libc::SYS_close_range, 3u32, (keep - 1) as u32, cloexec);
+        let mut from: RawFd = 3;
+        for &fd in keep {
+            if fd < from {
+                continue;
+            }
+            if fd > from {
+                libc::syscall(libc::SYS_close_range, from as u32, (fd - 1) as u32, cloexec);
+            }
+            from = fd + 1;
         }
-        libc::syscall(libc::SYS_close_range, (keep + 1) as u32, u32::MAX, cloexec);
+        libc::syscall(libc::SYS_close_range, from as u32, u32::MAX, cloexec);
     }
 }
 
@@ -357,6 +387,24 @@ fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
 
 fn open_dev_null() -> io::Result<OwnedFd> {
     Ok(OwnedFd::from(File::open("/dev/null")?))
+}
+
+/// The directory at `path` as an `O_PATH` descriptor above stdio, close-on-exec here.
+pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in a path"))?;
+    // SAFETY: open with a NUL-terminated path; the result is a new descriptor or -1.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by open and is owned by nothing else.
+    above_stdio(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// A close-on-exec pipe, both ends above stdio: (read end, write end).
@@ -416,7 +464,7 @@ pub(crate) mod tests {
             pidfd: _pidfd,
             mut stdout,
             mut stderr,
-        } = spawn_in_namespaces(Path::new(program), &args, cgroup, keep, None).expect("spawns");
+        } = spawn_in_namespaces(Path::new(program), &args, cgroup, &[keep], None).expect("spawns");
         let errors = std::thread::spawn(move || {
             let mut buf = Vec::new();
             let _ = stderr.read_to_end(&mut buf);
@@ -444,7 +492,7 @@ pub(crate) mod tests {
             Path::new("/nonexistent/agent"),
             &[],
             None,
-            keep.as_fd(),
+            &[keep.as_fd()],
             None,
         );
         assert_eq!(
@@ -454,7 +502,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let plain = dir.path().join("agent");
         std::fs::write(&plain, "not a program").unwrap();
-        let not_executable = spawn_in_namespaces(&plain, &[], None, keep.as_fd(), None);
+        let not_executable = spawn_in_namespaces(&plain, &[], None, &[keep.as_fd()], None);
         assert_eq!(
             not_executable.err().map(|e| e.kind()),
             Some(io::ErrorKind::PermissionDenied)

@@ -10,9 +10,9 @@
 //! A standby lives in its own directory under the instances root with an instance record, so a
 //! crashed service's standbys are cleaned up like its instances
 //! ([`crate::sandbox::cleanup_orphans`]); its agent waits on its standard input, which ends
-//! with the service, and then exits. Taken, the directory becomes its instance's as it is (the
-//! agent uses paths in it from its first instant, so it never moves), beside the directory the
-//! spec names.
+//! with the service, and then exits. Taken, the directory is renamed to its instance's; its
+//! agent reaches the socket directory through a descriptor, so the rename may come at any
+//! moment of its set-up.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};

@@ -107,9 +107,9 @@ fn a_start_from_a_standby_serves_with_its_own_directory_and_memory_limit_and_a_n
         "the function is PID 1 of its own namespace: {:?}",
         logs.lines(crate::sandbox::LogStream::Stdout)
     );
-    // The standby's directory is the instance's.
-    assert!(standby_dir.join("sock/9000.sock").exists());
-    assert!(!spec.instance_dir.exists());
+    // The standby's directory became the instance's.
+    assert!(!standby_dir.exists(), "{} is left", standby_dir.display());
+    assert!(spec.instance_dir.join("sock/9000.sock").exists());
     // Its cgroup now has the function's limit (256 MiB), not the standby's.
     for dir in &before {
         let limit = ["memory.max", "memory.limit_in_bytes"]
@@ -129,7 +129,7 @@ fn a_start_from_a_standby_serves_with_its_own_directory_and_memory_limit_and_a_n
 
     instance.stop().unwrap();
     instance.wait_exit();
-    assert!(!standby_dir.exists(), "{} is left", standby_dir.display());
+    assert!(!spec.instance_dir.exists());
     for dir in &before {
         assert!(
             !dir.exists(),
@@ -252,4 +252,39 @@ fn a_service_keeps_the_rootfs_device_for_the_next_instance() {
         ProcessSandbox::with_agent(&world.home, agent()).unwrap(),
     ));
     assert!(rootfs_loops(&world).is_empty(), "detached with the sandbox");
+}
+
+/// A standby taken the moment it is ready — its agent may still be binding its ports and
+/// mounting its writable layer while its directory is renamed — serves all the same.
+#[test]
+fn a_standby_taken_while_its_agent_comes_up_serves() {
+    if !is_root() {
+        return;
+    }
+    let mut world = World::new();
+    world.sandbox = ProcessSandbox::with_agent(&world.home, agent())
+        .unwrap()
+        .with_standby_sandboxes(1)
+        .unwrap();
+    for round in 0..5 {
+        wait_ready(&world.sandbox, 1);
+        let (spec, _) = world.spec(
+            &format!("early-{round}"),
+            "exec httpd -f -p 9000 -h /www",
+            30_000,
+        );
+        let instance = world
+            .sandbox
+            .start(spec.clone())
+            .expect("the instance starts");
+        assert_eq!(
+            instance.start_info().note.as_deref(),
+            Some("from a standby sandbox")
+        );
+        let reply = http_get(instance.as_ref(), "/index.html");
+        assert!(reply.ends_with("hello from busybox\n"), "{reply}");
+        instance.stop().unwrap();
+        instance.wait_exit();
+        world.assert_nothing_left(&spec);
+    }
 }
