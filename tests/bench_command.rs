@@ -113,6 +113,20 @@ fn a_short_bench_of_busybox_and_python3_reports_every_kind_and_phase_as_json() {
                 let why = report["kinds"]["snapshot"]["not_run"].as_str().unwrap();
                 assert!(why.contains("no snapshots"), "{report}");
             }
+            if sandbox == "process" {
+                assert_eq!(
+                    phases(&report, "standby", 2),
+                    [
+                        "start → ready",
+                        "standby placed → agent answered",
+                        "agent → function listening",
+                        "first reply"
+                    ]
+                );
+            } else {
+                let why = report["kinds"]["standby"]["not_run"].as_str().unwrap();
+                assert!(why.contains("snapshot starts"), "{report}");
+            }
             // A start that booted and answered takes longer than a warm call.
             let p50 = |kind: &str, phase: &str| {
                 report["kinds"][kind]["phases"]

@@ -5,8 +5,9 @@
 //! start (start → ready and where the sandbox says it went — the sandbox or VMM up to the agent's
 //! answer, the guest's boot to the agent, the function's start to listening — then the first
 //! reply), a *snapshot* start (vm sandbox: start → ready, the
-//! VMM's resume, the first reply; the snapshot is written by one untimed boot first) and a
-//! *warm* call (the second request on a running instance). Every start is a whole `fnvm run`
+//! VMM's resume, the first reply; the snapshot is written by one untimed boot first), a
+//! *standby* start (process sandbox: a boot start placed into a standby sandbox, as `fnvm
+//! serve` makes its cold starts) and a *warm* call (the second request on a running instance). Every start is a whole `fnvm run`
 //! launch with its front, stopped and cleaned up after its calls. A kind that cannot run here
 //! is listed with the reason, never left out silently; a start that fails ends the bench with
 //! its error, so no partial table passes for a whole one.
@@ -112,6 +113,7 @@ pub fn run(home: &Home, args: BenchArgs) -> Result<ExitCode> {
         Kind::NotRun(format!("the {kind} sandbox has no snapshots (vm only)"))
     };
     kinds.push(("snapshot", snapshot));
+    kinds.push(("standby", standby_starts(home, &pulled, kind, &args, runs)?));
     kinds.push(("warm", Kind::Measured(warm)));
 
     let header = Header::new(&args, &pulled, kind, runs);
@@ -179,6 +181,59 @@ fn pulls(home: &Home, args: &BenchArgs, runs: usize) -> Result<Phases> {
     Ok(phases)
 }
 
+/// Process sandbox: `runs` boot starts in one sandbox made as `fnvm serve` makes it, each
+/// placed into a standby sandbox prepared while the previous one ran.
+fn standby_starts(
+    home: &Home,
+    pulled: &PulledImage,
+    kind: SandboxKind,
+    args: &BenchArgs,
+    runs: usize,
+) -> Result<Kind> {
+    if kind != SandboxKind::Process {
+        return Ok(Kind::NotRun(format!(
+            "the {kind} sandbox's standbys are VMMs for snapshot starts (fnvm serve)"
+        )));
+    }
+    let service: Arc<dyn sandbox::Sandbox> = Arc::from(
+        sandbox::create_for_service(kind, home).context("cannot make the service's sandbox")?,
+    );
+    let (mut ready, mut within, mut first_reply): (Vec<Duration>, Phases, Vec<Duration>) =
+        Default::default();
+    for _ in 0..runs {
+        // The standby taken by the last start is back by then (it takes ~10 ms).
+        std::thread::sleep(STANDBY_REFILL);
+        let mut opts = options(kind, args, false);
+        opts.sandbox = Some(Arc::clone(&service));
+        let session = launch(home, pulled, opts)?;
+        let info = session.instance.start_info();
+        let start = session.start_time;
+        let first = call(&session, args);
+        session.stop()?;
+        if info.note.as_deref() != Some("from a standby sandbox") {
+            bail!(
+                "a start found no standby sandbox ready; its note: {:?}",
+                info.note
+            );
+        }
+        ready.push(start);
+        for (name, d) in info.phases {
+            match within.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, samples)) => samples.push(d),
+                None => within.push((name, vec![d])),
+            }
+        }
+        first_reply.push(first?);
+    }
+    let mut phases: Phases = vec![("start → ready", ready)];
+    phases.extend(within);
+    phases.push(("first reply", first_reply));
+    Ok(Kind::Measured(phases))
+}
+
+/// How long a standby start waits for the previous start's replacement standby.
+const STANDBY_REFILL: Duration = Duration::from_millis(200);
+
 fn options(kind: SandboxKind, args: &BenchArgs, snapshot: bool) -> LaunchOptions {
     LaunchOptions {
         kind,
@@ -190,6 +245,7 @@ fn options(kind: SandboxKind, args: &BenchArgs, snapshot: bool) -> LaunchOptions
         on_invocation: None,
         snapshot,
         connections: crate::http_server::ConnectionLimits::default(),
+        sandbox: None,
     }
 }
 

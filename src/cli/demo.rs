@@ -69,6 +69,7 @@ pub fn run(home: &Home, args: DemoArgs) -> Result<ExitCode> {
         on_invocation: None,
         snapshot: snapshots,
         connections: crate::http_server::ConnectionLimits::default(),
+        sandbox: None,
     };
     let session = match run::launch(home, &pulled, options(on_log.clone())) {
         Ok(s) => s,

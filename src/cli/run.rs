@@ -172,6 +172,9 @@ pub struct LaunchOptions {
     pub snapshot: bool,
     /// The front's timeouts and connection cap.
     pub connections: crate::http_server::ConnectionLimits,
+    /// Start in this sandbox (say one with standbys, as `fnvm serve` makes it) instead of a
+    /// new one of `kind`.
+    pub sandbox: Option<Arc<dyn sandbox::Sandbox>>,
 }
 
 /// Why a launch failed: the sandbox's own error (with the function's last lines), or anything
@@ -210,7 +213,10 @@ pub fn launch(
         .block_on(watch_signals())
         .context("cannot handle signals")?;
 
-    let sandbox = sandbox::create(opts.kind, home).map_err(LaunchError::Sandbox)?;
+    let sandbox: Arc<dyn sandbox::Sandbox> = match opts.sandbox {
+        Some(sandbox) => sandbox,
+        None => Arc::from(sandbox::create(opts.kind, home).map_err(LaunchError::Sandbox)?),
+    };
     let id = sandbox::new_instance_id();
     // Absolute: the agent is handed paths inside it and runs from another directory.
     let instance_dir = std::path::absolute(
@@ -471,6 +477,7 @@ pub fn run(home: &Home, args: RunArgs) -> Result<ExitCode> {
             on_invocation,
             snapshot: args.snapshot,
             connections: args.connections.clone(),
+            sandbox: None,
         },
     ) {
         Ok(s) => s,

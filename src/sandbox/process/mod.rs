@@ -202,7 +202,7 @@ impl Sandbox for ProcessSandbox {
         }
         let link = parts.link.take();
         let label = if from_standby {
-            "standby sandbox placed → agent answered"
+            "standby placed → agent answered"
         } else {
             "sandbox set-up → agent answered"
         };

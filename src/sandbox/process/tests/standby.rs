@@ -95,7 +95,7 @@ fn a_start_from_a_standby_serves_with_its_own_directory_and_memory_limit_and_a_n
     assert!(
         info.phases
             .iter()
-            .any(|(name, _)| name.starts_with("standby sandbox placed")),
+            .any(|(name, _)| name.starts_with("standby placed")),
         "{info:?}"
     );
     let reply = http_get(instance.as_ref(), "/index.html");
