@@ -288,3 +288,37 @@ fn a_standby_taken_while_its_agent_comes_up_serves() {
         world.assert_nothing_left(&spec);
     }
 }
+
+/// A standby of a service that died is an orphan like its instances: the next start's
+/// clean-up kills its agent and removes its cgroup and directory.
+#[test]
+fn the_standby_of_a_dead_service_is_cleaned_up_like_an_instance() {
+    use crate::sandbox::instance::record::{InstanceRecord, ProcessId};
+    if !is_root() {
+        return;
+    }
+    let (world, _root, standby_dir, _pid) = world_with_a_standby();
+    let cgroups = standby_cgroups(&world.home);
+    let mut record = InstanceRecord::load(&standby_dir).unwrap();
+    let agent = record.sandbox.unwrap();
+    // Its owner is now a process that has ended.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let gone_id = ProcessId::of(gone.id() as i32);
+    gone.wait().unwrap();
+    record.owner = gone_id.or(Some(ProcessId {
+        pid: i32::MAX,
+        start_time: 0,
+    }));
+    record.save(&standby_dir).unwrap();
+    let report = crate::sandbox::cleanup_orphans(&world.home).unwrap();
+    assert_eq!((report.instances, report.processes), (1, 1), "{report:?}");
+    assert!(!agent.is_alive());
+    assert!(!standby_dir.exists());
+    for dir in &cgroups {
+        assert!(
+            !dir.exists(),
+            "the standby's cgroup {} is left",
+            dir.display()
+        );
+    }
+}
