@@ -70,7 +70,11 @@ fn stop(mut run: FnvmRun, home: &Path) {
 fn boot_and_snapshot(home: &Path, image: &str) -> String {
     let run = run_python(home, image);
     run.expect_serving();
-    assert!(stderr_has(&run, "(boot start, vm sandbox)"));
+    assert!(
+        stderr_has(&run, "(boot start, vm sandbox)"),
+        "{}",
+        run.stderr.snapshot().join("\n")
+    );
     assert!(
         stderr_has(&run, "snapshot written for later starts"),
         "{}",
@@ -114,7 +118,11 @@ fn restored_python_functions_answer_keep_their_files_apart_and_draw_their_own_ra
         serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
     assert_eq!(echo["method"], "POST");
     assert_eq!(echo["path"], "/echo?x=1");
-    assert!(stderr_has(&a, "fnvm: snapshot start: resumed"));
+    assert!(
+        stderr_has(&a, "fnvm: snapshot start: resumed"),
+        "{}",
+        a.stderr.snapshot().join("\n")
+    );
 
     // Files written before the snapshot are in both restored instances.
     for run in [&a, &b] {
@@ -175,19 +183,31 @@ fn a_snapshot_that_cannot_be_restored_is_replaced_by_a_boot_start() {
 
     let run = run_python(&home, &image);
     run.expect_serving();
-    assert!(stderr_has(&run, "(boot start, vm sandbox)"));
+    assert!(
+        stderr_has(&run, "(boot start, vm sandbox)"),
+        "{}",
+        run.stderr.snapshot().join("\n")
+    );
     assert!(
         stderr_has(&run, "could not be restored"),
         "{}",
         run.stderr.snapshot().join("\n")
     );
-    assert!(stderr_has(&run, "snapshot written for later starts"));
+    assert!(
+        stderr_has(&run, "snapshot written for later starts"),
+        "{}",
+        run.stderr.snapshot().join("\n")
+    );
     assert_eq!(get_json(&run, "/file?path=/tmp/boot-token").0, 200);
     stop(run, &home);
     // The replacement restores.
     let again = run_python(&home, &image);
     again.expect_serving();
-    assert!(stderr_has(&again, "(snapshot start, vm sandbox)"));
+    assert!(
+        stderr_has(&again, "(snapshot start, vm sandbox)"),
+        "{}",
+        again.stderr.snapshot().join("\n")
+    );
     stop(again, &home);
 }
 
