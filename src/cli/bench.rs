@@ -210,7 +210,7 @@ fn standby_starts(
         let start = session.start_time;
         let first = call(&session, args);
         session.stop()?;
-        if info.note.as_deref() != Some("from a standby sandbox") {
+        if info.note.as_deref() != Some(sandbox::process::FROM_STANDBY_NOTE) {
             bail!(
                 "a start found no standby sandbox ready; its note: {:?}",
                 info.note

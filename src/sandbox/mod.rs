@@ -333,6 +333,33 @@ pub fn create_for_service(
     }
 }
 
+/// A number of standbys from the environment variable `var` (unset: `default`), at most 16;
+/// a bad value is an error naming the variable and saying what it counts.
+pub(crate) fn standby_count(var: &str, what: &str, default: usize) -> Result<usize, SandboxError> {
+    const MAX: usize = 16;
+    let Ok(text) = std::env::var(var) else {
+        return Ok(default);
+    };
+    parse_standby_count(var, what, &text, MAX)
+}
+
+pub(crate) fn parse_standby_count(
+    var: &str,
+    what: &str,
+    text: &str,
+    max: usize,
+) -> Result<usize, SandboxError> {
+    text.trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|n| *n <= max)
+        .ok_or_else(|| {
+            SandboxError::BadSpec(format!(
+                "{var}={text:?} is not a number of {what} (0 to {max})"
+            ))
+        })
+}
+
 /// Checks what both sandboxes need from a spec before touching the host.
 pub(crate) fn validate_spec(spec: &InstanceSpec) -> Result<(), SandboxError> {
     let id_ok = !spec.id.is_empty()

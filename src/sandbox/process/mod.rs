@@ -35,7 +35,7 @@ use loopdev::LoopDevice;
 use parts::{device_numbers, Parts, SharedRootfs};
 use spawn::{listen_for_agent, spawn_in_namespaces};
 use standby::Standbys;
-pub use standby::{standby_count_from_env, DEFAULT_STANDBYS, STANDBYS_ENV};
+pub use standby::{standby_count_from_env, DEFAULT_STANDBYS, FROM_STANDBY_NOTE, STANDBYS_ENV};
 
 use crate::home::Home;
 use crate::sandbox::exit::{ended_reason, ExitState};
@@ -217,7 +217,7 @@ impl Sandbox for ProcessSandbox {
             parts: Mutex::new(parts),
             start: StartInfo {
                 kind: ColdStart::Boot,
-                note: from_standby.then(|| "from a standby sandbox".to_string()),
+                note: from_standby.then(|| FROM_STANDBY_NOTE.to_string()),
                 phases,
             },
             restore_probe: None,

@@ -25,8 +25,6 @@ use crate::sandbox::SandboxError;
 pub const STANDBYS_ENV: &str = "FNVM_STANDBY_SANDBOXES";
 /// How many a service keeps unless [`STANDBYS_ENV`] says otherwise (0: none).
 pub const DEFAULT_STANDBYS: usize = 1;
-/// The most [`STANDBYS_ENV`] may ask for.
-const MAX_STANDBYS: usize = 16;
 /// After a standby failed to come up, no new one is prepared for this long: a host that cannot
 /// make them is not asked again at every start.
 const FAILURE_BACKOFF: Duration = Duration::from_secs(30);
@@ -35,23 +33,11 @@ const STANDBY_MEMORY_MIB: u32 = *crate::sandbox::MEMORY_MIB_RANGE.start();
 
 /// How many standby sandboxes [`STANDBYS_ENV`] asks for; a bad value is an error naming it.
 pub fn standby_count_from_env() -> Result<usize, SandboxError> {
-    match std::env::var(STANDBYS_ENV) {
-        Err(_) => Ok(DEFAULT_STANDBYS),
-        Ok(text) => parse_count(&text),
-    }
+    crate::sandbox::standby_count(STANDBYS_ENV, "standby sandboxes", DEFAULT_STANDBYS)
 }
 
-fn parse_count(text: &str) -> Result<usize, SandboxError> {
-    text.trim()
-        .parse::<usize>()
-        .ok()
-        .filter(|n| *n <= MAX_STANDBYS)
-        .ok_or_else(|| {
-            SandboxError::BadSpec(format!(
-                "{STANDBYS_ENV}={text:?} is not a number of standby sandboxes (0 to {MAX_STANDBYS})"
-            ))
-        })
-}
+/// The note of a start placed into a standby ([`crate::sandbox::StartInfo::note`]).
+pub const FROM_STANDBY_NOTE: &str = "from a standby sandbox";
 
 /// The standby sandboxes of one service.
 pub(super) struct Standbys {
@@ -181,10 +167,13 @@ mod tests {
 
     #[test]
     fn the_standby_count_is_a_small_number() {
-        assert_eq!(parse_count("0").unwrap(), 0);
-        assert_eq!(parse_count(" 2 ").unwrap(), 2);
+        let parse = |text: &str| {
+            crate::sandbox::parse_standby_count(STANDBYS_ENV, "standby sandboxes", text, 16)
+        };
+        assert_eq!(parse("0").unwrap(), 0);
+        assert_eq!(parse(" 2 ").unwrap(), 2);
         for bad in ["17", "-1", "two", ""] {
-            let err = parse_count(bad).unwrap_err().to_string();
+            let err = parse(bad).unwrap_err().to_string();
             assert!(
                 err.contains(STANDBYS_ENV) && err.contains("0 to 16"),
                 "{err}"

@@ -48,19 +48,11 @@ pub struct VmShape {
 
 /// How many standbys per shape `FNVM_STANDBY_VMMS` asks for.
 pub fn per_shape_from_env() -> Result<usize, SandboxError> {
-    match std::env::var("FNVM_STANDBY_VMMS") {
-        Ok(v) => v
-            .trim()
-            .parse::<usize>()
-            .ok()
-            .filter(|n| *n <= 16)
-            .ok_or_else(|| {
-                SandboxError::BadSpec(format!(
-                "FNVM_STANDBY_VMMS={v:?} is not a number of standby VMMs per VM shape (0 to 16)"
-            ))
-            }),
-        Err(_) => Ok(DEFAULT_PER_SHAPE),
-    }
+    crate::sandbox::standby_count(
+        "FNVM_STANDBY_VMMS",
+        "standby VMMs per VM shape",
+        DEFAULT_PER_SHAPE,
+    )
 }
 
 /// One standby VMM waiting for its restore request. Dropped untaken, it is killed and its
