@@ -12,6 +12,8 @@
 use fnvm_agent::protocol::{StartSpec, READY_TIMEOUT_MS};
 use fnvm_rootfs_builder::manifest::RunConfig;
 
+use crate::network::NetworkPolicy;
+
 /// Everything about a function that is not its image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FunctionSettings {
@@ -34,6 +36,8 @@ pub struct FunctionSettings {
     pub session_token: String,
     pub secret_id: String,
     pub secret_key: String,
+    /// Loopback only, or egress with what it may not reach.
+    pub network: NetworkPolicy,
 }
 
 impl FunctionSettings {
@@ -54,6 +58,7 @@ impl FunctionSettings {
             session_token: String::new(),
             secret_id: String::new(),
             secret_key: String::new(),
+            network: NetworkPolicy::default(),
         }
     }
 }
@@ -205,6 +210,10 @@ pub fn start_spec(
         working_dir,
         user: config.user.clone().filter(|u| !u.is_empty()),
         ready_timeout_ms: READY_TIMEOUT_MS,
+        resolv_conf: settings
+            .network
+            .has_egress()
+            .then(crate::network::resolv_conf),
     })
 }
 

@@ -11,6 +11,7 @@ pub mod home;
 pub mod http_server;
 pub mod invoke;
 pub mod kernel;
+pub mod network;
 pub mod oci_layout;
 pub mod sandbox;
 pub mod service;

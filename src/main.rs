@@ -11,7 +11,8 @@ mod cli;
 // The library's modules under their old names at the binary's root, so `cli/` keeps naming
 // them `crate::home`, `crate::sandbox`, ... as it did before the library existed.
 use fnvm::{
-    agent_binary, example_image, function, home, http_server, invoke, kernel, sandbox, service,
+    agent_binary, example_image, function, home, http_server, invoke, kernel, network, sandbox,
+    service,
 };
 
 /// Runs OCI container images as serverless functions, each in its own KVM micro-VM.

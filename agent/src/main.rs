@@ -266,6 +266,7 @@ fn run_instance(config: &Config) -> Result<(), AgentError> {
         }
         net::bring_up_loopback()?;
         net::prefer_handshake_retries_to_syn_cookies()?;
+        net::allow_unprivileged_ping()?;
         Ok(())
     })();
     if let Err(e) = &setup {

@@ -19,6 +19,9 @@ pub enum NetError {
     /// The SYN cookie sysctl cannot be written.
     #[error("cannot turn SYN cookies off: {0}")]
     SynCookies(io::Error),
+    /// The ICMP datagram sockets' group range cannot be written.
+    #[error("cannot allow unprivileged ping: {0}")]
+    PingRange(io::Error),
     /// The namespace's interfaces cannot be listed.
     #[error("cannot list network interfaces: {0}")]
     ListInterfaces(io::Error),
@@ -58,11 +61,23 @@ pub fn bring_up_loopback() -> Result<(), NetError> {
 /// the handshake. Skipped (false) when the namespace has interfaces besides `lo`: then it is
 /// not a sandbox's own and not the agent's to tune.
 pub fn prefer_handshake_retries_to_syn_cookies() -> Result<bool, NetError> {
-    if interfaces()?.iter().any(|name| name != "lo") {
+    // eth0 is the sandbox's own egress interface (nothing listens for connections from it: no
+    // port is forwarded to the function).
+    if interfaces()?
+        .iter()
+        .any(|name| name != "lo" && name != "eth0")
+    {
         return Ok(false);
     }
     std::fs::write("/proc/sys/net/ipv4/tcp_syncookies", "0").map_err(NetError::SynCookies)?;
     Ok(true)
+}
+
+/// Lets every group open ICMP datagram sockets, so `ping` works in a function that has no
+/// CAP_NET_RAW (the kernel's default range is empty).
+pub fn allow_unprivileged_ping() -> Result<(), NetError> {
+    std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647")
+        .map_err(NetError::PingRange)
 }
 
 /// The names of this network namespace's interfaces.

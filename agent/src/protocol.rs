@@ -60,6 +60,10 @@ pub struct StartSpec {
     pub user: Option<String>,
     /// How long the server has to listen on port 9000.
     pub ready_timeout_ms: u64,
+    /// The function's /etc/resolv.conf, written into its root before it starts (functions
+    /// with a network); the image's own stays when None.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolv_conf: Option<String>,
 }
 
 /// A process-sandbox agent's disks: one JSON line the host writes on the agent's standard
@@ -237,6 +241,7 @@ mod tests {
             working_dir: "/".into(),
             user: None,
             ready_timeout_ms: READY_TIMEOUT_MS,
+            resolv_conf: None,
         });
         let mut wire = Vec::new();
         write_message(

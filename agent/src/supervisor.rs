@@ -177,6 +177,9 @@ impl Supervisor {
 
     /// Starts the process; Err only when none was created.
     fn launch(self: &Arc<Self>, spec: &StartSpec) -> Result<(), LaunchError> {
+        if let Some(text) = &spec.resolv_conf {
+            launch::write_in_root(&self.root, "etc", "resolv.conf", text)?;
+        }
         let passwd = launch::read_in_root(&self.root, "/etc/passwd", MAX_ACCOUNT_FILE)?;
         let group = launch::read_in_root(&self.root, "/etc/group", MAX_ACCOUNT_FILE)?;
         let user = user::resolve(spec.user.as_deref(), passwd.as_deref(), group.as_deref())?;

@@ -337,6 +337,7 @@ fn spec(argv: &[&str]) -> StartSpec {
         working_dir: "/".into(),
         user: None,
         ready_timeout_ms: 20_000,
+        resolv_conf: None,
     }
 }
 

@@ -196,7 +196,8 @@ fn standby_starts(
         )));
     }
     let service: Arc<dyn sandbox::Sandbox> = Arc::from(
-        sandbox::create_for_service(kind, home).context("cannot make the service's sandbox")?,
+        sandbox::create_for_service(kind, home, &Default::default())
+            .context("cannot make the service's sandbox")?,
     );
     let (mut ready, mut within, mut first_reply): (Vec<Duration>, Phases, Vec<Duration>) =
         Default::default();
@@ -246,6 +247,7 @@ fn options(kind: SandboxKind, args: &BenchArgs, snapshot: bool) -> LaunchOptions
         snapshot,
         connections: crate::http_server::ConnectionLimits::default(),
         sandbox: None,
+        network: Default::default(),
     }
 }
 

@@ -79,6 +79,8 @@ pub struct DeployArgs {
     #[arg(long)]
     pub no_wait: bool,
     #[command(flatten)]
+    pub network: super::NetworkArgs,
+    #[command(flatten)]
     pub registry: RegistryArgs,
     #[command(flatten)]
     pub server: ServerArgs,
@@ -313,6 +315,9 @@ pub fn deploy(args: DeployArgs) -> Result<ExitCode> {
         "concurrency": args.concurrency,
         "max_instances": args.max_instances,
         "schedules": args.schedules,
+        "network": args.network.network.to_string(),
+        "egress_deny": args.network.egress_deny,
+        "egress_allow": args.network.egress_allow,
     });
     let path = format!("{}/{}", client.base, args.name);
     client

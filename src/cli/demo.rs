@@ -70,6 +70,7 @@ pub fn run(home: &Home, args: DemoArgs) -> Result<ExitCode> {
         snapshot: snapshots,
         connections: crate::http_server::ConnectionLimits::default(),
         sandbox: None,
+        network: Default::default(),
     };
     let session = match run::launch(home, &pulled, options(on_log.clone())) {
         Ok(s) => s,

@@ -25,6 +25,7 @@ use crate::function::{self, FunctionSettings};
 use crate::home::Home;
 use crate::invoke::front::{self, Front, InvocationHook, InvocationRecord};
 use crate::invoke::FunctionType;
+use crate::network::HostNetwork;
 use crate::sandbox::{self, Instance, InstanceSpec, LogLine, LogStream, SandboxError, SandboxKind};
 
 #[derive(Debug, Args)]
@@ -64,6 +65,12 @@ pub struct RunArgs {
     /// else boot and snapshot the instance once its server listens, for the next run.
     #[arg(long)]
     pub snapshot: bool,
+    #[command(flatten)]
+    pub network: super::NetworkArgs,
+    /// A resolver for the function's DNS queries (repeatable; default: the host's
+    /// /etc/resolv.conf).
+    #[arg(long = "dns", value_name = "ADDR")]
+    pub dns: Vec<std::net::IpAddr>,
     #[command(flatten)]
     pub registry: RegistryArgs,
     #[command(flatten)]
@@ -175,6 +182,8 @@ pub struct LaunchOptions {
     /// Start in this sandbox (say one with standbys, as `fnvm serve` makes it) instead of a
     /// new one of `kind`.
     pub sandbox: Option<Arc<dyn sandbox::Sandbox>>,
+    /// How the function's traffic leaves the host (its resolvers).
+    pub network: HostNetwork,
 }
 
 /// Why a launch failed: the sandbox's own error (with the function's last lines), or anything
@@ -215,7 +224,9 @@ pub fn launch(
 
     let sandbox: Arc<dyn sandbox::Sandbox> = match opts.sandbox {
         Some(sandbox) => sandbox,
-        None => Arc::from(sandbox::create(opts.kind, home).map_err(LaunchError::Sandbox)?),
+        None => Arc::from(
+            sandbox::create(opts.kind, home, &opts.network).map_err(LaunchError::Sandbox)?,
+        ),
     };
     let id = sandbox::new_instance_id();
     // Absolute: the agent is handed paths inside it and runs from another directory.
@@ -232,6 +243,7 @@ pub fn launch(
         memory_mib: opts.settings.memory_mib,
         instance_dir,
         snapshot: opts.snapshot,
+        network: opts.settings.network.clone(),
         on_log: opts.on_log,
     };
     // The sandbox's start cannot be cut short: say so if Ctrl-C comes while it runs.
@@ -436,6 +448,7 @@ pub fn run(home: &Home, args: RunArgs) -> Result<ExitCode> {
     settings.command = args.command;
     settings.args = args.args;
     settings.env = args.env;
+    settings.network = args.network.policy()?;
     // Bad settings fail before anything is pulled.
     function::validate(&settings)?;
     check_snapshot_option(kind, args.snapshot)?;
@@ -478,6 +491,7 @@ pub fn run(home: &Home, args: RunArgs) -> Result<ExitCode> {
             snapshot: args.snapshot,
             connections: args.connections.clone(),
             sandbox: None,
+            network: HostNetwork { dns: args.dns },
         },
     ) {
         Ok(s) => s,

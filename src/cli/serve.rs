@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::home::Home;
 use crate::http_server::{self, Admission, ConnectionLimits};
+use crate::network::HostNetwork;
 use crate::sandbox::{self, SandboxKind};
 use crate::service::api::{ApiConfig, Service};
 use crate::service::logs::LogStore;
@@ -54,6 +55,10 @@ pub struct ServeArgs {
     #[arg(long, env = "FNVM_RESERVED_CONNECTIONS", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub reserved_connections: u32,
+    /// A resolver for functions' DNS queries (repeatable; default: the host's
+    /// /etc/resolv.conf).
+    #[arg(long = "dns", value_name = "ADDR")]
+    pub dns: Vec<std::net::IpAddr>,
 }
 
 pub fn run(home: &Home, args: ServeArgs) -> Result<ExitCode> {
@@ -82,8 +87,14 @@ pub fn run(home: &Home, args: ServeArgs) -> Result<ExitCode> {
 async fn serve(home: &Home, kind: SandboxKind, mut args: ServeArgs) -> Result<()> {
     http_server::raise_nofile(&mut args.connections, args.reserved_connections);
     let sandbox: Arc<dyn sandbox::Sandbox> = Arc::from(
-        sandbox::create_for_service(kind, home)
-            .with_context(|| format!("cannot set up the {kind} sandbox"))?,
+        sandbox::create_for_service(
+            kind,
+            home,
+            &HostNetwork {
+                dns: args.dns.clone(),
+            },
+        )
+        .with_context(|| format!("cannot set up the {kind} sandbox"))?,
     );
     let logs = LogStore::open(home.root().join("service/logs"), args.log_retention_bytes)
         .context("cannot open the log store")?;

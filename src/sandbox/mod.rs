@@ -34,6 +34,7 @@ pub use instance::record::{instances_root, new_instance_id};
 pub use orphans::cleanup_orphans;
 
 use crate::home::Home;
+use crate::network::{HostNetwork, NetworkPolicy};
 
 /// Which sandbox runs instances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -84,6 +85,8 @@ pub struct InstanceSpec {
     /// boot, and snapshot the instance once its server is ready (before it serves anything),
     /// so later starts restore. Ignored by the process sandbox, which has no snapshots.
     pub snapshot: bool,
+    /// The function's network: loopback only, or egress as its policy allows.
+    pub network: NetworkPolicy,
     /// Every stdout/stderr line of the function, in order per stream.
     pub on_log: Arc<dyn Fn(LogLine) + Send + Sync>,
 }
@@ -97,6 +100,7 @@ impl std::fmt::Debug for InstanceSpec {
             .field("memory_mib", &self.memory_mib)
             .field("instance_dir", &self.instance_dir)
             .field("snapshot", &self.snapshot)
+            .field("network", &self.network)
             .finish_non_exhaustive()
     }
 }
@@ -305,10 +309,17 @@ impl SandboxError {
 /// The sandbox of `kind` for this home. Checks the host first: a VM sandbox on a host without
 /// VMX/SVM fails here with the host's message. The process sandbox prints its one-line warning
 /// that isolation is weaker.
-pub fn create(kind: SandboxKind, home: &Home) -> Result<Box<dyn Sandbox>, SandboxError> {
+/// `network` says how functions with egress reach the network.
+pub fn create(
+    kind: SandboxKind,
+    home: &Home,
+    network: &HostNetwork,
+) -> Result<Box<dyn Sandbox>, SandboxError> {
     match kind {
         SandboxKind::Vm => Ok(Box::new(vm::VmSandbox::new(home)?)),
-        SandboxKind::Process => Ok(Box::new(process::ProcessSandbox::new(home)?)),
+        SandboxKind::Process => Ok(Box::new(
+            process::ProcessSandbox::new(home)?.with_host_network(network.clone()),
+        )),
     }
 }
 
@@ -317,6 +328,7 @@ pub fn create(kind: SandboxKind, home: &Home) -> Result<Box<dyn Sandbox>, Sandbo
 pub fn create_for_service(
     kind: SandboxKind,
     home: &Home,
+    network: &HostNetwork,
 ) -> Result<Box<dyn Sandbox>, SandboxError> {
     match kind {
         SandboxKind::Vm => {
@@ -327,6 +339,7 @@ pub fn create_for_service(
         }
         SandboxKind::Process => Ok(Box::new(
             process::ProcessSandbox::new(home)?
+                .with_host_network(network.clone())
                 .keeping_rootfs_devices(process::KEPT_ROOTFS_DEVICES)
                 .with_standby_sandboxes(process::standby_count_from_env()?)?,
         )),

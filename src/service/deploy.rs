@@ -83,6 +83,10 @@ pub fn settings_of(key: &FunctionKey, spec: &FunctionSpec) -> FunctionSettings {
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    // A spec is checked before it is stored; one that fails here anyway gets no network.
+    s.network = spec
+        .network_policy()
+        .unwrap_or_else(|_| crate::network::NetworkPolicy::none());
     s
 }
 

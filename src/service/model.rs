@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::function::FunctionSettings;
+use crate::network::{NetworkMode, NetworkPolicy, PolicyError};
 
 /// A function's identity: namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -78,6 +79,22 @@ pub struct FunctionSpec {
     /// Cron expressions: each firing is an event invocation with `X-Scf-Trigger-Src: Timer`.
     #[serde(default)]
     pub schedules: Vec<String>,
+    /// `egress` (the default): outbound connections through the host; `none`: loopback only.
+    #[serde(default)]
+    pub network: NetworkMode,
+    /// Destination ranges (CIDR or address) the function never reaches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_deny: Vec<String>,
+    /// When given, the only destination ranges the function reaches (`egress_deny` still wins).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_allow: Vec<String>,
+}
+
+impl FunctionSpec {
+    /// The spec's network policy, checked.
+    pub fn network_policy(&self) -> Result<NetworkPolicy, PolicyError> {
+        NetworkPolicy::new(self.network, &self.egress_deny, &self.egress_allow)
+    }
 }
 
 /// Where a function's deploy stands.
@@ -140,6 +157,12 @@ pub fn version_id(image_digest: &str, spec: &FunctionSpec) -> String {
         field(v.as_bytes());
     }
     field(&spec.memory_mb.to_le_bytes());
+    // A VM's snapshot has its network device or not. (Only `none` is hashed, so the versions
+    // of functions deployed before networks existed keep their ids and snapshots. The egress
+    // ranges are enforced on the host and change nothing in the guest.)
+    if spec.network == NetworkMode::None {
+        field(b"network none");
+    }
     hex::encode(&h.finalize()[..8])
 }
 

@@ -180,6 +180,8 @@ pub fn check_spec(key: &FunctionKey, spec: &FunctionSpec) -> Result<(), SpecErro
             ),
         ));
     }
+    spec.network_policy()
+        .map_err(|e| refuse("network", e.to_string()))?;
     super::timers::validate_schedules(&spec.schedules)
         .map_err(|e| refuse("schedules", e.to_string()))?;
     function::validate(&settings_of(key, spec)).map_err(|e| refuse("settings", e.to_string()))?;

@@ -6,8 +6,10 @@ use super::sys::errno;
 
 /// The capabilities a root function keeps: Docker's default set without MKNOD (Docker keeps
 /// it because its devices cgroup makes nodes harmless; a VM guest has no devices cgroup, and a
-/// function has no business making device nodes). All others leave the bounding set, so
-/// nothing it execs can regain them.
+/// function has no business making device nodes) and without NET_RAW, as Podman's default set
+/// is: raw and packet sockets would let a function write frames past the egress rules of its
+/// network namespace. (ping still works: the sandbox allows ICMP datagram sockets to every
+/// group.) All others leave the bounding set, so nothing it execs can regain them.
 pub(super) const KEPT_CAPABILITIES: &[u32] = &[
     0,  // CHOWN
     1,  // DAC_OVERRIDE
@@ -18,7 +20,6 @@ pub(super) const KEPT_CAPABILITIES: &[u32] = &[
     7,  // SETUID
     8,  // SETPCAP
     10, // NET_BIND_SERVICE
-    13, // NET_RAW
     18, // SYS_CHROOT
     29, // AUDIT_WRITE
     31, // SETFCAP

@@ -28,7 +28,7 @@ mod sys;
 use std::io;
 
 pub use env::{final_env, EnvError};
-pub use image::{read_in_root, ImageFileError};
+pub use image::{read_in_root, write_in_root, ImageFileError};
 pub use plan::{Command, Plan};
 pub use spawn::{output_pipe, spawn, Spawned};
 

@@ -89,6 +89,7 @@ fn early_by_of_a_line_from_an_agent_5_s_ahead(log_after_pongs: usize) -> i64 {
             working_dir: "/".into(),
             user: None,
             ready_timeout_ms: 1000,
+            resolv_conf: None,
         },
         on_log,
         ExitState::new(|| None),

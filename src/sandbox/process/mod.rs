@@ -12,6 +12,7 @@
 //! sandboxes prepared ahead of demand, so its cold starts pay only the second half.
 
 pub mod cgroup;
+mod egress;
 pub mod loopdev;
 mod parts;
 pub mod spawn;
@@ -31,6 +32,7 @@ use fnvm_agent::protocol::{self, Placement, CONTROL_PORT, FUNCTION_PORT};
 
 use cgroup::watch::LimitWatch;
 use cgroup::{cgroup_prefix, Cgroup, Hierarchy, Limits, V1Extras};
+use egress::Egress;
 use loopdev::LoopDevice;
 use parts::{device_numbers, Parts, SharedRootfs};
 use spawn::{listen_for_agent, spawn_in_namespaces};
@@ -38,6 +40,7 @@ use standby::Standbys;
 pub use standby::{standby_count_from_env, DEFAULT_STANDBYS, FROM_STANDBY_NOTE, STANDBYS_ENV};
 
 use crate::home::Home;
+use crate::network::{HostNetwork, NetworkPolicy};
 use crate::sandbox::exit::{ended_reason, ExitState};
 use crate::sandbox::instance::child::SandboxChild;
 use crate::sandbox::instance::record::ProcessId;
@@ -79,6 +82,8 @@ struct Setup {
     pids_max: u32,
     /// This home's cgroup name prefix.
     cgroup_prefix: String,
+    /// How functions with egress reach the network.
+    network: HostNetwork,
 }
 
 impl ProcessSandbox {
@@ -129,10 +134,20 @@ impl ProcessSandbox {
                 extras,
                 pids_max,
                 cgroup_prefix: cgroup_prefix(home),
+                network: HostNetwork::default(),
             }),
             rootfs: SharedRootfs::default(),
             standbys: None,
         })
+    }
+
+    /// Functions' DNS queries go to these resolvers (`--dns`) instead of the host's. Call before
+    /// [`Self::with_standby_sandboxes`], whose standbys are made with it.
+    pub fn with_host_network(mut self, network: HostNetwork) -> Self {
+        Arc::get_mut(&mut self.setup)
+            .expect("the host network is set before any standby")
+            .network = network;
+        self
     }
 
     /// Keeps `count` standby sandboxes prepared for cold starts (a long-running service; a
@@ -180,10 +195,13 @@ impl Sandbox for ProcessSandbox {
         let from_standby = standby.is_some();
         let mut prepared = match standby {
             Some(prepared) => prepared,
-            None => {
-                self.setup
-                    .prepare(spec.instance_dir.clone(), &spec.id, spec.memory_mib, false)?
-            }
+            None => self.setup.prepare(
+                spec.instance_dir.clone(),
+                &spec.id,
+                spec.memory_mib,
+                false,
+                spec.network.has_egress().then_some(&spec.network),
+            )?,
         };
         let result = self.place(&mut prepared, &spec);
         // The replacement comes after this start, so the two do not compete for the CPU.
@@ -250,13 +268,15 @@ impl Prepared {
 impl Setup {
     /// Prepares a sandbox in `dir` (which must not exist) named `id`, with a memory limit of
     /// `memory_mib`; `attach_writable` attaches the writable layer's loop device now (a
-    /// standby's) instead of while the agent comes up. On error nothing is left.
+    /// standby's) instead of while the agent comes up; `network` gives it egress under that
+    /// policy. On error nothing is left.
     fn prepare(
         &self,
         dir: PathBuf,
         id: &str,
         memory_mib: u32,
         attach_writable: bool,
+        network: Option<&NetworkPolicy>,
     ) -> Result<Prepared, SandboxError> {
         // On an error below, dropping `parts` releases whatever was made.
         let mut parts = Parts::new(dir)?;
@@ -370,8 +390,19 @@ impl Setup {
                 );
             },
         ));
-        record.sandbox = ProcessId::of(child.pid());
+        let pid = child.pid();
+        record.sandbox = ProcessId::of(pid);
         record.save(&dir)?;
+        // pasta joins the cgroup, so it goes with the instance even after a crash.
+        if let Some(policy) = network {
+            parts.egress = Some(Egress::attach(
+                pid,
+                &self.network,
+                policy,
+                parts.cgroup.as_ref(),
+                &dir,
+            )?);
+        }
         Ok(Prepared {
             parts,
             placement: Some(File::from(placement_w)),
@@ -408,6 +439,24 @@ impl ProcessSandbox {
             parts.loops.push(LoopDevice::attach(layer.path(), false)?);
         }
         let writable_dev = parts.loops[0].path().to_path_buf();
+        match (parts.egress.as_mut(), spec.network.has_egress()) {
+            (Some(egress), _) => egress.apply(&spec.network)?,
+            (None, false) => {}
+            (None, true) => {
+                let pid = parts
+                    .child
+                    .as_ref()
+                    .expect("a prepared sandbox has its agent")
+                    .pid();
+                parts.egress = Some(Egress::attach(
+                    pid,
+                    &self.setup.network,
+                    &spec.network,
+                    parts.cgroup.as_ref(),
+                    &parts.dir,
+                )?);
+            }
+        }
         let mut disks = vec![device_numbers(&rootfs_dev, "r")?];
         if attach_writable {
             disks.push(device_numbers(&writable_dev, "rw")?);

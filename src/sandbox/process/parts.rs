@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use super::cgroup::{AgentDisk, Cgroup};
+use super::egress::Egress;
 use super::loopdev::LoopDevice;
 use crate::sandbox::exit::ExitState;
 use crate::sandbox::instance::child::SandboxChild;
@@ -119,6 +120,8 @@ pub(super) struct Parts {
     pub loops: Vec<LoopDevice>,
     pub cgroup: Option<Cgroup>,
     pub child: Option<SandboxChild>,
+    /// pasta and the namespace's rules, for a function with egress.
+    pub egress: Option<Egress>,
     pub link: Option<Link>,
     pub exit: Option<Arc<ExitState>>,
     torn_down: bool,
@@ -134,6 +137,7 @@ impl Parts {
             loops: Vec::new(),
             cgroup: None,
             child: None,
+            egress: None,
             link: None,
             exit: None,
             torn_down: false,
@@ -155,6 +159,9 @@ impl Teardown for Parts {
         let mut first_err = None;
         if let Some(link) = self.link.take() {
             link.close();
+        }
+        if let Some(mut egress) = self.egress.take() {
+            egress.stop();
         }
         if let Some(child) = self.child.take() {
             // SIGKILL to the pid namespace's init kills every process in it; the kernel reaps

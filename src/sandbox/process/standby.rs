@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::{Prepared, Setup};
+use crate::network::NetworkPolicy;
 use crate::sandbox::instance::record::new_instance_id;
 use crate::sandbox::SandboxError;
 
@@ -142,9 +143,13 @@ impl Shared {
 
     fn prepare_one(&self) {
         let id = format!("standby-{}", new_instance_id());
-        let result = self
-            .setup
-            .prepare(self.root.join(&id), &id, STANDBY_MEMORY_MIB, true);
+        let result = self.setup.prepare(
+            self.root.join(&id),
+            &id,
+            STANDBY_MEMORY_MIB,
+            true,
+            Some(&NetworkPolicy::default()),
+        );
         let mut st = self.lock();
         st.preparing -= 1;
         match result {

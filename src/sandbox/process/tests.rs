@@ -149,10 +149,12 @@ impl World {
                 working_dir: "/".into(),
                 user: None,
                 ready_timeout_ms,
+                resolv_conf: None,
             },
             memory_mib: 256,
             instance_dir: instances_root(&self.home).unwrap().join(id),
             snapshot: false,
+            network: crate::network::NetworkPolicy::none(),
             on_log: Arc::new(move |line| sink.0.lock().unwrap().push(line)),
         };
         (spec, logs)

@@ -399,10 +399,12 @@ mod tests {
                 working_dir: "/".into(),
                 user: None,
                 ready_timeout_ms: 30_000,
+                resolv_conf: None,
             },
             memory_mib,
             instance_dir: PathBuf::from("/nonexistent"),
             snapshot: true,
+            network: crate::network::NetworkPolicy::none(),
             on_log: Arc::new(|_: LogLine| {}),
         }
     }

@@ -28,7 +28,7 @@ fn without_vmx_or_svm_the_vm_sandbox_is_refused_with_the_hosts_message() {
     }
     let dir = tempfile::tempdir().unwrap();
     let home = Home::resolve(Some(dir.path().to_path_buf())).unwrap();
-    let err = crate::sandbox::create(SandboxKind::Vm, &home)
+    let err = crate::sandbox::create(SandboxKind::Vm, &home, &Default::default())
         .err()
         .expect("refused");
     assert!(matches!(err, SandboxError::Host(_)), "{err}");

@@ -137,6 +137,7 @@ impl Inner {
             // Every cold start after a function version's first comes from its snapshot
             // (vm sandbox; the process sandbox has none).
             snapshot: true,
+            network: slot.version.settings.network.clone(),
             on_log: Arc::new(move |line| {
                 let request_id = attribution
                     .lock()

@@ -189,6 +189,7 @@ fn version_on(
             working_dir: "/".into(),
             user: None,
             ready_timeout_ms: READY_TIMEOUT_MS,
+            resolv_conf: None,
         },
         spec,
     })

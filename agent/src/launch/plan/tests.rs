@@ -126,6 +126,8 @@ fn no_file_system_the_function_gets_honours_device_nodes_but_devpts_and_it_canno
     }
     const CAP_MKNOD: u32 = 27;
     assert!(!KEPT_CAPABILITIES.contains(&CAP_MKNOD));
+    const CAP_NET_RAW: u32 = 13;
+    assert!(!KEPT_CAPABILITIES.contains(&CAP_NET_RAW));
 }
 
 #[test]

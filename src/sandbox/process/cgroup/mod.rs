@@ -227,6 +227,16 @@ impl Cgroup {
             .collect()
     }
 
+    /// [`Self::join_files`] for a host-side helper of the instance (its pasta): every cgroup
+    /// but the v1 devices one, whose allow-list is the function's (pasta opens /dev/net/tun).
+    pub fn helper_join_files(&self) -> Vec<PathBuf> {
+        let devices = self.devices.as_ref().map(|d| d.join("tasks"));
+        self.join_files()
+            .into_iter()
+            .filter(|f| Some(f) != devices.as_ref())
+            .collect()
+    }
+
     /// Kills every process in the cgroup and removes it (in every hierarchy).
     pub fn kill_and_remove(&mut self) -> Result<(), SandboxError> {
         if self.removed {

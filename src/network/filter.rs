@@ -1,0 +1,209 @@
+//! A network policy as nftables rules, and loading them where they are enforced.
+//!
+//! A process sandbox's rules live in its own network namespace, on the output hook, so they go
+//! with the namespace and nothing is left on the host. Its function has no `CAP_NET_ADMIN` to
+//! change them and no `CAP_NET_RAW` to write frames past them (see `docs/design.md`,
+//! "Network"). A denied connection is refused at once (TCP reset, ICMP port unreachable for the
+//! rest), so the function sees `ECONNREFUSED`, not a timeout.
+
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::process::CommandExt as _;
+use std::process::{Command, Stdio};
+
+use ipnet::IpNet;
+
+use super::policy::{never_reachable, NetworkPolicy};
+use super::{NetworkError, DNS, GATEWAY};
+
+/// The nftables table fnvm owns in a sandbox's network namespace.
+pub const TABLE: &str = "fnvm";
+
+/// The ruleset of a process sandbox's network namespace (`nft -f` input; it replaces the table
+/// whole, atomically). `host` are the host's own addresses: reachable through the user-mode
+/// network stack like any destination, so refused here.
+pub fn namespace_ruleset(policy: &NetworkPolicy, host: &[IpAddr]) -> String {
+    let mut refused: Vec<IpNet> = never_reachable().map(|(net, _)| net).collect();
+    refused.extend(host.iter().copied().map(IpNet::from));
+    // The gateway is the user-mode stack itself; only its DNS forwarder answers there.
+    refused.extend([
+        IpNet::from(IpAddr::V4(GATEWAY)),
+        IpNet::from(IpAddr::V4(DNS)),
+    ]);
+
+    let mut rules = vec![
+        "type filter hook output priority filter; policy accept;".to_string(),
+        // The function's own server and the agent's bridge meet on loopback.
+        "oifname \"lo\" accept".to_string(),
+        format!("ip daddr {DNS} udp dport 53 accept"),
+    ];
+    rules.extend(destination_rules(&refused, "goto refuse"));
+    rules.extend(destination_rules(&policy.deny, "goto refuse"));
+    if !policy.allow.is_empty() {
+        rules.extend(destination_rules(&policy.allow, "accept"));
+        rules.push("goto refuse".to_string());
+    }
+    let mut text =
+        format!("table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n");
+    text.push_str("  chain output {\n");
+    for rule in rules {
+        text.push_str(&format!("    {rule}\n"));
+    }
+    text.push_str("  }\n  chain refuse {\n");
+    text.push_str("    meta l4proto tcp reject with tcp reset\n    reject\n  }\n}\n");
+    text
+}
+
+/// `ip daddr { … } VERDICT` and `ip6 daddr { … } VERDICT` for the ranges (merged, because an
+/// nftables set refuses overlapping intervals), or nothing for a family without any.
+fn destination_rules(ranges: &[IpNet], verdict: &str) -> Vec<String> {
+    let merged = IpNet::aggregate(&ranges.to_vec());
+    let mut rules = Vec::new();
+    for (family, v4) in [("ip", true), ("ip6", false)] {
+        let set: Vec<String> = merged
+            .iter()
+            .filter(|n| matches!(n, IpNet::V4(_)) == v4)
+            .map(|n| match n.prefix_len() == n.max_prefix_len() {
+                true => n.addr().to_string(),
+                false => n.to_string(),
+            })
+            .collect();
+        if !set.is_empty() {
+            rules.push(format!("{family} daddr {{ {} }} {verdict}", set.join(", ")));
+        }
+    }
+    rules
+}
+
+/// The host's own addresses (this process's network namespace), which a function must not
+/// reach through the user-mode stack: its services listen on them.
+pub fn host_addresses() -> Result<Vec<IpAddr>, NetworkError> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| NetworkError::HostAddresses(e.into()))?;
+    let mut out: Vec<IpAddr> = addrs
+        .filter_map(|a| a.address)
+        .filter_map(|s| {
+            if let Some(v4) = s.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// Loads `ruleset` with `nft -f -` inside the network namespace `netns`.
+pub fn load_in(netns: BorrowedFd<'_>, ruleset: &str) -> Result<(), NetworkError> {
+    let fd = netns.as_raw_fd();
+    let mut cmd = Command::new(NFT);
+    cmd.args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: between fork and exec the closure makes one raw syscall on a descriptor that
+    // stays open in this process for the whole call, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| NetworkError::Spawn {
+        program: NFT,
+        cause: e,
+    })?;
+    let written = child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(ruleset.as_bytes());
+    let out = child.wait_with_output().map_err(|e| NetworkError::Spawn {
+        program: NFT,
+        cause: e,
+    })?;
+    if !out.status.success() || written.is_err() {
+        return Err(NetworkError::Rules {
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Debian's nftables command line.
+const NFT: &str = "nft";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::network::policy::NetworkMode;
+
+    fn policy(deny: &[&str], allow: &[&str]) -> NetworkPolicy {
+        let s = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        NetworkPolicy::new(NetworkMode::Egress, &s(deny), &s(allow)).unwrap()
+    }
+
+    #[test]
+    fn the_default_ruleset_refuses_link_local_loopback_the_gateway_and_the_host() {
+        let host: Vec<IpAddr> = vec!["192.0.2.2".parse().unwrap(), "127.0.0.1".parse().unwrap()];
+        let text = namespace_ruleset(&NetworkPolicy::default(), &host);
+        assert!(
+            text.contains(
+                "ip daddr { 10.0.2.2/31, 127.0.0.0/8, 169.254.0.0/16, 192.0.2.2 } goto refuse"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("ip6 daddr { ::1, fe80::/10 } goto refuse"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ip daddr 10.0.2.3 udp dport 53 accept"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("accept\n    goto refuse"),
+            "no allow-list: {text}"
+        );
+    }
+
+    #[test]
+    fn deny_comes_before_allow_and_an_allow_list_refuses_the_rest() {
+        let text = namespace_ruleset(&policy(&["10.1.0.0/16"], &["10.0.0.0/8"]), &[]);
+        let deny = text
+            .find("ip daddr { 10.1.0.0/16 } goto refuse")
+            .expect(&text);
+        let allow = text.find("ip daddr { 10.0.0.0/8 } accept").expect(&text);
+        assert!(deny < allow, "{text}");
+        assert!(text.contains("accept\n    goto refuse\n  }"), "{text}");
+    }
+
+    #[test]
+    fn nft_accepts_the_rulesets_in_a_scratch_namespace() {
+        if !nix::unistd::geteuid().is_root() || Command::new(NFT).arg("--version").output().is_err()
+        {
+            eprintln!("skipped: needs root and nft");
+            return;
+        }
+        let ns = crate::network::tests::ScratchNetns::new();
+        for p in [
+            NetworkPolicy::default(),
+            policy(
+                &["10.1.0.0/16", "10.1.2.0/24", "2001:db8::/32"],
+                &["10.0.0.0/8", "0.0.0.0/0"],
+            ),
+        ] {
+            let text = namespace_ruleset(&p, &host_addresses().unwrap());
+            load_in(ns.fd(), &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+            // Loading again replaces the table instead of adding to it.
+            load_in(ns.fd(), &text).unwrap();
+        }
+        let err = load_in(ns.fd(), "table inet fnvm { chain c { nonsense } }").unwrap_err();
+        assert!(err.to_string().contains("nft refused the rules"), "{err}");
+    }
+}

@@ -1,0 +1,125 @@
+//! How a function reaches the network: its policy ([`policy`]), the rules that enforce it
+//! ([`filter`]) and the user-mode network stack that carries its traffic out through the host's
+//! own sockets ([`pasta`] for a process sandbox's network namespace; passt for a VM). No tap on
+//! the host, no bridge, no NAT rule: the host sees ordinary connections made by a process.
+//!
+//! Every sandbox sees the same network, whatever the host's: [`GUEST_ADDR`]/24 on `eth0`,
+//! gateway [`GATEWAY`], resolver [`DNS`] (forwarded to the host's resolvers). A snapshot taken
+//! on one host therefore restores on another.
+
+pub mod filter;
+pub mod pasta;
+pub mod policy;
+
+use std::net::{IpAddr, Ipv4Addr};
+
+pub use policy::{NetworkMode, NetworkPolicy, PolicyError};
+
+/// The function's address.
+pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+/// The prefix length of [`GUEST_ADDR`]'s network.
+pub const PREFIX_LEN: u8 = 24;
+/// The user-mode stack's side of the link.
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+/// Where the function's DNS queries go; the user-mode stack forwards them to the host's
+/// resolvers (or those given with `--dns`).
+pub const DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
+/// The function's interface.
+pub const INTERFACE: &str = "eth0";
+
+/// `/etc/resolv.conf` of a function with egress.
+pub fn resolv_conf() -> String {
+    format!("# written by fnvm: queries go to the host's resolvers\nnameserver {DNS}\n")
+}
+
+/// How the host gives functions their network: the resolvers DNS queries are forwarded to
+/// (empty: the host's `/etc/resolv.conf`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostNetwork {
+    pub dns: Vec<IpAddr>,
+}
+
+/// Why a function's network could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// A helper program is missing or failed to start.
+    #[error("cannot run {program} (Debian packages passt and nftables): {cause}")]
+    Spawn {
+        program: &'static str,
+        cause: std::io::Error,
+    },
+    /// The user-mode network stack did not come up.
+    #[error("pasta did not set up the function's network ({why}){}", tail(stderr))]
+    Pasta { why: String, stderr: String },
+    /// nft refused the rules fnvm made.
+    #[error("nft refused the rules ({status}): {stderr}")]
+    Rules { status: String, stderr: String },
+    /// The host's addresses cannot be listed.
+    #[error("cannot list the host's addresses: {0}")]
+    HostAddresses(std::io::Error),
+    /// The sandbox's network namespace cannot be opened.
+    #[error("cannot open the sandbox's network namespace {path}: {cause}")]
+    Namespace { path: String, cause: std::io::Error },
+}
+
+fn tail(stderr: &str) -> String {
+    match stderr.trim() {
+        "" => String::new(),
+        text => format!(": {text}"),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+    /// A network namespace of a test's own, held by a sleeping child (killed on drop).
+    pub struct ScratchNetns {
+        child: std::process::Child,
+        fd: OwnedFd,
+    }
+
+    impl ScratchNetns {
+        pub fn new() -> Self {
+            let child = std::process::Command::new("unshare")
+                .args(["--net", "sleep", "600"])
+                .spawn()
+                .expect("unshare (util-linux)");
+            let path = format!("/proc/{}/ns/net", child.id());
+            // unshare execs sleep after it has made the namespace: wait until it differs.
+            let own = std::fs::read_link("/proc/self/ns/net").unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while std::fs::read_link(&path).ok().as_ref() == Some(&own)
+                || std::fs::read_link(&path).is_err()
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "unshare made no namespace"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let fd = std::fs::File::open(&path).unwrap().into();
+            ScratchNetns { child, fd }
+        }
+
+        pub fn fd(&self) -> BorrowedFd<'_> {
+            self.fd.as_fd()
+        }
+
+        pub fn pid(&self) -> u32 {
+            self.child.id()
+        }
+    }
+
+    impl Drop for ScratchNetns {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    #[test]
+    fn the_resolver_is_the_forwarding_address() {
+        assert!(super::resolv_conf().ends_with("nameserver 10.0.2.3\n"));
+    }
+}
