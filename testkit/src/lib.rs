@@ -1,6 +1,7 @@
 //! Shared fixtures of fnvm's whole-system tests and benchmarks: the real `fnvm` binary as a
-//! child process (`fnvm run`, `fnvm serve`), the images they run, where Linux guests run, and
-//! the leak check. One crate instead of source files included with `#[path]`.
+//! child process (`fnvm run`, `fnvm serve`), the images they run, where Linux guests run, the
+//! leak check, and the egress tests' peers: test hosts in network namespaces ([`TestHost`]).
+//! One crate instead of source files included with `#[path]`.
 //!
 //! The registry fixture lives in its own crate, `fnvm-testkit-registry` (re-exported here as
 //! [`registry`]), because rootfs-builder's tests use it too and must not depend on fnvm.
@@ -11,6 +12,7 @@ pub mod fixtures;
 pub mod images;
 pub mod leaks;
 pub mod level;
+pub mod nethost;
 pub mod run;
 pub mod serve;
 
@@ -24,5 +26,6 @@ pub use images::{
 };
 pub use leaks::{assert_nothing_left, rootfs_image_of};
 pub use level::{cpu_has_flag, host_has_vmx_or_svm, linux_guests_run_here, loud, sandboxes};
+pub use nethost::TestHost;
 pub use run::{fnvm_command, FnvmRun, Lines};
 pub use serve::Serve;
