@@ -1,7 +1,8 @@
 //! Shared fixtures of fnvm's whole-system tests and benchmarks: the real `fnvm` binary as a
 //! child process (`fnvm run`, `fnvm serve`), the images they run, where Linux guests run, the
-//! leak check, and the egress tests' peers: test hosts in network namespaces ([`TestHost`]).
-//! One crate instead of source files included with `#[path]`.
+//! leak check, and the egress tests' peers: test hosts in network namespaces ([`TestHost`])
+//! with real servers in them ([`servers`]). One crate instead of source files included with
+//! `#[path]`.
 //!
 //! The registry fixture lives in its own crate, `fnvm-testkit-registry` (re-exported here as
 //! [`registry`]), because rootfs-builder's tests use it too and must not depend on fnvm.
@@ -15,6 +16,7 @@ pub mod level;
 pub mod nethost;
 pub mod run;
 pub mod serve;
+pub mod servers;
 
 pub use fnvm_testkit_registry as registry;
 
@@ -29,3 +31,4 @@ pub use level::{cpu_has_flag, host_has_vmx_or_svm, linux_guests_run_here, loud, 
 pub use nethost::TestHost;
 pub use run::{fnvm_command, FnvmRun, Lines};
 pub use serve::Serve;
+pub use servers::{dns_query_a, Dns, DnsReply, Iperf3, Postgres, TcpListen};
