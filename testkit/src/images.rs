@@ -342,3 +342,307 @@ pub fn python_image(layouts: &Path) -> String {
     )
     .expect("cannot write the python image layout")
 }
+
+/// The network probe the egress tests run as a function: on `GET` it says `netprobe ready`; a
+/// `POST` (event functions get `POST /event-invoke`) carries `{"op": ...}` and is answered with
+/// what the function saw of the network, as JSON:
+///
+/// - `connect` (host, port, timeout_s=5): `{ok, ms}` or `{ok: false, error, errno, kind, ms}`,
+///   kind `refused`, `timeout`, `unreachable` (EHOSTUNREACH, ENETUNREACH, EACCES) or `other`
+/// - `resolve` (name): `{ok, addresses}` (IPv4, unique, sorted) or `{ok: false, error}`
+/// - `psql` (host, port, user, dbname, sql): psql's `{ok, status, stdout, stderr}`
+/// - `interfaces`: `{interfaces}` (the names in /sys/class/net, else /proc/net/dev)
+/// - `file` (path): `{ok, text}` or `{ok: false, error}` (e.g. /etc/resolv.conf)
+/// - `iperf3` (host, port, seconds, reverse): `{ok, sent_bps, received_bps}` or `{ok, error}`
+/// - `connect_latency` (host, port, count): `{ok, median_ms, p90_ms, samples}`
+///
+/// Bad JSON, a missing field or an unknown op: HTTP 400 with `{ok: false, error}`.
+/// `NETPROBE_PORT` moves it off :9000 (to try it on a development host).
+pub const NETPROBE_SERVER: &str = r#"
+import errno, json, math, os, socket, statistics, subprocess, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES}
+
+
+class BadRequest(Exception):
+    pass
+
+
+def field(req, name, kind, default=None):
+    value = req.get(name, default)
+    if value is None:
+        raise BadRequest(f"missing field {name!r}")
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise BadRequest(f"field {name!r} must be {kind.__name__}")
+    return value
+
+
+def connect_once(host, port, timeout):
+    start = time.monotonic()
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+        return {"ok": True, "ms": (time.monotonic() - start) * 1000}
+    except Exception as exc:
+        ms = (time.monotonic() - start) * 1000
+        code = getattr(exc, "errno", None)
+        if isinstance(exc, ConnectionRefusedError):
+            kind = "refused"
+        elif isinstance(exc, socket.timeout):
+            kind = "timeout"
+        elif code in UNREACHABLE:
+            kind = "unreachable"
+        else:
+            kind = "other"
+        if not isinstance(code, int):
+            code = None
+        return {"ok": False, "error": str(exc) or type(exc).__name__, "errno": code,
+                "kind": kind, "ms": ms}
+
+
+def op_connect(req):
+    timeout = field(req, "timeout_s", (int, float), 5)
+    return connect_once(field(req, "host", str), field(req, "port", int), timeout)
+
+
+def op_resolve(req):
+    name = field(req, "name", str)
+    try:
+        infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
+    except Exception as exc:
+        return {"ok": False, "error": str(exc), "errno": getattr(exc, "errno", None)}
+    addresses = sorted({info[4][0] for info in infos}, key=socket.inet_aton)
+    return {"ok": True, "addresses": addresses}
+
+
+def op_psql(req):
+    argv = ["psql", "-X", "-A", "-t",
+            "-h", field(req, "host", str), "-p", str(field(req, "port", int)),
+            "-U", field(req, "user", str), "-d", field(req, "dbname", str),
+            "-c", field(req, "sql", str)]
+    env = dict(os.environ, PGCONNECT_TIMEOUT="5")
+    try:
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired as exc:
+        return {"ok": False, "status": None, "stdout": exc.stdout or "",
+                "stderr": exc.stderr or "", "error": "psql timed out after 20 s"}
+    except OSError as exc:
+        return {"ok": False, "status": None, "stdout": "", "stderr": "", "error": str(exc)}
+    return {"ok": done.returncode == 0, "status": done.returncode,
+            "stdout": done.stdout, "stderr": done.stderr}
+
+
+def op_interfaces(req):
+    try:
+        names = os.listdir("/sys/class/net")
+    except OSError:
+        with open("/proc/net/dev") as f:
+            names = [line.split(":")[0].strip() for line in f.readlines()[2:] if ":" in line]
+    return {"interfaces": sorted(names)}
+
+
+def op_file(req):
+    path = field(req, "path", str)
+    try:
+        with open(path) as f:
+            return {"ok": True, "text": f.read()}
+    except Exception as exc:
+        return {"ok": False, "error": str(exc), "errno": getattr(exc, "errno", None)}
+
+
+def op_iperf3(req):
+    seconds = field(req, "seconds", int, 1)
+    argv = ["iperf3", "-c", field(req, "host", str), "-p", str(field(req, "port", int, 5201)),
+            "-t", str(seconds), "-J"]
+    if field(req, "reverse", bool, False):
+        argv.append("-R")
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"iperf3 did not finish in {seconds + 30} s"}
+    except OSError as exc:
+        return {"ok": False, "error": str(exc)}
+    try:
+        report = json.loads(done.stdout)
+    except ValueError:
+        return {"ok": False, "error": (done.stderr or done.stdout).strip()
+                or f"iperf3 exited with {done.returncode}"}
+    if "error" in report or done.returncode != 0:
+        error = report.get("error") or f"iperf3 exited with {done.returncode}"
+        return {"ok": False, "error": error}
+    end = report.get("end", {})
+    return {"ok": True,
+            "sent_bps": end.get("sum_sent", {}).get("bits_per_second"),
+            "received_bps": end.get("sum_received", {}).get("bits_per_second")}
+
+
+def op_connect_latency(req):
+    host, port = field(req, "host", str), field(req, "port", int)
+    count = field(req, "count", int, 10)
+    if count < 1:
+        raise BadRequest("count must be at least 1")
+    samples = []
+    for _ in range(count):
+        one = connect_once(host, port, field(req, "timeout_s", (int, float), 5))
+        if not one["ok"]:
+            return dict(one, samples=len(samples))
+        samples.append(one["ms"])
+    ordered = sorted(samples)
+    return {"ok": True, "median_ms": statistics.median(ordered),
+            "p90_ms": ordered[math.ceil(0.9 * len(ordered)) - 1], "samples": len(samples)}
+
+
+OPS = {
+    "connect": op_connect,
+    "resolve": op_resolve,
+    "psql": op_psql,
+    "interfaces": op_interfaces,
+    "file": op_file,
+    "iperf3": op_iperf3,
+    "connect_latency": op_connect_latency,
+}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *args):
+        pass
+
+    def read_body(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline().strip():
+                        pass
+                    return data
+                data += self.rfile.read(size)
+                self.rfile.readline()
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def send(self, status, data, kind):
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def reply(self, obj, status=200):
+        self.send(status, json.dumps(obj).encode(), "application/json")
+
+    def do_GET(self):
+        self.read_body()
+        self.send(200, b"netprobe ready\n", "text/plain")
+
+    def do_POST(self):
+        body = self.read_body()
+        try:
+            req = json.loads(body)
+            if not isinstance(req, dict):
+                raise BadRequest("the body must be a JSON object")
+            op = req.get("op")
+            if op not in OPS:
+                raise BadRequest(f"unknown op {op!r} (known: {', '.join(sorted(OPS))})")
+            result = OPS[op](req)
+        except (ValueError, BadRequest) as exc:
+            return self.reply({"ok": False, "error": f"bad request: {exc}"}, 400)
+        except Exception as exc:
+            return self.reply({"ok": False, "error": f"{type(exc).__name__}: {exc}"}, 500)
+        self.reply(result)
+
+
+class Server(ThreadingHTTPServer):
+    request_queue_size = 128
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # A client that hangs up mid-request is no news; anything else gets its traceback.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+port = int(os.environ.get("NETPROBE_PORT", "9000"))
+server = Server(("0.0.0.0", port), Handler)
+print(f"netprobe listening on 0.0.0.0:{port}", flush=True)
+server.serve_forever()
+"#;
+
+/// The recipe of the network probe's Debian rootfs tarball (the cache key).
+const DEBIAN_NETPROBE_RECIPE: &[&str] = &[
+    "--variant=minbase",
+    "--include=python3,postgresql-client,iperf3",
+    "bookworm",
+];
+
+/// A Debian bookworm minbase + python3, psql and iperf3 rootfs tarball, made by mmdebstrap once
+/// and cached under ~/.cache/fnvm/test-images keyed by the recipe.
+pub fn debian_netprobe_tarball() -> PathBuf {
+    static TARBALL: OnceLock<PathBuf> = OnceLock::new();
+    TARBALL
+        .get_or_init(|| mmdebstrap_tarball("debian-netprobe", DEBIAN_NETPROBE_RECIPE))
+        .clone()
+}
+
+/// Debian minbase + python3, psql and iperf3 with [`NETPROBE_SERVER`] as /srv/netprobe.py.
+pub fn netprobe_image(layouts: &Path) -> String {
+    let tarball = debian_netprobe_tarball();
+    let name = tarball.file_stem().unwrap().to_string_lossy().to_string();
+    let key = sha256_hex(format!("{name} {NETPROBE_SERVER} v1").as_bytes());
+    let server = vec![
+        dir_entry("srv"),
+        Entry::File {
+            path: "srv/netprobe.py".into(),
+            mode: 0o644,
+            data: NETPROBE_SERVER.as_bytes().to_vec(),
+        },
+    ];
+    let config = RunConfigSpec {
+        entrypoint: vec![],
+        cmd: vec!["python3".into(), "-u".into(), "/srv/netprobe.py".into()],
+        env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
+        working_dir: Some("/srv".into()),
+        user: None,
+    };
+    oci::ensure_layout(
+        &layouts.join(format!("netprobe-{}", &key[..16])),
+        &[Layer::TarFile(tarball), Layer::Entries(server)],
+        &config,
+    )
+    .expect("cannot write the netprobe image layout")
+}
+
+/// A Debian rootfs tarball `<stem>-<key>.tar` made by mmdebstrap from `recipe` once, cached in
+/// [`cache_dir`] under a key of the recipe and the mirror ([`debian_python_tarball`] does the
+/// same for its own recipe).
+fn mmdebstrap_tarball(stem: &str, recipe: &[&str]) -> PathBuf {
+    let key = sha256_hex(format!("{recipe:?} {DEBIAN_MIRROR} v1").as_bytes());
+    let path = cache_dir().join(format!("{stem}-{}.tar", &key[..16]));
+    if path.is_file() {
+        return path;
+    }
+    let tmp = path.with_extension(format!("tmp-{}.tar", std::process::id()));
+    eprintln!(
+        "building {} with mmdebstrap (cached for later runs)",
+        path.display()
+    );
+    let status = Command::new("mmdebstrap")
+        .arg("--quiet")
+        .args(recipe)
+        .arg(&tmp)
+        .arg(DEBIAN_MIRROR)
+        .status()
+        .expect("cannot run mmdebstrap (Debian package mmdebstrap)");
+    assert!(
+        status.success(),
+        "mmdebstrap failed making {}: it needs {DEBIAN_MIRROR}; the nested level has no \
+         network, so there the host level's run (scripts/test.sh without FNVM_TEST_HOST=0) \
+         must have cached it first",
+        path.display()
+    );
+    std::fs::rename(&tmp, &path).unwrap();
+    path
+}
