@@ -39,6 +39,63 @@ pub struct HostNetwork {
     pub dns: Vec<IpAddr>,
 }
 
+impl HostNetwork {
+    /// The resolv.conf a user-mode stack should read instead of the host's, written into `dir`
+    /// (None: the host's own). passt/pasta 0.0~git20230309 (Debian 12) forward DNS to 0.0.0.0
+    /// when given `--dns`, so the resolvers reach them the way they read the host's: as
+    /// `/etc/resolv.conf`, bind-mounted over it in a mount namespace of their own
+    /// ([`bind_resolv_conf`]).
+    pub fn resolv_conf_in(
+        &self,
+        dir: &std::path::Path,
+    ) -> Result<Option<std::path::PathBuf>, NetworkError> {
+        if self.dns.is_empty() {
+            return Ok(None);
+        }
+        let text: String = self
+            .dns
+            .iter()
+            .map(|a| format!("nameserver {a}\n"))
+            .collect();
+        let path = dir.join("upstream-resolv.conf");
+        std::fs::write(&path, text).map_err(|cause| NetworkError::Spawn {
+            program: "the resolvers' file",
+            cause,
+        })?;
+        Ok(Some(path))
+    }
+}
+
+/// In a child between fork and exec: a mount namespace of its own with `file` over
+/// /etc/resolv.conf (see [`HostNetwork::resolv_conf_in`]).
+///
+/// # Safety
+/// Only for a `pre_exec` closure: it makes raw syscalls and allocates nothing.
+pub(crate) unsafe fn bind_resolv_conf(file: &std::ffi::CStr) -> std::io::Result<()> {
+    // SAFETY: unshare and mount take flags and NUL-terminated strings that outlive the calls.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0
+            || libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+            || libc::mount(
+                file.as_ptr(),
+                c"/etc/resolv.conf".as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Why a function's network could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {

@@ -83,9 +83,9 @@ impl Pasta {
         ])
         .arg("--pid")
         .arg(&pid_file);
-        for dns in &host.dns {
-            cmd.args(["--dns", &dns.to_string()]);
-        }
+        let resolvers = host
+            .resolv_conf_in(dir)?
+            .map(|p| CString::new(p.as_os_str().as_bytes()).expect("a path without NUL"));
         cmd.args(["--netns", &format!("/proc/self/fd/{NETNS_FD}")])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -95,10 +95,14 @@ impl Pasta {
             .map(|p| CString::new(p.as_os_str().as_bytes()).expect("a path without NUL"))
             .collect();
         let fd = netns.as_raw_fd();
-        // SAFETY: between fork and exec the closure makes only raw syscalls (open, write, close,
-        // dup2, fcntl) on C strings and descriptors made before the fork, and allocates nothing.
+        // SAFETY: between fork and exec the closure makes only raw syscalls (unshare, mount,
+        // open, write, close, dup2, fcntl) on C strings and descriptors made before the fork,
+        // and allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(file) = &resolvers {
+                    super::bind_resolv_conf(file)?;
+                }
                 for file in &join {
                     let f = libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
                     if f < 0 {
