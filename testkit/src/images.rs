@@ -281,66 +281,54 @@ const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
 pub fn debian_python_tarball() -> PathBuf {
     static TARBALL: OnceLock<PathBuf> = OnceLock::new();
     TARBALL
-        .get_or_init(|| {
-            let key = sha256_hex(format!("{DEBIAN_RECIPE:?} {DEBIAN_MIRROR} v1").as_bytes());
-            let path = cache_dir().join(format!("debian-python3-{}.tar", &key[..16]));
-            if path.is_file() {
-                return path;
-            }
-            let tmp = path.with_extension(format!("tmp-{}.tar", std::process::id()));
-            eprintln!(
-                "building {} with mmdebstrap (cached for later runs)",
-                path.display()
-            );
-            let status = Command::new("mmdebstrap")
-                .arg("--quiet")
-                .args(DEBIAN_RECIPE)
-                .arg(&tmp)
-                .arg(DEBIAN_MIRROR)
-                .status()
-                .expect("cannot run mmdebstrap (Debian package mmdebstrap)");
-            assert!(
-                status.success(),
-                "mmdebstrap failed making {}: it needs {DEBIAN_MIRROR}; the nested level has no \
-                 network, so there the host level's run (scripts/test.sh without \
-                 FNVM_TEST_HOST=0) must have cached it first",
-                path.display()
-            );
-            std::fs::rename(&tmp, &path).unwrap();
-            path
-        })
+        .get_or_init(|| mmdebstrap_tarball("debian-python3", DEBIAN_RECIPE))
         .clone()
 }
 
 /// Debian minbase + python3 with [`PYTHON_SERVER`] as /srv/server.py.
 pub fn python_image(layouts: &Path) -> String {
-    let tarball = debian_python_tarball();
-    let name = tarball.file_stem().unwrap().to_string_lossy().to_string();
-    let key = sha256_hex(format!("{name} {PYTHON_SERVER} v1").as_bytes());
+    python_server_image(
+        layouts,
+        debian_python_tarball(),
+        ("python", "server.py", PYTHON_SERVER),
+        &["IMAGE_VAR=from-image"],
+    )
+}
+
+/// An image of a Debian `tarball` plus `script` as /srv/`file`, run by python3 (`name` names
+/// its layout), with `env` besides PATH.
+fn python_server_image(
+    layouts: &Path,
+    tarball: PathBuf,
+    (name, file, script): (&str, &str, &str),
+    env: &[&str],
+) -> String {
+    let stem = tarball.file_stem().unwrap().to_string_lossy().to_string();
+    let key = sha256_hex(format!("{stem} {script} v1").as_bytes());
     let server = vec![
         dir_entry("srv"),
         Entry::File {
-            path: "srv/server.py".into(),
+            path: format!("srv/{file}"),
             mode: 0o644,
-            data: PYTHON_SERVER.as_bytes().to_vec(),
+            data: script.as_bytes().to_vec(),
         },
     ];
     let config = RunConfigSpec {
         entrypoint: vec![],
-        cmd: vec!["python3".into(), "-u".into(), "/srv/server.py".into()],
-        env: vec![
-            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-            "IMAGE_VAR=from-image".into(),
-        ],
+        cmd: vec!["python3".into(), "-u".into(), format!("/srv/{file}")],
+        env: std::iter::once("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .chain(env.iter().copied())
+            .map(String::from)
+            .collect(),
         working_dir: Some("/srv".into()),
         user: None,
     };
     oci::ensure_layout(
-        &layouts.join(format!("python-{}", &key[..16])),
+        &layouts.join(format!("{name}-{}", &key[..16])),
         &[Layer::TarFile(tarball), Layer::Entries(server)],
         &config,
     )
-    .expect("cannot write the python image layout")
+    .unwrap_or_else(|e| panic!("cannot write the {name} image layout: {e:?}"))
 }
 
 /// The network probe the egress tests run as a function: on `GET` it says `netprobe ready`; a
@@ -589,35 +577,16 @@ pub fn debian_netprobe_tarball() -> PathBuf {
 
 /// Debian minbase + python3, psql and iperf3 with [`NETPROBE_SERVER`] as /srv/netprobe.py.
 pub fn netprobe_image(layouts: &Path) -> String {
-    let tarball = debian_netprobe_tarball();
-    let name = tarball.file_stem().unwrap().to_string_lossy().to_string();
-    let key = sha256_hex(format!("{name} {NETPROBE_SERVER} v1").as_bytes());
-    let server = vec![
-        dir_entry("srv"),
-        Entry::File {
-            path: "srv/netprobe.py".into(),
-            mode: 0o644,
-            data: NETPROBE_SERVER.as_bytes().to_vec(),
-        },
-    ];
-    let config = RunConfigSpec {
-        entrypoint: vec![],
-        cmd: vec!["python3".into(), "-u".into(), "/srv/netprobe.py".into()],
-        env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
-        working_dir: Some("/srv".into()),
-        user: None,
-    };
-    oci::ensure_layout(
-        &layouts.join(format!("netprobe-{}", &key[..16])),
-        &[Layer::TarFile(tarball), Layer::Entries(server)],
-        &config,
+    python_server_image(
+        layouts,
+        debian_netprobe_tarball(),
+        ("netprobe", "netprobe.py", NETPROBE_SERVER),
+        &[],
     )
-    .expect("cannot write the netprobe image layout")
 }
 
 /// A Debian rootfs tarball `<stem>-<key>.tar` made by mmdebstrap from `recipe` once, cached in
-/// [`cache_dir`] under a key of the recipe and the mirror ([`debian_python_tarball`] does the
-/// same for its own recipe).
+/// [`cache_dir`] under a key of the recipe and the mirror.
 fn mmdebstrap_tarball(stem: &str, recipe: &[&str]) -> PathBuf {
     let key = sha256_hex(format!("{recipe:?} {DEBIAN_MIRROR} v1").as_bytes());
     let path = cache_dir().join(format!("{stem}-{}.tar", &key[..16]));
