@@ -195,6 +195,10 @@ pub trait Sandbox: Send + Sync {
         _memory_mib: u32,
     ) {
     }
+    /// How many standby sandboxes are ready for cold starts now (0 for sandboxes without).
+    fn standbys_ready(&self) -> usize {
+        0
+    }
 }
 
 /// A running instance.

@@ -168,16 +168,15 @@ impl ProcessSandbox {
         self.rootfs = SharedRootfs::keeping(count);
         self
     }
-
-    /// How many standby sandboxes are ready now.
-    pub fn standbys_ready(&self) -> usize {
-        self.standbys.as_ref().map_or(0, Standbys::ready)
-    }
 }
 
 impl Sandbox for ProcessSandbox {
     fn kind(&self) -> SandboxKind {
         SandboxKind::Process
+    }
+
+    fn standbys_ready(&self) -> usize {
+        self.standbys.as_ref().map_or(0, Standbys::ready)
     }
 
     fn start(&self, spec: InstanceSpec) -> Result<Box<dyn Instance>, SandboxError> {
@@ -409,6 +408,36 @@ impl Setup {
             exit,
             watch,
         })
+    }
+}
+
+impl Setup {
+    /// Gives a standby the default egress ahead of its function, if it can: where it cannot
+    /// (no pasta or nftables on the host), standbys are made without, said once, and a function
+    /// with egress sets it up as it starts (failing with the reason), while functions with
+    /// `--network none` still start from standbys.
+    fn offer_egress(&self, prepared: &mut Prepared) {
+        static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        let Some(child) = prepared.parts.child.as_ref() else {
+            return;
+        };
+        match Egress::attach(
+            child.pid(),
+            &self.network,
+            &NetworkPolicy::default(),
+            prepared.parts.cgroup.as_ref(),
+            &prepared.parts.dir,
+        ) {
+            Ok(egress) => prepared.parts.egress = Some(egress),
+            Err(e) => {
+                if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(
+                        "standby sandboxes are made without a network ({e}); functions with \
+                         egress set theirs up as they start"
+                    );
+                }
+            }
+        }
     }
 }
 

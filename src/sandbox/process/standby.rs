@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::{Prepared, Setup};
-use crate::network::NetworkPolicy;
 use crate::sandbox::instance::record::new_instance_id;
 use crate::sandbox::SandboxError;
 
@@ -143,13 +142,13 @@ impl Shared {
 
     fn prepare_one(&self) {
         let id = format!("standby-{}", new_instance_id());
-        let result = self.setup.prepare(
-            self.root.join(&id),
-            &id,
-            STANDBY_MEMORY_MIB,
-            true,
-            Some(&NetworkPolicy::default()),
-        );
+        let result = self
+            .setup
+            .prepare(self.root.join(&id), &id, STANDBY_MEMORY_MIB, true, None)
+            .map(|mut standby| {
+                self.setup.offer_egress(&mut standby);
+                standby
+            });
         let mut st = self.lock();
         st.preparing -= 1;
         match result {
