@@ -97,7 +97,10 @@ fn a_short_bench_of_busybox_and_python3_reports_every_kind_and_phase_as_json() {
                     "of which guest boot → agent",
                 ]
             } else {
-                &["sandbox set-up → agent answered"]
+                &[
+                    "sandbox set-up → agent answered",
+                    "of which network set-up (nft rules, pasta)",
+                ]
             };
             let mut want = vec!["start → ready"];
             want.extend_from_slice(within);

@@ -18,6 +18,9 @@ pub(super) struct Egress {
     netns: OwnedFd,
     loaded: NetworkPolicy,
     pasta: Option<Pasta>,
+    /// What this start spent on the network (a phase): the set-up, or changing a standby's
+    /// policy; None for a standby whose default policy was the function's.
+    pub took: Option<std::time::Duration>,
 }
 
 impl Egress {
@@ -31,6 +34,7 @@ impl Egress {
         dir: &Path,
     ) -> Result<Egress, SandboxError> {
         let path = format!("/proc/{pid}/ns/net");
+        let began = std::time::Instant::now();
         let netns: OwnedFd = std::fs::File::open(&path)
             .map_err(|cause| failed(NetworkError::Namespace { path, cause }))?
             .into();
@@ -38,20 +42,26 @@ impl Egress {
             netns,
             loaded: policy.clone(),
             pasta: None,
+            took: Default::default(),
         };
         egress.load(policy)?;
         let join = cgroup.map(Cgroup::helper_join_files).unwrap_or_default();
         egress.pasta = Some(Pasta::attach(egress.netns.as_fd(), host, &join, dir).map_err(failed)?);
+        egress.took = Some(began.elapsed());
         Ok(egress)
     }
 
     /// Puts `policy` in force: new rules if they differ, or no network at all for `none`.
     pub fn apply(&mut self, policy: &NetworkPolicy) -> Result<(), SandboxError> {
+        let began = std::time::Instant::now();
         if !policy.has_egress() {
             self.stop();
         } else if *policy != self.loaded {
             self.load(policy)?;
+        } else {
+            return Ok(());
         }
+        self.took = Some(began.elapsed());
         Ok(())
     }
 

@@ -223,9 +223,18 @@ impl Sandbox for ProcessSandbox {
         } else {
             "sandbox set-up → agent answered"
         };
-        let phases = link
+        let mut phases = link
             .as_ref()
             .map_or_else(Vec::new, |c| c.agent_times().phases(began, label, false));
+        if let Some(took) = parts.egress.as_ref().and_then(|e| e.took) {
+            // A standby's is made before the request; only a policy of the function's own (or
+            // none) costs then.
+            let name = match from_standby {
+                true => "of which the function's network policy",
+                false => "of which network set-up (nft rules, pasta)",
+            };
+            phases.insert(phases.len().min(1), (name, took));
+        }
         Ok(Box::new(AgentInstance {
             id: spec.id,
             transport: HostTransport::Unix { dir: socket_dir },
@@ -428,7 +437,11 @@ impl Setup {
             prepared.parts.cgroup.as_ref(),
             &prepared.parts.dir,
         ) {
-            Ok(egress) => prepared.parts.egress = Some(egress),
+            Ok(mut egress) => {
+                // Made before any request: no start's time.
+                egress.took = None;
+                prepared.parts.egress = Some(egress);
+            }
             Err(e) => {
                 if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
                     tracing::warn!(
