@@ -97,42 +97,74 @@ pub fn host_addresses() -> Result<Vec<IpAddr>, NetworkError> {
 
 /// Loads `ruleset` with `nft -f -` inside the network namespace `netns`.
 pub fn load_in(netns: BorrowedFd<'_>, ruleset: &str) -> Result<(), NetworkError> {
-    let fd = netns.as_raw_fd();
-    let mut cmd = Command::new(NFT);
-    cmd.args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    // SAFETY: between fork and exec the closure makes one raw syscall on a descriptor that
-    // stays open in this process for the whole call, and allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+    Loading::start(netns, ruleset)?.wait()
+}
+
+/// An `nft -f -` under way (see [`load_in`]); killed if dropped unwaited.
+pub struct Loading {
+    child: Option<std::process::Child>,
+    written: std::io::Result<()>,
+}
+
+impl Loading {
+    /// Starts loading `ruleset` in `netns`; [`Self::wait`] says whether it took.
+    pub fn start(netns: BorrowedFd<'_>, ruleset: &str) -> Result<Loading, NetworkError> {
+        let fd = netns.as_raw_fd();
+        let mut cmd = Command::new(NFT);
+        cmd.args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: between fork and exec the closure makes one raw syscall on a descriptor that
+        // stays open in this process for the whole call, and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|e| NetworkError::Spawn {
+            program: NFT,
+            cause: e,
+        })?;
+        // A ruleset is a few hundred bytes: it fits the pipe, so this does not wait for nft.
+        let written = child
+            .stdin
+            .take()
+            .expect("stdin is piped")
+            .write_all(ruleset.as_bytes());
+        Ok(Loading {
+            child: Some(child),
+            written,
+        })
     }
-    let mut child = cmd.spawn().map_err(|e| NetworkError::Spawn {
-        program: NFT,
-        cause: e,
-    })?;
-    let written = child
-        .stdin
-        .take()
-        .expect("stdin is piped")
-        .write_all(ruleset.as_bytes());
-    let out = child.wait_with_output().map_err(|e| NetworkError::Spawn {
-        program: NFT,
-        cause: e,
-    })?;
-    if !out.status.success() || written.is_err() {
-        return Err(NetworkError::Rules {
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+
+    /// Waits for nft: Ok once the rules are in force.
+    pub fn wait(mut self) -> Result<(), NetworkError> {
+        let child = self.child.take().expect("waited once");
+        let out = child.wait_with_output().map_err(|e| NetworkError::Spawn {
+            program: NFT,
+            cause: e,
+        })?;
+        if !out.status.success() || self.written.is_err() {
+            return Err(NetworkError::Rules {
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(())
     }
-    Ok(())
+}
+
+impl Drop for Loading {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Debian's nftables command line.

@@ -401,9 +401,10 @@ impl Setup {
         let pid = child.pid();
         record.sandbox = ProcessId::of(pid);
         record.save(&dir)?;
-        // pasta joins the cgroup, so it goes with the instance even after a crash.
+        // pasta joins the cgroup, so it goes with the instance even after a crash. It comes up
+        // while the agent does and the disks are placed (waited for in `place`).
         if let Some(policy) = network {
-            parts.egress = Some(Egress::attach(
+            parts.egress = Some(Egress::begin(
                 pid,
                 &self.network,
                 policy,
@@ -481,23 +482,20 @@ impl ProcessSandbox {
             parts.loops.push(LoopDevice::attach(layer.path(), false)?);
         }
         let writable_dev = parts.loops[0].path().to_path_buf();
-        match (parts.egress.as_mut(), spec.network.has_egress()) {
-            (Some(egress), _) => egress.apply(&spec.network)?,
-            (None, false) => {}
-            (None, true) => {
-                let pid = parts
-                    .child
-                    .as_ref()
-                    .expect("a prepared sandbox has its agent")
-                    .pid();
-                parts.egress = Some(Egress::attach(
-                    pid,
-                    &self.setup.network,
-                    &spec.network,
-                    parts.cgroup.as_ref(),
-                    &parts.dir,
-                )?);
-            }
+        if parts.egress.is_none() && spec.network.has_egress() {
+            // A standby made without a network (the host could not give it one then).
+            let pid = parts
+                .child
+                .as_ref()
+                .expect("a prepared sandbox has its agent")
+                .pid();
+            parts.egress = Some(Egress::begin(
+                pid,
+                &self.setup.network,
+                &spec.network,
+                parts.cgroup.as_ref(),
+                &parts.dir,
+            )?);
         }
         let mut disks = vec![device_numbers(&rootfs_dev, "r")?];
         if attach_writable {
@@ -522,6 +520,11 @@ impl ProcessSandbox {
             SandboxError::setup("cannot give the agent its disks on its standard input", e)
         })?;
         drop(input);
+        // The network is in place, as the function's policy says, before the function starts.
+        if let Some(egress) = parts.egress.as_mut() {
+            egress.ready()?;
+            egress.apply(&spec.network)?;
+        }
 
         let transport = HostTransport::Unix { dir: socket_dir };
         let child_ref: &SandboxChild = parts
