@@ -99,7 +99,7 @@ fn a_short_bench_of_busybox_and_python3_reports_every_kind_and_phase_as_json() {
             } else {
                 &[
                     "sandbox set-up → agent answered",
-                    "of which network set-up (nft rules, pasta)",
+                    "of which network (nft, pasta)",
                 ]
             };
             let mut want = vec!["start → ready"];

@@ -14,7 +14,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::cgroup::Cgroup;
-use crate::network::filter::{host_addresses, load_in, namespace_ruleset, Loading};
+use crate::network::filter::{
+    host_addresses, load_in, namespace_ruleset, policy_additions, replacement_ruleset, Loading,
+};
 use crate::network::pasta::Pasta;
 use crate::network::{HostNetwork, NetworkError, NetworkPolicy};
 use crate::sandbox::SandboxError;
@@ -93,8 +95,13 @@ impl Egress {
         if !policy.has_egress() {
             self.stop();
         } else if *policy != self.loaded {
-            let host = host_addresses().map_err(failed)?;
-            load_in(self.netns.as_fd(), &namespace_ruleset(policy, &host)).map_err(failed)?;
+            // A standby's default policy has no ranges: the function's are only added.
+            let text = if self.loaded == NetworkPolicy::default() {
+                policy_additions(policy)
+            } else {
+                replacement_ruleset(policy, &host_addresses().map_err(failed)?)
+            };
+            load_in(self.netns.as_fd(), &text).map_err(failed)?;
             self.loaded = policy.clone();
         } else {
             return Ok(());

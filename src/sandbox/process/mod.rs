@@ -231,7 +231,7 @@ impl Sandbox for ProcessSandbox {
             // none) costs then.
             let name = match from_standby {
                 true => "of which the function's network policy",
-                false => "of which network set-up (nft rules, pasta)",
+                false => "of which network (nft, pasta)",
             };
             phases.insert(phases.len().min(1), (name, took));
         }
