@@ -88,7 +88,7 @@ fn policy_rules(policy: &NetworkPolicy) -> Vec<String> {
 
 /// `ip daddr { … } VERDICT` and `ip6 daddr { … } VERDICT` for the ranges (merged, because an
 /// nftables set refuses overlapping intervals), or nothing for a family without any.
-fn destination_rules(ranges: &[IpNet], verdict: &str) -> Vec<String> {
+pub(super) fn destination_rules(ranges: &[IpNet], verdict: &str) -> Vec<String> {
     let merged = IpNet::aggregate(&ranges.to_vec());
     let mut rules = Vec::new();
     for (family, v4) in [("ip", true), ("ip6", false)] {

@@ -8,8 +8,11 @@
 //! on one host therefore restores on another.
 
 pub mod filter;
+pub mod host_filter;
+pub mod passt;
 pub mod pasta;
 pub mod policy;
+pub mod uid;
 
 use std::net::{IpAddr, Ipv4Addr};
 
