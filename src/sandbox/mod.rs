@@ -320,7 +320,9 @@ pub fn create(
     network: &HostNetwork,
 ) -> Result<Box<dyn Sandbox>, SandboxError> {
     match kind {
-        SandboxKind::Vm => Ok(Box::new(vm::VmSandbox::new(home)?)),
+        SandboxKind::Vm => Ok(Box::new(
+            vm::VmSandbox::new(home)?.with_host_network(network.clone()),
+        )),
         SandboxKind::Process => Ok(Box::new(
             process::ProcessSandbox::new(home)?.with_host_network(network.clone()),
         )),
@@ -338,7 +340,9 @@ pub fn create_for_service(
         SandboxKind::Vm => {
             let per_shape = vm::standby::per_shape_from_env()?;
             Ok(Box::new(
-                vm::VmSandbox::new(home)?.with_standby_vmms(per_shape)?,
+                vm::VmSandbox::new(home)?
+                    .with_host_network(network.clone())
+                    .with_standby_vmms(per_shape)?,
             ))
         }
         SandboxKind::Process => Ok(Box::new(

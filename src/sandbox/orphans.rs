@@ -22,6 +22,8 @@ pub struct CleanupReport {
     pub processes: usize,
     pub cgroups: usize,
     pub loop_devices: usize,
+    /// VM egress uids whose host rules (and passt) a crashed fnvm left.
+    pub egress_uids: usize,
 }
 
 /// Removes what crashed fnvm processes left in this home: instance directories whose owner is
@@ -62,6 +64,15 @@ pub fn cleanup_orphans(home: &Home) -> Result<CleanupReport, SandboxError> {
                 nix::sys::signal::SIGKILL,
             );
             wait_gone(sandbox);
+            report.processes += 1;
+        }
+        // The VM's passt (its rules go below, with every free egress uid's).
+        if let Some(helper) = record.egress_helper.filter(|s| s.is_alive()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(helper.pid),
+                nix::sys::signal::SIGKILL,
+            );
+            wait_gone(helper);
             report.processes += 1;
         }
         if let Some(cg) = &record.cgroup {
@@ -105,6 +116,11 @@ pub fn cleanup_orphans(home: &Home) -> Result<CleanupReport, SandboxError> {
                 }
             }
         }
+    }
+    // Host rules of VM egress uids no live fnvm holds (any home's: the uids are host-wide).
+    match crate::network::host_filter::remove_stale() {
+        Ok(n) => report.egress_uids = n,
+        Err(e) => tracing::warn!("cannot remove stale VM egress rules: {e}"),
     }
     if report != CleanupReport::default() {
         tracing::info!("removed orphaned sandbox resources: {report:?}");

@@ -82,6 +82,13 @@ pub struct InstanceRecord {
     /// cgroup v1 only: the instance's cgroups in the pids and devices hierarchies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub v1_cgroups: Vec<PathBuf>,
+    /// VM sandbox with egress: the instance's passt, killed with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_helper: Option<ProcessId>,
+    /// VM sandbox with egress: the instance's uid, whose host rules go with it
+    /// ([`crate::network::host_filter`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_uid: Option<u32>,
 }
 
 impl InstanceRecord {

@@ -12,7 +12,12 @@
 //! reconnect to the agent (the vsock transport reset dropped the old streams) and refresh the
 //! guest's RNG and clock. In the service, a restore goes into a warm standby VMM when one of
 //! the right shape is ready ([`standby`]).
+//!
+//! Network: a function with egress gets a virtio-net device (`--net`) on a passt of its own,
+//! running as the instance's uid, with the policy as host rules under that uid ([`egress`]);
+//! the guest kernel configures eth0 itself from the `ip=` argument. `--network none`: no device.
 
+mod egress;
 pub mod initramfs;
 mod launch;
 mod restore_report;
@@ -30,6 +35,7 @@ use std::time::{Duration, Instant};
 use fnvm_vmm::arch::x86_64::boot::KernelFormat;
 use fnvm_vmm::host::HostCapabilities;
 
+use egress::VmEgress;
 use launch::{disk_args, shape_of, snapshot_layer, vmm_binary, Launch};
 pub use launch::{guest_cmdline, vcpus_for};
 use restore_report::restore_report;
@@ -39,6 +45,7 @@ use teardown::VmParts;
 use vmm_api::VmmApi;
 
 use crate::home::Home;
+use crate::network::HostNetwork;
 use crate::sandbox::exit::{ended_reason, ExitState};
 use crate::sandbox::instance::child::SandboxChild;
 use crate::sandbox::instance::record::ProcessId;
@@ -65,6 +72,8 @@ pub struct VmSandbox {
     /// Warm standby VMMs for snapshot starts (the service only).
     standby: Option<StandbyVmms>,
     snapshots: Arc<SnapshotStore>,
+    /// How functions with egress reach the network (their resolvers).
+    host_network: HostNetwork,
 }
 
 impl VmSandbox {
@@ -93,7 +102,14 @@ impl VmSandbox {
             initramfs,
             snapshots,
             standby: None,
+            host_network: HostNetwork::default(),
         })
+    }
+
+    /// Functions with egress reach the network as `network` says (its resolvers).
+    pub fn with_host_network(mut self, network: HostNetwork) -> Self {
+        self.host_network = network;
+        self
     }
 
     /// Keeps `per_shape` standby VMMs warm for each VM shape that snapshot starts use (0:
@@ -110,22 +126,42 @@ impl VmSandbox {
         Ok(self)
     }
 
-    /// The `fnvm-vmm` arguments for one booted instance.
-    pub fn vmm_args(&self, spec: &InstanceSpec, writable: &Path, vsock: &Path) -> Vec<String> {
+    /// The `fnvm-vmm` arguments for one booted instance; `net`: the passt socket of an
+    /// instance with egress (a network device, and its address on the kernel command line).
+    pub fn vmm_args(
+        &self,
+        spec: &InstanceSpec,
+        writable: &Path,
+        vsock: &Path,
+        net: Option<&Path>,
+    ) -> Vec<String> {
+        let cmdline = match net {
+            Some(_) => format!("{} {}", guest_cmdline(), egress::ip_argument()),
+            None => guest_cmdline(),
+        };
         let mut args = vec![
             "--kernel".to_string(),
             self.kernel.display().to_string(),
             "--initrd".into(),
             self.initramfs.display().to_string(),
             "--cmdline".into(),
-            guest_cmdline(),
+            cmdline,
             "--memory".into(),
             spec.memory_mib.to_string(),
             "--vcpus".into(),
             vcpus_for(spec.memory_mib).to_string(),
         ];
         args.extend(disk_args(spec, writable, vsock));
+        args.extend(net_args(net));
         args
+    }
+}
+
+/// `--net SOCKET` for an instance with egress (after the disks and vsock: the device's slot).
+fn net_args(net: Option<&Path>) -> Vec<String> {
+    match net {
+        Some(socket) => vec!["--net".into(), socket.display().to_string()],
+        None => Vec::new(),
     }
 }
 
@@ -255,6 +291,7 @@ impl VmSandbox {
             layer: None,
             child: None,
             link: None,
+            egress: None,
             torn_down: false,
         };
         match self.start_in(spec, &vsock, launch, &mut parts) {
@@ -299,12 +336,30 @@ impl VmSandbox {
         };
         let PreparedDir { mut record, layer } =
             prepare_instance_dir(&self.home, dir, layer_from.as_deref())?;
-        let layer = parts.layer.insert(layer);
+        parts.layer = Some(layer);
+        // A restored VM gets a new passt, uid and rules like a booted one (its snapshot was
+        // taken with the same network mode: the mode is part of the function version).
+        let net = match spec.network.has_egress() {
+            true => Some(
+                parts
+                    .egress
+                    .insert(VmEgress::start(
+                        &self.host_network,
+                        &spec.network,
+                        dir,
+                        &mut record,
+                    )?)
+                    .socket(),
+            ),
+            false => None,
+        };
+        let layer = parts.layer.as_ref().expect("just inserted");
         let mut args = match &launch {
-            Launch::Boot { .. } => self.vmm_args(spec, layer.path(), vsock),
+            Launch::Boot { .. } => self.vmm_args(spec, layer.path(), vsock, net.as_deref()),
             Launch::Restore { snapshot, .. } => {
                 let mut args = vec!["--restore".to_string(), snapshot.display().to_string()];
                 args.extend(disk_args(spec, layer.path(), vsock));
+                args.extend(net_args(net.as_deref()));
                 args
             }
         };
@@ -314,7 +369,12 @@ impl VmSandbox {
         let restored_standby = match (standby, &launch) {
             (Some(standby), Launch::Restore { snapshot, .. }) => {
                 let disks = [spec.rootfs_image.clone(), layer.path().to_path_buf()];
-                match restore_in_standby(standby, &mut record, dir, &api, snapshot, &disks, vsock) {
+                let devices = standby::Devices {
+                    disks: &disks,
+                    vsock,
+                    net: net.as_deref(),
+                };
+                match restore_in_standby(standby, &mut record, dir, &api, snapshot, &devices) {
                     Ok(child) => Some(child),
                     Err(e) => {
                         tracing::warn!(

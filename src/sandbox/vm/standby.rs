@@ -343,6 +343,14 @@ fn spawn_standby(vmm: &Path, root: &Path, shape: VmShape) -> Result<StandbyVmm, 
     Ok(standby)
 }
 
+/// The restored VM's devices: its disks' backing files in slot order, its vsock socket and,
+/// with egress, its passt socket.
+pub(super) struct Devices<'a> {
+    pub disks: &'a [PathBuf],
+    pub vsock: &'a Path,
+    pub net: Option<&'a Path>,
+}
+
 /// Restores the snapshot into a warm standby VMM, which becomes the instance's VMM: its
 /// process goes into the instance record first (a crash leaves nothing behind), then its API
 /// socket moves to `api`, then the restore request. On error the standby is stopped.
@@ -352,8 +360,7 @@ pub(super) fn restore_in_standby(
     dir: &Path,
     api: &VmmApi,
     snapshot: &Path,
-    disks: &[PathBuf],
-    vsock: &Path,
+    devices: &Devices<'_>,
 ) -> Result<std::process::Child, SandboxError> {
     record.sandbox = ProcessId::of(standby.pid());
     record.save(dir)?;
@@ -366,7 +373,7 @@ pub(super) fn restore_in_standby(
             e,
         )
     })?;
-    match api.restore(snapshot, disks, vsock) {
+    match api.restore(snapshot, devices.disks, devices.vsock, devices.net) {
         Ok(ms) => {
             tracing::debug!("restored into a standby VMM in {ms:.2} ms");
             Ok(child)

@@ -1,5 +1,5 @@
-//! What a VM instance holds for its life (its directory, writable layer, VMM process and link)
-//! and removes, in order, when it stops.
+//! What a VM instance holds for its life (its directory, writable layer, VMM process, link and
+//! egress) and removes, in order, when it stops.
 
 use std::path::PathBuf;
 
@@ -9,11 +9,15 @@ use crate::sandbox::instance::Teardown;
 use crate::sandbox::link::Link;
 use crate::sandbox::SandboxError;
 
+use super::egress::VmEgress;
+
 pub(super) struct VmParts {
     pub(super) dir: PathBuf,
     pub(super) layer: Option<WritableLayer>,
     pub(super) child: Option<SandboxChild>,
     pub(super) link: Option<Link>,
+    /// passt, the host rules and the uid (after the VMM: its device is passt's only client).
+    pub(super) egress: Option<VmEgress>,
     pub(super) torn_down: bool,
 }
 
@@ -32,6 +36,9 @@ impl Teardown for VmParts {
         }
         if let Some(child) = self.child.take() {
             child.kill_and_reap();
+        }
+        if let Some(mut egress) = self.egress.take() {
+            egress.stop();
         }
         self.layer.take();
         match std::fs::remove_dir_all(&self.dir) {

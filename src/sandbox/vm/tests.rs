@@ -7,7 +7,7 @@ use fnvm_vmm::vmm::DEFAULT_CMDLINE;
 
 use super::launch::vmm_binary;
 use super::restore_report::{major_faults, resident_kib_of_file};
-use super::standby::VmShape;
+use super::standby::{Devices, VmShape};
 use super::*;
 
 #[test]
@@ -345,8 +345,11 @@ fn a_standby_vmm_becomes_a_restored_instance_and_is_replaced() {
         &instance,
         &api,
         &snapshot,
-        &[],
-        &instance.join("vsock.sock"),
+        &Devices {
+            disks: &[],
+            vsock: &instance.join("vsock.sock"),
+            net: None,
+        },
     )
     .expect("the standby restores the snapshot");
     assert_eq!(child.id() as i32, pid);
@@ -459,8 +462,11 @@ fn a_standby_of_another_shape_refuses_the_snapshot_and_is_stopped() {
         &instance,
         &api,
         &snapshot,
-        &[],
-        &instance.join("vsock.sock"),
+        &Devices {
+            disks: &[],
+            vsock: &instance.join("vsock.sock"),
+            net: None,
+        },
     )
     .unwrap_err()
     .to_string();

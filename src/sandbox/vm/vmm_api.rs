@@ -51,19 +51,21 @@ impl VmmApi {
     }
 
     /// Makes a standby VMM (`--standby`) the VM of the snapshot in `dir`, with `disks` in slot
-    /// order and its vsock device on `vsock`. Returns the VMM's own figure for it, in ms.
+    /// order, its vsock device on `vsock` and its network device (if it has one) on the passt
+    /// socket `net`. Returns the VMM's own figure for it, in ms.
     pub fn restore(
         &self,
         dir: &Path,
         disks: &[PathBuf],
         vsock: &Path,
+        net: Option<&Path>,
     ) -> Result<f64, SandboxError> {
         let reply = self.request(
             &Request::Restore {
                 dir: dir.to_path_buf(),
                 disks: disks.to_vec(),
                 vsock: Some(vsock.to_path_buf()),
-                net: None,
+                net: net.map(Path::to_path_buf),
             },
             RESTORE_TIMEOUT,
         )?;
