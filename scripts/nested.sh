@@ -46,8 +46,13 @@ loud() {
 
 # The modules L1 needs; their dependencies are resolved from modules.dep. loop and ext4: the
 # process sandbox's tests run in L1 too, for its cgroup v2 (Debian's default hierarchy); crc32c_generic:
-# ext4's metadata checksums (without it mount fails with ENOENT).
-modules=(virtio_pci 9pnet_virtio 9p overlay kvm_amd loop ext4 crc32c_generic)
+# ext4's metadata checksums (without it mount fails with ENOENT). The VM sandbox's egress
+# (src/network/host_filter.rs): nf_tables with nft_fib_inet (`fib daddr type local`, pulling in
+# nft_fib_ipv4/6) and nft_reject_inet (`reject`, pulling in nf_reject_ipv4/6); veth for the
+# egress tests' TestHost. All are modules in Debian's 6.1 kernel, none built in; L1 cannot
+# autoload modules (its / is the host's, without this kernel's /lib/modules), so init loads them.
+modules=(virtio_pci 9pnet_virtio 9p overlay kvm_amd loop ext4 crc32c_generic
+  nf_tables nft_fib_inet nft_reject_inet veth)
 
 installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
 

@@ -71,6 +71,8 @@ opts=trans=virtio,version=9p2000.L,msize=524288
 mount -t 9p -o "$opts" run /share || init_error "cannot mount the run share"
 modprobe kvm_amd || init_error "cannot load kvm_amd (does the CPU model have +svm?)"
 modprobe -a loop ext4 crc32c_generic || init_error "cannot load the loop and ext4 modules (the process sandbox's disks)"
+modprobe -a nf_tables nft_fib_inet nft_reject_inet veth ||
+  init_error "cannot load the nftables and veth modules (VM egress rules, the egress tests' hosts)"
 [ -c /dev/kvm ] || init_error "kvm_amd loaded but there is no /dev/kvm"
 
 mount -t 9p -o "$opts,ro,cache=loose" hostroot /lower || init_error "cannot mount the host root"
