@@ -22,7 +22,9 @@
 //! process sandbox's list ([`super::filter`]): link-local and metadata addresses, loopback, the
 //! user-mode stack's own gateway and DNS addresses, then the function's deny and allow ranges.
 //! A refused connection gets a TCP reset (ICMP port unreachable otherwise) from the host
-//! kernel, which passt hands on to the guest: the function sees `ECONNREFUSED` at once.
+//! kernel, so passt's connect fails at once. The guest does not see `ECONNREFUSED` though:
+//! this passt (0.0~git20230309) answers its SYN with a RST without ACK, which a Linux guest in
+//! SYN-SENT drops (RFC 793), so its connect times out. Nothing gets through either way.
 //!
 //! Other processes (uids outside the range) are not touched. The table and its two fixed
 //! chains are declared idempotently by every install (the fixed chains are flushed and

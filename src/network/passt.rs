@@ -11,10 +11,16 @@
 //! orphan clean-up after a crash.
 //!
 //! The guest's network is fixed (10.0.2.15/24, gateway 10.0.2.2, DNS 10.0.2.3 forwarded to the
-//! host's resolvers), IPv4 only. No port is forwarded either way (`-t none -u none`): the
+//! host's resolvers), IPv4 only. Resolvers given to fnvm (`--dns`) are not passed as passt's
+//! `--dns`: this passt (0.0~git20230309) then forwards the guest's queries to 0.0.0.0 (it takes
+//! the forwarding target only from `/etc/resolv.conf`). passt is started instead in a mount
+//! namespace of its own where a file listing them is bind-mounted over `/etc/resolv.conf`. No port is forwarded either way (`-t none -u none`): the
 //! function's port 9000 is reached over vsock, and the host's loopback stays out of reach
 //! (`--no-map-gw`).
 
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -40,8 +46,8 @@ pub enum PasstError {
     /// The program is missing or could not be started.
     #[error("cannot run passt (Debian package passt): {0}")]
     Spawn(std::io::Error),
-    /// Its stderr file cannot be made.
-    #[error("cannot create passt's message file {path}: {cause}")]
+    /// Its stderr file or its resolver list cannot be written.
+    #[error("cannot write {path} for passt: {cause}")]
     Messages {
         path: PathBuf,
         cause: std::io::Error,
@@ -67,18 +73,30 @@ pub struct Passt {
 
 impl Passt {
     /// Starts passt as `uid` and returns once it listens on its socket in `uid`'s directory.
-    /// Its messages go to `messages` (a file it is given open, so it may be anywhere).
-    pub fn start(
-        uid: &EgressUid,
-        host: &HostNetwork,
-        messages: &Path,
-    ) -> Result<Passt, PasstError> {
+    /// `dir` (the instance's) gets its messages (`passt.err`) and the resolver list it reads
+    /// when the host network names resolvers.
+    pub fn start(uid: &EgressUid, host: &HostNetwork, dir: &Path) -> Result<Passt, PasstError> {
         let socket = uid.dir().join(SOCKET);
         let pid_file = uid.dir().join(PID_FILE);
-        let stderr = std::fs::File::create(messages).map_err(|cause| PasstError::Messages {
-            path: messages.to_path_buf(),
-            cause,
-        })?;
+        let messages = dir.join("passt.err");
+        let written = |path: &Path| {
+            let path = path.to_path_buf();
+            move |cause| PasstError::Messages { path, cause }
+        };
+        let stderr = std::fs::File::create(&messages).map_err(written(&messages))?;
+        let resolv = match host.dns.is_empty() {
+            true => None,
+            false => {
+                let path = dir.join("passt-resolv.conf");
+                let text: String = host
+                    .dns
+                    .iter()
+                    .map(|a| format!("nameserver {a}\n"))
+                    .collect();
+                std::fs::write(&path, text).map_err(written(&path))?;
+                Some(CString::new(path.as_os_str().as_bytes()).expect("a path without NUL"))
+            }
+        };
         let mut cmd = Command::new(PASST);
         cmd.args(["--foreground", "--quiet", "--one-off", "--ipv4-only"])
             .arg("--socket")
@@ -91,8 +109,34 @@ impl Passt {
             .args(["--dns-forward", &DNS.to_string()])
             .args(["--mtu", MTU, "-t", "none", "-u", "none", "--no-map-gw"])
             .args(["--runas", &format!("{0}:{0}", uid.uid())]);
-        for dns in &host.dns {
-            cmd.args(["--dns", &dns.to_string()]);
+        if let Some(resolv) = resolv {
+            // SAFETY: between fork and exec the closure makes only raw syscalls (unshare,
+            // mount) on C strings made before the fork, and allocates nothing.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // Private first: the bind mount must not propagate to the host.
+                    let flags = libc::MS_REC | libc::MS_PRIVATE;
+                    let none = std::ptr::null();
+                    if libc::mount(none, c"/".as_ptr(), none, flags, std::ptr::null()) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let target = c"/etc/resolv.conf".as_ptr();
+                    if libc::mount(
+                        resolv.as_ptr(),
+                        target,
+                        none,
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         cmd.env_clear()
             .stdin(Stdio::null())
@@ -123,7 +167,7 @@ impl Passt {
             };
             if let Some(why) = why {
                 passt.stop();
-                let stderr = std::fs::read_to_string(messages).unwrap_or_default();
+                let stderr = std::fs::read_to_string(&messages).unwrap_or_default();
                 return Err(PasstError::NotReady {
                     why,
                     stderr: useful_lines(&stderr),
@@ -200,8 +244,7 @@ mod tests {
         }
         let uid = EgressUid::take().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let mut passt =
-            Passt::start(&uid, &HostNetwork::default(), &dir.path().join("passt.err")).unwrap();
+        let mut passt = Passt::start(&uid, &HostNetwork::default(), dir.path()).unwrap();
         let pid = passt.pid().unwrap();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
@@ -217,6 +260,76 @@ mod tests {
         );
     }
 
+    /// An Ethernet frame from the guest: a UDP DNS query for example.com to 10.0.2.3:53.
+    fn dns_query_frame() -> Vec<u8> {
+        let query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x03com\x00\x00\x01\x00\x01";
+        let mut udp = Vec::new();
+        udp.extend(40000u16.to_be_bytes());
+        udp.extend(53u16.to_be_bytes());
+        udp.extend(((8 + query.len()) as u16).to_be_bytes());
+        udp.extend([0, 0]);
+        udp.extend(query);
+        let mut ip = vec![0x45, 0];
+        ip.extend(((20 + udp.len()) as u16).to_be_bytes());
+        ip.extend([0, 1, 0, 0, 64, 17, 0, 0]);
+        ip.extend(GUEST_ADDR.octets());
+        ip.extend(DNS.octets());
+        let sum: u32 = ip
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum();
+        let sum = (sum & 0xffff) + (sum >> 16);
+        ip[10..12].copy_from_slice(&(!((sum & 0xffff) + (sum >> 16)) as u16).to_be_bytes());
+        let mut frame = vec![0xff; 6];
+        frame.extend([0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00]);
+        frame.extend(ip);
+        frame.extend(udp);
+        frame
+    }
+
+    #[test]
+    fn the_guests_dns_queries_go_to_the_resolvers_fnvm_was_given() {
+        if !runs_here() || !default_route() {
+            eprintln!("skipped: needs root, passt, nft and a default route");
+            return;
+        }
+        use std::io::Write as _;
+        // A resolver of the host's own, on its loopback (as systemd-resolved's 127.0.0.53).
+        let resolver: std::net::Ipv4Addr = "127.0.0.77".parse().unwrap();
+        let server = std::net::UdpSocket::bind((resolver, 53)).unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let uid = EgressUid::take().unwrap();
+        let policy = crate::network::NetworkPolicy::default();
+        crate::network::host_filter::install(uid.uid(), &policy, &[resolver.into()]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let host = HostNetwork {
+            dns: vec![resolver.into()],
+        };
+        let mut passt = Passt::start(&uid, &host, dir.path()).unwrap();
+        let mut guest = std::os::unix::net::UnixStream::connect(passt.socket()).unwrap();
+        let frame = dns_query_frame();
+        guest
+            .write_all(&(frame.len() as u32).to_be_bytes())
+            .unwrap();
+        guest.write_all(&frame).unwrap();
+        let mut buf = [0u8; 512];
+        let got = server.recv_from(&mut buf);
+        passt.stop();
+        crate::network::host_filter::remove(uid.uid()).unwrap();
+        let (n, from) = got.expect("passt forwards the query to the given resolver");
+        assert!(
+            buf[..n].windows(7).any(|w| w == b"example"),
+            "{:?}",
+            &buf[..n]
+        );
+        assert!(from.ip().is_loopback(), "{from}");
+        // The host's own resolv.conf is untouched by passt's private copy.
+        let hosts = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        assert!(!hosts.contains("127.0.0.77"), "{hosts}");
+    }
+
     #[test]
     fn a_passt_that_cannot_start_says_why() {
         if !runs_here() {
@@ -226,8 +339,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Its directory taken away: it cannot bind.
         std::fs::remove_dir(uid.dir()).unwrap();
-        let err =
-            Passt::start(&uid, &HostNetwork::default(), &dir.path().join("passt.err")).unwrap_err();
+        let err = Passt::start(&uid, &HostNetwork::default(), dir.path()).unwrap_err();
         assert!(
             err.to_string().starts_with("passt did not start ("),
             "{err}"

@@ -54,12 +54,8 @@ impl VmEgress {
         record.save(dir)?;
         host_filter::install(id, policy, &host_filter::resolvers(host)).map_err(failed)?;
         egress.rules = Some(id);
-        let passt = Passt::start(
-            egress.uid.as_ref().expect("just set"),
-            host,
-            &dir.join("passt.err"),
-        )
-        .map_err(failed)?;
+        let passt =
+            Passt::start(egress.uid.as_ref().expect("just set"), host, dir).map_err(failed)?;
         record.egress_helper = passt.pid().and_then(|p| ProcessId::of(p as i32));
         egress.passt = Some(passt);
         record.save(dir)?;
@@ -99,4 +95,15 @@ impl Drop for VmEgress {
 
 fn failed(e: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> SandboxError {
     SandboxError::setup("cannot give the VM its network", e)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_kernel_configures_the_sandboxes_fixed_address_on_eth0() {
+        assert_eq!(
+            super::ip_argument(),
+            "ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off"
+        );
+    }
 }
