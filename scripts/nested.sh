@@ -49,10 +49,12 @@ loud() {
 # ext4's metadata checksums (without it mount fails with ENOENT). The VM sandbox's egress
 # (src/network/host_filter.rs): nf_tables with nft_fib_inet (`fib daddr type local`, pulling in
 # nft_fib_ipv4/6) and nft_reject_inet (`reject`, pulling in nf_reject_ipv4/6); veth for the
-# egress tests' TestHost. All are modules in Debian's 6.1 kernel, none built in; L1 cannot
-# autoload modules (its / is the host's, without this kernel's /lib/modules), so init loads them.
+# egress tests' TestHost; dummy for L1's uplink (the default route passt needs); tun for the
+# process sandbox's pasta (its namespace's eth0). All are modules
+# in Debian's 6.1 kernel, none built in; L1 cannot autoload modules (its / is the host's, without
+# this kernel's /lib/modules), so init loads them.
 modules=(virtio_pci 9pnet_virtio 9p overlay kvm_amd loop ext4 crc32c_generic
-  nf_tables nft_fib_inet nft_reject_inet veth)
+  nf_tables nft_fib_inet nft_reject_inet veth dummy tun)
 
 installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
 

@@ -10,9 +10,9 @@
 //!
 //! Linux guests need hardware virtualization: where /proc/cpuinfo shows no vmx/svm each test
 //! prints one loud SKIPPED line and returns; scripts/test.sh runs them at the nested level.
-//! Needs root (test hosts, nft), passt and nft. At the nested level the L1 Linux has no NIC and
-//! so no default route, which passt needs to pick its interface: the tests then route by
-//! default through the test host's link (said loudly), and remove that route again.
+//! Needs root (test hosts, nft), passt and nft. passt needs a default route to pick its
+//! interface (the nested level's L1 has one on a dummy uplink): on a host without one the tests
+//! route by default through the test host's link (said loudly), and remove that route again.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -62,8 +62,8 @@ impl Peers {
             false => {
                 let via = format!("default via {} dev {}", host.addr(), host.host_interface());
                 loud(&format!(
-                    "egress_vm: this host has no default route (the nested level's L1 has no \
-                     NIC) and passt needs one: adding `ip route add {via}` for this test"
+                    "egress_vm: this host has no default route and passt needs one: adding \
+                     `ip route add {via}` for this test"
                 ));
                 ip(&format!("route add {via}"));
                 Some(via)

@@ -45,6 +45,13 @@ stage2() {
       busybox sleep 5
     done
   ) </dev/null >/dev/null 2>&1 &
+  # L1 has no NIC, but passt and pasta (functions' network egress) pick their outgoing
+  # interface from the default route and refuse to start without one: a dummy uplink carries
+  # it, as a host's NIC would (what is sent there goes nowhere).
+  { /sbin/ip link add fnvm-uplink type dummy && /sbin/ip addr add 198.18.0.1/24 dev fnvm-uplink &&
+    /sbin/ip link set fnvm-uplink up &&
+    /sbin/ip route add default via 198.18.0.254 dev fnvm-uplink; } >/dev/ttyS0 2>&1 ||
+    say "warning: no default route in L1 (VM and process sandbox egress will not start)"
   /bin/sh "$run/command.sh" </dev/null >/dev/ttyS1 2>&1
   status=$?
   echo "$status" >"$run/status.tmp" && mv "$run/status.tmp" "$run/status"
@@ -71,8 +78,8 @@ opts=trans=virtio,version=9p2000.L,msize=524288
 mount -t 9p -o "$opts" run /share || init_error "cannot mount the run share"
 modprobe kvm_amd || init_error "cannot load kvm_amd (does the CPU model have +svm?)"
 modprobe -a loop ext4 crc32c_generic || init_error "cannot load the loop and ext4 modules (the process sandbox's disks)"
-modprobe -a nf_tables nft_fib_inet nft_reject_inet veth ||
-  init_error "cannot load the nftables and veth modules (VM egress rules, the egress tests' hosts)"
+modprobe -a nf_tables nft_fib_inet nft_reject_inet veth dummy tun ||
+  init_error "cannot load the nftables and veth modules (egress rules, pasta, the egress tests' hosts)"
 [ -c /dev/kvm ] || init_error "kvm_amd loaded but there is no /dev/kvm"
 
 mount -t 9p -o "$opts,ro,cache=loose" hostroot /lower || init_error "cannot mount the host root"
