@@ -14,9 +14,11 @@
 //! host's resolvers), IPv4 only. Resolvers given to fnvm (`--dns`) are not passed as passt's
 //! `--dns`: this passt (0.0~git20230309) then forwards the guest's queries to 0.0.0.0 (it takes
 //! the forwarding target only from `/etc/resolv.conf`). passt is started instead in a mount
-//! namespace of its own where a file listing them is bind-mounted over `/etc/resolv.conf`. No port is forwarded either way (`-t none -u none`): the
-//! function's port 9000 is reached over vsock, and the host's loopback stays out of reach
-//! (`--no-map-gw`).
+//! namespace of its own where a file listing them is bind-mounted over `/etc/resolv.conf`
+//! ([`HostNetwork::resolv_conf_in`], as for pasta).
+//!
+//! No port is forwarded either way (`-t none -u none`): the function's port 9000 is reached
+//! over vsock, and the host's loopback stays out of reach (`--no-map-gw`).
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt as _;
@@ -46,12 +48,15 @@ pub enum PasstError {
     /// The program is missing or could not be started.
     #[error("cannot run passt (Debian package passt): {0}")]
     Spawn(std::io::Error),
-    /// Its stderr file or its resolver list cannot be written.
+    /// Its stderr file cannot be written.
     #[error("cannot write {path} for passt: {cause}")]
     Messages {
         path: PathBuf,
         cause: std::io::Error,
     },
+    /// The file naming its resolvers cannot be written.
+    #[error("passt's resolvers: {0}")]
+    Resolvers(super::NetworkError),
     /// It did not come up.
     #[error("passt did not start ({why}){}", tail(stderr))]
     NotReady { why: String, stderr: String },
@@ -79,24 +84,14 @@ impl Passt {
         let socket = uid.dir().join(SOCKET);
         let pid_file = uid.dir().join(PID_FILE);
         let messages = dir.join("passt.err");
-        let written = |path: &Path| {
-            let path = path.to_path_buf();
-            move |cause| PasstError::Messages { path, cause }
-        };
-        let stderr = std::fs::File::create(&messages).map_err(written(&messages))?;
-        let resolv = match host.dns.is_empty() {
-            true => None,
-            false => {
-                let path = dir.join("passt-resolv.conf");
-                let text: String = host
-                    .dns
-                    .iter()
-                    .map(|a| format!("nameserver {a}\n"))
-                    .collect();
-                std::fs::write(&path, text).map_err(written(&path))?;
-                Some(CString::new(path.as_os_str().as_bytes()).expect("a path without NUL"))
-            }
-        };
+        let stderr = std::fs::File::create(&messages).map_err(|cause| PasstError::Messages {
+            path: messages.clone(),
+            cause,
+        })?;
+        let resolv = host
+            .resolv_conf_in(dir)
+            .map_err(PasstError::Resolvers)?
+            .map(|path| CString::new(path.as_os_str().as_bytes()).expect("a path without NUL"));
         let mut cmd = Command::new(PASST);
         cmd.args(["--foreground", "--quiet", "--one-off", "--ipv4-only"])
             .arg("--socket")
@@ -110,32 +105,10 @@ impl Passt {
             .args(["--mtu", MTU, "-t", "none", "-u", "none", "--no-map-gw"])
             .args(["--runas", &format!("{0}:{0}", uid.uid())]);
         if let Some(resolv) = resolv {
-            // SAFETY: between fork and exec the closure makes only raw syscalls (unshare,
-            // mount) on C strings made before the fork, and allocates nothing.
+            // SAFETY: between fork and exec the closure only makes the raw syscalls of
+            // bind_resolv_conf on a C string made before the fork, and allocates nothing.
             unsafe {
-                cmd.pre_exec(move || {
-                    if libc::unshare(libc::CLONE_NEWNS) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    // Private first: the bind mount must not propagate to the host.
-                    let flags = libc::MS_REC | libc::MS_PRIVATE;
-                    let none = std::ptr::null();
-                    if libc::mount(none, c"/".as_ptr(), none, flags, std::ptr::null()) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    let target = c"/etc/resolv.conf".as_ptr();
-                    if libc::mount(
-                        resolv.as_ptr(),
-                        target,
-                        none,
-                        libc::MS_BIND,
-                        std::ptr::null(),
-                    ) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+                cmd.pre_exec(move || super::bind_resolv_conf(&resolv));
             }
         }
         cmd.env_clear()
