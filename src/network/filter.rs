@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use ipnet::IpNet;
 
 use super::policy::{never_reachable, NetworkPolicy};
-use super::{NetworkError, DNS, GATEWAY};
+use super::{NetworkError, DNS, GATEWAY, NFT};
 
 /// The nftables table fnvm owns in a sandbox's network namespace.
 pub const TABLE: &str = "fnvm";
@@ -198,18 +198,10 @@ impl Drop for Loading {
     }
 }
 
-/// Debian's nftables command line.
-const NFT: &str = "nft";
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::network::policy::NetworkMode;
-
-    fn policy(deny: &[&str], allow: &[&str]) -> NetworkPolicy {
-        let s = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        NetworkPolicy::new(NetworkMode::Egress, &s(deny), &s(allow)).unwrap()
-    }
+    use crate::network::tests::policy;
 
     #[test]
     fn the_default_ruleset_refuses_link_local_loopback_the_gateway_and_the_host() {

@@ -41,7 +41,7 @@ use ipnet::IpNet;
 use super::filter::destination_rules;
 use super::policy::{never_reachable, NetworkPolicy};
 use super::uid::{self, UID_BASE, UID_SLOTS};
-use super::{HostNetwork, NetworkError, DNS, GATEWAY};
+use super::{HostNetwork, NetworkError, DNS, GATEWAY, NFT};
 
 /// The host table fnvm owns.
 pub const TABLE: &str = "fnvm_egress";
@@ -302,18 +302,10 @@ fn load(text: &str) -> Result<(), NetworkError> {
     super::filter::load_in(std::os::fd::AsFd::as_fd(&own), text)
 }
 
-/// Debian's nftables command line.
-const NFT: &str = "nft";
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::network::policy::NetworkMode;
-
-    fn policy(deny: &[&str], allow: &[&str]) -> NetworkPolicy {
-        let s = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        NetworkPolicy::new(NetworkMode::Egress, &s(deny), &s(allow)).unwrap()
-    }
+    use crate::network::tests::policy;
 
     #[test]
     fn the_chain_lets_dns_through_then_refuses_the_host_metadata_and_denied_ranges() {

@@ -30,6 +30,20 @@ pub const DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
 /// The function's interface.
 pub const INTERFACE: &str = "eth0";
 
+/// Debian's nftables command line (package nftables).
+pub(crate) const NFT: &str = "nft";
+
+/// A helper's messages on stderr, one line, without the user-mode stack's complaints about a
+/// missing system logger and its hints for people starting QEMU by hand.
+pub(crate) fn helper_messages(stderr: &str) -> String {
+    stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.contains("to syslog") && !l.contains("qemu"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// `/etc/resolv.conf` of a function with egress.
 pub fn resolv_conf() -> String {
     format!("# written by fnvm: queries go to the host's resolvers\nnameserver {DNS}\n")
@@ -132,6 +146,14 @@ fn tail(stderr: &str) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+    use super::{NetworkMode, NetworkPolicy};
+
+    /// An egress policy of these ranges.
+    pub fn policy(deny: &[&str], allow: &[&str]) -> NetworkPolicy {
+        let s = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        NetworkPolicy::new(NetworkMode::Egress, &s(deny), &s(allow)).unwrap()
+    }
 
     /// A network namespace of a test's own, held by a sleeping child (killed on drop).
     pub struct ScratchNetns {

@@ -143,7 +143,7 @@ impl Passt {
                 let stderr = std::fs::read_to_string(&messages).unwrap_or_default();
                 return Err(PasstError::NotReady {
                     why,
-                    stderr: useful_lines(&stderr),
+                    stderr: super::helper_messages(&stderr),
                 });
             }
             std::thread::sleep(pause);
@@ -174,17 +174,6 @@ impl Drop for Passt {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// passt's messages without its complaints about a missing system logger and its hints for
-/// people starting QEMU by hand.
-fn useful_lines(stderr: &str) -> String {
-    stderr
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.contains("to syslog") && !l.contains("qemu"))
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 #[cfg(test)]

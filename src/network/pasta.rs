@@ -183,7 +183,7 @@ impl Pasta {
                 let stderr = std::fs::read_to_string(&self.err_file).unwrap_or_default();
                 return Err(NetworkError::Pasta {
                     why,
-                    stderr: useful_lines(&stderr),
+                    stderr: super::helper_messages(&stderr),
                 });
             }
             std::thread::sleep(pause);
@@ -209,15 +209,6 @@ impl Drop for Pasta {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// pasta's messages without its complaints about a missing system logger.
-fn useful_lines(stderr: &str) -> String {
-    stderr
-        .lines()
-        .filter(|l| !l.contains("to syslog"))
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 #[cfg(test)]
