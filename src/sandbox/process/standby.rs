@@ -36,6 +36,9 @@ pub fn standby_count_from_env() -> Result<usize, SandboxError> {
     crate::sandbox::standby_count(STANDBYS_ENV, "standby sandboxes", DEFAULT_STANDBYS)
 }
 
+/// How long dropping the standbys waits for those being prepared.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
 /// The note of a start placed into a standby ([`crate::sandbox::StartInfo::note`]).
 pub const FROM_STANDBY_NOTE: &str = "from a standby sandbox";
 
@@ -50,6 +53,8 @@ struct Shared {
     root: std::path::PathBuf,
     count: usize,
     state: Mutex<State>,
+    /// Signalled when a preparation has finished (and, once closed, released its standby).
+    done: std::sync::Condvar,
 }
 
 #[derive(Default)]
@@ -68,6 +73,7 @@ impl Standbys {
                 root,
                 count,
                 state: Mutex::new(State::default()),
+                done: std::sync::Condvar::new(),
             }),
         }
     }
@@ -124,7 +130,9 @@ impl Standbys {
 }
 
 impl Drop for Standbys {
-    /// Releases every ready standby; one still being prepared is released when it is done.
+    /// Releases every ready standby, and waits (a while) for those being prepared, which
+    /// release themselves: a service that exits right after dropping its sandbox must not
+    /// leave one half made (its agent and pasta running, its cgroup and directory left).
     fn drop(&mut self) {
         let ready = {
             let mut st = self.shared.lock();
@@ -132,6 +140,11 @@ impl Drop for Standbys {
             std::mem::take(&mut st.ready)
         };
         drop(ready);
+        let st = self.shared.lock();
+        let _ = self
+            .shared
+            .done
+            .wait_timeout_while(st, CLOSE_WAIT, |st| st.preparing > 0);
     }
 }
 
@@ -150,18 +163,22 @@ impl Shared {
                 standby
             });
         let mut st = self.lock();
-        st.preparing -= 1;
         match result {
             Ok(standby) if !st.closed => st.ready.push(standby),
             Ok(standby) => {
+                // The service is going: released before it counts as done (see `Drop`).
                 drop(st);
                 drop(standby);
+                st = self.lock();
             }
             Err(e) => {
                 st.no_prepare_until = Some(Instant::now() + FAILURE_BACKOFF);
                 tracing::warn!("cannot prepare a standby sandbox: {e}");
             }
         }
+        st.preparing -= 1;
+        drop(st);
+        self.done.notify_all();
     }
 }
 
