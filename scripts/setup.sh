@@ -7,18 +7,19 @@ cd "$(dirname "$0")/.."
 log() { printf 'setup: %s\n' "$*" >&2; }
 
 # Debian packages per purpose. The guest kernel's build tools are installed by
-# guest-kernel/build.sh itself, only when a kernel is actually built. passt, nftables, iperf3
-# and iproute2 are for function networking (egress) and its tests and bench; the tests also run
-# dnsmasq and PostgreSQL as real servers in network namespaces (testkit's nethost/servers).
-packages=(e2fsprogs erofs-utils busybox-static cpio)
+# guest-kernel/build.sh itself, only when a kernel is actually built. passt and nftables carry
+# and police every function's network (egress is the default, the demo's function has it too);
+# iperf3 and iproute2 are for its tests and bench, which also run dnsmasq and PostgreSQL as real
+# servers in network namespaces (testkit's nethost/servers).
+packages=(e2fsprogs erofs-utils busybox-static cpio passt nftables)
 for purpose in "$@"; do
   case "$purpose" in
     tests) packages+=(docker-registry apache2-utils mmdebstrap jq
-                      passt nftables dnsmasq-base iperf3 postgresql iproute2) ;;
+                      dnsmasq-base iperf3 postgresql iproute2) ;;
     demo) ;;
     bench) packages+=(docker-registry apache2-utils umoci mmdebstrap qemu-system-x86 wrk
                       libpcre2-8-0 libssl3 zlib1g libcrypt1
-                      passt nftables iperf3 iproute2) ;;
+                      iperf3 iproute2) ;;
     *) log "unknown purpose '$purpose' (expected tests, demo or bench)"; exit 2 ;;
   esac
 done
