@@ -81,6 +81,16 @@ impl PasstStream {
 
     /// The next complete frame in the in buffer, without consuming it.
     pub fn peek_frame(&self) -> Result<Option<&[u8]>, BackendError> {
+        Ok(self.next_frame()?.map(|range| &self.rx[range]))
+    }
+
+    /// [`PasstStream::peek_frame`], for a device that mends the frame before the guest sees it.
+    pub fn peek_frame_mut(&mut self) -> Result<Option<&mut [u8]>, BackendError> {
+        Ok(self.next_frame()?.map(|range| &mut self.rx[range]))
+    }
+
+    /// Where the next complete frame lies in the in buffer.
+    fn next_frame(&self) -> Result<Option<std::ops::Range<usize>>, BackendError> {
         let pending = &self.rx[self.rx_start..self.rx_end];
         let Some(prefix) = pending.first_chunk::<PREFIX_LEN>() else {
             return Ok(None);
@@ -89,7 +99,11 @@ impl PasstStream {
         if len > MAX_PREFIX_LEN {
             return Err(BackendError::OversizeFrame(len));
         }
-        Ok(pending.get(PREFIX_LEN..PREFIX_LEN + len))
+        if pending.len() < PREFIX_LEN + len {
+            return Ok(None);
+        }
+        let start = self.rx_start + PREFIX_LEN;
+        Ok(Some(start..start + len))
     }
 
     /// Consumes the frame [`PasstStream::peek_frame`] returned.

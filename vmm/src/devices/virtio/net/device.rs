@@ -144,6 +144,7 @@ impl VirtioDevice for Net {
         // The backend and its buffers stay: they are host state, and a frame half read or
         // half written must be finished for the stream to stay in step.
         self.rx_chains.clear();
+        self.handshakes.clear();
         self.activated = false;
         self.acked_features = 0;
     }

@@ -32,12 +32,16 @@
 //! hangs up or fails leaves the device running without a network: guest frames are dropped
 //! (and counted), one warning is logged.
 //!
+//! A refused connection must be refused in the guest, not time out: [`handshake`] mends
+//! passt's answer to a refused SYN (a RST the guest's TCP would drop) on its way in.
+//!
 //! The device is split by direction: [`tx`] (guest → passt, checksum completion), [`rx`]
 //! (passt → guest, buffer merging), [`device`] (the virtio device, notifications, interrupt
 //! suppression), [`persist`] (its snapshot state).
 
 pub mod backend;
 pub mod device;
+pub mod handshake;
 pub mod persist;
 pub mod rx;
 pub mod tx;
@@ -58,6 +62,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::FEATURE_VERSION_1;
 use backend::PasstStream;
+use handshake::Handshakes;
 use rx::RxChain;
 
 /// Size of each of the two queues.
@@ -178,6 +183,8 @@ pub struct NetCounters {
     pub rx_dropped: u64,
     /// Guest descriptor chains returned unused because they were malformed.
     pub bad_chains: u64,
+    /// Refused connections: passt's bare RSTs answering a guest's SYN, sent on as RST+ACK.
+    pub refusals: u64,
 }
 
 /// The virtio-net device.
@@ -194,6 +201,8 @@ pub struct Net {
     /// Rx descriptor chains taken off the queue but not yet filled: a frame waits here until
     /// enough buffers for all of it arrived.
     rx_chains: std::collections::VecDeque<RxChain>,
+    /// The guest's SYNs passt has not answered yet, so that its refusals refuse.
+    handshakes: Handshakes,
     activated: bool,
     acked_features: u64,
     config: [u8; 12],
@@ -242,6 +251,7 @@ impl Net {
             backend: Some(backend),
             epoll,
             rx_chains: Default::default(),
+            handshakes: Handshakes::default(),
             activated: false,
             acked_features: 0,
             config,

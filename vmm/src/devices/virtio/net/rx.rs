@@ -94,7 +94,7 @@ impl Net {
             let Some(backend) = self.backend.as_mut() else {
                 return used;
             };
-            let frame = match backend.peek_frame() {
+            let frame = match backend.peek_frame_mut() {
                 Ok(Some(frame)) => frame,
                 Ok(None) => match backend.fill() {
                     Ok(true) => continue,
@@ -109,6 +109,9 @@ impl Net {
                     return used;
                 }
             };
+            if self.handshakes.on_passt_frame(frame) {
+                self.counters.refusals += 1;
+            }
             let (delivery, any_used) = deliver(
                 mem,
                 queue,

@@ -271,7 +271,7 @@ fn udp6_partial(payload_len: usize) -> (Vec<u8>, Vec<u8>) {
     let udp_len = 8 + payload_len;
     let mut f = eth_frame(12, 0);
     f.extend_from_slice(&[0x86, 0xdd]);
-    let src: Vec<u8> = (0..16).map(|i| 0xfd + i).collect();
+    let src: Vec<u8> = (0..16u8).map(|i| 0xfd_u8.wrapping_add(i)).collect();
     let dst: Vec<u8> = (0..16).map(|i| 0x20 + i * 3).collect();
     f.extend_from_slice(&[0x60, 0, 0, 0]);
     f.extend_from_slice(&(udp_len as u16).to_be_bytes());
@@ -407,6 +407,58 @@ fn partial_checksums_are_completed_before_passt_sees_the_frame() {
     let (frame, _) = tcp4_partial(10);
     g.send(plain_hdr(), &frame);
     assert_eq!(g.peer_recv(), frame);
+}
+
+/// passt's answer to a refused connection (Debian 12's passt): a RST without ACK, its
+/// checksum complete, from the remote end of [`tcp4_partial`]'s flow back to the guest.
+fn tcp4_bare_rst() -> Vec<u8> {
+    let mut f = eth_frame(14, 0);
+    let (src, dst) = ([93, 184, 216, 34], [10, 0, 2, 15]);
+    let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    let ip_sum = !reference_sum(&ip);
+    ip[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+    f.extend_from_slice(&ip);
+    let mut tcp = vec![
+        0x00, 0x50, 0x9c, 0x40, 0, 0, 0, 0, 0, 0, 0, 0, 0x50, 0x04, 0, 0,
+    ];
+    tcp.extend_from_slice(&[0, 0, 0, 0]);
+    let mut all = [&src[..], &dst[..], &[0, 6, 0, 20]].concat();
+    all.extend_from_slice(&tcp);
+    let sum = !reference_sum(&all);
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    f.extend_from_slice(&tcp);
+    f
+}
+
+#[test]
+fn a_refused_connection_reaches_the_guest_as_rst_ack_answering_its_syn() {
+    let mut g = Guest::new();
+    g.post_rx(4, 4096);
+    // The guest's SYN, checksum left to the device as Linux leaves it; seq 0x01020304.
+    let (mut syn, pseudo) = tcp4_partial(0);
+    syn[ETH_HLEN + 20 + 13] = 0x02;
+    g.send(csum_hdr(34, 16), &syn);
+    assert!(l4_checksum_ok(&pseudo, &g.peer_recv()[34..]));
+    // passt refuses it with a bare RST, which a TCP in SYN-SENT would drop.
+    g.peer_send(&tcp4_bare_rst());
+    g.pump();
+    let got = g.rx_frames();
+    assert_eq!(got.len(), 1);
+    let rst = &got[0].1;
+    let tcp = &rst[34..];
+    assert_eq!(tcp[13], 0x14, "RST+ACK");
+    assert_eq!(&tcp[8..12], &0x01020305u32.to_be_bytes(), "acks the SYN");
+    let pseudo = [&[93, 184, 216, 34][..], &[10, 0, 2, 15], &[0, 6, 0, 20]].concat();
+    assert!(l4_checksum_ok(&pseudo, tcp), "its checksum redone");
+    assert_eq!(g.net().counters().refusals, 1);
+    // A bare RST for no handshake of the guest's goes in as passt sent it.
+    g.peer_send(&tcp4_bare_rst());
+    g.pump();
+    let got = g.rx_frames();
+    assert_eq!(got[0].1, tcp4_bare_rst());
+    assert_eq!(g.net().counters().refusals, 1);
 }
 
 #[test]

@@ -63,7 +63,10 @@ impl Net {
             let head = chain.head_index();
             match self.backend.as_mut() {
                 Some(backend) => match read_frame(mem, chain, backend.tx_buffer()) {
-                    Ok(()) => self.counters.tx_frames += 1,
+                    Ok(frame) => {
+                        self.handshakes.on_guest_frame(&backend.tx_buffer()[frame]);
+                        self.counters.tx_frames += 1;
+                    }
                     Err(e) => {
                         tracing::warn!(head, error = %e, "virtio-net: guest frame dropped");
                         self.counters.tx_dropped += 1;
@@ -93,18 +96,21 @@ impl Net {
 }
 
 /// Appends the chain's frame to `out` behind its big-endian length, with its checksum
-/// completed if the guest asked for that. On error `out` is left as it was.
+/// completed if the guest asked for that; returns where the frame lies in `out`. On error
+/// `out` is left as it was.
 pub(super) fn read_frame(
     mem: &GuestMemory,
     chain: DescriptorChain<&GuestMemory>,
     out: &mut Vec<u8>,
-) -> Result<(), TxError> {
+) -> Result<std::ops::Range<usize>, TxError> {
     let start = out.len();
-    let result = copy_frame(mem, chain, out, start);
-    if result.is_err() {
-        out.truncate(start);
+    match copy_frame(mem, chain, out, start) {
+        Ok(()) => Ok(start + PREFIX_LEN..out.len()),
+        Err(e) => {
+            out.truncate(start);
+            Err(e)
+        }
     }
-    result
 }
 
 fn copy_frame(
