@@ -46,6 +46,9 @@ pub enum VmError {
     /// A vCPU could not be configured or restored.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// The VMM could not confine itself (seccomp, capabilities).
+    #[error(transparent)]
+    Confine(#[from] crate::confine::ConfineError),
     /// A device could not be created, placed or wired.
     #[error(transparent)]
     Device(#[from] DeviceError),

@@ -30,6 +30,9 @@ pub mod code {
     pub const HALTED: u8 = 7;
     /// The VMM was asked to stop (SIGTERM/SIGINT, or a stop request through the API).
     pub const STOPPED: u8 = 8;
+    /// A VMM thread made a system call outside its seccomp allow-list
+    /// ([`crate::confine`]): the VMM stopped at once.
+    pub const SECCOMP_VIOLATION: u8 = 9;
 }
 
 /// Why the VM ended.

@@ -10,7 +10,8 @@
 //! API (wire format, server, in-process handle) and [`standby`] a VMM waiting to restore;
 //! [`vstate`] holds the KVM VM and vCPUs (run loop, kick, pause, state); [`device_manager`]
 //! places and wires the [`devices`]; [`snapshot`] is the snapshot directory's file format;
-//! [`arch`] the x86-64 boot protocol; [`error`] the errors that reach the caller.
+//! [`arch`] the x86-64 boot protocol; [`error`] the errors that reach the caller; [`confine`]
+//! what the VMM does to itself before the guest runs (capabilities, seccomp per thread).
 //!
 //! ```no_run
 //! use fnvm_vmm::arch::x86_64::boot::KernelConfig;
@@ -31,6 +32,7 @@
 
 pub mod api;
 pub mod arch;
+pub mod confine;
 pub mod device_manager;
 pub mod devices;
 pub mod ending;

@@ -49,6 +49,10 @@ usage: fnvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MiB]
                      the command line (ip=ADDR::GW:MASK::eth0:off) or DHCP. MAC defaults to
                      02:66:6e:76:6d:00. If passt goes away the guest keeps running without
                      network (its frames are dropped)
+  --no-seccomp       run without confinement: by default, once the VM is set up, the VMM
+                     drops every capability, sets no_new_privs and puts each thread under
+                     a seccomp allow-list (vCPU threads, the VMM thread); a call outside it
+                     stops the VMM with exit code 9 and a line naming the thread and call
   --api-sock PATH    serve the control API on the Unix socket PATH (must not exist; removed
                      on exit): one JSON request per line, one JSON reply per line:
                      {\"op\":\"pause\"}, {\"op\":\"resume\"}, {\"op\":\"snapshot\",\"dir\":\"DIR\"} (DIR must
@@ -92,6 +96,7 @@ exit codes:
   6  VM entry failed (KVM_EXIT_FAIL_ENTRY)
   7  vCPU halted with nothing to wake it
   8  stopped by SIGTERM/SIGINT
+  9  a VMM thread made a system call outside its seccomp allow-list
 ";
 
 struct Args {
@@ -108,6 +113,8 @@ struct Args {
     vsock_cid: u64,
     /// `--net PATH[,mac=MAC]`: the passt socket and the MAC if one was given.
     net: Option<(PathBuf, Option<MacAddr>)>,
+    /// `--no-seccomp`: run without the threads' seccomp filters (and keep capabilities).
+    no_seccomp: bool,
 }
 
 /// Parses `PATH[,mac=MAC]`.
@@ -137,6 +144,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
     let mut net = None;
     let mut restore = None;
     let mut standby = false;
+    let mut no_seccomp = false;
     let mut api_sock = None;
     let mut boot_only = Vec::new();
     while let Some(arg) = argv.next() {
@@ -149,6 +157,10 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
         }
         if flag == "--standby" {
             standby = true;
+            continue;
+        }
+        if flag == "--no-seccomp" {
+            no_seccomp = true;
             continue;
         }
         let mut value = || {
@@ -266,6 +278,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
         vsock,
         vsock_cid,
         net,
+        no_seccomp,
     }))
 }
 
@@ -304,6 +317,9 @@ fn main() -> ExitCode {
             .with_env_filter(tracing_subscriber::EnvFilter::from_env("FNVM_LOG"))
             .with_writer(std::io::stderr)
             .init();
+    }
+    if std::env::var_os("FNVM_VMM_TEST_TRIGGERS").is_some_and(|v| v == "1") {
+        fnvm_vmm::confine::violation::enable_test_trigger();
     }
     let args = match parse_args(std::env::args().skip(1)) {
         Ok(Some(a)) => a,
@@ -361,7 +377,7 @@ fn run(args: &Args, slot: &mut Option<Vm>) -> Result<VmExit, (String, u8)> {
     if let Some(path) = &args.api_sock {
         vm.serve_api(path).map_err(|e| bad(&e))?;
     }
-    run_vm(vm)
+    run_vm(vm, args)
 }
 
 /// `--restore DIR`: the snapshot's VM with this invocation's disks, vsock path, passt socket
@@ -396,7 +412,7 @@ fn restore(
     if let Some(path) = &args.api_sock {
         vm.serve_api(path).map_err(|e| bad(&e))?;
     }
-    run_vm(vm)
+    run_vm(vm, args)
 }
 
 /// `--standby`: the VM now, the snapshot when a restore request names it.
@@ -422,10 +438,16 @@ fn standby(args: &Args, slot: &mut Option<Vm>) -> Result<VmExit, (String, u8)> {
         fnvm_vmm::standby::serve_until_restore(standby, &listener, console).map_err(|e| bad(&e))?;
     let vm = slot.insert(vm);
     vm.serve_api_listener(listener);
-    run_vm(vm)
+    run_vm(vm, args)
 }
 
-fn run_vm(vm: &mut Vm) -> Result<VmExit, (String, u8)> {
+/// Runs the VM, confined (capabilities, seccomp per thread) unless `--no-seccomp`.
+fn run_vm(vm: &mut Vm, args: &Args) -> Result<VmExit, (String, u8)> {
+    if !args.no_seccomp {
+        let confinement = fnvm_vmm::confine::Confinement::new()
+            .map_err(|e| (format!("VMM error: {e}"), code::VMM_ERROR))?;
+        vm.confine(confinement);
+    }
     install_terminate_handlers(vm.stop_handle_fd());
     let raw_terminal = fnvm_vmm::terminal::RawTerminal::enable(libc::STDIN_FILENO);
     let result = vm.run();

@@ -7,6 +7,7 @@
 //! [`Vm::load_kernel`] or [`Vm::load_program`] → [`Vm::run`]. [`Vm::restore`]
 //! ([`crate::persist`]) builds a VM from a snapshot instead.
 
+use crate::confine::{Confinement, ThreadKind};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
@@ -154,6 +155,8 @@ pub struct Vm {
     api_channel: Option<ApiChannel>,
     /// The API socket, served once the VM runs.
     api_listener: Option<UnixListener>,
+    /// What the threads do to themselves as the VM starts ([`Vm::confine`]); None: nothing.
+    confinement: Option<Arc<Confinement>>,
     /// A standby VM's own anonymous RAM mapping, now overlaid by the snapshot's memory file
     /// (`machine.mem` is a non-owning view of the same addresses): it unmaps them when the Vm
     /// is dropped, so it is the last field.
@@ -219,6 +222,7 @@ impl Vm {
             start: None,
             api_channel: Some(ApiChannel::new().map_err(io_err("API channel eventfd"))?),
             api_listener: None,
+            confinement: None,
             backing: None,
         })
     }
@@ -489,11 +493,24 @@ impl Vm {
     /// A VM runs once: afterwards `run` returns [`VmError::NothingLoaded`]. Dropping the `Vm`
     /// releases the KVM VM, which the host kernel tears down synchronously (milliseconds), so
     /// callers that report timings should do so before the drop.
+    /// Makes [`Vm::run`] confine the process: capabilities dropped before the vCPU threads
+    /// start, each vCPU thread under its seccomp filter before it first enters the guest, and
+    /// the calling thread under its own once they run. For a process that runs only this VM
+    /// (`fnvm-vmm`): the calling thread stays confined after `run` returns.
+    pub fn confine(&mut self, confinement: Confinement) {
+        self.confinement = Some(Arc::new(confinement));
+    }
+
     pub fn run(&mut self) -> Result<VmExit, VmError> {
         if self.start.take().is_none() {
             return Err(VmError::NothingLoaded);
         }
         install_kick_handler();
+        if let Some(c) = &self.confinement {
+            // What a vCPU thread would otherwise open later (a snapshot's MSR list).
+            crate::vstate::vcpu::state::msr_index_list();
+            c.drop_capabilities()?;
+        }
         let devices = &mut self.machine.devices;
         let pio = Arc::new(std::mem::take(&mut devices.pio));
         let mmio = Arc::new(std::mem::take(&mut devices.mmio));
@@ -522,6 +539,7 @@ impl Vm {
                 exit: self.exit.clone(),
                 threads: threads.clone(),
                 first_io: first_io.clone(),
+                confinement: self.confinement.clone(),
             };
             match vcpu.spawn(ctx) {
                 Ok(t) => handles.push(t),
@@ -531,14 +549,19 @@ impl Vm {
                 }
             }
         }
-        let outcome = match spawn_error {
-            Some(e) => Err(VmError::Io {
+        let confined = match (&spawn_error, &self.confinement) {
+            (None, Some(c)) => c.enter(ThreadKind::Vmm, "fnvm-vmm").map_err(VmError::from),
+            _ => Ok(()),
+        };
+        let outcome = match (spawn_error, confined) {
+            (Some(e), _) => Err(VmError::Io {
                 what: "spawning a vCPU thread",
                 source: e,
             }),
+            (None, Err(e)) => Err(e),
             // A panicking handler (a device-model bug on the event-loop side) must still let
             // the vCPU threads be stopped below.
-            None => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            (None, Ok(())) => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 self.event_loop.run(&mut self.machine)
             })) {
                 Ok(result) => result.map_err(io_err("event loop")),

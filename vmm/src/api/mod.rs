@@ -49,6 +49,9 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         net: Option<PathBuf>,
     },
+    /// Test only, refused unless the VMM was started with `FNVM_VMM_TEST_TRIGGERS=1`: the
+    /// VMM thread makes a system call no filter allows ([`crate::confine::violation`]).
+    ForbiddenSyscall,
 }
 
 /// How a restored VM came back: when it resumed and its first I/O (times since the VMM

@@ -50,6 +50,7 @@ pub fn answer(
         Request::Restore { .. } => Response::err(
             "this VM is already running: only a standby fnvm-vmm (--standby) restores",
         ),
+        Request::ForbiddenSyscall => Response::err(crate::confine::violation::forbidden_syscall()),
         Request::Metrics => Response {
             paused: Some(machine.is_paused()),
             restore: machine.restore_metrics(),

@@ -25,6 +25,8 @@ pub struct RunContext {
     /// Set on restored VMs until this thread's first I/O exit, which it records; then None,
     /// so later exits cost one branch on a local.
     pub first_io: Option<Arc<FirstIo>>,
+    /// The seccomp filter this thread installs before it first enters the guest.
+    pub confinement: Option<Arc<crate::confine::Confinement>>,
 }
 
 impl RunContext {
@@ -143,6 +145,16 @@ impl Vcpu {
         std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
+                if let Some(c) = &ctx.confinement {
+                    if let Err(e) = c.enter(crate::confine::ThreadKind::Vcpu, &format!("vcpu{id}"))
+                    {
+                        exit.report(VmExit::VcpuError {
+                            vcpu: id,
+                            error: e.to_string(),
+                        });
+                        return;
+                    }
+                }
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(ctx)));
                 if let Err(panic) = ran {
                     exit.report(VmExit::VcpuError {

@@ -49,8 +49,10 @@ pub struct VcpuState {
     pub tsc_khz: Option<u32>,
 }
 
-/// The MSRs KVM lists as saveable (KVM_GET_MSR_INDEX_LIST), read once per process.
-fn msr_index_list() -> &'static [u32] {
+/// The MSRs KVM lists as saveable (KVM_GET_MSR_INDEX_LIST), read once per process (it opens
+/// /dev/kvm: a confined VMM reads it before its vCPU threads are confined, see
+/// [`crate::vmm::Vm::run`]).
+pub(crate) fn msr_index_list() -> &'static [u32] {
     static LIST: OnceLock<Vec<u32>> = OnceLock::new();
     LIST.get_or_init(|| {
         kvm_ioctls::Kvm::new()

@@ -1,0 +1,256 @@
+//! The `fnvm-vmm` process confines itself once its VM runs (a tiny guest under /dev/kvm, the
+//! binary as fnvm starts it): every thread shows as seccomp-filtered with no_new_privs and no
+//! capabilities in `/proc`, vCPU threads included; a thread that makes a call outside its
+//! allow-list (the test-only trigger) stops the VMM with exit code 9 and one line naming the
+//! thread and the call; `--no-seccomp` leaves all of it off.
+//!
+//! Without /dev/kvm each test prints one loud line to stderr and returns.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A hang guard, never a speed target.
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn kvm_available(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        eprintln!("!!! SKIPPED {test}: /dev/kvm is not available here !!!");
+    }
+    ok
+}
+
+/// A running `fnvm-vmm` with the serial-loop guest and an API socket.
+struct Vmm {
+    child: Child,
+    api: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Vmm {
+    fn start(extra: &[&str]) -> Vmm {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("loop.elf");
+        std::fs::write(&kernel, fnvm_vmm::tiny_guest::serial_loop()).unwrap();
+        let api = dir.path().join("api.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_fnvm-vmm"))
+            .arg("--kernel")
+            .arg(&kernel)
+            .arg("--api-sock")
+            .arg(&api)
+            .args(extra)
+            .env("FNVM_VMM_TEST_TRIGGERS", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut vmm = Vmm {
+            child,
+            api,
+            _dir: dir,
+        };
+        vmm.wait_running();
+        vmm
+    }
+
+    /// Until the API answers (the VM runs: its threads are confined by then) and a vCPU
+    /// thread exists.
+    fn wait_running(&mut self) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("fnvm-vmm ended ({status}): {}", self.stderr());
+            }
+            let answered = self.api.exists()
+                && UnixStream::connect(&self.api).is_ok_and(|s| request(s, "metrics").is_some());
+            if answered && self.threads().iter().any(|(name, _)| name == "vcpu0") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "fnvm-vmm did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// (thread name, its /proc status) for every thread of the VMM.
+    fn threads(&self) -> Vec<(String, String)> {
+        let task = format!("/proc/{}/task", self.child.id());
+        let Ok(entries) = std::fs::read_dir(&task) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = std::fs::read_to_string(e.path().join("comm")).ok()?;
+                let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+                Some((name.trim().to_string(), status))
+            })
+            .collect()
+    }
+
+    fn stderr(&mut self) -> String {
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        err
+    }
+
+    /// Sends `op` and waits for the process to end: its exit code and stderr.
+    fn send_and_wait(&mut self, op: &str) -> (Option<i32>, Option<String>, String) {
+        let reply = UnixStream::connect(&self.api)
+            .ok()
+            .and_then(|s| request(s, op));
+        let err = self.stderr();
+        let status = wait_exit(&mut self.child);
+        (status.code(), reply, err)
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "fnvm-vmm did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One API request line; the reply line, or None when the connection closed first.
+fn request(mut s: UnixStream, op: &str) -> Option<String> {
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.write_all(format!("{{\"op\":\"{op}\"}}\n").as_bytes())
+        .ok()?;
+    let mut line = String::new();
+    match BufReader::new(&s).read_line(&mut line) {
+        Ok(n) if n > 0 => Some(line),
+        _ => None,
+    }
+}
+
+fn field<'a>(status: &'a str, name: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .unwrap_or_else(|| panic!("no {name} in {status}"))
+        .trim()
+}
+
+fn stop(vmm: &mut Vmm) {
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(vmm.child.id() as i32, libc::SIGTERM) };
+    let status = wait_exit(&mut vmm.child);
+    assert_eq!(
+        status.code(),
+        Some(8),
+        "stopped by SIGTERM: {}",
+        vmm.stderr()
+    );
+}
+
+#[test]
+fn every_thread_of_a_running_vmm_is_filtered_without_privileges() {
+    if !kvm_available("every_thread_of_a_running_vmm_is_filtered_without_privileges") {
+        return;
+    }
+    let mut vmm = Vmm::start(&["--vcpus", "1"]);
+    let threads = vmm.threads();
+    assert!(threads.len() >= 2, "the VMM thread and vcpu0: {threads:?}");
+    for (name, status) in &threads {
+        assert_eq!(field(status, "Seccomp:"), "2", "{name} is filtered");
+        assert_eq!(field(status, "NoNewPrivs:"), "1", "{name}");
+        assert_eq!(field(status, "CapEff:"), "0000000000000000", "{name}");
+        assert_eq!(field(status, "CapPrm:"), "0000000000000000", "{name}");
+        assert_eq!(field(status, "CapBnd:"), "0000000000000000", "{name}");
+    }
+    // Confined, it still serves its API and stops cleanly.
+    assert!(UnixStream::connect(&vmm.api)
+        .ok()
+        .and_then(|s| request(s, "metrics"))
+        .is_some_and(|r| r.contains("\"ok\":true")));
+    stop(&mut vmm);
+}
+
+#[test]
+fn a_forbidden_system_call_stops_the_vmm_naming_the_thread_and_call() {
+    if !kvm_available("a_forbidden_system_call_stops_the_vmm_naming_the_thread_and_call") {
+        return;
+    }
+    let mut vmm = Vmm::start(&[]);
+    let (code, reply, err) = vmm.send_and_wait("forbidden_syscall");
+    assert_eq!(code, Some(9), "exit code 9; reply {reply:?}; stderr: {err}");
+    assert_eq!(reply, None, "the VMM stopped before it could answer");
+    let setns = libc::SYS_setns.to_string();
+    assert!(
+        err.contains("seccomp violation: thread fnvm-vmm made system call")
+            && err.contains(&format!("call {setns},")),
+        "stderr names the thread and the call: {err}"
+    );
+}
+
+#[test]
+fn without_seccomp_nothing_is_confined_and_the_trigger_says_so() {
+    if !kvm_available("without_seccomp_nothing_is_confined_and_the_trigger_says_so") {
+        return;
+    }
+    let mut vmm = Vmm::start(&["--no-seccomp"]);
+    for (name, status) in vmm.threads() {
+        assert_eq!(field(&status, "Seccomp:"), "0", "{name}");
+    }
+    let reply = UnixStream::connect(&vmm.api)
+        .ok()
+        .and_then(|s| request(s, "forbidden_syscall"))
+        .expect("a reply");
+    assert!(reply.contains("runs without seccomp"), "{reply}");
+    stop(&mut vmm);
+}
+
+/// The trigger is refused (and changes nothing) unless the VMM was started with it on.
+#[test]
+fn the_trigger_is_refused_unless_enabled_at_start() {
+    if !kvm_available("the_trigger_is_refused_unless_enabled_at_start") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("loop.elf");
+    std::fs::write(&kernel, fnvm_vmm::tiny_guest::serial_loop()).unwrap();
+    let api = dir.path().join("api.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_fnvm-vmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--api-sock")
+        .arg(&api)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut vmm = Vmm {
+        child,
+        api,
+        _dir: dir,
+    };
+    vmm.wait_running();
+    let reply = UnixStream::connect(&vmm.api)
+        .ok()
+        .and_then(|s| request(s, "forbidden_syscall"))
+        .expect("a reply");
+    assert!(reply.contains("test triggers are off"), "{reply}");
+    stop(&mut vmm);
+}
