@@ -4,7 +4,9 @@
 //!
 //! One serve process goes through the pool's promises in turn: 32 concurrent invocations scale
 //! out and all succeed; a function past its timeout gets the timeout error and the next call
-//! works; an instance killed mid-request gives a crash error naming it and the next call works;
+//! works; an instance killed mid-request gives a crash error naming it and the next call works
+//! (and in the vm sandbox: its VMM's threads are all seccomp-filtered without capabilities, and
+//! a VMM that breaks its filter is such a crash too, named as a seccomp violation);
 //! the logs of one request id hold exactly its lines; idle instances go away after the idle time.
 //! Another serve shows provisioned concurrency: N instances ready before any request, kept past
 //! the idle time, take N calls at once with no cold start on the request path (/metrics).
@@ -136,9 +138,9 @@ fn instances(serve: &Serve, name: &str) -> Vec<serde_json::Value> {
         .unwrap_or_default()
 }
 
-/// SIGKILLs the sandbox of `instance_id` (the agent, PID 1 of a process sandbox; the VMM of a
+/// The sandbox process of `instance_id` (the agent, PID 1 of a process sandbox; the VMM of a
 /// VM), as its instance record in `home` names it.
-fn kill_sandbox(home: &Path, instance_id: &str) {
+fn sandbox_pid(home: &Path, instance_id: &str) -> i32 {
     let record = home
         .join("instances")
         .join(instance_id)
@@ -146,14 +148,83 @@ fn kill_sandbox(home: &Path, instance_id: &str) {
     let text = std::fs::read_to_string(&record)
         .unwrap_or_else(|e| panic!("the record of {instance_id} ({}): {e}", record.display()));
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let pid = v["sandbox"]["pid"]
+    v["sandbox"]["pid"]
         .as_i64()
-        .unwrap_or_else(|| panic!("no sandbox process in {text}"));
+        .unwrap_or_else(|| panic!("no sandbox process in {text}")) as i32
+}
+
+/// SIGKILLs the sandbox of `instance_id`.
+fn kill_sandbox(home: &Path, instance_id: &str) {
+    let pid = sandbox_pid(home, instance_id);
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
+        nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap_or_else(|e| panic!("cannot kill the sandbox of {instance_id} (pid {pid}): {e}"));
+}
+
+/// A busy instance of `name`'s while a `sleep 1.5` call runs on it: its id, and the call.
+fn busy_instance(serve: &Serve, name: &str) -> (String, std::thread::JoinHandle<(u16, String)>) {
+    let slow = {
+        let url = serve.url(&format!(
+            "/v1/namespaces/default/functions/{name}/invocations"
+        ));
+        std::thread::spawn(move || {
+            let mut resp = http().post(url).send("sleep 1.5").unwrap();
+            (
+                resp.status().as_u16(),
+                resp.body_mut().read_to_string().unwrap(),
+            )
+        })
+    };
+    let mut victim = None;
+    wait_for("a busy instance", Duration::from_secs(30), || {
+        victim = instances(serve, name)
+            .into_iter()
+            .find(|i| i["state"] == "busy")
+            .map(|i| i["id"].as_str().unwrap().to_string());
+        victim.is_some()
+    });
+    (victim.unwrap(), slow)
+}
+
+/// The vm sandbox's VMM is confined (every thread seccomp-filtered, no_new_privs, no
+/// capabilities), and one whose thread makes a call outside its filter (the VMM's test-only
+/// trigger, enabled by FNVM_VMM_TEST_TRIGGERS=1 on serve) stops at once: the call in flight
+/// gets a crash error naming the instance and the violation, and the next call works.
+fn a_vmm_seccomp_violation_is_a_crash_and_the_instance_replaced(serve: &Serve, home: &Path) {
+    let (victim, slow) = busy_instance(serve, "pool");
+    let pid = sandbox_pid(home, &victim);
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    for task in tasks.flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or("")
+                .to_string()
+        };
+        assert_eq!(field("Seccomp:"), "2", "{status}");
+        assert_eq!(field("NoNewPrivs:"), "1", "{status}");
+        assert_eq!(field("CapEff:"), "0000000000000000", "{status}");
+    }
+    let api = home.join("instances").join(&victim).join("api.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(&api).unwrap();
+    std::io::Write::write_all(&mut s, b"{\"op\":\"forbidden_syscall\"}\n").unwrap();
+    let mut reply = String::new();
+    let _ = std::io::Read::read_to_string(&mut s, &mut reply);
+    assert_eq!(reply, "", "the VMM stopped before it could answer");
+    let (status, body) = slow.join().unwrap();
+    assert_eq!(status, 502, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "FunctionCrashed", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&victim), "{v}");
+    assert!(message.contains("seccomp violation"), "{v}");
+    let (status, rid, body) = invoke(serve, "pool", "hello");
+    assert_eq!((status, body), (200, format!("ok {rid}")));
 }
 
 fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
@@ -178,6 +249,8 @@ fn the_pool_scales_times_out_recovers_attributes_logs_and_reclaims_idle_instance
 fn pool_in(sandbox: &str) {
     let _serial = serial();
     let home = HERE.fresh_home(&format!("service-pool-home-{sandbox}"));
+    // The VMM's test-only trigger (a forbidden system call on request), passed on by serve.
+    std::env::set_var("FNVM_VMM_TEST_TRIGGERS", "1");
     let mut serve = Serve::start_in(
         sandbox,
         HERE.fnvm(),
@@ -238,25 +311,7 @@ fn pool_in(sandbox: &str) {
     assert_eq!((status, body), (200, format!("ok {rid}")));
 
     // An instance killed mid-request: a crash error naming it, then the next call works.
-    let slow = {
-        let url = serve.url("/v1/namespaces/default/functions/pool/invocations");
-        std::thread::spawn(move || {
-            let mut resp = http().post(url).send("sleep 1.5").unwrap();
-            (
-                resp.status().as_u16(),
-                resp.body_mut().read_to_string().unwrap(),
-            )
-        })
-    };
-    let mut victim = None;
-    wait_for("a busy instance", Duration::from_secs(30), || {
-        victim = instances(&serve, "pool")
-            .into_iter()
-            .find(|i| i["state"] == "busy")
-            .map(|i| i["id"].as_str().unwrap().to_string());
-        victim.is_some()
-    });
-    let victim = victim.unwrap();
+    let (victim, slow) = busy_instance(&serve, "pool");
     std::thread::sleep(Duration::from_millis(200));
     kill_sandbox(&home, &victim);
     let (status, body) = slow.join().unwrap();
@@ -269,6 +324,9 @@ fn pool_in(sandbox: &str) {
     );
     let (status, rid, body) = invoke(&serve, "pool", "hello");
     assert_eq!((status, body), (200, format!("ok {rid}")));
+    if sandbox == "vm" {
+        a_vmm_seccomp_violation_is_a_crash_and_the_instance_replaced(&serve, &home);
+    }
 
     // The logs of one request id hold exactly that request's lines.
     let rids: Vec<String> = (0..3).map(|_| invoke(&serve, "pool", "log 3").1).collect();

@@ -49,10 +49,17 @@ usage: fnvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MiB]
                      the command line (ip=ADDR::GW:MASK::eth0:off) or DHCP. MAC defaults to
                      02:66:6e:76:6d:00. If passt goes away the guest keeps running without
                      network (its frames are dropped)
-  --no-seccomp       run without confinement: by default, once the VM is set up, the VMM
-                     drops every capability, sets no_new_privs and puts each thread under
-                     a seccomp allow-list (vCPU threads, the VMM thread); a call outside it
-                     stops the VMM with exit code 9 and a line naming the thread and call
+  --jail DIR         as the VM starts, move into mount, network, ipc and uts namespaces
+                     of the VMM's own whose root holds only DIR (repeatable; same paths,
+                     read-write, nosuid,nodev,noexec): e.g. the directory of the --vsock
+                     socket and of snapshots it will write. Everything else was opened
+                     before. Needs root (CAP_SYS_ADMIN). A standby takes its jail from the
+                     restore request's \"jail\":[\"DIR\",...] (as well)
+  --no-confinement   run unconfined (for debugging): by default, once the VM is set up,
+                     the VMM enters its jail (if any), drops every capability, sets
+                     no_new_privs and puts each thread under a seccomp allow-list (vCPU
+                     threads, the VMM thread); a call outside it stops the VMM with exit
+                     code 9 and a line naming the thread and the call
   --api-sock PATH    serve the control API on the Unix socket PATH (must not exist; removed
                      on exit): one JSON request per line, one JSON reply per line:
                      {\"op\":\"pause\"}, {\"op\":\"resume\"}, {\"op\":\"snapshot\",\"dir\":\"DIR\"} (DIR must
@@ -113,8 +120,10 @@ struct Args {
     vsock_cid: u64,
     /// `--net PATH[,mac=MAC]`: the passt socket and the MAC if one was given.
     net: Option<(PathBuf, Option<MacAddr>)>,
-    /// `--no-seccomp`: run without the threads' seccomp filters (and keep capabilities).
-    no_seccomp: bool,
+    /// `--no-confinement`: no jail, no seccomp filters, capabilities kept.
+    no_confinement: bool,
+    /// `--jail DIR`...: the directories the jail holds.
+    jail: Vec<PathBuf>,
 }
 
 /// Parses `PATH[,mac=MAC]`.
@@ -144,7 +153,8 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
     let mut net = None;
     let mut restore = None;
     let mut standby = false;
-    let mut no_seccomp = false;
+    let mut no_confinement = false;
+    let mut jail = Vec::new();
     let mut api_sock = None;
     let mut boot_only = Vec::new();
     while let Some(arg) = argv.next() {
@@ -159,8 +169,8 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
             standby = true;
             continue;
         }
-        if flag == "--no-seccomp" {
-            no_seccomp = true;
+        if flag == "--no-confinement" {
+            no_confinement = true;
             continue;
         }
         let mut value = || {
@@ -205,6 +215,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
                 disks.push((PathBuf::from(path), ro));
             }
             "--vsock" => vsock = Some(PathBuf::from(value()?)),
+            "--jail" => jail.push(PathBuf::from(value()?)),
             "--net" => {
                 if net.is_some() {
                     return Err("--net can be given once (one network device)".into());
@@ -278,7 +289,8 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
         vsock,
         vsock_cid,
         net,
-        no_seccomp,
+        no_confinement,
+        jail,
     }))
 }
 
@@ -329,6 +341,11 @@ fn main() -> ExitCode {
         }
         Err(e) => return finish(start, &format!("bad input: {e}"), code::BAD_INPUT),
     };
+    if !args.jail.is_empty() {
+        if let Err(e) = fnvm_vmm::confine::Jail::new(&args.jail) {
+            return finish(start, &format!("bad input: {e}"), code::BAD_INPUT);
+        }
+    }
     let mut vm = None;
     let result = match &args.restore {
         Some(dir) => restore(&args, dir, start, &mut vm),
@@ -441,11 +458,17 @@ fn standby(args: &Args, slot: &mut Option<Vm>) -> Result<VmExit, (String, u8)> {
     run_vm(vm, args)
 }
 
-/// Runs the VM, confined (capabilities, seccomp per thread) unless `--no-seccomp`.
+/// Runs the VM, confined (jail, capabilities, seccomp per thread) unless `--no-confinement`.
 fn run_vm(vm: &mut Vm, args: &Args) -> Result<VmExit, (String, u8)> {
-    if !args.no_seccomp {
-        let confinement = fnvm_vmm::confine::Confinement::new()
-            .map_err(|e| (format!("VMM error: {e}"), code::VMM_ERROR))?;
+    if !args.no_confinement {
+        let error = |e: &dyn std::fmt::Display| (format!("VMM error: {e}"), code::VMM_ERROR);
+        let mut confinement = fnvm_vmm::confine::Confinement::new().map_err(|e| error(&e))?;
+        let dirs: Vec<PathBuf> = args.jail.iter().chain(vm.jail_dirs()).cloned().collect();
+        if !dirs.is_empty() {
+            let jail = fnvm_vmm::confine::Jail::new(&dirs)
+                .map_err(|e| (format!("bad input: {e}"), code::BAD_INPUT))?;
+            confinement = confinement.with_jail(jail);
+        }
         vm.confine(confinement);
     }
     install_terminate_handlers(vm.stop_handle_fd());

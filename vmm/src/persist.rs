@@ -81,8 +81,7 @@ impl Machine {
             i8042: lock(&self.devices.i8042).save(),
             virtio,
         };
-        let kvm = Kvm::new().map_err(CaptureError::OpenKvm)?;
-        let host = snapshot::host_identity(&kvm)?;
+        let host = snapshot::this_host()?;
         Ok(snapshot::write(dir, host, state, &self.mem, &writable)?)
     }
 }

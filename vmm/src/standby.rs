@@ -194,14 +194,15 @@ fn serve_connection(
             Ok(_) => {}
         }
         let since = Instant::now();
-        let (dir, disks, vsock, net) = match decode_request(&line) {
+        let (dir, disks, vsock, net, jail) = match decode_request(&line) {
             None => continue,
             Some(Ok(Request::Restore {
                 dir,
                 disks,
                 vsock,
                 net,
-            })) => (dir, disks, vsock, net),
+                jail,
+            })) => (dir, disks, vsock, net, jail),
             Some(Ok(_)) => {
                 reply(
                     stream,
@@ -221,6 +222,10 @@ fn serve_connection(
                 continue;
             }
         };
+        if let Err(e) = crate::confine::Jail::new(&jail) {
+            reply(stream, &Response::err(e));
+            continue;
+        }
         let disks: HashMap<usize, PathBuf> = disks.into_iter().enumerate().collect();
         let loaded = match standby.check(&dir, &disks, net.as_deref()) {
             Ok(l) => l,
@@ -242,7 +247,8 @@ fn serve_connection(
             since,
         };
         return match standby.restore(&loaded, config) {
-            Ok(vm) => {
+            Ok(mut vm) => {
+                vm.jail_dirs = jail;
                 reply(
                     stream,
                     &Response {

@@ -157,6 +157,8 @@ pub struct Vm {
     api_listener: Option<UnixListener>,
     /// What the threads do to themselves as the VM starts ([`Vm::confine`]); None: nothing.
     confinement: Option<Arc<Confinement>>,
+    /// The directories a standby's restore request asked the jail to hold ([`Vm::jail_dirs`]).
+    pub(crate) jail_dirs: Vec<std::path::PathBuf>,
     /// A standby VM's own anonymous RAM mapping, now overlaid by the snapshot's memory file
     /// (`machine.mem` is a non-owning view of the same addresses): it unmaps them when the Vm
     /// is dropped, so it is the last field.
@@ -223,6 +225,7 @@ impl Vm {
             api_channel: Some(ApiChannel::new().map_err(io_err("API channel eventfd"))?),
             api_listener: None,
             confinement: None,
+            jail_dirs: Vec::new(),
             backing: None,
         })
     }
@@ -501,6 +504,12 @@ impl Vm {
         self.confinement = Some(Arc::new(confinement));
     }
 
+    /// The directories a standby's restore request asked the jail to hold (the caller of a
+    /// restored standby builds its [`Confinement`] with them).
+    pub fn jail_dirs(&self) -> &[std::path::PathBuf] {
+        &self.jail_dirs
+    }
+
     pub fn run(&mut self) -> Result<VmExit, VmError> {
         if self.start.take().is_none() {
             return Err(VmError::NothingLoaded);
@@ -509,6 +518,7 @@ impl Vm {
         if let Some(c) = &self.confinement {
             // What a vCPU thread would otherwise open later (a snapshot's MSR list).
             crate::vstate::vcpu::state::msr_index_list();
+            c.enter_jail()?;
             c.drop_capabilities()?;
         }
         let devices = &mut self.machine.devices;

@@ -2,7 +2,7 @@
 //! binary as fnvm starts it): every thread shows as seccomp-filtered with no_new_privs and no
 //! capabilities in `/proc`, vCPU threads included; a thread that makes a call outside its
 //! allow-list (the test-only trigger) stops the VMM with exit code 9 and one line naming the
-//! thread and the call; `--no-seccomp` leaves all of it off.
+//! thread and the call; `--no-confinement` leaves all of it off.
 //!
 //! Without /dev/kvm each test prints one loud line to stderr and returns.
 
@@ -31,12 +31,15 @@ fn kvm_available(test: &str) -> bool {
 struct Vmm {
     child: Child,
     api: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Vmm {
     fn start(extra: &[&str]) -> Vmm {
-        let dir = tempfile::tempdir().unwrap();
+        Vmm::start_in(tempfile::tempdir().unwrap(), extra)
+    }
+
+    fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Vmm {
         let kernel = dir.path().join("loop.elf");
         std::fs::write(&kernel, fnvm_vmm::tiny_guest::serial_loop()).unwrap();
         let api = dir.path().join("api.sock");
@@ -52,11 +55,7 @@ impl Vmm {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut vmm = Vmm {
-            child,
-            api,
-            _dir: dir,
-        };
+        let mut vmm = Vmm { child, api, dir };
         vmm.wait_running();
         vmm
     }
@@ -205,11 +204,11 @@ fn a_forbidden_system_call_stops_the_vmm_naming_the_thread_and_call() {
 }
 
 #[test]
-fn without_seccomp_nothing_is_confined_and_the_trigger_says_so() {
-    if !kvm_available("without_seccomp_nothing_is_confined_and_the_trigger_says_so") {
+fn unconfined_nothing_is_confined_and_the_trigger_says_so() {
+    if !kvm_available("unconfined_nothing_is_confined_and_the_trigger_says_so") {
         return;
     }
-    let mut vmm = Vmm::start(&["--no-seccomp"]);
+    let mut vmm = Vmm::start(&["--no-confinement"]);
     for (name, status) in vmm.threads() {
         assert_eq!(field(&status, "Seccomp:"), "0", "{name}");
     }
@@ -241,11 +240,7 @@ fn the_trigger_is_refused_unless_enabled_at_start() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut vmm = Vmm {
-        child,
-        api,
-        _dir: dir,
-    };
+    let mut vmm = Vmm { child, api, dir };
     vmm.wait_running();
     let reply = UnixStream::connect(&vmm.api)
         .ok()
@@ -253,4 +248,76 @@ fn the_trigger_is_refused_unless_enabled_at_start() {
         .expect("a reply");
     assert!(reply.contains("test triggers are off"), "{reply}");
     stop(&mut vmm);
+}
+
+/// What the VMM sees of the host's files once jailed: only its directory, at its own path.
+#[test]
+fn a_jailed_vmm_sees_only_its_own_directory_and_still_snapshots_into_it() {
+    if !kvm_available("a_jailed_vmm_sees_only_its_own_directory_and_still_snapshots_into_it") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().canonicalize().unwrap();
+    let real_str = real.display().to_string();
+    let mut vmm = Vmm::start_in(dir, &["--jail", &real_str]);
+    let pid = vmm.child.id();
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let top: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let first = real.components().nth(1).unwrap();
+    assert_eq!(
+        top,
+        vec![first.as_os_str().to_string_lossy().into_owned()],
+        "the jail's root holds only the way to its directory"
+    );
+    for host_path in ["etc", "usr", "proc", "dev/kvm", "var/run"] {
+        assert!(!root.join(host_path).exists(), "/{host_path} is visible");
+    }
+    let inside = root.join(real.strip_prefix("/").unwrap());
+    assert!(
+        inside.join("api.sock").exists(),
+        "its own directory is there"
+    );
+    for ns in ["mnt", "net", "ipc", "uts"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "the VMM has a {ns} namespace of its own");
+    }
+    // Jailed and filtered, it still writes a snapshot into its directory.
+    let snap = real.join("snap");
+    let reply = UnixStream::connect(&vmm.api)
+        .ok()
+        .and_then(|s| {
+            let mut s = s;
+            s.write_all(
+                format!("{{\"op\":\"snapshot\",\"dir\":\"{}\"}}\n", snap.display()).as_bytes(),
+            )
+            .ok()?;
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).ok()?;
+            Some(line)
+        })
+        .expect("a reply");
+    assert!(reply.contains("\"ok\":true"), "{reply}");
+    assert!(
+        snap.join("memory").exists(),
+        "the snapshot is in the host's directory"
+    );
+    stop(&mut vmm);
+}
+
+#[test]
+fn a_jail_directory_that_cannot_be_one_is_bad_input() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fnvm-vmm"))
+        .args(["--kernel", "/nonexistent", "--jail", "relative/dir"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("jail directory relative/dir: not an absolute path"),
+        "{err}"
+    );
 }

@@ -364,6 +364,15 @@ impl VmSandbox {
             }
         };
         args.extend(["--api-sock".to_string(), api.path().display().to_string()]);
+        // The VMM's jail (fnvm-vmm --jail): the instance's directory, and where a boot that
+        // snapshots writes its snapshot.
+        args.extend(["--jail".to_string(), dir.display().to_string()]);
+        if let Launch::Boot { write: Some(write) } = &launch {
+            args.extend([
+                "--jail".to_string(),
+                write.entry_dir().display().to_string(),
+            ]);
+        }
 
         let exit = ExitState::new(|| None);
         let restored_standby = match (standby, &launch) {

@@ -343,6 +343,11 @@ impl Writing {
         self.store.entry(&self.key).join(VM_DIR)
     }
 
+    /// The directory [`Writing::vm_dir`] is made in (it exists): the writing VMM's jail holds it.
+    pub fn entry_dir(&self) -> PathBuf {
+        self.store.entry(&self.key)
+    }
+
     /// The snapshot is written: older ones go if the store is over its budget.
     pub fn written(&self) {
         self.store.enforce_budget(&self.key);

@@ -266,8 +266,13 @@ impl Shared {
 /// terminal is fnvm's to handle).
 pub(super) fn vmm_command(vmm: &Path) -> Command {
     let mut command = Command::new(vmm);
+    command.env_clear();
+    // Test only: the VMM's test trigger (a forbidden system call on request), for the tests
+    // that check a seccomp violation is reported and the instance replaced.
+    if let Some(v) = std::env::var_os("FNVM_VMM_TEST_TRIGGERS") {
+        command.env("FNVM_VMM_TEST_TRIGGERS", v);
+    }
     command
-        .env_clear()
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -66,6 +66,8 @@ impl VmmApi {
                 disks: disks.to_vec(),
                 vsock: Some(vsock.to_path_buf()),
                 net: net.map(Path::to_path_buf),
+                // Its jail holds the instance's directory, where its vsock socket is.
+                jail: vsock.parent().map(Path::to_path_buf).into_iter().collect(),
             },
             RESTORE_TIMEOUT,
         )?;

@@ -48,6 +48,10 @@ pub enum Request {
         vsock: Option<PathBuf>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         net: Option<PathBuf>,
+        /// The directories its jail holds ([`crate::confine::Jail`]; empty: as the standby
+        /// was started).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        jail: Vec<PathBuf>,
     },
     /// Test only, refused unless the VMM was started with `FNVM_VMM_TEST_TRIGGERS=1`: the
     /// VMM thread makes a system call no filter allows ([`crate::confine::violation`]).
@@ -149,20 +153,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_restore_line_may_name_the_passt_socket() {
+    fn a_restore_line_may_name_the_passt_socket_and_the_jail() {
         let request = Request::Restore {
             dir: "/s".into(),
             disks: vec!["/d".into()],
             vsock: Some("/v".into()),
             net: Some("/n.sock".into()),
+            jail: vec!["/i".into()],
         };
         let line = serde_json::to_string(&request).unwrap();
         assert!(line.contains(r#""net":"/n.sock""#), "{line}");
+        assert!(line.contains(r#""jail":["/i"]"#), "{line}");
         assert_eq!(decode_request(line.as_bytes()).unwrap().unwrap(), request);
         let without = br#"{"op":"restore","dir":"/s"}"#;
         assert!(matches!(
             decode_request(without).unwrap().unwrap(),
-            Request::Restore { net: None, .. }
+            Request::Restore { net: None, ref jail, .. } if jail.is_empty()
         ));
         assert!(decode_request(br#"{"op":"restore","dir":"/s","net":5}"#)
             .unwrap()

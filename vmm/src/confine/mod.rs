@@ -13,6 +13,7 @@
 //! one `seccomp(2)` call with no allocation.
 
 pub mod filters;
+pub mod jail;
 pub mod violation;
 
 use std::io;
@@ -20,6 +21,7 @@ use std::io;
 use seccompiler::{BpfProgram, SeccompFilter};
 
 pub use filters::ThreadKind;
+pub use jail::Jail;
 
 /// Why the VMM could not confine itself.
 #[derive(Debug, thiserror::Error)]
@@ -42,13 +44,23 @@ pub enum ConfineError {
     /// The SIGSYS handler that reports violations could not be installed.
     #[error("cannot install the seccomp violation handler: {0}")]
     Handler(io::Error),
+    /// A directory asked for in the jail cannot be one.
+    #[error("jail directory {}: {why}", dir.display())]
+    JailDir {
+        dir: std::path::PathBuf,
+        why: String,
+    },
+    /// A step of entering the jail failed.
+    #[error("cannot enter the jail: {step}: {source}")]
+    Jail { step: String, source: io::Error },
 }
 
-/// The compiled filters of a VMM's threads.
+/// The compiled filters of a VMM's threads, and its jail if it has one.
 pub struct Confinement {
     vmm: BpfProgram,
     clone3: BpfProgram,
     vcpu: BpfProgram,
+    jail: Option<Jail>,
 }
 
 impl Confinement {
@@ -60,7 +72,22 @@ impl Confinement {
             vmm: compile(filters::filter(ThreadKind::Vmm, pid)?)?,
             clone3: compile(filters::clone3_filter()?)?,
             vcpu: compile(filters::filter(ThreadKind::Vcpu, pid)?)?,
+            jail: None,
         })
+    }
+
+    /// Also moves the process into `jail` as the VM starts (before anything else here).
+    pub fn with_jail(mut self, jail: Jail) -> Confinement {
+        self.jail = Some(jail);
+        self
+    }
+
+    /// Enters the jail, if there is one: on the main thread before any other thread exists.
+    pub fn enter_jail(&self) -> Result<(), ConfineError> {
+        match &self.jail {
+            Some(jail) => jail.enter(),
+            None => Ok(()),
+        }
     }
 
     /// Drops every capability of the calling thread and of the threads it starts afterwards:

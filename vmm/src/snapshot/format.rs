@@ -154,10 +154,17 @@ pub struct MemoryInfo {
 }
 
 /// This host boot's id, or "" when the kernel does not say (then stamps are never trusted).
+/// Read once per process (a jailed VMM reads it before its root is swapped, see
+/// [`crate::confine::jail`]).
 pub fn current_boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    static BOOT_ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT_ID
+        .get_or_init(|| {
+            std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default()
+        })
+        .clone()
 }
 
 /// Everything before the state bytes.

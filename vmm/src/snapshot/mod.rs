@@ -111,6 +111,19 @@ pub struct VmState {
 }
 
 /// This host as the snapshot header describes hosts.
+/// This host's identity, found once per process (it opens /dev/kvm: a jailed VMM finds it
+/// before its root is swapped, see [`crate::confine::jail`]).
+pub fn this_host() -> Result<HostIdentity, SnapshotError> {
+    static HOST: std::sync::OnceLock<HostIdentity> = std::sync::OnceLock::new();
+    if let Some(host) = HOST.get() {
+        return Ok(host.clone());
+    }
+    let kvm = kvm_ioctls::Kvm::new()
+        .map_err(|e| SnapshotError::Host(format!("cannot open /dev/kvm: {e}")))?;
+    let host = host_identity(&kvm)?;
+    Ok(HOST.get_or_init(|| host).clone())
+}
+
 pub fn host_identity(kvm: &kvm_ioctls::Kvm) -> Result<HostIdentity, SnapshotError> {
     use std::arch::x86_64::__cpuid;
     let (leaf0, leaf1) = (__cpuid(0), __cpuid(1));
