@@ -11,6 +11,7 @@
 //! - [`steps`]: what one step is, and how they are written down;
 //! - [`filesystems`]: the /proc, /dev and /sys the function sees;
 //! - [`capabilities`]: what a root function keeps;
+//! - [`seccomp`]: the system calls anyone in the function may make (Docker's default profile);
 //! - [`env`]: the function's environment and where its command is looked up;
 //! - [`image`]: the image's own files, read with every symlink kept inside its root;
 //! - [`spawn`]: clone(2), the child's walk through the plan, and its report back;
@@ -21,6 +22,7 @@ mod env;
 mod filesystems;
 mod image;
 mod plan;
+mod seccomp;
 mod spawn;
 mod steps;
 mod sys;
@@ -30,6 +32,7 @@ use std::io;
 pub use env::{final_env, EnvError};
 pub use image::{read_in_root, write_in_root, ImageFileError};
 pub use plan::{Command, Plan};
+pub use seccomp::SeccompError;
 pub use spawn::{output_pipe, spawn, Spawned};
 
 use crate::user::UserError;
@@ -55,6 +58,9 @@ pub enum LaunchError {
     /// The function's environment is malformed.
     #[error(transparent)]
     Env(#[from] EnvError),
+    /// The seccomp filter cannot be built.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// No pipe for the function's stdout or stderr.
     #[error("cannot create the {stream} pipe: {cause}")]
     OutputPipe {
