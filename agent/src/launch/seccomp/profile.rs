@@ -1,8 +1,9 @@
 //! Docker's default seccomp profile, transcribed group by group from moby's
 //! `seccomp/default.json` at moby/profiles tag `seccomp/v0.2.3` (commit 836ae4d, 2026-05-06),
-//! the profile Docker ships: Docker 28's (`profiles/seccomp/default.json` of moby/moby, split
-//! out unchanged into moby/profiles at commit c936cc7, 2025-07-22) plus one later change,
-//! socket(2) refused for AF_ALG as well as AF_VSOCK (see [`SOCKET_FAMILIES`]).
+//! the profile Docker's documentation points to: Docker 28's (moby/moby's in-tree
+//! `profiles/seccomp/default.json`, which moby/profiles took over with its history at commit
+//! c936cc7, 2025-07-22) plus one later change, socket(2) refused for AF_ALG as well as
+//! AF_VSOCK (see [`SOCKET_FAMILIES`]).
 //!
 //! Names are upstream's, in upstream's order, so a later version can be compared list by list
 //! (`jq -r '.syscalls[N].names[]' default.json`). Names that x86-64 does not have (the 32-bit
@@ -384,7 +385,7 @@ pub(super) const ALLOWED: &[&str] = &[
 pub(super) const ALLOWED_SINCE_4_8: &[&str] = &["process_vm_readv", "process_vm_writev", "ptrace"];
 
 /// Groups 2–4: socket(2) for every address family but AF_ALG (38, the kernel's crypto API,
-/// refused since seccomp/v0.2.0 after the "copy.fail" kernel bug) and AF_VSOCK (40): upstream
+/// refused since seccomp/v0.2.1 after the "copy.fail" kernel bug) and AF_VSOCK (40): upstream
 /// allows `family < 38`, `family == 39` and `family > 40`. These are the bounds, in that order.
 pub(super) const SOCKET_FAMILIES: (u64, u64, u64) = (38, 39, 40);
 
