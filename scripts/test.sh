@@ -41,6 +41,9 @@ host_args[fnvm:test:run_demo]=""
 nested_args[fnvm:test:run_demo]=""
 host_args[fnvm:test:run_isolation]=""
 nested_args[fnvm:test:run_isolation]=""
+# Docker's seccomp profile as a function meets it (busybox and python3), in the guest too.
+host_args[fnvm:test:run_seccomp]=""
+nested_args[fnvm:test:run_seccomp]=""
 host_args[fnvm:test:service_api]=""
 nested_args[fnvm:test:service_api]="--exact deploy_by_digest_with_credentials_invoke_web_logs_and_restart"
 host_args[fnvm:test:service_pool]=""
@@ -56,8 +59,8 @@ nested_args[fnvm:test:bench_command]=""
 nested_args[fnvm:lib:fnvm]="sandbox::process --test-threads 1"
 # The nested level's order: the quick, most telling binaries first.
 nested_order=(fnvm:test:linux_guest fnvm:test:snapshot_start fnvm:test:run_isolation
-  fnvm:test:run_demo fnvm:test:service_api fnvm:test:service_pool fnvm:test:bench_command
-  fnvm:test:run_function fnvm:test:egress_vm)
+  fnvm:test:run_seccomp fnvm:test:run_demo fnvm:test:service_api fnvm:test:service_pool
+  fnvm:test:bench_command fnvm:test:run_function fnvm:test:egress_vm)
 # The VMM's own tests under a real (emulated-SVM) KVM too; the stock-Linux one of tiny_guests
 # needs VMX/SVM and runs only there (FNVM_TEST_KERNEL is the cached guest kernel).
 host_args[fnvm-vmm:test:tiny_guests]="--skip linux_guest_without_root_panics_and_the_vmm_names_it"

@@ -11,16 +11,39 @@
 //! - [`steps`]: what one step is, and how they are written down;
 //! - [`filesystems`]: the /proc, /dev and /sys the function sees;
 //! - [`capabilities`]: what a root function keeps;
+//! - [`seccomp`]: the system calls anyone in the function may make (Docker's default profile);
 //! - [`env`]: the function's environment and where its command is looked up;
 //! - [`image`]: the image's own files, read with every symlink kept inside its root;
 //! - [`spawn`]: clone(2), the child's walk through the plan, and its report back;
 //! - [`sys`]: errno and result checks for the child's system calls.
+//!
+//! **No user namespace (yet).** Root in a process-sandbox function is uid 0 of the host, held
+//! in by its namespaces, capabilities and seccomp filter rather than by being unprivileged.
+//! Mapping it to an unprivileged host range does not fit safely into today's start:
+//! - the image's files belong to its own uids (0 for most); under a mapping they show up as
+//!   `nobody`, and root could no longer write its own app directories (overlay copy-up needs
+//!   DAC rights over a mapped owner), which breaks images that work under Docker. Idmapped
+//!   mounts of the rootfs and writable layer fix that (erofs and ext4 accept them on the CI
+//!   host's 6.18 kernel), but overlayfs refuses an idmapped upper layer to a host-root mounter
+//!   (creating its workdir fails with EOVERFLOW and it falls back to read-only): the overlay
+//!   would have to be mounted from inside the function's user namespace, a different order for
+//!   [`crate::guest_root`] and for standby sandboxes, which mount before the function exists;
+//! - each instance needs a host uid/gid range of its own (65536, allocated and released like
+//!   the egress uids, crash-safe), written to the child's uid_map/gid_map by the agent between
+//!   clone and the child's first step (a pipe handshake in [`spawn`]);
+//! - the network namespace belongs to the host's user namespace (pasta joins it with the
+//!   host's CAP_NET_ADMIN), so root in the function would lose CAP_NET_BIND_SERVICE there
+//!   (ports below 1024; `ip_unprivileged_port_start=0` in the sandbox would restore them), and
+//!   the child could no longer mount sysfs (a bind of the agent's would do);
+//! - in a VM none of it is needed: the guest kernel has no CONFIG_USER_NS, and the VM is the
+//!   boundary.
 
 mod capabilities;
 mod env;
 mod filesystems;
 mod image;
 mod plan;
+mod seccomp;
 mod spawn;
 mod steps;
 mod sys;
@@ -30,6 +53,7 @@ use std::io;
 pub use env::{final_env, EnvError};
 pub use image::{read_in_root, write_in_root, ImageFileError};
 pub use plan::{Command, Plan};
+pub use seccomp::SeccompError;
 pub use spawn::{output_pipe, spawn, Spawned};
 
 use crate::user::UserError;
@@ -55,6 +79,9 @@ pub enum LaunchError {
     /// The function's environment is malformed.
     #[error(transparent)]
     Env(#[from] EnvError),
+    /// The seccomp filter cannot be built.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// No pipe for the function's stdout or stderr.
     #[error("cannot create the {stream} pipe: {cause}")]
     OutputPipe {

@@ -8,6 +8,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::path::Path;
 
+use super::seccomp::Filters;
 use super::steps::{cstring, Op, Step, Steps};
 use super::{env, filesystems, image, LaunchError};
 use crate::user::ResolvedUser;
@@ -87,7 +88,7 @@ impl Plan {
         filesystems::sys(&mut steps, cmd.root)?;
         enter_root(&mut steps, cmd.root)?;
         enter_working_dir(&mut steps, cmd.working_dir)?;
-        become_user(&mut steps, cmd.user);
+        become_user(&mut steps, cmd.user, Filters::for_function()?);
         connect_stdio(&mut steps, cmd.stdout, cmd.stderr)?;
         clean_process(&mut steps);
         Ok(Plan {
@@ -179,9 +180,14 @@ fn enter_working_dir(steps: &mut Steps, working_dir: &str) -> Result<(), LaunchE
     Ok(())
 }
 
-/// Only the kept capabilities, then the user's groups, gid and uid (in that order: after
-/// setuid nothing else could be changed).
-fn become_user(steps: &mut Steps, user: &ResolvedUser) {
+/// The seccomp filter while the child still has CAP_SYS_ADMIN (it goes on without
+/// `no_new_privs`, as under Docker: see [`super::seccomp`]), only the kept capabilities, then
+/// the user's groups, gid and uid (in that order: after setuid nothing else could be changed).
+fn become_user(steps: &mut Steps, user: &ResolvedUser, filters: Filters) {
+    steps.required(
+        Op::Seccomp(filters),
+        "install Docker's default seccomp filter",
+    );
     steps.required(Op::DropCapabilities, "drop capabilities");
     steps.required(
         Op::SetGroups {

@@ -197,6 +197,7 @@ fn run_op(op: &Op) -> Result<(), i32> {
             Op::SetHostname { name } => {
                 check(libc::sethostname(name.as_ptr(), name.as_bytes().len()))
             }
+            Op::Seccomp(filters) => filters.install(),
             Op::DropCapabilities => drop_capabilities(),
             // Raw system calls: glibc's wrappers would try to change the credentials of every
             // thread of the agent, which this clone(2)d child does not have, and wait forever.

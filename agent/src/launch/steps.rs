@@ -8,6 +8,7 @@ use std::path::Path;
 
 use libc::{c_ulong, gid_t, mode_t};
 
+use super::seccomp::Filters;
 use super::LaunchError;
 
 /// One thing the child does before exec.
@@ -45,6 +46,8 @@ pub(super) enum Op {
     SetHostname {
         name: CString,
     },
+    /// Docker's default seccomp filter, installed while the child is still privileged.
+    Seccomp(Filters),
     DropCapabilities,
     SetGroups {
         groups: Vec<gid_t>,

@@ -152,3 +152,29 @@ fn exec_failures_read_like_an_oci_runtimes() {
     let m = exec_failure("/app/run", None, libc::EACCES, none).to_string();
     assert!(m.contains("Permission denied"), "{m}");
 }
+
+#[test]
+fn the_seccomp_filter_goes_on_while_privileged_after_the_root_is_set_up() {
+    let p = plan(&["/bin/sh"], &[], "/srv/app").unwrap();
+    let at = |want: fn(&Op) -> bool| p.steps.iter().position(|s| want(&s.op)).unwrap();
+    let seccomp = at(|op| matches!(op, Op::Seccomp(_)));
+    // mount, pivot_root and sethostname are not in Docker's profile: all before it.
+    let last_mount = p
+        .steps
+        .iter()
+        .rposition(|s| matches!(s.op, Op::Mount { .. }))
+        .unwrap();
+    assert!(last_mount < seccomp);
+    assert!(at(|op| matches!(op, Op::PivotRoot { .. })) < seccomp);
+    assert!(at(|op| matches!(op, Op::SetHostname { .. })) < seccomp);
+    // Without no_new_privs it needs CAP_SYS_ADMIN: before the capabilities and the user go.
+    assert_eq!(seccomp + 1, at(|op| matches!(op, Op::DropCapabilities)));
+    assert!(seccomp < at(|op| matches!(op, Op::SetUid(_))));
+    assert_eq!(
+        p.steps
+            .iter()
+            .filter(|s| matches!(s.op, Op::Seccomp(_)))
+            .count(),
+        1
+    );
+}
