@@ -31,7 +31,8 @@ fn kvm_available(test: &str) -> bool {
 struct Vmm {
     child: Child,
     api: PathBuf,
-    dir: tempfile::TempDir,
+    /// Kept until the VMM is gone (its kernel, API socket and jail live there).
+    _dir: tempfile::TempDir,
 }
 
 impl Vmm {
@@ -55,7 +56,11 @@ impl Vmm {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut vmm = Vmm { child, api, dir };
+        let mut vmm = Vmm {
+            child,
+            api,
+            _dir: dir,
+        };
         vmm.wait_running();
         vmm
     }
@@ -240,7 +245,11 @@ fn the_trigger_is_refused_unless_enabled_at_start() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut vmm = Vmm { child, api, dir };
+    let mut vmm = Vmm {
+        child,
+        api,
+        _dir: dir,
+    };
     vmm.wait_running();
     let reply = UnixStream::connect(&vmm.api)
         .ok()

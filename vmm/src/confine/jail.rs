@@ -219,13 +219,19 @@ mod tests {
     fn jail_directories_must_be_plain_existing_absolute_directories() {
         let dir = tempfile::tempdir().unwrap();
         let real = dir.path().canonicalize().unwrap();
-        assert_eq!(Jail::new(&[real.clone()]).unwrap().dirs(), &[real.clone()]);
+        assert_eq!(
+            Jail::new(std::slice::from_ref(&real)).unwrap().dirs(),
+            std::slice::from_ref(&real)
+        );
         let file = real.join("f");
         std::fs::write(&file, b"").unwrap();
         // A path through a symlink is kept as given (the VMM's other paths use it too).
         let link = real.join("l");
         std::os::unix::fs::symlink(&real, &link).unwrap();
-        assert_eq!(Jail::new(&[link.clone()]).unwrap().dirs(), &[link]);
+        assert_eq!(
+            Jail::new(std::slice::from_ref(&link)).unwrap().dirs(),
+            &[link]
+        );
         for (bad, why) in [
             (PathBuf::from("relative"), "absolute"),
             (real.join("..").join("x"), ".."),
@@ -234,7 +240,9 @@ mod tests {
             (PathBuf::from("/dev/shm"), "/dev"),
             (PathBuf::from("/"), "/dev"),
         ] {
-            let err = Jail::new(&[bad.clone()]).unwrap_err().to_string();
+            let err = Jail::new(std::slice::from_ref(&bad))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(why), "{}: {err}", bad.display());
             assert!(
                 err.contains(&bad.display().to_string()),
