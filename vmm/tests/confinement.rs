@@ -37,10 +37,11 @@ struct Vmm {
 
 impl Vmm {
     fn start(extra: &[&str]) -> Vmm {
-        Vmm::start_in(tempfile::tempdir().unwrap(), extra)
+        Vmm::start_in(tempfile::tempdir().unwrap(), extra, true)
     }
 
-    fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Vmm {
+    /// The VMM in `dir`, with the test trigger on when `triggers`.
+    fn start_in(dir: tempfile::TempDir, extra: &[&str], triggers: bool) -> Vmm {
         let kernel = dir.path().join("loop.elf");
         std::fs::write(&kernel, fnvm_vmm::tiny_guest::serial_loop()).unwrap();
         let api = dir.path().join("api.sock");
@@ -50,7 +51,7 @@ impl Vmm {
             .arg("--api-sock")
             .arg(&api)
             .args(extra)
-            .env("FNVM_VMM_TEST_TRIGGERS", "1")
+            .env("FNVM_VMM_TEST_TRIGGERS", if triggers { "1" } else { "0" })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -231,26 +232,7 @@ fn the_trigger_is_refused_unless_enabled_at_start() {
     if !kvm_available("the_trigger_is_refused_unless_enabled_at_start") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let kernel = dir.path().join("loop.elf");
-    std::fs::write(&kernel, fnvm_vmm::tiny_guest::serial_loop()).unwrap();
-    let api = dir.path().join("api.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_fnvm-vmm"))
-        .arg("--kernel")
-        .arg(&kernel)
-        .arg("--api-sock")
-        .arg(&api)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut vmm = Vmm {
-        child,
-        api,
-        _dir: dir,
-    };
-    vmm.wait_running();
+    let mut vmm = Vmm::start_in(tempfile::tempdir().unwrap(), &[], false);
     let reply = UnixStream::connect(&vmm.api)
         .ok()
         .and_then(|s| request(s, "forbidden_syscall"))
@@ -268,7 +250,7 @@ fn a_jailed_vmm_sees_only_its_own_directory_and_still_snapshots_into_it() {
     let dir = tempfile::tempdir().unwrap();
     let real = dir.path().canonicalize().unwrap();
     let real_str = real.display().to_string();
-    let mut vmm = Vmm::start_in(dir, &["--jail", &real_str]);
+    let mut vmm = Vmm::start_in(dir, &["--jail", &real_str], true);
     let pid = vmm.child.id();
     let root = PathBuf::from(format!("/proc/{pid}/root"));
     let top: Vec<String> = std::fs::read_dir(&root)
