@@ -1,6 +1,7 @@
 //! Minimal guest programs for tests and benchmarks that need a real VM without a Linux kernel
 //! (this crate's tests, the benchmarks, the host's VMM-client tests): an ELF64 wrapper that
-//! `fnvm-vmm --kernel` enters in 64-bit mode, and a guest that writes to the serial port forever.
+//! `fnvm-vmm --kernel` enters in 64-bit mode, a guest that writes to the serial port forever,
+//! and one that writes a line and then spins.
 
 /// Where [`elf64`] loads its code (1 MiB, the lowest address fnvm-vmm loads segments at).
 pub const LOAD_ADDR: u64 = 0x10_0000;
@@ -72,6 +73,18 @@ pub fn fill_then_serial_loop(start: u64, bytes: u64) -> Vec<u8> {
     code.extend_from_slice(&0x5a5a_5a5a_5a5a_5a5au64.to_le_bytes());
     code.extend_from_slice(&[0xf3, 0x48, 0xab]); // rep stosq
     code.extend_from_slice(&SERIAL_LOOP);
+    elf64(&code)
+}
+
+/// A guest that writes `text` to COM1 once, then spins on PAUSE forever: a Linux guest's
+/// `panic=0` ending (the banner, then nothing), which the VMM must end on its own timer.
+pub fn print_then_spin(text: &[u8]) -> Vec<u8> {
+    // mov dx,0x3f8; lea rsi,[rip+13]; mov ecx,len; 1: lodsb; out dx,al; loop 1b;
+    // 2: pause; jmp 2b; text
+    let mut code = vec![0x66, 0xba, 0xf8, 0x03, 0x48, 0x8d, 0x35, 13, 0, 0, 0, 0xb9];
+    code.extend_from_slice(&(text.len().max(1) as u32).to_le_bytes());
+    code.extend_from_slice(&[0xac, 0xee, 0xe2, 0xfc, 0xf3, 0x90, 0xeb, 0xfc]);
+    code.extend_from_slice(if text.is_empty() { b"\n" } else { text });
     elf64(&code)
 }
 

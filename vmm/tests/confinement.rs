@@ -299,6 +299,60 @@ fn a_jailed_vmm_sees_only_its_own_directory_and_still_snapshots_into_it() {
     stop(&mut vmm);
 }
 
+/// A guest's panic banner arms the VMM's grace timer on the confined VMM thread (timerfd
+/// calls its filter must allow): the VMM ends with the guest-panic code, not a violation.
+#[test]
+fn a_guest_panic_under_confinement_ends_as_a_guest_panic() {
+    if !kvm_available("confined_guest_panic") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("panic.elf");
+    std::fs::write(
+        &kernel,
+        fnvm_vmm::tiny_guest::print_then_spin(
+            b"Kernel panic - not syncing: Attempted to kill init!\n",
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fnvm-vmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--jail")
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_exit(&mut child);
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let mut console = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut console)
+        .unwrap();
+    assert!(console.contains("Kernel panic"), "console: {console}");
+    assert!(!err.contains("seccomp violation"), "{err}");
+    assert_eq!(
+        status.code(),
+        Some(fnvm_vmm::exit::code::GUEST_PANIC as i32),
+        "{err}"
+    );
+    assert!(
+        err.contains("guest kernel panic: Kernel panic - not syncing"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_jail_directory_that_cannot_be_one_is_bad_input() {
     let out = Command::new(env!("CARGO_BIN_EXE_fnvm-vmm"))

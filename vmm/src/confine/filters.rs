@@ -118,6 +118,10 @@ const VMM_ONLY: &[i64] = &[
     libc::SYS_getpeername,
     libc::SYS_socketpair,
     libc::SYS_eventfd2,
+    // Timers on the event loop: `--stop-after`, and the grace after a guest's panic banner.
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
+    libc::SYS_timerfd_gettime,
     libc::SYS_epoll_create1,
     libc::SYS_pipe2,
     libc::SYS_dup,
