@@ -16,6 +16,7 @@
 
 // Parts of the API serve callers that are wired step by step (run, serve, the pool).
 
+pub mod cgroup;
 pub mod exit;
 pub mod instance;
 pub mod link;

@@ -7,8 +7,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::home::Home;
+use crate::sandbox::cgroup;
 use crate::sandbox::instance::record::{instances_root, InstanceRecord, ProcessId};
-use crate::sandbox::process::{cgroup, loopdev};
+use crate::sandbox::process::loopdev;
 use crate::sandbox::SandboxError;
 
 /// An instance directory without a record this old is an orphan (the record is written right

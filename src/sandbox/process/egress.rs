@@ -13,12 +13,12 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::cgroup::Cgroup;
 use crate::network::filter::{
     host_addresses, load_in, namespace_ruleset, policy_additions, replacement_ruleset, Loading,
 };
 use crate::network::pasta::Pasta;
 use crate::network::{HostNetwork, NetworkError, NetworkPolicy};
+use crate::sandbox::cgroup::Cgroup;
 use crate::sandbox::SandboxError;
 
 /// A sandbox's egress: its namespace, the rules loaded there and the pasta serving it.

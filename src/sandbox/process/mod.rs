@@ -11,7 +11,6 @@
 //! agent comes up while the host attaches the disks; and the service keeps [`standby`]
 //! sandboxes prepared ahead of demand, so its cold starts pay only the second half.
 
-pub mod cgroup;
 mod egress;
 pub mod loopdev;
 mod parts;
@@ -30,8 +29,8 @@ use std::time::Duration;
 
 use fnvm_agent::protocol::{self, Placement, CONTROL_PORT, FUNCTION_PORT};
 
-use cgroup::watch::LimitWatch;
-use cgroup::{cgroup_prefix, Cgroup, Hierarchy, Limits, V1Extras};
+use crate::sandbox::cgroup::watch::LimitWatch;
+use crate::sandbox::cgroup::{self, cgroup_prefix, Cgroup, Hierarchy, Limits, V1Extras};
 use egress::Egress;
 use loopdev::LoopDevice;
 use parts::{device_numbers, Parts, SharedRootfs};
@@ -305,6 +304,7 @@ impl Setup {
                 memory_mib,
                 pids_max: self.pids_max,
                 agent_disks: Vec::new(),
+                cpus: None,
             };
             let name = format!("{}-{id}", self.cgroup_prefix);
             let cgroup =
@@ -508,6 +508,7 @@ impl ProcessSandbox {
                 memory_mib: spec.memory_mib,
                 pids_max: self.setup.pids_max,
                 agent_disks: Vec::new(),
+                cpus: None,
             };
             let _ = prepared.watch.set(LimitWatch::of(cgroup, &limits));
         }

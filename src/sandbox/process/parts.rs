@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use super::cgroup::{AgentDisk, Cgroup};
 use super::egress::Egress;
 use super::loopdev::LoopDevice;
+use crate::sandbox::cgroup::{AgentDisk, Cgroup};
 use crate::sandbox::exit::ExitState;
 use crate::sandbox::instance::child::SandboxChild;
 use crate::sandbox::instance::writable_layer::WritableLayer;

@@ -4,7 +4,7 @@
 //! takes the kernel's threadgroup lock for writing, which waits for an RCU grace period (6–10 ms
 //! on the CI host, ~40 % of a process-sandbox start); a child born in its cgroup never migrates.
 //! On cgroup v1 (no `CLONE_INTO_CGROUP`) the single-threaded child moves itself through each
-//! hierarchy's `tasks` file, which skips that lock (see [`super::cgroup::Cgroup::join_files`]).
+//! hierarchy's `tasks` file, which skips that lock (see [`crate::sandbox::cgroup::Cgroup::join_files`]).
 //!
 //! Between `clone3` and `execve` the child is a copy of a multi-threaded process: it makes
 //! system calls on memory prepared before the clone and nothing else (no allocation, no locks).
@@ -16,7 +16,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use super::cgroup::Cgroup;
+use crate::sandbox::cgroup::Cgroup;
 use crate::sandbox::instance::child::Spawned;
 use crate::sandbox::SandboxError;
 

@@ -20,6 +20,7 @@
 mod egress;
 pub mod initramfs;
 mod launch;
+pub mod limits;
 mod restore_report;
 pub mod snapshots;
 pub mod standby;
@@ -38,6 +39,7 @@ use fnvm_vmm::host::HostCapabilities;
 use egress::VmEgress;
 use launch::{disk_args, shape_of, snapshot_layer, vmm_binary, Launch};
 pub use launch::{guest_cmdline, vcpus_for};
+use limits::VmmCgroups;
 use restore_report::restore_report;
 use snapshots::{Platform, SnapshotStore};
 use standby::{restore_in_standby, vmm_command, StandbyVmms, API_SOCKET};
@@ -74,6 +76,8 @@ pub struct VmSandbox {
     snapshots: Arc<SnapshotStore>,
     /// How functions with egress reach the network (their resolvers).
     host_network: HostNetwork,
+    /// Where each VMM's cgroup goes (None: this host's cgroups are not writable).
+    cgroups: Option<Arc<VmmCgroups>>,
 }
 
 impl VmSandbox {
@@ -103,6 +107,7 @@ impl VmSandbox {
             snapshots,
             standby: None,
             host_network: HostNetwork::default(),
+            cgroups: VmmCgroups::probe(home).map(Arc::new),
         })
     }
 
@@ -121,6 +126,7 @@ impl VmSandbox {
                 &self.vmm,
                 &crate::sandbox::instances_root(&self.home)?,
                 n,
+                self.cgroups.clone(),
             )),
         };
         Ok(self)
@@ -290,6 +296,7 @@ impl VmSandbox {
             dir,
             layer: None,
             child: None,
+            cgroup: None,
             link: None,
             egress: None,
             torn_down: false,
@@ -384,7 +391,10 @@ impl VmSandbox {
                     net: net.as_deref(),
                 };
                 match restore_in_standby(standby, &mut record, dir, &api, snapshot, &devices) {
-                    Ok(child) => Some(child),
+                    Ok((child, cgroup)) => {
+                        parts.cgroup = cgroup;
+                        Some(child)
+                    }
                     Err(e) => {
                         tracing::warn!(
                             instance = %spec.id,
@@ -403,9 +413,20 @@ impl VmSandbox {
         let vmm_started = Instant::now();
         let child = match restored_standby {
             Some(child) => child,
-            None => vmm_command(&self.vmm).args(&args).spawn().map_err(|e| {
-                SandboxError::setup(format!("cannot start {}", self.vmm.display()), e)
-            })?,
+            None => {
+                let mut command = vmm_command(&self.vmm);
+                command.args(&args);
+                if let Some(cgroups) = &self.cgroups {
+                    // Named in the record before it exists (see [`limits`]).
+                    let name = cgroups.reserve(&spec.id, &mut record);
+                    record.save(dir)?;
+                    let cgroup = parts.cgroup.insert(cgroups.create(&name, shape_of(spec))?);
+                    cgroup.place(&mut command);
+                }
+                command.spawn().map_err(|e| {
+                    SandboxError::setup(format!("cannot start {}", self.vmm.display()), e)
+                })?
+            }
         };
         let exit_for_child = exit.clone();
         let child = parts.child.insert(

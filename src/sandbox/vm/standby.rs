@@ -20,6 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::limits::{VmmCgroup, VmmCgroups};
 use super::vmm_api::VmmApi;
 use crate::sandbox::exit::describe_status;
 use crate::sandbox::instance::record::{new_instance_id, InstanceRecord, ProcessId};
@@ -60,6 +61,11 @@ pub fn per_shape_from_env() -> Result<usize, SandboxError> {
 pub struct StandbyVmm {
     child: Option<Child>,
     dir: PathBuf,
+    /// Its cgroup (after the process: dropped, it kills what is left in it).
+    cgroup: Option<VmmCgroup>,
+    /// Its record, whose cgroup names go into the instance's when it is taken (boxed: a
+    /// standby travels by value in the start's `Launch`).
+    record: Box<InstanceRecord>,
 }
 
 impl StandbyVmm {
@@ -74,10 +80,18 @@ impl StandbyVmm {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
-    /// Gives the standby to an instance whose record already names its process: the API
-    /// socket moves to `api` (same filesystem; the VMM keeps listening on it) and the
+    /// Names the standby's cgroup in an instance's `record` (before the record is saved
+    /// with the standby's process: the two go together).
+    pub fn adopt_cgroup(&self, record: &mut InstanceRecord) {
+        record.cgroup = self.record.cgroup.clone();
+        record.cgroup_v2 = self.record.cgroup_v2;
+        record.v1_cgroups = self.record.v1_cgroups.clone();
+    }
+
+    /// Gives the standby to an instance whose record already names its process and cgroup:
+    /// the API socket moves to `api` (same filesystem; the VMM keeps listening on it) and the
     /// standby's directory goes. On error the standby is killed.
-    pub fn into_instance(mut self, api: &Path) -> std::io::Result<Child> {
+    pub fn into_instance(mut self, api: &Path) -> std::io::Result<(Child, Option<VmmCgroup>)> {
         std::fs::rename(self.dir.join(API_SOCKET), api)?;
         let child = self
             .child
@@ -86,7 +100,7 @@ impl StandbyVmm {
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             tracing::warn!(dir = %self.dir.display(), "cannot remove a taken standby's directory: {e}");
         }
-        Ok(child)
+        Ok((child, self.cgroup.take()))
     }
 }
 
@@ -107,6 +121,8 @@ pub struct StandbyVmms {
 
 struct Shared {
     vmm: PathBuf,
+    /// Where each standby's cgroup goes (None: no limits on this host).
+    cgroups: Option<Arc<VmmCgroups>>,
     /// The instances root: standby directories sit beside instance directories.
     root: PathBuf,
     per_shape: usize,
@@ -128,11 +144,18 @@ struct Shape {
 }
 
 impl StandbyVmms {
-    /// Standbys of `vmm` under `root`, `per_shape` of each shape once a start asks for it.
-    pub fn new(vmm: &Path, root: &Path, per_shape: usize) -> Self {
+    /// Standbys of `vmm` under `root`, `per_shape` of each shape once a start asks for it,
+    /// each in a cgroup of its own under `cgroups`.
+    pub fn new(
+        vmm: &Path,
+        root: &Path,
+        per_shape: usize,
+        cgroups: Option<Arc<VmmCgroups>>,
+    ) -> Self {
         StandbyVmms {
             shared: Arc::new(Shared {
                 vmm: vmm.to_path_buf(),
+                cgroups,
                 root: root.to_path_buf(),
                 per_shape,
                 state: Mutex::new(State::default()),
@@ -234,7 +257,8 @@ impl Shared {
             let spawned = std::thread::Builder::new()
                 .name("standby-vmm".into())
                 .spawn(move || {
-                    let result = spawn_standby(&shared.vmm, &shared.root, shape);
+                    let result =
+                        spawn_standby(&shared.vmm, &shared.root, shared.cgroups.as_deref(), shape);
                     let mut st = shared.lock();
                     let closed = st.closed;
                     let entry = st.shapes.entry(shape).or_default();
@@ -282,8 +306,14 @@ pub(super) fn vmm_command(vmm: &Path) -> Command {
 
 /// Spawns `fnvm-vmm --standby` for `shape` in a new directory under `root` and waits until it
 /// listens on its API socket (the VM exists by then).
-fn spawn_standby(vmm: &Path, root: &Path, shape: VmShape) -> Result<StandbyVmm, SandboxError> {
-    let dir = root.join(format!("standby-{}", new_instance_id()));
+fn spawn_standby(
+    vmm: &Path,
+    root: &Path,
+    cgroups: Option<&VmmCgroups>,
+    shape: VmShape,
+) -> Result<StandbyVmm, SandboxError> {
+    let id = new_instance_id();
+    let dir = root.join(format!("standby-{id}"));
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)
@@ -292,19 +322,33 @@ fn spawn_standby(vmm: &Path, root: &Path, shape: VmShape) -> Result<StandbyVmm, 
         owner: Some(ProcessId::current()),
         ..Default::default()
     };
+    let cgroup_name = cgroups.map(|c| c.reserve(&id, &mut record));
     if let Err(e) = record.save(&dir) {
         let _ = std::fs::remove_dir_all(&dir);
         return Err(e);
     }
+    let cgroup = match (cgroups, &cgroup_name) {
+        (Some(c), Some(name)) => match c.create(name, shape) {
+            Ok(cg) => Some(cg),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        },
+        _ => None,
+    };
     let api = dir.join(API_SOCKET);
-    let spawned = vmm_command(vmm)
+    let mut command = vmm_command(vmm);
+    command
         .arg("--standby")
         .args(["--memory", &shape.memory_mib.to_string()])
         .args(["--vcpus", &shape.vcpus.to_string()])
         .arg("--api-sock")
-        .arg(&api)
-        .spawn();
-    let child = match spawned {
+        .arg(&api);
+    if let Some(cg) = &cgroup {
+        cg.place(&mut command);
+    }
+    let child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&dir);
@@ -317,9 +361,12 @@ fn spawn_standby(vmm: &Path, root: &Path, shape: VmShape) -> Result<StandbyVmm, 
     let mut standby = StandbyVmm {
         child: Some(child),
         dir,
+        cgroup,
+        record: Box::new(record.clone()),
     };
     record.sandbox = ProcessId::of(standby.pid());
     record.save(&standby.dir)?;
+    standby.record = Box::new(record);
     let deadline = Instant::now() + READY_TIMEOUT;
     while !api.exists() {
         if !standby.is_waiting() {
@@ -366,10 +413,11 @@ pub(super) fn restore_in_standby(
     api: &VmmApi,
     snapshot: &Path,
     devices: &Devices<'_>,
-) -> Result<std::process::Child, SandboxError> {
+) -> Result<(Child, Option<VmmCgroup>), SandboxError> {
     record.sandbox = ProcessId::of(standby.pid());
+    standby.adopt_cgroup(record);
     record.save(dir)?;
-    let mut child = standby.into_instance(api.path()).map_err(|e| {
+    let (mut child, cgroup) = standby.into_instance(api.path()).map_err(|e| {
         SandboxError::setup(
             format!(
                 "cannot move the standby's API socket to {}",
@@ -381,7 +429,7 @@ pub(super) fn restore_in_standby(
     match api.restore(snapshot, devices.disks, devices.vsock, devices.net) {
         Ok(ms) => {
             tracing::debug!("restored into a standby VMM in {ms:.2} ms");
-            Ok(child)
+            Ok((child, cgroup))
         }
         Err(e) => {
             let _ = child.kill();

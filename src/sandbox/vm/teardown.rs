@@ -1,5 +1,5 @@
-//! What a VM instance holds for its life (its directory, writable layer, VMM process, link and
-//! egress) and removes, in order, when it stops.
+//! What a VM instance holds for its life (its directory, writable layer, VMM process and its
+//! cgroup, link and egress) and removes, in order, when it stops.
 
 use std::path::PathBuf;
 
@@ -10,11 +10,14 @@ use crate::sandbox::link::Link;
 use crate::sandbox::SandboxError;
 
 use super::egress::VmEgress;
+use super::limits::VmmCgroup;
 
 pub(super) struct VmParts {
     pub(super) dir: PathBuf,
     pub(super) layer: Option<WritableLayer>,
     pub(super) child: Option<SandboxChild>,
+    /// The VMM's cgroup (after the VMM; dropped, it kills anything left in it).
+    pub(super) cgroup: Option<VmmCgroup>,
     pub(super) link: Option<Link>,
     /// passt, the host rules and the uid (after the VMM: its device is passt's only client).
     pub(super) egress: Option<VmEgress>,
@@ -37,6 +40,7 @@ impl Teardown for VmParts {
         if let Some(child) = self.child.take() {
             child.kill_and_reap();
         }
+        self.cgroup.take();
         if let Some(mut egress) = self.egress.take() {
             egress.stop();
         }

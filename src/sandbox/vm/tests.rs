@@ -258,9 +258,11 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// A tiny guest's snapshot (128 MiB) and a warm standby VMM of `memory_mib` for it.
+/// A tiny guest's snapshot (128 MiB) and a warm standby VMM of `memory_mib` for it, in a cgroup
+/// of its own where this host's cgroups are writable.
 struct StandbyWorld {
     _dir: tempfile::TempDir,
+    cgroups: Option<Arc<VmmCgroups>>,
     snapshot: PathBuf,
     /// Where the standbys' directories are (an instances root).
     root: PathBuf,
@@ -272,13 +274,14 @@ fn standby_world(memory_mib: u32) -> StandbyWorld {
     let vmm = test_vmm();
     let dir = tempfile::tempdir().unwrap();
     let snapshot = tiny_guest_snapshot(&vmm, dir.path());
-    let root = dir.path().join("instances");
-    std::fs::create_dir(&root).unwrap();
+    let home = Home::resolve(Some(dir.path().join("home"))).unwrap();
+    let root = crate::sandbox::instances_root(&home).unwrap();
     let shape = VmShape {
         memory_mib,
         vcpus: 1,
     };
-    let standbys = StandbyVmms::new(&vmm, &root, 1);
+    let cgroups = VmmCgroups::probe(&home).map(Arc::new);
+    let standbys = StandbyVmms::new(&vmm, &root, 1, cgroups.clone());
     assert!(
         standbys.take(shape).is_none(),
         "nothing is warm before it is wanted"
@@ -287,6 +290,7 @@ fn standby_world(memory_mib: u32) -> StandbyWorld {
     wait_for("a warm standby", || standbys.warm(shape) == 1);
     StandbyWorld {
         _dir: dir,
+        cgroups,
         snapshot,
         root,
         shape,
@@ -307,6 +311,7 @@ fn a_standby_vmm_becomes_a_restored_instance_and_is_replaced() {
     }
     let StandbyWorld {
         _dir,
+        cgroups,
         snapshot,
         root,
         shape,
@@ -329,6 +334,18 @@ fn a_standby_vmm_becomes_a_restored_instance_and_is_replaced() {
     let record = InstanceRecord::load(&standby_dir).expect("a standby's record");
     assert_eq!(record.owner, Some(ProcessId::current()));
     assert!(record.sandbox.expect("its process").is_alive());
+    let standby_pid = record.sandbox.unwrap().pid;
+    let cgroup = if cgroups.is_some() {
+        let cgroup = record
+            .cgroup
+            .clone()
+            .expect("the record names the VMM's cgroup");
+        assert_vmm_limited(&record, standby_pid, shape);
+        Some(cgroup)
+    } else {
+        eprintln!("!!! the standby VMM's cgroup NOT tested: this host's cgroups are not writable");
+        None
+    };
 
     let standby = standbys.take(shape).expect("the warm standby");
     let pid = standby.pid();
@@ -339,7 +356,7 @@ fn a_standby_vmm_becomes_a_restored_instance_and_is_replaced() {
         ..Default::default()
     };
     let api = VmmApi::new(&instance.join(API_SOCKET));
-    let child = restore_in_standby(
+    let (child, vmm_cgroup) = restore_in_standby(
         standby,
         &mut record,
         &instance,
@@ -353,6 +370,12 @@ fn a_standby_vmm_becomes_a_restored_instance_and_is_replaced() {
     )
     .expect("the standby restores the snapshot");
     assert_eq!(child.id() as i32, pid);
+    assert_eq!(
+        InstanceRecord::load(&instance).unwrap().cgroup,
+        cgroup,
+        "the instance record names the standby's cgroup"
+    );
+    assert_eq!(vmm_cgroup.as_ref().map(|c| c.path()), cgroup);
     assert_eq!(
         InstanceRecord::load(&instance)
             .unwrap()
@@ -390,6 +413,65 @@ fn a_standby_vmm_becomes_a_restored_instance_and_is_replaced() {
     assert!(!replacement_pid.is_alive(), "the replacement was stopped");
     assert!(!replacement.exists());
     drop(restored);
+    drop(vmm_cgroup);
+    if let Some(cgroup) = cgroup {
+        assert!(!cgroup.exists(), "the VMM's cgroup went with it");
+    }
+}
+
+/// The VMM `pid` of `record` is in the cgroup the record names, limited to its VM's memory
+/// plus the allowance, [`limits::PIDS_MAX`] threads and its vCPUs + 1 of CPU.
+fn assert_vmm_limited(
+    record: &crate::sandbox::instance::record::InstanceRecord,
+    pid: i32,
+    shape: VmShape,
+) {
+    let memory = record.cgroup.as_ref().unwrap();
+    let read = |dir: &Path, file: &str| {
+        std::fs::read_to_string(dir.join(file))
+            .unwrap_or_else(|e| panic!("{}/{file}: {e}", dir.display()))
+    };
+    let bytes = u64::from(shape.memory_mib + limits::MEMORY_ALLOWANCE_MIB) << 20;
+    let (procs, limit) = if record.cgroup_v2 {
+        ("cgroup.procs", "memory.max")
+    } else {
+        ("tasks", "memory.limit_in_bytes")
+    };
+    let members = |dir: &Path| -> Vec<i32> {
+        read(dir, procs)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    assert!(
+        members(memory).contains(&pid),
+        "the VMM is in {}",
+        memory.display()
+    );
+    assert_eq!(read(memory, limit).trim(), bytes.to_string());
+    let quota = (u64::from(shape.vcpus) + 1) * 100_000;
+    if record.cgroup_v2 {
+        assert_eq!(
+            read(memory, "pids.max").trim(),
+            limits::PIDS_MAX.to_string()
+        );
+        if memory.join("cpu.max").exists() {
+            assert_eq!(read(memory, "cpu.max").trim(), format!("{quota} 100000"));
+        }
+    }
+    for dir in &record.v1_cgroups {
+        assert!(
+            members(dir).contains(&pid),
+            "the VMM is in {}",
+            dir.display()
+        );
+        if dir.join("pids.max").exists() {
+            assert_eq!(read(dir, "pids.max").trim(), limits::PIDS_MAX.to_string());
+        }
+        if dir.join("cpu.cfs_quota_us").exists() {
+            assert_eq!(read(dir, "cpu.cfs_quota_us").trim(), quota.to_string());
+        }
+    }
 }
 
 /// A standby whose service died (SIGKILL: no drop ran) is found and stopped by the next
@@ -409,7 +491,7 @@ fn the_standby_of_a_dead_service_is_cleaned_up_like_an_instance() {
         memory_mib: 128,
         vcpus: 1,
     };
-    let standbys = StandbyVmms::new(&vmm, &root, 1);
+    let standbys = StandbyVmms::new(&vmm, &root, 1, VmmCgroups::probe(&home).map(Arc::new));
     standbys.want(shape);
     wait_for("a warm standby", || standbys.warm(shape) == 1);
     let dir = std::fs::read_dir(&root)
@@ -433,6 +515,13 @@ fn the_standby_of_a_dead_service_is_cleaned_up_like_an_instance() {
     assert_eq!((report.instances, report.processes), (1, 1), "{report:?}");
     assert!(!process.is_alive());
     assert!(!dir.exists());
+    for cgroup in record.cgroup.iter().chain(&record.v1_cgroups) {
+        assert!(
+            !cgroup.exists(),
+            "the standby's cgroup {} went",
+            cgroup.display()
+        );
+    }
     drop(standbys);
 }
 
@@ -450,6 +539,7 @@ fn a_standby_of_another_shape_refuses_the_snapshot_and_is_stopped() {
         root,
         shape,
         standbys,
+        ..
     } = standby_world(256);
     let standby = standbys.take(shape).unwrap();
     let pid = ProcessId::of(standby.pid()).unwrap();
@@ -486,7 +576,7 @@ fn a_standby_that_fails_to_come_up_leaves_nothing_and_backs_off() {
         memory_mib: 128,
         vcpus: 1,
     };
-    let standbys = StandbyVmms::new(Path::new("/bin/false"), dir.path(), 1);
+    let standbys = StandbyVmms::new(Path::new("/bin/false"), dir.path(), 1, None);
     standbys.want(shape);
     wait_for("the failed standby's cleanup", || {
         std::fs::read_dir(dir.path()).unwrap().count() == 0 && standbys.spawning(shape) == 0

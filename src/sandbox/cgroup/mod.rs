@@ -1,7 +1,9 @@
-//! The process sandbox's limits: one cgroup per instance under a `fnvm` cgroup, with the
-//! function's memory and no swap, a cap on its processes, (cgroup v1) a device allow-list, and
-//! its own CPU scheduling group (fair shares between instances, and no autogroup, see
-//! [`V1Extras::cpu`]).
+//! Both sandboxes' limits: one cgroup per instance under a `fnvm` cgroup. The process sandbox's
+//! holds the function, with its memory and no swap, a cap on its processes, (cgroup v1) a device
+//! allow-list, and its own CPU scheduling group (fair shares between instances, and no
+//! autogroup, see [`V1Extras::cpu`]). The VM sandbox's holds the `fnvm-vmm` process, so a
+//! hostile guest (or an escape into the VMM) is held to the VM's memory, a few threads and its
+//! vCPUs' worth of CPU (see [`crate::sandbox::vm::limits`]).
 //!
 //! cgroup v2 is the normal case: memory and pids in one cgroup. Hosts still on the hybrid
 //! layout with the controllers on cgroup v1 (like our CI machines) get the v1 equivalents
@@ -36,7 +38,13 @@ pub struct Limits {
     /// Block devices the agent itself opens while it sets up (its rootfs and writable layer),
     /// allowed until [`Cgroup::revoke_agent_disks`].
     pub agent_disks: Vec<AgentDisk>,
+    /// A CPU bandwidth cap in whole CPUs (cpu.max / cfs_quota_us per 100 ms period); None:
+    /// fair shares only.
+    pub cpus: Option<u32>,
 }
+
+/// The CFS period the CPU cap is written for.
+const CPU_PERIOD_US: u64 = 100_000;
 
 /// A block device the agent opens while it sets up, as the devices allow-list names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +112,17 @@ impl Cgroup {
                 write(&cgroup.path, "pids.max", &pids_max, true)?;
                 cgroup.pids = Some(cgroup.path.clone());
             }
+            if let Some(cpus) = limits.cpus {
+                if cgroup.path.join("cpu.max").is_file() {
+                    let quota = u64::from(cpus) * CPU_PERIOD_US;
+                    write(
+                        &cgroup.path,
+                        "cpu.max",
+                        &format!("{quota} {CPU_PERIOD_US}"),
+                        true,
+                    )?;
+                }
+            }
         } else {
             write(&cgroup.path, "memory.limit_in_bytes", &bytes, true)?;
             write(&cgroup.path, "memory.memsw.limit_in_bytes", &bytes, false)?;
@@ -121,7 +140,12 @@ impl Cgroup {
             }
             if let Some(parent) = &extras.cpu {
                 // Default shares: the group is what matters, not its weight.
-                cgroup.cpu = Some(make_dir(parent, name)?);
+                let dir = cgroup.cpu.insert(make_dir(parent, name)?);
+                if let Some(cpus) = limits.cpus {
+                    let quota = u64::from(cpus) * CPU_PERIOD_US;
+                    write(dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string(), true)?;
+                    write(dir, "cpu.cfs_quota_us", &quota.to_string(), true)?;
+                }
             }
         }
         cgroup.allow_agent_disks(&limits.agent_disks)?;
@@ -398,6 +422,7 @@ mod tests {
             memory_mib: 64,
             pids_max,
             agent_disks,
+            cpus: None,
         }
     }
 
@@ -407,7 +432,7 @@ mod tests {
         let keep = std::fs::File::open("/dev/null").unwrap();
         let mut argv = vec!["-c", script, "sh"];
         argv.extend_from_slice(args);
-        super::super::spawn::tests::run("/bin/sh", &argv, Some(cgroup), keep.as_fd())
+        crate::sandbox::process::spawn::tests::run("/bin/sh", &argv, Some(cgroup), keep.as_fd())
     }
 
     /// A block device node of this host and its numbers.
