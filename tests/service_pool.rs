@@ -5,7 +5,8 @@
 //! One serve process goes through the pool's promises in turn: 32 concurrent invocations scale
 //! out and all succeed; a function past its timeout gets the timeout error and the next call
 //! works; an instance killed mid-request gives a crash error naming it and the next call works
-//! (and in the vm sandbox: its VMM's threads are all seccomp-filtered without capabilities, and
+//! (and in the vm sandbox: its VMM's threads are all seccomp-filtered without capabilities, the
+//! VMM sits in a cgroup of its own with memory and pids limits, and
 //! a VMM that breaks its filter is such a crash too, named as a seccomp violation);
 //! the logs of one request id hold exactly its lines; idle instances go away after the idle time.
 //! Another serve shows provisioned concurrency: N instances ready before any request, kept past
@@ -210,6 +211,29 @@ fn a_vmm_seccomp_violation_is_a_crash_and_the_instance_replaced(serve: &Serve, h
         assert_eq!(field("NoNewPrivs:"), "1", "{status}");
         assert_eq!(field("CapEff:"), "0000000000000000", "{status}");
     }
+    // Its own cgroup (L1 is cgroup v2): the VM's memory + the allowance, a pids cap.
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let path = cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or_else(|| panic!("no cgroup v2 line: {cgroup}"));
+    assert!(
+        path.contains("-vmm-"),
+        "the VMM is in a cgroup of its own: {cgroup}"
+    );
+    let dir = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+    let read = |file: &str| {
+        std::fs::read_to_string(dir.join(file))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let memory: u64 = read("memory.max").parse().unwrap();
+    assert!(
+        (128 << 20..8 << 30).contains(&memory),
+        "a memory limit near the VM's size: {memory}"
+    );
+    assert_eq!(read("pids.max"), "64");
     let api = home.join("instances").join(&victim).join("api.sock");
     let mut s = std::os::unix::net::UnixStream::connect(&api).unwrap();
     std::io::Write::write_all(&mut s, b"{\"op\":\"forbidden_syscall\"}\n").unwrap();
