@@ -55,6 +55,10 @@ usage: fnvm-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MiB]
                      socket and of snapshots it will write. Everything else was opened
                      before. Needs root (CAP_SYS_ADMIN). A standby takes its jail from the
                      restore request's \"jail\":[\"DIR\",...] (as well)
+  --uid UID:GID      as the VM starts (after the jail, before the seccomp filters), become
+                     UID:GID (no supplementary groups; every capability goes with root):
+                     files the VMM writes then (snapshots) are UID's, and the directories
+                     it writes into must be writable by it. Not 0; needs root to switch
   --no-confinement   run unconfined (for debugging): by default, once the VM is set up,
                      the VMM enters its jail (if any), drops every capability, sets
                      no_new_privs and puts each thread under a seccomp allow-list (vCPU
@@ -124,6 +128,8 @@ struct Args {
     no_confinement: bool,
     /// `--jail DIR`...: the directories the jail holds.
     jail: Vec<PathBuf>,
+    /// `--uid UID:GID`: who the VMM becomes as its VM starts.
+    identity: Option<(u32, u32)>,
 }
 
 /// Parses `PATH[,mac=MAC]`.
@@ -155,6 +161,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
     let mut standby = false;
     let mut no_confinement = false;
     let mut jail = Vec::new();
+    let mut identity = None;
     let mut api_sock = None;
     let mut boot_only = Vec::new();
     while let Some(arg) = argv.next() {
@@ -216,6 +223,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
             }
             "--vsock" => vsock = Some(PathBuf::from(value()?)),
             "--jail" => jail.push(PathBuf::from(value()?)),
+            "--uid" => identity = Some(parse_identity(&value()?)?),
             "--net" => {
                 if net.is_some() {
                     return Err("--net can be given once (one network device)".into());
@@ -291,7 +299,20 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
         net,
         no_confinement,
         jail,
+        identity,
     }))
+}
+
+/// `UID:GID`, both non-zero whole numbers (root is what the VMM is leaving).
+fn parse_identity(text: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("--uid {text:?}: expected UID:GID, two non-zero whole numbers");
+    let (uid, gid) = text.split_once(':').ok_or_else(bad)?;
+    let uid: u32 = uid.parse().map_err(|_| bad())?;
+    let gid: u32 = gid.parse().map_err(|_| bad())?;
+    if uid == 0 || gid == 0 || uid == u32::MAX || gid == u32::MAX {
+        return Err(bad());
+    }
+    Ok((uid, gid))
 }
 
 /// The stop eventfd, for the SIGTERM/SIGINT handler (write(2) is async-signal-safe).
@@ -468,6 +489,9 @@ fn run_vm(vm: &mut Vm, args: &Args) -> Result<VmExit, (String, u8)> {
             let jail = fnvm_vmm::confine::Jail::new(&dirs)
                 .map_err(|e| (format!("bad input: {e}"), code::BAD_INPUT))?;
             confinement = confinement.with_jail(jail);
+        }
+        if let Some((uid, gid)) = args.identity {
+            confinement = confinement.with_identity(uid, gid);
         }
         vm.confine(confinement);
     }

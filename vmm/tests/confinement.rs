@@ -299,6 +299,48 @@ fn a_jailed_vmm_sees_only_its_own_directory_and_still_snapshots_into_it() {
     stop(&mut vmm);
 }
 
+/// With `--uid`, the jailed VMM becomes that uid and gid on every thread (no capabilities
+/// left, none to regain) and still writes a snapshot into the directory it was given, which
+/// is the uid's; the files are the uid's too.
+#[test]
+fn a_vmm_given_a_uid_runs_as_it_and_snapshots_into_its_directory() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    if !kvm_available("a_vmm_given_a_uid_runs_as_it_and_snapshots_into_its_directory") {
+        return;
+    }
+    const ID: u32 = 0x2eff_0042;
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().canonicalize().unwrap();
+    // Root's directory, traversable; the snapshot's parent is the uid's.
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let out = real.join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::os::unix::fs::chown(&out, Some(ID), Some(ID)).unwrap();
+    let real_str = real.display().to_string();
+    let identity = format!("{ID}:{ID}");
+    let mut vmm = Vmm::start_in(dir, &["--jail", &real_str, "--uid", &identity], true);
+    let threads = vmm.threads();
+    assert!(threads.len() >= 2, "{threads:?}");
+    for (name, status) in &threads {
+        let ids = format!("{ID}\t{ID}\t{ID}\t{ID}");
+        assert_eq!(field(status, "Uid:"), ids, "{name}");
+        assert_eq!(field(status, "Gid:"), ids, "{name}");
+        assert_eq!(field(status, "Groups:"), "", "{name}");
+        assert_eq!(field(status, "CapPrm:"), "0000000000000000", "{name}");
+        assert_eq!(field(status, "CapBnd:"), "0000000000000000", "{name}");
+    }
+    let snap = out.join("snap");
+    let mut s = UnixStream::connect(&vmm.api).unwrap();
+    s.write_all(format!("{{\"op\":\"snapshot\",\"dir\":\"{}\"}}\n", snap.display()).as_bytes())
+        .unwrap();
+    let mut reply = String::new();
+    BufReader::new(&s).read_line(&mut reply).unwrap();
+    assert!(reply.contains("\"ok\":true"), "{reply}");
+    let memory = std::fs::metadata(snap.join("memory")).expect("the snapshot's memory");
+    assert_eq!((memory.uid(), memory.gid()), (ID, ID));
+    stop(&mut vmm);
+}
+
 /// A guest's panic banner arms the VMM's grace timer on the confined VMM thread (timerfd
 /// calls its filter must allow): the VMM ends with the guest-panic code, not a violation.
 #[test]
@@ -365,4 +407,16 @@ fn a_jail_directory_that_cannot_be_one_is_bad_input() {
         err.contains("jail directory relative/dir: not an absolute path"),
         "{err}"
     );
+    for bad in ["0:0", "1000", "x:1", "1000:"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_fnvm-vmm"))
+            .args(["--kernel", "/nonexistent", "--uid", bad])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "--uid {bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("--uid {bad:?}: expected UID:GID")),
+            "{err}"
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! How `fnvm-vmm` confines itself before the guest runs, so that a guest that takes over a
-//! device model (the VMM code a guest drives) gains little: every capability dropped (and the
-//! bounding set emptied, so nothing can regain one), `no_new_privs`, and a seccomp allow-list
+//! device model (the VMM code a guest drives) gains little: its jail ([`jail`]), an
+//! unprivileged uid and gid if given, every capability dropped (and the bounding set emptied,
+//! so nothing can regain one), `no_new_privs`, and a seccomp allow-list
 //! per thread kind ([`filters`]), installed by each thread itself as the VM starts. A call
 //! outside its thread's list stops the VMM with one line naming the thread and the call
 //! ([`violation`]), and exit code [`crate::exit::code::SECCOMP_VIOLATION`].
@@ -41,6 +42,13 @@ pub enum ConfineError {
     /// The capabilities could not be dropped.
     #[error("cannot drop the VMM's capabilities: {0}")]
     Capabilities(io::Error),
+    /// The VMM could not switch to its unprivileged uid and gid (`--uid`).
+    #[error("cannot become uid {uid} gid {gid}: {source}")]
+    Identity {
+        uid: u32,
+        gid: u32,
+        source: io::Error,
+    },
     /// The SIGSYS handler that reports violations could not be installed.
     #[error("cannot install the seccomp violation handler: {0}")]
     Handler(io::Error),
@@ -61,6 +69,8 @@ pub struct Confinement {
     clone3: BpfProgram,
     vcpu: BpfProgram,
     jail: Option<Jail>,
+    /// The uid and gid to become (None: stay uid 0, without capabilities).
+    identity: Option<(u32, u32)>,
 }
 
 impl Confinement {
@@ -73,12 +83,19 @@ impl Confinement {
             clone3: compile(filters::clone3_filter()?)?,
             vcpu: compile(filters::filter(ThreadKind::Vcpu, pid)?)?,
             jail: None,
+            identity: None,
         })
     }
 
     /// Also moves the process into `jail` as the VM starts (before anything else here).
     pub fn with_jail(mut self, jail: Jail) -> Confinement {
         self.jail = Some(jail);
+        self
+    }
+
+    /// Also becomes `uid`:`gid` (no supplementary groups) as capabilities are dropped.
+    pub fn with_identity(mut self, uid: u32, gid: u32) -> Confinement {
+        self.identity = Some((uid, gid));
         self
     }
 
@@ -93,7 +110,7 @@ impl Confinement {
     /// Drops every capability of the calling thread and of the threads it starts afterwards:
     /// called on the main thread before any other thread exists.
     pub fn drop_capabilities(&self) -> Result<(), ConfineError> {
-        drop_capabilities().map_err(ConfineError::Capabilities)
+        drop_capabilities(self.identity)
     }
 
     /// Confines the calling thread as a `kind` thread named `name` (in violation reports):
@@ -114,9 +131,14 @@ impl Confinement {
     }
 }
 
-/// Empties the bounding and ambient sets (while CAP_SETPCAP is still there), then the
-/// effective, permitted and inheritable sets.
-fn drop_capabilities() -> io::Result<()> {
+/// Empties the bounding and ambient sets (while CAP_SETPCAP is still there), becomes
+/// `identity` (while CAP_SETUID/SETGID are; the switch away from uid 0 clears the permitted and
+/// effective sets itself), then empties the effective, permitted and inheritable sets.
+///
+/// The switch is made with raw system calls, not glibc's wrappers: those signal every thread to
+/// switch too (POSIX semantics), and here only this thread exists yet; the vCPU threads it
+/// starts afterwards inherit its credentials.
+fn drop_capabilities(identity: Option<(u32, u32)>) -> Result<(), ConfineError> {
     for cap in 0..64 {
         // SAFETY: prctl with integer arguments only.
         let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
@@ -126,7 +148,7 @@ fn drop_capabilities() -> io::Result<()> {
                 Some(libc::EINVAL) => break,
                 // Not privileged (run by hand as a user): there is nothing to drop.
                 Some(libc::EPERM) => break,
-                _ => return Err(io::Error::last_os_error()),
+                _ => return Err(ConfineError::Capabilities(io::Error::last_os_error())),
             }
         }
     }
@@ -140,6 +162,22 @@ fn drop_capabilities() -> io::Result<()> {
             0,
         )
     };
+    if let Some((uid, gid)) = identity {
+        // SAFETY: setgroups with an empty list (a null pointer is allowed for size 0), then
+        // setresgid/setresuid with integer arguments; the return values are checked.
+        unsafe {
+            if libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+                || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
+                || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
+            {
+                return Err(ConfineError::Identity {
+                    uid,
+                    gid,
+                    source: io::Error::last_os_error(),
+                });
+            }
+        }
+    }
     #[repr(C)]
     struct Header {
         version: u32,
@@ -161,7 +199,7 @@ fn drop_capabilities() -> io::Result<()> {
     // SAFETY: capset reads a v3 header and two data structs, all on the stack.
     let rc = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
     if rc != 0 {
-        return Err(io::Error::last_os_error());
+        return Err(ConfineError::Capabilities(io::Error::last_os_error()));
     }
     Ok(())
 }
