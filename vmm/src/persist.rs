@@ -56,7 +56,17 @@ impl Machine {
             let device = t.device().device_state();
             if let VirtioDeviceState::Block(b) = &device {
                 if !b.read_only {
-                    writable.push((i, b.path.clone()));
+                    // Its open file (a duplicate): the confined VMM may not reopen the path.
+                    let file = t.device().disk_file().map(std::fs::File::try_clone);
+                    let file = file.transpose().map_err(|e| SnapshotError::Io {
+                        path: b.path.clone(),
+                        source: e,
+                    })?;
+                    writable.push(snapshot::WritableDisk {
+                        index: i,
+                        path: b.path.clone(),
+                        file,
+                    });
                 }
             }
             virtio.push(VirtioSlotState {

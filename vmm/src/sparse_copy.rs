@@ -24,8 +24,16 @@ pub fn copy_sparse_unsynced(from: &Path, to: &Path) -> io::Result<()> {
     copy(from, to, false)
 }
 
+/// [`copy_sparse`] from a file already open (for reading), synced.
+pub fn copy_sparse_from(src: &File, to: &Path) -> io::Result<()> {
+    copy_file(src, to, true)
+}
+
 fn copy(from: &Path, to: &Path, synced: bool) -> io::Result<()> {
-    let src = File::open(from)?;
+    copy_file(&File::open(from)?, to, synced)
+}
+
+fn copy_file(src: &File, to: &Path, synced: bool) -> io::Result<()> {
     let len = src.metadata()?.len();
     let dst = std::fs::OpenOptions::new()
         .write(true)
@@ -35,7 +43,7 @@ fn copy(from: &Path, to: &Path, synced: bool) -> io::Result<()> {
         // SAFETY: FICLONE takes the source fd as its argument; both fds are open for the call.
         let cloned = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0;
         if !cloned {
-            copy_data_extents(&src, &dst, len)?;
+            copy_data_extents(src, &dst, len)?;
         }
         dst.set_len(len)?;
         if synced {

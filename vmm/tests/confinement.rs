@@ -301,7 +301,8 @@ fn a_jailed_vmm_sees_only_its_own_directory_and_still_snapshots_into_it() {
 
 /// With `--uid`, the jailed VMM becomes that uid and gid on every thread (no capabilities
 /// left, none to regain) and still writes a snapshot into the directory it was given, which
-/// is the uid's; the files are the uid's too.
+/// is the uid's; the files are the uid's too, and its writable disk, in a directory only root
+/// may enter, is copied from the file the VMM opened before it left root.
 #[test]
 fn a_vmm_given_a_uid_runs_as_it_and_snapshots_into_its_directory() {
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
@@ -316,9 +317,20 @@ fn a_vmm_given_a_uid_runs_as_it_and_snapshots_into_its_directory() {
     let out = real.join("out");
     std::fs::create_dir(&out).unwrap();
     std::os::unix::fs::chown(&out, Some(ID), Some(ID)).unwrap();
+    let private = real.join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let disk = private.join("disk.img");
+    let content: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    std::fs::write(&disk, &content).unwrap();
     let real_str = real.display().to_string();
+    let disk_str = disk.display().to_string();
     let identity = format!("{ID}:{ID}");
-    let mut vmm = Vmm::start_in(dir, &["--jail", &real_str, "--uid", &identity], true);
+    let mut vmm = Vmm::start_in(
+        dir,
+        &["--jail", &real_str, "--uid", &identity, "--disk", &disk_str],
+        true,
+    );
     let threads = vmm.threads();
     assert!(threads.len() >= 2, "{threads:?}");
     for (name, status) in &threads {
@@ -338,6 +350,7 @@ fn a_vmm_given_a_uid_runs_as_it_and_snapshots_into_its_directory() {
     assert!(reply.contains("\"ok\":true"), "{reply}");
     let memory = std::fs::metadata(snap.join("memory")).expect("the snapshot's memory");
     assert_eq!((memory.uid(), memory.gid()), (ID, ID));
+    assert_eq!(std::fs::read(snap.join("disk-0.img")).unwrap(), content);
     stop(&mut vmm);
 }
 

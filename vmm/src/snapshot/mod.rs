@@ -165,14 +165,22 @@ pub fn host_identity(kvm: &kvm_ioctls::Kvm) -> Result<HostIdentity, SnapshotErro
     })
 }
 
+/// A writable disk a snapshot copies: its virtio slot, its backing file's path and, where the
+/// device has it open, that file (copied from rather than reopening the path).
+pub struct WritableDisk {
+    pub index: usize,
+    pub path: PathBuf,
+    pub file: Option<std::fs::File>,
+}
+
 /// Writes a snapshot directory `dir` (which must not exist) from a paused VM's parts.
-/// `disks` are the current backing files of the writable disks, by virtio slot index.
+/// `writable_disks` are the writable disks' current backing files.
 pub fn write(
     dir: &Path,
     host: HostIdentity,
     mut state: VmState,
     mem: &crate::memory::GuestMemory,
-    writable_disks: &[(usize, PathBuf)],
+    writable_disks: &[WritableDisk],
 ) -> Result<(), SnapshotError> {
     if dir.exists() {
         return Err(SnapshotError::Exists(dir.to_path_buf()));
@@ -192,12 +200,16 @@ pub fn write(
         let mem_path = tmp.join(MEMORY_FILE);
         let (size, sha256) = memory::write(mem, &mem_path).map_err(io_at(&mem_path))?;
         let stamp = FileStamp::of(&std::fs::metadata(&mem_path).map_err(io_at(&mem_path))?);
-        for (index, path) in writable_disks {
-            let file = format!("disk-{index}.img");
-            let to = tmp.join(&file);
-            crate::sparse_copy::copy_sparse(path, &to).map_err(io_at(path))?;
+        for WritableDisk { index, path, file } in writable_disks {
+            let name = format!("disk-{index}.img");
+            let to = tmp.join(&name);
+            match file {
+                Some(f) => crate::sparse_copy::copy_sparse_from(f, &to),
+                None => crate::sparse_copy::copy_sparse(path, &to),
+            }
+            .map_err(io_at(path))?;
             if let Some(slot) = state.virtio.get_mut(*index) {
-                slot.disk_copy = Some(file);
+                slot.disk_copy = Some(name);
             }
         }
         let json = serde_json::to_vec(&state).map_err(|e| SnapshotError::State {

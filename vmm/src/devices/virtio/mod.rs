@@ -86,6 +86,12 @@ pub trait VirtioDevice: Send {
     /// the transport.
     fn reset(&mut self);
 
+    /// The file behind a disk device, already open: a snapshot copies a writable disk from it
+    /// (the confined VMM may no longer be able to open the path). None for other devices.
+    fn disk_file(&self) -> Option<&std::fs::File> {
+        None
+    }
+
     /// The device's saved state, tagged with its kind, so a snapshot can save a
     /// `Box<dyn VirtioDevice>` without knowing its type (see [`restore_device`]).
     fn device_state(&self) -> VirtioDeviceState;

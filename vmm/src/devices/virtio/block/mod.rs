@@ -464,6 +464,10 @@ impl VirtioDevice for Block {
         VIRTIO_ID_BLOCK
     }
 
+    fn disk_file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+
     fn features(&self) -> u64 {
         let mut features = FEATURE_VERSION_1
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
