@@ -226,7 +226,13 @@ pub fn wait_u16(a: &mut CodeAssembler, addr: u64, value: u16, spins: u32, timeou
 
 /// Spins (PAUSE) until the byte at `addr` differs from `value`; after `spins` tries jumps to
 /// `timeout` (clobbers EAX, ECX, RDI).
-pub fn wait_u8_changes(a: &mut CodeAssembler, addr: u64, value: u8, spins: u32, timeout: CodeLabel) {
+pub fn wait_u8_changes(
+    a: &mut CodeAssembler,
+    addr: u64,
+    value: u8,
+    spins: u32,
+    timeout: CodeLabel,
+) {
     let mut again = a.create_label();
     let mut done = a.create_label();
     a.mov(rdi, addr).unwrap();
