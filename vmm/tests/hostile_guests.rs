@@ -707,3 +707,304 @@ fn blk_notification_storm_keeps_the_vmm_responsive_and_its_memory_bounded() {
         assert!(a < b + 64 * 1024, "RSS grew from {b} to {a} KiB");
     }
 }
+
+/// A stand-in for passt: the Unix listener `Vm::add_net` connects to, and the accepted stream
+/// (QEMU's stream protocol: each frame behind its 32-bit big-endian length).
+struct FakePasst {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    listener: std::os::unix::net::UnixListener,
+}
+
+impl FakePasst {
+    fn new() -> FakePasst {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("passt.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        FakePasst {
+            _dir: dir,
+            path,
+            listener,
+        }
+    }
+
+    /// Adds the network device to `vm` and returns passt's end of its connection.
+    fn attach(&self, vm: &mut Vm) -> std::os::unix::net::UnixStream {
+        vm.add_net(&self.path, fnvm_vmm::devices::virtio::net::DEFAULT_MAC)
+            .unwrap();
+        let (stream, _) = self.listener.accept().unwrap();
+        stream
+    }
+}
+
+/// Runs `vm` on a thread with a host stop timer of `stop_after`; fails the test (instead of
+/// hanging it) if the VMM has not ended the VM `grace` later.
+fn run_guarded(mut vm: Vm, stop_after: Duration, grace: Duration) -> (VmExit, Duration) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let start = Instant::now();
+    std::thread::spawn(move || {
+        vm.stop_after(stop_after).unwrap();
+        let exit = vm.run().expect("VM ran");
+        let _ = tx.send(exit);
+    });
+    match rx.recv_timeout(stop_after + grace) {
+        Ok(exit) => (exit, start.elapsed()),
+        Err(_) => panic!(
+            "the VMM did not end the VM {:?} after its {stop_after:?} stop timer: its event loop \
+             is stuck",
+            grace
+        ),
+    }
+}
+
+/// Guest code: forever keep the avail index of `ring` 8 entries ahead of its used index, so
+/// a device that serves "until the ring is empty" never finds it empty, and notify queue
+/// `queue` of the device at RSI every 4096 rounds (a device that stopped early resumes).
+fn chase_forever(a: &mut CodeAssembler, ring: &Ring, queue: u32) {
+    let mut again = a.create_label();
+    let mut no_kick = a.create_label();
+    a.mov(rdi, ring.used_idx_addr()).unwrap();
+    a.mov(rbx, ring.avail_idx_addr()).unwrap();
+    a.xor(ecx, ecx).unwrap();
+    a.set_label(&mut again).unwrap();
+    a.movzx(eax, word_ptr(rdi)).unwrap();
+    a.add(eax, 8).unwrap();
+    a.mov(word_ptr(rbx), ax).unwrap();
+    a.inc(ecx).unwrap();
+    a.test(ecx, 0xfff).unwrap();
+    a.jnz(no_kick).unwrap();
+    a.mov(dword_ptr(rsi + REG_QUEUE_NOTIFY as i32), queue)
+        .unwrap();
+    a.set_label(&mut no_kick).unwrap();
+    a.jmp(again).unwrap();
+}
+
+/// Where vCPU 0 tells the others the device is set up.
+const READY_FLAG: u64 = 0x3000;
+
+/// Guest code for every vCPU: vCPU 0 runs `setup` and raises [`READY_FLAG`]; the others wait
+/// for it; then all of them [`chase_forever`] on `ring` and `queue`. Two chasing vCPUs keep the ring full
+/// even while one of them is out of the guest (host timer ticks, preemption).
+fn all_vcpus_chase(ring: &Ring, queue: u32, setup: impl FnOnce(&mut CodeAssembler)) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut others = a.create_label();
+    let mut chase = a.create_label();
+    a.mov(eax, 1).unwrap();
+    a.cpuid().unwrap();
+    a.shr(ebx, 24).unwrap(); // APIC ID
+    a.test(ebx, ebx).unwrap();
+    a.jnz(others).unwrap();
+    setup(&mut a);
+    a.mov(rdi, READY_FLAG).unwrap();
+    a.mov(byte_ptr(rdi), 1).unwrap();
+    a.jmp(chase).unwrap();
+    a.set_label(&mut others).unwrap();
+    a.mov(rdi, READY_FLAG).unwrap();
+    a.pause().unwrap();
+    a.cmp(byte_ptr(rdi), 1).unwrap();
+    a.jne(others).unwrap();
+    a.set_label(&mut chase).unwrap();
+    a.mov(rsi, VIRTIO_MMIO_START).unwrap();
+    chase_forever(&mut a, ring, queue);
+    a.assemble(CODE).unwrap()
+}
+
+/// The guest start for virtio-net: VERSION_1 only, rx on `ring(0)`, tx on `ring(1)`, 16
+/// entries each.
+fn start_net(a: &mut CodeAssembler) -> Driver {
+    let mut fail = a.create_label();
+    let mut ok = a.create_label();
+    let drv = Driver::new(a, VIRTIO_MMIO_START);
+    drv.negotiate(a, 0, fail);
+    drv.setup_queue(a, 0, 16, &ring(0));
+    drv.setup_queue(a, 1, 16, &ring(1));
+    drv.driver_ok(a);
+    drv.jump_if_needs_reset(a, fail);
+    a.jmp(ok).unwrap();
+    a.set_label(&mut fail).unwrap();
+    print(a, "F");
+    reset(a);
+    a.set_label(&mut ok).unwrap();
+    a.nop().unwrap();
+    drv
+}
+
+#[test]
+fn net_tx_ring_kept_topped_up_forever_does_not_capture_the_vmm() {
+    if !kvm_available("net_tx_chase") {
+        return;
+    }
+    let passt = FakePasst::new();
+    let tx = ring(1);
+    let code = all_vcpus_chase(&tx, 1, |a| {
+        start_net(a);
+        print(a, "N");
+    });
+
+    let (c, console) = config(32, 2);
+    let mut vm = Vm::new(c).unwrap();
+    let _stream = passt.attach(&mut vm);
+    let mem = vm.memory().clone();
+    // Every slot offers head 0: a bare 12-byte header, no frame (dropped, used with 0).
+    tx.desc(&mem, 0, BUFS, 12, 0, 0);
+    for slot in 0..16 {
+        tx.offer(&mem, slot, 0);
+    }
+    vm.load_program(&code, CODE, EntryMode::Long64, true)
+        .unwrap();
+    let (exit, took) = run_guarded(vm, Duration::from_secs(2), Duration::from_secs(20));
+    assert_eq!(exit, VmExit::Stopped);
+    assert_eq!(console.text(), "N");
+    assert_ne!(tx.used_idx(&mem), 0, "the device served the tx queue");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+}
+
+#[test]
+fn net_rx_ring_of_bad_buffers_kept_topped_up_forever_does_not_capture_the_vmm() {
+    if !kvm_available("net_rx_chase") {
+        return;
+    }
+    use std::io::Write as _;
+    let passt = FakePasst::new();
+    let rx = ring(0);
+    let code = all_vcpus_chase(&rx, 0, |a| {
+        start_net(a);
+        print(a, "N");
+    });
+
+    let (c, console) = config(32, 2);
+    let mut vm = Vm::new(c).unwrap();
+    let mut stream = passt.attach(&mut vm);
+    // A frame waits for the guest, which only ever offers device-readable "rx buffers".
+    let frame = [0x5au8; 60];
+    stream
+        .write_all(&(frame.len() as u32).to_be_bytes())
+        .unwrap();
+    stream.write_all(&frame).unwrap();
+    let mem = vm.memory().clone();
+    rx.desc(&mem, 0, BUFS, 4096, 0, 0);
+    for slot in 0..16 {
+        rx.offer(&mem, slot, 0);
+    }
+    vm.load_program(&code, CODE, EntryMode::Long64, true)
+        .unwrap();
+    let (exit, took) = run_guarded(vm, Duration::from_secs(2), Duration::from_secs(20));
+    assert_eq!(exit, VmExit::Stopped);
+    assert_eq!(console.text(), "N");
+    assert_ne!(rx.used_idx(&mem), 0, "the device returned the bad buffers");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+}
+
+#[test]
+fn net_malformed_frames_and_rx_buffers_are_returned_and_good_ones_still_flow() {
+    if !kvm_available("net_malformed") {
+        return;
+    }
+    use std::io::{Read as _, Write as _};
+    let passt = FakePasst::new();
+    let (rx, tx) = (ring(0), ring(1));
+    let mut a = CodeAssembler::new(64).unwrap();
+    let drv = start_net(&mut a);
+    store_u16(&mut a, tx.avail_idx_addr(), 8);
+    drv.notify(&mut a, 1);
+    let mut tx_timeout = a.create_label();
+    let mut rx_phase = a.create_label();
+    wait_u16(&mut a, tx.used_idx_addr(), 8, SPINS, tx_timeout);
+    print(&mut a, "U");
+    a.jmp(rx_phase).unwrap();
+    a.set_label(&mut tx_timeout).unwrap();
+    print(&mut a, "t");
+    a.set_label(&mut rx_phase).unwrap();
+    drv.select(&mut a);
+    store_u16(&mut a, rx.avail_idx_addr(), 3);
+    drv.notify(&mut a, 0);
+    let mut rx_timeout = a.create_label();
+    let mut done = a.create_label();
+    wait_u16(&mut a, rx.used_idx_addr(), 3, SPINS, rx_timeout);
+    print(&mut a, "R");
+    a.jmp(done).unwrap();
+    a.set_label(&mut rx_timeout).unwrap();
+    print(&mut a, "r");
+    a.set_label(&mut done).unwrap();
+    reset(&mut a);
+    let code = a.assemble(CODE).unwrap();
+
+    let (c, console) = config(32, 1);
+    let mut vm = Vm::new(c).unwrap();
+    let mut stream = passt.attach(&mut vm);
+    let incoming: Vec<u8> = (0..60u8).map(|i| i ^ 0xa5).collect();
+    stream
+        .write_all(&(incoming.len() as u32).to_be_bytes())
+        .unwrap();
+    stream.write_all(&incoming).unwrap();
+    let mem = vm.memory().clone();
+    let b = |n: u64| BUFS + 0x1000 * n;
+    let good_frame: Vec<u8> = (0..60u8).collect();
+    let mut gso = [0u8; 12];
+    gso[1] = 1; // VIRTIO_NET_HDR_GSO_TCPV4, never offered
+    let mut csum = [0u8; 12];
+    csum[0] = 1; // NEEDS_CSUM ...
+    csum[6..8].copy_from_slice(&1000u16.to_le_bytes()); // ... starting past the frame
+    mem.write_slice(&gso, GuestAddress(b(5))).unwrap();
+    mem.write_slice(&csum, GuestAddress(b(6))).unwrap();
+    for n in [5, 6, 8] {
+        mem.write_slice(&good_frame, GuestAddress(b(n) + 12))
+            .unwrap();
+    }
+    mem.write_slice(&[0u8; 12], GuestAddress(b(8))).unwrap();
+    const N: u16 = VRING_DESC_F_NEXT;
+    const W: u16 = VRING_DESC_F_WRITE;
+    // tx: a device-writable buffer, one outside memory, one of u32::MAX bytes, a loop of
+    // 8 KiB descriptors (cut at 16 of them: longer than any frame), a bare header, a GSO
+    // frame, a checksum request outside its frame; then a good frame (heads 8 -> 9).
+    tx.desc(&mem, 0, b(0), 72, W, 0);
+    tx.desc(&mem, 1, OUTSIDE, 72, 0, 0);
+    tx.desc(&mem, 2, b(2), u32::MAX, 0, 0);
+    tx.desc(&mem, 3, b(3), 8192, N, 3);
+    tx.desc(&mem, 4, b(4), 12, 0, 0);
+    tx.desc(&mem, 5, b(5), 72, 0, 0);
+    tx.desc(&mem, 6, b(6), 72, 0, 0);
+    tx.desc(&mem, 8, b(8), 12, N, 9);
+    tx.desc(&mem, 9, b(8) + 12, 60, 0, 0);
+    for (slot, head) in [0u16, 1, 2, 3, 4, 5, 6, 8].into_iter().enumerate() {
+        tx.offer(&mem, slot as u16, head);
+    }
+    // rx: a device-readable buffer, a writable one outside memory, then a good one.
+    rx.desc(&mem, 0, b(10), 4096, 0, 0);
+    rx.desc(&mem, 1, OUTSIDE, 4096, W, 0);
+    rx.desc(&mem, 2, b(12), 4096, W, 0);
+    for slot in 0..3 {
+        rx.offer(&mem, slot, slot);
+    }
+    vm.load_program(&code, CODE, EntryMode::Long64, false)
+        .unwrap();
+    let (exit, _) = run(vm);
+    assert_eq!(exit, VmExit::GuestReset);
+    assert_eq!(console.text(), "UR");
+    for slot in 0..8u16 {
+        let (_, len) = tx.used_elem(&mem, slot);
+        assert_eq!(len, 0, "tx chains are used with length 0");
+    }
+    // passt got the good frame and nothing else.
+    stream.set_nonblocking(true).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+    }
+    let mut expected = 60u32.to_be_bytes().to_vec();
+    expected.extend_from_slice(&good_frame);
+    assert_eq!(got, expected, "only the good frame reached passt");
+    // The bad rx buffers came back empty, the frame landed in the good one.
+    assert_eq!(rx.used_elem(&mem, 0), (0, 0));
+    assert_eq!(rx.used_elem(&mem, 1), (1, 0));
+    assert_eq!(rx.used_elem(&mem, 2), (2, 12 + 60));
+    let mut landed = vec![0u8; 60];
+    mem.read_slice(&mut landed, GuestAddress(b(12) + 12))
+        .unwrap();
+    assert_eq!(landed, incoming);
+}
