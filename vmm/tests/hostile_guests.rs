@@ -1008,3 +1008,138 @@ fn net_malformed_frames_and_rx_buffers_are_returned_and_good_ones_still_flow() {
         .unwrap();
     assert_eq!(landed, incoming);
 }
+
+/// A virtio-vsock packet header (virtio 1.2, 5.10.6).
+#[allow(clippy::too_many_arguments)]
+fn vsock_header(
+    src_cid: u64,
+    dst_cid: u64,
+    src_port: u32,
+    dst_port: u32,
+    len: u32,
+    type_: u16,
+    op: u16,
+) -> [u8; 44] {
+    let mut h = [0u8; 44];
+    h[0..8].copy_from_slice(&src_cid.to_le_bytes());
+    h[8..16].copy_from_slice(&dst_cid.to_le_bytes());
+    h[16..20].copy_from_slice(&src_port.to_le_bytes());
+    h[20..24].copy_from_slice(&dst_port.to_le_bytes());
+    h[24..28].copy_from_slice(&len.to_le_bytes());
+    h[28..30].copy_from_slice(&type_.to_le_bytes());
+    h[30..32].copy_from_slice(&op.to_le_bytes());
+    h[36..40].copy_from_slice(&65536u32.to_le_bytes()); // buf_alloc
+    h
+}
+
+#[test]
+fn vsock_malformed_packets_are_dropped_or_reset_and_a_connect_is_still_answered() {
+    if !kvm_available("vsock_malformed") {
+        return;
+    }
+    const GUEST_CID: u64 = 3;
+    const HOST_PORT: u32 = 5000;
+    const OP_REQUEST: u16 = 1;
+    const OP_RESPONSE: u16 = 2;
+    const OP_RW: u16 = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    let host =
+        std::os::unix::net::UnixListener::bind(format!("{}_{HOST_PORT}", uds.display())).unwrap();
+    host.set_nonblocking(true).unwrap();
+    let (rx, tx, event) = (ring(0), ring(1), ring(2));
+
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut fail = a.create_label();
+    let mut timeout = a.create_label();
+    let mut done = a.create_label();
+    let drv = Driver::new(&mut a, VIRTIO_MMIO_START);
+    drv.negotiate(&mut a, 0, fail);
+    drv.setup_queue(&mut a, 0, 16, &rx);
+    drv.setup_queue(&mut a, 1, 16, &tx);
+    drv.setup_queue(&mut a, 2, 16, &event);
+    drv.driver_ok(&mut a);
+    drv.jump_if_needs_reset(&mut a, fail);
+    store_u16(&mut a, rx.avail_idx_addr(), 3);
+    store_u16(&mut a, tx.avail_idx_addr(), 7);
+    drv.notify(&mut a, 1);
+    wait_u16(&mut a, rx.used_idx_addr(), 3, SPINS, timeout);
+    // The third rx buffer holds the answer to the good REQUEST: a RESPONSE.
+    a.mov(rdi, BUFS + 0x1000 * 12 + 30).unwrap();
+    a.movzx(eax, word_ptr(rdi)).unwrap();
+    a.cmp(eax, OP_RESPONSE as i32).unwrap();
+    a.jne(fail).unwrap();
+    print(&mut a, "V");
+    a.jmp(done).unwrap();
+    a.set_label(&mut timeout).unwrap();
+    print(&mut a, "T");
+    a.jmp(done).unwrap();
+    a.set_label(&mut fail).unwrap();
+    print(&mut a, "F");
+    a.set_label(&mut done).unwrap();
+    reset(&mut a);
+    let code = a.assemble(CODE).unwrap();
+
+    let (c, console) = config(32, 1);
+    let mut vm = Vm::new(c).unwrap();
+    vm.add_vsock(GUEST_CID, &uds).unwrap();
+    let mem = vm.memory().clone();
+    let b = |n: u64| BUFS + 0x1000 * n;
+    let put = |n: u64, h: [u8; 44]| mem.write_slice(&h, GuestAddress(b(n))).unwrap();
+    const N: u16 = VRING_DESC_F_NEXT;
+    const W: u16 = VRING_DESC_F_WRITE;
+    // tx 0: a descriptor looping on itself (16 copies of a header with CID 0: dropped).
+    tx.desc(&mem, 0, b(0), 44, N, 0);
+    // tx 1 and 2: outside guest memory, u32::MAX bytes long: dropped.
+    tx.desc(&mem, 1, OUTSIDE, 44, 0, 0);
+    tx.desc(&mem, 2, b(2), u32::MAX, 0, 0);
+    // tx 3: a data packet claiming u32::MAX bytes of payload: that stream is reset.
+    put(
+        3,
+        vsock_header(GUEST_CID, 2, 1111, HOST_PORT, u32::MAX, 1, OP_RW),
+    );
+    tx.desc(&mem, 3, b(3), 44, 0, 0);
+    // tx 4: only a device-writable buffer: no header at all, dropped.
+    tx.desc(&mem, 4, b(4), 44, W, 0);
+    // tx 5: a socket type that is not offered: reset.
+    put(
+        5,
+        vsock_header(GUEST_CID, 2, 2222, HOST_PORT, 0, 2, OP_REQUEST),
+    );
+    tx.desc(&mem, 5, b(5), 44, 0, 0);
+    // tx 6: a good REQUEST to the host's port.
+    put(
+        6,
+        vsock_header(GUEST_CID, 2, 1234, HOST_PORT, 0, 1, OP_REQUEST),
+    );
+    tx.desc(&mem, 6, b(6), 44, 0, 0);
+    for slot in 0..7 {
+        tx.offer(&mem, slot, slot);
+    }
+    // rx: a device-readable buffer and one outside memory (the two RSTs are lost in them,
+    // returned with length 0), then a good one for the RESPONSE.
+    rx.desc(&mem, 0, b(10), 4096, 0, 0);
+    rx.desc(&mem, 1, OUTSIDE, 4096, W, 0);
+    rx.desc(&mem, 2, b(12), 4096, W, 0);
+    for slot in 0..3 {
+        rx.offer(&mem, slot, slot);
+    }
+    vm.load_program(&code, CODE, EntryMode::Long64, false)
+        .unwrap();
+    let (exit, _) = run(vm);
+    assert_eq!(exit, VmExit::GuestReset);
+    assert_eq!(console.text(), "V");
+    assert_eq!(tx.used_idx(&mem), 7, "every tx packet was consumed");
+    assert_eq!(rx.used_elem(&mem, 0), (0, 0));
+    assert_eq!(rx.used_elem(&mem, 1), (1, 0));
+    assert_eq!(rx.used_elem(&mem, 2), (2, 44));
+    let mut h = [0u8; 44];
+    mem.read_slice(&mut h, GuestAddress(b(12))).unwrap();
+    assert_eq!(h, {
+        let mut want = vsock_header(2, GUEST_CID, HOST_PORT, 1234, 0, 1, OP_RESPONSE);
+        want[36..40].copy_from_slice(&h[36..40]); // our buf_alloc
+        want
+    });
+    assert!(host.accept().is_ok(), "the good REQUEST reached the host");
+    assert!(host.accept().is_err(), "and only that one");
+}
