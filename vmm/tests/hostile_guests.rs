@@ -852,7 +852,12 @@ fn net_tx_ring_kept_topped_up_forever_does_not_capture_the_vmm() {
     }
     vm.load_program(&code, CODE, EntryMode::Long64, true)
         .unwrap();
+    let before = rss_kib();
     let (exit, took) = run_guarded(vm, Duration::from_secs(2), Duration::from_secs(20));
+    let after = rss_kib();
+    if let (Some(b), Some(a)) = (before, after) {
+        assert!(a < b + 64 * 1024, "RSS grew from {b} to {a} KiB");
+    }
     assert_eq!(exit, VmExit::Stopped);
     assert_eq!(console.text(), "N");
     assert_ne!(tx.used_idx(&mem), 0, "the device served the tx queue");
@@ -888,7 +893,12 @@ fn net_rx_ring_of_bad_buffers_kept_topped_up_forever_does_not_capture_the_vmm() 
     }
     vm.load_program(&code, CODE, EntryMode::Long64, true)
         .unwrap();
+    let before = rss_kib();
     let (exit, took) = run_guarded(vm, Duration::from_secs(2), Duration::from_secs(20));
+    let after = rss_kib();
+    if let (Some(b), Some(a)) = (before, after) {
+        assert!(a < b + 64 * 1024, "RSS grew from {b} to {a} KiB");
+    }
     assert_eq!(exit, VmExit::Stopped);
     assert_eq!(console.text(), "N");
     assert_ne!(rx.used_idx(&mem), 0, "the device returned the bad buffers");
@@ -1142,4 +1152,59 @@ fn vsock_malformed_packets_are_dropped_or_reset_and_a_connect_is_still_answered(
     });
     assert!(host.accept().is_ok(), "the good REQUEST reached the host");
     assert!(host.accept().is_err(), "and only that one");
+}
+
+#[test]
+fn blk_read_over_its_own_rings_then_a_reset_device_on_fresh_rings_works() {
+    if !kvm_available("blk_self_overwrite") {
+        return;
+    }
+    let (_dir, path, content) = disk();
+    let (q, fresh) = (ring(0), ring(1));
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut fail = a.create_label();
+    let drv = start_one_queue(&mut a, 16);
+    // One read whose data buffers are the queue's own descriptor table and avail ring: the
+    // disk's bytes replace them while the device walks the batch (then a second offered
+    // request, whose descriptors are gone).
+    offer_and_wait_used(&mut a, &drv, &q, 2, 1);
+    pause_loop(&mut a, 20_000);
+    // What a driver does with a wrecked queue: reset the device and start again elsewhere.
+    drv.negotiate(&mut a, 0, fail);
+    drv.setup_queue(&mut a, 0, 16, &fresh);
+    drv.driver_ok(&mut a);
+    drv.jump_if_needs_reset(&mut a, fail);
+    good_read(&mut a, &drv, &fresh, 0);
+    reset(&mut a);
+    a.set_label(&mut fail).unwrap();
+    print(&mut a, "F");
+    reset(&mut a);
+    let code = a.assemble(CODE).unwrap();
+
+    let r = Req::new(0);
+    let (text, exit, _, mem) = run_blk(&path, &code, |mem| {
+        r.prepare(mem, VIRTIO_BLK_T_IN, 0);
+        let wn = VRING_DESC_F_WRITE | VRING_DESC_F_NEXT;
+        q.desc(mem, 0, r.header, 16, VRING_DESC_F_NEXT, 1);
+        q.desc(mem, 1, q.desc, 4096, wn, 2);
+        q.desc(mem, 2, q.avail, 4096, wn, 3);
+        q.desc(mem, 3, r.status, 1, VRING_DESC_F_WRITE, 0);
+        q.offer(mem, 0, 0);
+        q.offer(mem, 1, 0);
+        prepare_good_read(mem, &fresh, 0);
+    });
+    assert_eq!(exit, VmExit::GuestReset);
+    assert_eq!(text, "UG");
+    assert_eq!(
+        r.status(&mem),
+        VIRTIO_BLK_S_OK,
+        "the wrecking read itself was valid"
+    );
+    let mut table = vec![0u8; 8192];
+    mem.read_slice(&mut table[..4096], GuestAddress(q.desc))
+        .unwrap();
+    mem.read_slice(&mut table[4096..], GuestAddress(q.avail))
+        .unwrap();
+    assert_eq!(table, content[..8192]);
+    assert_good_read(&mem, &content);
 }
