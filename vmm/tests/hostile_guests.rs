@@ -1208,3 +1208,73 @@ fn blk_read_over_its_own_rings_then_a_reset_device_on_fresh_rings_works() {
     assert_eq!(table, content[..8192]);
     assert_good_read(&mem, &content);
 }
+
+#[test]
+fn blk_and_vsock_rings_kept_topped_up_forever_do_not_capture_the_vmm() {
+    if !kvm_available("blk_vsock_chase") {
+        return;
+    }
+    // virtio-blk: queue 0, every slot a request without a writable status (used with 0).
+    let (_dir, path, _) = disk();
+    let q = ring(0);
+    let code = all_vcpus_chase(&q, 0, |a| {
+        start_one_queue(a, 16);
+        print(a, "B");
+    });
+    let (c, console) = config(32, 2);
+    let mut vm = Vm::new(c).unwrap();
+    vm.add_disk(&path, false).unwrap();
+    let mem = vm.memory().clone();
+    let r = Req::new(0);
+    r.prepare(&mem, VIRTIO_BLK_T_IN, 0);
+    q.desc(&mem, 0, r.header, 16, VRING_DESC_F_NEXT, 1);
+    q.desc(&mem, 1, r.status, 1, 0, 0);
+    for slot in 0..16 {
+        q.offer(&mem, slot, 0);
+    }
+    vm.load_program(&code, CODE, EntryMode::Long64, true)
+        .unwrap();
+    let (exit, took) = run_guarded(vm, Duration::from_secs(2), Duration::from_secs(20));
+    assert_eq!(exit, VmExit::Stopped);
+    assert_eq!(console.text(), "B");
+    assert_ne!(q.used_idx(&mem), 0);
+    assert!(took < Duration::from_secs(15), "blk took {took:?}");
+
+    // virtio-vsock: the tx queue, every slot a header with the wrong CID (dropped).
+    let dir = tempfile::tempdir().unwrap();
+    let (rx, tx, event) = (ring(0), ring(1), ring(2));
+    let code = all_vcpus_chase(&tx, 1, |a| {
+        let mut fail = a.create_label();
+        let mut ok = a.create_label();
+        let drv = Driver::new(a, VIRTIO_MMIO_START);
+        drv.negotiate(a, 0, fail);
+        drv.setup_queue(a, 0, 16, &rx);
+        drv.setup_queue(a, 1, 16, &tx);
+        drv.setup_queue(a, 2, 16, &event);
+        drv.driver_ok(a);
+        drv.jump_if_needs_reset(a, fail);
+        print(a, "V");
+        a.jmp(ok).unwrap();
+        a.set_label(&mut fail).unwrap();
+        print(a, "F");
+        reset(a);
+        a.set_label(&mut ok).unwrap();
+        a.nop().unwrap();
+    });
+    let (c, console) = config(32, 2);
+    let mut vm = Vm::new(c).unwrap();
+    vm.add_vsock(3, &dir.path().join("v.sock")).unwrap();
+    let mem = vm.memory().clone();
+    mem.write_slice(&[0u8; 44], GuestAddress(BUFS)).unwrap();
+    tx.desc(&mem, 0, BUFS, 44, 0, 0);
+    for slot in 0..16 {
+        tx.offer(&mem, slot, 0);
+    }
+    vm.load_program(&code, CODE, EntryMode::Long64, true)
+        .unwrap();
+    let (exit, took) = run_guarded(vm, Duration::from_secs(2), Duration::from_secs(20));
+    assert_eq!(exit, VmExit::Stopped);
+    assert_eq!(console.text(), "V");
+    assert_ne!(tx.used_idx(&mem), 0);
+    assert!(took < Duration::from_secs(15), "vsock took {took:?}");
+}
