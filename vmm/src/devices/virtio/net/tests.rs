@@ -1072,3 +1072,30 @@ fn a_guest_that_keeps_the_rx_ring_full_of_bad_buffers_gets_one_queue_per_notific
         "one rx notification returned {served} chains in {took:?}"
     );
 }
+
+#[test]
+fn rx_buffers_too_small_for_any_frame_are_never_held_beyond_one_queue() {
+    let mut g = Guest::new();
+    let frame = [0x5au8; 60];
+    let hdr_buf = g.alloc.take(HDR_LEN as u64);
+    for round in 0..20 {
+        // Each round: one frame from passt, and a queue's worth of chains that cannot hold
+        // it (a header-sized first buffer, then empty ones), offered one at a time.
+        g.peer
+            .write_all(&(frame.len() as u32).to_be_bytes())
+            .unwrap();
+        g.peer.write_all(&frame).unwrap();
+        g.t.process_host_events();
+        for i in 0..QUEUE_SIZE {
+            let len = if i == 0 { HDR_LEN as u32 } else { 0 };
+            GuestQueue::write_desc(&g.mem, g.rxq.desc, i, hdr_buf, len, VRING_DESC_F_WRITE, 0);
+            g.rxq.publish(&g.mem, i);
+        }
+        g.notify(0);
+        let held = g.t.device().rx_chains.len();
+        assert!(
+            held <= usize::from(QUEUE_SIZE),
+            "round {round}: the device holds {held} rx chains"
+        );
+    }
+}
