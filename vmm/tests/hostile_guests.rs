@@ -229,12 +229,12 @@ fn blk_looping_overlong_and_indirect_chains_fail_and_the_next_read_works() {
     let q = ring(0);
     let mut a = CodeAssembler::new(64).unwrap();
     let drv = start_one_queue(&mut a, 16);
-    offer_and_wait_used(&mut a, &drv, &q, 5, 5);
-    good_read(&mut a, &drv, &q, 5);
+    offer_and_wait_used(&mut a, &drv, &q, 6, 6);
+    good_read(&mut a, &drv, &q, 6);
     reset(&mut a);
     let code = a.assemble(CODE).unwrap();
 
-    let reqs: Vec<Req> = (0..5).map(Req::new).collect();
+    let reqs: Vec<Req> = (0..6).map(Req::new).collect();
     let (text, exit, took, mem) = run_blk(&path, &code, |mem| {
         for r in &reqs {
             r.prepare(mem, VIRTIO_BLK_T_IN, 0);
@@ -266,10 +266,12 @@ fn blk_looping_overlong_and_indirect_chains_fail_and_the_next_read_works() {
         q.desc(mem, 4, t3, 64, VRING_DESC_F_INDIRECT, 0);
         // 4: an indirect descriptor whose length is no multiple of 16.
         q.desc(mem, 5, t3, 17, VRING_DESC_F_INDIRECT, 0);
-        for (slot, head) in [0u16, 2, 3, 4, 5].into_iter().enumerate() {
+        // 5: a header whose next descriptor is past the queue's end: the chain ends there.
+        q.desc(mem, 6, reqs[5].header, 16, VRING_DESC_F_NEXT, 999);
+        for (slot, head) in [0u16, 2, 3, 4, 5, 6].into_iter().enumerate() {
             q.offer(mem, slot as u16, head);
         }
-        prepare_good_read(mem, &q, 5);
+        prepare_good_read(mem, &q, 6);
     });
     assert_eq!(exit, VmExit::GuestReset);
     assert_eq!(text, "UG", "every bad chain used, then the good read");
@@ -290,7 +292,10 @@ fn blk_looping_overlong_and_indirect_chains_fail_and_the_next_read_works() {
     assert!(reqs[3].data(&mem)[..511].iter().all(|&b| b == 0));
     // A malformed indirect descriptor: an empty chain, used with length 0.
     assert_eq!(q.used_elem(&mem, 4), (5, 0));
-    assert_eq!(q.used_elem(&mem, 5), (u32::from(GOOD_HEAD), 513));
+    // A next pointer past the queue: the chain is its header alone, dropped.
+    assert_eq!(q.used_elem(&mem, 5), (6, 0));
+    assert_eq!(reqs[5].status(&mem), UNTOUCHED);
+    assert_eq!(q.used_elem(&mem, 6), (u32::from(GOOD_HEAD), 513));
     assert_good_read(&mem, &content);
     assert_eq!(std::fs::read(&path).unwrap(), content, "disk unchanged");
 }
