@@ -4,8 +4,6 @@
 //!
 //! Without /dev/kvm each test prints one loud line to stderr and returns.
 
-use std::io::{self, Write};
-use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,47 +18,15 @@ use fnvm_vmm::vmm::{Vm, VmConfig};
 use iced_x86::code_asm::*;
 use kvm_ioctls::IoEventAddress;
 
+mod common;
+use common::{kvm_available, loud_skip, Console};
+
 const COM1: u16 = 0x3f8;
 const I8042_COMMAND: u16 = 0x64;
 const TEST_DEVICE: u64 = 0xe000_0000;
 /// A hang guard, never a speed target (each wait ends when its condition holds): generous for a
 /// loaded CI box and for the nested level's emulated CPU.
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Prints a skip notice straight to the process's stderr: libtest captures `eprintln!` of
-/// passing tests, and a skip must never be silent.
-fn loud_skip(message: &str) {
-    let _ = writeln!(io::stderr(), "!!! SKIPPED {message} !!!");
-}
-
-fn kvm_available(test: &str) -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    loud_skip(&format!(
-        "{test}: /dev/kvm is missing, this tiny-guest test did NOT run"
-    ));
-    false
-}
-
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 fn config(vcpus: u8, irqchip: bool) -> (VmConfig, Console) {
     let console = Console::default();

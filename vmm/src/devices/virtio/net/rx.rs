@@ -87,8 +87,14 @@ enum Delivery {
 impl Net {
     /// Moves frames from passt into the guest's rx buffers until either runs out. Returns
     /// whether the used ring changed.
+    ///
+    /// At most one queue's worth of chains is taken per call: a guest vCPU can keep refilling
+    /// the avail ring (with buffers the device must return unused, say) while this runs on the
+    /// VMM's event loop thread. A frame that ran out of that budget waits with the chains it
+    /// has; the driver's notification for the chains it adds later resumes it.
     pub(super) fn process_rx(&mut self, mem: &GuestMemory, queue: &mut Queue) -> bool {
         let mut used = false;
+        let mut budget = queue.size();
         let mergeable = self.mergeable();
         loop {
             let Some(backend) = self.backend.as_mut() else {
@@ -119,6 +125,7 @@ impl Net {
                 &mut self.counters,
                 frame,
                 mergeable,
+                &mut budget,
             );
             used |= any_used;
             match delivery {
@@ -133,8 +140,9 @@ impl Net {
     }
 }
 
-/// Puts one frame into the guest's rx buffers, taking more chains off `queue` as needed.
-/// Returns what became of it and whether any chain was returned to the guest.
+/// Puts one frame into the guest's rx buffers, taking more chains off `queue` as needed (at
+/// most `budget` of them, which it counts down). Returns what became of it and whether any
+/// chain was returned to the guest.
 fn deliver(
     mem: &GuestMemory,
     queue: &mut Queue,
@@ -142,6 +150,7 @@ fn deliver(
     counters: &mut super::NetCounters,
     frame: &[u8],
     mergeable: bool,
+    budget: &mut u16,
 ) -> (Delivery, bool) {
     let mut used = false;
     if frame.len() < super::ETH_HLEN || frame.len() > MAX_RX_FRAME {
@@ -179,22 +188,27 @@ fn deliver(
             );
             return (Delivery::Dropped, used);
         }
+        if chains.len() >= usize::from(queue.size()) {
+            // As many buffers as the queue can hold are here and still too small (a driver
+            // never has more outstanding: more would be heads offered twice).
+            tracing::warn!(
+                len = frame.len(),
+                "virtio-net: frame larger than all rx buffers"
+            );
+            return (Delivery::Dropped, used);
+        }
+        if *budget == 0 {
+            return (Delivery::NoBuffers, used);
+        }
         match take_chain(mem, queue) {
             Some(Ok(chain)) => chains.push_back(chain),
             Some(Err(head)) => {
                 counters.bad_chains += 1;
                 used |= queue.add_used(mem, head, 0).is_ok();
             }
-            None if chains.len() >= usize::from(queue.size()) => {
-                // Every buffer the queue can hold is here and still too small.
-                tracing::warn!(
-                    len = frame.len(),
-                    "virtio-net: frame larger than all rx buffers"
-                );
-                return (Delivery::Dropped, used);
-            }
             None => return (Delivery::NoBuffers, used),
         }
+        *budget -= 1;
     }
 
     // How many chains the frame takes (their capacities cover `need`).

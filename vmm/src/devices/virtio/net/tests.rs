@@ -987,3 +987,115 @@ fn connecting_needs_a_passt_socket_and_says_which() {
     assert_eq!(net.socket_path(), path);
     assert!(listener.accept().is_ok());
 }
+
+/// A hostile guest on another vCPU keeps `queue`'s avail index 8 ahead of its used index
+/// (every slot offering `head`) for 1 s, while the device is notified on `index` again and
+/// again; returns the longest one notification kept the device busy and the most chains it
+/// used meanwhile. Without a bound per notification the device chases the guest for as long
+/// as that vCPU runs (tens of thousands of chains here), starving the VMM's event loop.
+fn notify_while_a_guest_keeps_the_ring_full(
+    g: &mut Guest,
+    index: u32,
+    ring: (u64, u64),
+    head: u16,
+) -> (Duration, u16) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (avail, used) = ring;
+    for slot in 0..u64::from(QUEUE_SIZE) {
+        g.mem
+            .write_obj(head, GuestAddress(avail + 4 + 2 * slot))
+            .unwrap();
+    }
+    let started = Arc::new(AtomicBool::new(false));
+    let mem = g.mem.clone();
+    let flag = started.clone();
+    let window = Duration::from_secs(1);
+    let chaser = std::thread::spawn(move || {
+        let until = std::time::Instant::now() + window;
+        while std::time::Instant::now() < until {
+            let u: u16 = mem.load(GuestAddress(used + 2), Ordering::Acquire).unwrap();
+            mem.store(
+                u.wrapping_add(8),
+                GuestAddress(avail + 2),
+                Ordering::Release,
+            )
+            .unwrap();
+            flag.store(true, Ordering::Release);
+        }
+    });
+    while !started.load(Ordering::Acquire) {
+        std::thread::yield_now();
+    }
+    let (mut longest, mut most) = (Duration::ZERO, 0);
+    while !chaser.is_finished() {
+        let before = g.mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap();
+        let t0 = std::time::Instant::now();
+        g.notify(index);
+        longest = longest.max(t0.elapsed());
+        let after = g.mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap();
+        most = most.max(after.wrapping_sub(before));
+    }
+    chaser.join().unwrap();
+    (longest, most)
+}
+
+#[test]
+fn a_guest_that_keeps_the_tx_ring_full_gets_one_queue_per_notification() {
+    let mut g = Guest::new();
+    // Head 0: a bare virtio-net header, no frame: dropped and used, nothing reaches passt.
+    let hdr = g.alloc.take(HDR_LEN as u64);
+    GuestQueue::write_desc(&g.mem, g.txq.desc, 0, hdr, HDR_LEN as u32, 0, 0);
+    let ring = (g.txq.avail, g.txq.used);
+    let (took, served) = notify_while_a_guest_keeps_the_ring_full(&mut g, 1, ring, 0);
+    assert!(
+        served <= QUEUE_SIZE && took < Duration::from_millis(500),
+        "one tx notification served {served} chains in {took:?}"
+    );
+}
+
+#[test]
+fn a_guest_that_keeps_the_rx_ring_full_of_bad_buffers_gets_one_queue_per_notification() {
+    let mut g = Guest::new();
+    // A frame from passt waits; head 0 is a device-readable "rx buffer": returned unused.
+    let frame = [0x5au8; 60];
+    g.peer
+        .write_all(&(frame.len() as u32).to_be_bytes())
+        .unwrap();
+    g.peer.write_all(&frame).unwrap();
+    let buf = g.alloc.take(4096);
+    GuestQueue::write_desc(&g.mem, g.rxq.desc, 0, buf, 4096, 0, 0);
+    g.t.process_host_events();
+    let ring = (g.rxq.avail, g.rxq.used);
+    let (took, served) = notify_while_a_guest_keeps_the_ring_full(&mut g, 0, ring, 0);
+    assert!(
+        served <= QUEUE_SIZE && took < Duration::from_millis(500),
+        "one rx notification returned {served} chains in {took:?}"
+    );
+}
+
+#[test]
+fn rx_buffers_too_small_for_any_frame_are_never_held_beyond_one_queue() {
+    let mut g = Guest::new();
+    let frame = [0x5au8; 60];
+    let hdr_buf = g.alloc.take(HDR_LEN as u64);
+    for round in 0..20 {
+        // Each round: one frame from passt, and a queue's worth of chains that cannot hold
+        // it (a header-sized first buffer, then empty ones), offered one at a time.
+        g.peer
+            .write_all(&(frame.len() as u32).to_be_bytes())
+            .unwrap();
+        g.peer.write_all(&frame).unwrap();
+        g.t.process_host_events();
+        for i in 0..QUEUE_SIZE {
+            let len = if i == 0 { HDR_LEN as u32 } else { 0 };
+            GuestQueue::write_desc(&g.mem, g.rxq.desc, i, hdr_buf, len, VRING_DESC_F_WRITE, 0);
+            g.rxq.publish(&g.mem, i);
+        }
+        g.notify(0);
+        let held = g.t.device().rx_chains.len();
+        assert!(
+            held <= usize::from(QUEUE_SIZE),
+            "round {round}: the device holds {held} rx chains"
+        );
+    }
+}

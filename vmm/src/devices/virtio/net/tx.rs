@@ -41,10 +41,16 @@ pub enum TxError {
 
 impl Net {
     /// Takes the guest's frames off the tx queue into the backend's out buffer (and writes it)
-    /// until the queue is empty or the socket is full. Returns whether the used ring changed.
+    /// until the queue is empty, the socket is full, or one queue's worth of chains was taken.
+    /// Returns whether the used ring changed.
+    ///
+    /// The bound matters: a guest vCPU can keep refilling the avail ring while this runs (on
+    /// the VMM's event loop thread), and "until the queue is empty" would then never end. A
+    /// driver never has more than a queue's worth outstanding, and it notifies again for
+    /// chains it adds later, so nothing is left behind.
     pub(super) fn process_tx(&mut self, mem: &GuestMemory, queue: &mut Queue) -> bool {
         let mut used = false;
-        loop {
+        for _ in 0..queue.size() {
             if let Some(backend) = self.backend.as_mut() {
                 if backend.tx_pending() >= TX_HIGH_WATER {
                     if let Err(e) = backend.flush() {
