@@ -5,7 +5,8 @@
 //! One serve process goes through the pool's promises in turn: 32 concurrent invocations scale
 //! out and all succeed; a function past its timeout gets the timeout error and the next call
 //! works; an instance killed mid-request gives a crash error naming it and the next call works
-//! (and in the vm sandbox: its VMM's threads are all seccomp-filtered without capabilities, the
+//! (and in the vm sandbox: its VMM's threads are all seccomp-filtered without capabilities as
+//! the VMM's unprivileged uid, the
 //! VMM sits in a cgroup of its own with memory and pids limits, and
 //! a VMM that breaks its filter is such a crash too, named as a seccomp violation);
 //! the logs of one request id hold exactly its lines; idle instances go away after the idle time.
@@ -210,6 +211,12 @@ fn a_vmm_seccomp_violation_is_a_crash_and_the_instance_replaced(serve: &Serve, h
         assert_eq!(field("Seccomp:"), "2", "{status}");
         assert_eq!(field("NoNewPrivs:"), "1", "{status}");
         assert_eq!(field("CapEff:"), "0000000000000000", "{status}");
+        let uid = fnvm::sandbox::vm::identity::VMM_UID.to_string();
+        let uids = field("Uid:");
+        assert!(
+            uids.split_whitespace().all(|id| id == uid),
+            "not root: {status}"
+        );
     }
     // Its own cgroup (L1 is cgroup v2): the VM's memory + the allowance, a pids cap.
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();

@@ -18,6 +18,7 @@
 //! the guest kernel configures eth0 itself from the `ip=` argument. `--network none`: no device.
 
 mod egress;
+pub mod identity;
 pub mod initramfs;
 mod launch;
 pub mod limits;
@@ -374,7 +375,10 @@ impl VmSandbox {
         // The VMM's jail (fnvm-vmm --jail): the instance's directory, and where a boot that
         // snapshots writes its snapshot.
         args.extend(["--jail".to_string(), dir.display().to_string()]);
+        // And who it becomes in there ([`identity`]): the snapshot's entry is lent to it.
+        args.extend(identity::vmm_args());
         if let Launch::Boot { write: Some(write) } = &launch {
+            identity::lend(&write.entry_dir())?;
             args.extend([
                 "--jail".to_string(),
                 write.entry_dir().display().to_string(),
@@ -499,7 +503,11 @@ impl VmSandbox {
                 // leave its data (or a caller's credentials) in guest memory.
                 let note = write.map(|write| {
                     let started = Instant::now();
-                    match api.snapshot(&write.vm_dir()) {
+                    let written = api.snapshot(&write.vm_dir());
+                    // Root's again before anything restores from it (or the VMM could change it).
+                    let reclaimed = identity::reclaim(&write.entry_dir());
+                    let written = written.and_then(|ms| reclaimed.map(|()| ms));
+                    match written {
                         Ok(vmm_ms) => {
                             write.written();
                             tracing::info!(

@@ -341,6 +341,7 @@ fn spawn_standby(
     let mut command = vmm_command(vmm);
     command
         .arg("--standby")
+        .args(super::identity::vmm_args())
         .args(["--memory", &shape.memory_mib.to_string()])
         .args(["--vcpus", &shape.vcpus.to_string()])
         .arg("--api-sock")

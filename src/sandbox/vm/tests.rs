@@ -387,6 +387,13 @@ fn a_standby_vmm_becomes_a_restored_instance_and_is_replaced() {
     assert!(!standby_dir.exists(), "the taken standby's directory went");
     let restored = TinyVm::adopt(child);
     restored.expect_running();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap();
+    let vmm_uid = super::identity::VMM_UID.to_string();
+    assert!(
+        uid.split_whitespace().all(|id| id == vmm_uid),
+        "the restored standby runs as the VMM's uid: {uid}"
+    );
     let report = restore_report(
         pid,
         &api,
