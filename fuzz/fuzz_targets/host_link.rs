@@ -48,7 +48,10 @@ fuzz_target!(|data: &[u8]| {
     }
     let exit = ExitState::new(|| None);
     let on_log = Arc::new(|line: LogLine| {
-        assert!(line.unix_time_us <= host_now_us(), "a line stamped after it arrived");
+        assert!(
+            line.unix_time_us <= host_now_us(),
+            "a line stamped after it arrived"
+        );
     });
     let (tx, rx) = mpsc::sync_channel(1);
     read_loop(greeted.reader, on_log, exit, clock.clone(), tx);

@@ -14,7 +14,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let _ = reference::is_valid_tag(s);
     if let Ok(d) = s.parse::<Digest>() {
-        assert_eq!(d.to_string().parse::<Digest>().expect("digest round trip"), d);
+        assert_eq!(
+            d.to_string().parse::<Digest>().expect("digest round trip"),
+            d
+        );
     }
     if let Ok(r) = reference::parse(s) {
         if let ImageReference::Registry(reg) = &r {

@@ -61,7 +61,12 @@ fuzz_target!(|data: &[u8]| {
 
     let mut names: Vec<String> = std::fs::read_dir(&run)
         .expect("scratch directory")
-        .map(|e| e.expect("scratch entry").file_name().to_string_lossy().into_owned())
+        .map(|e| {
+            e.expect("scratch entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect();
     names.sort();
     assert!(

@@ -14,7 +14,12 @@ use fnvm_rootfs_builder::credentials;
 use fnvm_rootfs_builder::registry::auth::{parse_www_authenticate, Challenge, TokenResponse};
 use libfuzzer_sys::fuzz_target;
 
-const REGISTRIES: &[&str] = &["docker.io", "registry.example.com:5000", "localhost", "ghcr.io"];
+const REGISTRIES: &[&str] = &[
+    "docker.io",
+    "registry.example.com:5000",
+    "localhost",
+    "ghcr.io",
+];
 
 fuzz_target!(|data: &[u8]| {
     let Some((&which, bytes)) = data.split_first() else {

@@ -109,7 +109,11 @@ impl<D: VirtioDevice> Guest<D> {
             write_reg(&mut t, REG_QUEUE_NUM, QUEUE_SIZE);
             for (low, high, addr) in [
                 (REG_QUEUE_DESC_LOW, REG_QUEUE_DESC_HIGH, base + DESC_OFF),
-                (REG_QUEUE_DRIVER_LOW, REG_QUEUE_DRIVER_HIGH, base + AVAIL_OFF),
+                (
+                    REG_QUEUE_DRIVER_LOW,
+                    REG_QUEUE_DRIVER_HIGH,
+                    base + AVAIL_OFF,
+                ),
                 (REG_QUEUE_DEVICE_LOW, REG_QUEUE_DEVICE_HIGH, base + USED_OFF),
             ] {
                 write_reg(&mut t, low, addr as u32);
