@@ -4,6 +4,7 @@
 #
 # Usage: scripts/fuzz.sh --smoke                  every target for 20 s (what CI runs)
 #        scripts/fuzz.sh --time SECS [TARGET...]  longer, every target or the ones named
+#        scripts/fuzz.sh --clippy                 clippy -D warnings on the fuzz crate
 # Environment: FNVM_FUZZ_JOBS (default 2) targets at once, never more than the cores;
 # FNVM_FUZZ_WORK (default fuzz/target/fuzz-work) where found inputs and logs go. The
 # checked-in seeds (fuzz/corpus/TARGET) are read, never written: a run's new inputs go to
@@ -23,7 +24,8 @@ secs="" targets=()
 case "${1:-}" in
   --smoke) secs=20; shift ;;
   --time) secs="${2:?--time needs seconds}"; shift 2; targets=("$@") ;;
-  *) sed -n '4,5p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  --clippy) ;;
+  *) sed -n '5,7p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac
 all=()
 for f in fuzz/fuzz_targets/*.rs; do all+=("$(basename "$f" .rs)"); done
@@ -37,6 +39,16 @@ export PATH="$HOME/.cargo/bin:$PATH"
 if ! cargo fuzz --version >/dev/null 2>&1; then
   log "installing cargo-fuzz (cached in ~/.cargo/bin)"
   cargo install cargo-fuzz --locked
+fi
+
+if [ "${1:-}" = --clippy ]; then
+  # clippy-driver as the workspace's compiler: only the fuzz crate is linted, and its
+  # dependencies are the sanitizer build's own (no second build of them in check mode).
+  log "clippy on the fuzz crate"
+  cd fuzz
+  CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__" \
+    RUSTC_WORKSPACE_WRAPPER="$(command -v clippy-driver)" nice cargo fuzz build -O
+  exit
 fi
 
 log "building ${#targets[@]} fuzz target(s) (release, AddressSanitizer)"
