@@ -3,6 +3,8 @@
 //! hostile JSON.
 //!
 //! Invariant: a document that parses re-serialises to one that parses to the same thing.
+//! (The seed `seed-annotations-order` is the input that showed the annotations' key order
+//! varies: a harness error, not fnvm's.)
 //!
 //! Input: 1 control byte (which media type the source declared), then the document.
 #![no_main]
@@ -64,7 +66,10 @@ fuzz_target!(|data: &[u8]| {
             bytes: again_bytes.clone(),
         };
         let reparsed = manifest::parse(&again).expect("a re-serialised manifest parses");
-        assert_eq!(serialised(&reparsed), again_bytes);
+        // Compared as JSON values: oci-spec keeps annotations in a HashMap, so the order of
+        // their keys differs from one serialisation to the next.
+        let value = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).expect("JSON");
+        assert_eq!(value(&serialised(&reparsed)), value(&again_bytes));
     }
     // The same bytes as an image config.
     if let Ok(config) = manifest::parse_config(&digest, bytes) {
