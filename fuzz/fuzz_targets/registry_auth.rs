@@ -40,8 +40,9 @@ fuzz_target!(|data: &[u8]| {
             };
             if let Ok(challenges) = parse_www_authenticate(header) {
                 for c in challenges {
+                    // A Bearer challenge must say where its token comes from.
                     if let Challenge::Bearer { realm, .. } = c {
-                        assert!(!realm.is_empty() || header.contains("realm"));
+                        assert!(!realm.is_empty(), "an empty realm accepted: {header:?}");
                     }
                 }
             }
