@@ -69,12 +69,12 @@ mkdir -p "$work"
 
 # run TARGET: one libFuzzer run; writes $work/TARGET.log and $work/TARGET.result.
 run() {
-  local t="$1" rc=0
+  local t="$1" rc=0 start="$SECONDS"
   mkdir -p "$work/corpus/$t" "$root/fuzz/artifacts/$t"
   (cd "$work" && nice -n 10 "$bin/$t" "$work/corpus/$t" "$root/fuzz/corpus/$t" \
     -max_total_time="$secs" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
     -artifact_prefix="$root/fuzz/artifacts/$t/" >"$work/$t.log" 2>&1) || rc=$?
-  local runs rate files
+  local runs rate files elapsed=$((SECONDS - start))
   runs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$work/$t.log" | tail -1)"
   rate="$(sed -n 's/^stat::average_exec_per_sec: *//p' "$work/$t.log" | tail -1)"
   files="$(find "$work/corpus/$t" "$root/fuzz/corpus/$t" -type f | wc -l)"
@@ -82,7 +82,7 @@ run() {
   if [ "$rc" -ne 0 ]; then
     result="FAILED (exit $rc: $(grep -m1 -o -E 'ERROR: [A-Za-z]+: [a-z-]+|deadly signal|timeout|out-of-memory|panicked at [^ ]+' "$work/$t.log" || echo see log))"
   fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$secs" "${runs:-?}" "${rate:-?}" "$files" "$result" >"$work/$t.result"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$elapsed" "${runs:-?}" "${rate:-?}" "$files" "$result" >"$work/$t.result"
 }
 
 log "running ${#targets[@]} target(s) for $secs s each, $jobs at a time (logs: $work)"
