@@ -9,6 +9,7 @@
 # Usage: scripts/test.sh [TEST_ARGS]...   (TEST_ARGS go to every test binary, e.g. a filter)
 # Environment: FNVM_TEST_NESTED=0 skips the nested level (says so loudly); =1 forces it even
 # where the host has VMX/SVM. FNVM_TEST_HOST=0 skips the host level (says so loudly).
+# FNVM_TEST_FUZZ=0 skips the fuzz smoke (says so loudly).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
@@ -145,6 +146,17 @@ elif [ "$hardware" = 0 ]; then
   log "!!! FNVM_TEST_NESTED=0: the Linux-guest tests did NOT run (no VMX/SVM here) !!!"
 fi
 
+# The fuzz smoke: every fuzz target of a parser of hostile input for 20 s (scripts/fuzz.sh
+# --smoke, its own crate in fuzz/); a crash, leak or hang fails the suite. FNVM_TEST_FUZZ=0
+# skips it (says so loudly).
+fuzz_status=0
+if [ "${FNVM_TEST_FUZZ:-1}" = 0 ]; then
+  log "!!! FNVM_TEST_FUZZ=0: the fuzz smoke did NOT run !!!"
+else
+  log "fuzz smoke: every fuzz target for 20 s"
+  scripts/fuzz.sh --smoke || fuzz_status=1
+fi
+
 # Every planned binary must have its result: a level whose runner died part-way (L1 reported
 # a status, but binaries never ran) fails, whatever status came back.
 missing() { # PLAN DIR
@@ -185,5 +197,6 @@ if [ "$nested" = 1 ]; then
   [ "$nested_status" -eq 0 ] || log "nested level FAILED (status $nested_status)"
 fi
 [ "$host_status" -eq 0 ] || log "host level FAILED"
+[ "$fuzz_status" -eq 0 ] || log "fuzz smoke FAILED (scripts/fuzz.sh prints which target)"
 log "logs: $results"
-[ "$host_status" -eq 0 ] && [ "$nested_status" -eq 0 ]
+[ "$host_status" -eq 0 ] && [ "$nested_status" -eq 0 ] && [ "$fuzz_status" -eq 0 ]

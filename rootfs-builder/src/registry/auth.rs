@@ -77,7 +77,9 @@ pub fn parse_www_authenticate(header: &str) -> Result<Vec<Challenge>, ChallengeE
                 realm: get("realm"),
             },
             "bearer" => Challenge::Bearer {
+                // An empty realm names no token endpoint either.
                 realm: get("realm")
+                    .filter(|realm| !realm.is_empty())
                     .ok_or_else(|| ChallengeError::BearerWithoutRealm(header.to_owned()))?,
                 service: get("service"),
                 scope: get("scope"),
@@ -253,6 +255,14 @@ mod tests {
             parse_www_authenticate("Bearer service=\"x\""),
             Err(ChallengeError::BearerWithoutRealm(_))
         ));
+        // Found by fuzz/fuzz_targets/registry_auth.rs: an empty realm was taken for a token
+        // endpoint (the parameter name matches in any case).
+        for empty in ["Bearer realm=\"\"", "Bearer Realm=\"\",scope=x"] {
+            assert!(matches!(
+                parse_www_authenticate(empty),
+                Err(ChallengeError::BearerWithoutRealm(_))
+            ));
+        }
         assert!(parse_www_authenticate("Bearer realm=\"unterminated").is_err());
         assert!(parse_www_authenticate("").is_err());
         assert!(parse_www_authenticate("=oops").is_err());

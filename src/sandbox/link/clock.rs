@@ -89,7 +89,7 @@ impl State {
         }
         match source {
             ClockSource::Host => 0,
-            ClockSource::Own => lo + (hi - lo) / 2,
+            ClockSource::Own => lo.saturating_add(hi.saturating_sub(lo) / 2),
         }
     }
 }
@@ -139,10 +139,12 @@ impl GuestClock {
         if now_us < sent_us {
             return; // the host's clock stepped back meanwhile: no measurement
         }
-        let g = guest_us as i64;
+        // The guest's number is hostile (any u64): clamped and subtracted without wrapping,
+        // a nonsense clock gives a nonsense but bounded offset, never an overflow.
+        let g = as_i64(guest_us);
         let sample = Sample {
-            lo: g - now_us as i64,
-            hi: g - sent_us as i64,
+            lo: g.saturating_sub(as_i64(now_us)),
+            hi: g.saturating_sub(as_i64(sent_us)),
         };
         if st.samples.len() == SAMPLES {
             st.samples.pop_front();
@@ -159,8 +161,13 @@ impl GuestClock {
     /// A guest stamp on the host's time line, for a line that reached the host at `arrived_us`:
     /// never later than that (a line cannot be printed after it arrived, whatever the estimate).
     pub fn to_host_us(&self, guest_us: u64, arrived_us: u64) -> u64 {
-        ((guest_us as i64).saturating_sub(self.offset_us()).max(0) as u64).min(arrived_us)
+        (as_i64(guest_us).saturating_sub(self.offset_us()).max(0) as u64).min(arrived_us)
     }
+}
+
+/// A microsecond count as a signed one; past `i64::MAX` (292,000 years) it is `i64::MAX`.
+fn as_i64(us: u64) -> i64 {
+    i64::try_from(us).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -229,6 +236,22 @@ mod tests {
         sample(&clock, 3_000, 50, 3_100);
         assert!((-3_050..=-2_950).contains(&clock.offset_us()));
         assert!(clock.offset_us() <= 0);
+    }
+
+    #[test]
+    fn a_hostile_guest_clock_past_i64_gives_a_bounded_offset_not_an_overflow() {
+        // Found by fuzz/fuzz_targets/host_link.rs: a Pong of 2^63 µs overflowed `g - now`.
+        for guest in [1 << 63, u64::MAX, (1 << 63) + 12_345] {
+            let clock = GuestClock::new(ClockSource::Own);
+            sample(&clock, 1_000, guest, 1_100);
+            assert_eq!(clock.offset_us(), i64::MAX - 1_050);
+            // Its own stamps map back onto the host's line, never past their arrival.
+            assert_eq!(clock.to_host_us(guest, 5_000), 1_050);
+            assert_eq!(clock.to_host_us(guest, 900), 900);
+            // A sane answer after it replaces the nonsense it contradicts.
+            sample(&clock, 2_000, 0, 2_100);
+            assert_eq!(clock.offset_us(), -2_050);
+        }
     }
 
     #[test]

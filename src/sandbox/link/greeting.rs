@@ -15,7 +15,7 @@ use crate::sandbox::SandboxError;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A stream the agent has said Hello on.
-pub(super) struct Greeted {
+pub struct Greeted {
     /// The writing half.
     pub writer: UnixStream,
     /// The reading half, buffered: it may hold messages the agent sent right after its Hello.
@@ -25,7 +25,7 @@ pub(super) struct Greeted {
 }
 
 /// Why a greeting did not complete.
-pub(super) enum Greeting {
+pub enum Greeting {
     /// The stream ended or was reset: worth another connection while the sandbox lives.
     Lost(String),
     Failed(SandboxError),
@@ -35,7 +35,7 @@ pub(super) enum Greeting {
 /// reading half.
 /// Says Hello on `stream` and reads the agent's: the writer, the reader, and the guest's
 /// uptime the agent reported.
-pub(super) fn greet(stream: &UnixStream) -> Result<Greeted, Greeting> {
+pub fn greet(stream: &UnixStream) -> Result<Greeted, Greeting> {
     let setup = |e: std::io::Error| {
         Greeting::Failed(SandboxError::Agent(format!(
             "cannot set up the control stream: {e}"

@@ -5,8 +5,12 @@
 //! so log stamps are given on the host's time line.
 
 pub mod clock;
-mod greeting;
-mod reader;
+// Public only for the fuzz targets (fuzz/fuzz_targets/host_link.rs): the agent's side of the
+// stream is hostile input, and these two read it.
+#[doc(hidden)]
+pub mod greeting;
+#[doc(hidden)]
+pub mod reader;
 
 #[cfg(test)]
 mod tests;

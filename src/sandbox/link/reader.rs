@@ -15,7 +15,7 @@ use crate::sandbox::exit::{describe_signal, ExitState};
 use crate::sandbox::{LogLine, SandboxError};
 
 /// How a start ended, as the reader thread saw it.
-pub(super) enum Startup {
+pub enum Startup {
     /// With the agent's start → listening time (a start; none for a resume's Refreshed).
     Ready(Option<Duration>),
     Failed(SandboxError),
@@ -26,7 +26,7 @@ pub(super) enum Startup {
 /// Reads the agent's messages until the link closes or breaks: the first outcome of the start
 /// (or resume) goes to `startup`, log lines to `on_log` stamped on the host's time line, the
 /// function's exit into `exit`.
-pub(super) fn read_loop(
+pub fn read_loop(
     mut reader: BufReader<UnixStream>,
     on_log: Arc<dyn Fn(LogLine) + Send + Sync>,
     exit: Arc<ExitState>,
