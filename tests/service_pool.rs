@@ -258,6 +258,12 @@ fn a_vmm_seccomp_violation_is_a_crash_and_the_instance_replaced(serve: &Serve, h
     assert_eq!((status, body), (200, format!("ok {rid}")));
 }
 
+/// The last `n` lines of `text` (serve's stderr, for a failure's message).
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {
@@ -322,7 +328,12 @@ fn pool_in(sandbox: &str) {
 
     // 32 concurrent invocations: scale out to several instances (at most 4), all succeed.
     for (status, rid, body) in invoke_at_once(&serve, "pool", "sleep 0.3", 32) {
-        assert_eq!((status, body), (200, format!("ok {rid}")));
+        assert_eq!(
+            (status, body),
+            (200, format!("ok {rid}")),
+            "serve's last lines:\n{}",
+            last_lines(&serve.stderr(), 80)
+        );
     }
     let scaled = instances(&serve, "pool").len();
     assert!((2..=4).contains(&scaled), "{scaled} instances");

@@ -2,9 +2,12 @@
 //! `--uid` [`VMM_UID`]:[`VMM_GID`], which it switches to after entering its jail and before its
 //! seccomp filters (so it holds no capability and cannot regain one, and nothing it creates is
 //! root's). Everything it needs was opened as root before; what it writes afterwards is a
-//! snapshot, into the entry directory lent to the uid for that write ([`lend`]) and given back
-//! to root as soon as the VMM is done with it ([`reclaim`]), so no VMM can touch a snapshot
-//! another instance restores from.
+//! snapshot, into the entry directory lent to the uid for that write ([`lend`]) whose
+//! directories go back to root as soon as the VMM is done ([`reclaim`]): no VMM can add,
+//! remove or rename anything in a snapshot, and none has a snapshot another instance restores
+//! from in its jail. The files stay the uid's (mode 0644): changing their owner would change
+//! their ctime, which the snapshot's stamp of its memory file records (a restore would then
+//! take the file for changed and refuse it).
 //!
 //! One fixed identity rather than one per instance: a VMM's jail already shows it only its own
 //! directories, its filters allow no signal, trace or /proc access to another process, and a
@@ -36,8 +39,8 @@ pub fn lend(dir: &Path) -> Result<(), SandboxError> {
     })
 }
 
-/// Gives `dir` and everything in it back to root (what the VMM wrote becomes root's: no VMM
-/// can change it afterwards). Symlinks are changed themselves, never followed.
+/// Gives `dir` and every directory under it back to root (files keep their owner, see the
+/// module's header). Symlinks are never followed.
 pub fn reclaim(dir: &Path) -> Result<(), SandboxError> {
     let failed = |path: &Path, e: std::io::Error| {
         SandboxError::setup(format!("cannot give {} back to root", path.display()), e)
@@ -45,8 +48,8 @@ pub fn reclaim(dir: &Path) -> Result<(), SandboxError> {
     let mut pending = vec![dir.to_path_buf()];
     while let Some(path) = pending.pop() {
         let meta = std::fs::symlink_metadata(&path).map_err(|e| failed(&path, e))?;
-        std::os::unix::fs::lchown(&path, Some(0), Some(0)).map_err(|e| failed(&path, e))?;
         if meta.is_dir() {
+            std::os::unix::fs::lchown(&path, Some(0), Some(0)).map_err(|e| failed(&path, e))?;
             for entry in std::fs::read_dir(&path).map_err(|e| failed(&path, e))? {
                 pending.push(entry.map_err(|e| failed(&path, e))?.path());
             }
@@ -65,7 +68,7 @@ mod tests {
     }
 
     #[test]
-    fn a_lent_directory_comes_back_to_root_with_all_it_holds() {
+    fn a_lent_directory_comes_back_to_root_and_its_files_keep_their_stamp() {
         if !is_root() {
             eprintln!("SKIPPED: chown needs root");
             return;
@@ -83,11 +86,18 @@ mod tests {
             std::os::unix::fs::lchown(dir.join(p), Some(VMM_UID), Some(VMM_GID)).unwrap();
         }
         let passwd = std::fs::metadata("/etc/passwd").unwrap();
+        let memory = std::fs::metadata(dir.join("vm/memory")).unwrap();
         reclaim(&dir).unwrap();
-        for p in ["", "vm", "vm/memory", "vm/link"] {
+        for p in ["", "vm"] {
             let m = std::fs::symlink_metadata(dir.join(p)).unwrap();
             assert_eq!((m.uid(), m.gid()), (0, 0), "{p}");
         }
+        // The memory file is untouched: its ctime (in the snapshot's stamp) is as written.
+        let after = std::fs::metadata(dir.join("vm/memory")).unwrap();
+        assert_eq!(
+            (after.ctime(), after.ctime_nsec(), after.uid()),
+            (memory.ctime(), memory.ctime_nsec(), VMM_UID)
+        );
         let after = std::fs::metadata("/etc/passwd").unwrap();
         assert_eq!((after.uid(), after.gid()), (passwd.uid(), passwd.gid()));
     }

@@ -377,12 +377,19 @@ impl VmSandbox {
         args.extend(["--jail".to_string(), dir.display().to_string()]);
         // And who it becomes in there ([`identity`]): the snapshot's entry is lent to it.
         args.extend(identity::vmm_args());
-        if let Launch::Boot { write: Some(write) } = &launch {
-            identity::lend(&write.entry_dir())?;
-            args.extend([
-                "--jail".to_string(),
-                write.entry_dir().display().to_string(),
-            ]);
+        if let Launch::Boot { write } = &mut launch {
+            // An entry that went meanwhile (another start removed the snapshot it could not
+            // restore) is no place to write: this boot writes none, the next one will.
+            if let Some(Err(e)) = write.as_ref().map(|w| identity::lend(&w.entry_dir())) {
+                tracing::warn!(instance = %spec.id, "booting without writing a snapshot: {e}");
+                *write = None;
+            }
+            if let Some(write) = write {
+                args.extend([
+                    "--jail".to_string(),
+                    write.entry_dir().display().to_string(),
+                ]);
+            }
         }
 
         let exit = ExitState::new(|| None);
