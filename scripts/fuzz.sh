@@ -35,6 +35,9 @@ for t in "${targets[@]}"; do
 done
 
 export RUSTC_BOOTSTRAP=1
+# The fuzz crate always builds in fuzz/target (its flags are its own; a CARGO_TARGET_DIR meant
+# for the workspace would mix the two and hide the binaries from cargo-fuzz).
+unset CARGO_TARGET_DIR
 export PATH="$HOME/.cargo/bin:$PATH"
 if ! cargo fuzz --version >/dev/null 2>&1; then
   log "installing cargo-fuzz (cached in ~/.cargo/bin)"
