@@ -18,8 +18,6 @@ use crate::sandbox::cgroup::{cgroup_prefix, Cgroup, Hierarchy, Limits, V1Extras}
 use crate::sandbox::instance::record::InstanceRecord;
 use crate::sandbox::SandboxError;
 
-use super::standby::VmShape;
-
 /// What a VMM may use beyond its guest's memory: its own heap, thread stacks, device buffers
 /// and the page cache of its disk and snapshot I/O (reclaimable, but charged).
 pub const MEMORY_ALLOWANCE_MIB: u32 = 128;
@@ -64,13 +62,13 @@ impl VmmCgroups {
         })
     }
 
-    /// The limits of a VMM whose VM has `shape`.
-    pub fn limits(shape: VmShape) -> Limits {
+    /// The limits of a VMM whose VM has `memory_mib` of RAM and `vcpus` vCPUs.
+    pub fn limits(memory_mib: u32, vcpus: u8) -> Limits {
         Limits {
-            memory_mib: shape.memory_mib.saturating_add(MEMORY_ALLOWANCE_MIB),
+            memory_mib: memory_mib.saturating_add(MEMORY_ALLOWANCE_MIB),
             pids_max: PIDS_MAX,
             agent_disks: Vec::new(),
-            cpus: Some(u32::from(shape.vcpus) + 1),
+            cpus: Some(u32::from(vcpus) + 1),
         }
     }
 
@@ -84,9 +82,16 @@ impl VmmCgroups {
         name
     }
 
-    /// Creates the cgroup `name` (from [`Self::reserve`]) with `shape`'s limits.
-    pub fn create(&self, name: &str, shape: VmShape) -> Result<VmmCgroup, SandboxError> {
-        let cgroup = Cgroup::create(&self.hierarchy, &self.extras, name, &Self::limits(shape))?;
+    /// Creates the cgroup `name` (from [`Self::reserve`]) with the limits of a VMM whose VM has
+    /// `memory_mib` of RAM and `vcpus` vCPUs.
+    pub fn create(
+        &self,
+        name: &str,
+        memory_mib: u32,
+        vcpus: u8,
+    ) -> Result<VmmCgroup, SandboxError> {
+        let limits = Self::limits(memory_mib, vcpus);
+        let cgroup = Cgroup::create(&self.hierarchy, &self.extras, name, &limits)?;
         let join = cgroup
             .join_files()
             .into_iter()

@@ -431,7 +431,12 @@ impl VmSandbox {
                     // Named in the record before it exists (see [`limits`]).
                     let name = cgroups.reserve(&spec.id, &mut record);
                     record.save(dir)?;
-                    let cgroup = parts.cgroup.insert(cgroups.create(&name, shape_of(spec))?);
+                    let shape = shape_of(spec);
+                    let cgroup = parts.cgroup.insert(cgroups.create(
+                        &name,
+                        shape.memory_mib,
+                        shape.vcpus,
+                    )?);
                     cgroup.place(&mut command);
                 }
                 command.spawn().map_err(|e| {

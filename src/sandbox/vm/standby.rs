@@ -328,7 +328,7 @@ fn spawn_standby(
         return Err(e);
     }
     let cgroup = match (cgroups, &cgroup_name) {
-        (Some(c), Some(name)) => match c.create(name, shape) {
+        (Some(c), Some(name)) => match c.create(name, shape.memory_mib, shape.vcpus) {
             Ok(cg) => Some(cg),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
