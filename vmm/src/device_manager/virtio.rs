@@ -22,9 +22,6 @@ use crate::devices::InterruptTrigger;
 use crate::event_loop::{EventLoop, Flow};
 use crate::memory::GuestMemory;
 
-/// virtio-mmio QueueNotify register offset (virtio 1.x spec, 4.2.2).
-const VIRTIO_MMIO_QUEUE_NOTIFY: u64 = 0x50;
-
 /// Where a virtio-mmio device was placed.
 #[derive(Clone)]
 pub struct VirtioSlot {
@@ -151,7 +148,7 @@ impl DeviceManager {
             self.add_ioevent(
                 fd,
                 event_loop,
-                IoEventAddress::Mmio(base + VIRTIO_MMIO_QUEUE_NOTIFY),
+                IoEventAddress::Mmio(base + crate::devices::virtio::mmio::regs::REG_QUEUE_NOTIFY),
                 Some(queue as u32),
                 Box::new(move || lock(&t).notify_queue(queue)),
             )?;

@@ -20,27 +20,8 @@ const I8042_COMMAND: u16 = 0x64;
 /// The first virtio-mmio window (the device added first); the next ones follow every 4 KiB.
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 
-// virtio-mmio registers (virtio 1.2, 4.2.2).
-pub const REG_DEVICE_ID: u32 = 0x008;
-pub const REG_DRIVER_FEATURES: u32 = 0x020;
-pub const REG_DRIVER_FEATURES_SEL: u32 = 0x024;
-pub const REG_QUEUE_SEL: u32 = 0x030;
-pub const REG_QUEUE_NUM: u32 = 0x038;
-pub const REG_QUEUE_READY: u32 = 0x044;
-pub const REG_QUEUE_NOTIFY: u32 = 0x050;
-pub const REG_STATUS: u32 = 0x070;
-pub const REG_QUEUE_DESC_LOW: u32 = 0x080;
-pub const REG_QUEUE_DESC_HIGH: u32 = 0x084;
-pub const REG_QUEUE_DRIVER_LOW: u32 = 0x090;
-pub const REG_QUEUE_DRIVER_HIGH: u32 = 0x094;
-pub const REG_QUEUE_DEVICE_LOW: u32 = 0x0a0;
-pub const REG_QUEUE_DEVICE_HIGH: u32 = 0x0a4;
-
-pub const S_ACK: u32 = 1;
-pub const S_DRIVER: u32 = 2;
-pub const S_DRIVER_OK: u32 = 4;
-pub const S_FEATURES_OK: u32 = 8;
-pub const S_NEEDS_RESET: u32 = 0x40;
+// virtio-mmio registers and status bits: the transport's own table.
+pub use fnvm_vmm::devices::virtio::mmio::regs::*;
 
 pub const VRING_DESC_F_NEXT: u16 = 1;
 pub const VRING_DESC_F_WRITE: u16 = 2;
@@ -131,12 +112,12 @@ impl Driver {
     }
 
     /// A 32-bit register write.
-    pub fn write(&self, a: &mut CodeAssembler, reg: u32, value: u32) {
+    pub fn write(&self, a: &mut CodeAssembler, reg: u64, value: u32) {
         a.mov(dword_ptr(rsi + reg as i32), value).unwrap();
     }
 
     /// Loads a 32-bit register into EAX.
-    pub fn read(&self, a: &mut CodeAssembler, reg: u32) {
+    pub fn read(&self, a: &mut CodeAssembler, reg: u64) {
         a.mov(eax, dword_ptr(rsi + reg as i32)).unwrap();
     }
 

@@ -14,10 +14,6 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
-    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
-};
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_queue::{Queue, QueueState, QueueT};
 
@@ -36,44 +32,56 @@ const MMIO_VERSION: u32 = 2;
 /// No PCI-style vendor: the guest driver ignores it.
 const VENDOR_ID: u32 = 0;
 
-// Register offsets (virtio 1.2, 4.2.2).
-const REG_MAGIC: u64 = 0x000;
-const REG_VERSION: u64 = 0x004;
-const REG_DEVICE_ID: u64 = 0x008;
-const REG_VENDOR_ID: u64 = 0x00c;
-const REG_DEVICE_FEATURES: u64 = 0x010;
-const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-const REG_DRIVER_FEATURES: u64 = 0x020;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-const REG_QUEUE_SEL: u64 = 0x030;
-const REG_QUEUE_NUM_MAX: u64 = 0x034;
-const REG_QUEUE_NUM: u64 = 0x038;
-const REG_QUEUE_READY: u64 = 0x044;
-const REG_QUEUE_NOTIFY: u64 = 0x050;
-const REG_INTERRUPT_STATUS: u64 = 0x060;
-const REG_INTERRUPT_ACK: u64 = 0x064;
-const REG_STATUS: u64 = 0x070;
-const REG_QUEUE_DESC_LOW: u64 = 0x080;
-const REG_QUEUE_DESC_HIGH: u64 = 0x084;
-const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
-const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
-const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
-const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-const REG_SHM_SEL: u64 = 0x0ac;
-const REG_SHM_LEN_LOW: u64 = 0x0b0;
-const REG_SHM_LEN_HIGH: u64 = 0x0b4;
-const REG_SHM_BASE_LOW: u64 = 0x0b8;
-const REG_SHM_BASE_HIGH: u64 = 0x0bc;
-const REG_CONFIG_GENERATION: u64 = 0x0fc;
+/// The transport's register offsets (virtio 1.2, 4.2.2) and device status bits, one table for
+/// the transport, the device manager's ioeventfds, and the drivers of its tests, hostile
+/// guests and fuzz targets.
+pub mod regs {
+    use virtio_bindings::virtio_config::{
+        VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+        VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    };
+
+    pub const REG_MAGIC: u64 = 0x000;
+    pub const REG_VERSION: u64 = 0x004;
+    pub const REG_DEVICE_ID: u64 = 0x008;
+    pub const REG_VENDOR_ID: u64 = 0x00c;
+    pub const REG_DEVICE_FEATURES: u64 = 0x010;
+    pub const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const REG_DRIVER_FEATURES: u64 = 0x020;
+    pub const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const REG_QUEUE_SEL: u64 = 0x030;
+    pub const REG_QUEUE_NUM_MAX: u64 = 0x034;
+    pub const REG_QUEUE_NUM: u64 = 0x038;
+    pub const REG_QUEUE_READY: u64 = 0x044;
+    pub const REG_QUEUE_NOTIFY: u64 = 0x050;
+    pub const REG_INTERRUPT_STATUS: u64 = 0x060;
+    pub const REG_INTERRUPT_ACK: u64 = 0x064;
+    pub const REG_STATUS: u64 = 0x070;
+    pub const REG_QUEUE_DESC_LOW: u64 = 0x080;
+    pub const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const REG_SHM_SEL: u64 = 0x0ac;
+    pub const REG_SHM_LEN_LOW: u64 = 0x0b0;
+    pub const REG_SHM_LEN_HIGH: u64 = 0x0b4;
+    pub const REG_SHM_BASE_LOW: u64 = 0x0b8;
+    pub const REG_SHM_BASE_HIGH: u64 = 0x0bc;
+    pub const REG_CONFIG_GENERATION: u64 = 0x0fc;
+
+    pub const S_ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+    pub const S_DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
+    pub const S_FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
+    pub const S_DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
+    pub const S_FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
+    pub const S_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
+}
+
+use regs::*;
+
 /// Start of the device-specific config space.
 pub const CONFIG_SPACE_OFFSET: u64 = 0x100;
-
-const S_ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
-const S_DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
-const S_FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
-const S_DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
-const S_FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
-const S_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
 
 /// Why a transport could not be built or restored.
 #[derive(Debug, thiserror::Error)]

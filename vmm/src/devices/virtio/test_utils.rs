@@ -189,37 +189,9 @@ impl Alloc {
     }
 }
 
-// Register offsets and status bits, as a driver spells them.
-pub const REG_MAGIC: u64 = 0x000;
-pub const REG_VERSION: u64 = 0x004;
-pub const REG_DEVICE_ID: u64 = 0x008;
-pub const REG_DEVICE_FEATURES: u64 = 0x010;
-pub const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-pub const REG_DRIVER_FEATURES: u64 = 0x020;
-pub const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-pub const REG_QUEUE_SEL: u64 = 0x030;
-pub const REG_QUEUE_NUM_MAX: u64 = 0x034;
-pub const REG_QUEUE_NUM: u64 = 0x038;
-pub const REG_QUEUE_READY: u64 = 0x044;
-pub const REG_QUEUE_NOTIFY: u64 = 0x050;
-pub const REG_INTERRUPT_STATUS: u64 = 0x060;
-pub const REG_INTERRUPT_ACK: u64 = 0x064;
-pub const REG_STATUS: u64 = 0x070;
-pub const REG_QUEUE_DESC_LOW: u64 = 0x080;
-pub const REG_QUEUE_DESC_HIGH: u64 = 0x084;
-pub const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
-pub const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
-pub const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
-pub const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-pub const REG_SHM_LEN_LOW: u64 = 0x0b0;
-pub const REG_CONFIG_GENERATION: u64 = 0x0fc;
-pub const CONFIG: u64 = 0x100;
-
-pub const S_ACK: u32 = 1;
-pub const S_DRIVER: u32 = 2;
-pub const S_DRIVER_OK: u32 = 4;
-pub const S_FEATURES_OK: u32 = 8;
-pub const S_NEEDS_RESET: u32 = 64;
+// Register offsets and status bits, as a driver spells them: the transport's own table.
+pub use super::mmio::regs::*;
+pub const CONFIG: u64 = super::mmio::CONFIG_SPACE_OFFSET;
 
 pub fn device_features(t: &mut impl BusDevice) -> u64 {
     write_reg(t, REG_DEVICE_FEATURES_SEL, 0);
