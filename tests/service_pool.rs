@@ -191,7 +191,7 @@ fn busy_instance(serve: &Serve, name: &str) -> (String, std::thread::JoinHandle<
 }
 
 /// The vm sandbox's VMM is confined (every thread seccomp-filtered, no_new_privs, no
-/// capabilities), and one whose thread makes a call outside its filter (the VMM's test-only
+/// capabilities, PID 1 of its own pid namespace, its own cgroup), and one whose thread makes a call outside its filter (the VMM's test-only
 /// trigger, enabled by FNVM_VMM_TEST_TRIGGERS=1 on serve) stops at once: the call in flight
 /// gets a crash error naming the instance and the violation, and the next call works.
 fn a_vmm_seccomp_violation_is_a_crash_and_the_instance_replaced(serve: &Serve, home: &Path) {
@@ -218,6 +218,20 @@ fn a_vmm_seccomp_violation_is_a_crash_and_the_instance_replaced(serve: &Serve, h
             "not root: {status}"
         );
     }
+    // PID 1 of a pid namespace of its own: it sees no host process (the jailer's --new-pid-ns).
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let nspid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .map(|ids| ids.split_whitespace().collect::<Vec<_>>())
+        .unwrap_or_default();
+    assert_eq!(nspid, [pid.to_string().as_str(), "1"], "{status}");
+    let ns = |who: &str| std::fs::read_link(format!("/proc/{who}/ns/pid")).unwrap();
+    assert_ne!(
+        ns(&pid.to_string()),
+        ns("self"),
+        "a pid namespace of its own"
+    );
     // Its own cgroup (L1 is cgroup v2): the VM's memory + the allowance, a pids cap.
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     let path = cgroup

@@ -10,7 +10,8 @@
 //! Where things are: this file holds the interface ([`Sandbox`], [`Instance`], [`InstanceSpec`],
 //! [`SandboxError`]); [`vm`] and [`process`] each hold one sandbox and everything only it uses;
 //! the rest is shared by both: [`instance`] (the handle on a running agent, instance records,
-//! the sandbox's process, the writable layer), [`link`] (the host end of the agent's link and
+//! the sandbox's process, the writable layer), [`spawn`] (starting a sandbox's first process in
+//! its own pid namespace), [`link`] (the host end of the agent's link and
 //! the guest clock measured over it), [`transport`] (streams to guest ports), [`exit`] (how an
 //! instance ended) and [`orphans`] (clean-up after a crashed fnvm).
 
@@ -22,6 +23,7 @@ pub mod instance;
 pub mod link;
 pub mod orphans;
 pub mod process;
+pub mod spawn;
 pub mod transport;
 pub mod vm;
 

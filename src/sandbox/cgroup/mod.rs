@@ -432,7 +432,7 @@ mod tests {
         let keep = std::fs::File::open("/dev/null").unwrap();
         let mut argv = vec!["-c", script, "sh"];
         argv.extend_from_slice(args);
-        crate::sandbox::process::spawn::tests::run("/bin/sh", &argv, Some(cgroup), keep.as_fd())
+        crate::sandbox::spawn::tests::run("/bin/sh", &argv, Some(cgroup), keep.as_fd())
     }
 
     /// A block device node of this host and its numbers.

@@ -4,9 +4,9 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, ExitStatus};
+use std::process::ExitStatus;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -23,11 +23,66 @@ struct Reaped {
 
 /// A process fnvm started itself (not through `std::process`), not yet reaped: its pid, a pidfd
 /// for it and its piped stdout and stderr.
+#[derive(Debug)]
 pub struct Spawned {
     pub pid: i32,
     pub pidfd: OwnedFd,
     pub stdout: std::fs::File,
     pub stderr: std::fs::File,
+}
+
+impl Spawned {
+    /// The process has ended (it is not reaped: its status stays for [`Self::wait`]).
+    pub fn has_ended(&self) -> bool {
+        // SAFETY: a zeroed siginfo_t is valid; waitid on our child's pidfd with WNOWAIT only
+        // peeks at its state and writes into `info`.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; `info` outlives the call.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                self.pidfd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: waitid filled in `info` (or left it zeroed: si_pid 0 when still running).
+        r != 0 || unsafe { info.si_pid() } != 0
+    }
+
+    /// Sends SIGKILL (through the pidfd: never a recycled pid).
+    pub fn kill(&self) {
+        // SAFETY: the pidfd is open; a null siginfo means "as kill(2)".
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+    }
+
+    /// Waits for the process to end and reaps it.
+    pub fn wait(&self) -> std::io::Result<ExitStatus> {
+        reap(self.pid)
+    }
+}
+
+/// Waits for our child `pid` to end and reaps it.
+fn reap(pid: i32) -> std::io::Result<ExitStatus> {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid on our own, not yet reaped child, writing its status into a stack int.
+        if unsafe { libc::waitpid(pid, &mut status, 0) } == pid {
+            return Ok(ExitStatus::from_raw(status));
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
 }
 
 /// A running sandbox process.
@@ -41,50 +96,9 @@ pub struct SandboxChild {
 }
 
 impl SandboxChild {
-    /// Takes over a freshly spawned child (stdout/stderr piped). Once it has been reaped and
+    /// Takes over a process fnvm spawned (stdout/stderr piped). Once it has been reaped and
     /// its output read to the end, `on_exit` runs on the waiter thread with its status and its
     /// last output lines; only then do [`Self::status`] and the waits see the status.
-    pub fn adopt(
-        name: &'static str,
-        mut child: Child,
-        on_exit: impl FnOnce(ExitStatus, Vec<String>) + Send + 'static,
-    ) -> std::io::Result<Self> {
-        let pid = child.id() as i32;
-        // SAFETY: pidfd_open takes a pid and flags; the child is ours and not yet reaped (only
-        // the waiter thread reaps it), so the pid names it.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if fd < 0 {
-            let err = std::io::Error::last_os_error();
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(err);
-        }
-        // SAFETY: the syscall returned a new fd that nothing else owns.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let outputs: Vec<Box<dyn Read + Send>> = [
-            child
-                .stdout
-                .take()
-                .map(|o| Box::new(o) as Box<dyn Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|e| Box::new(e) as Box<dyn Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        Ok(Self::watch(
-            name,
-            pid,
-            pidfd,
-            outputs,
-            move || child.wait(),
-            on_exit,
-        ))
-    }
-
-    /// As [`Self::adopt`], for a process fnvm spawned itself.
     pub fn adopt_spawned(
         name: &'static str,
         spawned: Spawned,
@@ -96,18 +110,8 @@ impl SandboxChild {
             stdout,
             stderr,
         } = spawned;
-        let wait = move || loop {
-            let mut status = 0;
-            // SAFETY: waitpid on our own, not yet reaped child (only this waiter reaps it),
-            // writing its status into a stack int.
-            if unsafe { libc::waitpid(pid, &mut status, 0) } == pid {
-                return Ok(ExitStatus::from_raw(status));
-            }
-            let err = std::io::Error::last_os_error();
-            if err.kind() != std::io::ErrorKind::Interrupted {
-                return Err(err);
-            }
-        };
+        // Only this waiter reaps it.
+        let wait = move || reap(pid);
         let outputs: Vec<Box<dyn Read + Send>> = vec![Box::new(stdout), Box::new(stderr)];
         Self::watch(name, pid, pidfd, outputs, wait, on_exit)
     }

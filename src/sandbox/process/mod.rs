@@ -14,7 +14,6 @@
 mod egress;
 pub mod loopdev;
 mod parts;
-pub mod spawn;
 mod standby;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -31,10 +30,10 @@ use fnvm_agent::protocol::{self, Placement, CONTROL_PORT, FUNCTION_PORT};
 
 use crate::sandbox::cgroup::watch::LimitWatch;
 use crate::sandbox::cgroup::{self, cgroup_prefix, Cgroup, Hierarchy, Limits, V1Extras};
+use crate::sandbox::spawn::{self, listen_for_agent, Namespaces, Spawn};
 use egress::Egress;
 use loopdev::LoopDevice;
 use parts::{device_numbers, Parts, SharedRootfs};
-use spawn::{listen_for_agent, spawn_in_namespaces};
 use standby::Standbys;
 pub use standby::{standby_count_from_env, DEFAULT_STANDBYS, FROM_STANDBY_NOTE, STANDBYS_ENV};
 
@@ -363,19 +362,23 @@ impl Setup {
         if let Some(writable) = &writable {
             args.extend(["--writable".into(), writable.into()]);
         }
-        let child = spawn_in_namespaces(
-            &self.agent,
-            &args,
-            parts.cgroup.as_ref(),
-            &[
-                Some(control.as_fd()),
-                socket_dir_fd.as_ref().map(|fd| fd.as_fd()),
-            ]
-            .into_iter()
-            .flatten()
-            .collect::<Vec<_>>(),
-            Some(placement_r.as_fd()),
-        )
+        let keep: Vec<_> = [
+            Some(control.as_fd()),
+            socket_dir_fd.as_ref().map(|fd| fd.as_fd()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let child = Spawn {
+            program: &self.agent,
+            args: &args,
+            env: &[],
+            namespaces: Namespaces::Sandbox,
+            cgroup: parts.cgroup.as_ref(),
+            keep: &keep,
+            stdin: Some(placement_r.as_fd()),
+        }
+        .spawn()
         .map_err(|e| {
             SandboxError::setup(
                 format!(

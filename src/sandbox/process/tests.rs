@@ -17,7 +17,7 @@ use crate::sandbox::{
     instances_root, Instance, InstanceSpec, LogLine, LogStream, Sandbox, SandboxError,
 };
 
-pub(super) fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }

@@ -1,5 +1,5 @@
 //! The VMM's cgroup: every `fnvm-vmm` (booted, restored or a standby) runs in a cgroup of its
-//! own, joined before it executes, so all it ever allocates is held to its VM's memory plus a
+//! own, born in it, so all it ever allocates is held to its VM's memory plus a
 //! fixed allowance, a few dozen threads and its vCPUs' worth of CPU (plus one for the device
 //! thread). A hostile guest that finds a way to make the VMM allocate, spawn or spin (or code
 //! that escaped into the VMM) meets the kernel's limits, not the host's. The cgroup is named
@@ -7,11 +7,7 @@
 //! instance record before it exists, so a later fnvm's orphan sweep removes it and a live one
 //! is never swept.
 
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd as _;
-use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
-use std::process::Command;
 
 use crate::home::Home;
 use crate::sandbox::cgroup::{cgroup_prefix, Cgroup, Hierarchy, Limits, V1Extras};
@@ -92,47 +88,21 @@ impl VmmCgroups {
     ) -> Result<VmmCgroup, SandboxError> {
         let limits = Self::limits(memory_mib, vcpus);
         let cgroup = Cgroup::create(&self.hierarchy, &self.extras, name, &limits)?;
-        let join = cgroup
-            .join_files()
-            .into_iter()
-            .map(|path| {
-                OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(|e| SandboxError::setup(format!("cannot open {}", path.display()), e))
-            })
-            .collect::<Result<Vec<File>, _>>()?;
-        Ok(VmmCgroup { cgroup, join })
+        Ok(VmmCgroup { cgroup })
     }
 }
 
-/// One VMM's cgroup; dropped, it kills whatever is still in it and goes.
+/// One VMM's cgroup, which the VMM is born in (see [`crate::sandbox::spawn`]); dropped, it
+/// kills whatever is still in it and goes.
 #[derive(Debug)]
 pub struct VmmCgroup {
     cgroup: Cgroup,
-    /// The control files the VMM writes itself into between fork and exec.
-    join: Vec<File>,
 }
 
 impl VmmCgroup {
-    /// Makes `command`'s process join this cgroup before it executes the VMM (a join that
-    /// fails fails the spawn).
-    pub fn place(&self, command: &mut Command) {
-        let fds: Vec<i32> = self.join.iter().map(|f| f.as_raw_fd()).collect();
-        // SAFETY: the closure runs in the forked child before exec and only calls write(2),
-        // which is async-signal-safe, on descriptors this VmmCgroup keeps open for as long as
-        // the command can be spawned (the caller spawns while holding it); it allocates nothing.
-        unsafe {
-            command.pre_exec(move || {
-                for &fd in &fds {
-                    // SAFETY: a valid descriptor (above) and a one-byte buffer that outlives the call.
-                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
+    /// The cgroup itself, to spawn the VMM in.
+    pub fn cgroup(&self) -> &Cgroup {
+        &self.cgroup
     }
 
     /// The memory cgroup (on v2, the only one).

@@ -30,6 +30,7 @@ mod teardown;
 mod tests;
 mod vmm_api;
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,7 +44,7 @@ pub use launch::{guest_cmdline, vcpus_for};
 use limits::VmmCgroups;
 use restore_report::restore_report;
 use snapshots::{Platform, SnapshotStore};
-use standby::{restore_in_standby, vmm_command, StandbyVmms, API_SOCKET};
+use standby::{restore_in_standby, spawn_vmm, StandbyVmms, API_SOCKET};
 use teardown::VmParts;
 use vmm_api::VmmApi;
 
@@ -425,36 +426,29 @@ impl VmSandbox {
         let child = match restored_standby {
             Some(child) => child,
             None => {
-                let mut command = vmm_command(&self.vmm);
-                command.args(&args);
                 if let Some(cgroups) = &self.cgroups {
                     // Named in the record before it exists (see [`limits`]).
                     let name = cgroups.reserve(&spec.id, &mut record);
                     record.save(dir)?;
                     let shape = shape_of(spec);
-                    let cgroup = parts.cgroup.insert(cgroups.create(
-                        &name,
-                        shape.memory_mib,
-                        shape.vcpus,
-                    )?);
-                    cgroup.place(&mut command);
+                    parts.cgroup = Some(cgroups.create(&name, shape.memory_mib, shape.vcpus)?);
                 }
-                command.spawn().map_err(|e| {
-                    SandboxError::setup(format!("cannot start {}", self.vmm.display()), e)
-                })?
+                let args: Vec<OsString> = args.into_iter().map(OsString::from).collect();
+                spawn_vmm(&self.vmm, &args, parts.cgroup.as_ref())?
             }
         };
         let exit_for_child = exit.clone();
-        let child = parts.child.insert(
-            SandboxChild::adopt("vm", child, move |status, tail| {
+        let child = parts.child.insert(SandboxChild::adopt_spawned(
+            "vm",
+            child,
+            move |status, tail| {
                 exit_for_child.record(
                     None,
                     None,
                     ended_reason("the VM ended: fnvm-vmm", status, &tail),
                 );
-            })
-            .map_err(|e| SandboxError::setup("cannot watch the VMM process", e))?,
-        );
+            },
+        ));
         record.sandbox = ProcessId::of(child.pid());
         record.save(dir)?;
         let vmm_pid = child.pid();

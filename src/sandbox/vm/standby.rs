@@ -13,17 +13,18 @@
 //! directory (a rename: the VMM keeps listening on it) and the instance takes over its process.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::limits::{VmmCgroup, VmmCgroups};
 use super::vmm_api::VmmApi;
 use crate::sandbox::exit::describe_status;
+use crate::sandbox::instance::child::Spawned;
 use crate::sandbox::instance::record::{new_instance_id, InstanceRecord, ProcessId};
+use crate::sandbox::spawn::{Namespaces, Spawn};
 use crate::sandbox::SandboxError;
 
 /// The API socket's name, in a standby's directory and in an instance's.
@@ -59,7 +60,7 @@ pub fn per_shape_from_env() -> Result<usize, SandboxError> {
 /// One standby VMM waiting for its restore request. Dropped untaken, it is killed and its
 /// directory removed.
 pub struct StandbyVmm {
-    child: Option<Child>,
+    child: Option<Spawned>,
     dir: PathBuf,
     /// Its cgroup (after the process: dropped, it kills what is left in it).
     cgroup: Option<VmmCgroup>,
@@ -70,14 +71,12 @@ pub struct StandbyVmm {
 
 impl StandbyVmm {
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().map_or(0, |c| c.id() as i32)
+        self.child.as_ref().map_or(0, |c| c.pid)
     }
 
     /// The process has not ended.
-    fn is_waiting(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    fn is_waiting(&self) -> bool {
+        self.child.as_ref().is_some_and(|c| !c.has_ended())
     }
 
     /// Names the standby's cgroup in an instance's `record` (before the record is saved
@@ -91,7 +90,7 @@ impl StandbyVmm {
     /// Gives the standby to an instance whose record already names its process and cgroup:
     /// the API socket moves to `api` (same filesystem; the VMM keeps listening on it) and the
     /// standby's directory goes. On error the standby is killed.
-    pub fn into_instance(mut self, api: &Path) -> std::io::Result<(Child, Option<VmmCgroup>)> {
+    pub fn into_instance(mut self, api: &Path) -> std::io::Result<(Spawned, Option<VmmCgroup>)> {
         std::fs::rename(self.dir.join(API_SOCKET), api)?;
         let child = self
             .child
@@ -106,8 +105,8 @@ impl StandbyVmm {
 
 impl Drop for StandbyVmm {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
+        if let Some(child) = self.child.take() {
+            child.kill();
             let _ = child.wait();
             let _ = std::fs::remove_dir_all(&self.dir);
         }
@@ -172,7 +171,7 @@ impl StandbyVmms {
             entry.last_wanted = Some(Instant::now());
             let mut stale = Vec::new();
             let mut taken = None;
-            while let Some(mut standby) = entry.warm.pop() {
+            while let Some(standby) = entry.warm.pop() {
                 if standby.is_waiting() {
                     taken = Some(standby);
                     break;
@@ -285,23 +284,32 @@ impl Shared {
     }
 }
 
-/// A `fnvm-vmm` command as the sandbox runs every VMM: no inherited environment or stdin, its
-/// output piped (the console and its last words), its own process group (a Ctrl-C at fnvm's
-/// terminal is fnvm's to handle).
-pub(super) fn vmm_command(vmm: &Path) -> Command {
-    let mut command = Command::new(vmm);
-    command.env_clear();
+/// Starts `fnvm-vmm` with `args` as the sandbox runs every VMM: PID 1 of its own pid
+/// namespace (it makes the rest of its jail itself), born in its cgroup, its own session (a
+/// Ctrl-C at fnvm's terminal is fnvm's to handle), no inherited environment or stdin, its
+/// output piped (the console and its last words).
+pub(super) fn spawn_vmm(
+    vmm: &Path,
+    args: &[OsString],
+    cgroup: Option<&VmmCgroup>,
+) -> Result<Spawned, SandboxError> {
     // Test only: the VMM's test trigger (a forbidden system call on request), for the tests
     // that check a seccomp violation is reported and the instance replaced.
-    if let Some(v) = std::env::var_os("FNVM_VMM_TEST_TRIGGERS") {
-        command.env("FNVM_VMM_TEST_TRIGGERS", v);
+    let env: Vec<(&str, OsString)> = std::env::var_os("FNVM_VMM_TEST_TRIGGERS")
+        .map(|v| ("FNVM_VMM_TEST_TRIGGERS", v))
+        .into_iter()
+        .collect();
+    Spawn {
+        program: vmm,
+        args,
+        env: &env,
+        namespaces: Namespaces::Pid,
+        cgroup: cgroup.map(VmmCgroup::cgroup),
+        keep: &[],
+        stdin: None,
     }
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    command
+    .spawn()
+    .map_err(|e| SandboxError::setup(format!("cannot start {}", vmm.display()), e))
 }
 
 /// Spawns `fnvm-vmm --standby` for `shape` in a new directory under `root` and waits until it
@@ -338,25 +346,21 @@ fn spawn_standby(
         _ => None,
     };
     let api = dir.join(API_SOCKET);
-    let mut command = vmm_command(vmm);
-    command
-        .arg("--standby")
-        .args(super::identity::vmm_args())
-        .args(["--memory", &shape.memory_mib.to_string()])
-        .args(["--vcpus", &shape.vcpus.to_string()])
-        .arg("--api-sock")
-        .arg(&api);
-    if let Some(cg) = &cgroup {
-        cg.place(&mut command);
-    }
-    let child = match command.spawn() {
+    let mut args: Vec<OsString> = vec!["--standby".into()];
+    args.extend(super::identity::vmm_args().into_iter().map(OsString::from));
+    args.extend([
+        "--memory".into(),
+        shape.memory_mib.to_string().into(),
+        "--vcpus".into(),
+        shape.vcpus.to_string().into(),
+        "--api-sock".into(),
+        api.clone().into(),
+    ]);
+    let child = match spawn_vmm(vmm, &args, cgroup.as_ref()) {
         Ok(c) => c,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&dir);
-            return Err(SandboxError::setup(
-                format!("cannot start {}", vmm.display()),
-                e,
-            ));
+            return Err(e);
         }
     };
     let mut standby = StandbyVmm {
@@ -371,12 +375,12 @@ fn spawn_standby(
     let deadline = Instant::now() + READY_TIMEOUT;
     while !api.exists() {
         if !standby.is_waiting() {
-            let mut child = standby.child.take().expect("the standby's process");
+            let child = standby.child.take().expect("the standby's process");
             let status = child.wait().ok();
             let mut stderr = String::new();
-            if let Some(mut err) = child.stderr.take() {
+            {
                 use std::io::Read;
-                let _ = (&mut err).take(4096).read_to_string(&mut stderr);
+                let _ = (&child.stderr).take(4096).read_to_string(&mut stderr);
             }
             let _ = std::fs::remove_dir_all(&standby.dir);
             return Err(SandboxError::Agent(format!(
@@ -414,11 +418,11 @@ pub(super) fn restore_in_standby(
     api: &VmmApi,
     snapshot: &Path,
     devices: &Devices<'_>,
-) -> Result<(Child, Option<VmmCgroup>), SandboxError> {
+) -> Result<(Spawned, Option<VmmCgroup>), SandboxError> {
     record.sandbox = ProcessId::of(standby.pid());
     standby.adopt_cgroup(record);
     record.save(dir)?;
-    let (mut child, cgroup) = standby.into_instance(api.path()).map_err(|e| {
+    let (child, cgroup) = standby.into_instance(api.path()).map_err(|e| {
         SandboxError::setup(
             format!(
                 "cannot move the standby's API socket to {}",
@@ -433,7 +437,7 @@ pub(super) fn restore_in_standby(
             Ok((child, cgroup))
         }
         Err(e) => {
-            let _ = child.kill();
+            child.kill();
             let _ = child.wait();
             Err(e)
         }

@@ -102,32 +102,56 @@ fn test_vmm() -> PathBuf {
 
 /// A running tiny guest whose serial bytes arrive on `out`.
 struct TinyVm {
-    child: std::process::Child,
+    pid: i32,
+    /// Kills and reaps the VMM.
+    stop: Option<Box<dyn FnOnce()>>,
     out: std::sync::mpsc::Receiver<u8>,
 }
 
 impl TinyVm {
     fn spawn(vmm: &Path, args: &[&std::ffi::OsStr]) -> Self {
-        let child = Command::new(vmm)
+        let mut child = Command::new(vmm)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("fnvm-vmm starts");
-        Self::adopt(child)
+        let stdout = child.stdout.take().unwrap();
+        let pid = child.id() as i32;
+        let stop = move || {
+            let _ = child.kill();
+            let _ = child.wait();
+        };
+        Self::watch(pid, Box::new(stop), stdout)
     }
 
-    /// A VMM spawned elsewhere with its stdout piped.
-    fn adopt(mut child: std::process::Child) -> Self {
-        let mut stdout = child.stdout.take().unwrap();
+    /// A VMM the sandbox spawned, its stdout piped.
+    fn adopt(child: crate::sandbox::instance::child::Spawned) -> Self {
+        let stdout = child.stdout.try_clone().unwrap();
+        let pid = child.pid;
+        let stop = move || {
+            child.kill();
+            let _ = child.wait();
+        };
+        Self::watch(pid, Box::new(stop), stdout)
+    }
+
+    fn watch(
+        pid: i32,
+        stop: Box<dyn FnOnce()>,
+        mut stdout: impl std::io::Read + Send + 'static,
+    ) -> Self {
         let (tx, out) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            use std::io::Read;
             let mut b = [0u8; 1];
             while stdout.read_exact(&mut b).is_ok() && tx.send(b[0]).is_ok() {}
         });
-        TinyVm { child, out }
+        TinyVm {
+            pid,
+            stop: Some(stop),
+            out,
+        }
     }
 
     fn expect_running(&self) {
@@ -138,8 +162,9 @@ impl TinyVm {
 
 impl Drop for TinyVm {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(stop) = self.stop.take() {
+            stop();
+        }
     }
 }
 
@@ -183,7 +208,7 @@ fn the_vmm_client_snapshots_a_running_vm_and_measures_its_restore() {
     assert!(err.contains("api1.sock") && err.contains("exists"), "{err}");
     // Not restored: no restore report.
     assert!(restore_report(
-        booted.child.id() as i32,
+        booted.pid,
         &VmmApi::new(&api1),
         &snapshot.join("memory"),
         false
@@ -203,7 +228,7 @@ fn the_vmm_client_snapshots_a_running_vm_and_measures_its_restore() {
     );
     restored.expect_running();
     let report = restore_report(
-        restored.child.id() as i32,
+        restored.pid,
         &VmmApi::new(&api2),
         &snapshot.join(fnvm_vmm::snapshot::MEMORY_FILE),
         false,
@@ -369,7 +394,7 @@ fn a_standby_vmm_becomes_a_restored_instance_and_is_replaced() {
         },
     )
     .expect("the standby restores the snapshot");
-    assert_eq!(child.id() as i32, pid);
+    assert_eq!(child.pid, pid);
     assert_eq!(
         InstanceRecord::load(&instance).unwrap().cgroup,
         cgroup,
@@ -388,6 +413,15 @@ fn a_standby_vmm_becomes_a_restored_instance_and_is_replaced() {
     let restored = TinyVm::adopt(child);
     restored.expect_running();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let nspid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .unwrap();
+    assert_eq!(
+        nspid.split_whitespace().collect::<Vec<_>>(),
+        [pid.to_string().as_str(), "1"],
+        "the VMM is PID 1 of its own pid namespace"
+    );
     let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap();
     let vmm_uid = super::identity::VMM_UID.to_string();
     assert!(

@@ -1,10 +1,15 @@
-//! Starting the agent as PID 1 of a new sandbox with one `clone3`: the child is created in its
-//! new pid namespace, with a pidfd for the host, and — on cgroup v2 — already inside its
-//! instance's cgroup (`CLONE_INTO_CGROUP`). Migrating a process into a cgroup after the fact
+//! Starting a sandbox's first process (the agent, or a VMM) with one `clone3`: the child is
+//! created in its new pid namespace, with a pidfd for the host, and — on cgroup v2 — already
+//! inside its cgroup (`CLONE_INTO_CGROUP`). Migrating a process into a cgroup after the fact
 //! takes the kernel's threadgroup lock for writing, which waits for an RCU grace period (6–10 ms
 //! on the CI host, ~40 % of a process-sandbox start); a child born in its cgroup never migrates.
 //! On cgroup v1 (no `CLONE_INTO_CGROUP`) the single-threaded child moves itself through each
 //! hierarchy's `tasks` file, which skips that lock (see [`crate::sandbox::cgroup::Cgroup::join_files`]).
+//!
+//! Both sandboxes start this way, as the jailer starts Firecracker: the process sandbox's agent
+//! gets every namespace here ([`Namespaces::Sandbox`]); a VMM gets its pid namespace here (a
+//! process cannot enter a new one itself) and makes the rest of its jail on its own
+//! ([`Namespaces::Pid`]), so it sees no host process and is PID 1 of its own.
 //!
 //! Between `clone3` and `execve` the child is a copy of a multi-threaded process: it makes
 //! system calls on memory prepared before the clone and nothing else (no allocation, no locks).
@@ -49,136 +54,168 @@ enum Placement<'a> {
     Join(&'a [PathBuf]),
 }
 
-/// Starts `program` with `args` and an empty environment as PID 1 of new pid, mount, uts, ipc
-/// and network namespaces, in `cgroup` (if any), in its own session, working in `/`, with stdin
-/// from `stdin` (None: /dev/null), stdout and stderr piped, and the descriptors in `keep` (at
-/// most [`MAX_KEPT`]) inherited under their own numbers.
-pub fn spawn_in_namespaces(
-    program: &Path,
-    args: &[OsString],
-    cgroup: Option<&Cgroup>,
-    keep: &[BorrowedFd<'_>],
-    stdin: Option<BorrowedFd<'_>>,
-) -> io::Result<Spawned> {
-    if keep.len() > MAX_KEPT {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("at most {MAX_KEPT} descriptors can be kept"),
-        ));
-    }
-    let stdin = match stdin {
-        Some(fd) => above_stdio(fd.try_clone_to_owned()?)?,
-        None => above_stdio(open_dev_null()?)?,
-    };
-    let Some(cgroup) = cgroup else {
-        return spawn_once(program, args, &Placement::Join(&[]), keep, &stdin);
-    };
-    if !cgroup.is_v2() {
-        let join = cgroup.join_files();
-        return spawn_once(program, args, &Placement::Join(&join), keep, &stdin);
-    }
-    let dir = File::open(cgroup.path())?;
-    match spawn_once(program, args, &Placement::Into(dir.as_fd()), keep, &stdin) {
-        // A kernel before 5.7 (EINVAL: unknown flag; E2BIG: struct too big) cannot clone into a
-        // cgroup: the child moves itself instead, through cgroup.procs.
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::E2BIG)) => {
-            let join = cgroup.join_files();
-            spawn_once(program, args, &Placement::Join(&join), keep, &stdin)
-        }
-        other => other,
-    }
+/// The namespaces a spawned process starts in (always a new pid namespace, as its PID 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Namespaces {
+    /// New pid, mount (private), uts (hostname "fnvm"), ipc and network (loopback up)
+    /// namespaces: the process sandbox's agent.
+    Sandbox,
+    /// A new pid namespace only: a VMM, which makes its own jail (mount, network, ipc and uts
+    /// namespaces, pivot_root) as it starts.
+    Pid,
 }
 
-fn spawn_once(
-    program: &Path,
-    args: &[OsString],
-    placement: &Placement<'_>,
-    keep: &[BorrowedFd<'_>],
-    stdin: &OwnedFd,
-) -> io::Result<Spawned> {
-    let nul = |_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in an argument");
-    let program_c = CString::new(program.as_os_str().as_bytes()).map_err(nul)?;
-    let argv_c = std::iter::once(Ok(program_c.clone()))
-        .chain(args.iter().map(|a| CString::new(a.as_bytes()).map_err(nul)))
-        .collect::<io::Result<Vec<CString>>>()?;
-    let argv: Vec<*const libc::c_char> = argv_c
-        .iter()
-        .map(|a| a.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
-    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
-    let join: Vec<CString> = match placement {
-        Placement::Join(files) => files
+/// What to start: `program` with `args` and the environment `env` (nothing else of fnvm's) as
+/// PID 1 of new `namespaces`, in `cgroup` (if any), in its own session, working in `/`, with
+/// stdin from `stdin` (None: /dev/null), stdout and stderr piped, and the descriptors in `keep`
+/// (at most [`MAX_KEPT`]) inherited under their own numbers.
+pub struct Spawn<'a> {
+    pub program: &'a Path,
+    pub args: &'a [OsString],
+    pub env: &'a [(&'a str, OsString)],
+    pub namespaces: Namespaces,
+    pub cgroup: Option<&'a Cgroup>,
+    pub keep: &'a [BorrowedFd<'a>],
+    pub stdin: Option<BorrowedFd<'a>>,
+}
+
+impl Spawn<'_> {
+    /// Starts it; an error is the reason its set-up or exec failed.
+    pub fn spawn(&self) -> io::Result<Spawned> {
+        if self.keep.len() > MAX_KEPT {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("at most {MAX_KEPT} descriptors can be kept"),
+            ));
+        }
+        let stdin = match self.stdin {
+            Some(fd) => above_stdio(fd.try_clone_to_owned()?)?,
+            None => above_stdio(open_dev_null()?)?,
+        };
+        let Some(cgroup) = self.cgroup else {
+            return self.spawn_once(&Placement::Join(&[]), &stdin);
+        };
+        if !cgroup.is_v2() {
+            let join = cgroup.join_files();
+            return self.spawn_once(&Placement::Join(&join), &stdin);
+        }
+        let dir = File::open(cgroup.path())?;
+        match self.spawn_once(&Placement::Into(dir.as_fd()), &stdin) {
+            // A kernel before 5.7 (EINVAL: unknown flag; E2BIG: struct too big) cannot clone
+            // into a cgroup: the child moves itself instead, through cgroup.procs.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::E2BIG)) => {
+                let join = cgroup.join_files();
+                self.spawn_once(&Placement::Join(&join), &stdin)
+            }
+            other => other,
+        }
+    }
+
+    fn spawn_once(&self, placement: &Placement<'_>, stdin: &OwnedFd) -> io::Result<Spawned> {
+        let Spawn {
+            program,
+            args,
+            env,
+            namespaces,
+            keep,
+            ..
+        } = *self;
+        let nul = |_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in an argument");
+        let program_c = CString::new(program.as_os_str().as_bytes()).map_err(nul)?;
+        let argv_c = std::iter::once(Ok(program_c.clone()))
+            .chain(args.iter().map(|a| CString::new(a.as_bytes()).map_err(nul)))
+            .collect::<io::Result<Vec<CString>>>()?;
+        let argv: Vec<*const libc::c_char> = argv_c
             .iter()
-            .map(|p| CString::new(p.as_os_str().as_bytes()).map_err(nul))
-            .collect::<io::Result<_>>()?,
-        Placement::Into(_) => Vec::new(),
-    };
+            .map(|a| a.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        let env_c = env
+            .iter()
+            .map(|(name, value)| {
+                let mut pair = format!("{name}=").into_bytes();
+                pair.extend_from_slice(value.as_bytes());
+                CString::new(pair).map_err(nul)
+            })
+            .collect::<io::Result<Vec<CString>>>()?;
+        let envp: Vec<*const libc::c_char> = env_c
+            .iter()
+            .map(|a| a.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        let join: Vec<CString> = match placement {
+            Placement::Join(files) => files
+                .iter()
+                .map(|p| CString::new(p.as_os_str().as_bytes()).map_err(nul))
+                .collect::<io::Result<_>>()?,
+            Placement::Into(_) => Vec::new(),
+        };
 
-    let (out_r, out_w) = pipe()?;
-    let (err_r, err_w) = pipe()?;
-    // The child reports a failed set-up or exec as its errno here; exec closes it (CLOEXEC),
-    // so end of file means the agent is running.
-    let (report_r, report_w) = pipe()?;
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        // The child reports a failed set-up or exec as its errno here; exec closes it (CLOEXEC),
+        // so end of file means the agent is running.
+        let (report_r, report_w) = pipe()?;
 
-    let mut pidfd: RawFd = -1;
-    let mut clone = CloneArgs {
-        flags: (libc::CLONE_NEWPID | libc::CLONE_PIDFD) as u64,
-        pidfd: &mut pidfd as *mut RawFd as u64,
-        exit_signal: libc::SIGCHLD as u64,
-        ..CloneArgs::default()
-    };
-    if let Placement::Into(dir) = placement {
-        clone.flags |= CLONE_INTO_CGROUP;
-        clone.cgroup = dir.as_raw_fd() as u64;
-    }
-    let child_fds = ChildFds {
-        stdin: stdin.as_raw_fd(),
-        stdout: out_w.as_raw_fd(),
-        stderr: err_w.as_raw_fd(),
-        report: report_w.as_raw_fd(),
-        keep: kept_numbers(keep),
-    };
-    // SAFETY: clone3 reads `size_of::<CloneArgs>()` bytes of `clone`, which lives across the
-    // call, and writes the pidfd into `pidfd`. Without CLONE_VM the child runs on a copy of
-    // this address space like after fork(); it only runs `child_main`, which makes system
-    // calls on memory prepared above and never returns.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &mut clone as *mut CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
-    if pid == 0 {
-        // SAFETY: in the child; every pointer refers to memory built before the clone.
-        unsafe { child_main(&program_c, &argv, &envp, &join, &child_fds) }
-    }
-    if pid < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let pid = pid as i32;
-    // SAFETY: CLONE_PIDFD stored a new descriptor for the child in `pidfd`; nothing else owns it.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    drop((out_w, err_w, report_w));
+        let mut pidfd: RawFd = -1;
+        let mut clone = CloneArgs {
+            flags: (libc::CLONE_NEWPID | libc::CLONE_PIDFD) as u64,
+            pidfd: &mut pidfd as *mut RawFd as u64,
+            exit_signal: libc::SIGCHLD as u64,
+            ..CloneArgs::default()
+        };
+        if let Placement::Into(dir) = placement {
+            clone.flags |= CLONE_INTO_CGROUP;
+            clone.cgroup = dir.as_raw_fd() as u64;
+        }
+        let child_fds = ChildFds {
+            stdin: stdin.as_raw_fd(),
+            stdout: out_w.as_raw_fd(),
+            stderr: err_w.as_raw_fd(),
+            report: report_w.as_raw_fd(),
+            keep: kept_numbers(keep),
+        };
+        // SAFETY: clone3 reads `size_of::<CloneArgs>()` bytes of `clone`, which lives across the
+        // call, and writes the pidfd into `pidfd`. Without CLONE_VM the child runs on a copy of
+        // this address space like after fork(); it only runs `child_main`, which makes system
+        // calls on memory prepared above and never returns.
+        let pid = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &mut clone as *mut CloneArgs,
+                std::mem::size_of::<CloneArgs>(),
+            )
+        };
+        if pid == 0 {
+            // SAFETY: in the child; every pointer refers to memory built before the clone.
+            unsafe { child_main(&program_c, &argv, &envp, &join, namespaces, &child_fds) }
+        }
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let pid = pid as i32;
+        // SAFETY: CLONE_PIDFD stored a new descriptor for the child in `pidfd`; nothing else owns it.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+        drop((out_w, err_w, report_w));
 
-    let mut errno = [0u8; 4];
-    let got = read_full(report_r.as_raw_fd(), &mut errno);
-    if got != 0 {
-        // The child failed before exec (or its report was cut short): reap it, say why.
-        reap(pid);
-        return Err(if got == errno.len() {
-            io::Error::from_raw_os_error(i32::from_ne_bytes(errno))
-        } else {
-            io::Error::other("the sandbox's first process failed before exec")
-        });
+        let mut errno = [0u8; 4];
+        let got = read_full(report_r.as_raw_fd(), &mut errno);
+        if got != 0 {
+            // The child failed before exec (or its report was cut short): reap it, say why.
+            reap(pid);
+            return Err(if got == errno.len() {
+                io::Error::from_raw_os_error(i32::from_ne_bytes(errno))
+            } else {
+                io::Error::other("the sandbox's first process failed before exec")
+            });
+        }
+        Ok(Spawned {
+            pid,
+            pidfd,
+            stdout: File::from(out_r),
+            stderr: File::from(err_r),
+        })
     }
-    Ok(Spawned {
-        pid,
-        pidfd,
-        stdout: File::from(out_r),
-        stderr: File::from(err_r),
-    })
 }
 
 /// The child's descriptors, as numbers fixed before the clone.
@@ -213,6 +250,7 @@ unsafe fn child_main(
     argv: &[*const libc::c_char],
     envp: &[*const libc::c_char],
     join: &[CString],
+    namespaces: Namespaces,
     fds: &ChildFds,
 ) -> ! {
     let result = (|| -> io::Result<()> {
@@ -230,7 +268,7 @@ unsafe fn child_main(
             libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
-        enter_sandbox(join)?;
+        enter_sandbox(join, namespaces)?;
         // As std's spawn did with current_dir("/"): no working directory in fnvm's tree.
         // SAFETY: chdir with a static NUL-terminated path.
         if unsafe { libc::chdir(c"/".as_ptr()) } != 0 {
@@ -256,9 +294,10 @@ unsafe fn child_main(
     }
 }
 
-/// In the child, before exec: join the cgroups (when not born in one), new session, new mount,
-/// uts, ipc and network namespaces, private mounts, hostname, loopback up.
-fn enter_sandbox(join: &[CString]) -> io::Result<()> {
+/// In the child, before exec: join the cgroups (when not born in one), new session and, for
+/// [`Namespaces::Sandbox`], new mount, uts, ipc and network namespaces, private mounts,
+/// hostname, loopback up.
+fn enter_sandbox(join: &[CString], namespaces: Namespaces) -> io::Result<()> {
     let check = |r: libc::c_int| {
         if r < 0 {
             Err(io::Error::last_os_error())
@@ -278,6 +317,9 @@ fn enter_sandbox(join: &[CString]) -> io::Result<()> {
             }
         }
         check(libc::setsid())?;
+        if namespaces == Namespaces::Pid {
+            return Ok(());
+        }
         check(libc::unshare(
             libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWNET,
         ))?;
@@ -450,7 +492,25 @@ pub(crate) mod tests {
     use std::io::Read;
     use std::os::unix::process::ExitStatusExt;
 
-    /// Runs `program args` through [`spawn_in_namespaces`] to its end (as the agent would be
+    /// The agent's spawn of `program` with `args`.
+    fn agent<'a>(
+        program: &'a Path,
+        args: &'a [OsString],
+        cgroup: Option<&'a Cgroup>,
+        keep: &'a [BorrowedFd<'a>],
+    ) -> Spawn<'a> {
+        Spawn {
+            program,
+            args,
+            env: &[],
+            namespaces: Namespaces::Sandbox,
+            cgroup,
+            keep,
+            stdin: None,
+        }
+    }
+
+    /// Runs `program args` through [`Spawn`] to its end (as the agent would be
     /// started, in `cgroup`): its output and exit status. `keep` is the descriptor it inherits.
     pub(crate) fn run(
         program: &str,
@@ -464,7 +524,9 @@ pub(crate) mod tests {
             pidfd: _pidfd,
             mut stdout,
             mut stderr,
-        } = spawn_in_namespaces(Path::new(program), &args, cgroup, &[keep], None).expect("spawns");
+        } = agent(Path::new(program), &args, cgroup, &[keep])
+            .spawn()
+            .expect("spawns");
         let errors = std::thread::spawn(move || {
             let mut buf = Vec::new();
             let _ = stderr.read_to_end(&mut buf);
@@ -488,13 +550,7 @@ pub(crate) mod tests {
             return;
         }
         let keep = File::open("/dev/null").unwrap();
-        let missing = spawn_in_namespaces(
-            Path::new("/nonexistent/agent"),
-            &[],
-            None,
-            &[keep.as_fd()],
-            None,
-        );
+        let missing = agent(Path::new("/nonexistent/agent"), &[], None, &[keep.as_fd()]).spawn();
         assert_eq!(
             missing.err().map(|e| e.kind()),
             Some(io::ErrorKind::NotFound)
@@ -502,7 +558,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let plain = dir.path().join("agent");
         std::fs::write(&plain, "not a program").unwrap();
-        let not_executable = spawn_in_namespaces(&plain, &[], None, &[keep.as_fd()], None);
+        let not_executable = agent(&plain, &[], None, &[keep.as_fd()]).spawn();
         assert_eq!(
             not_executable.err().map(|e| e.kind()),
             Some(io::ErrorKind::PermissionDenied)
@@ -544,5 +600,60 @@ pub(crate) mod tests {
             "descriptors leaked into the sandbox: {fds:?}"
         );
         assert_eq!(text.lines().nth(2), Some("/"), "not working in /: {text}");
+    }
+
+    #[test]
+    fn a_vmm_spawn_is_pid_1_of_its_own_pid_namespace_with_only_the_given_environment_and_the_host_network(
+    ) {
+        if !is_root() {
+            return;
+        }
+        let script = "echo pid=$$ env=$FNVM_X net=$(readlink /proc/self/ns/net) pidns=$(readlink /proc/self/ns/pid) host=$(hostname)";
+        let args: Vec<OsString> = ["-c", script].iter().map(OsString::from).collect();
+        let env = [("FNVM_X", OsString::from("kept"))];
+        let Spawned {
+            pid,
+            pidfd: _pidfd,
+            mut stdout,
+            stderr: _stderr,
+        } = Spawn {
+            program: Path::new("/bin/sh"),
+            args: &args,
+            env: &env,
+            namespaces: Namespaces::Pid,
+            cgroup: None,
+            keep: &[],
+            stdin: None,
+        }
+        .spawn()
+        .expect("spawns");
+        let mut text = String::new();
+        stdout.read_to_string(&mut text).unwrap();
+        reap(pid);
+        let ours = |ns: &str| {
+            std::fs::read_link(format!("/proc/self/ns/{ns}"))
+                .unwrap()
+                .display()
+                .to_string()
+        };
+        let host = nix::unistd::gethostname().unwrap();
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(
+            fields,
+            [
+                "pid=1",
+                "env=kept",
+                &format!("net={}", ours("net")),
+                fields.get(3).copied().unwrap_or("pidns missing"),
+                &format!("host={}", host.to_string_lossy()),
+            ],
+            "PID 1 with the given environment, in the host's network and uts namespaces"
+        );
+        assert!(fields[3].starts_with("pidns=pid:["), "{text}");
+        assert_ne!(
+            fields[3],
+            format!("pidns={}", ours("pid")),
+            "a new pid namespace"
+        );
     }
 }
