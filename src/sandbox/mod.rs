@@ -224,8 +224,24 @@ pub trait Instance: Send + Sync {
     /// Stops everything and removes every trace: processes, mounts, loop devices, cgroup,
     /// files. Idempotent; dropping the instance stops it too.
     fn stop(&self) -> Result<(), SandboxError>;
+    /// As [`Instance::stop`], giving the function `grace` between SIGTERM and SIGKILL (a
+    /// container runtime's SIGTERM: the kubelet sends its SIGKILL itself after its own grace).
+    fn stop_within(&self, grace: std::time::Duration) -> Result<(), SandboxError> {
+        let _ = grace;
+        self.stop()
+    }
+    /// Kills the sandbox's process at once (SIGKILL, through a pidfd), even while a stop waits
+    /// out its grace; the instance then ends as killed and [`Instance::stop`] removes the rest.
+    fn kill(&self) {
+        let _ = self.stop();
+    }
     /// How this instance was started.
     fn start_info(&self) -> StartInfo;
+    /// The host pid of the process that embodies the sandbox (the process sandbox's agent, the
+    /// VM's `fnvm-vmm`) while it runs: what a container runtime reports as the task's pid.
+    fn sandbox_pid(&self) -> Option<i32> {
+        None
+    }
     /// For a snapshot start: call after the first reply; measures the restore (once, later
     /// calls return the same) and logs it. `None` for boot starts.
     fn restore_report(&self) -> Option<RestoreReport>;

@@ -168,6 +168,12 @@ impl SandboxChild {
         self.pid
     }
 
+    /// A pidfd of its own for it: signals through it never reach a recycled pid, and sending
+    /// one takes no lock of the instance's.
+    pub fn kill_switch(&self) -> Option<OwnedFd> {
+        self.pidfd.try_clone().ok()
+    }
+
     /// Sends `signal` unless the process has already ended.
     pub fn signal(&self, signal: i32) {
         // SAFETY: the pidfd is open; a null siginfo means "as kill(2)".

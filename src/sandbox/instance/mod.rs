@@ -75,6 +75,8 @@ pub(super) trait Teardown: Send {
     /// True once `teardown` has run: stopping again is a no-op.
     fn is_torn_down(&self) -> bool;
     fn teardown(&mut self) -> Result<(), SandboxError>;
+    /// The host pid of the sandbox's process (agent or VMM) while it runs.
+    fn sandbox_pid(&self) -> Option<i32>;
 }
 
 /// Measures a snapshot start once its first reply is in.
@@ -91,6 +93,9 @@ pub(super) struct AgentInstance<P: Teardown> {
     /// Snapshot starts only.
     pub restore_probe: Option<RestoreProbe>,
     pub restore_report: std::sync::OnceLock<Option<RestoreReport>>,
+    /// The sandbox process's pidfd, for [`Instance::kill`] (which must not wait behind a stop
+    /// in progress, holding `parts`).
+    pub kill_switch: Option<std::os::fd::OwnedFd>,
 }
 
 impl<P: Teardown> Instance for AgentInstance<P> {
@@ -115,13 +120,17 @@ impl<P: Teardown> Instance for AgentInstance<P> {
     }
 
     fn stop(&self) -> Result<(), SandboxError> {
+        self.stop_within(STOP_GRACE)
+    }
+
+    fn stop_within(&self, grace: Duration) -> Result<(), SandboxError> {
         let mut parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
         if parts.is_torn_down() {
             return Ok(());
         }
         self.exit.mark_stopping();
         if let Some(link) = &self.link {
-            link.stop(&self.exit, STOP_GRACE);
+            link.stop(&self.exit, grace);
         }
         // Recorded before the kill, so waiters learn "stopped", not "killed by signal 9".
         self.exit.record(None, None, "stopped".to_string());
@@ -130,6 +139,28 @@ impl<P: Teardown> Instance for AgentInstance<P> {
 
     fn start_info(&self) -> StartInfo {
         self.start.clone()
+    }
+
+    fn kill(&self) {
+        use std::os::fd::AsRawFd as _;
+        if let Some(pidfd) = &self.kill_switch {
+            // SAFETY: pidfd_send_signal on an open pidfd with a null siginfo ("as kill(2)");
+            // a process already reaped makes it fail with ESRCH, nothing else is hit.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    pidfd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+        }
+    }
+
+    fn sandbox_pid(&self) -> Option<i32> {
+        let parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
+        parts.sandbox_pid()
     }
 
     fn restore_report(&self) -> Option<RestoreReport> {

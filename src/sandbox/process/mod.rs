@@ -216,6 +216,7 @@ impl Sandbox for ProcessSandbox {
             return Err(err);
         }
         let link = parts.link.take();
+        let kill_switch = parts.child.as_ref().and_then(|c| c.kill_switch());
         let label = if from_standby {
             "standby placed → agent answered"
         } else {
@@ -246,6 +247,7 @@ impl Sandbox for ProcessSandbox {
             },
             restore_probe: None,
             restore_report: Default::default(),
+            kill_switch,
         }))
     }
 }

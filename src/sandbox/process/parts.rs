@@ -150,6 +150,13 @@ impl Teardown for Parts {
         self.torn_down
     }
 
+    fn sandbox_pid(&self) -> Option<i32> {
+        self.child
+            .as_ref()
+            .filter(|c| c.status().is_none())
+            .map(|c| c.pid())
+    }
+
     /// Kills the sandbox and removes every trace; the first error is returned after trying all.
     fn teardown(&mut self) -> Result<(), SandboxError> {
         if self.torn_down {

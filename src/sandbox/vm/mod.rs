@@ -310,6 +310,7 @@ impl VmSandbox {
                 restore_probe,
             }) => {
                 let link = parts.link.take();
+                let kill_switch = parts.child.as_ref().and_then(|c| c.kill_switch());
                 Ok(Box::new(AgentInstance {
                     id: spec.id.clone(),
                     transport: HostTransport::Vsock { uds: vsock },
@@ -319,6 +320,7 @@ impl VmSandbox {
                     start,
                     restore_probe,
                     restore_report: Default::default(),
+                    kill_switch,
                 }))
             }
             Err(err) => {

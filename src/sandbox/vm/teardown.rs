@@ -29,6 +29,13 @@ impl Teardown for VmParts {
         self.torn_down
     }
 
+    fn sandbox_pid(&self) -> Option<i32> {
+        self.child
+            .as_ref()
+            .filter(|c| c.status().is_none())
+            .map(|c| c.pid())
+    }
+
     fn teardown(&mut self) -> Result<(), SandboxError> {
         if self.torn_down {
             return Ok(());
