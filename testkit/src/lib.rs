@@ -24,8 +24,9 @@ pub use build::{cache_dir, static_binary, target_dir, workspace};
 pub use echo::{echoed_headers, Echo};
 pub use fixtures::{http, serial, Here};
 pub use images::{
-    busybox_image, busybox_image_with, debian_netprobe_tarball, debian_python_tarball,
-    netprobe_image, python_image, NETPROBE_SERVER, PYTHON_SERVER,
+    busybox_image, busybox_image_with, busybox_oci_archive, debian_netprobe_tarball,
+    debian_python_tarball, netprobe_image, python_image, BUSYBOX_ARCHIVE_IMAGE, NETPROBE_SERVER,
+    PYTHON_SERVER,
 };
 pub use leaks::{assert_nothing_left, rootfs_image_of};
 pub use level::{cpu_has_flag, host_has_vmx_or_svm, linux_guests_run_here, loud, sandboxes};
