@@ -10,12 +10,14 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 # guest-kernel/build.sh itself, only when a kernel is actually built. passt and nftables carry
 # and police every function's network (egress is the default, the demo's function has it too);
 # iperf3 and iproute2 are for its tests and bench, which also run dnsmasq and PostgreSQL as real
-# servers in network namespaces (testkit's nethost/servers).
+# servers in network namespaces (testkit's nethost/servers). containerd (with runc and
+# containerd-shim-runc-v2) is for the containerd tests, which start containerd of their own
+# (testkit's containerd fixture): see below for the system service the package comes with.
 packages=(e2fsprogs erofs-utils busybox-static cpio passt nftables)
 for purpose in "$@"; do
   case "$purpose" in
     tests) packages+=(docker-registry apache2-utils mmdebstrap jq
-                      dnsmasq-base iperf3 postgresql iproute2) ;;
+                      dnsmasq-base iperf3 postgresql iproute2 containerd) ;;
     demo) ;;
     bench) packages+=(docker-registry apache2-utils umoci mmdebstrap qemu-system-x86 wrk
                       libpcre2-8-0 libssl3 zlib1g libcrypt1
@@ -35,7 +37,32 @@ if [ "${#missing[@]}" -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   log "installing Debian packages: ${missing[*]}"
   $sudo apt-get update -qq
+  # containerd's package enables and starts containerd.service where systemd runs (its
+  # postinst, through deb-systemd-invoke, which asks /usr/sbin/policy-rc.d first); it ships no
+  # init script, so elsewhere nothing starts. The tests start containerd of their own and
+  # nothing may be left running, so where no policy-rc.d exists one that refuses containerd
+  # alone is in place for the install.
+  policy=""
+  if [[ " ${missing[*]} " == *" containerd "* ]] && [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    trap '$sudo rm -f "$policy"' EXIT
+    printf '#!/bin/sh\ncase "$1" in containerd|containerd.service) exit 101 ;; esac\nexit 0\n' \
+      | $sudo tee "$policy" >/dev/null
+    $sudo chmod 755 "$policy"
+  fi
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  if [ -n "$policy" ]; then
+    $sudo rm -f "$policy"
+    trap - EXIT
+  fi
+  # The postinst enables the unit even where systemd does not run (then a later boot with
+  # systemd would start it): disable it in any case, and stop it where systemd runs.
+  if [[ " ${missing[*]} " == *" containerd "* ]] && command -v systemctl >/dev/null; then
+    log "disabling the system containerd.service (the tests start containerd of their own)"
+    now=""
+    [ ! -d /run/systemd/system ] || now="--now"
+    $sudo systemctl disable $now containerd.service >&2 || true
+  fi
 fi
 
 # The bridge bench's peer proxy: Debian's nginx binary, extracted, never installed (the

@@ -1,6 +1,8 @@
 //! The function images the whole-system tests and benchmarks run, written as OCI layouts by
 //! fnvm's own layout writer ([`fnvm::oci_layout`]): busybox httpd with CGI scripts, and a
-//! Debian + python3 test server. Each layout is cached under a key of everything in it.
+//! Debian + python3 test server. Each layout is cached under a key of everything in it. The
+//! containerd tests get the busybox image as an OCI archive ([`busybox_oci_archive`]), the form
+//! `ctr image import` takes.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -58,6 +60,17 @@ pub fn busybox_image_with(
     extra: &[Layer],
     entrypoint: Option<Vec<String>>,
 ) -> String {
+    busybox_layout(layouts, name, extra, entrypoint, vec![])
+}
+
+/// The busybox image's layout with `extra` layers, the entrypoint (httpd's when None) and `cmd`.
+fn busybox_layout(
+    layouts: &Path,
+    name: &str,
+    extra: &[Layer],
+    entrypoint: Option<Vec<String>>,
+    cmd: Vec<String>,
+) -> String {
     let busybox = std::fs::read("/bin/busybox")
         .expect("/bin/busybox (Debian's busybox-static) is needed for the busybox image");
     let mut keyed = vec![
@@ -72,6 +85,9 @@ pub fn busybox_image_with(
         });
     }
     keyed.push(format!("{entrypoint:?}").into_bytes());
+    if !cmd.is_empty() {
+        keyed.push(format!("{cmd:?}").into_bytes());
+    }
     let key = sha256_hex(&keyed.concat());
     let mut entries = oci::base_dirs();
     entries.extend([dir_entry("bin"), dir_entry("www"), dir_entry("www/cgi-bin")]);
@@ -100,7 +116,7 @@ pub fn busybox_image_with(
     let httpd = ["/bin/httpd", "-f", "-p", "0.0.0.0:9000", "-h", "/www"];
     let config = RunConfigSpec {
         entrypoint: entrypoint.unwrap_or_else(|| httpd.iter().map(|s| s.to_string()).collect()),
-        cmd: vec![],
+        cmd,
         env: vec!["PATH=/bin".into(), "IMAGE_VAR=from-image".into()],
         working_dir: Some("/www".into()),
         user: None,
@@ -113,6 +129,76 @@ pub fn busybox_image_with(
         &config,
     )
     .expect("cannot write the busybox image layout")
+}
+
+/// The name `ctr image import` gives the image of [`busybox_oci_archive`].
+pub const BUSYBOX_ARCHIVE_IMAGE: &str = "docker.io/fnvm-test/busybox:latest";
+
+/// The busybox image ([`busybox_image`]: busybox-static, /www with its CGI scripts, `PATH=/bin`,
+/// working directory /www) as an OCI archive for `ctr image import`, named
+/// [`BUSYBOX_ARCHIVE_IMAGE`]. Unlike the function image it has no entrypoint: its command is
+/// `/bin/httpd -f -p 0.0.0.0:9000 -h /www` (the page `/` says `busybox says hello`), which the
+/// arguments of `ctr run IMAGE ID ARGS…` replace (ctr 1.6 has no `--entrypoint`). Applets: sh,
+/// httpd, echo, cat, ls, sleep, ps and the others [`busybox_image`] links.
+///
+/// The archive is a tar of the OCI layout whose index.json names the manifest with
+/// `io.containerd.image.name` (what containerd's importer names images by, before
+/// `org.opencontainers.image.ref.name`, which carries the same name). Written once beside the
+/// layout as `<layout>.oci.tar`; returns its path.
+pub fn busybox_oci_archive(layouts: &Path) -> PathBuf {
+    let httpd = ["/bin/httpd", "-f", "-p", "0.0.0.0:9000", "-h", "/www"];
+    let reference = busybox_layout(
+        layouts,
+        "busybox-ctr",
+        &[],
+        Some(vec![]),
+        httpd.iter().map(|s| s.to_string()).collect(),
+    );
+    let layout = layout_dir(&reference);
+    let archive = layout.with_extension("oci.tar");
+    if !archive.is_file() {
+        write_oci_archive(&layout, BUSYBOX_ARCHIVE_IMAGE, &archive)
+            .unwrap_or_else(|e| panic!("cannot write the OCI archive {}: {e}", archive.display()));
+    }
+    archive
+}
+
+/// The directory of a layout reference `oci:DIR:TAG` (what [`oci::ensure_layout`] returns).
+fn layout_dir(reference: &str) -> PathBuf {
+    let rest = reference
+        .strip_prefix("oci:")
+        .unwrap_or_else(|| panic!("not an oci: layout reference: {reference}"));
+    let (dir, _tag) = rest
+        .rsplit_once(':')
+        .unwrap_or_else(|| panic!("no tag in the layout reference {reference}"));
+    PathBuf::from(dir)
+}
+
+/// Tars the OCI layout `layout` into `archive` (through a temporary file beside it), its
+/// index.json's manifest descriptors annotated with `name`.
+fn write_oci_archive(layout: &Path, name: &str, archive: &Path) -> std::io::Result<()> {
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json"))?)?;
+    let manifests = index["manifests"]
+        .as_array_mut()
+        .ok_or_else(|| std::io::Error::other(format!("{} has no manifests", layout.display())))?;
+    for manifest in manifests {
+        manifest["annotations"] = serde_json::json!({
+            "io.containerd.image.name": name,
+            "org.opencontainers.image.ref.name": name,
+        });
+    }
+    let index = serde_json::to_vec(&index)?;
+    let tmp = archive.with_extension(format!("tmp-{}", std::process::id()));
+    let mut tar = tar::Builder::new(std::fs::File::create(&tmp)?);
+    let mut header = tar::Header::new_gnu();
+    header.set_mode(0o644);
+    header.set_size(index.len() as u64);
+    tar.append_data(&mut header, "index.json", index.as_slice())?;
+    tar.append_path_with_name(layout.join("oci-layout"), "oci-layout")?;
+    tar.append_dir_all("blobs", layout.join("blobs"))?;
+    tar.into_inner()?.sync_all()?;
+    std::fs::rename(&tmp, archive)
 }
 
 /// The python3 test server: echo, env, ps, fill /tmp, big responses, log bursts, exit, crash.

@@ -126,6 +126,17 @@ impl TestHost {
         host_if(self.n)
     }
 
+    /// The veth end inside the namespace (`fvt<n>n`, holding [`addr`](Self::addr)).
+    pub fn interface(&self) -> String {
+        ns_if(self.n)
+    }
+
+    /// The namespace's file, `/run/netns/<name>`: what `ctr run --with-ns network:PATH` (or an
+    /// OCI spec's network namespace path) joins.
+    pub fn netns_path(&self) -> PathBuf {
+        netns_path(&self.name)
+    }
+
     /// A command that runs inside the namespace (its child `setns`es before exec). The
     /// command holds the namespace open until it is dropped.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
