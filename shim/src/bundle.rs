@@ -71,6 +71,8 @@ pub struct Function {
     /// as runc makes; no network namespace in the spec at all: the host's).
     pub network: PodNetwork,
     pub function_type: FunctionType,
+    /// The spec's root (the bundle's `rootfs` unless it says otherwise).
+    pub root: PathBuf,
 }
 
 /// The network namespace the spec puts the container in.
@@ -89,7 +91,9 @@ impl Function {
     pub fn from_bundle(bundle: &Path) -> Result<Self, BundleError> {
         let path = bundle.join("config.json");
         let spec = Spec::load(&path).map_err(|source| BundleError::Spec { path, source })?;
-        Self::from_spec(&spec)
+        let mut function = Self::from_spec(&spec)?;
+        function.root = bundle.join(&function.root);
+        Ok(function)
     }
 
     /// The function of an OCI runtime spec.
@@ -156,6 +160,10 @@ impl Function {
             memory_mib,
             network,
             function_type,
+            root: spec
+                .root()
+                .as_ref()
+                .map_or_else(|| PathBuf::from("rootfs"), |r| r.path().clone()),
         })
     }
 

@@ -11,6 +11,7 @@ use fnvm::function::FunctionSettings;
 use fnvm::home::Home;
 use fnvm::invoke::front::Front;
 use fnvm::network::{HostNetwork, NetworkPolicy};
+use fnvm::sandbox::cgroup::watch::OUT_OF_MEMORY;
 use fnvm::sandbox::{self, Instance, InstanceSpec, SandboxKind};
 use fnvm_rootfs_builder::rootfs::build_rootfs_image;
 
@@ -81,6 +82,8 @@ pub struct Exit {
     /// The function's exit code, or 128 + the signal that ended it.
     pub status: u32,
     pub at: SystemTime,
+    /// Its memory limit's OOM killer ended it.
+    pub oom: bool,
 }
 
 /// Where a container is in its life.
@@ -146,11 +149,15 @@ impl Container {
             return Err(BundleError::Terminal.into());
         }
         let function = Function::from_bundle(bundle)?;
-        // As fnvm's own commands take it (containerd passes its environment to its shims).
-        let home = Home::resolve(std::env::var_os("FNVM_HOME").map(PathBuf::from))?;
+        let home = home()?;
         let dir = home.dir("containerd")?;
         let image = dir.join(format!("{}.img", sandbox::new_instance_id()));
-        let root = bundle.join("rootfs");
+        // containerd's mounts go on the bundle's rootfs; without mounts (`ctr run --rootfs`)
+        // the spec's root is the rootfs.
+        let root = match rootfs.is_empty() {
+            true => function.root.clone(),
+            false => bundle.join("rootfs"),
+        };
         let mounted = mount_all(rootfs, &root)?;
         let built = (|| {
             if !root.is_dir() {
@@ -278,6 +285,7 @@ impl Container {
                 let exit = Exit {
                     status,
                     at: SystemTime::now(),
+                    oom: report.reason.contains(OUT_OF_MEMORY),
                 };
                 let old = std::mem::replace(&mut *me.lock(), Phase::Stopped(exit));
                 if let Phase::Running { runtime, .. } = old {
@@ -303,6 +311,7 @@ impl Container {
                 *phase = Phase::Stopped(Exit {
                     status: 128 + signal,
                     at: SystemTime::now(),
+                    oom: false,
                 });
                 self.changed.notify_all();
                 Ok(())
@@ -378,6 +387,12 @@ impl Container {
             action,
         }
     }
+}
+
+/// fnvm's home: `FNVM_HOME` as fnvm's own commands take it (containerd passes its environment
+/// to its shims), else fnvm's default.
+pub fn home() -> Result<Home, fnvm::home::HomeError> {
+    Home::resolve(std::env::var_os("FNVM_HOME").map(PathBuf::from))
 }
 
 /// `FNVM_SANDBOX=vm|process` if set (containerd passes its environment to shims), else the VM

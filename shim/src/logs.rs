@@ -22,9 +22,9 @@ pub struct Logs {
 }
 
 impl Logs {
-    /// Opens the fifos at `stdout` and `stderr` (empty: that stream is discarded). Opened
-    /// read-write, so the open never waits for a reader and a reader that comes and goes does
-    /// not end the stream.
+    /// Opens the fifos at `stdout` and `stderr` (empty: that stream is discarded; a `file://`
+    /// URI: appended to that file). Fifos are opened read-write, so the open never waits for a
+    /// reader and a reader that comes and goes does not end the stream.
     pub fn open(stdout: &str, stderr: &str) -> std::io::Result<Self> {
         Ok(Logs {
             stdout: writer(stdout, "stdout")?,
@@ -55,14 +55,36 @@ fn writer(path: &str, name: &'static str) -> std::io::Result<Option<SyncSender<S
     if path.is_empty() {
         return Ok(None);
     }
-    let path = path.strip_prefix("fifo://").unwrap_or(path);
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
+    let mut options = std::fs::OpenOptions::new();
+    let path = match path.split_once("://") {
+        // `ctr run --log-uri file:///path`: both streams appended to one file.
+        Some(("file", file)) => {
+            options.append(true).create(true);
+            file
+        }
+        Some(("fifo", fifo)) => {
+            options.read(true).write(true);
+            fifo
+        }
+        Some((scheme, _)) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                format!(
+                    "the {name} log URI {path} ({scheme}://) is not supported by fnvm: only \
+                     fifos and file:// are"
+                ),
+            ))
+        }
+        None => {
+            options.read(true).write(true);
+            path
+        }
+    };
+    let mut file = options
         .custom_flags(libc::O_CLOEXEC)
         .open(Path::new(path))
         .map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot open the {name} fifo {path}: {e}"))
+            std::io::Error::new(e.kind(), format!("cannot open the {name} log {path}: {e}"))
         })?;
     let (tx, rx) = sync_channel::<String>(QUEUE_LINES);
     std::thread::Builder::new()

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskExit, TaskStart};
+use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskExit, TaskOOM, TaskStart};
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{EnumOrUnknown, MessageDyn, MessageField};
 use containerd_shim::protos::shim::shim::{
@@ -53,11 +53,18 @@ impl containerd_shim::Shim for Service {
         Ok(address)
     }
 
-    /// containerd's clean-up after a shim that died: the bundle's rootfs unmounted.
+    /// containerd's clean-up after a shim that died (run in the bundle): the bundle's rootfs
+    /// unmounted, and what the dead shim's instances left (sandbox processes, cgroups, loop
+    /// devices, files) removed as fnvm removes a crashed fnvm's.
     fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
         if let Ok(dir) = std::env::current_dir() {
             let rootfs = dir.join("rootfs");
             while nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH).is_ok() {}
+        }
+        match crate::container::home().map(|home| fnvm::sandbox::cleanup_orphans(&home)) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("cleaning up after the dead shim: {e}"),
+            Err(e) => tracing::warn!("cleaning up after the dead shim: {e}"),
         }
         let mut response = DeleteResponse::new();
         response.exit_status = 128 + libc::SIGKILL as u32;
@@ -174,6 +181,16 @@ impl containerd_shim::Task for Service {
         let namespace = self.namespace.clone();
         let pid = container
             .start(move |c: &Container, exit: Exit| {
+                if exit.oom {
+                    let mut event = TaskOOM::new();
+                    event.container_id = c.id.clone();
+                    publish(
+                        &publisher,
+                        &namespace,
+                        topics::TASK_OOM_EVENT_TOPIC,
+                        Box::new(event),
+                    );
+                }
                 let mut event = TaskExit::new();
                 event.container_id = c.id.clone();
                 event.id = c.id.clone();

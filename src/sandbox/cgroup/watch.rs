@@ -6,6 +6,10 @@ use std::path::{Path, PathBuf};
 
 use super::{Cgroup, Limits, PIDS_MAX_ENV};
 
+/// How an exit's reason says the function's memory cgroup OOM-killed it (a container runtime
+/// reports that as an OOM event).
+pub const OUT_OF_MEMORY: &str = "the function ran out of memory";
+
 /// How many times the kernel's OOM killer killed a process of the cgroup at `path`
 /// (`oom_kill` in v2's memory.events or v1's memory.oom_control).
 pub fn oom_kills(path: &Path) -> u64 {
@@ -57,8 +61,8 @@ impl LimitWatch {
         let kills = oom_kills(&self.memory);
         if kills > 0 {
             said.push(format!(
-                "the function ran out of memory (limit {} MiB): the kernel's OOM killer killed \
-                 {kills} of its processes",
+                "{OUT_OF_MEMORY} (limit {} MiB): the kernel's OOM killer killed {kills} of its \
+                 processes",
                 self.memory_mib
             ));
         }
