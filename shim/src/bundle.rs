@@ -17,6 +17,9 @@ use oci_spec::runtime::{LinuxNamespaceType, Spec};
 /// Annotation choosing how requests reach the function: `web` (default: every request passed
 /// through, as a pod's port is used) or `event` (`POST /event-invoke`).
 pub const FUNCTION_TYPE_ANNOTATION: &str = "fnvm.io/function-type";
+/// The CRI plugin's annotation saying what a container is to the pod: `sandbox` (the pod's
+/// placeholder, runc's `pause`) or `container` (one of its containers).
+pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
 /// Memory when the spec sets no limit (fnvm's default function memory).
 pub const DEFAULT_MEMORY_MIB: u32 = 128;
 /// The search path of a command named without a slash when the spec's env has no `PATH`.
@@ -73,6 +76,9 @@ pub struct Function {
     pub function_type: FunctionType,
     /// The spec's root (the bundle's `rootfs` unless it says otherwise).
     pub root: PathBuf,
+    /// A pod's sandbox container (Kubernetes' `pause`): it runs nothing in fnvm (the pod's
+    /// network namespace is the CRI plugin's), it only lasts until it is killed.
+    pub pod_sandbox: bool,
 }
 
 /// The network namespace the spec puts the container in.
@@ -164,6 +170,10 @@ impl Function {
                 .root()
                 .as_ref()
                 .map_or_else(|| PathBuf::from("rootfs"), |r| r.path().clone()),
+            pod_sandbox: annotations
+                .get(CONTAINER_TYPE_ANNOTATION)
+                .map(String::as_str)
+                == Some("sandbox"),
         })
     }
 
@@ -312,6 +322,14 @@ mod tests {
         v["annotations"] = serde_json::json!({FUNCTION_TYPE_ANNOTATION: "batch"});
         let e = Function::from_spec(&spec(v)).unwrap_err().to_string();
         assert!(e.contains("\"batch\""), "{e}");
+    }
+
+    #[test]
+    fn the_cri_plugins_sandbox_container_is_a_pod_sandbox() {
+        assert!(!Function::from_spec(&spec(base())).unwrap().pod_sandbox);
+        let mut v = base();
+        v["annotations"] = serde_json::json!({CONTAINER_TYPE_ANNOTATION: "sandbox"});
+        assert!(Function::from_spec(&spec(v)).unwrap().pod_sandbox);
     }
 
     #[test]

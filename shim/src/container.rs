@@ -89,6 +89,10 @@ pub struct Exit {
 /// Where a container is in its life.
 pub enum Phase {
     Created,
+    /// A pod's sandbox container, started: nothing runs, it ends when it is killed.
+    Holding {
+        on_exit: Box<dyn FnOnce(&Container, Exit) + Send>,
+    },
     Running {
         instance: Arc<dyn Instance>,
         /// The front's async runtime (dropped with the instance).
@@ -101,7 +105,7 @@ impl Phase {
     fn name(&self) -> &'static str {
         match self {
             Phase::Created => "created",
-            Phase::Running { .. } => "running",
+            Phase::Running { .. } | Phase::Holding { .. } => "running",
             Phase::Stopped(_) => "stopped",
         }
     }
@@ -158,17 +162,25 @@ impl Container {
             true => function.root.clone(),
             false => bundle.join("rootfs"),
         };
-        let mounted = mount_all(rootfs, &root)?;
+        let mounted = match function.pod_sandbox {
+            false => mount_all(rootfs, &root)?,
+            true => false,
+        };
         let built = (|| {
+            if function.pod_sandbox {
+                return Ok(());
+            }
             if !root.is_dir() {
                 return Err(BundleError::NoRootfs(root.clone()).into());
             }
             function.check_command(&root)?;
-            build_rootfs_image(&root, &image).map_err(|source| ContainerError::Image {
-                image: image.clone(),
-                rootfs: root.clone(),
-                source: Box::new(source),
-            })
+            build_rootfs_image(&root, &image)
+                .map(|_| ())
+                .map_err(|source| ContainerError::Image {
+                    image: image.clone(),
+                    rootfs: root.clone(),
+                    source: Box::new(source),
+                })
         })();
         if mounted {
             unmount(&root);
@@ -216,6 +228,15 @@ impl Container {
         let mut phase = self.lock();
         if !matches!(*phase, Phase::Created) {
             return Err(self.wrong_state(&phase, "start"));
+        }
+        if self.function.pod_sandbox {
+            // The pod's placeholder: its pid is the shim's, which holds it.
+            let pid = std::process::id();
+            *self.pid.lock().unwrap_or_else(|p| p.into_inner()) = pid;
+            *phase = Phase::Holding {
+                on_exit: Box::new(on_exit),
+            };
+            return Ok(pid);
         }
         // Bind first: a port that is taken fails before a slow start, not after.
         let listener = crate::port::listen(&self.function.network).map_err(io(
@@ -328,6 +349,25 @@ impl Container {
                         tracing::warn!(container = %id, "stopping the instance: {e}");
                     }
                 });
+                Ok(())
+            }
+            Phase::Holding { .. } => {
+                // As `pause`: SIGTERM and SIGINT end it with 0, anything else as that signal.
+                let status = match signal as i32 {
+                    libc::SIGTERM | libc::SIGINT => 0,
+                    _ => 128 + signal,
+                };
+                let exit = Exit {
+                    status,
+                    at: SystemTime::now(),
+                    oom: false,
+                };
+                let held = std::mem::replace(&mut *phase, Phase::Stopped(exit));
+                self.changed.notify_all();
+                drop(phase);
+                if let Phase::Holding { on_exit } = held {
+                    on_exit(self, exit);
+                }
                 Ok(())
             }
             // Already over: as runc's shim, a late kill (containerd's delete sends one) is fine.

@@ -308,3 +308,113 @@ fn bad_bundles_fail_ctr_run_with_a_sentence_naming_what_is_wrong() {
     footprint.assert_nothing_left();
     assert_home_empty(&home);
 }
+
+#[test]
+fn a_pods_sandbox_container_holds_and_an_out_of_memory_function_is_an_oom_event_and_137() {
+    if !runs_here("a_pods_sandbox_container_holds") {
+        return;
+    }
+    let _serial = serial();
+    let host = TestHost::new();
+    let archive = busybox_oci_archive(&HERE.layouts());
+    let home = HERE.fresh_home("containerd-shim-pod");
+    let containerd = containerd(&home);
+    let image = containerd.import(&archive);
+    let netns = format!("network:{}", host.netns_path().display());
+    let events_log = containerd.dir().join("events.log");
+    let mut events = std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(containerd.address())
+        .arg("events")
+        .stdout(std::fs::File::create(&events_log).unwrap())
+        .spawn()
+        .expect("ctr events");
+
+    // The CRI plugin's sandbox container (Kubernetes' pause): held by the shim, nothing runs.
+    let out = containerd.run(
+        &[
+            "-d",
+            "--runtime",
+            FNVM_RUNTIME,
+            "--with-ns",
+            &netns,
+            "--annotation",
+            "io.kubernetes.cri.container-type=sandbox",
+        ],
+        &image,
+        "pod",
+        &["/pause"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let pod = containerd.wait_for_task("pod", "RUNNING", Duration::from_secs(5));
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pod.pid)).unwrap();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("containerd-shim-fnvm-v2"),
+        "the pod sandbox's pid is not its shim's"
+    );
+
+    // A function that outgrows its 128 MiB once it serves: its memory cgroup's OOM killer
+    // ends it, containerd hears an OOM event and the exit status 137.
+    let out = containerd.run(
+        &[
+            "-d",
+            "--runtime",
+            FNVM_RUNTIME,
+            "--with-ns",
+            &netns,
+            "--memory-limit",
+            &(128u64 << 20).to_string(),
+        ],
+        &image,
+        "hungry",
+        &[
+            "sh",
+            "-c",
+            "httpd -f -p 0.0.0.0:9000 -h /www & sleep 1; \
+             exec dd if=/dev/zero of=/dev/null bs=400M count=1",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    containerd.wait_for_task("hungry", "STOPPED", Duration::from_secs(30));
+    let out = containerd.ctr(&["task", "delete", "hungry"]);
+    assert!(stderr(&out).contains("exit code 137"), "{}", stderr(&out));
+    containerd.ctr_ok(&["container", "delete", "hungry"]);
+
+    containerd.ctr_ok(&["task", "kill", "pod"]);
+    containerd.wait_for_task("pod", "STOPPED", Duration::from_secs(5));
+    let out = containerd.ctr(&["task", "delete", "pod"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        !stderr(&out).contains("exit code"),
+        "SIGTERM ends a pod sandbox with 0: {}",
+        stderr(&out)
+    );
+    containerd.ctr_ok(&["container", "delete", "pod"]);
+
+    let _ = events.kill();
+    let _ = events.wait();
+    let events = std::fs::read_to_string(&events_log).unwrap();
+    let oom = events
+        .lines()
+        .find(|l| l.contains("/tasks/oom"))
+        .unwrap_or_else(|| panic!("no /tasks/oom event:\n{events}"));
+    assert!(oom.contains("hungry"), "{oom}");
+    for topic in [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/exit",
+        "/tasks/delete",
+    ] {
+        assert!(
+            events
+                .lines()
+                .any(|l| l.contains(topic) && l.contains("hungry")),
+            "no {topic} event of the function:\n{events}"
+        );
+    }
+
+    let footprint = containerd.footprint();
+    containerd.stop();
+    footprint.assert_nothing_left();
+    assert_home_empty(&home);
+}
