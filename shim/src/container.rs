@@ -86,12 +86,15 @@ pub struct Exit {
     pub oom: bool,
 }
 
+/// What runs once a container has ended (the shim publishes its exit event).
+pub type OnExit = Box<dyn FnOnce(&Container, Exit) + Send>;
+
 /// Where a container is in its life.
 pub enum Phase {
     Created,
     /// A pod's sandbox container, started: nothing runs, it ends when it is killed.
     Holding {
-        on_exit: Box<dyn FnOnce(&Container, Exit) + Send>,
+        on_exit: OnExit,
     },
     Running {
         instance: Arc<dyn Instance>,
