@@ -8,7 +8,7 @@
 //! `ctr run` with a sentence naming what is wrong. Runs in the sandbox the host has (the process
 //! sandbox here, the VM sandbox where VMX/SVM exists). Needs root.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use fnvm_testkit::nethost::TestHost;
@@ -38,17 +38,48 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// A containerd whose `io.containerd.fnvm.v2` is the shim under test, with fnvm's home `home`.
-fn containerd(home: &Path) -> Containerd {
-    Containerd::builder(HERE.tmp())
-        .shim_dir(
-            Path::new(SHIM)
-                .parent()
-                .expect("the shim sits in a directory"),
-        )
-        .env("FNVM_HOME", home)
-        .env("FNVM_AGENT_BIN", HERE.agent())
-        .start()
+/// One test's node: a containerd whose `io.containerd.fnvm.v2` is the shim under test, with a
+/// fresh fnvm home, the busybox test image imported, and a network namespace for its pods.
+struct Node {
+    containerd: Containerd,
+    home: PathBuf,
+    image: String,
+    host: TestHost,
+    /// `network:<the namespace's path>`, for `ctr run --with-ns`.
+    netns: String,
+}
+
+impl Node {
+    fn start(name: &str) -> Node {
+        let host = TestHost::new();
+        let archive = busybox_oci_archive(&HERE.layouts());
+        let home = HERE.fresh_home(name);
+        let shim_dir = Path::new(SHIM)
+            .parent()
+            .expect("the shim sits in a directory");
+        let containerd = Containerd::builder(HERE.tmp())
+            .shim_dir(shim_dir)
+            .env("FNVM_HOME", &home)
+            .env("FNVM_AGENT_BIN", HERE.agent())
+            .start();
+        let image = containerd.import(&archive);
+        let netns = format!("network:{}", host.netns_path().display());
+        Node {
+            containerd,
+            home,
+            image,
+            host,
+            netns,
+        }
+    }
+
+    /// Stops containerd and checks nothing of it or of fnvm's is left.
+    fn stop(self) {
+        let footprint = self.containerd.footprint();
+        self.containerd.stop();
+        footprint.assert_nothing_left();
+        assert_home_empty(&self.home);
+    }
 }
 
 /// Fetches `url` from inside `host`'s namespace; the body.
@@ -107,12 +138,8 @@ fn a_function_serves_its_port_in_the_pods_namespace_logs_and_ends_with_its_statu
         return;
     }
     let _serial = serial();
-    let host = TestHost::new();
-    let archive = busybox_oci_archive(&HERE.layouts());
-    let home = HERE.fresh_home("containerd-shim-serve");
-    let containerd = containerd(&home);
-    let image = containerd.import(&archive);
-    let netns = format!("network:{}", host.netns_path().display());
+    let node = Node::start("containerd-shim-serve");
+    let (containerd, host, image, netns) = (&node.containerd, &node.host, &node.image, &node.netns);
     let log = containerd.dir().join("fn.log");
     let log_uri = format!("file://{}", log.display());
 
@@ -123,13 +150,13 @@ fn a_function_serves_its_port_in_the_pods_namespace_logs_and_ends_with_its_statu
             "--runtime",
             FNVM_RUNTIME,
             "--with-ns",
-            &netns,
+            netns,
             "--log-uri",
             &log_uri,
             "--memory-limit",
             &(256u64 << 20).to_string(),
         ],
-        &image,
+        image,
         "fn",
         &["sh", "-c", SERVER],
     );
@@ -155,10 +182,10 @@ fn a_function_serves_its_port_in_the_pods_namespace_logs_and_ends_with_its_statu
 
     // Port 9000 in the pod's namespace, through fnvm's front (a web function: requests pass
     // through, with the X-Scf-* headers added).
-    let body = fetch_inside(&host, "http://127.0.0.1:9000/");
+    let body = fetch_inside(host, "http://127.0.0.1:9000/");
     assert!(body.contains("busybox says hello"), "{body}");
     let echoed = fetch_inside(
-        &host,
+        host,
         &format!("http://{}:9000/cgi-bin/echo?from=pod", host.addr()),
     );
     assert!(echoed.contains("query=from=pod"), "{echoed}");
@@ -209,8 +236,8 @@ fn a_function_serves_its_port_in_the_pods_namespace_logs_and_ends_with_its_statu
 
     // SIGKILL: 137, at once.
     let out = containerd.run(
-        &["-d", "--runtime", FNVM_RUNTIME, "--with-ns", &netns],
-        &image,
+        &["-d", "--runtime", FNVM_RUNTIME, "--with-ns", netns],
+        image,
         "fn2",
         &[],
     );
@@ -227,10 +254,7 @@ fn a_function_serves_its_port_in_the_pods_namespace_logs_and_ends_with_its_statu
     assert!(stderr(&out).contains("exit code 137"), "{}", stderr(&out));
     containerd.ctr_ok(&["container", "delete", "fn2"]);
 
-    let footprint = containerd.footprint();
-    containerd.stop();
-    footprint.assert_nothing_left();
-    assert_home_empty(&home);
+    node.stop();
 }
 
 /// A fake arm64 program: an ELF header with e_machine = EM_AARCH64.
@@ -249,10 +273,8 @@ fn bad_bundles_fail_ctr_run_with_a_sentence_naming_what_is_wrong() {
         return;
     }
     let _serial = serial();
-    let archive = busybox_oci_archive(&HERE.layouts());
-    let home = HERE.fresh_home("containerd-shim-bad");
-    let containerd = containerd(&home);
-    let image = containerd.import(&archive);
+    let node = Node::start("containerd-shim-bad");
+    let (containerd, image) = (&node.containerd, &node.image);
     let fails = |opts: &[&str], image: &str, id: &str, args: &[&str], says: &[&str]| {
         let mut all = vec!["--rm", "--runtime", FNVM_RUNTIME];
         all.extend_from_slice(opts);
@@ -270,14 +292,14 @@ fn bad_bundles_fail_ctr_run_with_a_sentence_naming_what_is_wrong() {
     };
     fails(
         &[],
-        &image,
+        image,
         "no-command",
         &["/bin/nosuch"],
         &["\"/bin/nosuch\" is not in the rootfs"],
     );
     fails(
         &[],
-        &image,
+        image,
         "not-listening",
         &["sh", "-c", "echo bye; exit 3"],
         &["exit code 3", "before it listened on port 9000"],
@@ -303,10 +325,7 @@ fn bad_bundles_fail_ctr_run_with_a_sentence_naming_what_is_wrong() {
         &["no rootfs", "does not exist"],
     );
 
-    let footprint = containerd.footprint();
-    containerd.stop();
-    footprint.assert_nothing_left();
-    assert_home_empty(&home);
+    node.stop();
 }
 
 #[test]
@@ -315,12 +334,8 @@ fn a_pods_sandbox_container_holds_and_an_out_of_memory_function_is_an_oom_event_
         return;
     }
     let _serial = serial();
-    let host = TestHost::new();
-    let archive = busybox_oci_archive(&HERE.layouts());
-    let home = HERE.fresh_home("containerd-shim-pod");
-    let containerd = containerd(&home);
-    let image = containerd.import(&archive);
-    let netns = format!("network:{}", host.netns_path().display());
+    let node = Node::start("containerd-shim-pod");
+    let (containerd, image, netns) = (&node.containerd, &node.image, &node.netns);
     let events_log = containerd.dir().join("events.log");
     let mut events = std::process::Command::new("ctr")
         .arg("--address")
@@ -337,11 +352,11 @@ fn a_pods_sandbox_container_holds_and_an_out_of_memory_function_is_an_oom_event_
             "--runtime",
             FNVM_RUNTIME,
             "--with-ns",
-            &netns,
+            netns,
             "--annotation",
             "io.kubernetes.cri.container-type=sandbox",
         ],
-        &image,
+        image,
         "pod",
         &["/pause"],
     );
@@ -361,11 +376,11 @@ fn a_pods_sandbox_container_holds_and_an_out_of_memory_function_is_an_oom_event_
             "--runtime",
             FNVM_RUNTIME,
             "--with-ns",
-            &netns,
+            netns,
             "--memory-limit",
             &(128u64 << 20).to_string(),
         ],
-        &image,
+        image,
         "hungry",
         &[
             "sh",
@@ -413,8 +428,5 @@ fn a_pods_sandbox_container_holds_and_an_out_of_memory_function_is_an_oom_event_
         );
     }
 
-    let footprint = containerd.footprint();
-    containerd.stop();
-    footprint.assert_nothing_left();
-    assert_home_empty(&home);
+    node.stop();
 }
