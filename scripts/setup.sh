@@ -21,7 +21,7 @@ for purpose in "$@"; do
     demo) ;;
     bench) packages+=(docker-registry apache2-utils umoci mmdebstrap qemu-system-x86 wrk
                       libpcre2-8-0 libssl3 zlib1g libcrypt1
-                      iperf3 iproute2) ;;
+                      iperf3 iproute2 containerd) ;;
     *) log "unknown purpose '$purpose' (expected tests, demo or bench)"; exit 2 ;;
   esac
 done
