@@ -212,6 +212,12 @@ fn a_function_serves_its_port_in_the_pods_namespace_logs_and_ends_with_its_statu
         "the function's output is not in the task's log: {logged:?}"
     );
 
+    let metrics = containerd.ctr_ok(&["task", "metrics", "fn"]);
+    assert!(
+        metrics.contains("memory.usage_in_bytes"),
+        "no memory figure in ctr task metrics: {metrics}"
+    );
+
     let exec = containerd.ctr(&["task", "exec", "--exec-id", "sh1", "fn", "sh"]);
     assert!(!exec.status.success(), "exec succeeded");
     assert!(
