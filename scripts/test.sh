@@ -56,8 +56,9 @@ nested_args[fnvm:test:egress_vm]="--test-threads 1"
 host_args[fnvm:test:bench_command]=""
 nested_args[fnvm:test:bench_command]=""
 # The process sandbox's own tests on L1's cgroup v2 (the host here is cgroup v1): agents born
-# in their cgroup (clone3 CLONE_INTO_CGROUP), the memory and pids limits, cleanup.
-nested_args[fnvm:lib:fnvm]="sandbox::process --test-threads 1"
+# in their cgroup (clone3 CLONE_INTO_CGROUP), the memory and pids limits, cleanup; and the
+# shared spawn's (the agent's and a VMM's first process).
+nested_args[fnvm:lib:fnvm]="sandbox::process sandbox::spawn --test-threads 1"
 # The nested level's order: the quick, most telling binaries first.
 nested_order=(fnvm:test:linux_guest fnvm:test:snapshot_start fnvm:test:run_isolation
   fnvm:test:run_seccomp fnvm:test:run_demo fnvm:test:service_api fnvm:test:service_pool
