@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::sync::{Arc, Condvar, Mutex};
@@ -52,22 +52,29 @@ impl Spawned {
 
     /// Sends SIGKILL (through the pidfd: never a recycled pid).
     pub fn kill(&self) {
-        // SAFETY: the pidfd is open; a null siginfo means "as kill(2)".
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
+        signal_through(self.pidfd.as_fd(), libc::SIGKILL);
     }
 
     /// Waits for the process to end and reaps it.
     pub fn wait(&self) -> std::io::Result<ExitStatus> {
         reap(self.pid)
     }
+}
+
+/// Sends `signal` to the process of `pidfd`: one already reaped makes the call fail (ESRCH),
+/// and no other process, whatever its pid, is ever hit.
+pub fn signal_through(pidfd: BorrowedFd<'_>, signal: i32) {
+    // SAFETY: pidfd_send_signal on an open descriptor with a null siginfo ("as kill(2)");
+    // no memory is passed.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
 }
 
 /// Waits for our child `pid` to end and reaps it.
@@ -176,16 +183,7 @@ impl SandboxChild {
 
     /// Sends `signal` unless the process has already ended.
     pub fn signal(&self, signal: i32) {
-        // SAFETY: the pidfd is open; a null siginfo means "as kill(2)".
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                signal,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
+        signal_through(self.pidfd.as_fd(), signal);
     }
 
     /// The exit status once reaped.

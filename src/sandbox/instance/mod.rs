@@ -142,19 +142,9 @@ impl<P: Teardown> Instance for AgentInstance<P> {
     }
 
     fn kill(&self) {
-        use std::os::fd::AsRawFd as _;
+        use std::os::fd::AsFd as _;
         if let Some(pidfd) = &self.kill_switch {
-            // SAFETY: pidfd_send_signal on an open pidfd with a null siginfo ("as kill(2)");
-            // a process already reaped makes it fail with ESRCH, nothing else is hit.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    pidfd.as_raw_fd(),
-                    libc::SIGKILL,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                )
-            };
+            child::signal_through(pidfd.as_fd(), libc::SIGKILL);
         }
     }
 
