@@ -113,17 +113,8 @@ fn assert_home_empty(home: &Path) {
         !loops.contains(&home_text),
         "loop devices left on files of {home_text}:\n{loops}"
     );
-    for proc in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(cmdline) = std::fs::read(proc.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        assert!(
-            !cmdline.contains(&home_text),
-            "a process of the home is left: {} {cmdline}",
-            proc.file_name().to_string_lossy()
-        );
-    }
+    let left = fnvm_testkit::containerd::processes_mentioning(&home_text);
+    assert!(left.is_empty(), "processes of the home are left: {left:?}");
 }
 
 /// The function of the test: prints a line on each stream, serves /www on :9000 and exits 7

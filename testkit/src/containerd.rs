@@ -791,8 +791,9 @@ fn all_processes() -> Vec<(Pid, String)> {
     found
 }
 
-/// The processes whose command line contains `what` (a shim's names containerd's socket).
-fn processes_mentioning(what: &str) -> Vec<(Pid, String)> {
+/// The processes (but this one) whose command line contains `what` (a shim's names
+/// containerd's socket; a sandbox's names its fnvm home).
+pub fn processes_mentioning(what: &str) -> Vec<(Pid, String)> {
     all_processes()
         .into_iter()
         .filter(|(_, c)| c.contains(what))
